@@ -1,0 +1,132 @@
+"""Attention backends: `reference` (PyTorch ops) and `triton_fused` (Triton kernels).
+
+    from kernels import attention
+    o = attention(q, k, v, backend="triton_fused")   # q (..., N, D), k (..., M, D), v (..., M, Dv)
+
+Both backends are differentiable to any order and compose with torch.func
+(`grad`, `grad(grad)`, `vmap`, `jvp`) and with `torch.autograd.grad(create_graph=True)`.
+`triton_fused` runs fused Triton kernels for the forward, the backward and the
+double backward; orders above two and forward-mode AD go through the reference ops.
+
+The Triton kernels are imported lazily: importing this package needs no Triton,
+and TRITON_INTERPRET=1 (the CPU interpreter) is read when they are first used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.reference import attention_reference, default_scale
+
+__all__ = ["BACKENDS", "BackendUnavailable", "attention", "check_backend", "fused_attention"]
+
+BACKENDS = ("reference", "triton_fused")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested attention backend cannot run here (the message says why and what to do)."""
+
+
+def check_backend(backend: str, device: torch.device | str) -> None:
+    """Raise ValueError for an unknown backend, BackendUnavailable if it cannot run on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "reference":
+        return
+    device = torch.device(device)
+    try:
+        from kernels import launch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise BackendUnavailable(
+            f"backend 'triton_fused' needs Triton, which failed to import ({e}); "
+            "install triton or use --backend reference"
+        ) from e
+    if device.type == "cuda":
+        if launch.interpreter_enabled():
+            raise BackendUnavailable(
+                "backend 'triton_fused' on CUDA cannot run with TRITON_INTERPRET=1 set; "
+                "unset it to run the compiled kernels"
+            )
+        return
+    if device.type == "cpu":
+        if not launch.interpreter_enabled():
+            raise BackendUnavailable(
+                "backend 'triton_fused' runs on CPU only in Triton's interpreter: set "
+                "TRITON_INTERPRET=1 (slow, for testing) or use a CUDA device or --backend reference"
+            )
+        return
+    raise BackendUnavailable(f"backend 'triton_fused' does not support device type {device.type!r}")
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    from kernels.launch import MAX_HEAD_DIM, SUPPORTED_DTYPES
+
+    if q.dim() < 2 or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(
+            f"attention expects q (..., N, D), k (..., M, D), v (..., M, Dv) with the same "
+            f"number of dims; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[:-2] != k.shape[:-2] or q.shape[:-2] != v.shape[:-2]:
+        raise ValueError(
+            f"q, k, v must have identical leading (batch, head) dims, no broadcasting; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"shape mismatch: need q (..., N, D), k (..., M, D), v (..., M, Dv); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"triton_fused supports one common dtype out of {SUPPORTED_DTYPES}; got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    d, dv = q.shape[-1], v.shape[-1]
+    if not (1 <= d <= MAX_HEAD_DIM and 1 <= dv <= MAX_HEAD_DIM):
+        raise ValueError(
+            f"triton_fused supports head dims 1..{MAX_HEAD_DIM}; got D={d}, Dv={dv} "
+            "(use backend 'reference' for larger heads)"
+        )
+    if q.shape[-2] < 1 or k.shape[-2] < 1:
+        raise ValueError(f"attention needs N >= 1 queries and M >= 1 keys; got N={q.shape[-2]}, "
+                         f"M={k.shape[-2]}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    check_backend("triton_fused", q.device)
+
+
+def fused_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Fused Triton attention, softmax(scale q k^T) v, differentiable to any order.
+
+    q (..., N, D), k (..., M, D), v (..., M, Dv); D, Dv <= 128; fp16, bf16, fp32
+    (fp64 too). `causal` is top-left aligned (query i sees keys j <= i). Returns
+    (..., N, Dv) in the input dtype.
+    """
+    _check_inputs(q, k, v)
+    from kernels.fused import FusedAttention
+
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    return FusedAttention.apply(q, k, v, bool(causal), scale)[0]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: str = "reference",
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention through the named backend; see the module docstring."""
+    if backend == "reference":
+        return attention_reference(q, k, v, causal, scale)
+    if backend == "triton_fused":
+        return fused_attention(q, k, v, causal, scale)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

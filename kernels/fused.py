@@ -1,0 +1,163 @@
+"""Fused attention as autograd.Functions that compose with torch.func.
+
+Three Functions, each the backward of the one before:
+
+    FusedAttention            (q, k, v)                    -> (o, lse)         1 Triton kernel
+    FusedAttentionBackward    (q, k, v, o, lse, do)        -> (dq, dk, dv)     2 Triton kernels
+    FusedAttentionDoubleBwd   (q, k, v, o, lse, do, u*)    -> (gq, gk, gv, gdo) 2 Triton kernels
+
+Because FusedAttention.backward is itself an autograd.Function call, the first
+backward records a graph and second-order gradients (grad of grad, MAML's
+meta-gradient) go through the fused double-backward kernels, exactly. The third
+Function's backward (order three and above) recomputes through the PyTorch-ops
+reference with `torch.func.vjp`: exact to any order, just not fused.
+
+`o` and `lse` enter the two backward Functions only as saved statistics: the
+closed-form gradients of kernels/triton_kernels.py are total derivatives with
+respect to q, k, v and do, so `o` and `lse` get no gradient of their own.
+
+Every Function has:
+* `setup_context` (required by torch.func),
+* a `vmap` rule that moves the vmapped dimension to the front, where the launchers
+  fold it into the batch*head axis: a vmapped call is one kernel launch,
+* a `jvp` rule (forward-mode AD) through the reference ops: exact, not fused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from kernels import launch
+from kernels.reference import (
+    attention_backward_reference,
+    attention_double_backward_reference,
+    attention_logsumexp_reference,
+    attention_reference,
+)
+
+
+def _to_front(info, in_dims: Sequence[int | None], tensors: Sequence[torch.Tensor]):
+    """Vmapped dim of every tensor moved to dim 0 (unbatched ones are expanded)."""
+    out = []
+    for t, d in zip(tensors, in_dims):
+        out.append(t.expand(info.batch_size, *t.shape) if d is None else t.movedim(d, 0))
+    return out
+
+
+def _reference_jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence):
+    tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
+    return torch.func.jvp(fn, tuple(primals), tuple(tangents))[1]
+
+
+class FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v, causal: bool, scale: float):
+        return launch.attention_forward(q, k, v, causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, causal, scale = inputs
+        o, lse = output
+        ctx.causal, ctx.scale = causal, scale
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_forward(q, k, v)
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = FusedAttentionBackward.apply(q, k, v, o, lse, do, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, _tcausal, _tscale):
+        q, k, v = ctx.saved_tensors
+        c, s = ctx.causal, ctx.scale
+        t_o, t_lse = _reference_jvp(
+            lambda q_, k_, v_: (
+                attention_reference(q_, k_, v_, c, s),
+                attention_logsumexp_reference(q_, k_, c, s),
+            ),
+            (q, k, v),
+            (tq, tk, tv),
+        )
+        return t_o, t_lse
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, causal, scale):
+        q, k, v = _to_front(info, in_dims[:3], (q, k, v))
+        return FusedAttention.apply(q, k, v, causal, scale), (0, 0)
+
+
+class FusedAttentionBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v, o, lse, do, causal: bool, scale: float):
+        return launch.attention_backward(q, k, v, o, lse, do, causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, o, lse, do, causal, scale = inputs
+        ctx.causal, ctx.scale = causal, scale
+        ctx.save_for_backward(q, k, v, o, lse, do)
+        ctx.save_for_forward(q, k, v, do)
+
+    @staticmethod
+    def backward(ctx, uq, uk, uv):
+        q, k, v, o, lse, do = ctx.saved_tensors
+        gq, gk, gv, gdo = FusedAttentionDoubleBackward.apply(
+            q, k, v, o, lse, do, uq, uk, uv, ctx.causal, ctx.scale
+        )
+        return gq, gk, gv, None, None, gdo, None, None
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, _tcausal, _tscale):
+        q, k, v, do = ctx.saved_tensors
+        c, s = ctx.causal, ctx.scale
+        return _reference_jvp(
+            lambda *a: attention_backward_reference(*a, c, s), (q, k, v, do), (tq, tk, tv, tdo)
+        )
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, o, lse, do, causal, scale):
+        q, k, v, o, lse, do = _to_front(info, in_dims[:6], (q, k, v, o, lse, do))
+        return FusedAttentionBackward.apply(q, k, v, o, lse, do, causal, scale), (0, 0, 0)
+
+
+class FusedAttentionDoubleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v, o, lse, do, uq, uk, uv, causal: bool, scale: float):
+        return launch.attention_double_backward(q, k, v, o, lse, do, uq, uk, uv, causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, _o, _lse, do, uq, uk, uv, causal, scale = inputs
+        ctx.causal, ctx.scale = causal, scale
+        ctx.save_for_backward(q, k, v, do, uq, uk, uv)
+        ctx.save_for_forward(q, k, v, do, uq, uk, uv)
+
+    @staticmethod
+    def _reference(ctx) -> Callable:
+        c, s = ctx.causal, ctx.scale
+        return lambda *a: attention_double_backward_reference(*a, c, s)
+
+    @staticmethod
+    def backward(ctx, gq_bar, gk_bar, gv_bar, gdo_bar):
+        # Third order: the exact VJP of the double backward, through the reference ops.
+        _, pullback = torch.func.vjp(FusedAttentionDoubleBackward._reference(ctx), *ctx.saved_tensors)
+        q, k, v, do, uq, uk, uv = pullback((gq_bar, gk_bar, gv_bar, gdo_bar))
+        return q, k, v, None, None, do, uq, uk, uv, None, None
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, tuq, tuk, tuv, _tcausal, _tscale):
+        return _reference_jvp(
+            FusedAttentionDoubleBackward._reference(ctx),
+            ctx.saved_tensors,
+            (tq, tk, tv, tdo, tuq, tuk, tuv),
+        )
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, o, lse, do, uq, uk, uv, causal, scale):
+        tensors = _to_front(info, in_dims[:9], (q, k, v, o, lse, do, uq, uk, uv))
+        return FusedAttentionDoubleBackward.apply(*tensors, causal, scale), (0, 0, 0, 0)

@@ -1,0 +1,195 @@
+"""Launchers for the Triton attention kernels: shapes, block sizes, allocation.
+
+Each launcher takes tensors of shape (..., rows, cols) with identical leading
+dims, flattens the leading dims into one batch*head axis, makes every operand
+contiguous (so non-contiguous inputs are accepted at the cost of one copy) and
+launches a 1-D grid. Nothing here is differentiable: `kernels.fused` wraps these
+functions in autograd.Functions.
+
+Accumulation is float32 for fp16/bf16/fp32 inputs and float64 for float64 inputs;
+the log-sum-exp and the other row statistics are returned in that dtype. float32
+dots use input_precision="ieee" (no TF32), so float32 results match a float32
+reference to rounding.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_kernels import (
+    attention_bwd_dkdv_kernel,
+    attention_bwd_dq_kernel,
+    attention_dbwd_cols_kernel,
+    attention_dbwd_rows_kernel,
+    attention_fwd_kernel,
+)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 128
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes (queries x keys) and CUDA launch knobs for one kernel."""
+
+    block_n: int
+    block_m: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _pow2(x: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def launch_config(kind: str, n: int, m: int, d: int) -> LaunchConfig:
+    """Block sizes for kernel family `kind` ('fwd', 'bwd', 'dbwd') at this shape.
+
+    Measured on an H100 (docs/benchmarks.md). Tiles never exceed the (power-of-two
+    rounded) problem size, so the one-query-per-example shape of the Phase 12 model
+    (N = 1, M = 32) runs one 16 x 32 tile per example instead of a 64 x 64 one.
+    """
+    if interpreter_enabled():
+        # The interpreter runs one program at a time in numpy: small tiles keep the
+        # tests fast and exercise the tail masks.
+        return LaunchConfig(block_n=16, block_m=16, num_warps=1, num_stages=1)
+    big = {"fwd": (128, 64), "bwd": (64, 64), "dbwd": (64, 32)}[kind]
+    if d > 64:
+        big = {"fwd": (64, 64), "bwd": (64, 32), "dbwd": (32, 32)}[kind]
+    block_n = min(big[0], _pow2(n, 16))
+    block_m = min(big[1], _pow2(m, 16))
+    warps = 8 if block_n * block_m >= 128 * 64 else 4
+    return LaunchConfig(block_n=block_n, block_m=block_m, num_warps=warps, num_stages=2)
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
+
+
+def _flat_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, causal: bool) -> dict:
+    n, d = q.shape[-2:]
+    m, dv = v.shape[-2:]
+    cfg = launch_config(kind, n, m, d)
+    float32 = q.dtype == torch.float32
+    return dict(
+        CAUSAL=causal,
+        BLOCK_N=cfg.block_n,
+        BLOCK_M=cfg.block_m,
+        BLOCK_D=_pow2(d, 16),
+        BLOCK_DV=_pow2(dv, 16),
+        # input_precision matters only for float32 operands; "tf32" is the default
+        # for the others and is ignored by them.
+        PRECISION="ieee" if float32 or q.dtype == torch.float64 else "tf32",
+        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def _grid(batch: int, rows: int, block: int) -> tuple[int]:
+    return (batch * triton.cdiv(rows, block),)
+
+
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """O (..., N, Dv) in q's dtype and LSE (..., N) in the accumulator dtype."""
+    lead, (n, d), (m, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
+    q3, k3, v3 = _flat(q), _flat(k), _flat(v)
+    bh = q3.shape[0]
+    o = torch.empty(bh, n, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(bh, n, dtype=accumulator_dtype(q.dtype), device=q.device)
+    meta = _meta(q, k, v, "fwd", causal)
+    if o.numel():
+        attention_fwd_kernel[_grid(bh, n, meta["BLOCK_N"])](
+            q3, k3, v3, o, lse, n, m, d, dv, scale, **meta
+        )
+    return o.view(*lead, n, dv), lse.view(*lead, n)
+
+
+def _delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """Delta = rowsum(dO * O), one value per query row, in the accumulator dtype."""
+    acc = accumulator_dtype(o.dtype)
+    return _flat_rows((do.to(acc) * o.to(acc)).sum(-1))
+
+
+def attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV) in the input dtype, from Q, K, V, O, LSE and dO."""
+    (n, d), (m, dv) = q.shape[-2:], v.shape[-2:]
+    do = do.to(q.dtype)
+    q3, k3, v3, do3 = _flat(q), _flat(k), _flat(v), _flat(do)
+    lse2, delta = _flat_rows(lse), _delta(o, do)
+    bh = q3.shape[0]
+    dq, dk, dvv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
+    if dq.numel():
+        meta = _meta(q, k, v, "bwd", causal)
+        args = (n, m, d, dv, scale)
+        attention_bwd_dkdv_kernel[_grid(bh, m, meta["BLOCK_M"])](
+            q3, k3, v3, do3, lse2, delta, dk, dvv, *args, **meta
+        )
+        attention_bwd_dq_kernel[_grid(bh, n, meta["BLOCK_N"])](
+            q3, k3, v3, do3, lse2, delta, dq, *args, **meta
+        )
+    return dq.view(q.shape), dk.view(k.shape), dvv.view(v.shape)
+
+
+def attention_double_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    uq: torch.Tensor,
+    uk: torch.Tensor,
+    uv: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gQ, gK, gV, gdO): gradients of <uQ,dQ> + <uK,dK> + <uV,dV> w.r.t. Q, K, V, dO."""
+    (n, d), (m, dv) = q.shape[-2:], v.shape[-2:]
+    dt = q.dtype
+    do, uq, uk, uv = do.to(dt), uq.to(dt), uk.to(dt), uv.to(dt)
+    q3, k3, v3, do3 = _flat(q), _flat(k), _flat(v), _flat(do)
+    uq3, uk3, uv3 = _flat(uq), _flat(uk), _flat(uv)
+    lse2, delta = _flat_rows(lse), _delta(o, do)
+    bh = q3.shape[0]
+    gq, gk, gv, gdo = (torch.empty_like(t) for t in (q3, k3, v3, do3))
+    if gq.numel():
+        rho_w, rho_g = torch.empty_like(lse2), torch.empty_like(lse2)
+        meta = _meta(q, k, v, "dbwd", causal)
+        args = (n, m, d, dv, scale)
+        attention_dbwd_rows_kernel[_grid(bh, n, meta["BLOCK_N"])](
+            q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, gq, gdo, rho_w, rho_g, *args, **meta
+        )
+        attention_dbwd_cols_kernel[_grid(bh, m, meta["BLOCK_M"])](
+            q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, rho_w, rho_g, gk, gv, *args, **meta
+        )
+    return gq.view(q.shape), gk.view(k.shape), gv.view(v.shape), gdo.view(q.shape[:-1] + (dv,))

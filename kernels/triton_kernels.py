@@ -1,0 +1,312 @@
+"""Flash-style Triton kernels for attention: forward, backward and double backward.
+
+The math (checked in float64) is in shared/docs/attention-double-backward.md; the
+names below follow it. One (batch*head) slice, scale s:
+
+    S = s Q K^T,  P = softmax_rows(S) = exp(S - LSE),  O = P V
+    backward:         dP = dO V^T,  Delta = rowsum(dO * O),  dS = P * (dP - Delta)
+                      dV = P^T dO,  dQ = s dS K,  dK = s dS^T Q
+    double backward:  W = s (uQ K^T + Q uK^T),  R = dO uV^T,  rho_W = rowsum(P * W)
+                      G_dP = P * (W - rho_W)
+                      G_P  = R + (dP - Delta) * W - rho_W * dP,  rho_G = rowsum(P * G_P)
+                      G_S  = P * (G_P - rho_G)
+                      gQ = s G_S K + s dS uK     gdO = G_dP V + P uV     (row-parallel)
+                      gK = s G_S^T Q + s dS^T uQ gV  = G_dP^T dO          (column-parallel)
+
+Nothing of size N x M is ever written to memory: every N x M tile is rebuilt from
+Q, K (and V, dO, uQ, uK, uV) and the per-row statistics LSE, Delta, rho_W, rho_G.
+
+Layout: every tensor is a contiguous (BH, rows, cols) array (the launchers make it
+so). Programs are numbered along one grid axis, tile-major within a (batch*head)
+slice, so neighbouring programs share K/V in L2 and BH is not limited to 65535.
+
+Causal masking is top-left aligned, as in torch's scaled_dot_product_attention:
+query i sees keys j <= i (for any N, M).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------
+# Small building blocks shared by every kernel
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _program_tile(n, BLOCK: tl.constexpr):
+    """(batch*head index, first row of this program's tile) for a 1-D grid."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(n, BLOCK)
+    return pid // tiles, (pid % tiles) * BLOCK
+
+
+@triton.jit
+def _load(ptr, bh, offs_r, offs_c, n_r, n_c):
+    """Tile [offs_r, offs_c] of slice bh of a contiguous (BH, n_r, n_c) array; zeros outside."""
+    base = ptr + bh.to(tl.int64) * n_r * n_c
+    mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
+    return tl.load(base + offs_r[:, None] * n_c + offs_c[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(ptr, value, bh, offs_r, offs_c, n_r, n_c):
+    base = ptr + bh.to(tl.int64) * n_r * n_c
+    mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
+    tl.store(base + offs_r[:, None] * n_c + offs_c[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_row(ptr, bh, offs, n):
+    return tl.load(ptr + bh.to(tl.int64) * n + offs, mask=offs < n, other=0.0)
+
+
+@triton.jit
+def _store_row(ptr, value, bh, offs, n):
+    tl.store(ptr + bh.to(tl.int64) * n + offs, value, mask=offs < n)
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def _key_mask(offs_n, offs_m, M, CAUSAL: tl.constexpr):
+    mask = offs_m[None, :] < M
+    if CAUSAL:
+        mask = mask & (offs_m[None, :] <= offs_n[:, None])
+    return mask
+
+
+@triton.jit
+def _key_end(start_n, M, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """One past the last key a query tile starting at start_n can see."""
+    if CAUSAL:
+        return tl.minimum(M, start_n + BLOCK_N)
+    return M
+
+
+@triton.jit
+def _query_start(start_m, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """First query tile that can see any key of a key tile starting at start_m."""
+    if CAUSAL:
+        return (start_m // BLOCK_N) * BLOCK_N
+    return 0
+
+
+@triton.jit
+def _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """P tile = exp(s q k^T - LSE), exactly zero for padding rows/cols and masked keys."""
+    s = _dot(q, tl.trans(k), PRECISION, ACC) * scale
+    valid = _key_mask(offs_n, offs_m, M, CAUSAL) & (offs_n[:, None] < N)
+    return tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
+                       CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """P, dP, W and R for one (query tile, key tile) pair of the double backward."""
+    p = _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC)
+    dp = _dot(do, tl.trans(v), PRECISION, ACC)
+    w = (_dot(uq, tl.trans(k), PRECISION, ACC) + _dot(q, tl.trans(uk), PRECISION, ACC)) * scale
+    r = _dot(do, tl.trans(uv), PRECISION, ACC)
+    return p, dp, w, r
+
+
+# ---------------------------------------------------------------------------
+# Forward: O and LSE, online softmax over key tiles (row-parallel)
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def attention_fwd_kernel(Q, K, V, O, LSE, N, M, D, DV, scale,
+                         CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         PRECISION: tl.constexpr, ACC: tl.constexpr):
+    bh, start_n = _program_tile(N, BLOCK_N)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load(Q, bh, offs_n, offs_d, N, D)
+
+    m_i = tl.full([BLOCK_N], float("-inf"), ACC)  # running row max of S
+    l_i = tl.zeros([BLOCK_N], ACC)                # running sum of exp(S - m_i)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], ACC)      # running (unnormalised) P V
+    for start_m in range(0, _key_end(start_n, M, BLOCK_N, CAUSAL), BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        k = _load(K, bh, offs_m, offs_d, M, D)
+        v = _load(V, bh, offs_m, offs_dv, M, DV)
+        s = _dot(q, tl.trans(k), PRECISION, ACC) * scale
+        # Key 0 is visible to every row (also under the causal mask), so the first
+        # tile makes m_i finite and exp(m_i - m_new) never sees -inf - -inf.
+        s = tl.where(_key_mask(offs_n, offs_m, M, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, ACC)
+        m_i = m_new
+
+    _store(O, acc / l_i[:, None], bh, offs_n, offs_dv, N, DV)
+    _store_row(LSE, m_i + tl.log(l_i), bh, offs_n, N)
+
+
+# ---------------------------------------------------------------------------
+# Backward: dK, dV (column-parallel) and dQ (row-parallel)
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVo, N, M, D, DV, scale,
+                              CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                              PRECISION: tl.constexpr, ACC: tl.constexpr):
+    bh, start_m = _program_tile(M, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load(K, bh, offs_m, offs_d, M, D)
+    v = _load(V, bh, offs_m, offs_dv, M, DV)
+
+    dk = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
+    for start_n in range(_query_start(start_m, BLOCK_N, CAUSAL), N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        q = _load(Q, bh, offs_n, offs_d, N, D)
+        do = _load(DO, bh, offs_n, offs_dv, N, DV)
+        lse = _load_row(LSE, bh, offs_n, N)
+        delta = _load_row(DELTA, bh, offs_n, N)
+        p = _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC)
+        dp = _dot(do, tl.trans(v), PRECISION, ACC)
+        ds = p * (dp - delta[:, None])
+        dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION, ACC)     # dV = P^T dO
+        dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, ACC)      # dK = s dS^T Q
+    _store(DK, dk * scale, bh, offs_m, offs_d, M, D)
+    _store(DVo, dv, bh, offs_m, offs_dv, M, DV)
+
+
+@triton.jit
+def attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, N, M, D, DV, scale,
+                            CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                            PRECISION: tl.constexpr, ACC: tl.constexpr):
+    bh, start_n = _program_tile(N, BLOCK_N)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load(Q, bh, offs_n, offs_d, N, D)
+    do = _load(DO, bh, offs_n, offs_dv, N, DV)
+    lse = _load_row(LSE, bh, offs_n, N)
+    delta = _load_row(DELTA, bh, offs_n, N)
+
+    dq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for start_m in range(0, _key_end(start_n, M, BLOCK_N, CAUSAL), BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        k = _load(K, bh, offs_m, offs_d, M, D)
+        v = _load(V, bh, offs_m, offs_dv, M, DV)
+        p = _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC)
+        dp = _dot(do, tl.trans(v), PRECISION, ACC)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION, ACC)                # dQ = s dS K
+    _store(DQ, dq * scale, bh, offs_n, offs_d, N, D)
+
+
+# ---------------------------------------------------------------------------
+# Double backward: row statistics + gQ, gdO (row-parallel), then gK, gV (column-parallel)
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO_W, RHO_G,
+                               N, M, D, DV, scale,
+                               CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                               PRECISION: tl.constexpr, ACC: tl.constexpr):
+    bh, start_n = _program_tile(N, BLOCK_N)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load(Q, bh, offs_n, offs_d, N, D)
+    uq = _load(UQ, bh, offs_n, offs_d, N, D)
+    do = _load(DO, bh, offs_n, offs_dv, N, DV)
+    lse = _load_row(LSE, bh, offs_n, N)
+    delta = _load_row(DELTA, bh, offs_n, N)
+    key_end = _key_end(start_n, M, BLOCK_N, CAUSAL)
+
+    # Pass 1 over keys: rho_W = rowsum(P W) and
+    # rho_G = rowsum(P R) + rowsum(P (dP - Delta) W) - rho_W Delta.
+    rho_w = tl.zeros([BLOCK_N], ACC)
+    rho_g = tl.zeros([BLOCK_N], ACC)
+    for start_m in range(0, key_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        k = _load(K, bh, offs_m, offs_d, M, D)
+        v = _load(V, bh, offs_m, offs_dv, M, DV)
+        uk = _load(UK, bh, offs_m, offs_d, M, D)
+        uv = _load(UV, bh, offs_m, offs_dv, M, DV)
+        p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
+                                         CAUSAL, PRECISION, ACC)
+        rho_w += tl.sum(p * w, 1)
+        rho_g += tl.sum(p * (r + (dp - delta[:, None]) * w), 1)
+    rho_g -= rho_w * delta
+
+    # Pass 2 over keys: gQ = s G_S K + s dS uK and gdO = G_dP V + P uV.
+    gq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    gdo = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
+    for start_m in range(0, key_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        k = _load(K, bh, offs_m, offs_d, M, D)
+        v = _load(V, bh, offs_m, offs_dv, M, DV)
+        uk = _load(UK, bh, offs_m, offs_d, M, D)
+        uv = _load(UV, bh, offs_m, offs_dv, M, DV)
+        p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
+                                         CAUSAL, PRECISION, ACC)
+        ds = p * (dp - delta[:, None])
+        g_dp = p * (w - rho_w[:, None])
+        g_s = p * (r + (dp - delta[:, None]) * w - rho_w[:, None] * dp - rho_g[:, None])
+        gq += _dot(g_s.to(k.dtype), k, PRECISION, ACC) + _dot(ds.to(uk.dtype), uk, PRECISION, ACC)
+        gdo += _dot(g_dp.to(v.dtype), v, PRECISION, ACC) + _dot(p.to(uv.dtype), uv, PRECISION, ACC)
+
+    _store(GQ, gq * scale, bh, offs_n, offs_d, N, D)
+    _store(GDO, gdo, bh, offs_n, offs_dv, N, DV)
+    _store_row(RHO_W, rho_w, bh, offs_n, N)
+    _store_row(RHO_G, rho_g, bh, offs_n, N)
+
+
+@triton.jit
+def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G, GK, GV,
+                               N, M, D, DV, scale,
+                               CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                               PRECISION: tl.constexpr, ACC: tl.constexpr):
+    bh, start_m = _program_tile(M, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load(K, bh, offs_m, offs_d, M, D)
+    v = _load(V, bh, offs_m, offs_dv, M, DV)
+    uk = _load(UK, bh, offs_m, offs_d, M, D)
+    uv = _load(UV, bh, offs_m, offs_dv, M, DV)
+
+    gk = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    gv = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
+    for start_n in range(_query_start(start_m, BLOCK_N, CAUSAL), N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        q = _load(Q, bh, offs_n, offs_d, N, D)
+        uq = _load(UQ, bh, offs_n, offs_d, N, D)
+        do = _load(DO, bh, offs_n, offs_dv, N, DV)
+        lse = _load_row(LSE, bh, offs_n, N)
+        delta = _load_row(DELTA, bh, offs_n, N)
+        rho_w = _load_row(RHO_W, bh, offs_n, N)
+        rho_g = _load_row(RHO_G, bh, offs_n, N)
+        p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
+                                         CAUSAL, PRECISION, ACC)
+        ds = p * (dp - delta[:, None])
+        g_dp = p * (w - rho_w[:, None])
+        g_s = p * (r + (dp - delta[:, None]) * w - rho_w[:, None] * dp - rho_g[:, None])
+        gk += _dot(tl.trans(g_s).to(q.dtype), q, PRECISION, ACC) + _dot(tl.trans(ds).to(uq.dtype), uq, PRECISION, ACC)
+        gv += _dot(tl.trans(g_dp).to(do.dtype), do, PRECISION, ACC)
+
+    _store(GK, gk * scale, bh, offs_m, offs_d, M, D)
+    _store(GV, gv, bh, offs_m, offs_dv, M, DV)

@@ -1,0 +1,238 @@
+"""One Phase 12 run: the outer loop, its metrics, and the result row.
+
+    result = run_experiment(RunConfig(mode="FULL", inner_steps=20))
+    result.row        # the per-run CSV row (phase12.records.RUN_COLUMNS)
+    result.history    # per outer step: loss, acc, attention meta-gradient norms
+
+The outer loop is Adam on the meta-parameters. Per-step metrics stay on the device
+in one preallocated tensor and are read back in bulk every `check_every` steps,
+which is also when a non-finite loss or gradient is detected: the run then stops
+with status NONFINITE and the first bad step.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kernels import attention
+from phase12.config import Mode, RunConfig
+from phase12.maml import meta_batch_metrics, meta_gradient, relative_difference
+from phase12.model import ATTENTION_PARAMS, Params, init_params
+from phase12.records import HISTORY_COLUMNS
+from phase12.tasks import sample_tasks_for
+
+STATUS_OK, STATUS_NONFINITE, STATUS_ERROR = "OK", "NONFINITE", "ERROR"
+PROBE_SEED_OFFSET = 1_000_003  # the rel_diff probe's task stream, disjoint from training's
+
+
+@dataclass
+class RunResult:
+    row: dict
+    history: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return self.row["status"]
+
+
+def task_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def initial_params(config: RunConfig, device: torch.device) -> Params:
+    """Meta-parameters of a run: leaf tensors that require grad."""
+    params = init_params(config.dim, config.num_classes, torch.Generator().manual_seed(config.seed),
+                         device=device, dtype=config.torch_dtype)
+    return {n: p.requires_grad_(True) for n, p in params.items()}
+
+
+def outer_step(
+    params: Params, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+    config: RunConfig, device: torch.device,
+) -> torch.Tensor:
+    """One meta-update. Returns (loss, acc, |g_Wq|, |g_Wk|, |g_Wv|) as a device tensor."""
+    tasks = sample_tasks_for(config, generator, device)
+    losses, accs = meta_batch_metrics(params, tasks, mode=config.mode, steps=config.inner_steps,
+                                      lr=config.inner_lr, backend=config.backend)
+    loss = losses.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norms = [torch.linalg.vector_norm(params[n].grad) for n in ATTENTION_PARAMS]
+    optimizer.step()
+    return torch.stack([loss.detach(), accs.mean(), *norms])
+
+
+def attention_gradgrad_ok(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Do second derivatives reach the attention inputs through this backend (finite, non-zero)?"""
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(2, 1, n, 16, generator=g, device=device, dtype=dtype).requires_grad_()
+               for n in (3, 5, 5))
+    out = attention(q, k, v, backend=backend)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+    second = torch.autograd.grad(sum(gr.square().sum() for gr in grads), (q, k, v))
+    flat = torch.cat([s.flatten() for s in second])
+    return bool(torch.isfinite(flat).all() and flat.abs().max() > 0)
+
+
+def rel_diff_probe(params: Params, config: RunConfig, device: torch.device) -> float:
+    """||g_FULL - g_FO|| / ||g_FULL|| of the meta-gradient on one fresh task."""
+    gen = task_generator(config.seed + PROBE_SEED_OFFSET, device)
+    tasks = sample_tasks_for(config, gen, device, meta_batch=1)
+    kw = dict(steps=config.inner_steps, lr=config.inner_lr, backend=config.backend)
+    full = meta_gradient(params, tasks, mode=Mode.FULL, **kw)
+    fo = meta_gradient(params, tasks, mode=Mode.FO, **kw)
+    return float(relative_difference(full, fo))
+
+
+def _window_mean(values: np.ndarray, window: int, first: bool = False) -> float:
+    part = values[:window] if first else values[-window:]
+    return float(part.mean()) if len(part) else float("nan")
+
+
+def summarize(config: RunConfig, history: np.ndarray) -> dict:
+    """Final metrics from the (steps, 5) history of a run (last `metric_window` steps)."""
+    w = config.metric_window
+    loss, acc, gq, gk, gv = history.T
+    norms = {"q": _window_mean(gq, w), "k": _window_mean(gk, w), "v": _window_mean(gv, w)}
+    return {
+        "final_loss": _window_mean(loss, w),
+        "final_acc": _window_mean(acc, w),
+        "attn_grad_norm_q": norms["q"],
+        "attn_grad_norm_k": norms["k"],
+        "attn_grad_norm_v": norms["v"],
+        "attn_grad_norm": math.sqrt(sum(x * x for x in norms.values())),
+        "attn_grad_present": bool(len(history) and all(x > 0 for x in norms.values())),
+        "convergence_delta": _window_mean(loss, w, first=True) - _window_mean(loss, w),
+    }
+
+
+def _config_columns(config: RunConfig, device: torch.device) -> dict:
+    return {
+        "run_id": config.run_id, "backend": config.backend, "mode": config.mode,
+        "inner_steps": config.inner_steps, "seed": config.seed, "meta_batch": config.meta_batch,
+        "outer_lr": config.outer_lr, "outer_steps": config.outer_steps,
+        "inner_lr": config.inner_lr, "seq_len": config.seq_len,
+        "num_signal_positions": config.signal_positions, "dtype": config.dtype,
+        "compute_dtype": config.dtype, "autocast": False, "device": device.type,
+        "device_name": device_name(device), "torch_version": torch.__version__,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def run_experiment(
+    config: RunConfig, *, progress: bool = False, check_every: int = 50
+) -> RunResult:
+    """Train one run to the end (or to its first non-finite step). Validates `config` first."""
+    device = config.validate()
+    t_start = time.perf_counter()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    params = initial_params(config, device)
+    optimizer = torch.optim.Adam(params.values(), lr=config.outer_lr)
+    generator = task_generator(config.seed, device)
+    history = torch.full((config.outer_steps, len(HISTORY_COLUMNS) - 1), float("nan"),
+                         device=device, dtype=config.torch_dtype)
+
+    nonfinite_step = None
+    t_loop = time.perf_counter()
+    t_first = t_loop
+    bar = tqdm(total=config.outer_steps, disable=not progress, desc=config.run_id, leave=False)
+    with bar:
+        for step in range(config.outer_steps):
+            history[step] = outer_step(params, optimizer, generator, config, device)
+            bar.update(1)
+            if step == 0:
+                history[0].sum().item()  # one sync: the first step (warm-up) is timed apart
+                t_first = time.perf_counter()
+            last = step == config.outer_steps - 1
+            if (step + 1) % check_every == 0 or last:
+                lo = (step // check_every) * check_every
+                chunk = history[lo : step + 1].cpu().numpy()
+                bad = ~np.isfinite(chunk).all(axis=1)
+                if bad.any():
+                    nonfinite_step = lo + int(np.argmax(bad))
+                    break
+                bar.set_postfix(loss=f"{chunk[-1, 0]:.4f}", acc=f"{chunk[-1, 1]:.3f}")
+    if cuda:
+        torch.cuda.synchronize(device)
+    t_end = time.perf_counter()
+
+    steps_done = config.outer_steps if nonfinite_step is None else nonfinite_step
+    hist = history[:steps_done].cpu().numpy()
+    row = _config_columns(config, device)
+    row.update(summarize(config, hist))
+    row.update({
+        "sdpa_input_gradgrad_ok": attention_gradgrad_ok(config.backend, device,
+                                                        config.torch_dtype),
+        # Steps after the first (which pays for warm-up and kernel compilation).
+        "mean_outer_step_time_s": (t_end - t_first) / step if step else t_end - t_loop,
+        "peak_cuda_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "nonfinite_step": nonfinite_step,
+    })
+    if nonfinite_step is None:
+        row.update(status=STATUS_OK, error="",
+                   rel_diff_probe=rel_diff_probe(params, config, device))
+    else:
+        row.update(status=STATUS_NONFINITE, rel_diff_probe=None,
+                   error=f"loss or meta-gradient became non-finite at outer step {nonfinite_step}")
+    row["wall_time_total_s"] = time.perf_counter() - t_start
+    history_out = {"step": list(range(steps_done))}
+    for i, name in enumerate(HISTORY_COLUMNS[1:]):
+        history_out[name] = hist[:, i].tolist()
+    return RunResult(row=row, history=history_out)
+
+
+def failed_result(config: RunConfig, error: BaseException) -> RunResult:
+    """The row of a run that raised: configuration columns, status ERROR and the error."""
+    try:
+        device = config.validate()
+    except Exception:
+        device = torch.device("cpu")
+    row = _config_columns(config, device)
+    row.update(status=STATUS_ERROR, error=f"{type(error).__name__}: {error}".replace("\n", " "))
+    return RunResult(row=row)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_metadata(config: RunConfig) -> dict:
+    """Config, versions, device and commit of a run, for the JSON beside its outputs."""
+    device = config.validate()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover
+        triton_version = None
+    return {
+        "config": asdict(config),
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

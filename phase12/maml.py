@@ -1,0 +1,120 @@
+"""MAML as pure functions: an inner loop of torch.func.grad, a vmap over tasks.
+
+The three modes are detach policies on one functional graph (theta = meta-params,
+phi_k = parameters after k inner SGD steps on the support loss L_s, L_q = query loss):
+
+| mode      | inner loop                          | meta-gradient                               |
+|-----------|-------------------------------------|---------------------------------------------|
+| FULL      | phi_{i+1} = phi_i - a grad L_s(phi_i), differentiable | exact: dL_q(phi_k)/dtheta, through every inner step (second order) |
+| FO        | same, each inner gradient detached  | grad L_q(phi_k) (inner gradients are constants) |
+| FO_STRICT | run with no autodiff graph at all;  | grad L_q(phi_k): equal to FO, less memory    |
+|           | phi = theta + stop_grad(phi_k - theta) |                                           |
+
+The meta-gradient itself is taken by ordinary autograd (`.backward()` on the mean
+query loss), so torch.optim works on the meta-parameters unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from phase12.config import Mode
+from phase12.model import Params, apply
+from phase12.tasks import Tasks
+
+
+def _detached(params: Params) -> Params:
+    return {name: p.detach() for name, p in params.items()}
+
+
+def support_loss(params: Params, x: torch.Tensor, y: torch.Tensor, backend: str) -> torch.Tensor:
+    """Mean cross-entropy of the model on (x (n, T, D), y (n,)): a scalar."""
+    return F.cross_entropy(apply(params, x, backend), y)
+
+
+def adapt(
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    backend: str,
+    detach_inner_grads: bool = False,
+) -> Params:
+    """`steps` SGD steps of `support_loss` from `params`; differentiable unless detached."""
+    grad_fn = torch.func.grad(support_loss)
+    for _ in range(steps):
+        grads = grad_fn(params, x, y, backend)
+        if detach_inner_grads:
+            grads = _detached(grads)
+        params = {name: p - lr * grads[name] for name, p in params.items()}
+    return params
+
+
+def adapted_params(
+    meta_params: Params, x: torch.Tensor, y: torch.Tensor, *, mode: str, steps: int, lr: float,
+    backend: str,
+) -> Params:
+    """phi_k for one task under the mode's detach policy (see the module table)."""
+    if mode == Mode.FULL:
+        return adapt(meta_params, x, y, steps=steps, lr=lr, backend=backend)
+    if mode == Mode.FO:
+        return adapt(meta_params, x, y, steps=steps, lr=lr, backend=backend,
+                     detach_inner_grads=True)
+    if mode == Mode.FO_STRICT:
+        with torch.no_grad():  # torch.func.grad still differentiates inside; nothing is recorded
+            phi = adapt(_detached(meta_params), x, y, steps=steps, lr=lr, backend=backend)
+        # Straight-through: the value of phi_k, the identity Jacobian of theta.
+        return {n: theta + (phi[n] - theta).detach() for n, theta in meta_params.items()}
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def task_query_metrics(
+    meta_params: Params,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
+    *,
+    mode: str,
+    steps: int,
+    lr: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query loss, query accuracy) of one task after adaptation; both scalars."""
+    phi = adapted_params(meta_params, support_x, support_y, mode=mode, steps=steps, lr=lr,
+                         backend=backend)
+    logits = apply(phi, query_x, backend)
+    accuracy = (logits.argmax(-1) == query_y).to(logits.dtype).mean()
+    return F.cross_entropy(logits, query_y), accuracy
+
+
+def meta_batch_metrics(
+    meta_params: Params, tasks: Tasks, *, mode: str, steps: int, lr: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task (query loss (B,), query accuracy (B,)): one vmap over the task dim."""
+    per_task = torch.func.vmap(
+        lambda sx, sy, qx, qy: task_query_metrics(
+            meta_params, sx, sy, qx, qy, mode=mode, steps=steps, lr=lr, backend=backend
+        )
+    )
+    return per_task(*tasks)
+
+
+def meta_gradient(
+    meta_params: Params, tasks: Tasks, *, mode: str, steps: int, lr: float, backend: str
+) -> Params:
+    """d(mean query loss)/d(meta_params) for a meta-batch, without touching .grad."""
+    leaves = {n: p.detach().requires_grad_(True) for n, p in meta_params.items()}
+    losses, _ = meta_batch_metrics(leaves, tasks, mode=mode, steps=steps, lr=lr, backend=backend)
+    grads = torch.autograd.grad(losses.mean(), list(leaves.values()))
+    return dict(zip(leaves, grads))
+
+
+def relative_difference(a: Params, b: Params) -> torch.Tensor:
+    """||a - b|| / ||a|| over all parameters together (a 0-dim tensor)."""
+    num = torch.sqrt(sum(((a[n] - b[n]) ** 2).sum() for n in a))
+    den = torch.sqrt(sum((a[n] ** 2).sum() for n in a))
+    return num / den

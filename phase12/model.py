@@ -1,0 +1,58 @@
+"""The Phase 12 model as a pure function of a parameter pytree.
+
+One attention head over a sequence x (T, D); token 0 queries:
+
+    q = x[0] Wq^T,  k = x Wk^T,  v = x Wv^T           (no biases)
+    h = softmax(q k^T / sqrt(D)) v                    (through the chosen backend)
+    logits = h Wc^T + bc
+
+Parameters are a plain dict of tensors, initialised like torch.nn.Linear
+(uniform in +-1/sqrt(fan_in)). Nothing is mutated: `apply` is a pure function, so
+torch.func.grad and vmap see the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels import attention
+
+Params = dict[str, torch.Tensor]
+ATTENTION_PARAMS = ("Wq", "Wk", "Wv")
+
+
+def init_params(
+    dim: int,
+    num_classes: int,
+    generator: torch.Generator,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Params:
+    """Fresh parameters drawn on the CPU from `generator` (so a seed means the same
+    initial model on every device), then moved to `device`."""
+    bound = 1.0 / math.sqrt(dim)  # every layer's fan_in is D
+
+    def uniform(*shape: int) -> torch.Tensor:
+        u = torch.rand(*shape, generator=generator, dtype=torch.float64)
+        return ((2 * u - 1) * bound).to(device=device, dtype=dtype)
+
+    return {
+        "Wq": uniform(dim, dim),
+        "Wk": uniform(dim, dim),
+        "Wv": uniform(dim, dim),
+        "Wc": uniform(num_classes, dim),
+        "bc": uniform(num_classes),
+    }
+
+
+def apply(params: Params, x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+    """Logits (..., C) for sequences x (..., T, D). Differentiable to any order."""
+    q = x[..., :1, :] @ params["Wq"].T  # (..., 1, D): only token 0 queries
+    k = x @ params["Wk"].T  # (..., T, D)
+    v = x @ params["Wv"].T
+    # One head: insert the head dim the attention op expects, (..., H=1, N, D).
+    h = attention(q.unsqueeze(-3), k.unsqueeze(-3), v.unsqueeze(-3), backend=backend)
+    return h[..., 0, 0, :] @ params["Wc"].T + params["bc"]
