@@ -1,0 +1,31 @@
+"""Test setup: Triton runs in its CPU interpreter where there is no GPU.
+
+TRITON_INTERPRET must be set before Triton decorates the kernels, so it is set here,
+before any test module imports `kernels`.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def interpreter():
+    """Tests that run Triton kernels on the CPU need the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton CPU tests need TRITON_INTERPRET=1")

@@ -1,0 +1,240 @@
+"""The fused Triton attention against the PyTorch-ops reference, on the CPU interpreter.
+
+Every check draws fresh random inputs. float64 runs the real kernels (tl.dot works in
+float64 in the interpreter), so first, second and third order are compared to ~1e-12.
+"""
+
+import pytest
+import torch
+from torch.func import grad, jvp, vmap
+
+from kernels import attention, fused_attention
+from kernels.reference import (
+    attention_backward_reference,
+    attention_double_backward_reference,
+    attention_logsumexp_reference,
+    attention_reference,
+)
+
+pytestmark = pytest.mark.usefixtures("interpreter")
+
+F64 = torch.float64
+# (N, M, D, Dv, causal): N != M, N = 1, tails that are not a multiple of the 16-wide
+# interpreter tiles, Dv != D, causal on and off.
+SHAPES = [
+    (1, 32, 16, 16, False),
+    (1, 5, 8, 8, True),
+    (5, 7, 8, 12, True),
+    (19, 33, 16, 16, False),
+    (33, 19, 8, 4, True),
+    (17, 17, 16, 16, True),
+]
+
+
+def qkv(n, m, d, dv, lead=(2, 1), dtype=F64, grad=True):
+    q = torch.randn(*lead, n, d, dtype=dtype)
+    k = torch.randn(*lead, m, d, dtype=dtype)
+    v = torch.randn(*lead, m, dv, dtype=dtype)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def rel_err(a, b):
+    """Relative error, absolute where the reference is (near) zero (N = 1 causal: dq = 0)."""
+    return ((a - b).norm() / b.norm().clamp_min(1.0)).item()
+
+
+def assert_all_close(xs, ys, tol):
+    for x, y in zip(xs, ys):
+        assert rel_err(x, y) < tol
+
+
+@pytest.mark.parametrize("n,m,d,dv,causal", SHAPES)
+def test_forward_backward_double_backward_match_reference(n, m, d, dv, causal):
+    q, k, v = qkv(n, m, d, dv)
+    out = fused_attention(q, k, v, causal)
+    ref = attention_reference(q, k, v, causal)
+    assert rel_err(out, ref) < 1e-12
+
+    do = torch.randn_like(ref)
+    g = torch.autograd.grad(out, (q, k, v), do, create_graph=True)
+    g_ref = torch.autograd.grad(ref, (q, k, v), do, create_graph=True)
+    assert_all_close(g, g_ref, 1e-12)
+
+    us = [torch.randn_like(t) for t in g]
+    h = torch.autograd.grad(g, (q, k, v), us)
+    h_ref = torch.autograd.grad(g_ref, (q, k, v), us)
+    assert_all_close(h, h_ref, 1e-11)
+
+
+@pytest.mark.parametrize("n,m,d,dv,causal", [(1, 9, 8, 8, False), (7, 5, 8, 16, True)])
+def test_double_backward_kernels_give_all_four_gradients(n, m, d, dv, causal):
+    """The Function chain alone (no reference): gq, gk, gv and gdO against the math note."""
+    from kernels.fused import FusedAttention, FusedAttentionBackward
+
+    q, k, v = qkv(n, m, d, dv)
+    do, uq, uk, uv = (torch.randn_like(t) for t in (torch.empty(2, 1, n, dv, dtype=F64), q, k, v))
+    do.requires_grad_()
+    o, lse = FusedAttention.apply(q, k, v, causal, 0.3)
+    assert rel_err(lse, attention_logsumexp_reference(q, k, causal, 0.3)) < 1e-13
+    dq, dk, dv_ = FusedAttentionBackward.apply(q, k, v, o, lse, do, causal, 0.3)
+    assert_all_close((dq, dk, dv_), attention_backward_reference(q, k, v, do, causal, 0.3), 1e-12)
+    got = torch.autograd.grad((dq, dk, dv_), (q, k, v, do), (uq, uk, uv))
+    want = attention_double_backward_reference(q, k, v, do, uq, uk, uv, causal, 0.3)
+    assert_all_close(got, want, 1e-11)
+
+
+def test_gradcheck_and_gradgradcheck():
+    q, k, v = qkv(2, 3, 3, 2, lead=(1, 1))
+    for causal in (False, True):
+        fn = lambda q, k, v: fused_attention(q, k, v, causal)  # noqa: B023
+        assert torch.autograd.gradcheck(fn, (q, k, v))
+        assert torch.autograd.gradgradcheck(fn, (q, k, v))
+
+
+def test_float32_matches_float64_reference():
+    q, k, v = qkv(19, 33, 16, 16, dtype=torch.float32, grad=True)
+    out = fused_attention(q, k, v)
+    ref = attention_reference(*(t.double() for t in (q, k, v)))
+    assert rel_err(out.double(), ref) < 1e-5
+    assert out.dtype == torch.float32
+
+
+def test_non_contiguous_inputs():
+    q, k, v = qkv(6, 9, 8, 8, lead=(3, 2))
+    qt, kt, vt = (t.transpose(0, 1) for t in (q, k, v))  # (2, 3, ., .), not contiguous
+    assert not qt.is_contiguous()
+    out = fused_attention(qt, kt, vt, False, 0.7)
+    assert rel_err(out, attention_reference(qt, kt, vt, False, 0.7)) < 1e-12
+    do = torch.randn_like(out)
+    assert_all_close(torch.autograd.grad(out, (q, k, v), do),
+                     torch.autograd.grad(attention_reference(qt, kt, vt, False, 0.7), (q, k, v),
+                                         do), 1e-12)
+
+
+def _loss(backend):
+    def loss(q, k, v):
+        return attention(q, k, v, backend=backend, causal=True).sin().sum()
+
+    return loss
+
+
+def test_torch_func_grad_of_grad():
+    q, k, v = qkv(5, 6, 8, 8, grad=False)
+
+    def outer(backend):
+        inner = grad(_loss(backend), argnums=(0, 1, 2))
+        return grad(lambda q, k, v: sum(g.square().sum() for g in inner(q, k, v)),
+                    argnums=(0, 1, 2))(q, k, v)
+
+    assert_all_close(outer("triton_fused"), outer("reference"), 1e-11)
+
+
+def test_vmap_of_grad_and_single_launch(monkeypatch):
+    from kernels import launch
+
+    q, k, v = qkv(4, 7, 8, 8, lead=(3, 2), grad=False)  # vmapped over the leading 3
+    g = lambda b: vmap(grad(_loss(b), argnums=(0, 1, 2)))(q, k, v)
+    want = g("reference")
+
+    calls = {"fwd": 0, "bwd": 0}
+    for name, key in (("attention_forward", "fwd"), ("attention_backward", "bwd")):
+        original = getattr(launch, name)
+
+        def counted(*a, _original=original, _key=key):
+            calls[_key] += 1
+            return _original(*a)
+
+        monkeypatch.setattr(launch, name, counted)
+    assert_all_close(g("triton_fused"), want, 1e-12)
+    assert calls == {"fwd": 1, "bwd": 1}  # the vmapped dim is folded into one launch
+
+
+def test_vmap_with_unbatched_operand_and_nested_vmap():
+    q, k, v = qkv(4, 7, 8, 8, lead=(3, 2), grad=False)
+    k0 = k[0]
+    f = lambda b: vmap(lambda q, v: attention(q, k0, v, backend=b))(q, v)
+    assert rel_err(f("triton_fused"), f("reference")) < 1e-12
+    f2 = lambda b: vmap(vmap(lambda q, k, v: attention(q, k, v, backend=b)))(q, k, v)
+    assert rel_err(f2("triton_fused"), f2("reference")) < 1e-12
+
+
+def test_vmap_of_grad_of_grad():
+    q, k, v = qkv(3, 5, 8, 8, lead=(2, 1), grad=False)
+
+    def hess_diag(backend):
+        inner = grad(_loss(backend), argnums=1)
+        return vmap(grad(lambda q, k, v: inner(q, k, v).square().sum(), argnums=(0, 1, 2)))(q, k, v)
+
+    assert_all_close(hess_diag("triton_fused"), hess_diag("reference"), 1e-11)
+
+
+def test_third_order_is_exact():
+    q, k, v = qkv(3, 4, 8, 8, grad=False)
+
+    def third(backend):
+        f = _loss(backend)
+        g1 = lambda q, k, v: grad(f, argnums=1)(q, k, v).square().sum()
+        g2 = lambda q, k, v: grad(g1, argnums=0)(q, k, v).cos().sum()
+        return grad(g2, argnums=(0, 1, 2))(q, k, v)
+
+    assert_all_close(third("triton_fused"), third("reference"), 1e-10)
+
+
+def test_forward_mode_jvp_and_forward_over_reverse():
+    q, k, v = qkv(4, 6, 8, 8, grad=False)
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    for fn in (
+        lambda b: jvp(lambda *a: attention(*a, backend=b), (q, k, v), tangents)[1],
+        # Hessian-vector product: forward-mode over reverse-mode.
+        lambda b: jvp(grad(_loss(b), argnums=(0, 1, 2)), (q, k, v), tangents)[1],
+    ):
+        got, want = fn("triton_fused"), fn("reference")
+        if isinstance(got, tuple):
+            assert_all_close(got, want, 1e-11)
+        else:
+            assert rel_err(got, want) < 1e-12
+
+
+def test_engine_full_meta_gradient_triton_equals_reference():
+    from phase12.config import RunConfig
+    from phase12.maml import meta_gradient, relative_difference
+    from phase12.model import init_params
+    from phase12.tasks import sample_tasks_for
+
+    cfg = RunConfig(meta_batch=2, shots=3, queries=3, seq_len=9, dim=8, num_classes=3,
+                    signal_positions=2, dtype="float64", device="cpu")
+    seed = torch.randint(0, 2**31, ()).item()
+    params = init_params(8, 3, torch.Generator().manual_seed(seed), dtype=F64)
+    tasks = sample_tasks_for(cfg, torch.Generator().manual_seed(seed), torch.device("cpu"))
+    kw = dict(mode="FULL", steps=2, lr=0.4)
+    ref = meta_gradient(params, tasks, backend="reference", **kw)
+    fused = meta_gradient(params, tasks, backend="triton_fused", **kw)
+    assert relative_difference(ref, fused).item() < 1e-8
+    fo = meta_gradient(params, tasks, backend="triton_fused", mode="FO", steps=2, lr=0.4)
+    assert relative_difference(fused, fo).item() > 1e-3  # second order really flows
+
+
+@pytest.mark.parametrize(
+    "shapes,dtypes,message",
+    [
+        (((1, 2, 200), (1, 2, 200), (1, 2, 200)), None, "head dims"),
+        (((1, 2, 8), (1, 3, 8), (1, 4, 8)), None, "shape mismatch"),
+        (((2, 2, 8), (1, 3, 8), (1, 3, 8)), None, "identical leading"),
+        (((1, 2, 8), (1, 3, 8), (1, 3, 8)), (F64, torch.float32, F64), "dtype"),
+        (((1, 2, 8), (1, 3, 8), (1, 3, 8)), (torch.int64,) * 3, "dtype"),
+    ],
+)
+def test_unsupported_inputs_are_refused(shapes, dtypes, message):
+    dtypes = dtypes or (F64,) * 3
+    tensors = [torch.ones(s, dtype=dt) for s, dt in zip(shapes, dtypes)]
+    with pytest.raises(ValueError, match=message):
+        fused_attention(*tensors)
+
+
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    from kernels import BackendUnavailable
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = qkv(2, 3, 8, 8)
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
+        fused_attention(q, k, v)
