@@ -30,6 +30,9 @@ from kernels.triton_kernels import (
 )
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Triton dot precision for float32 operands. "ieee" is exact float32 arithmetic (no
+# TF32); "tf32x3" splits each operand into three TF32 parts on the tensor cores.
+FLOAT32_PRECISION = "ieee"
 MAX_HEAD_DIM = 128
 
 
@@ -97,7 +100,7 @@ def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, causal: 
         BLOCK_DV=_pow2(dv, 16),
         # input_precision matters only for float32 operands; "tf32" is the default
         # for the others and is ignored by them.
-        PRECISION="ieee" if float32 or q.dtype == torch.float64 else "tf32",
+        PRECISION=FLOAT32_PRECISION if float32 else "ieee" if q.dtype == torch.float64 else "tf32",
         ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

@@ -55,8 +55,10 @@ def attention_reference(
     scale = default_scale(q.shape[-1]) if scale is None else scale
     dtype = q.dtype
     cd = _compute_dtype(dtype)
-    p = torch.softmax(_scores(q.to(cd), k.to(cd), causal, scale), dim=-1)
-    return (p @ v.to(cd)).to(dtype)
+    if cd != dtype:
+        q, k, v = q.to(cd), k.to(cd), v.to(cd)
+    out = torch.softmax(_scores(q, k, causal, scale), dim=-1) @ v
+    return out if cd == dtype else out.to(dtype)
 
 
 def attention_logsumexp_reference(

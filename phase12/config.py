@@ -73,6 +73,7 @@ class RunConfig:
     metric_window: int = 20  # final_* metrics average the last this-many outer steps
     device: str = "auto"
     dtype: str = "float32"
+    cuda_graph: str = "auto"  # auto: capture the whole outer step on CUDA; on; off
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -93,6 +94,8 @@ class RunConfig:
             raise ConfigError(
                 f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}"
             )
+        if self.cuda_graph not in ("auto", "on", "off"):
+            raise ConfigError(f"cuda_graph must be auto, on or off; got {self.cuda_graph!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.inner_steps < 0:
@@ -117,6 +120,8 @@ class RunConfig:
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0; got {self.seed}")
         device = resolve_device(self.device)
+        if self.cuda_graph == "on" and device.type != "cuda":
+            raise ConfigError("--cuda-graph on needs a CUDA device; use --cuda-graph off or auto")
         try:
             check_backend(self.backend, device)
         except BackendUnavailable as e:

@@ -4,10 +4,11 @@
     result.row        # the per-run CSV row (phase12.records.RUN_COLUMNS)
     result.history    # per outer step: loss, acc, attention meta-gradient norms
 
-The outer loop is Adam on the meta-parameters. Per-step metrics stay on the device
-in one preallocated tensor and are read back in bulk every `check_every` steps,
-which is also when a non-finite loss or gradient is detected: the run then stops
-with status NONFINITE and the first bad step.
+The outer loop is Adam on the meta-parameters (phase12.step.OuterStep), replayed
+from one CUDA graph per run on CUDA unless cuda_graph is 'off'. Per-step metrics
+stay on the device in one preallocated tensor and are read back in bulk every
+`check_every` steps, which is also when a non-finite loss or gradient is detected:
+the run then stops with status NONFINITE and the first bad step.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import math
 import platform
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,9 +28,9 @@ from tqdm import tqdm
 
 from kernels import attention
 from phase12.config import Mode, RunConfig
-from phase12.maml import meta_batch_metrics, meta_gradient, relative_difference
-from phase12.model import ATTENTION_PARAMS, Params, init_params
-from phase12.records import HISTORY_COLUMNS
+from phase12.maml import meta_gradient, relative_difference
+from phase12.model import Params, init_params
+from phase12.step import METRICS, OuterStep, capture
 from phase12.tasks import sample_tasks_for
 
 STATUS_OK, STATUS_NONFINITE, STATUS_ERROR = "OK", "NONFINITE", "ERROR"
@@ -53,22 +56,6 @@ def initial_params(config: RunConfig, device: torch.device) -> Params:
     params = init_params(config.dim, config.num_classes, torch.Generator().manual_seed(config.seed),
                          device=device, dtype=config.torch_dtype)
     return {n: p.requires_grad_(True) for n, p in params.items()}
-
-
-def outer_step(
-    params: Params, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-    config: RunConfig, device: torch.device,
-) -> torch.Tensor:
-    """One meta-update. Returns (loss, acc, |g_Wq|, |g_Wk|, |g_Wv|) as a device tensor."""
-    tasks = sample_tasks_for(config, generator, device)
-    losses, accs = meta_batch_metrics(params, tasks, mode=config.mode, steps=config.inner_steps,
-                                      lr=config.inner_lr, backend=config.backend)
-    loss = losses.mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    norms = [torch.linalg.vector_norm(params[n].grad) for n in ATTENTION_PARAMS]
-    optimizer.step()
-    return torch.stack([loss.detach(), accs.mean(), *norms])
 
 
 def attention_gradgrad_ok(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -133,6 +120,34 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def build_step(config: RunConfig, device: torch.device) -> OuterStep:
+    """A fresh run's state (parameters, Adam, task stream, empty history) as an OuterStep."""
+    history = torch.full((config.outer_steps, len(METRICS)), float("nan"), device=device,
+                         dtype=config.torch_dtype)
+    return OuterStep(initial_params(config, device), config, device,
+                     task_generator(config.seed, device), history)
+
+
+def prepare_step(config: RunConfig, device: torch.device) -> tuple[OuterStep, Callable, bool]:
+    """(state, the callable that runs one step, whether it is a CUDA graph replay).
+
+    With cuda_graph 'auto' a failed capture is reported on stderr (with the reason)
+    and the run goes on eagerly; with 'on' it raises.
+    """
+    step = build_step(config, device)
+    if device.type != "cuda" or config.cuda_graph == "off":
+        return step, step, False
+    try:
+        return step, capture(step).replay, True
+    except Exception as e:
+        if config.cuda_graph == "on":
+            raise
+        print(f"warning: {config.run_id}: CUDA graph capture failed ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); running eagerly. "
+              "Pass --cuda-graph off to skip the attempt.", file=sys.stderr)
+        return step, step, False
+
+
 def run_experiment(
     config: RunConfig, *, progress: bool = False, check_every: int = 50
 ) -> RunResult:
@@ -142,11 +157,8 @@ def run_experiment(
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    params = initial_params(config, device)
-    optimizer = torch.optim.Adam(params.values(), lr=config.outer_lr)
-    generator = task_generator(config.seed, device)
-    history = torch.full((config.outer_steps, len(HISTORY_COLUMNS) - 1), float("nan"),
-                         device=device, dtype=config.torch_dtype)
+    state, run_step, graphed = prepare_step(config, device)
+    history = state.history
 
     nonfinite_step = None
     t_loop = time.perf_counter()
@@ -154,7 +166,7 @@ def run_experiment(
     bar = tqdm(total=config.outer_steps, disable=not progress, desc=config.run_id, leave=False)
     with bar:
         for step in range(config.outer_steps):
-            history[step] = outer_step(params, optimizer, generator, config, device)
+            run_step()
             bar.update(1)
             if step == 0:
                 history[0].sum().item()  # one sync: the first step (warm-up) is timed apart
@@ -177,6 +189,7 @@ def run_experiment(
     row = _config_columns(config, device)
     row.update(summarize(config, hist))
     row.update({
+        "cuda_graph": graphed,
         "sdpa_input_gradgrad_ok": attention_gradgrad_ok(config.backend, device,
                                                         config.torch_dtype),
         # Steps after the first (which pays for warm-up and kernel compilation).
@@ -186,13 +199,13 @@ def run_experiment(
     })
     if nonfinite_step is None:
         row.update(status=STATUS_OK, error="",
-                   rel_diff_probe=rel_diff_probe(params, config, device))
+                   rel_diff_probe=rel_diff_probe(state.params, config, device))
     else:
         row.update(status=STATUS_NONFINITE, rel_diff_probe=None,
                    error=f"loss or meta-gradient became non-finite at outer step {nonfinite_step}")
     row["wall_time_total_s"] = time.perf_counter() - t_start
     history_out = {"step": list(range(steps_done))}
-    for i, name in enumerate(HISTORY_COLUMNS[1:]):
+    for i, name in enumerate(METRICS):
         history_out[name] = hist[:, i].tolist()
     return RunResult(row=row, history=history_out)
 

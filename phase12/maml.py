@@ -49,7 +49,7 @@ def adapt(
         grads = grad_fn(params, x, y, backend)
         if detach_inner_grads:
             grads = _detached(grads)
-        params = {name: p - lr * grads[name] for name, p in params.items()}
+        params = {name: torch.add(p, grads[name], alpha=-lr) for name, p in params.items()}
     return params
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from kernels import attention
 
@@ -50,9 +51,8 @@ def init_params(
 
 def apply(params: Params, x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
     """Logits (..., C) for sequences x (..., T, D). Differentiable to any order."""
-    q = x[..., :1, :] @ params["Wq"].T  # (..., 1, D): only token 0 queries
-    k = x @ params["Wk"].T  # (..., T, D)
-    v = x @ params["Wv"].T
-    # One head: insert the head dim the attention op expects, (..., H=1, N, D).
-    h = attention(q.unsqueeze(-3), k.unsqueeze(-3), v.unsqueeze(-3), backend=backend)
-    return h[..., 0, 0, :] @ params["Wc"].T + params["bc"]
+    q = F.linear(x[..., :1, :], params["Wq"])  # (..., 1, D): only token 0 queries
+    k = F.linear(x, params["Wk"])  # (..., T, D)
+    v = F.linear(x, params["Wv"])
+    h = attention(q, k, v, backend=backend)  # (..., 1, D); the leading dims act as batch
+    return F.linear(h[..., 0, :], params["Wc"], params["bc"])

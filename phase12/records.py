@@ -20,6 +20,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from phase12.step import METRICS
+
 SEED_COLUMNS = [
     "backend", "mode", "inner_steps", "seed", "meta_batch", "outer_lr", "outer_steps",
     "inner_lr", "seq_len", "num_signal_positions", "dtype", "compute_dtype", "autocast",
@@ -28,10 +30,10 @@ SEED_COLUMNS = [
     "mean_outer_step_time_s", "peak_cuda_mem_bytes", "status", "error", "convergence_delta",
 ]
 RUN_COLUMNS = SEED_COLUMNS + [
-    "run_id", "attn_grad_norm", "nonfinite_step", "device", "device_name", "torch_version",
+    "run_id", "attn_grad_norm", "nonfinite_step", "cuda_graph", "device", "device_name",
+    "torch_version",
 ]
-HISTORY_COLUMNS = ["step", "loss", "acc", "attn_grad_norm_q", "attn_grad_norm_k",
-                   "attn_grad_norm_v"]
+HISTORY_COLUMNS = ["step", *METRICS]
 
 
 def _cell(value) -> str:
