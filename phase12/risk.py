@@ -1,0 +1,173 @@
+"""Risk checks: the numbers that say whether a sweep's results can be trusted.
+
+Each check returns one row: check, status (PASS / WARN / FAIL / SKIP), value, details.
+
+* seed_determinism        the same short run twice: max |difference| of the histories
+                          (tolerance 0 on CPU; 1e-6 on CUDA, where reductions may be
+                          scheduled differently)
+* attention_parity_*      triton_fused vs float64 reference on the model's attention shape
+                          (N = 1, M = T, D = 64) for forward, backward, double backward
+* meta_grad_parity        FULL meta-gradient on the model, triton_fused vs reference
+* fo_vs_fo_strict_*       FO and FO_STRICT meta-gradients are equal, per backend
+* full_vs_fo_*            rel_diff of FULL vs FO meta-gradients: clearly non-zero, per backend
+* triton_gradgradcheck    torch.autograd.gradgradcheck of the Triton op in float64, in the
+                          CPU interpreter (a subprocess with TRITON_INTERPRET=1)
+* nonfinite_guard         status counts of the sweep's runs.csv
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from kernels import BackendUnavailable, attention, check_backend
+from kernels.reference import attention_reference
+from phase12.config import RunConfig
+from phase12.experiment import build_step, initial_params, task_generator
+from phase12.maml import meta_gradient, relative_difference
+from phase12.outputs import RUNS_CSV
+from phase12.tasks import sample_tasks_for
+
+RISK_COLUMNS = ["check", "status", "value", "details"]
+
+
+def _row(check: str, status: str, value=None, details: str = "") -> dict:
+    return {"check": check, "status": status, "value": value, "details": details}
+
+
+def _triton_available(device: torch.device) -> str | None:
+    try:
+        check_backend("triton_fused", device)
+        return None
+    except BackendUnavailable as e:
+        return str(e)
+
+
+def seed_determinism(base: RunConfig, device: torch.device, steps: int = 10) -> dict:
+    cfg = base.replace(mode="FULL", inner_steps=5, outer_steps=steps, backend="reference",
+                       cuda_graph="off")
+    histories = []
+    for _ in range(2):
+        state = build_step(cfg, device)
+        for _ in range(steps):
+            state()
+        histories.append(state.history)
+    diff = (histories[0] - histories[1]).abs().max().item()
+    tol = 0.0 if device.type == "cpu" else 1e-6
+    return _row("seed_determinism", "PASS" if diff <= tol else "FAIL", diff,
+                f"{device.type}, FULL k=5, {steps} steps twice; tolerance {tol}")
+
+
+def attention_parity(device: torch.device, seq_len: int, dim: int) -> list[dict]:
+    why = _triton_available(device)
+    names = ("forward", "backward", "double_backward")
+    if why:
+        return [_row(f"attention_parity_{n}", "SKIP", details=why) for n in names]
+    g = torch.Generator(device=device).manual_seed(0)
+    shapes = [(512, 1, dim), (512, seq_len, dim), (512, seq_len, dim)]
+    base = [torch.randn(s, device=device, generator=g) for s in shapes]
+    do = torch.randn(512, 1, dim, device=device, generator=g)
+    us = [torch.randn(s, device=device, generator=g) for s in shapes]
+
+    def passes(backend, dtype):
+        q, k, v = (t.to(dtype).requires_grad_() for t in base)
+        fn = attention_reference if backend == "reference" else (
+            lambda *a: attention(*a, backend=backend))
+        out = fn(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), do.to(dtype), create_graph=True)
+        second = torch.autograd.grad(grads, (q, k, v), [u.to(dtype) for u in us])
+        return [out], grads, second
+
+    fused, ref = passes("triton_fused", torch.float32), passes("reference", torch.float64)
+    tol = 1e-5
+    rows = []
+    for name, a, b in zip(names, fused, ref):
+        abs_err = max((x.double() - y).abs().max().item() for x, y in zip(a, b))
+        rel = max(((x.double() - y).norm() / y.norm()).item() for x, y in zip(a, b))
+        rows.append(_row(f"attention_parity_{name}", "PASS" if rel < tol else "WARN", rel,
+                         f"float32 triton_fused vs float64 reference, N=1 M={seq_len} "
+                         f"D={dim}: max_abs_err={abs_err:.3e} rel_err={rel:.3e} (tol {tol})"))
+    return rows
+
+
+def meta_gradient_checks(base: RunConfig, device: torch.device) -> list[dict]:
+    cfg = base.replace(meta_batch=4)
+    params = initial_params(cfg, device)
+    tasks = sample_tasks_for(cfg, task_generator(cfg.seed + 17, device), device)
+    kw = dict(steps=cfg.inner_steps, lr=cfg.inner_lr)
+    rows, full_by_backend = [], {}
+    for backend in ("reference", "triton_fused"):
+        why = _triton_available(device) if backend == "triton_fused" else None
+        if why:
+            rows += [_row(f"fo_vs_fo_strict_{backend}", "SKIP", details=why),
+                     _row(f"full_vs_fo_{backend}", "SKIP", details=why)]
+            continue
+        grads = {m: meta_gradient(params, tasks, mode=m, backend=backend, **kw)
+                 for m in ("FULL", "FO", "FO_STRICT")}
+        full_by_backend[backend] = grads["FULL"]
+        eq = relative_difference(grads["FO"], grads["FO_STRICT"]).item()
+        rows.append(_row(f"fo_vs_fo_strict_{backend}", "PASS" if eq < 1e-6 else "FAIL", eq,
+                         f"||g_FO - g_FO_STRICT|| / ||g_FO||, k={cfg.inner_steps}"))
+        rd = relative_difference(grads["FULL"], grads["FO"]).item()
+        rows.append(_row(f"full_vs_fo_{backend}", "PASS" if rd > 1e-2 else "WARN", rd,
+                         f"||g_FULL - g_FO|| / ||g_FULL||, k={cfg.inner_steps} (must be "
+                         "clearly non-zero)"))
+    if len(full_by_backend) == 2:
+        rel = relative_difference(full_by_backend["reference"],
+                                  full_by_backend["triton_fused"]).item()
+        rows.append(_row("meta_grad_parity", "PASS" if rel < 1e-4 else "FAIL", rel,
+                         f"FULL meta-gradient, triton_fused vs reference, {cfg.dtype}, "
+                         f"k={cfg.inner_steps}"))
+    else:
+        rows.append(_row("meta_grad_parity", "SKIP", details="triton_fused unavailable here"))
+    return rows
+
+
+GRADGRADCHECK_SCRIPT = """
+import torch
+from kernels import fused_attention
+q, k, v = (torch.randn(1, 1, n, d, dtype=torch.float64, requires_grad=True)
+           for n, d in ((2, 3), (3, 3), (3, 2)))
+ok = all(torch.autograd.gradgradcheck(lambda *a: fused_attention(*a, c), (q, k, v))
+         for c in (False, True))
+print("OK" if ok else "FAILED")
+"""
+
+
+def triton_gradgradcheck() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", GRADGRADCHECK_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=600)
+    ok = proc.returncode == 0 and proc.stdout.strip().endswith("OK")
+    detail = "float64, CPU interpreter, causal and not" if ok else (
+        proc.stdout + proc.stderr).strip().splitlines()[-1:]
+    return _row("triton_gradgradcheck", "PASS" if ok else "FAIL", ok, str(detail))
+
+
+def nonfinite_guard(sweep_folder: Path | None) -> dict:
+    path = None if sweep_folder is None else sweep_folder / RUNS_CSV
+    if path is None or not path.exists():
+        return _row("nonfinite_guard", "SKIP", details="no sweep runs.csv to summarise")
+    counts = pd.read_csv(path)["status"].value_counts().to_dict()
+    bad = counts.get("NONFINITE", 0) + counts.get("ERROR", 0)
+    return _row("nonfinite_guard", "PASS" if bad == 0 else "WARN", bad,
+                ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+
+def run_risk_checks(base: RunConfig, sweep_folder: Path | None = None,
+                    gradgradcheck: bool = True) -> pd.DataFrame:
+    device = base.validate()
+    rows = [seed_determinism(base, device)]
+    rows += attention_parity(device, base.seq_len, base.dim)
+    rows += meta_gradient_checks(base, device)
+    rows.append(triton_gradgradcheck() if gradgradcheck
+                else _row("triton_gradgradcheck", "SKIP", details="not requested"))
+    rows.append(nonfinite_guard(sweep_folder))
+    return pd.DataFrame(rows, columns=RISK_COLUMNS)
