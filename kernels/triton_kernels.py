@@ -81,22 +81,6 @@ def _key_mask(offs_n, offs_m, M, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _key_end(start_n, M, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """One past the last key a query tile starting at start_n can see."""
-    if CAUSAL:
-        return tl.minimum(M, start_n + BLOCK_N)
-    return M
-
-
-@triton.jit
-def _query_start(start_m, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """First query tile that can see any key of a key tile starting at start_m."""
-    if CAUSAL:
-        return (start_m // BLOCK_N) * BLOCK_N
-    return 0
-
-
-@triton.jit
 def _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """P tile = exp(s q k^T - LSE), exactly zero for padding rows/cols and masked keys."""
     s = _dot(q, tl.trans(k), PRECISION, ACC) * scale
@@ -134,7 +118,10 @@ def attention_fwd_kernel(Q, K, V, O, LSE, N, M, D, DV, scale,
     m_i = tl.full([BLOCK_N], float("-inf"), ACC)  # running row max of S
     l_i = tl.zeros([BLOCK_N], ACC)                # running sum of exp(S - m_i)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], ACC)      # running (unnormalised) P V
-    for start_m in range(0, _key_end(start_n, M, BLOCK_N, CAUSAL), BLOCK_M):
+    key_end = M
+    if CAUSAL:  # query i sees keys j <= i: stop after this tile's diagonal
+        key_end = tl.minimum(M, start_n + BLOCK_N)
+    for start_m in range(0, key_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         k = _load(K, bh, offs_m, offs_d, M, D)
         v = _load(V, bh, offs_m, offs_dv, M, DV)
@@ -172,7 +159,10 @@ def attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVo, N, M, D, DV, sca
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
-    for start_n in range(_query_start(start_m, BLOCK_N, CAUSAL), N, BLOCK_N):
+    query_start = 0
+    if CAUSAL:  # rows above this key tile's diagonal see none of its keys
+        query_start = (start_m // BLOCK_N) * BLOCK_N
+    for start_n in range(query_start, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         q = _load(Q, bh, offs_n, offs_d, N, D)
         do = _load(DO, bh, offs_n, offs_dv, N, DV)
@@ -202,7 +192,10 @@ def attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, N, M, D, DV, scale,
     delta = _load_row(DELTA, bh, offs_n, N)
 
     dq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    for start_m in range(0, _key_end(start_n, M, BLOCK_N, CAUSAL), BLOCK_M):
+    key_end = M
+    if CAUSAL:  # query i sees keys j <= i: stop after this tile's diagonal
+        key_end = tl.minimum(M, start_n + BLOCK_N)
+    for start_m in range(0, key_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         k = _load(K, bh, offs_m, offs_d, M, D)
         v = _load(V, bh, offs_m, offs_dv, M, DV)
@@ -233,7 +226,9 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
     do = _load(DO, bh, offs_n, offs_dv, N, DV)
     lse = _load_row(LSE, bh, offs_n, N)
     delta = _load_row(DELTA, bh, offs_n, N)
-    key_end = _key_end(start_n, M, BLOCK_N, CAUSAL)
+    key_end = M
+    if CAUSAL:  # query i sees keys j <= i: stop after this tile's diagonal
+        key_end = tl.minimum(M, start_n + BLOCK_N)
 
     # Pass 1 over keys: rho_W = rowsum(P W) and
     # rho_G = rowsum(P R) + rowsum(P (dP - Delta) W) - rho_W Delta.
@@ -291,7 +286,10 @@ def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G
 
     gk = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     gv = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
-    for start_n in range(_query_start(start_m, BLOCK_N, CAUSAL), N, BLOCK_N):
+    query_start = 0
+    if CAUSAL:  # rows above this key tile's diagonal see none of its keys
+        query_start = (start_m // BLOCK_N) * BLOCK_N
+    for start_n in range(query_start, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         q = _load(Q, bh, offs_n, offs_d, N, D)
         uq = _load(UQ, bh, offs_n, offs_d, N, D)

@@ -12,6 +12,7 @@ on CPU) and reports the median. The seed project's measured step times
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -46,7 +47,10 @@ def time_steps(config: RunConfig, graph: bool, warmup: int, reps: int) -> tuple[
             state()
             times.append(time.perf_counter() - t)
         return statistics.median(times), None
+    gc.collect()  # drop the previous cell's state before measuring this one's peak
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
+    mem_before = torch.cuda.memory_allocated(device)
     run = capture(state).replay if graph else state
     for _ in range(warmup):
         run()
@@ -60,7 +64,7 @@ def time_steps(config: RunConfig, graph: bool, warmup: int, reps: int) -> tuple[
         end.record()
     torch.cuda.synchronize(device)
     times = [s.elapsed_time(e) / 1e3 for s, e in events]
-    return statistics.median(times), torch.cuda.max_memory_allocated(device)
+    return statistics.median(times), torch.cuda.max_memory_allocated(device) - mem_before
 
 
 def bench(base: RunConfig, modes, ks, backends, executions, warmup: int, reps: int) -> pd.DataFrame:

@@ -13,6 +13,7 @@ the run then stops with status NONFINITE and the first bad step.
 
 from __future__ import annotations
 
+import gc
 import math
 import platform
 import subprocess
@@ -156,7 +157,12 @@ def run_experiment(
     t_start = time.perf_counter()
     cuda = device.type == "cuda"
     if cuda:
+        # The peak is this run's own: earlier runs of the process (a sweep) are
+        # collected first, and whatever stays allocated is subtracted.
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    mem_before = torch.cuda.memory_allocated(device) if cuda else 0
     state, run_step, graphed = prepare_step(config, device)
     history = state.history
 
@@ -194,7 +200,8 @@ def run_experiment(
                                                         config.torch_dtype),
         # Steps after the first (which pays for warm-up and kernel compilation).
         "mean_outer_step_time_s": (t_end - t_first) / step if step else t_end - t_loop,
-        "peak_cuda_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "peak_cuda_mem_bytes": torch.cuda.max_memory_allocated(device) - mem_before if cuda
+        else None,
         "nonfinite_step": nonfinite_step,
     })
     if nonfinite_step is None:

@@ -129,7 +129,8 @@ def meta_gradient_checks(base: RunConfig, device: torch.device) -> list[dict]:
 
 
 GRADGRADCHECK_SCRIPT = """
-import torch
+import numpy, torch, triton
+print("triton", triton.__version__, "numpy", numpy.__version__, flush=True)
 from kernels import fused_attention
 q, k, v = (torch.randn(1, 1, n, d, dtype=torch.float64, requires_grad=True)
            for n, d in ((2, 3), (3, 3), (3, 2)))
@@ -146,9 +147,10 @@ def triton_gradgradcheck() -> dict:
     proc = subprocess.run([sys.executable, "-c", GRADGRADCHECK_SCRIPT], env=env,
                           capture_output=True, text=True, timeout=600)
     ok = proc.returncode == 0 and proc.stdout.strip().endswith("OK")
+    versions = proc.stdout.splitlines()[0] if proc.stdout else ""
     detail = "float64, CPU interpreter, causal and not" if ok else (
-        proc.stdout + proc.stderr).strip().splitlines()[-1:]
-    return _row("triton_gradgradcheck", "PASS" if ok else "FAIL", ok, str(detail))
+        proc.stdout + proc.stderr).strip().splitlines()[-1]
+    return _row("triton_gradgradcheck", "PASS" if ok else "FAIL", ok, f"{versions}: {detail}")
 
 
 def nonfinite_guard(sweep_folder: Path | None) -> dict:

@@ -1,0 +1,1 @@
+"""Sweep CSVs -> summary tables (summary), seaborn figures (figures), report.md (report)."""

@@ -1,0 +1,73 @@
+"""Seaborn figures of a sweep (PNG). Each function takes tidy DataFrames and a path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+MODE_ORDER = ["FULL", "FO", "FO_STRICT"]
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def _save(grid, path: Path, title: str) -> Path:
+    grid.figure.suptitle(title, y=1.03)
+    grid.figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(grid.figure)
+    return path
+
+
+def metric_vs_inner_steps(runs: pd.DataFrame, metric: str, label: str, path: Path) -> Path:
+    """One panel per backend, one line per mode, mean with +-1 std error bars over seeds."""
+    ok = runs[runs["status"] == "OK"]
+    grid = sns.relplot(data=ok, x="inner_steps", y=metric, hue="mode", style="mode",
+                       hue_order=MODE_ORDER, style_order=MODE_ORDER, col="backend",
+                       kind="line", markers=True, dashes=False, errorbar="sd",
+                       err_style="bars", height=3.6, aspect=1.15)
+    grid.set(xlabel="inner steps k", ylabel=label, xticks=sorted(ok["inner_steps"].unique()))
+    grid.set_titles("backend: {col_name}")
+    sns.move_legend(grid, "upper left", bbox_to_anchor=(1.0, 0.9))
+    return _save(grid, path, f"{label} vs inner steps (mean ± std over seeds)")
+
+
+def training_curves(histories: pd.DataFrame, path: Path, window: int = 20) -> Path:
+    """Query loss and accuracy vs outer step: rows = metric, columns = k, one line per mode.
+
+    `histories` is tidy: backend, mode, inner_steps, seed, step, loss, acc. Curves are a
+    rolling mean over `window` steps, averaged over seeds and backends.
+    """
+    h = histories.sort_values("step").copy()
+    keys = ["backend", "mode", "inner_steps", "seed"]
+    for m in ("loss", "acc"):
+        h[m] = h.groupby(keys)[m].transform(lambda s: s.rolling(window, min_periods=1).mean())
+    tidy = h.melt(id_vars=keys + ["step"], value_vars=["loss", "acc"], var_name="metric")
+    tidy["metric"] = tidy["metric"].map({"loss": "query loss", "acc": "query accuracy"})
+    grid = sns.relplot(data=tidy, x="step", y="value", hue="mode", hue_order=MODE_ORDER,
+                       row="metric", col="inner_steps", kind="line", errorbar=None,
+                       facet_kws=dict(sharey="row"), height=2.8, aspect=1.2)
+    grid.set_titles("{row_name}, k = {col_name}")
+    grid.set(xlabel="outer step")
+    grid.set_ylabels("")
+    sns.move_legend(grid, "upper left", bbox_to_anchor=(1.0, 0.9))
+    return _save(grid, path, f"Training curves (rolling mean over {window} steps; "
+                 "seeds and backends averaged)")
+
+
+def full_minus_fo_gap(gaps: pd.DataFrame, path: Path) -> Path:
+    """FULL - FO final accuracy vs k per backend, error bars = std of the seed-paired gap."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for (backend, g), marker in zip(gaps.groupby("backend"), "os"):
+        ax.errorbar(g["inner_steps"], g["gap_mean"], yerr=g["gap_std"].fillna(0), label=backend,
+                    marker=marker, capsize=3)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set(xlabel="inner steps k", ylabel="FULL − FO final accuracy",
+           title="Second-order advantage vs inner steps", xticks=sorted(gaps["inner_steps"]))
+    ax.legend(title="backend")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
