@@ -1,7 +1,7 @@
 """Phase 12 command line.
 
     python run.py --mode FULL --k 20                 one run (seed defaults), summary at the end
-    python run.py sweep --tag T [--k 1,5,10,20]       grid of modes x backends x k x seeds, resumable
+    python run.py sweep --tag T [--k 1,5,10,20]       resumable grid: modes x backends x k x seeds
     python run.py risk --tag T                        risk checks -> risk_checks.csv
     python run.py report --tag T                      summary, figures and report.md from the CSVs
     python run.py pipeline --tag T                    sweep + risk + report
@@ -28,29 +28,66 @@ DEFAULTS = RunConfig()
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by a single run and a sweep (everything but the grid axes)."""
     d = DEFAULTS
-    parser.add_argument("--outer-steps", type=int, default=d.outer_steps,
-                        help=f"outer (meta) steps per run (default {d.outer_steps})")
-    parser.add_argument("--meta-batch", type=int, default=d.meta_batch,
-                        help=f"tasks per outer step (default {d.meta_batch})")
-    parser.add_argument("--inner-lr", type=float, default=d.inner_lr,
-                        help=f"inner SGD learning rate (default {d.inner_lr})")
-    parser.add_argument("--outer-lr", type=float, default=d.outer_lr,
-                        help=f"Adam learning rate on the meta-parameters (default {d.outer_lr})")
-    parser.add_argument("--seq-len", type=int, default=d.seq_len,
-                        help=f"sequence length T; token 0 queries (default {d.seq_len})")
-    parser.add_argument("--signal-positions", type=int, default=d.signal_positions,
-                        help=f"signal positions per task, in 1..T-1 (default {d.signal_positions})")
-    parser.add_argument("--device", default=d.device,
-                        help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"],
-                        help="parameter and data dtype (default float32)")
+    parser.add_argument(
+        "--outer-steps",
+        type=int,
+        default=d.outer_steps,
+        help=f"outer (meta) steps per run (default {d.outer_steps})",
+    )
+    parser.add_argument(
+        "--meta-batch",
+        type=int,
+        default=d.meta_batch,
+        help=f"tasks per outer step (default {d.meta_batch})",
+    )
+    parser.add_argument(
+        "--inner-lr",
+        type=float,
+        default=d.inner_lr,
+        help=f"inner SGD learning rate (default {d.inner_lr})",
+    )
+    parser.add_argument(
+        "--outer-lr",
+        type=float,
+        default=d.outer_lr,
+        help=f"Adam learning rate on the meta-parameters (default {d.outer_lr})",
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=d.seq_len,
+        help=f"sequence length T; token 0 queries (default {d.seq_len})",
+    )
+    parser.add_argument(
+        "--signal-positions",
+        type=int,
+        default=d.signal_positions,
+        help=f"signal positions per task, in 1..T-1 (default {d.signal_positions})",
+    )
+    parser.add_argument(
+        "--device",
+        default=d.device,
+        help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default auto)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=["float32", "float64"],
+        help="parameter and data dtype (default float32)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, **grid) -> RunConfig:
     return RunConfig(
-        outer_steps=args.outer_steps, meta_batch=args.meta_batch, inner_lr=args.inner_lr,
-        outer_lr=args.outer_lr, seq_len=args.seq_len, signal_positions=args.signal_positions,
-        device=args.device, dtype=args.dtype, **grid,
+        outer_steps=args.outer_steps,
+        meta_batch=args.meta_batch,
+        inner_lr=args.inner_lr,
+        outer_lr=args.outer_lr,
+        seq_len=args.seq_len,
+        signal_positions=args.signal_positions,
+        device=args.device,
+        dtype=args.dtype,
+        **grid,
     )
 
 
@@ -58,22 +95,40 @@ def single_run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run.py",
         description="One Phase 12 MAML run. Subcommands: sweep, risk, report, pipeline, bench "
-                    "(python run.py SUBCOMMAND --help).",
+        "(python run.py SUBCOMMAND --help).",
     )
-    p.add_argument("--mode", default=DEFAULTS.mode, choices=MODES,
-                   help="FULL (second order), FO (first order) or FO_STRICT (first order, no "
-                        "inner graph) (default FULL)")
-    p.add_argument("--k", type=int, default=DEFAULTS.inner_steps,
-                   help=f"inner SGD steps (default {DEFAULTS.inner_steps})")
-    p.add_argument("--backend", default=DEFAULTS.backend, choices=["reference", "triton_fused"],
-                   help="attention backend (default reference; triton_fused needs CUDA or "
-                        "TRITON_INTERPRET=1)")
+    p.add_argument(
+        "--mode",
+        default=DEFAULTS.mode,
+        choices=MODES,
+        help="FULL (second order), FO (first order) or FO_STRICT (first order, no "
+        "inner graph) (default FULL)",
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        default=DEFAULTS.inner_steps,
+        help=f"inner SGD steps (default {DEFAULTS.inner_steps})",
+    )
+    p.add_argument(
+        "--backend",
+        default=DEFAULTS.backend,
+        choices=["reference", "triton_fused"],
+        help="attention backend (default reference; triton_fused needs CUDA or TRITON_INTERPRET=1)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="run seed (default 0)")
     add_config_flags(p)
-    p.add_argument("--out", type=Path, default=None,
-                   help="directory for runs.csv (appended), history/ and meta/ (default: none)")
-    p.add_argument("--json", action="store_true",
-                   help="print the result row as one JSON object on the last line of stdout")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for runs.csv (appended), history/ and meta/ (default: none)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result row as one JSON object on the last line of stdout",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -87,22 +142,25 @@ def summary_text(result: RunResult) -> str:
             f"convergence delta {r['convergence_delta']:.4f}"
         )
         lines.append(
-            f"  attention meta-grad norms q {r['attn_grad_norm_q']:.3e} k {r['attn_grad_norm_k']:.3e}"
-            f" v {r['attn_grad_norm_v']:.3e}  rel_diff_probe (FULL vs FO) "
+            f"  attention meta-grad norms q {r['attn_grad_norm_q']:.3e} "
+            f"k {r['attn_grad_norm_k']:.3e} v {r['attn_grad_norm_v']:.3e}  "
+            "rel_diff_probe (FULL vs FO) "
             + ("n/a" if r.get("rel_diff_probe") is None else f"{r['rel_diff_probe']:.4f}")
         )
         mem = r.get("peak_cuda_mem_bytes")
         lines.append(
-            f"  {r['mean_outer_step_time_s'] * 1e3:.1f} ms per outer step, {r['wall_time_total_s']:.1f} s"
-            f" total on {r['device_name']}" + (f", peak CUDA memory {mem / 2**20:.1f} MiB" if mem else "")
+            f"  {r['mean_outer_step_time_s'] * 1e3:.1f} ms per outer step, "
+            f"{r['wall_time_total_s']:.1f} s total on {r['device_name']}"
+            + (f", peak CUDA memory {mem / 2**20:.1f} MiB" if mem else "")
         )
     return "\n".join(lines)
 
 
 def main_single(argv: list[str]) -> int:
     args = single_run_parser().parse_args(argv)
-    config = config_from_args(args, mode=args.mode, inner_steps=args.k, backend=args.backend,
-                              seed=args.seed)
+    config = config_from_args(
+        args, mode=args.mode, inner_steps=args.k, backend=args.backend, seed=args.seed
+    )
     try:
         config.validate()
         if args.out is not None and args.out.exists() and not args.out.is_dir():

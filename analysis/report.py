@@ -25,8 +25,12 @@ SEED_LONG_RUN_ACC = {
     ("triton_fused", 20): (0.9411, 0.9408),
 }
 # The seed's mean outer-step seconds at k = 20 on an H200 (anchor-baselines.md).
-SEED_STEP_S = {("reference", "FULL"): 0.974, ("reference", "FO"): 0.493,
-               ("triton_fused", "FULL"): 1.024, ("triton_fused", "FO"): 0.559}
+SEED_STEP_S = {
+    ("reference", "FULL"): 0.974,
+    ("reference", "FO"): 0.493,
+    ("triton_fused", "FULL"): 1.024,
+    ("triton_fused", "FO"): 0.559,
+}
 
 
 def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
@@ -43,13 +47,16 @@ def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
 
 def _md(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
     """A markdown table without extra dependencies."""
+
     def cell(x):
         if isinstance(x, float):
             return "" if x != x else format(x, floatfmt)
         return str(x)
 
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |",
-             "|" + "|".join("---" for _ in df.columns) + "|"]
+    lines = [
+        "| " + " | ".join(map(str, df.columns)) + " |",
+        "|" + "|".join("---" for _ in df.columns) + "|",
+    ]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
 
@@ -65,7 +72,9 @@ def results_table(summary: pd.DataFrame) -> pd.DataFrame:
                 m, s = by_mode.loc[mode, "final_acc_mean"], by_mode.loc[mode, "final_acc_std"]
                 row[f"{mode} acc"] = f"{m:.4f} ± {0 if s != s else s:.4f}"
         if {"FULL", "FO"} <= set(by_mode.index):
-            row["FULL − FO"] = (f"{by_mode.loc['FULL', 'final_acc_mean'] - by_mode.loc['FO', 'final_acc_mean']:+.4f}")
+            row["FULL − FO"] = (
+                f"{by_mode.loc['FULL', 'final_acc_mean'] - by_mode.loc['FO', 'final_acc_mean']:+.4f}"  # noqa: E501
+            )
         seed = SEED_LONG_RUN_ACC.get((backend, k))
         row["seed FULL / FO (long run)"] = f"{seed[0]:.4f} / {seed[1]:.4f}" if seed else ""
         rows.append(row)
@@ -73,13 +82,20 @@ def results_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def timing_table(summary: pd.DataFrame) -> pd.DataFrame:
-    t = summary[["backend", "mode", "inner_steps", "mean_outer_step_time_s_mean",
-                 "peak_cuda_mem_bytes_mean"]].copy()
+    t = summary[
+        [
+            "backend",
+            "mode",
+            "inner_steps",
+            "mean_outer_step_time_s_mean",
+            "peak_cuda_mem_bytes_mean",
+        ]
+    ].copy()
     t["step ms"] = t.pop("mean_outer_step_time_s_mean") * 1e3
     t["peak MiB"] = t.pop("peak_cuda_mem_bytes_mean") / 2**20
     t["seed step ms (k=20)"] = [
         SEED_STEP_S.get((b, m), float("nan")) * 1e3 if k == 20 else float("nan")
-        for b, m, k in zip(t["backend"], t["mode"], t["inner_steps"])
+        for b, m, k in zip(t["backend"], t["mode"], t["inner_steps"], strict=True)
     ]
     t["speed-up vs seed"] = t["seed step ms (k=20)"] / t["step ms"]
     return t.rename(columns={"inner_steps": "k"})
@@ -89,33 +105,60 @@ def interpretation(runs: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame
     out = []
     for g in gaps.itertuples():
         winner = "FULL" if g.gap_mean > 0 else "FO"
-        verdict = ("exceeds" if g.exceeds_spread else "is within") + \
-            f" the seed-to-seed spread ({g.spread:.4f})"
-        out.append(f"{g.backend}, k={g.inner_steps}: {winner} wins by "
-                   f"{abs(g.gap_mean):.4f} accuracy, which {verdict}.")
+        verdict = (
+            "exceeds" if g.exceeds_spread else "is within"
+        ) + f" the seed-to-seed spread ({g.spread:.4f})"
+        out.append(
+            f"{g.backend}, k={g.inner_steps}: {winner} wins by "
+            f"{abs(g.gap_mean):.4f} accuracy, which {verdict}."
+        )
     ok = runs[runs["status"] == "OK"]
-    wide = ok.pivot_table(index=["mode", "inner_steps", "seed"], columns="backend",
-                          values="final_acc")
+    wide = ok.pivot_table(
+        index=["mode", "inner_steps", "seed"], columns="backend", values="final_acc"
+    )
     if {"reference", "triton_fused"} <= set(wide.columns):
         diff = (wide["reference"] - wide["triton_fused"]).abs().max()
         spread = summary["final_acc_std"].max()
-        out.append(f"Backends agree: the largest |reference − triton_fused| final accuracy over "
-                   f"all cells is {diff:.2e}, against a largest seed-to-seed std of "
-                   f"{spread:.4f} ({'within' if diff <= spread else 'OUTSIDE'} the spread).")
-    fo = ok.pivot_table(index=["backend", "inner_steps", "seed"], columns="mode",
-                        values="final_acc")
+        out.append(
+            f"Backends agree: the largest |reference − triton_fused| final accuracy over "
+            f"all cells is {diff:.2e}, against a largest seed-to-seed std of "
+            f"{spread:.4f} ({'within' if diff <= spread else 'OUTSIDE'} the spread)."
+        )
+    fo = ok.pivot_table(
+        index=["backend", "inner_steps", "seed"], columns="mode", values="final_acc"
+    )
     if {"FO", "FO_STRICT"} <= set(fo.columns):
         d = (fo["FO"] - fo["FO_STRICT"]).abs().max()
-        out.append(f"FO_STRICT runs and matches FO: largest |FO − FO_STRICT| final accuracy "
-                   f"{d:.2e} (same meta-gradient by construction).")
+        out.append(
+            f"FO_STRICT runs and matches FO: largest |FO − FO_STRICT| final accuracy "
+            f"{d:.2e} (same meta-gradient by construction)."
+        )
     rd = summary[summary["mode"] == "FULL"]
     if len(rd):
-        out.append(f"Second-order signal is present on every backend: rel_diff_probe "
-                   f"(‖g_FULL − g_FO‖/‖g_FULL‖) ranges {rd['rel_diff_probe_mean'].min():.3f}–"
-                   f"{rd['rel_diff_probe_mean'].max():.3f} over the FULL cells.")
+        out.append(
+            f"Second-order signal is present on every backend: rel_diff_probe "
+            f"(‖g_FULL − g_FO‖/‖g_FULL‖) ranges {rd['rel_diff_probe_mean'].min():.3f}–"
+            f"{rd['rel_diff_probe_mean'].max():.3f} over the FULL cells."
+        )
+    for (backend, k), (seed_full, seed_fo) in SEED_LONG_RUN_ACC.items():
+        cell = summary[(summary["backend"] == backend) & (summary["inner_steps"] == k)]
+        by_mode = cell.set_index("mode")
+        if {"FULL", "FO"} <= set(by_mode.index) and runs["outer_steps"].iloc[0] == 1000:
+            d_full = by_mode.loc["FULL", "final_acc_mean"] - seed_full
+            d_fo = by_mode.loc["FO", "final_acc_mean"] - seed_fo
+            spread = by_mode["final_acc_std"].max()
+            out.append(
+                f"Against the seed, {backend} k={k}: FULL {d_full:+.4f}, FO {d_fo:+.4f} "
+                f"({'within' if max(abs(d_full), abs(d_fo)) <= 2 * spread else 'beyond'}"
+                f" two seed-to-seed stds, {2 * spread:.4f})."
+            )
+    wall = runs["wall_time_total_s"].sum()
+    out.append(
+        f"The {len(runs)} runs took {wall:.0f} s of run wall time in all "
+        f"({wall / 60:.1f} min, process start-up excluded)."
+    )
     statuses = runs["status"].value_counts().to_dict()
-    out.append("Run statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
-               + ".")
+    out.append("Run statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) + ".")
     return out
 
 
@@ -130,10 +173,15 @@ def build_report(folder: str | Path) -> Path:
     figdir = folder / "figures"
     figdir.mkdir(exist_ok=True)
     figures = [
-        metric_vs_inner_steps(runs, "final_acc", "final query accuracy",
-                              figdir / "acc_vs_inner_steps.png"),
-        metric_vs_inner_steps(runs, "attn_grad_norm", "attention meta-gradient norm",
-                              figdir / "attn_grad_norm_vs_inner_steps.png"),
+        metric_vs_inner_steps(
+            runs, "final_acc", "final query accuracy", figdir / "acc_vs_inner_steps.png"
+        ),
+        metric_vs_inner_steps(
+            runs,
+            "attn_grad_norm",
+            "attention meta-gradient norm",
+            figdir / "attn_grad_norm_vs_inner_steps.png",
+        ),
         full_minus_fo_gap(gaps, figdir / "full_minus_fo_gap.png"),
     ]
     histories = load_histories(folder, runs)
@@ -174,6 +222,10 @@ def build_report(folder: str | Path) -> Path:
         "## Speed and memory",
         "",
         _md(timing_table(summary), ".2f"),
+        "",
+        "Step time: mean over a run's outer steps after the first. Peak memory: the run's "
+        "peak CUDA allocation above what was allocated when it started (the first runs of a "
+        "process also pay for cuBLAS workspaces).",
         "",
     ]
     risk = folder / "risk_checks.csv"

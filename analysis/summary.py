@@ -8,8 +8,15 @@ import pandas as pd
 
 CELL = ["backend", "mode", "inner_steps"]
 SUMMARY_METRICS = [
-    "final_acc", "final_loss", "attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v",
-    "attn_grad_norm", "rel_diff_probe", "mean_outer_step_time_s", "peak_cuda_mem_bytes",
+    "final_acc",
+    "final_loss",
+    "attn_grad_norm_q",
+    "attn_grad_norm_k",
+    "attn_grad_norm_v",
+    "attn_grad_norm",
+    "rel_diff_probe",
+    "mean_outer_step_time_s",
+    "peak_cuda_mem_bytes",
 ]
 
 
@@ -17,8 +24,9 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
     """The sweep's runs.csv; the combined attention grad norm is derived if absent."""
     runs = pd.read_csv(Path(folder) / "runs.csv")
     if "attn_grad_norm" not in runs:
-        runs["attn_grad_norm"] = (runs[["attn_grad_norm_q", "attn_grad_norm_k",
-                                        "attn_grad_norm_v"]] ** 2).sum(axis=1) ** 0.5
+        runs["attn_grad_norm"] = (
+            runs[["attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v"]] ** 2
+        ).sum(axis=1) ** 0.5
     return runs
 
 
@@ -43,13 +51,17 @@ def full_minus_fo(runs: pd.DataFrame, metric: str = "final_acc") -> pd.DataFrame
     spread (the larger seed-to-seed std of FULL and of FO), exceeds_spread.
     """
     ok = runs[runs["status"] == "OK"]
-    wide = ok.pivot_table(index=["backend", "inner_steps", "seed"], columns="mode",
-                          values=metric)
+    wide = ok.pivot_table(index=["backend", "inner_steps", "seed"], columns="mode", values=metric)
     gap = (wide["FULL"] - wide["FO"]).rename("gap").reset_index()
     stats = gap.groupby(["backend", "inner_steps"])["gap"].agg(gap_mean="mean", gap_std="std")
-    spread = (ok[ok["mode"].isin(["FULL", "FO"])]
-              .groupby(["backend", "inner_steps", "mode"])[metric].std()
-              .groupby(["backend", "inner_steps"]).max().rename("spread"))
+    spread = (
+        ok[ok["mode"].isin(["FULL", "FO"])]
+        .groupby(["backend", "inner_steps", "mode"])[metric]
+        .std()
+        .groupby(["backend", "inner_steps"])
+        .max()
+        .rename("spread")
+    )
     out = stats.join(spread).reset_index()
     out["exceeds_spread"] = out["gap_mean"].abs() > out["spread"]
     return out

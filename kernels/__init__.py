@@ -88,8 +88,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             "(use backend 'reference' for larger heads)"
         )
     if q.shape[-2] < 1 or k.shape[-2] < 1:
-        raise ValueError(f"attention needs N >= 1 queries and M >= 1 keys; got N={q.shape[-2]}, "
-                         f"M={k.shape[-2]}")
+        raise ValueError(
+            f"attention needs N >= 1 queries and M >= 1 keys; got N={q.shape[-2]}, M={k.shape[-2]}"
+        )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     check_backend("triton_fused", q.device)

@@ -35,8 +35,11 @@ PASSES = ("fwd", "fwd_bwd", "dbwd")
 def _sdpa(backend_name: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"sdpa_math": SDPBackend.MATH, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
-               "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[backend_name]
+    backend = {
+        "sdpa_math": SDPBackend.MATH,
+        "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    }[backend_name]
 
     def fn(q, k, v):
         with sdpa_kernel(backend):
@@ -95,8 +98,10 @@ def bench(ns, ds, dtypes, providers, batch=4, heads=8, causal=False) -> pd.DataF
         dtype = DTYPES[dname]
         for d in ds:
             for n in ns:
-                q, k, v, do = (torch.randn(batch, heads, n, d, device="cuda", dtype=dtype,
-                                           generator=gen) for _ in range(4))
+                q, k, v, do = (
+                    torch.randn(batch, heads, n, d, device="cuda", dtype=dtype, generator=gen)
+                    for _ in range(4)
+                )
                 for t in (q, k, v):
                     t.requires_grad_()
                 for name in providers:
@@ -104,21 +109,28 @@ def bench(ns, ds, dtypes, providers, batch=4, heads=8, causal=False) -> pd.DataF
                     for pass_name in PASSES:
                         if not applicable(name, pass_name, dtype):
                             continue
-                        row = dict(dtype=dname, d=d, n=n, provider=name, pass_=pass_name,
-                                   bh=batch * heads)
+                        row = dict(
+                            dtype=dname, d=d, n=n, provider=name, pass_=pass_name, bh=batch * heads
+                        )
                         try:
                             ms, peak = measure(fn, pass_name, q, k, v, do)
                             row.update(ms=ms, peak_bytes=peak, status="OK")
                         except torch.OutOfMemoryError:
                             row.update(ms=float("nan"), peak_bytes=float("nan"), status="OOM")
                         except RuntimeError as e:  # e.g. no kernel for this shape/dtype
-                            row.update(ms=float("nan"), peak_bytes=float("nan"),
-                                       status=f"ERROR: {str(e).splitlines()[0][:80]}")
+                            row.update(
+                                ms=float("nan"),
+                                peak_bytes=float("nan"),
+                                status=f"ERROR: {str(e).splitlines()[0][:80]}",
+                            )
                         torch.cuda.empty_cache()
                         rows.append(row)
-                        print(f"{dname} D={d} N={n:6d} {name:10s} {pass_name:7s} "
-                              f"{row['ms']:9.3f} ms {row['peak_bytes'] / 2**20:10.1f} MiB "
-                              f"{row['status']}", flush=True)
+                        print(
+                            f"{dname} D={d} N={n:6d} {name:10s} {pass_name:7s} "
+                            f"{row['ms']:9.3f} ms {row['peak_bytes'] / 2**20:10.1f} MiB "
+                            f"{row['status']}",
+                            flush=True,
+                        )
                 del q, k, v, do
     return pd.DataFrame(rows).rename(columns={"pass_": "pass"})
 
@@ -128,15 +140,17 @@ def table(df: pd.DataFrame) -> str:
     df = df.copy()
     df["cell"] = [
         s if s != "OK" else f"{ms:.3f} ms / {b / 2**20:.0f} MiB"
-        for s, ms, b in zip(df["status"], df["ms"], df["peak_bytes"])
+        for s, ms, b in zip(df["status"], df["ms"], df["peak_bytes"], strict=True)
     ]
-    wide = df.pivot_table(index=["dtype", "d", "pass", "n"], columns="provider", values="cell",
-                          aggfunc="first").reset_index()
+    wide = df.pivot_table(
+        index=["dtype", "d", "pass", "n"], columns="provider", values="cell", aggfunc="first"
+    ).reset_index()
     fused = df[df.provider == "fused"].set_index(["dtype", "d", "pass", "n"])["ms"]
     math_ = df[df.provider == "sdpa_math"].set_index(["dtype", "d", "pass", "n"])["ms"]
     ratio = (math_ / fused).rename("math/fused")
-    wide = wide.join(ratio.map(lambda x: f"{x:.1f}x" if x == x else "-"),
-                     on=["dtype", "d", "pass", "n"])
+    wide = wide.join(
+        ratio.map(lambda x: f"{x:.1f}x" if x == x else "-"), on=["dtype", "d", "pass", "n"]
+    )
     return wide.to_markdown(index=False) if hasattr(wide, "to_markdown") else wide.to_string()
 
 
@@ -147,19 +161,32 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     import seaborn as sns
 
     ok = df[df.status == "OK"]
-    grid = sns.relplot(data=ok, x="n", y="ms", hue="provider", style="provider", col="pass",
-                       row="dtype", kind="line", marker="o", facet_kws=dict(sharey=False),
-                       height=3, aspect=1.2)
+    grid = sns.relplot(
+        data=ok,
+        x="n",
+        y="ms",
+        hue="provider",
+        style="provider",
+        col="pass",
+        row="dtype",
+        kind="line",
+        marker="o",
+        facet_kws=dict(sharey=False),
+        height=3,
+        aspect=1.2,
+    )
     grid.set(xscale="log", yscale="log", xlabel="N = M", ylabel="median time (ms)")
     grid.figure.suptitle("Attention, B*H = 32 (D = 64 and 128 pooled per line)", y=1.02)
     grid.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="run.py bench attention", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", default="128,512,1024,2048,4096,8192,16384",
-                   help="comma-separated N = M")
+    p = argparse.ArgumentParser(
+        prog="run.py bench attention",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--n", default="128,512,1024,2048,4096,8192,16384", help="comma-separated N = M")
     p.add_argument("--d", default="64,128", help="comma-separated head dims")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
     p.add_argument("--providers", default="fused,reference,sdpa_math,sdpa_flash,sdpa_cudnn")
@@ -169,13 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the attention benchmark needs a CUDA device", flush=True)
         return 2
     t0 = time.time()
-    df = bench([int(x) for x in args.n.split(",")], [int(x) for x in args.d.split(",")],
-               args.dtypes.split(","), args.providers.split(","))
+    df = bench(
+        [int(x) for x in args.n.split(",")],
+        [int(x) for x in args.d.split(",")],
+        args.dtypes.split(","),
+        args.providers.split(","),
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     df.insert(0, "device_name", torch.cuda.get_device_name())
     df.to_csv(args.out / "attention.csv", index=False)
     plot(df, args.out / "attention.png")
     print(table(df))
-    print(f"{torch.cuda.get_device_name()}: {len(df)} cells in {time.time() - t0:.0f} s, "
-          f"written to {args.out}")
+    print(
+        f"{torch.cuda.get_device_name()}: {len(df)} cells in {time.time() - t0:.0f} s, "
+        f"written to {args.out}"
+    )
     return 0

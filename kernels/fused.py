@@ -40,13 +40,15 @@ from kernels.reference import (
 def _to_front(info, in_dims: Sequence[int | None], tensors: Sequence[torch.Tensor]):
     """Vmapped dim of every tensor moved to dim 0 (unbatched ones are expanded)."""
     out = []
-    for t, d in zip(tensors, in_dims):
+    for t, d in zip(tensors, in_dims, strict=True):
         out.append(t.expand(info.batch_size, *t.shape) if d is None else t.movedim(d, 0))
     return out
 
 
 def _reference_jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence):
-    tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
+    tangents = [
+        torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents, strict=True)
+    ]
     return torch.func.jvp(fn, tuple(primals), tuple(tangents))[1]
 
 
@@ -139,7 +141,9 @@ class FusedAttentionDoubleBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gq_bar, gk_bar, gv_bar, gdo_bar):
         # Third order: the exact VJP of the double backward, through the reference ops.
-        _, pullback = torch.func.vjp(FusedAttentionDoubleBackward._reference(ctx), *ctx.saved_tensors)
+        _, pullback = torch.func.vjp(
+            FusedAttentionDoubleBackward._reference(ctx), *ctx.saved_tensors
+        )
         q, k, v, do, uq, uk, uv = pullback((gq_bar, gk_bar, gv_bar, gdo_bar))
         return q, k, v, None, None, do, uq, uk, uv, None, None
 

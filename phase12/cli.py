@@ -26,40 +26,60 @@ def _csv_list(kind):
 
 
 def _folder_flags(p: argparse.ArgumentParser, tag_required: bool) -> None:
-    p.add_argument("--tag", required=tag_required,
-                   default=None if tag_required else time.strftime("%Y%m%d-%H%M%S"),
-                   help="name of the sweep folder" + ("" if tag_required
-                                                      else " (default: a timestamp)"))
-    p.add_argument("--root", type=Path, default=Path("runs"),
-                   help="where sweep folders live (default runs/)")
+    p.add_argument(
+        "--tag",
+        required=tag_required,
+        default=None if tag_required else time.strftime("%Y%m%d-%H%M%S"),
+        help="name of the sweep folder" + ("" if tag_required else " (default: a timestamp)"),
+    )
+    p.add_argument(
+        "--root", type=Path, default=Path("runs"), help="where sweep folders live (default runs/)"
+    )
 
 
 def _grid_flags(p: argparse.ArgumentParser) -> None:
     from run import add_config_flags
 
-    p.add_argument("--modes", type=_csv_list(str), default=MODES,
-                   help="comma-separated modes (default FULL,FO,FO_STRICT)")
-    p.add_argument("--backends", type=_csv_list(str), default=("reference", "triton_fused"),
-                   help="comma-separated backends (default reference,triton_fused)")
-    p.add_argument("--k", type=_csv_list(int), default=(1, 5, 10, 20),
-                   help="comma-separated inner steps (default 1,5,10,20)")
-    p.add_argument("--seeds", type=_csv_list(int), default=(0, 1),
-                   help="comma-separated seeds (default 0,1)")
+    p.add_argument(
+        "--modes",
+        type=_csv_list(str),
+        default=MODES,
+        help="comma-separated modes (default FULL,FO,FO_STRICT)",
+    )
+    p.add_argument(
+        "--backends",
+        type=_csv_list(str),
+        default=("reference", "triton_fused"),
+        help="comma-separated backends (default reference,triton_fused)",
+    )
+    p.add_argument(
+        "--k",
+        type=_csv_list(int),
+        default=(1, 5, 10, 20),
+        help="comma-separated inner steps (default 1,5,10,20)",
+    )
+    p.add_argument(
+        "--seeds", type=_csv_list(int), default=(0, 1), help="comma-separated seeds (default 0,1)"
+    )
     add_config_flags(p)
     p.set_defaults(outer_steps=500)
-    p.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"],
-                   help="capture each run's outer step in a CUDA graph (default auto)")
+    p.add_argument(
+        "--cuda-graph",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="capture each run's outer step in a CUDA graph (default auto)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _spec(args, validate_cells: bool = True):
+    from phase12.sweep import SweepSpec
     from run import config_from_args
 
-    from phase12.sweep import SweepSpec
-
     base = config_from_args(args).replace(cuda_graph=args.cuda_graph)
-    spec = SweepSpec(base=base, modes=args.modes, backends=args.backends,
-                     inner_steps=args.k, seeds=args.seeds)
+    spec = SweepSpec(
+        base=base, modes=args.modes, backends=args.backends, inner_steps=args.k, seeds=args.seeds
+    )
     for config in spec.configs() if validate_cells else [base]:
         config.validate()
     if not spec.configs():
@@ -81,8 +101,9 @@ def _risk(args) -> int:
     from phase12.risk import run_risk_checks
 
     folder = args.root / args.tag
-    df = run_risk_checks(args.spec.base.replace(inner_steps=5), folder,
-                         gradgradcheck=not args.no_gradgradcheck)
+    df = run_risk_checks(
+        args.spec.base.replace(inner_steps=5), folder, gradgradcheck=not args.no_gradgradcheck
+    )
     write_atomic(folder / RISK_CSV, df.to_csv(index=False))
     print(df.to_string(index=False))
     return 1 if (df["status"] == "FAIL").any() else 0
@@ -119,8 +140,11 @@ def parser(name: str) -> argparse.ArgumentParser:
     _folder_flags(p, tag_required=name == "risk")
     _grid_flags(p)
     if name in ("risk", "pipeline"):
-        p.add_argument("--no-gradgradcheck", action="store_true",
-                       help="skip the (slow) interpreter gradgradcheck of the Triton op")
+        p.add_argument(
+            "--no-gradgradcheck",
+            action="store_true",
+            help="skip the (slow) interpreter gradgradcheck of the Triton op",
+        )
     p.description = {
         "sweep": "Run a resumable grid of modes x backends x k x seeds into ROOT/TAG.",
         "risk": "Write ROOT/TAG/risk_checks.csv (the grid flags give the model setting).",

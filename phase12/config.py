@@ -40,7 +40,8 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"--device {device} asked for CUDA but no CUDA device is available; use --device cpu"
+                f"--device {device} asked for CUDA but no CUDA device is available; "
+                "use --device cpu"
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(
@@ -100,8 +101,16 @@ class RunConfig:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.inner_steps < 0:
             raise ConfigError(f"--k must be >= 0 (inner SGD steps); got {self.inner_steps}")
-        for name in ("outer_steps", "meta_batch", "seq_len", "dim", "num_classes", "shots",
-                     "queries", "metric_window"):
+        for name in (
+            "outer_steps",
+            "meta_batch",
+            "seq_len",
+            "dim",
+            "num_classes",
+            "shots",
+            "queries",
+            "metric_window",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive; got {getattr(self, name)}")
         for name in ("inner_lr", "outer_lr"):

@@ -54,16 +54,23 @@ def task_generator(seed: int, device: torch.device) -> torch.Generator:
 
 def initial_params(config: RunConfig, device: torch.device) -> Params:
     """Meta-parameters of a run: leaf tensors that require grad."""
-    params = init_params(config.dim, config.num_classes, torch.Generator().manual_seed(config.seed),
-                         device=device, dtype=config.torch_dtype)
+    params = init_params(
+        config.dim,
+        config.num_classes,
+        torch.Generator().manual_seed(config.seed),
+        device=device,
+        dtype=config.torch_dtype,
+    )
     return {n: p.requires_grad_(True) for n, p in params.items()}
 
 
 def attention_gradgrad_ok(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Do second derivatives reach the attention inputs through this backend (finite, non-zero)?"""
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(2, 1, n, 16, generator=g, device=device, dtype=dtype).requires_grad_()
-               for n in (3, 5, 5))
+    q, k, v = (
+        torch.randn(2, 1, n, 16, generator=g, device=device, dtype=dtype).requires_grad_()
+        for n in (3, 5, 5)
+    )
     out = attention(q, k, v, backend=backend)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
     second = torch.autograd.grad(sum(gr.square().sum() for gr in grads), (q, k, v))
@@ -105,13 +112,23 @@ def summarize(config: RunConfig, history: np.ndarray) -> dict:
 
 def _config_columns(config: RunConfig, device: torch.device) -> dict:
     return {
-        "run_id": config.run_id, "backend": config.backend, "mode": config.mode,
-        "inner_steps": config.inner_steps, "seed": config.seed, "meta_batch": config.meta_batch,
-        "outer_lr": config.outer_lr, "outer_steps": config.outer_steps,
-        "inner_lr": config.inner_lr, "seq_len": config.seq_len,
-        "num_signal_positions": config.signal_positions, "dtype": config.dtype,
-        "compute_dtype": config.dtype, "autocast": False, "device": device.type,
-        "device_name": device_name(device), "torch_version": torch.__version__,
+        "run_id": config.run_id,
+        "backend": config.backend,
+        "mode": config.mode,
+        "inner_steps": config.inner_steps,
+        "seed": config.seed,
+        "meta_batch": config.meta_batch,
+        "outer_lr": config.outer_lr,
+        "outer_steps": config.outer_steps,
+        "inner_lr": config.inner_lr,
+        "seq_len": config.seq_len,
+        "num_signal_positions": config.signal_positions,
+        "dtype": config.dtype,
+        "compute_dtype": config.dtype,
+        "autocast": False,
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch_version": torch.__version__,
     }
 
 
@@ -123,10 +140,12 @@ def device_name(device: torch.device) -> str:
 
 def build_step(config: RunConfig, device: torch.device) -> OuterStep:
     """A fresh run's state (parameters, Adam, task stream, empty history) as an OuterStep."""
-    history = torch.full((config.outer_steps, len(METRICS)), float("nan"), device=device,
-                         dtype=config.torch_dtype)
-    return OuterStep(initial_params(config, device), config, device,
-                     task_generator(config.seed, device), history)
+    history = torch.full(
+        (config.outer_steps, len(METRICS)), float("nan"), device=device, dtype=config.torch_dtype
+    )
+    return OuterStep(
+        initial_params(config, device), config, device, task_generator(config.seed, device), history
+    )
 
 
 def prepare_step(config: RunConfig, device: torch.device) -> tuple[OuterStep, Callable, bool]:
@@ -143,9 +162,12 @@ def prepare_step(config: RunConfig, device: torch.device) -> tuple[OuterStep, Ca
     except Exception as e:
         if config.cuda_graph == "on":
             raise
-        print(f"warning: {config.run_id}: CUDA graph capture failed ({type(e).__name__}: "
-              f"{str(e).splitlines()[0] if str(e) else ''}); running eagerly. "
-              "Pass --cuda-graph off to skip the attempt.", file=sys.stderr)
+        print(
+            f"warning: {config.run_id}: CUDA graph capture failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); running eagerly. "
+            "Pass --cuda-graph off to skip the attempt.",
+            file=sys.stderr,
+        )
         return step, step, False
 
 
@@ -194,22 +216,30 @@ def run_experiment(
     hist = history[:steps_done].cpu().numpy()
     row = _config_columns(config, device)
     row.update(summarize(config, hist))
-    row.update({
-        "cuda_graph": graphed,
-        "sdpa_input_gradgrad_ok": attention_gradgrad_ok(config.backend, device,
-                                                        config.torch_dtype),
-        # Steps after the first (which pays for warm-up and kernel compilation).
-        "mean_outer_step_time_s": (t_end - t_first) / step if step else t_end - t_loop,
-        "peak_cuda_mem_bytes": torch.cuda.max_memory_allocated(device) - mem_before if cuda
-        else None,
-        "nonfinite_step": nonfinite_step,
-    })
+    row.update(
+        {
+            "cuda_graph": graphed,
+            "sdpa_input_gradgrad_ok": attention_gradgrad_ok(
+                config.backend, device, config.torch_dtype
+            ),
+            # Steps after the first (which pays for warm-up and kernel compilation).
+            "mean_outer_step_time_s": (t_end - t_first) / step if step else t_end - t_loop,
+            "peak_cuda_mem_bytes": torch.cuda.max_memory_allocated(device) - mem_before
+            if cuda
+            else None,
+            "nonfinite_step": nonfinite_step,
+        }
+    )
     if nonfinite_step is None:
-        row.update(status=STATUS_OK, error="",
-                   rel_diff_probe=rel_diff_probe(state.params, config, device))
+        row.update(
+            status=STATUS_OK, error="", rel_diff_probe=rel_diff_probe(state.params, config, device)
+        )
     else:
-        row.update(status=STATUS_NONFINITE, rel_diff_probe=None,
-                   error=f"loss or meta-gradient became non-finite at outer step {nonfinite_step}")
+        row.update(
+            status=STATUS_NONFINITE,
+            rel_diff_probe=None,
+            error=f"loss or meta-gradient became non-finite at outer step {nonfinite_step}",
+        )
     row["wall_time_total_s"] = time.perf_counter() - t_start
     history_out = {"step": list(range(steps_done))}
     for i, name in enumerate(METRICS):
@@ -230,8 +260,13 @@ def failed_result(config: RunConfig, error: BaseException) -> RunResult:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -3,12 +3,12 @@
 The three modes are detach policies on one functional graph (theta = meta-params,
 phi_k = parameters after k inner SGD steps on the support loss L_s, L_q = query loss):
 
-| mode      | inner loop                          | meta-gradient                               |
-|-----------|-------------------------------------|---------------------------------------------|
-| FULL      | phi_{i+1} = phi_i - a grad L_s(phi_i), differentiable | exact: dL_q(phi_k)/dtheta, through every inner step (second order) |
-| FO        | same, each inner gradient detached  | grad L_q(phi_k) (inner gradients are constants) |
-| FO_STRICT | run with no autodiff graph at all;  | grad L_q(phi_k): equal to FO, less memory    |
-|           | phi = theta + stop_grad(phi_k - theta) |                                           |
+| mode      | inner loop phi_{i+1} = phi_i - a grad L_s(phi_i)  | meta-gradient            |
+|-----------|---------------------------------------------------|--------------------------|
+| FULL      | differentiable (second-order terms kept)          | exact dL_q(phi_k)/dtheta |
+| FO        | each inner gradient detached (a constant)         | grad L_q at phi_k        |
+| FO_STRICT | run with no autodiff graph at all, then           | grad L_q at phi_k: equal |
+|           | phi = theta + stop_grad(phi_k - theta)            | to FO, less memory       |
 
 The meta-gradient itself is taken by ordinary autograd (`.backward()` on the mean
 query loss), so torch.optim works on the meta-parameters unchanged.
@@ -54,15 +54,22 @@ def adapt(
 
 
 def adapted_params(
-    meta_params: Params, x: torch.Tensor, y: torch.Tensor, *, mode: str, steps: int, lr: float,
+    meta_params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    mode: str,
+    steps: int,
+    lr: float,
     backend: str,
 ) -> Params:
     """phi_k for one task under the mode's detach policy (see the module table)."""
     if mode == Mode.FULL:
         return adapt(meta_params, x, y, steps=steps, lr=lr, backend=backend)
     if mode == Mode.FO:
-        return adapt(meta_params, x, y, steps=steps, lr=lr, backend=backend,
-                     detach_inner_grads=True)
+        return adapt(
+            meta_params, x, y, steps=steps, lr=lr, backend=backend, detach_inner_grads=True
+        )
     if mode == Mode.FO_STRICT:
         with torch.no_grad():  # torch.func.grad still differentiates inside; nothing is recorded
             phi = adapt(_detached(meta_params), x, y, steps=steps, lr=lr, backend=backend)
@@ -84,8 +91,9 @@ def task_query_metrics(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(query loss, query accuracy) of one task after adaptation; both scalars."""
-    phi = adapted_params(meta_params, support_x, support_y, mode=mode, steps=steps, lr=lr,
-                         backend=backend)
+    phi = adapted_params(
+        meta_params, support_x, support_y, mode=mode, steps=steps, lr=lr, backend=backend
+    )
     logits = apply(phi, query_x, backend)
     accuracy = (logits.argmax(-1) == query_y).to(logits.dtype).mean()
     return F.cross_entropy(logits, query_y), accuracy
@@ -110,7 +118,7 @@ def meta_gradient(
     leaves = {n: p.detach().requires_grad_(True) for n, p in meta_params.items()}
     losses, _ = meta_batch_metrics(leaves, tasks, mode=mode, steps=steps, lr=lr, backend=backend)
     grads = torch.autograd.grad(losses.mean(), list(leaves.values()))
-    return dict(zip(leaves, grads))
+    return dict(zip(leaves, grads, strict=True))
 
 
 def relative_difference(a: Params, b: Params) -> torch.Tensor:

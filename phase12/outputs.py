@@ -1,4 +1,7 @@
-"""Where a run's results go: DIR/runs.csv (one row per run), DIR/history/RUN.csv, DIR/meta/RUN.json."""
+"""Where a run's results go.
+
+DIR/runs.csv (one row per run), DIR/history/RUN.csv (per step), DIR/meta/RUN.json.
+"""
 
 from __future__ import annotations
 

@@ -23,14 +23,41 @@ from pathlib import Path
 from phase12.step import METRICS
 
 SEED_COLUMNS = [
-    "backend", "mode", "inner_steps", "seed", "meta_batch", "outer_lr", "outer_steps",
-    "inner_lr", "seq_len", "num_signal_positions", "dtype", "compute_dtype", "autocast",
-    "final_loss", "final_acc", "attn_grad_present", "attn_grad_norm_q", "attn_grad_norm_k",
-    "attn_grad_norm_v", "sdpa_input_gradgrad_ok", "rel_diff_probe", "wall_time_total_s",
-    "mean_outer_step_time_s", "peak_cuda_mem_bytes", "status", "error", "convergence_delta",
+    "backend",
+    "mode",
+    "inner_steps",
+    "seed",
+    "meta_batch",
+    "outer_lr",
+    "outer_steps",
+    "inner_lr",
+    "seq_len",
+    "num_signal_positions",
+    "dtype",
+    "compute_dtype",
+    "autocast",
+    "final_loss",
+    "final_acc",
+    "attn_grad_present",
+    "attn_grad_norm_q",
+    "attn_grad_norm_k",
+    "attn_grad_norm_v",
+    "sdpa_input_gradgrad_ok",
+    "rel_diff_probe",
+    "wall_time_total_s",
+    "mean_outer_step_time_s",
+    "peak_cuda_mem_bytes",
+    "status",
+    "error",
+    "convergence_delta",
 ]
 RUN_COLUMNS = SEED_COLUMNS + [
-    "run_id", "attn_grad_norm", "nonfinite_step", "cuda_graph", "device", "device_name",
+    "run_id",
+    "attn_grad_norm",
+    "nonfinite_step",
+    "cuda_graph",
+    "device",
+    "device_name",
     "torch_version",
 ]
 HISTORY_COLUMNS = ["step", *METRICS]
@@ -59,7 +86,7 @@ def append_row(path: str | Path, row: Mapping, columns: list[str] = RUN_COLUMNS)
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             new = not path.exists() or path.stat().st_size == 0
-            text = (format_row(dict(zip(columns, columns)), columns) if new else "")
+            text = format_row(dict(zip(columns, columns, strict=True)), columns) if new else ""
             text += format_row(row, columns)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:

@@ -49,8 +49,9 @@ def _triton_available(device: torch.device) -> str | None:
 
 
 def seed_determinism(base: RunConfig, device: torch.device, steps: int = 10) -> dict:
-    cfg = base.replace(mode="FULL", inner_steps=5, outer_steps=steps, backend="reference",
-                       cuda_graph="off")
+    cfg = base.replace(
+        mode="FULL", inner_steps=5, outer_steps=steps, backend="reference", cuda_graph="off"
+    )
     histories = []
     for _ in range(2):
         state = build_step(cfg, device)
@@ -59,25 +60,34 @@ def seed_determinism(base: RunConfig, device: torch.device, steps: int = 10) -> 
         histories.append(state.history)
     diff = (histories[0] - histories[1]).abs().max().item()
     tol = 0.0 if device.type == "cpu" else 1e-6
-    return _row("seed_determinism", "PASS" if diff <= tol else "FAIL", diff,
-                f"{device.type}, FULL k=5, {steps} steps twice; tolerance {tol}")
+    return _row(
+        "seed_determinism",
+        "PASS" if diff <= tol else "FAIL",
+        diff,
+        f"{device.type}, FULL k=5, {steps} steps twice; tolerance {tol}",
+    )
 
 
-def attention_parity(device: torch.device, seq_len: int, dim: int) -> list[dict]:
+def attention_parity(base: RunConfig, device: torch.device) -> list[dict]:
+    """On the attention shapes of one outer step: B = meta_batch * examples, N = 1, M = T."""
     why = _triton_available(device)
     names = ("forward", "backward", "double_backward")
     if why:
         return [_row(f"attention_parity_{n}", "SKIP", details=why) for n in names]
     g = torch.Generator(device=device).manual_seed(0)
-    shapes = [(512, 1, dim), (512, seq_len, dim), (512, seq_len, dim)]
-    base = [torch.randn(s, device=device, generator=g) for s in shapes]
-    do = torch.randn(512, 1, dim, device=device, generator=g)
+    batch, seq_len, dim = base.meta_batch * (base.shots + base.queries), base.seq_len, base.dim
+    shapes = [(batch, 1, dim), (batch, seq_len, dim), (batch, seq_len, dim)]
+    inputs = [torch.randn(s, device=device, generator=g) for s in shapes]
+    do = torch.randn(batch, 1, dim, device=device, generator=g)
     us = [torch.randn(s, device=device, generator=g) for s in shapes]
 
     def passes(backend, dtype):
-        q, k, v = (t.to(dtype).requires_grad_() for t in base)
-        fn = attention_reference if backend == "reference" else (
-            lambda *a: attention(*a, backend=backend))
+        q, k, v = (t.to(dtype).requires_grad_() for t in inputs)
+        fn = (
+            attention_reference
+            if backend == "reference"
+            else (lambda *a: attention(*a, backend=backend))
+        )
         out = fn(q, k, v)
         grads = torch.autograd.grad(out, (q, k, v), do.to(dtype), create_graph=True)
         second = torch.autograd.grad(grads, (q, k, v), [u.to(dtype) for u in us])
@@ -86,12 +96,18 @@ def attention_parity(device: torch.device, seq_len: int, dim: int) -> list[dict]
     fused, ref = passes("triton_fused", torch.float32), passes("reference", torch.float64)
     tol = 1e-5
     rows = []
-    for name, a, b in zip(names, fused, ref):
-        abs_err = max((x.double() - y).abs().max().item() for x, y in zip(a, b))
-        rel = max(((x.double() - y).norm() / y.norm()).item() for x, y in zip(a, b))
-        rows.append(_row(f"attention_parity_{name}", "PASS" if rel < tol else "WARN", rel,
-                         f"float32 triton_fused vs float64 reference, N=1 M={seq_len} "
-                         f"D={dim}: max_abs_err={abs_err:.3e} rel_err={rel:.3e} (tol {tol})"))
+    for name, a, b in zip(names, fused, ref, strict=True):
+        abs_err = max((x.double() - y).abs().max().item() for x, y in zip(a, b, strict=True))
+        rel = max(((x.double() - y).norm() / y.norm()).item() for x, y in zip(a, b, strict=True))
+        rows.append(
+            _row(
+                f"attention_parity_{name}",
+                "PASS" if rel < tol else "WARN",
+                rel,
+                f"float32 triton_fused vs float64 reference, B={batch} N=1 "
+                f"M={seq_len} D={dim}: max_abs_err={abs_err:.3e} rel_err={rel:.3e} (tol {tol})",
+            )
+        )
     return rows
 
 
@@ -104,25 +120,46 @@ def meta_gradient_checks(base: RunConfig, device: torch.device) -> list[dict]:
     for backend in ("reference", "triton_fused"):
         why = _triton_available(device) if backend == "triton_fused" else None
         if why:
-            rows += [_row(f"fo_vs_fo_strict_{backend}", "SKIP", details=why),
-                     _row(f"full_vs_fo_{backend}", "SKIP", details=why)]
+            rows += [
+                _row(f"fo_vs_fo_strict_{backend}", "SKIP", details=why),
+                _row(f"full_vs_fo_{backend}", "SKIP", details=why),
+            ]
             continue
-        grads = {m: meta_gradient(params, tasks, mode=m, backend=backend, **kw)
-                 for m in ("FULL", "FO", "FO_STRICT")}
+        grads = {
+            m: meta_gradient(params, tasks, mode=m, backend=backend, **kw)
+            for m in ("FULL", "FO", "FO_STRICT")
+        }
         full_by_backend[backend] = grads["FULL"]
         eq = relative_difference(grads["FO"], grads["FO_STRICT"]).item()
-        rows.append(_row(f"fo_vs_fo_strict_{backend}", "PASS" if eq < 1e-6 else "FAIL", eq,
-                         f"||g_FO - g_FO_STRICT|| / ||g_FO||, k={cfg.inner_steps}"))
+        rows.append(
+            _row(
+                f"fo_vs_fo_strict_{backend}",
+                "PASS" if eq < 1e-6 else "FAIL",
+                eq,
+                f"||g_FO - g_FO_STRICT|| / ||g_FO||, k={cfg.inner_steps}",
+            )
+        )
         rd = relative_difference(grads["FULL"], grads["FO"]).item()
-        rows.append(_row(f"full_vs_fo_{backend}", "PASS" if rd > 1e-2 else "WARN", rd,
-                         f"||g_FULL - g_FO|| / ||g_FULL||, k={cfg.inner_steps} (must be "
-                         "clearly non-zero)"))
+        rows.append(
+            _row(
+                f"full_vs_fo_{backend}",
+                "PASS" if rd > 1e-2 else "WARN",
+                rd,
+                f"||g_FULL - g_FO|| / ||g_FULL||, k={cfg.inner_steps} (must be clearly non-zero)",
+            )
+        )
     if len(full_by_backend) == 2:
-        rel = relative_difference(full_by_backend["reference"],
-                                  full_by_backend["triton_fused"]).item()
-        rows.append(_row("meta_grad_parity", "PASS" if rel < 1e-4 else "FAIL", rel,
-                         f"FULL meta-gradient, triton_fused vs reference, {cfg.dtype}, "
-                         f"k={cfg.inner_steps}"))
+        rel = relative_difference(
+            full_by_backend["reference"], full_by_backend["triton_fused"]
+        ).item()
+        rows.append(
+            _row(
+                "meta_grad_parity",
+                "PASS" if rel < 1e-4 else "FAIL",
+                rel,
+                f"FULL meta-gradient, triton_fused vs reference, {cfg.dtype}, k={cfg.inner_steps}",
+            )
+        )
     else:
         rows.append(_row("meta_grad_parity", "SKIP", details="triton_fused unavailable here"))
     return rows
@@ -144,12 +181,20 @@ def triton_gradgradcheck() -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     root = Path(__file__).resolve().parent.parent
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", GRADGRADCHECK_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", GRADGRADCHECK_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     ok = proc.returncode == 0 and proc.stdout.strip().endswith("OK")
     versions = proc.stdout.splitlines()[0] if proc.stdout else ""
-    detail = "float64, CPU interpreter, causal and not" if ok else (
-        proc.stdout + proc.stderr).strip().splitlines()[-1]
+    detail = (
+        "float64, CPU interpreter, causal and not"
+        if ok
+        else (proc.stdout + proc.stderr).strip().splitlines()[-1]
+    )
     return _row("triton_gradgradcheck", "PASS" if ok else "FAIL", ok, f"{versions}: {detail}")
 
 
@@ -159,17 +204,25 @@ def nonfinite_guard(sweep_folder: Path | None) -> dict:
         return _row("nonfinite_guard", "SKIP", details="no sweep runs.csv to summarise")
     counts = pd.read_csv(path)["status"].value_counts().to_dict()
     bad = counts.get("NONFINITE", 0) + counts.get("ERROR", 0)
-    return _row("nonfinite_guard", "PASS" if bad == 0 else "WARN", bad,
-                ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    return _row(
+        "nonfinite_guard",
+        "PASS" if bad == 0 else "WARN",
+        bad,
+        ", ".join(f"{k}={v}" for k, v in sorted(counts.items())),
+    )
 
 
-def run_risk_checks(base: RunConfig, sweep_folder: Path | None = None,
-                    gradgradcheck: bool = True) -> pd.DataFrame:
+def run_risk_checks(
+    base: RunConfig, sweep_folder: Path | None = None, gradgradcheck: bool = True
+) -> pd.DataFrame:
     device = base.validate()
     rows = [seed_determinism(base, device)]
-    rows += attention_parity(device, base.seq_len, base.dim)
+    rows += attention_parity(base, device)
     rows += meta_gradient_checks(base, device)
-    rows.append(triton_gradgradcheck() if gradgradcheck
-                else _row("triton_gradgradcheck", "SKIP", details="not requested"))
+    rows.append(
+        triton_gradgradcheck()
+        if gradgradcheck
+        else _row("triton_gradgradcheck", "SKIP", details="not requested")
+    )
     rows.append(nonfinite_guard(sweep_folder))
     return pd.DataFrame(rows, columns=RISK_COLUMNS)

@@ -25,15 +25,20 @@ METRICS = ("loss", "acc", "attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_nor
 def make_optimizer(params: Params, config: RunConfig, device: torch.device) -> torch.optim.Adam:
     # capturable=True keeps Adam's step count on the device (no host sync); used for
     # eager CUDA runs too, so eager and graph runs do the same arithmetic.
-    return torch.optim.Adam(params.values(), lr=config.outer_lr,
-                            capturable=device.type == "cuda")
+    return torch.optim.Adam(params.values(), lr=config.outer_lr, capturable=device.type == "cuda")
 
 
 class OuterStep:
     """One meta-update per call; metrics go to `history` (steps, 5) at `counter`."""
 
-    def __init__(self, params: Params, config: RunConfig, device: torch.device,
-                 generator: torch.Generator, history: torch.Tensor):
+    def __init__(
+        self,
+        params: Params,
+        config: RunConfig,
+        device: torch.device,
+        generator: torch.Generator,
+        history: torch.Tensor,
+    ):
         self.params, self.config, self.device = params, config, device
         self.generator, self.history = generator, history
         self.optimizer = make_optimizer(params, config, device)
@@ -42,8 +47,9 @@ class OuterStep:
     def __call__(self) -> None:
         c = self.config
         tasks = sample_tasks_for(c, self.generator, self.device)
-        losses, accs = meta_batch_metrics(self.params, tasks, mode=c.mode, steps=c.inner_steps,
-                                          lr=c.inner_lr, backend=c.backend)
+        losses, accs = meta_batch_metrics(
+            self.params, tasks, mode=c.mode, steps=c.inner_steps, lr=c.inner_lr, backend=c.backend
+        )
         loss = losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -42,8 +42,9 @@ class SweepSpec:
     def configs(self) -> list[RunConfig]:
         return [
             self.base.replace(backend=b, mode=m, inner_steps=k, seed=s)
-            for b, m, k, s in itertools.product(self.backends, self.modes, self.inner_steps,
-                                                 self.seeds)
+            for b, m, k, s in itertools.product(
+                self.backends, self.modes, self.inner_steps, self.seeds
+            )
         ]
 
 
@@ -62,10 +63,16 @@ def run_sweep(spec: SweepSpec, folder: Path, *, progress: bool = True) -> dict[s
     for config in configs:
         config.validate()  # every cell is checked before any runs
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "sweep.json", {
-        "base": asdict(spec.base), "modes": spec.modes, "backends": spec.backends,
-        "inner_steps": spec.inner_steps, "seeds": spec.seeds,
-    })
+    write_json(
+        folder / "sweep.json",
+        {
+            "base": asdict(spec.base),
+            "modes": spec.modes,
+            "backends": spec.backends,
+            "inner_steps": spec.inner_steps,
+            "seeds": spec.seeds,
+        },
+    )
     done = finished_run_ids(folder)
     todo = [c for c in configs if c.run_id not in done]
     counts = {"skipped": len(configs) - len(todo)}

@@ -56,8 +56,9 @@ def sample_tasks(
     return Tasks(x[:, :shots], labels[:, :shots], x[:, shots:], labels[:, shots:])
 
 
-def sample_tasks_for(config, generator: torch.Generator, device: torch.device,
-                     meta_batch: int | None = None) -> Tasks:
+def sample_tasks_for(
+    config, generator: torch.Generator, device: torch.device, meta_batch: int | None = None
+) -> Tasks:
     """`sample_tasks` with the sizes of a RunConfig."""
     return sample_tasks(
         generator,

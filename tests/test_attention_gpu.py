@@ -48,12 +48,20 @@ def test_fused_matches_float64_reference(b, h, n, m, d, dv, causal, dtype):
     def leaves(dt):
         return [t.to(dt).requires_grad_() for t in (q, k, v)]
 
-    got = first_and_second_order(lambda *a: fused_attention(*a, causal), *leaves(dtype),
-                                 do.to(dtype), [u.to(dtype) for u in us])
-    want = first_and_second_order(lambda *a: attention_reference(*a, causal),
-                                  *leaves(torch.float64), do.double(), [u.double() for u in us])
+    got = first_and_second_order(
+        lambda *a: fused_attention(*a, causal),
+        *leaves(dtype),
+        do.to(dtype),
+        [u.to(dtype) for u in us],
+    )
+    want = first_and_second_order(
+        lambda *a: attention_reference(*a, causal),
+        *leaves(torch.float64),
+        do.double(),
+        [u.double() for u in us],
+    )
     names = ["o", "dq", "dk", "dv", "gq", "gk", "gv"]
-    errors = {nm: rel_err(x, y) for nm, x, y in zip(names, got, want)}
+    errors = {nm: rel_err(x, y) for nm, x, y in zip(names, got, want, strict=True)}
     assert all(x.dtype == dtype for x in got)
     assert max(errors.values()) < TOL[dtype], errors
 

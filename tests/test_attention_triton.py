@@ -44,7 +44,7 @@ def rel_err(a, b):
 
 
 def assert_all_close(xs, ys, tol):
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         assert rel_err(x, y) < tol
 
 
@@ -106,9 +106,11 @@ def test_non_contiguous_inputs():
     out = fused_attention(qt, kt, vt, False, 0.7)
     assert rel_err(out, attention_reference(qt, kt, vt, False, 0.7)) < 1e-12
     do = torch.randn_like(out)
-    assert_all_close(torch.autograd.grad(out, (q, k, v), do),
-                     torch.autograd.grad(attention_reference(qt, kt, vt, False, 0.7), (q, k, v),
-                                         do), 1e-12)
+    assert_all_close(
+        torch.autograd.grad(out, (q, k, v), do),
+        torch.autograd.grad(attention_reference(qt, kt, vt, False, 0.7), (q, k, v), do),
+        1e-12,
+    )
 
 
 def _loss(backend):
@@ -123,8 +125,9 @@ def test_torch_func_grad_of_grad():
 
     def outer(backend):
         inner = grad(_loss(backend), argnums=(0, 1, 2))
-        return grad(lambda q, k, v: sum(g.square().sum() for g in inner(q, k, v)),
-                    argnums=(0, 1, 2))(q, k, v)
+        return grad(
+            lambda q, k, v: sum(g.square().sum() for g in inner(q, k, v)), argnums=(0, 1, 2)
+        )(q, k, v)
 
     assert_all_close(outer("triton_fused"), outer("reference"), 1e-11)
 
@@ -201,8 +204,17 @@ def test_engine_full_meta_gradient_triton_equals_reference():
     from phase12.model import init_params
     from phase12.tasks import sample_tasks_for
 
-    cfg = RunConfig(meta_batch=2, shots=3, queries=3, seq_len=9, dim=8, num_classes=3,
-                    signal_positions=2, dtype="float64", device="cpu")
+    cfg = RunConfig(
+        meta_batch=2,
+        shots=3,
+        queries=3,
+        seq_len=9,
+        dim=8,
+        num_classes=3,
+        signal_positions=2,
+        dtype="float64",
+        device="cpu",
+    )
     seed = torch.randint(0, 2**31, ()).item()
     params = init_params(8, 3, torch.Generator().manual_seed(seed), dtype=F64)
     tasks = sample_tasks_for(cfg, torch.Generator().manual_seed(seed), torch.device("cpu"))
@@ -226,7 +238,7 @@ def test_engine_full_meta_gradient_triton_equals_reference():
 )
 def test_unsupported_inputs_are_refused(shapes, dtypes, message):
     dtypes = dtypes or (F64,) * 3
-    tensors = [torch.ones(s, dtype=dt) for s, dt in zip(shapes, dtypes)]
+    tensors = [torch.ones(s, dtype=dt) for s, dt in zip(shapes, dtypes, strict=True)]
     with pytest.raises(ValueError, match=message):
         fused_attention(*tensors)
 

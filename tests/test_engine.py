@@ -11,22 +11,36 @@ from phase12.maml import adapt, meta_batch_metrics, meta_gradient, relative_diff
 from phase12.model import init_params
 from phase12.tasks import sample_tasks_for
 
-SMALL = RunConfig(meta_batch=3, shots=4, queries=5, seq_len=8, dim=6, num_classes=3,
-                  signal_positions=2, inner_steps=3, dtype="float64", device="cpu")
+SMALL = RunConfig(
+    meta_batch=3,
+    shots=4,
+    queries=5,
+    seq_len=8,
+    dim=6,
+    num_classes=3,
+    signal_positions=2,
+    inner_steps=3,
+    dtype="float64",
+    device="cpu",
+)
 
 
 def fresh(config=SMALL, seed=None):
     seed = torch.randint(0, 2**31, ()).item() if seed is None else seed
-    params = init_params(config.dim, config.num_classes, torch.Generator().manual_seed(seed),
-                         dtype=config.torch_dtype)
+    params = init_params(
+        config.dim,
+        config.num_classes,
+        torch.Generator().manual_seed(seed),
+        dtype=config.torch_dtype,
+    )
     tasks = sample_tasks_for(config, torch.Generator().manual_seed(seed + 1), torch.device("cpu"))
     return params, tasks
 
 
 def loop_model(p, x):
     """The model, written out again with plain ops (no kernels, no phase12.model)."""
-    q = x[:, 0] @ p["Wq"].T                                # (n, D)
-    k = x @ p["Wk"].T                                      # (n, T, D)
+    q = x[:, 0] @ p["Wq"].T  # (n, D)
+    k = x @ p["Wk"].T  # (n, T, D)
     v = x @ p["Wv"].T
     scores = torch.einsum("nd,ntd->nt", q, k) / math.sqrt(x.shape[-1])
     h = torch.einsum("nt,ntd->nd", torch.softmax(scores, -1), v)
@@ -42,10 +56,10 @@ def loop_meta_gradient(params, tasks, steps, lr, first_order=False):
         for _ in range(steps):
             loss = F.cross_entropy(loop_model(phi, tasks.support_x[b]), tasks.support_y[b])
             grads = torch.autograd.grad(loss, list(phi.values()), create_graph=not first_order)
-            phi = {n: phi[n] - lr * g for n, g in zip(phi, grads)}
+            phi = {n: phi[n] - lr * g for n, g in zip(phi, grads, strict=True)}
         total = total + F.cross_entropy(loop_model(phi, tasks.query_x[b]), tasks.query_y[b])
     grads = torch.autograd.grad(total / tasks.support_x.shape[0], list(theta.values()))
-    return dict(zip(theta, grads))
+    return dict(zip(theta, grads, strict=True))
 
 
 def rel(a, b):
@@ -116,8 +130,9 @@ def test_inner_loop_lowers_support_loss():
     params, tasks = fresh(RunConfig(dtype="float64", device="cpu", meta_batch=1))
     x, y = tasks.support_x[0], tasks.support_y[0]
     before = support_loss(params, x, y, "reference")
-    after = support_loss(adapt(params, x, y, steps=5, lr=0.4, backend="reference"), x, y,
-                         "reference")
+    after = support_loss(
+        adapt(params, x, y, steps=5, lr=0.4, backend="reference"), x, y, "reference"
+    )
     assert after < before - 1e-3
 
 
@@ -144,7 +159,7 @@ def test_task_sampler_structure():
     for b in range(4):
         # With noise_std 0, a signal position holds the label's prototype exactly: all
         # examples of one class share the token there, and nowhere else.
-        def class_constant(t):
+        def class_constant(t, b=b):
             return all((x[b, y[b] == c, t] == x[b, y[b] == c, t][0]).all() for c in y[b].unique())
 
         signal = [t for t in range(32) if class_constant(t)]

@@ -13,8 +13,9 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "triton_fused"])
 @pytest.mark.parametrize("mode", ["FULL", "FO_STRICT"])
 def test_graph_replay_equals_eager(mode, backend):
-    cfg = RunConfig(device="cuda", mode=mode, backend=backend, inner_steps=5, outer_steps=40,
-                    seed=3)
+    cfg = RunConfig(
+        device="cuda", mode=mode, backend=backend, inner_steps=5, outer_steps=40, seed=3
+    )
     device = torch.device("cuda")
     eager = build_step(cfg, device)
     for _ in range(cfg.outer_steps):

@@ -1,0 +1,43 @@
+"""Risk checks on the CPU, Triton checks through the interpreter."""
+
+import pandas as pd
+import pytest
+
+from phase12.config import RunConfig
+from phase12.risk import run_risk_checks
+
+pytestmark = pytest.mark.usefixtures("interpreter")
+
+
+def test_risk_checks_pass_on_cpu(tmp_path):
+    base = RunConfig(
+        device="cpu",
+        inner_steps=2,
+        meta_batch=2,
+        shots=3,
+        queries=3,
+        seq_len=6,
+        dim=8,
+        signal_positions=2,
+    )
+    pd.DataFrame([{"run_id": "a", "status": "OK"}, {"run_id": "b", "status": "NONFINITE"}]).to_csv(
+        tmp_path / "runs.csv", index=False
+    )
+    df = run_risk_checks(base, tmp_path).set_index("check")
+    expected = {
+        "seed_determinism": "PASS",
+        "attention_parity_forward": "PASS",
+        "attention_parity_backward": "PASS",
+        "attention_parity_double_backward": "PASS",
+        "fo_vs_fo_strict_reference": "PASS",
+        "full_vs_fo_reference": "PASS",
+        "fo_vs_fo_strict_triton_fused": "PASS",
+        "full_vs_fo_triton_fused": "PASS",
+        "meta_grad_parity": "PASS",
+        "triton_gradgradcheck": "PASS",
+        "nonfinite_guard": "WARN",
+    }
+    assert df["status"].to_dict() == expected
+    assert df.loc["seed_determinism", "value"] == 0.0
+    assert df.loc["full_vs_fo_triton_fused", "value"] > 1e-2
+    assert "NONFINITE=1" in df.loc["nonfinite_guard", "details"]

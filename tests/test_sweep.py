@@ -1,0 +1,140 @@
+"""Sweeps: complete, duplicate-free, resumable after a kill, failures recorded."""
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import phase12.sweep as sweep_module
+from phase12.config import RunConfig
+from phase12.records import RUN_COLUMNS
+from phase12.sweep import SweepSpec, run_sweep
+
+BASE = RunConfig(
+    device="cpu",
+    outer_steps=4,
+    meta_batch=2,
+    shots=3,
+    queries=3,
+    seq_len=6,
+    dim=8,
+    signal_positions=2,
+    metric_window=2,
+)
+SPEC = SweepSpec(
+    base=BASE,
+    modes=("FULL", "FO_STRICT"),
+    backends=("reference",),
+    inner_steps=(1, 2),
+    seeds=(0, 1, 2),
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def check_complete(folder: Path, spec: SweepSpec) -> pd.DataFrame:
+    runs = pd.read_csv(folder / "runs.csv")
+    assert list(runs.columns) == RUN_COLUMNS
+    assert not runs["run_id"].duplicated().any()
+    assert set(runs["run_id"]) == {c.run_id for c in spec.configs()}
+    for run_id in runs["run_id"]:
+        assert len(pd.read_csv(folder / "history" / f"{run_id}.csv")) == spec.base.outer_steps
+    return runs
+
+
+def test_sweep_writes_one_row_per_cell_and_resume_skips(tmp_path):
+    counts = run_sweep(SPEC, tmp_path, progress=False)
+    assert counts == {"skipped": 0, "OK": 12}
+    runs = check_complete(tmp_path, SPEC)
+    assert (runs["status"] == "OK").all()
+    assert run_sweep(SPEC, tmp_path, progress=False) == {"skipped": 12}
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 12
+
+
+def test_resume_after_kill(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from test_sweep import SPEC
+        from phase12.sweep import run_sweep
+        run_sweep(SPEC, Path({str(tmp_path)!r}), progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    runs_csv = tmp_path / "runs.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if runs_csv.exists() and len(runs_csv.read_text().splitlines()) >= 3:  # header + 2 rows
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    partial = pd.read_csv(runs_csv)  # parses after a kill at any moment
+    assert 2 <= len(partial) < 12 and not partial["run_id"].duplicated().any()
+    counts = run_sweep(SPEC, tmp_path, progress=False)
+    assert counts["skipped"] == len(partial)
+    check_complete(tmp_path, SPEC)
+
+
+def test_failing_cell_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
+    real = sweep_module.run_experiment
+
+    def flaky(config, **kw):
+        if config.inner_steps == 2 and config.seed == 1:
+            raise RuntimeError("boom\nsecond line")
+        return real(config, **kw)
+
+    monkeypatch.setattr(sweep_module, "run_experiment", flaky)
+    counts = run_sweep(SPEC, tmp_path, progress=False)
+    assert counts == {"skipped": 0, "OK": 10, "ERROR": 2}
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    errors = runs[runs["status"] == "ERROR"]
+    assert set(errors["inner_steps"]) == {2} and set(errors["seed"]) == {1}
+    assert (errors["error"] == "RuntimeError: boom second line").all()
+
+
+def test_sweep_cli_rejects_bad_grid(tmp_path, capsys):
+    import run
+
+    code = run.main(
+        [
+            "sweep",
+            "--root",
+            str(tmp_path),
+            "--tag",
+            "t",
+            "--k",
+            "1,-2",
+            "--device",
+            "cpu",
+            "--backends",
+            "reference",
+        ]
+    )
+    assert code == 2 and "--k must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+    code = run.main(
+        [
+            "sweep",
+            "--root",
+            str(tmp_path),
+            "--tag",
+            "t",
+            "--modes",
+            "FULL,SOMETHING",
+            "--device",
+            "cpu",
+            "--backends",
+            "reference",
+        ]
+    )
+    assert code == 2 and "unknown mode" in capsys.readouterr().err
+
+
+def test_report_cli_needs_a_sweep(tmp_path, capsys):
+    import run
+
+    assert run.main(["report", "--root", str(tmp_path), "--tag", "none"]) == 2
+    assert "run the sweep first" in capsys.readouterr().err
