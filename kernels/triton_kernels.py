@@ -54,9 +54,7 @@ def _load(ptr, bh, offs_r, offs_c, n_r, n_c):
 def _store(ptr, value, bh, offs_r, offs_c, n_r, n_c):
     base = ptr + bh.to(tl.int64) * n_r * n_c
     mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
-    tl.store(
-        base + offs_r[:, None] * n_c + offs_c[None, :], value.to(ptr.dtype.element_ty), mask=mask
-    )
+    tl.store(base + offs_r[:, None] * n_c + offs_c[None, :], value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -83,19 +81,7 @@ def _key_mask(offs_n, offs_m, M, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _probs(
-    q,
-    k,
-    lse,
-    offs_n,
-    offs_m,
-    N,
-    M,
-    scale,
-    CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """P tile = exp(s q k^T - LSE), exactly zero for padding rows/cols and masked keys."""
     s = _dot(q, tl.trans(k), PRECISION, ACC) * scale
     valid = _key_mask(offs_n, offs_m, M, CAUSAL) & (offs_n[:, None] < N)
@@ -103,24 +89,8 @@ def _probs(
 
 
 @triton.jit
-def _second_order_tile(
-    q,
-    k,
-    v,
-    do,
-    uq,
-    uk,
-    uv,
-    lse,
-    offs_n,
-    offs_m,
-    N,
-    M,
-    scale,
-    CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
+                       CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """P, dP, W and R for one (query tile, key tile) pair of the double backward."""
     p = _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC)
     dp = _dot(do, tl.trans(v), PRECISION, ACC)
@@ -129,31 +99,25 @@ def _second_order_tile(
     return p, dp, w, r
 
 
+@triton.jit
+def _second_order_grads(p, dp, w, r, delta, rho_w, rho_g):
+    """dS, G_dP and G_S of one tile, from P, dP, W, R and the row statistics."""
+    ds = p * (dp - delta[:, None])
+    g_dp = p * (w - rho_w[:, None])
+    g_s = p * (r + (dp - delta[:, None]) * w - rho_w[:, None] * dp - rho_g[:, None])
+    return ds, g_dp, g_s
+
+
 # ---------------------------------------------------------------------------
 # Forward: O and LSE, online softmax over key tiles (row-parallel)
 # ---------------------------------------------------------------------------
 
 
 @triton.jit
-def attention_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    N,
-    M,
-    D,
-    DV,
-    scale,
-    CAUSAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def attention_fwd_kernel(Q, K, V, O, LSE, N, M, D, DV, scale,
+                         CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         PRECISION: tl.constexpr, ACC: tl.constexpr):
     bh, start_n = _program_tile(N, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -161,8 +125,8 @@ def attention_fwd_kernel(
     q = _load(Q, bh, offs_n, offs_d, N, D)
 
     m_i = tl.full([BLOCK_N], float("-inf"), ACC)  # running row max of S
-    l_i = tl.zeros([BLOCK_N], ACC)  # running sum of exp(S - m_i)
-    acc = tl.zeros([BLOCK_N, BLOCK_DV], ACC)  # running (unnormalised) P V
+    l_i = tl.zeros([BLOCK_N], ACC)                # running sum of exp(S - m_i)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], ACC)      # running (unnormalised) P V
     key_end = M
     if CAUSAL:  # query i sees keys j <= i: stop after this tile's diagonal
         key_end = tl.minimum(M, start_n + BLOCK_N)
@@ -191,28 +155,10 @@ def attention_fwd_kernel(
 
 
 @triton.jit
-def attention_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DVo,
-    N,
-    M,
-    D,
-    DV,
-    scale,
-    CAUSAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVo, N, M, D, DV, scale,
+                              CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                              PRECISION: tl.constexpr, ACC: tl.constexpr):
     bh, start_m = _program_tile(M, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -234,34 +180,17 @@ def attention_bwd_dkdv_kernel(
         p = _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC)
         dp = _dot(do, tl.trans(v), PRECISION, ACC)
         ds = p * (dp - delta[:, None])
-        dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION, ACC)  # dV = P^T dO
-        dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, ACC)  # dK = s dS^T Q
+        dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION, ACC)     # dV = P^T dO
+        dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, ACC)      # dK = s dS^T Q
     _store(DK, dk * scale, bh, offs_m, offs_d, M, D)
     _store(DVo, dv, bh, offs_m, offs_dv, M, DV)
 
 
 @triton.jit
-def attention_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    N,
-    M,
-    D,
-    DV,
-    scale,
-    CAUSAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, N, M, D, DV, scale,
+                            CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                            PRECISION: tl.constexpr, ACC: tl.constexpr):
     bh, start_n = _program_tile(N, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -282,7 +211,7 @@ def attention_bwd_dq_kernel(
         p = _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC)
         dp = _dot(do, tl.trans(v), PRECISION, ACC)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PRECISION, ACC)  # dQ = s dS K
+        dq += _dot(ds.to(k.dtype), k, PRECISION, ACC)                # dQ = s dS K
     _store(DQ, dq * scale, bh, offs_n, offs_d, N, D)
 
 
@@ -292,33 +221,11 @@ def attention_bwd_dq_kernel(
 
 
 @triton.jit
-def attention_dbwd_rows_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    UQ,
-    UK,
-    UV,
-    LSE,
-    DELTA,
-    GQ,
-    GDO,
-    RHO_W,
-    RHO_G,
-    N,
-    M,
-    D,
-    DV,
-    scale,
-    CAUSAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO_W, RHO_G,
+                               N, M, D, DV, scale,
+                               CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                               PRECISION: tl.constexpr, ACC: tl.constexpr):
     bh, start_n = _program_tile(N, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -342,9 +249,8 @@ def attention_dbwd_rows_kernel(
         v = _load(V, bh, offs_m, offs_dv, M, DV)
         uk = _load(UK, bh, offs_m, offs_d, M, D)
         uv = _load(UV, bh, offs_m, offs_dv, M, DV)
-        p, dp, w, r = _second_order_tile(
-            q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC
-        )
+        p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
+                                         CAUSAL, PRECISION, ACC)
         rho_w += tl.sum(p * w, 1)
         rho_g += tl.sum(p * (r + (dp - delta[:, None]) * w), 1)
     rho_g -= rho_w * delta
@@ -358,12 +264,9 @@ def attention_dbwd_rows_kernel(
         v = _load(V, bh, offs_m, offs_dv, M, DV)
         uk = _load(UK, bh, offs_m, offs_d, M, D)
         uv = _load(UV, bh, offs_m, offs_dv, M, DV)
-        p, dp, w, r = _second_order_tile(
-            q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC
-        )
-        ds = p * (dp - delta[:, None])
-        g_dp = p * (w - rho_w[:, None])
-        g_s = p * (r + (dp - delta[:, None]) * w - rho_w[:, None] * dp - rho_g[:, None])
+        p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
+                                         CAUSAL, PRECISION, ACC)
+        ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g)
         gq += _dot(g_s.to(k.dtype), k, PRECISION, ACC) + _dot(ds.to(uk.dtype), uk, PRECISION, ACC)
         gdo += _dot(g_dp.to(v.dtype), v, PRECISION, ACC) + _dot(p.to(uv.dtype), uv, PRECISION, ACC)
 
@@ -374,33 +277,11 @@ def attention_dbwd_rows_kernel(
 
 
 @triton.jit
-def attention_dbwd_cols_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    UQ,
-    UK,
-    UV,
-    LSE,
-    DELTA,
-    RHO_W,
-    RHO_G,
-    GK,
-    GV,
-    N,
-    M,
-    D,
-    DV,
-    scale,
-    CAUSAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G, GK, GV,
+                               N, M, D, DV, scale,
+                               CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                               PRECISION: tl.constexpr, ACC: tl.constexpr):
     bh, start_m = _program_tile(M, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -424,15 +305,10 @@ def attention_dbwd_cols_kernel(
         delta = _load_row(DELTA, bh, offs_n, N)
         rho_w = _load_row(RHO_W, bh, offs_n, N)
         rho_g = _load_row(RHO_G, bh, offs_n, N)
-        p, dp, w, r = _second_order_tile(
-            q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC
-        )
-        ds = p * (dp - delta[:, None])
-        g_dp = p * (w - rho_w[:, None])
-        g_s = p * (r + (dp - delta[:, None]) * w - rho_w[:, None] * dp - rho_g[:, None])
-        gk += _dot(tl.trans(g_s).to(q.dtype), q, PRECISION, ACC) + _dot(
-            tl.trans(ds).to(uq.dtype), uq, PRECISION, ACC
-        )
+        p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
+                                         CAUSAL, PRECISION, ACC)
+        ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g)
+        gk += _dot(tl.trans(g_s).to(q.dtype), q, PRECISION, ACC) + _dot(tl.trans(ds).to(uq.dtype), uq, PRECISION, ACC)
         gv += _dot(tl.trans(g_dp).to(do.dtype), do, PRECISION, ACC)
 
     _store(GK, gk * scale, bh, offs_m, offs_d, M, D)
