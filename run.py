@@ -19,7 +19,8 @@ from pathlib import Path
 
 from phase12.config import MODES, ConfigError, RunConfig
 from phase12.experiment import STATUS_OK, RunResult, run_experiment, run_metadata
-from phase12.outputs import save_run
+from phase12.outputs import RUNS_CSV, save_run
+from phase12.records import check_columns
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NONFINITE = 2, 1, 3
 DEFAULTS = RunConfig()
@@ -163,9 +164,11 @@ def main_single(argv: list[str]) -> int:
     )
     try:
         config.validate()
-        if args.out is not None and args.out.exists() and not args.out.is_dir():
-            raise ConfigError(f"--out {args.out} exists and is not a directory")
-    except ConfigError as e:
+        if args.out is not None and args.out.exists():
+            if not args.out.is_dir():
+                raise ConfigError(f"--out {args.out} exists and is not a directory")
+            check_columns(args.out / RUNS_CSV)
+    except ValueError as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     result = run_experiment(config, progress=not args.no_progress)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from phase12.config import MODES, ConfigError
+from phase12.records import check_columns
 
 RISK_CSV = "risk_checks.csv"
 
@@ -70,6 +71,11 @@ def _grid_flags(p: argparse.ArgumentParser) -> None:
         help="capture each run's outer step in a CUDA graph (default auto)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-batch-seeds",
+        action="store_true",
+        help="run every seed on its own instead of the seeds of a cell as one batch",
+    )
 
 
 def _spec(args, validate_cells: bool = True):
@@ -84,6 +90,10 @@ def _spec(args, validate_cells: bool = True):
         config.validate()
     if not spec.configs():
         raise ConfigError("the grid is empty: give at least one mode, backend, k and seed")
+    try:
+        check_columns(args.root / args.tag / "runs.csv")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return spec
 
 
@@ -91,7 +101,9 @@ def _sweep(args) -> int:
     from phase12.sweep import run_sweep
 
     folder = args.root / args.tag
-    counts = run_sweep(args.spec, folder, progress=not args.no_progress)
+    counts = run_sweep(
+        args.spec, folder, progress=not args.no_progress, batch_seeds=not args.no_batch_seeds
+    )
     print(f"sweep {folder}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0
 

@@ -4,7 +4,8 @@
     result.row        # the per-run CSV row (phase12.records.RUN_COLUMNS)
     result.history    # per outer step: loss, acc, attention meta-gradient norms
 
-The outer loop is Adam on the meta-parameters (phase12.step.OuterStep), replayed
+`run_experiments` trains several seeds of one configuration as one seed-batched
+computation. The outer loop is Adam on the meta-parameters (phase12.step.OuterStep), replayed
 from one CUDA graph per run on CUDA unless cuda_graph is 'off'. Per-step metrics
 stay on the device in one preallocated tensor and are read back in bulk every
 `check_every` steps, which is also when a non-finite loss or gradient is detected:
@@ -19,7 +20,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -138,23 +139,37 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def build_step(config: RunConfig, device: torch.device) -> OuterStep:
-    """A fresh run's state (parameters, Adam, task stream, empty history) as an OuterStep."""
+def build_step(configs: Sequence[RunConfig], device: torch.device) -> OuterStep:
+    """Fresh state (parameters, Adam, task streams, empty history) of runs that differ
+    only in their seed, as one OuterStep (seed-batched when there are several)."""
+    batched = len(configs) > 1
+    per_seed = [initial_params(c, device) for c in configs]
+    params = per_seed[0]
+    if batched:
+        params = {
+            n: torch.stack([p[n] for p in per_seed]).detach().requires_grad_(True) for n in params
+        }
+    c = configs[0]
     history = torch.full(
-        (config.outer_steps, len(METRICS)), float("nan"), device=device, dtype=config.torch_dtype
+        (len(configs), c.outer_steps, len(METRICS)),
+        float("nan"),
+        device=device,
+        dtype=c.torch_dtype,
     )
-    return OuterStep(
-        initial_params(config, device), config, device, task_generator(config.seed, device), history
-    )
+    generators = [task_generator(cfg.seed, device) for cfg in configs]
+    return OuterStep(params, c, device, generators, history, seed_batched=batched)
 
 
-def prepare_step(config: RunConfig, device: torch.device) -> tuple[OuterStep, Callable, bool]:
+def prepare_step(
+    configs: Sequence[RunConfig], device: torch.device
+) -> tuple[OuterStep, Callable, bool]:
     """(state, the callable that runs one step, whether it is a CUDA graph replay).
 
     With cuda_graph 'auto' a failed capture is reported on stderr (with the reason)
     and the run goes on eagerly; with 'on' it raises.
     """
-    step = build_step(config, device)
+    step = build_step(configs, device)
+    config = configs[0]
     if device.type != "cuda" or config.cuda_graph == "off":
         return step, step, False
     try:
@@ -171,80 +186,104 @@ def prepare_step(config: RunConfig, device: torch.device) -> tuple[OuterStep, Ca
         return step, step, False
 
 
-def run_experiment(
-    config: RunConfig, *, progress: bool = False, check_every: int = 50
-) -> RunResult:
-    """Train one run to the end (or to its first non-finite step). Validates `config` first."""
-    device = config.validate()
+def _check_seed_group(configs: Sequence[RunConfig]) -> None:
+    if not configs:
+        raise ValueError("no configuration to run")
+    if len({c.replace(seed=0) for c in configs}) != 1:
+        raise ValueError("runs batched together must differ only in their seed")
+    if len({c.seed for c in configs}) != len(configs):
+        raise ValueError("runs batched together need distinct seeds")
+
+
+def run_experiments(
+    configs: Sequence[RunConfig], *, progress: bool = False, check_every: int = 50
+) -> list[RunResult]:
+    """Train runs that differ only in their seed as one seed-batched computation.
+
+    Each run ends at its own first non-finite step (status NONFINITE); the batch stops
+    when every run has ended. Times in the rows are the batch's divided by its number
+    of seeds (each run's share); peak memory is the batch's.
+    """
+    _check_seed_group(configs)
+    device = configs[0].validate()
+    config, seeds = configs[0], len(configs)
     t_start = time.perf_counter()
     cuda = device.type == "cuda"
     if cuda:
-        # The peak is this run's own: earlier runs of the process (a sweep) are
+        # The peak is this batch's own: earlier runs of the process (a sweep) are
         # collected first, and whatever stays allocated is subtracted.
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     mem_before = torch.cuda.memory_allocated(device) if cuda else 0
-    state, run_step, graphed = prepare_step(config, device)
+    state, run_step, graphed = prepare_step(configs, device)
     history = state.history
 
-    nonfinite_step = None
+    nonfinite = [None] * seeds  # first non-finite step per seed
     t_loop = time.perf_counter()
     t_first = t_loop
-    bar = tqdm(total=config.outer_steps, disable=not progress, desc=config.run_id, leave=False)
+    label = config.run_id if seeds == 1 else f"{config.run_id} (+{seeds - 1} seeds)"
+    bar = tqdm(total=config.outer_steps, disable=not progress, desc=label, leave=False)
     with bar:
         for step in range(config.outer_steps):
             run_step()
             bar.update(1)
             if step == 0:
-                history[0].sum().item()  # one sync: the first step (warm-up) is timed apart
+                history[:, 0].sum().item()  # one sync: the first step (warm-up) is timed apart
                 t_first = time.perf_counter()
-            last = step == config.outer_steps - 1
-            if (step + 1) % check_every == 0 or last:
+            if (step + 1) % check_every == 0 or step == config.outer_steps - 1:
                 lo = (step // check_every) * check_every
-                chunk = history[lo : step + 1].cpu().numpy()
-                bad = ~np.isfinite(chunk).all(axis=1)
-                if bad.any():
-                    nonfinite_step = lo + int(np.argmax(bad))
+                chunk = history[:, lo : step + 1].cpu().numpy()
+                for i, bad in enumerate(~np.isfinite(chunk).all(axis=2)):
+                    if nonfinite[i] is None and bad.any():
+                        nonfinite[i] = lo + int(np.argmax(bad))
+                if all(n is not None for n in nonfinite):
                     break
-                bar.set_postfix(loss=f"{chunk[-1, 0]:.4f}", acc=f"{chunk[-1, 1]:.3f}")
+                bar.set_postfix(loss=f"{chunk[0, -1, 0]:.4f}", acc=f"{chunk[0, -1, 1]:.3f}")
     if cuda:
         torch.cuda.synchronize(device)
     t_end = time.perf_counter()
 
-    steps_done = config.outer_steps if nonfinite_step is None else nonfinite_step
-    hist = history[:steps_done].cpu().numpy()
-    row = _config_columns(config, device)
-    row.update(summarize(config, hist))
-    row.update(
-        {
-            "cuda_graph": graphed,
-            "sdpa_input_gradgrad_ok": attention_gradgrad_ok(
-                config.backend, device, config.torch_dtype
-            ),
-            # Steps after the first (which pays for warm-up and kernel compilation).
-            "mean_outer_step_time_s": (t_end - t_first) / step if step else t_end - t_loop,
-            "peak_cuda_mem_bytes": torch.cuda.max_memory_allocated(device) - mem_before
-            if cuda
-            else None,
-            "nonfinite_step": nonfinite_step,
-        }
-    )
-    if nonfinite_step is None:
-        row.update(
-            status=STATUS_OK, error="", rel_diff_probe=rel_diff_probe(state.params, config, device)
-        )
-    else:
-        row.update(
-            status=STATUS_NONFINITE,
-            rel_diff_probe=None,
-            error=f"loss or meta-gradient became non-finite at outer step {nonfinite_step}",
-        )
-    row["wall_time_total_s"] = time.perf_counter() - t_start
-    history_out = {"step": list(range(steps_done))}
-    for i, name in enumerate(METRICS):
-        history_out[name] = hist[:, i].tolist()
-    return RunResult(row=row, history=history_out)
+    shared = {
+        "cuda_graph": graphed,
+        "sdpa_input_gradgrad_ok": attention_gradgrad_ok(config.backend, device, config.torch_dtype),
+        # Steps after the first (which pays for warm-up and kernel compilation).
+        "mean_outer_step_time_s": ((t_end - t_first) / step if step else t_end - t_loop) / seeds,
+        "peak_cuda_mem_bytes": torch.cuda.max_memory_allocated(device) - mem_before
+        if cuda
+        else None,
+        "seeds_batched": seeds,
+    }
+    results = []
+    for i, cfg in enumerate(configs):
+        done = cfg.outer_steps if nonfinite[i] is None else nonfinite[i]
+        hist = history[i, :done].cpu().numpy()
+        row = _config_columns(cfg, device) | summarize(cfg, hist) | shared
+        row["nonfinite_step"] = nonfinite[i]
+        if nonfinite[i] is None:
+            probe = rel_diff_probe(state.seed_params(i), cfg, device)
+            row.update(status=STATUS_OK, error="", rel_diff_probe=probe)
+        else:
+            row.update(
+                status=STATUS_NONFINITE,
+                rel_diff_probe=None,
+                error=f"loss or meta-gradient became non-finite at outer step {nonfinite[i]}",
+            )
+        history_out = {"step": list(range(done))}
+        for j, name in enumerate(METRICS):
+            history_out[name] = hist[:, j].tolist()
+        results.append(RunResult(row=row, history=history_out))
+    wall = (time.perf_counter() - t_start) / seeds
+    for r in results:
+        r.row["wall_time_total_s"] = wall
+    return results
+
+
+def run_experiment(
+    config: RunConfig, *, progress: bool = False, check_every: int = 50
+) -> RunResult:
+    """Train one run to the end (or to its first non-finite step). Validates `config` first."""
+    return run_experiments([config], progress=progress, check_every=check_every)[0]
 
 
 def failed_result(config: RunConfig, error: BaseException) -> RunResult:

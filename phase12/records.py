@@ -56,6 +56,7 @@ RUN_COLUMNS = SEED_COLUMNS + [
     "attn_grad_norm",
     "nonfinite_step",
     "cuda_graph",
+    "seeds_batched",
     "device",
     "device_name",
     "torch_version",
@@ -78,6 +79,20 @@ def format_row(row: Mapping, columns: list[str] = RUN_COLUMNS) -> str:
     return buf.getvalue()
 
 
+def check_columns(path: str | Path, columns: list[str] = RUN_COLUMNS) -> None:
+    """Raise ValueError if the CSV at `path` exists with a header other than `columns`."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    if header != list(columns):
+        raise ValueError(
+            f"{path} has other columns than this version writes (an older version's "
+            "file?); write to a new folder or tag"
+        )
+
+
 def append_row(path: str | Path, row: Mapping, columns: list[str] = RUN_COLUMNS) -> None:
     """Append `row` to the CSV at `path` atomically (header first if the file is new)."""
     path = Path(path)
@@ -85,6 +100,7 @@ def append_row(path: str | Path, row: Mapping, columns: list[str] = RUN_COLUMNS)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            check_columns(path, columns)
             new = not path.exists() or path.stat().st_size == 0
             text = format_row(dict(zip(columns, columns, strict=True)), columns) if new else ""
             text += format_row(row, columns)

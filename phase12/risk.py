@@ -54,7 +54,7 @@ def seed_determinism(base: RunConfig, device: torch.device, steps: int = 10) -> 
     )
     histories = []
     for _ in range(2):
-        state = build_step(cfg, device)
+        state = build_step([cfg], device)
         for _ in range(steps):
             state()
         histories.append(state.history)

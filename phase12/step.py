@@ -1,11 +1,18 @@
 """The outer step: one meta-update, eager or replayed from a CUDA graph.
 
-`OuterStep` bundles the run's state (meta-parameters, Adam, the task generator, the
-metric history) and performs one meta-update per call: sample a meta-batch on the
-device, adapt every task (vmap), take the meta-gradient, step Adam, and write
-(loss, acc, |g_Wq|, |g_Wk|, |g_Wv|) into `history[counter]`, with `counter` a device
-tensor. Nothing in it reads a value back to the host and no Python branch depends
-on data, so the same call can be captured once into a CUDA graph (`capture`) and
+`OuterStep` bundles the state of one or more runs that differ only in their seed
+(meta-parameters, Adam, one task generator per seed, the metric history) and performs
+one meta-update per call: sample each seed's meta-batch on the device, adapt every
+task (vmap), take the meta-gradient, step Adam, and write (loss, acc, |g_Wq|, |g_Wk|,
+|g_Wv|) per seed into `history[:, counter]`, with `counter` a device tensor.
+
+Several seeds run as one computation: their parameters are stacked along a leading
+seed dim and the per-seed meta-batch metrics are one more vmap. The summed loss gives
+each seed exactly its own meta-gradient, and Adam is element-wise, so every seed
+follows the run it would have had alone (up to the rounding of batched kernels).
+
+Nothing in the step reads a value back to the host and no Python branch depends on
+data, so the same call can be captured once into a CUDA graph (`capture`) and
 replayed: task sampling, the k inner steps, the second-order backward, Adam
 (capturable=True) and the metric write all run as one graph launch.
 """
@@ -17,7 +24,7 @@ import torch
 from phase12.config import RunConfig
 from phase12.maml import meta_batch_metrics
 from phase12.model import ATTENTION_PARAMS, Params
-from phase12.tasks import sample_tasks_for
+from phase12.tasks import Tasks, sample_tasks_for
 
 METRICS = ("loss", "acc", "attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v")
 
@@ -29,45 +36,65 @@ def make_optimizer(params: Params, config: RunConfig, device: torch.device) -> t
 
 
 class OuterStep:
-    """One meta-update per call; metrics go to `history` (steps, 5) at `counter`."""
+    """One meta-update per call for S seeds; metrics go to `history` (S, steps, 5).
+
+    `params` holds (S, ...) tensors when `seed_batched`, plain tensors (S = 1) otherwise.
+    """
 
     def __init__(
         self,
         params: Params,
         config: RunConfig,
         device: torch.device,
-        generator: torch.Generator,
+        generators: list[torch.Generator],
         history: torch.Tensor,
+        seed_batched: bool,
     ):
         self.params, self.config, self.device = params, config, device
-        self.generator, self.history = generator, history
+        self.generators, self.history, self.seed_batched = generators, history, seed_batched
         self.optimizer = make_optimizer(params, config, device)
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
+        c = config
+        metrics = lambda p, *t: meta_batch_metrics(  # noqa: E731
+            p, Tasks(*t), mode=c.mode, steps=c.inner_steps, lr=c.inner_lr, backend=c.backend
+        )
+        self._metrics = torch.func.vmap(metrics) if seed_batched else metrics
+
+    def _sample(self) -> list[torch.Tensor]:
+        per_seed = [sample_tasks_for(self.config, g, self.device) for g in self.generators]
+        if not self.seed_batched:
+            return list(per_seed[0])
+        return [torch.stack(parts) for parts in zip(*per_seed, strict=True)]
 
     def __call__(self) -> None:
-        c = self.config
-        tasks = sample_tasks_for(c, self.generator, self.device)
-        losses, accs = meta_batch_metrics(
-            self.params, tasks, mode=c.mode, steps=c.inner_steps, lr=c.inner_lr, backend=c.backend
-        )
-        loss = losses.mean()
+        losses, accs = self._metrics(self.params, *self._sample())  # (S, B) or (B,)
+        seed_losses = losses.mean(-1)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norms = [torch.linalg.vector_norm(self.params[n].grad) for n in ATTENTION_PARAMS]
+        seed_losses.sum().backward()  # each seed's parameters get its own meta-gradient
+        norms = [
+            torch.linalg.vector_norm(self.params[n].grad.flatten(int(self.seed_batched)), dim=-1)
+            for n in ATTENTION_PARAMS
+        ]
         self.optimizer.step()
-        metrics = torch.stack([loss.detach(), accs.mean(), *norms]).to(self.history.dtype)
-        self.history.index_copy_(0, self.counter, metrics[None])
+        metrics = torch.stack([seed_losses.detach(), accs.mean(-1), *norms], dim=-1)
+        self.history.index_copy_(1, self.counter, metrics.reshape(-1, 1, len(METRICS)))
         self.counter.add_(1)
+
+    def seed_params(self, i: int) -> Params:
+        """The parameters of the i-th seed (detached)."""
+        if not self.seed_batched:
+            return {n: p.detach() for n, p in self.params.items()}
+        return {n: p[i].detach() for n, p in self.params.items()}
 
     def snapshot(self) -> dict:
         return {
             "params": {n: p.detach().clone() for n, p in self.params.items()},
-            "generator": self.generator.get_state(),
+            "generators": [g.get_state() for g in self.generators],
         }
 
     def restore(self, snap: dict) -> None:
         """Back to `snap` (taken before any step): parameters, a fresh Adam, the task
-        stream, an empty history. Tensors are updated in place, so a captured graph
+        streams, an empty history. Tensors are updated in place, so a captured graph
         keeps pointing at them."""
         with torch.no_grad():
             for n, p in self.params.items():
@@ -76,7 +103,8 @@ class OuterStep:
                 for value in state.values():
                     if torch.is_tensor(value):
                         value.zero_()
-        self.generator.set_state(snap["generator"])
+        for g, state in zip(self.generators, snap["generators"], strict=True):
+            g.set_state(state)
         self.counter.zero_()
         self.history.fill_(float("nan"))
 
@@ -86,7 +114,7 @@ def capture(step: OuterStep, warmup: int = 2) -> torch.cuda.CUDAGraph:
 
     Warm-up calls (kernel compilation, Adam's lazy state, the .grad buffers) run on a
     side stream first, as torch.cuda.graph requires; afterwards parameters, Adam,
-    the generator and the history are restored, so replaying the graph n times gives
+    the generators and the history are restored, so replaying the graph n times gives
     the same run as n eager calls from the same seed.
     """
     snap = step.snapshot()
@@ -98,7 +126,8 @@ def capture(step: OuterStep, warmup: int = 2) -> torch.cuda.CUDAGraph:
                 step()
         torch.cuda.current_stream(step.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(step.generator)
+        for g in step.generators:
+            graph.register_generator_state(g)
         with torch.cuda.graph(graph):
             step()
     finally:

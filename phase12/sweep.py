@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from phase12.config import RunConfig
-from phase12.experiment import failed_result, run_experiment, run_metadata
+from phase12.experiment import failed_result, run_experiments, run_metadata
 from phase12.outputs import RUNS_CSV, save_run
 from phase12.records import write_json
 
@@ -57,8 +57,14 @@ def finished_run_ids(folder: Path) -> set[str]:
         return {row["run_id"] for row in csv.DictReader(f)}
 
 
-def run_sweep(spec: SweepSpec, folder: Path, *, progress: bool = True) -> dict[str, int]:
-    """Run every unfinished cell of `spec` into `folder`; returns counts by status."""
+def run_sweep(
+    spec: SweepSpec, folder: Path, *, progress: bool = True, batch_seeds: bool = True
+) -> dict[str, int]:
+    """Run every unfinished cell of `spec` into `folder`; returns counts by status.
+
+    With `batch_seeds`, the unfinished seeds of one (backend, mode, k) cell train as one
+    seed-batched computation (phase12.experiment.run_experiments).
+    """
     configs = spec.configs()
     for config in configs:
         config.validate()  # every cell is checked before any runs
@@ -75,14 +81,22 @@ def run_sweep(spec: SweepSpec, folder: Path, *, progress: bool = True) -> dict[s
     )
     done = finished_run_ids(folder)
     todo = [c for c in configs if c.run_id not in done]
+    groups: dict[RunConfig, list[RunConfig]] = {}
+    for c in todo:
+        groups.setdefault(c.replace(seed=0) if batch_seeds else c, []).append(c)
     counts = {"skipped": len(configs) - len(todo)}
-    bar = tqdm(todo, desc=f"sweep {folder.name}", unit="run", disable=not progress)
-    for config in bar:
-        bar.set_postfix_str(config.run_id)
-        try:
-            result = run_experiment(config)
-        except Exception as e:  # a failing cell is recorded, the sweep goes on
-            result = failed_result(config, e)
-        save_run(folder, result, run_metadata(config))
-        counts[result.status] = counts.get(result.status, 0) + 1
+    bar = tqdm(total=len(todo), desc=f"sweep {folder.name}", unit="run", disable=not progress)
+    with bar:
+        for group in groups.values():
+            bar.set_postfix_str(
+                group[0].run_id + (f" +{len(group) - 1} seeds" if len(group) > 1 else "")
+            )
+            try:
+                results = run_experiments(group)
+            except Exception as e:  # a failing cell is recorded, the sweep goes on
+                results = [failed_result(c, e) for c in group]
+            for config, result in zip(group, results, strict=True):
+                save_run(folder, result, run_metadata(config))
+                counts[result.status] = counts.get(result.status, 0) + 1
+            bar.update(len(group))
     return counts

@@ -179,3 +179,38 @@ def test_param_init_is_linear_style():
         assert t.abs().max() <= bound
     for name in ("Wq", "Wk", "Wv", "Wc"):
         assert p[name].abs().max() > 0.9 * bound
+
+
+def test_seed_batched_runs_equal_separate_runs():
+    """Seeds stacked into one computation follow exactly the runs they would have alone."""
+    from phase12.experiment import run_experiment, run_experiments
+
+    cfg = SMALL.replace(outer_steps=5, metric_window=2)
+    configs = [cfg.replace(seed=s) for s in (0, 3)]
+    batched = run_experiments(configs)
+    for config, result in zip(configs, batched, strict=True):
+        alone = run_experiment(config)
+        for name in ("loss", "acc", "attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v"):
+            torch.testing.assert_close(
+                result.history[name], alone.history[name], rtol=1e-10, atol=0
+            )
+        assert result.row["rel_diff_probe"] == pytest.approx(alone.row["rel_diff_probe"], rel=1e-10)
+        assert result.row["seeds_batched"] == 2 and result.row["run_id"] == config.run_id
+
+
+def test_seed_batch_must_differ_only_in_seed():
+    from phase12.experiment import run_experiments
+
+    with pytest.raises(ValueError, match="differ only in their seed"):
+        run_experiments([SMALL, SMALL.replace(seed=1, inner_steps=1)])
+    with pytest.raises(ValueError, match="distinct seeds"):
+        run_experiments([SMALL, SMALL])
+
+
+def test_nonfinite_seed_batch_stops_with_every_seed_marked():
+    from phase12.experiment import run_experiments
+
+    cfg = SMALL.replace(outer_steps=120, inner_lr=1e30, dtype="float32")
+    results = run_experiments([cfg, cfg.replace(seed=1)], check_every=50)
+    assert [r.status for r in results] == ["NONFINITE", "NONFINITE"]
+    assert all(r.row["nonfinite_step"] == 0 and r.history["step"] == [] for r in results)

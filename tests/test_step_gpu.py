@@ -17,10 +17,10 @@ def test_graph_replay_equals_eager(mode, backend):
         device="cuda", mode=mode, backend=backend, inner_steps=5, outer_steps=40, seed=3
     )
     device = torch.device("cuda")
-    eager = build_step(cfg, device)
+    eager = build_step([cfg], device)
     for _ in range(cfg.outer_steps):
         eager()
-    graphed = build_step(cfg, device)
+    graphed = build_step([cfg], device)
     graph = capture(graphed)
     for _ in range(cfg.outer_steps):
         graph.replay()

@@ -79,20 +79,54 @@ def test_resume_after_kill(tmp_path):
 
 
 def test_failing_cell_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
-    real = sweep_module.run_experiment
+    real = sweep_module.run_experiments
 
-    def flaky(config, **kw):
-        if config.inner_steps == 2 and config.seed == 1:
+    def flaky(configs, **kw):
+        if configs[0].inner_steps == 2 and configs[0].mode == "FULL":
             raise RuntimeError("boom\nsecond line")
-        return real(config, **kw)
+        return real(configs, **kw)
 
-    monkeypatch.setattr(sweep_module, "run_experiment", flaky)
+    monkeypatch.setattr(sweep_module, "run_experiments", flaky)
     counts = run_sweep(SPEC, tmp_path, progress=False)
-    assert counts == {"skipped": 0, "OK": 10, "ERROR": 2}
+    assert counts == {"skipped": 0, "OK": 9, "ERROR": 3}  # the failing cell's 3 seeds
     runs = pd.read_csv(tmp_path / "runs.csv")
     errors = runs[runs["status"] == "ERROR"]
-    assert set(errors["inner_steps"]) == {2} and set(errors["seed"]) == {1}
+    assert set(errors["run_id"]) == {f"reference_FULL_k2_seed{s}" for s in range(3)}
     assert (errors["error"] == "RuntimeError: boom second line").all()
+
+
+def test_seed_batched_sweep_equals_unbatched(tmp_path):
+    run_sweep(SPEC, tmp_path / "batched", progress=False)
+    run_sweep(SPEC, tmp_path / "alone", progress=False, batch_seeds=False)
+    a = pd.read_csv(tmp_path / "batched" / "runs.csv").set_index("run_id").sort_index()
+    b = pd.read_csv(tmp_path / "alone" / "runs.csv").set_index("run_id").sort_index()
+    assert set(a["seeds_batched"]) == {3} and set(b["seeds_batched"]) == {1}
+    for col in ("final_loss", "final_acc", "attn_grad_norm_q", "rel_diff_probe"):
+        assert (a[col] - b[col]).abs().max() < 1e-5, col
+
+
+def test_old_runs_csv_is_refused_before_any_work(tmp_path, capsys):
+    import run
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "runs.csv").write_text("backend,mode\nreference,FULL\n")
+    code = run.main(
+        [
+            "sweep",
+            "--root",
+            str(tmp_path),
+            "--tag",
+            "t",
+            "--k",
+            "1",
+            "--device",
+            "cpu",
+            "--backends",
+            "reference",
+        ]
+    )
+    assert code == 2 and "other columns" in capsys.readouterr().err
+    assert not (tmp_path / "t" / "history").exists()
 
 
 def test_sweep_cli_rejects_bad_grid(tmp_path, capsys):
