@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+import torch
+
 from phase12.config import MODES, ConfigError, RunConfig
+from phase12.distributed import init_world, local_device
 from phase12.experiment import STATUS_OK, RunResult, run_experiment, run_metadata
 from phase12.outputs import RUNS_CSV, save_run
 from phase12.records import check_columns
@@ -161,22 +165,38 @@ def main_single(argv: list[str]) -> int:
     args = single_run_parser().parse_args(argv)
     config = config_from_args(
         args, mode=args.mode, inner_steps=args.k, backend=args.backend, seed=args.seed
-    )
+    ).replace(device=local_device(args.device))
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         config.validate()
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))
+        if config.meta_batch % ranks:
+            raise ConfigError(
+                f"--meta-batch {config.meta_batch} does not divide over {ranks} ranks; "
+                f"use a multiple of {ranks}"
+            )
         if args.out is not None and args.out.exists():
             if not args.out.is_dir():
                 raise ConfigError(f"--out {args.out} exists and is not a directory")
             check_columns(args.out / RUNS_CSV)
     except ValueError as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    result = run_experiment(config, progress=not args.no_progress)
-    if args.out is not None:
-        save_run(args.out, result, run_metadata(config))
-    print(summary_text(result))
-    if args.json:
-        print(json.dumps(result.row, default=str))
+    world = init_world(config.validate())
+    try:
+        result = run_experiment(
+            config, progress=world.is_main and not args.no_progress, world=world
+        )
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if world.is_main:
+        if args.out is not None:
+            save_run(args.out, result, run_metadata(config))
+        print(summary_text(result))
+        if args.json:
+            print(json.dumps(result.row, default=str))
     if result.status == STATUS_OK:
         return 0
     return EXIT_NONFINITE if result.status == "NONFINITE" else EXIT_FAILED

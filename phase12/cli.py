@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from phase12.config import MODES, ConfigError
 from phase12.records import check_columns
 
@@ -72,6 +74,13 @@ def _grid_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
+        "--devices",
+        type=_csv_list(str),
+        default=None,
+        help="comma-separated devices, one sweep worker each (default: every visible GPU, "
+        "else the --device); e.g. cuda:0,cuda:1 or cpu,cpu",
+    )
+    p.add_argument(
         "--no-batch-seeds",
         action="store_true",
         help="run every seed on its own instead of the seeds of a cell as one batch",
@@ -88,6 +97,8 @@ def _spec(args, validate_cells: bool = True):
     )
     for config in spec.configs() if validate_cells else [base]:
         config.validate()
+    for device in getattr(args, "devices", None) or ():
+        base.replace(device=device).validate()
     if not spec.configs():
         raise ConfigError("the grid is empty: give at least one mode, backend, k and seed")
     try:
@@ -101,8 +112,15 @@ def _sweep(args) -> int:
     from phase12.sweep import run_sweep
 
     folder = args.root / args.tag
+    devices = args.devices
+    if devices is None and args.spec.base.validate().type == "cuda":
+        devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
     counts = run_sweep(
-        args.spec, folder, progress=not args.no_progress, batch_seeds=not args.no_batch_seeds
+        args.spec,
+        folder,
+        progress=not args.no_progress,
+        batch_seeds=not args.no_batch_seeds,
+        devices=devices,
     )
     print(f"sweep {folder}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0

@@ -29,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from kernels import attention
-from phase12.config import Mode, RunConfig
+from phase12.config import ConfigError, Mode, RunConfig
+from phase12.distributed import SINGLE_PROCESS, World
 from phase12.maml import meta_gradient, relative_difference
 from phase12.model import Params, init_params
 from phase12.step import METRICS, OuterStep, capture
@@ -139,7 +140,9 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def build_step(configs: Sequence[RunConfig], device: torch.device) -> OuterStep:
+def build_step(
+    configs: Sequence[RunConfig], device: torch.device, world: World = SINGLE_PROCESS
+) -> OuterStep:
     """Fresh state (parameters, Adam, task streams, empty history) of runs that differ
     only in their seed, as one OuterStep (seed-batched when there are several)."""
     batched = len(configs) > 1
@@ -157,18 +160,18 @@ def build_step(configs: Sequence[RunConfig], device: torch.device) -> OuterStep:
         dtype=c.torch_dtype,
     )
     generators = [task_generator(cfg.seed, device) for cfg in configs]
-    return OuterStep(params, c, device, generators, history, seed_batched=batched)
+    return OuterStep(params, c, device, generators, history, seed_batched=batched, world=world)
 
 
 def prepare_step(
-    configs: Sequence[RunConfig], device: torch.device
+    configs: Sequence[RunConfig], device: torch.device, world: World
 ) -> tuple[OuterStep, Callable, bool]:
     """(state, the callable that runs one step, whether it is a CUDA graph replay).
 
     With cuda_graph 'auto' a failed capture is reported on stderr (with the reason)
     and the run goes on eagerly; with 'on' it raises.
     """
-    step = build_step(configs, device)
+    step = build_step(configs, device, world)
     config = configs[0]
     if device.type != "cuda" or config.cuda_graph == "off":
         return step, step, False
@@ -196,16 +199,26 @@ def _check_seed_group(configs: Sequence[RunConfig]) -> None:
 
 
 def run_experiments(
-    configs: Sequence[RunConfig], *, progress: bool = False, check_every: int = 50
+    configs: Sequence[RunConfig],
+    *,
+    progress: bool = False,
+    check_every: int = 50,
+    world: World = SINGLE_PROCESS,
 ) -> list[RunResult]:
     """Train runs that differ only in their seed as one seed-batched computation.
 
     Each run ends at its own first non-finite step (status NONFINITE); the batch stops
     when every run has ended. Times in the rows are the batch's divided by its number
-    of seeds (each run's share); peak memory is the batch's.
+    of seeds (each run's share); peak memory is the batch's. With several ranks
+    (`world`), each computes its slice of every meta-batch (phase12.distributed).
     """
     _check_seed_group(configs)
     device = configs[0].validate()
+    if configs[0].meta_batch % world.size:
+        raise ConfigError(
+            f"--meta-batch {configs[0].meta_batch} does not divide over {world.size} ranks; "
+            f"use a multiple of {world.size}"
+        )
     config, seeds = configs[0], len(configs)
     t_start = time.perf_counter()
     cuda = device.type == "cuda"
@@ -216,7 +229,7 @@ def run_experiments(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     mem_before = torch.cuda.memory_allocated(device) if cuda else 0
-    state, run_step, graphed = prepare_step(configs, device)
+    state, run_step, graphed = prepare_step(configs, device, world)
     history = state.history
 
     nonfinite = [None] * seeds  # first non-finite step per seed
@@ -253,6 +266,7 @@ def run_experiments(
         if cuda
         else None,
         "seeds_batched": seeds,
+        "world_size": world.size,
     }
     results = []
     for i, cfg in enumerate(configs):
@@ -280,10 +294,14 @@ def run_experiments(
 
 
 def run_experiment(
-    config: RunConfig, *, progress: bool = False, check_every: int = 50
+    config: RunConfig,
+    *,
+    progress: bool = False,
+    check_every: int = 50,
+    world: World = SINGLE_PROCESS,
 ) -> RunResult:
     """Train one run to the end (or to its first non-finite step). Validates `config` first."""
-    return run_experiments([config], progress=progress, check_every=check_every)[0]
+    return run_experiments([config], progress=progress, check_every=check_every, world=world)[0]
 
 
 def failed_result(config: RunConfig, error: BaseException) -> RunResult:

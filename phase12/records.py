@@ -57,6 +57,7 @@ RUN_COLUMNS = SEED_COLUMNS + [
     "nonfinite_step",
     "cuda_graph",
     "seeds_batched",
+    "world_size",
     "device",
     "device_name",
     "torch_version",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from phase12.config import RunConfig
+from phase12.distributed import SINGLE_PROCESS, World, all_reduce_mean
 from phase12.maml import meta_batch_metrics
 from phase12.model import ATTENTION_PARAMS, Params
 from phase12.tasks import Tasks, sample_tasks_for
@@ -49,9 +50,11 @@ class OuterStep:
         generators: list[torch.Generator],
         history: torch.Tensor,
         seed_batched: bool,
+        world: World = SINGLE_PROCESS,
     ):
         self.params, self.config, self.device = params, config, device
         self.generators, self.history, self.seed_batched = generators, history, seed_batched
+        self.world = world
         self.optimizer = make_optimizer(params, config, device)
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
         c = config
@@ -61,7 +64,12 @@ class OuterStep:
         self._metrics = torch.func.vmap(metrics) if seed_batched else metrics
 
     def _sample(self) -> list[torch.Tensor]:
-        per_seed = [sample_tasks_for(self.config, g, self.device) for g in self.generators]
+        """Each seed's global meta-batch, drawn in full on every rank; this rank's slice."""
+        mine = self.world.task_slice(self.config.meta_batch)
+        per_seed = [
+            Tasks(*(t[mine] for t in sample_tasks_for(self.config, g, self.device)))
+            for g in self.generators
+        ]
         if not self.seed_batched:
             return list(per_seed[0])
         return [torch.stack(parts) for parts in zip(*per_seed, strict=True)]
@@ -71,12 +79,15 @@ class OuterStep:
         seed_losses = losses.mean(-1)
         self.optimizer.zero_grad(set_to_none=True)
         seed_losses.sum().backward()  # each seed's parameters get its own meta-gradient
+        stats = torch.stack([seed_losses.detach(), accs.mean(-1)])
+        grads = [p.grad for p in self.params.values()]
+        all_reduce_mean([*grads, stats], self.world)  # no-op on one rank
         norms = [
             torch.linalg.vector_norm(self.params[n].grad.flatten(int(self.seed_batched)), dim=-1)
             for n in ATTENTION_PARAMS
         ]
         self.optimizer.step()
-        metrics = torch.stack([seed_losses.detach(), accs.mean(-1), *norms], dim=-1)
+        metrics = torch.stack([stats[0], stats[1], *norms], dim=-1)
         self.history.index_copy_(1, self.counter, metrics.reshape(-1, 1, len(METRICS)))
         self.counter.add_(1)
 

@@ -10,23 +10,29 @@ Layout of a sweep folder (the same as a single run's --out):
     meta/RUN.json     config, versions, device, commit
     sweep.json        the grid
 
-A run's row is appended (atomically) only after its history and metadata are on
-disk, so re-running the same sweep resumes: cells with a row are skipped, a run that
-was interrupted has no row and is redone, and runs.csv always parses. A cell that
-fails records status ERROR and its error, and the sweep goes on.
+With several devices (`--devices`, default: every visible GPU), one worker process
+per device runs cells and this process alone writes the CSV. A run's row is appended
+(atomically) only after its history and metadata are on disk, so re-running the same
+sweep resumes: cells with a row are skipped, a run that was interrupted has no row and
+is redone, and runs.csv always parses. A cell that fails records status ERROR and its
+error, and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
+import multiprocessing as mp
+import os
+import queue
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from phase12.config import RunConfig
-from phase12.experiment import failed_result, run_experiments, run_metadata
+from phase12.experiment import RunResult, failed_result, run_experiments, run_metadata
 from phase12.outputs import RUNS_CSV, save_run
 from phase12.records import write_json
 
@@ -57,17 +63,84 @@ def finished_run_ids(folder: Path) -> set[str]:
         return {row["run_id"] for row in csv.DictReader(f)}
 
 
+def _run_group(configs: list[RunConfig]) -> list[RunResult]:
+    try:
+        return run_experiments(configs)
+    except Exception as e:  # a failing cell is recorded, the sweep goes on
+        return [failed_result(c, e) for c in configs]
+
+
+def _worker(device: str, parent: int, tasks, results) -> None:
+    """A sweep worker: runs groups on its own device and sends the results back."""
+    while os.getppid() == parent:
+        item = tasks.get()
+        if item is None:
+            return
+        index, configs = item
+        results.put(("start", index, device))
+        results.put(("done", index, _run_group([c.replace(device=device) for c in configs])))
+
+
+def _run_groups_on_workers(groups: list[list[RunConfig]], devices: Sequence[str]):
+    """Yield (group, results) as workers (one process per device) finish them."""
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for item in enumerate(groups):
+        tasks.put(item)
+    for _ in devices:
+        tasks.put(None)
+    workers = {
+        d: ctx.Process(target=_worker, args=(d, os.getpid(), tasks, results), daemon=True)
+        for d in devices
+    }
+    for w in workers.values():
+        w.start()
+    running: dict[str, int] = {}  # device -> index of the group it is on
+    left = len(groups)
+    try:
+        while left:
+            try:
+                kind, index, payload = results.get(timeout=1.0)
+            except queue.Empty:
+                for device, w in workers.items():
+                    if not w.is_alive() and device in running:  # died mid-group
+                        index = running.pop(device)
+                        error = RuntimeError(f"sweep worker on {device} died (exit {w.exitcode})")
+                        left -= 1
+                        yield groups[index], [failed_result(c, error) for c in groups[index]]
+                continue
+            if kind == "start":
+                running[payload] = index
+                continue
+            running = {d: i for d, i in running.items() if i != index}
+            left -= 1
+            yield groups[index], payload
+    finally:
+        for w in workers.values():
+            w.join(timeout=5)
+            if w.is_alive():
+                w.terminate()
+
+
 def run_sweep(
-    spec: SweepSpec, folder: Path, *, progress: bool = True, batch_seeds: bool = True
+    spec: SweepSpec,
+    folder: Path,
+    *,
+    progress: bool = True,
+    batch_seeds: bool = True,
+    devices: Sequence[str] | None = None,
 ) -> dict[str, int]:
     """Run every unfinished cell of `spec` into `folder`; returns counts by status.
 
     With `batch_seeds`, the unfinished seeds of one (backend, mode, k) cell train as one
-    seed-batched computation (phase12.experiment.run_experiments).
+    seed-batched computation (phase12.experiment.run_experiments). With several
+    `devices`, one worker process per device runs cells; this process alone writes.
     """
     configs = spec.configs()
     for config in configs:
         config.validate()  # every cell is checked before any runs
+    for device in devices or ():
+        spec.base.replace(device=device).validate()
     folder.mkdir(parents=True, exist_ok=True)
     write_json(
         folder / "sweep.json",
@@ -84,17 +157,17 @@ def run_sweep(
     groups: dict[RunConfig, list[RunConfig]] = {}
     for c in todo:
         groups.setdefault(c.replace(seed=0) if batch_seeds else c, []).append(c)
+    if devices and len(devices) > 1:
+        finished = _run_groups_on_workers(list(groups.values()), devices)
+    else:
+        if devices:
+            groups = {k: [c.replace(device=devices[0]) for c in g] for k, g in groups.items()}
+        finished = ((g, _run_group(g)) for g in groups.values())
     counts = {"skipped": len(configs) - len(todo)}
-    bar = tqdm(total=len(todo), desc=f"sweep {folder.name}", unit="run", disable=not progress)
-    with bar:
-        for group in groups.values():
-            bar.set_postfix_str(
-                group[0].run_id + (f" +{len(group) - 1} seeds" if len(group) > 1 else "")
-            )
-            try:
-                results = run_experiments(group)
-            except Exception as e:  # a failing cell is recorded, the sweep goes on
-                results = [failed_result(c, e) for c in group]
+    with tqdm(
+        total=len(todo), desc=f"sweep {folder.name}", unit="run", disable=not progress
+    ) as bar:
+        for group, results in finished:
             for config, result in zip(group, results, strict=True):
                 save_run(folder, result, run_metadata(config))
                 counts[result.status] = counts.get(result.status, 0) + 1

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 import phase12.sweep as sweep_module
 from phase12.config import RunConfig
@@ -53,14 +54,16 @@ def test_sweep_writes_one_row_per_cell_and_resume_skips(tmp_path):
     assert len(pd.read_csv(tmp_path / "runs.csv")) == 12
 
 
-def test_resume_after_kill(tmp_path):
+@pytest.mark.parametrize("devices", [None, ("cpu", "cpu")], ids=["one-process", "2-workers"])
+def test_resume_after_kill(tmp_path, devices):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from test_sweep import SPEC
         from phase12.sweep import run_sweep
-        run_sweep(SPEC, Path({str(tmp_path)!r}), progress=False)
+        run_sweep(SPEC, Path({str(tmp_path)!r}), progress=False, batch_seeds=False,
+                  devices={devices!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script])
     runs_csv = tmp_path / "runs.csv"
@@ -73,8 +76,14 @@ def test_resume_after_kill(tmp_path):
     proc.wait()
     partial = pd.read_csv(runs_csv)  # parses after a kill at any moment
     assert 2 <= len(partial) < 12 and not partial["run_id"].duplicated().any()
-    counts = run_sweep(SPEC, tmp_path, progress=False)
+    counts = run_sweep(SPEC, tmp_path, progress=False, devices=devices)
     assert counts["skipped"] == len(partial)
+    check_complete(tmp_path, SPEC)
+
+
+def test_two_workers_write_a_complete_csv(tmp_path):
+    counts = run_sweep(SPEC, tmp_path, progress=False, devices=("cpu", "cpu"))
+    assert counts == {"skipped": 0, "OK": 12}
     check_complete(tmp_path, SPEC)
 
 
