@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -113,3 +114,56 @@ def full_minus_fo_gap(gaps: pd.DataFrame, path: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def scaling_plot(df: pd.DataFrame, base, path: Path) -> Path:
+    """Step time and peak memory against k, meta-batch and T (one varied at a time).
+
+    `df` has the columns of phase12.benchmark.measure; `base` is the RunConfig at
+    whose values the two other axes stay.
+    """
+    fields = {"k": "inner_steps", "meta_batch": "meta_batch", "seq_len": "seq_len"}
+    parts = []
+    for axis in fields:
+        keep = pd.Series(True, index=df.index)
+        for other, field in fields.items():
+            if other != axis:
+                keep &= df[other] == getattr(base, field)
+        parts.append(df[keep].assign(axis=axis, x=df[axis]))
+    tidy = (
+        pd.concat(parts)
+        .melt(
+            id_vars=["axis", "x", "backend", "mode"],
+            value_vars=["median_step_ms", "peak_mem_mib"],
+            var_name="measure",
+            value_name="y",
+        )
+        .dropna(subset=["y"])
+    )
+    tidy["measure"] = tidy["measure"].map(
+        {"median_step_ms": "median step (ms)", "peak_mem_mib": "peak memory (MiB)"}
+    )
+    grid = sns.relplot(
+        data=tidy,
+        x="x",
+        y="y",
+        hue="backend",
+        style="mode",
+        row="measure",
+        col="axis",
+        kind="line",
+        markers=True,
+        height=3,
+        aspect=1.2,
+        facet_kws=dict(sharex=False, sharey=False),
+    )
+    grid.set(xscale="log", yscale="log")
+    for ax in grid.axes.flat:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.minorticks_off()
+    grid.set_titles("{row_name} vs {col_name}")
+    grid.set_xlabels("")
+    grid.set_ylabels("")
+    sns.move_legend(grid, "upper left", bbox_to_anchor=(1.0, 0.9))
+    return _save(grid, path, f"Outer-step cost on {df['device_name'].iloc[0]}")

@@ -67,20 +67,22 @@ def time_steps(config: RunConfig, graph: bool, warmup: int, reps: int) -> tuple[
     return statistics.median(times), torch.cuda.max_memory_allocated(device) - mem_before
 
 
-def bench(base: RunConfig, modes, ks, backends, executions, warmup: int, reps: int) -> pd.DataFrame:
+def measure(cells, warmup: int, reps: int) -> pd.DataFrame:
+    """One row per (config, execution) cell: median step time, peak memory, seed ratio."""
     rows = []
-    device = base.validate()
-    cells = [(b, m, k, x) for x in executions for b in backends for m in modes for k in ks]
-    for backend, mode, k, execution in cells:
-        cfg = base.replace(backend=backend, mode=mode, inner_steps=k)
+    for cfg, execution in cells:
+        device = cfg.validate()
         median, peak = time_steps(cfg, execution == "graph", warmup, reps)
-        seed = SEED_STEP_S.get((device.type, backend, mode)) if k == 20 else None
+        seed = SEED_STEP_S.get((device.type, cfg.backend, cfg.mode))
+        seed = (
+            seed if cfg.inner_steps == 20 and cfg.meta_batch == 16 and cfg.seq_len == 32 else None
+        )
         rows.append(
             dict(
                 device_name=device_name(device),
-                backend=backend,
-                mode=mode,
-                k=k,
+                backend=cfg.backend,
+                mode=cfg.mode,
+                k=cfg.inner_steps,
                 execution=execution,
                 meta_batch=cfg.meta_batch,
                 seq_len=cfg.seq_len,
@@ -92,12 +94,35 @@ def bench(base: RunConfig, modes, ks, backends, executions, warmup: int, reps: i
         )
         r = rows[-1]
         print(
-            f"{execution:5s} {backend:12s} {mode:9s} k={k:2d}  "
-            f"{r['median_step_ms']:9.2f} ms"
+            f"{execution:5s} {cfg.backend:12s} {cfg.mode:9s} k={cfg.inner_steps:2d} "
+            f"B={cfg.meta_batch:4d} T={cfg.seq_len:4d} {r['median_step_ms']:9.2f} ms"
             + (f"  seed {r['seed_step_ms']:.0f} ms ({r['speedup_vs_seed']:.1f}x)" if seed else ""),
             flush=True,
         )
     return pd.DataFrame(rows)
+
+
+def step_cells(base: RunConfig, modes, ks, backends, executions) -> list:
+    """The main table: modes x k x backends x executions at the base shape."""
+    return [
+        (base.replace(backend=b, mode=m, inner_steps=k), x)
+        for x in executions
+        for b in backends
+        for m in modes
+        for k in ks
+    ]
+
+
+def scaling_cells(base: RunConfig, backends, execution: str, axes: dict[str, list[int]]) -> list:
+    """How cost grows: FULL and FO_STRICT with one of k, meta-batch, T varied at a time."""
+    field = {"k": "inner_steps", "meta_batch": "meta_batch", "seq_len": "seq_len"}
+    return [
+        (base.replace(backend=b, mode=m, **{field[axis]: v}), execution)
+        for axis, values in axes.items()
+        for v in values
+        for b in backends
+        for m in ("FULL", "FO_STRICT")
+    ]
 
 
 def _ints(s: str) -> list[int]:
@@ -123,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also the scaling table: FULL and FO_STRICT against k, meta-batch and T",
+    )
+    p.add_argument("--scaling-k", default="1,5,10,20,40")
+    p.add_argument("--scaling-meta-batch", default="16,64,256,1024")
+    p.add_argument("--scaling-seq-len", default="32,128,512,1024,4096")
     p.add_argument("--out", type=Path, default=Path("out/bench_step"))
     args = p.parse_args(argv)
     base = RunConfig(device=args.device, meta_batch=args.meta_batch, seq_len=args.seq_len)
@@ -132,19 +165,28 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}")
         return 2
-    executions = (
-        args.execution or ("eager,graph" if base.validate().type == "cuda" else "eager")
-    ).split(",")
-    df = bench(
-        base,
-        args.modes.split(","),
-        _ints(args.k),
-        args.backends.split(","),
-        executions,
+    cuda = base.validate().type == "cuda"
+    executions = (args.execution or ("eager,graph" if cuda else "eager")).split(",")
+    backends = args.backends.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+    df = measure(
+        step_cells(base, args.modes.split(","), _ints(args.k), backends, executions),
         args.warmup,
         args.reps,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "step.csv", index=False)
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if args.scaling:
+        from analysis.figures import scaling_plot
+
+        axes = {
+            "k": _ints(args.scaling_k),
+            "meta_batch": _ints(args.scaling_meta_batch),
+            "seq_len": _ints(args.scaling_seq_len),
+        }
+        cells = scaling_cells(base, backends, "graph" if cuda else "eager", axes)
+        scaling = measure(cells, args.warmup, args.reps)
+        scaling.to_csv(args.out / "scaling.csv", index=False)
+        scaling_plot(scaling, base, args.out / "scaling.png")
+        print(scaling.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     return 0
