@@ -19,6 +19,7 @@ Out-of-memory cells are recorded as OOM. B*H = 32 (B = 4, H = 8).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("out/bench_attention"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("error: the attention benchmark needs a CUDA device", flush=True)
+        print("error: the attention benchmark needs a CUDA device", file=sys.stderr)
         return 2
     t0 = time.time()
     df = bench(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for backend in args.backends.split(","):
             base.replace(backend=backend).validate()
     except ConfigError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     cuda = base.validate().type == "cuda"
     executions = (args.execution or ("eager,graph" if cuda else "eager")).split(",")

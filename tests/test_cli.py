@@ -73,3 +73,53 @@ def test_nonfinite_run_stops_and_says_so(tmp_path, capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["status"] == "NONFINITE" and row["nonfinite_step"] == 0
     assert "non-finite at outer step 0" in row["error"]
+
+
+def test_bench_step_writes_tables_and_plot(tmp_path):
+    out = tmp_path / "bench"
+    args = [
+        "bench",
+        "step",
+        "--device",
+        "cpu",
+        "--modes",
+        "FO_STRICT",
+        "--k",
+        "1",
+        "--backends",
+        "reference",
+        "--meta-batch",
+        "2",
+        "--seq-len",
+        "8",
+        "--reps",
+        "1",
+        "--warmup",
+        "1",
+        "--scaling",
+        "--scaling-k",
+        "1,2",
+        "--scaling-meta-batch",
+        "2,4",
+        "--scaling-seq-len",
+        "8,16",
+        "--out",
+        str(out),
+    ]
+    assert run.main(args) == 0
+    import pandas as pd
+
+    step = pd.read_csv(out / "step.csv")
+    assert list(step["mode"]) == ["FO_STRICT"] and (step["median_step_ms"] > 0).all()
+    scaling = pd.read_csv(out / "scaling.csv")
+    assert len(scaling) == 2 * (2 + 2 + 2)  # FULL and FO_STRICT at every axis value
+    assert (out / "scaling.png").stat().st_size > 10_000
+
+
+def test_bench_attention_needs_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the message shown without CUDA")
+    assert run.main(["bench", "attention"]) == 2
+    assert "error: the attention benchmark needs a CUDA device" in capsys.readouterr().err
