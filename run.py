@@ -30,6 +30,13 @@ EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NONFINITE = 2, 1, 3
 DEFAULTS = RunConfig()
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported as one `error:` line (exit 2) instead of usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by a single run and a sweep (everything but the grid axes)."""
     d = DEFAULTS
@@ -97,7 +104,7 @@ def config_from_args(args: argparse.Namespace, **grid) -> RunConfig:
 
 
 def single_run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="run.py",
         description="One Phase 12 MAML run. Subcommands: sweep, risk, report, pipeline, bench "
         "(python run.py SUBCOMMAND --help).",

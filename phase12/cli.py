@@ -149,7 +149,9 @@ def _report(args) -> int:
 
 
 def main_bench(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="run.py bench")
+    from run import ArgumentParser
+
+    p = ArgumentParser(prog="run.py bench")
     p.add_argument("what", choices=["step", "attention"], help="which benchmark")
     args, rest = p.parse_known_args(argv)
     if args.what == "attention":
@@ -162,7 +164,9 @@ def main_bench(argv: list[str]) -> int:
 
 
 def parser(name: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"run.py {name}")
+    from run import ArgumentParser
+
+    p = ArgumentParser(prog=f"run.py {name}")
     if name == "report":
         p.description = "Rebuild summary.csv, figures/ and report.md of a sweep from its CSVs."
         _folder_flags(p, tag_required=True)

@@ -33,8 +33,8 @@ def test_bad_input_exits_2_before_writing(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         raise SystemExit(run.main(args))
     assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert not out.exists()
 
 
