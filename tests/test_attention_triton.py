@@ -6,6 +6,7 @@ float64 in the interpreter), so first, second and third order are compared to ~1
 
 import pytest
 import torch
+from tiny import TINY
 from torch.func import grad, jvp, vmap
 
 from kernels import attention, fused_attention
@@ -199,22 +200,11 @@ def test_forward_mode_jvp_and_forward_over_reverse():
 
 
 def test_engine_full_meta_gradient_triton_equals_reference():
-    from phase12.config import RunConfig
     from phase12.maml import meta_gradient, relative_difference
     from phase12.model import init_params
     from phase12.tasks import sample_tasks_for
 
-    cfg = RunConfig(
-        meta_batch=2,
-        shots=3,
-        queries=3,
-        seq_len=9,
-        dim=8,
-        num_classes=3,
-        signal_positions=2,
-        dtype="float64",
-        device="cpu",
-    )
+    cfg = TINY.replace(seq_len=9, num_classes=3, dtype="float64")
     seed = torch.randint(0, 2**31, ()).item()
     params = init_params(8, 3, torch.Generator().manual_seed(seed), dtype=F64)
     tasks = sample_tasks_for(cfg, torch.Generator().manual_seed(seed), torch.device("cpu"))

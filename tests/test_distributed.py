@@ -9,24 +9,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.multiprocessing as mp
+from tiny import TINY
 
-from phase12.config import RunConfig
 from phase12.distributed import init_world
 from phase12.experiment import build_step
 
 ROOT = Path(__file__).resolve().parent.parent
-CFG = RunConfig(
-    device="cpu",
-    dtype="float64",
-    inner_steps=2,
-    outer_steps=3,
-    meta_batch=4,
-    shots=3,
-    queries=3,
-    seq_len=6,
-    dim=8,
-    signal_positions=2,
-)
+CFG = TINY.replace(dtype="float64", meta_batch=4)
 
 
 def free_port() -> int:

@@ -2,24 +2,15 @@
 
 import pandas as pd
 import pytest
+from tiny import TINY
 
-from phase12.config import RunConfig
 from phase12.risk import run_risk_checks
 
 pytestmark = pytest.mark.usefixtures("interpreter")
 
 
 def test_risk_checks_pass_on_cpu(tmp_path):
-    base = RunConfig(
-        device="cpu",
-        inner_steps=2,
-        meta_batch=2,
-        shots=3,
-        queries=3,
-        seq_len=6,
-        dim=8,
-        signal_positions=2,
-    )
+    base = TINY
     pd.DataFrame([{"run_id": "a", "status": "OK"}, {"run_id": "b", "status": "NONFINITE"}]).to_csv(
         tmp_path / "runs.csv", index=False
     )

@@ -7,6 +7,7 @@ The GPU test (test_step_gpu.py) then checks replay against eager.
 """
 
 import torch
+from tiny import TINY
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from phase12.config import RunConfig
@@ -39,17 +40,7 @@ def test_the_detector_sees_host_reads():
 
 
 def test_outer_step_never_reads_device_values_on_the_host():
-    cfg = RunConfig(
-        device="cpu",
-        inner_steps=2,
-        outer_steps=3,
-        meta_batch=2,
-        shots=3,
-        queries=3,
-        seq_len=6,
-        dim=8,
-        signal_positions=2,
-    )
+    cfg = TINY
     for mode in ("FULL", "FO", "FO_STRICT"):
         step = build_step([cfg.replace(mode=mode)], torch.device("cpu"))
         step()  # Adam's lazy state is created on the first step; check the steady state
@@ -74,17 +65,7 @@ def test_cuda_optimizer_is_capturable():
 
 def test_snapshot_restore_gives_the_same_run():
     """What `capture` relies on: restoring state in place replays the same run."""
-    cfg = RunConfig(
-        device="cpu",
-        inner_steps=2,
-        outer_steps=4,
-        meta_batch=2,
-        shots=3,
-        queries=3,
-        seq_len=6,
-        dim=8,
-        signal_positions=2,
-    )
+    cfg = TINY.replace(outer_steps=4)
     step = build_step([cfg], torch.device("cpu"))
     snap = step.snapshot()
     for _ in range(4):

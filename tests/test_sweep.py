@@ -8,23 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from tiny import TINY
 
 import phase12.sweep as sweep_module
-from phase12.config import RunConfig
 from phase12.records import RUN_COLUMNS
 from phase12.sweep import SweepSpec, run_sweep
 
-BASE = RunConfig(
-    device="cpu",
-    outer_steps=4,
-    meta_batch=2,
-    shots=3,
-    queries=3,
-    seq_len=6,
-    dim=8,
-    signal_positions=2,
-    metric_window=2,
-)
+BASE = TINY.replace(outer_steps=4)
 SPEC = SweepSpec(
     base=BASE,
     modes=("FULL", "FO_STRICT"),
