@@ -171,3 +171,40 @@ def test_report_cli_needs_a_sweep(tmp_path, capsys):
 
     assert run.main(["report", "--root", str(tmp_path), "--tag", "none"]) == 2
     assert "run the sweep first" in capsys.readouterr().err
+
+
+def test_pipeline_command_writes_everything(tmp_path):
+    import run
+
+    args = [
+        "pipeline",
+        "--root",
+        str(tmp_path),
+        "--tag",
+        "p",
+        "--device",
+        "cpu",
+        "--backends",
+        "reference",
+        "--modes",
+        "FULL,FO",
+        "--k",
+        "1",
+        "--seeds",
+        "0,1",
+        "--outer-steps",
+        "3",
+        "--meta-batch",
+        "2",
+        "--seq-len",
+        "8",
+        "--no-gradgradcheck",
+        "--no-progress",
+    ]
+    assert run.main(args) == 0
+    folder = tmp_path / "p"
+    assert len(pd.read_csv(folder / "runs.csv")) == 4
+    risk = pd.read_csv(folder / "risk_checks.csv").set_index("check")["status"]
+    assert risk["seed_determinism"] == "PASS" and risk["nonfinite_guard"] == "PASS"
+    assert "## Risk checks" in (folder / "report.md").read_text()
+    assert run.main(["report", "--root", str(tmp_path), "--tag", "p"]) == 0
