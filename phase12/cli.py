@@ -132,7 +132,10 @@ def _risk(args) -> int:
 
     folder = args.root / args.tag
     df = run_risk_checks(
-        args.spec.base.replace(inner_steps=5), folder, gradgradcheck=not args.no_gradgradcheck
+        args.spec.base.replace(inner_steps=5),
+        folder,
+        gradgradcheck=not args.no_gradgradcheck,
+        backends=args.spec.backends,
     )
     write_atomic(folder / RISK_CSV, df.to_csv(index=False))
     print(df.to_string(index=False))

@@ -40,7 +40,10 @@ def _row(check: str, status: str, value=None, details: str = "") -> dict:
     return {"check": check, "status": status, "value": value, "details": details}
 
 
-def _triton_available(device: torch.device) -> str | None:
+def _triton_available(device: torch.device, backends: tuple[str, ...]) -> str | None:
+    """Why triton_fused cannot be checked here (None if it can)."""
+    if "triton_fused" not in backends:
+        return "triton_fused not among the requested backends"
     try:
         check_backend("triton_fused", device)
         return None
@@ -68,9 +71,11 @@ def seed_determinism(base: RunConfig, device: torch.device, steps: int = 10) -> 
     )
 
 
-def attention_parity(base: RunConfig, device: torch.device) -> list[dict]:
+def attention_parity(
+    base: RunConfig, device: torch.device, backends: tuple[str, ...]
+) -> list[dict]:
     """On the attention shapes of one outer step: B = meta_batch * examples, N = 1, M = T."""
-    why = _triton_available(device)
+    why = _triton_available(device, backends)
     names = ("forward", "backward", "double_backward")
     if why:
         return [_row(f"attention_parity_{n}", "SKIP", details=why) for n in names]
@@ -111,14 +116,16 @@ def attention_parity(base: RunConfig, device: torch.device) -> list[dict]:
     return rows
 
 
-def meta_gradient_checks(base: RunConfig, device: torch.device) -> list[dict]:
+def meta_gradient_checks(
+    base: RunConfig, device: torch.device, backends: tuple[str, ...]
+) -> list[dict]:
     cfg = base.replace(meta_batch=4)
     params = initial_params(cfg, device)
     tasks = sample_tasks_for(cfg, task_generator(cfg.seed + 17, device), device)
     kw = dict(steps=cfg.inner_steps, lr=cfg.inner_lr)
     rows, full_by_backend = [], {}
     for backend in ("reference", "triton_fused"):
-        why = _triton_available(device) if backend == "triton_fused" else None
+        why = _triton_available(device, backends) if backend == "triton_fused" else None
         if why:
             rows += [
                 _row(f"fo_vs_fo_strict_{backend}", "SKIP", details=why),
@@ -226,16 +233,19 @@ def nonfinite_guard(sweep_folder: Path | None) -> dict:
 
 
 def run_risk_checks(
-    base: RunConfig, sweep_folder: Path | None = None, gradgradcheck: bool = True
+    base: RunConfig,
+    sweep_folder: Path | None = None,
+    gradgradcheck: bool = True,
+    backends: tuple[str, ...] = ("reference", "triton_fused"),
 ) -> pd.DataFrame:
+    """All checks for the model setting `base`; Triton checks only if requested."""
     device = base.validate()
     rows = [seed_determinism(base, device)]
-    rows += attention_parity(base, device)
-    rows += meta_gradient_checks(base, device)
-    rows.append(
-        triton_gradgradcheck()
-        if gradgradcheck
-        else _row("triton_gradgradcheck", "SKIP", details="not requested")
-    )
+    rows += attention_parity(base, device, backends)
+    rows += meta_gradient_checks(base, device, backends)
+    if not gradgradcheck or "triton_fused" not in backends:
+        rows.append(_row("triton_gradgradcheck", "SKIP", details="not requested"))
+    else:
+        rows.append(triton_gradgradcheck())
     rows.append(nonfinite_guard(sweep_folder))
     return pd.DataFrame(rows, columns=RISK_COLUMNS)
