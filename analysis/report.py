@@ -51,7 +51,7 @@ def _md(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
     def cell(x):
         if isinstance(x, float):
             return "" if x != x else format(x, floatfmt)
-        return str(x)
+        return str(x).replace("|", "\\|")  # a literal | would split the cell
 
     lines = [
         "| " + " | ".join(map(str, df.columns)) + " |",
@@ -229,8 +229,12 @@ def build_report(folder: str | Path) -> Path:
         "",
     ]
     risk = folder / "risk_checks.csv"
+    lines += ["## Risk checks", ""]
     if risk.exists():
-        lines += ["## Risk checks", "", _md(pd.read_csv(risk), ".3e"), ""]
+        lines += [_md(pd.read_csv(risk), ".3e"), ""]
+    else:
+        hint = f"python run.py risk --root {folder.parent} --tag {folder.name}"
+        lines += [f"None in this folder: `{hint}` writes them.", ""]
     lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
     path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")
