@@ -22,7 +22,7 @@ import torch
 
 from phase12.config import MODES, ConfigError, RunConfig
 from phase12.distributed import init_world, local_device
-from phase12.experiment import STATUS_OK, RunResult, run_experiment, run_metadata
+from phase12.experiment import STATUS_NONFINITE, STATUS_OK, RunResult, run_experiment, run_metadata
 from phase12.outputs import RUNS_CSV, save_run
 from phase12.records import check_columns
 
@@ -206,7 +206,7 @@ def main_single(argv: list[str]) -> int:
             print(json.dumps(result.row, default=str))
     if result.status == STATUS_OK:
         return 0
-    return EXIT_NONFINITE if result.status == "NONFINITE" else EXIT_FAILED
+    return EXIT_NONFINITE if result.status == STATUS_NONFINITE else EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

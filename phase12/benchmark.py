@@ -38,7 +38,8 @@ SEED_STEP_S = {
 def time_steps(config: RunConfig, graph: bool, warmup: int, reps: int) -> tuple[float, int | None]:
     """(median seconds per outer step, peak CUDA bytes or None) for `config`."""
     device = config.validate()
-    state = build_step([config.replace(outer_steps=warmup + reps + 4)], device)
+    # History rows for every timed call (capture's own calls are undone by restore()).
+    state = build_step([config.replace(outer_steps=warmup + reps)], device)
     if device.type != "cuda":
         for _ in range(warmup):
             state()
