@@ -3,8 +3,10 @@
 Each launcher takes tensors of shape (..., rows, cols) with identical leading
 dims, flattens the leading dims into one batch*head axis, makes every operand
 contiguous (so non-contiguous inputs are accepted at the cost of one copy) and
-launches a 1-D grid. Nothing here is differentiable: `kernels.fused` wraps these
-functions in autograd.Functions.
+launches a 1-D grid: tiles of the flash-style kernels, or, for one query per example
+(N = 1) with a small key block, one program per example on the one-query kernels
+(forward, backward and double backward one launch each). Nothing here is
+differentiable: `kernels.fused` wraps these functions in autograd.Functions.
 
 Accumulation is float32 for fp16/bf16/fp32 inputs and float64 for float64 inputs;
 the log-sum-exp and the other row statistics are returned in that dtype. float32
@@ -24,9 +26,12 @@ import triton.language as tl
 from kernels.triton_kernels import (
     attention_bwd_dkdv_kernel,
     attention_bwd_dq_kernel,
+    attention_bwd_row_kernel,
     attention_dbwd_cols_kernel,
+    attention_dbwd_row_kernel,
     attention_dbwd_rows_kernel,
     attention_fwd_kernel,
+    attention_fwd_row_kernel,
 )
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -34,6 +39,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # TF32); "tf32x3" splits each operand into three TF32 parts on the tensor cores.
 FLOAT32_PRECISION = "ieee"
 MAX_HEAD_DIM = 128
+# The one-query kernels (N = 1) hold an example's whole (M, D) key block in registers;
+# beyond this many elements (M > 128 at D = 64) N = 1 runs on the tiled kernels.
+ROW_KERNEL_MAX_BLOCK = 8192
 
 
 def interpreter_enabled() -> bool:
@@ -75,6 +83,23 @@ def launch_config(kind: str, n: int, m: int, d: int) -> LaunchConfig:
     block_m = min(big[1], _pow2(m, 16))
     warps = 8 if block_n * block_m >= 128 * 64 else 4
     return LaunchConfig(block_n=block_n, block_m=block_m, num_warps=warps, num_stages=2)
+
+
+def uses_row_kernels(n: int, m: int, d: int, dv: int) -> bool:
+    """Does a problem of this shape run on the one-query kernels (N = 1, small key block)?"""
+    return n == 1 and _pow2(m, 16) * _pow2(max(d, dv), 16) <= ROW_KERNEL_MAX_BLOCK
+
+
+def _row_meta(q: torch.Tensor, m: int, dv: int, causal: bool) -> dict:
+    block_m, block_d = _pow2(m, 16), _pow2(q.shape[-1], 16)
+    return dict(
+        CAUSAL=causal,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        BLOCK_DV=_pow2(dv, 16),
+        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
+        num_warps=4 if block_m * block_d >= 4096 else 2,
+    )
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -122,8 +147,14 @@ def attention_forward(
     bh = q3.shape[0]
     o = torch.empty(bh, n, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(bh, n, dtype=accumulator_dtype(q.dtype), device=q.device)
-    meta = _meta(q, k, v, "fwd", causal)
-    if o.numel():
+    if not o.numel():  # an empty batch: nothing to launch
+        pass
+    elif uses_row_kernels(n, m, d, dv):
+        attention_fwd_row_kernel[(bh,)](
+            q3, k3, v3, o, lse, m, d, dv, scale, **_row_meta(q, m, dv, causal)
+        )
+    else:
+        meta = _meta(q, k, v, "fwd", causal)
         attention_fwd_kernel[_grid(bh, n, meta["BLOCK_N"])](
             q3, k3, v3, o, lse, n, m, d, dv, scale, **meta
         )
@@ -149,11 +180,17 @@ def attention_backward(
     """(dQ, dK, dV) in the input dtype, from Q, K, V, O, LSE and dO."""
     (n, d), (m, dv) = q.shape[-2:], v.shape[-2:]
     do = do.to(q.dtype)
-    q3, k3, v3, do3 = _flat(q), _flat(k), _flat(v), _flat(do)
-    lse2, delta = _flat_rows(lse), _delta(o, do)
+    q3, k3, v3, do3, lse2 = _flat(q), _flat(k), _flat(v), _flat(do), _flat_rows(lse)
     bh = q3.shape[0]
     dq, dk, dvv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
-    if dq.numel():
+    if not dq.numel():  # an empty batch: nothing to launch
+        pass
+    elif uses_row_kernels(n, m, d, dv):
+        attention_bwd_row_kernel[(bh,)](
+            q3, k3, v3, do3, lse2, dq, dk, dvv, m, d, dv, scale, **_row_meta(q, m, dv, causal)
+        )
+    else:
+        delta = _delta(o, do)
         meta = _meta(q, k, v, "bwd", causal)
         args = (n, m, d, dv, scale)
         attention_bwd_dkdv_kernel[_grid(bh, m, meta["BLOCK_M"])](
@@ -183,11 +220,33 @@ def attention_double_backward(
     dt = q.dtype
     do, uq, uk, uv = do.to(dt), uq.to(dt), uk.to(dt), uv.to(dt)
     q3, k3, v3, do3 = _flat(q), _flat(k), _flat(v), _flat(do)
-    uq3, uk3, uv3 = _flat(uq), _flat(uk), _flat(uv)
-    lse2, delta = _flat_rows(lse), _delta(o, do)
+    uq3, uk3, uv3, lse2 = _flat(uq), _flat(uk), _flat(uv), _flat_rows(lse)
     bh = q3.shape[0]
     gq, gk, gv, gdo = (torch.empty_like(t) for t in (q3, k3, v3, do3))
-    if gq.numel():
+    if not gq.numel():  # an empty batch: nothing to launch
+        pass
+    elif uses_row_kernels(n, m, d, dv):
+        attention_dbwd_row_kernel[(bh,)](
+            q3,
+            k3,
+            v3,
+            do3,
+            uq3,
+            uk3,
+            uv3,
+            lse2,
+            gq,
+            gk,
+            gv,
+            gdo,
+            m,
+            d,
+            dv,
+            scale,
+            **_row_meta(q, m, dv, causal),
+        )
+    else:
+        delta = _delta(o, do)
         rho_w, rho_g = torch.empty_like(lse2), torch.empty_like(lse2)
         meta = _meta(q, k, v, "dbwd", causal)
         args = (n, m, d, dv, scale)

@@ -22,6 +22,13 @@ slice, so neighbouring programs share K/V in L2 and BH is not limited to 65535.
 
 Causal masking is top-left aligned, as in torch's scaled_dot_product_attention:
 query i sees keys j <= i (for any N, M).
+
+One query per example (N = 1, the Phase 12 model) has its own three kernels at the end
+of the file: tl.dot needs at least 16 rows, so a tiled kernel would compute 16 rows to
+keep one. The one-query kernels hold an example's whole key block and write every
+product as a broadcast and a sum; with all keys in one block, Delta, rho_W and rho_G are
+plain reductions inside the program, and each of forward, backward and double backward
+is a single launch.
 """
 
 from __future__ import annotations
@@ -313,3 +320,95 @@ def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G
 
     _store(GK, gk * scale, bh, offs_m, offs_d, M, D)
     _store(GV, gv, bh, offs_m, offs_dv, M, DV)
+
+
+# ---------------------------------------------------------------------------
+# One query per example (N = 1): a program holds all M keys of one (batch*head) slice
+# ---------------------------------------------------------------------------
+# With one query, the N x M tiles above are single rows: S, P, dP, W, R are vectors over
+# the keys (BLOCK_M >= M), q-side operands are vectors over D, and every matrix
+# product is a broadcast multiply followed by a sum. Causal: the query sees key 0 only.
+
+
+@triton.jit
+def _row_scores(q, k, offs_m, M, scale, CAUSAL: tl.constexpr):
+    """s_j = scale q . k_j over the keys (BLOCK_M,); -inf for padding and masked keys."""
+    s = tl.sum(q[None, :] * k, 1) * scale
+    valid = offs_m < M
+    if CAUSAL:  # top-left aligned: the one query sees key 0 only
+        valid = valid & (offs_m == 0)
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def attention_fwd_row_kernel(Q, K, V, O, LSE, M, D, DV, scale,
+                             CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
+    bh = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_row(Q, bh, offs_d, D).to(ACC)
+    k = _load(K, bh, offs_m, offs_d, M, D).to(ACC)
+    v = _load(V, bh, offs_m, offs_dv, M, DV).to(ACC)
+    s = _row_scores(q, k, offs_m, M, scale, CAUSAL)
+    s_max = tl.max(s, 0)                                    # finite: key 0 is always visible
+    e = tl.exp(s - s_max)
+    total = tl.sum(e, 0)
+    _store_row(O, (tl.sum(e[:, None] * v, 0) / total).to(O.dtype.element_ty), bh, offs_dv, DV)
+    tl.store(LSE + bh, s_max + tl.log(total))
+
+
+@triton.jit
+def attention_bwd_row_kernel(Q, K, V, DO, LSE, DQ, DK, DVo, M, D, DV, scale,
+                             CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
+    bh = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_row(Q, bh, offs_d, D).to(ACC)
+    do = _load_row(DO, bh, offs_dv, DV).to(ACC)
+    k = _load(K, bh, offs_m, offs_d, M, D).to(ACC)
+    v = _load(V, bh, offs_m, offs_dv, M, DV).to(ACC)
+    p = tl.exp(_row_scores(q, k, offs_m, M, scale, CAUSAL) - tl.load(LSE + bh))
+    dp = tl.sum(do[None, :] * v, 1)                         # dP = dO V^T
+    delta = tl.sum(p * dp, 0)                               # rowsum(dO * O) = rowsum(P * dP)
+    ds = p * (dp - delta)
+    _store_row(DQ, (tl.sum(ds[:, None] * k, 0) * scale).to(DQ.dtype.element_ty), bh, offs_d, D)
+    _store(DK, ds[:, None] * q[None, :] * scale, bh, offs_m, offs_d, M, D)     # s dS^T Q
+    _store(DVo, p[:, None] * do[None, :], bh, offs_m, offs_dv, M, DV)          # P^T dO
+
+
+@triton.jit
+def attention_dbwd_row_kernel(Q, K, V, DO, UQ, UK, UV, LSE, GQ, GK, GV, GDO, M, D, DV, scale,
+                              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
+    bh = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_row(Q, bh, offs_d, D).to(ACC)
+    uq = _load_row(UQ, bh, offs_d, D).to(ACC)
+    do = _load_row(DO, bh, offs_dv, DV).to(ACC)
+    k = _load(K, bh, offs_m, offs_d, M, D).to(ACC)
+    uk = _load(UK, bh, offs_m, offs_d, M, D).to(ACC)
+    v = _load(V, bh, offs_m, offs_dv, M, DV).to(ACC)
+    uv = _load(UV, bh, offs_m, offs_dv, M, DV).to(ACC)
+    p = tl.exp(_row_scores(q, k, offs_m, M, scale, CAUSAL) - tl.load(LSE + bh))
+    dp = tl.sum(do[None, :] * v, 1)
+    delta = tl.sum(p * dp, 0)
+    w = (tl.sum(uq[None, :] * k, 1) + tl.sum(q[None, :] * uk, 1)) * scale    # W = s (uQ K^T + Q uK^T)
+    r = tl.sum(do[None, :] * uv, 1)                                           # R = dO uV^T
+    rho_w = tl.sum(p * w, 0)
+    g_p = r + (dp - delta) * w - rho_w * dp
+    rho_g = tl.sum(p * g_p, 0)
+    ds = p * (dp - delta)
+    g_dp = p * (w - rho_w)
+    g_s = p * (g_p - rho_g)
+    gq = (tl.sum(g_s[:, None] * k, 0) + tl.sum(ds[:, None] * uk, 0)) * scale  # s G_S K + s dS uK
+    gdo = tl.sum(g_dp[:, None] * v, 0) + tl.sum(p[:, None] * uv, 0)           # G_dP V + P uV
+    _store_row(GQ, gq.to(GQ.dtype.element_ty), bh, offs_d, D)
+    _store_row(GDO, gdo.to(GDO.dtype.element_ty), bh, offs_dv, DV)
+    _store(GK, (g_s[:, None] * q[None, :] + ds[:, None] * uq[None, :]) * scale, bh, offs_m, offs_d, M, D)
+    _store(GV, g_dp[:, None] * do[None, :], bh, offs_m, offs_dv, M, DV)        # G_dP^T dO

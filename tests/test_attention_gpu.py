@@ -12,9 +12,11 @@ from kernels.reference import attention_reference
 
 pytestmark = pytest.mark.gpu
 
-SHAPES = [  # (B, H, N, M, D, Dv, causal)
+SHAPES = [  # (B, H, N, M, D, Dv, causal); N = 1 with M <= 128 runs the one-query kernels
     (2, 3, 1, 32, 64, 64, False),
     (1, 2, 1, 7, 16, 16, False),
+    (4, 2, 1, 128, 64, 48, False),
+    (2, 2, 1, 1000, 64, 64, True),
     (2, 2, 77, 45, 32, 32, True),
     (1, 4, 200, 333, 64, 48, False),
     (2, 2, 128, 128, 128, 128, True),

@@ -49,8 +49,8 @@ def assert_all_close(xs, ys, tol):
         assert rel_err(x, y) < tol
 
 
-@pytest.mark.parametrize("n,m,d,dv,causal", SHAPES)
-def test_forward_backward_double_backward_match_reference(n, m, d, dv, causal):
+def check_three_orders(n, m, d, dv, causal):
+    """Forward, backward and double backward of the fused op equal the reference."""
     q, k, v = qkv(n, m, d, dv)
     out = fused_attention(q, k, v, causal)
     ref = attention_reference(q, k, v, causal)
@@ -65,6 +65,39 @@ def test_forward_backward_double_backward_match_reference(n, m, d, dv, causal):
     h = torch.autograd.grad(g, (q, k, v), us)
     h_ref = torch.autograd.grad(g_ref, (q, k, v), us)
     assert_all_close(h, h_ref, 1e-11)
+
+
+@pytest.mark.parametrize("n,m,d,dv,causal", SHAPES)
+def test_forward_backward_double_backward_match_reference(n, m, d, dv, causal):
+    check_three_orders(n, m, d, dv, causal)
+
+
+@pytest.fixture(params=["row", "tiled"])
+def one_query_path(request, monkeypatch):
+    """N = 1 runs on the one-query kernels; 'tiled' forces the flash-style kernels."""
+    from kernels import launch
+
+    if request.param == "tiled":
+        monkeypatch.setattr(launch, "ROW_KERNEL_MAX_BLOCK", 0)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "m,d,dv,causal", [(32, 16, 16, False), (7, 8, 12, True), (33, 16, 8, False)]
+)
+def test_one_query_kernels_and_tiled_kernels_match_reference(one_query_path, m, d, dv, causal):
+    from kernels import launch
+
+    assert launch.uses_row_kernels(1, m, d, dv) == (one_query_path == "row")
+    check_three_orders(1, m, d, dv, causal)
+
+
+def test_one_query_kernels_are_for_small_key_blocks():
+    from kernels.launch import uses_row_kernels
+
+    assert uses_row_kernels(1, 32, 64, 64)  # the Phase 12 model
+    assert uses_row_kernels(1, 128, 64, 64) and not uses_row_kernels(1, 129, 64, 64)
+    assert not uses_row_kernels(2, 32, 64, 64)
 
 
 @pytest.mark.parametrize("n,m,d,dv,causal", [(1, 9, 8, 8, False), (7, 5, 8, 16, True)])
@@ -84,8 +117,9 @@ def test_double_backward_kernels_give_all_four_gradients(n, m, d, dv, causal):
     assert_all_close(got, want, 1e-11)
 
 
-def test_gradcheck_and_gradgradcheck():
-    q, k, v = qkv(2, 3, 3, 2, lead=(1, 1))
+@pytest.mark.parametrize("n", [2, 1])  # N = 1: the one-query kernels
+def test_gradcheck_and_gradgradcheck(n):
+    q, k, v = qkv(n, 3, 3, 2, lead=(1, 1))
     for causal in (False, True):
         fn = lambda q, k, v: fused_attention(q, k, v, causal)  # noqa: B023
         assert torch.autograd.gradcheck(fn, (q, k, v))
