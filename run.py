@@ -87,6 +87,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "float64"],
         help="parameter and data dtype (default float32)",
     )
+    parser.add_argument(
+        "--cuda-graph",
+        default=d.cuda_graph,
+        choices=["auto", "on", "off"],
+        help="capture the whole outer step in a CUDA graph and replay it: auto (on CUDA, "
+        "falling back to eager with a warning if capture fails), on (fail instead), off",
+    )
 
 
 def config_from_args(args: argparse.Namespace, **grid) -> RunConfig:
@@ -99,6 +106,7 @@ def config_from_args(args: argparse.Namespace, **grid) -> RunConfig:
         signal_positions=args.signal_positions,
         device=args.device,
         dtype=args.dtype,
+        cuda_graph=args.cuda_graph,
         **grid,
     )
 

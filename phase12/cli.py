@@ -66,12 +66,6 @@ def _grid_flags(p: argparse.ArgumentParser) -> None:
     )
     add_config_flags(p)
     p.set_defaults(outer_steps=500)
-    p.add_argument(
-        "--cuda-graph",
-        default="auto",
-        choices=["auto", "on", "off"],
-        help="capture each run's outer step in a CUDA graph (default auto)",
-    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--devices",
@@ -91,7 +85,7 @@ def _spec(args, validate_cells: bool = True):
     from phase12.sweep import SweepSpec
     from run import config_from_args
 
-    base = config_from_args(args).replace(cuda_graph=args.cuda_graph)
+    base = config_from_args(args)
     spec = SweepSpec(
         base=base, modes=args.modes, backends=args.backends, inner_steps=args.k, seeds=args.seeds
     )

@@ -169,7 +169,8 @@ def prepare_step(
     """(state, the callable that runs one step, whether it is a CUDA graph replay).
 
     With cuda_graph 'auto' a failed capture is reported on stderr (with the reason)
-    and the run goes on eagerly; with 'on' it raises.
+    and the run goes on eagerly from fresh state (a failed capture can leave the task
+    generators unusable); with 'on' it raises.
     """
     step = build_step(configs, device, world)
     config = configs[0]
@@ -186,6 +187,7 @@ def prepare_step(
             "Pass --cuda-graph off to skip the attempt.",
             file=sys.stderr,
         )
+        step = build_step(configs, device, world)
         return step, step, False
 
 
@@ -224,7 +226,9 @@ def run_experiments(
     cuda = device.type == "cuda"
     if cuda:
         # The peak is this batch's own: earlier runs of the process (a sweep) are
-        # collected first, and whatever stays allocated is subtracted.
+        # collected first, and whatever stays allocated is subtracted. The memory
+        # statistics need CUDA initialised (the first run of a fresh process).
+        torch.cuda.init()
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -129,19 +129,21 @@ def capture(step: OuterStep, warmup: int = 2) -> torch.cuda.CUDAGraph:
     the same run as n eager calls from the same seed.
     """
     snap = step.snapshot()
-    try:
-        side = torch.cuda.Stream(step.device)
-        side.wait_stream(torch.cuda.current_stream(step.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
+    # torch.cuda.graph captures on a stream of the *current* device: make it step's.
+    with torch.cuda.device(step.device):
+        try:
+            side = torch.cuda.Stream(step.device)
+            side.wait_stream(torch.cuda.current_stream(step.device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    step()
+            torch.cuda.current_stream(step.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            for g in step.generators:
+                graph.register_generator_state(g)
+            with torch.cuda.graph(graph):
                 step()
-        torch.cuda.current_stream(step.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        for g in step.generators:
-            graph.register_generator_state(g)
-        with torch.cuda.graph(graph):
-            step()
-    finally:
-        torch.cuda.synchronize(step.device)
-        step.restore(snap)
+        finally:
+            torch.cuda.synchronize(step.device)
+            step.restore(snap)
     return graph

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from phase12.config import RunConfig
@@ -63,6 +64,13 @@ def finished_run_ids(folder: Path) -> set[str]:
         return {row["run_id"] for row in csv.DictReader(f)}
 
 
+def _estimated_cost(group: list[RunConfig]) -> float:
+    """Relative cost of a group of runs: steps x inner steps, FULL's double backward x2."""
+    c = group[0]
+    per_step = (c.inner_steps + 1) * (2 if c.mode == "FULL" else 1) * c.meta_batch * c.seq_len
+    return len(group) * c.outer_steps * per_step
+
+
 def _run_group(configs: list[RunConfig]) -> list[RunResult]:
     try:
         return run_experiments(configs)
@@ -72,6 +80,8 @@ def _run_group(configs: list[RunConfig]) -> list[RunResult]:
 
 def _worker(device: str, parent: int, tasks, results) -> None:
     """A sweep worker: runs groups on its own device and sends the results back."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(device)  # allocations and graph captures default to it
     while os.getppid() == parent:
         item = tasks.get()
         if item is None:
@@ -158,7 +168,9 @@ def run_sweep(
     for c in todo:
         groups.setdefault(c.replace(seed=0) if batch_seeds else c, []).append(c)
     if devices and len(devices) > 1:
-        finished = _run_groups_on_workers(list(groups.values()), devices)
+        # Longest first, so no worker is left with a long cell while the others idle.
+        ordered = sorted(groups.values(), key=_estimated_cost, reverse=True)
+        finished = _run_groups_on_workers(ordered, devices)
     else:
         if devices:
             groups = {k: [c.replace(device=devices[0]) for c in g] for k, g in groups.items()}

@@ -1,5 +1,10 @@
 """Whole-step CUDA graph replay against eager execution (CUDA only)."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +13,7 @@ from phase12.experiment import build_step
 from phase12.step import capture
 
 pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton_fused"])
@@ -30,3 +36,70 @@ def test_graph_replay_equals_eager(mode, backend):
     for name, p in eager.params.items():
         torch.testing.assert_close(graphed.params[name], p, rtol=1e-4, atol=1e-6)
     assert int(graphed.counter) == cfg.outer_steps
+
+
+def test_seed_batched_graph_replay_equals_eager():
+    cfg = RunConfig(device="cuda", backend="triton_fused", inner_steps=3, outer_steps=20)
+    configs = [cfg.replace(seed=s) for s in (0, 1)]
+    device = torch.device("cuda")
+    eager = build_step(configs, device)
+    for _ in range(cfg.outer_steps):
+        eager()
+    graphed = build_step(configs, device)
+    graph = capture(graphed)
+    for _ in range(cfg.outer_steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(graphed.history, eager.history, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_capture_on_a_device_that_is_not_the_current_one():
+    """A sweep worker's device need not be the current device (graphs capture on the
+    current device's stream unless told otherwise)."""
+    cfg = RunConfig(device="cuda:1", inner_steps=2, outer_steps=5)
+    assert torch.cuda.current_device() == 0
+    eager = build_step([cfg], torch.device("cuda:1"))
+    for _ in range(cfg.outer_steps):
+        eager()
+    graphed = build_step([cfg], torch.device("cuda:1"))
+    graph = capture(graphed)
+    for _ in range(cfg.outer_steps):
+        graph.replay()
+    torch.cuda.synchronize(1)
+    torch.testing.assert_close(graphed.history, eager.history, rtol=1e-4, atol=1e-5)
+
+
+def test_first_run_of_a_fresh_process_on_an_explicit_device():
+    """Memory statistics are read before anything else touches CUDA in a new process."""
+    code = (
+        "from phase12.config import RunConfig; from phase12.experiment import run_experiment;"
+        "r = run_experiment(RunConfig(device='cuda:0', inner_steps=2, outer_steps=3));"
+        "print(r.status, r.row['cuda_graph'])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["OK", "True"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_torchrun_on_two_gpus_equals_one_gpu_with_graphs(tmp_path):
+    """NCCL all-reduce inside the captured step: 2 ranks give the 1-process run."""
+    args = ["--k", "3", "--meta-batch", "8", "--outer-steps", "20", "--no-progress"]
+    args += ["--cuda-graph", "on", "--json"]
+    runs = {}
+    for ranks in (1, 2):
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        proc = subprocess.run(
+            [sys.executable, *launcher, "run.py", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[ranks] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs[2]["world_size"] == 2 and runs[2]["cuda_graph"] is True
+    assert runs[2]["final_loss"] == pytest.approx(runs[1]["final_loss"], rel=1e-5)

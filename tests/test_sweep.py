@@ -208,3 +208,13 @@ def test_pipeline_command_writes_everything(tmp_path):
     assert risk["seed_determinism"] == "PASS" and risk["nonfinite_guard"] == "PASS"
     assert "## Risk checks" in (folder / "report.md").read_text()
     assert run.main(["report", "--root", str(tmp_path), "--tag", "p"]) == 0
+
+
+def test_workers_take_the_longest_cells_first():
+    from phase12.sweep import _estimated_cost
+
+    base = TINY.replace(outer_steps=10)
+    cost = lambda **kw: _estimated_cost([base.replace(**kw)])  # noqa: E731
+    assert cost(mode="FULL", inner_steps=20) > cost(mode="FO", inner_steps=20)
+    assert cost(mode="FO", inner_steps=20) > cost(mode="FULL", inner_steps=1)
+    assert _estimated_cost([base, base.replace(seed=1)]) == 2 * _estimated_cost([base])
