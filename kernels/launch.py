@@ -4,8 +4,8 @@ Each launcher takes tensors of shape (..., rows, cols) with identical leading
 dims, flattens the leading dims into one batch*head axis, makes every operand
 contiguous (so non-contiguous inputs are accepted at the cost of one copy) and
 launches a 1-D grid: tiles of the flash-style kernels, or, for one query per example
-(N = 1) with a small key block, one program per example on the one-query kernels
-(forward, backward and double backward one launch each). Nothing here is
+(N = 1), one program per example on the one-query kernels (forward, backward and
+double backward one launch each). Nothing here is
 differentiable: `kernels.fused` wraps these functions in autograd.Functions.
 
 Accumulation is float32 for fp16/bf16/fp32 inputs and float64 for float64 inputs;
@@ -39,9 +39,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # TF32); "tf32x3" splits each operand into three TF32 parts on the tensor cores.
 FLOAT32_PRECISION = "ieee"
 MAX_HEAD_DIM = 128
-# The one-query kernels (N = 1) hold an example's whole (M, D) key block in registers;
-# beyond this many elements (M > 128 at D = 64) N = 1 runs on the tiled kernels.
-ROW_KERNEL_MAX_BLOCK = 8192
+# Key blocks of the one-query kernels (N = 1) hold at most this many elements per
+# operand (64 keys at D = 64): the double backward keeps four such blocks in registers.
+ROW_BLOCK_ELEMENTS = 4096
 
 
 def interpreter_enabled() -> bool:
@@ -85,20 +85,23 @@ def launch_config(kind: str, n: int, m: int, d: int) -> LaunchConfig:
     return LaunchConfig(block_n=block_n, block_m=block_m, num_warps=warps, num_stages=2)
 
 
-def uses_row_kernels(n: int, m: int, d: int, dv: int) -> bool:
-    """Does a problem of this shape run on the one-query kernels (N = 1, small key block)?"""
-    return n == 1 and _pow2(m, 16) * _pow2(max(d, dv), 16) <= ROW_KERNEL_MAX_BLOCK
+def uses_row_kernels(n: int) -> bool:
+    """One query per example runs on the one-query kernels (one program per example)."""
+    return n == 1
 
 
 def _row_meta(q: torch.Tensor, m: int, dv: int, causal: bool) -> dict:
-    block_m, block_d = _pow2(m, 16), _pow2(q.shape[-1], 16)
+    block_d, block_dv = _pow2(q.shape[-1], 16), _pow2(dv, 16)
+    block_m = min(_pow2(m, 16), max(16, ROW_BLOCK_ELEMENTS // max(block_d, block_dv)))
+    if interpreter_enabled():
+        block_m = 16  # several key blocks even at test sizes: exercises the loops and tails
     return dict(
         CAUSAL=causal,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
-        BLOCK_DV=_pow2(dv, 16),
+        BLOCK_DV=block_dv,
         ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
-        num_warps=4 if block_m * block_d >= 4096 else 2,
+        num_warps=4 if block_m * max(block_d, block_dv) >= 4096 else 2,
     )
 
 
@@ -149,7 +152,7 @@ def attention_forward(
     lse = torch.empty(bh, n, dtype=accumulator_dtype(q.dtype), device=q.device)
     if not o.numel():  # an empty batch: nothing to launch
         pass
-    elif uses_row_kernels(n, m, d, dv):
+    elif uses_row_kernels(n):
         attention_fwd_row_kernel[(bh,)](
             q3, k3, v3, o, lse, m, d, dv, scale, **_row_meta(q, m, dv, causal)
         )
@@ -185,9 +188,11 @@ def attention_backward(
     dq, dk, dvv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
     if not dq.numel():  # an empty batch: nothing to launch
         pass
-    elif uses_row_kernels(n, m, d, dv):
+    elif uses_row_kernels(n):
         attention_bwd_row_kernel[(bh,)](
-            q3, k3, v3, do3, lse2, dq, dk, dvv, m, d, dv, scale, **_row_meta(q, m, dv, causal)
+            *(q3, k3, v3, _flat(o), do3, lse2, dq, dk, dvv),
+            *(m, d, dv, scale),
+            **_row_meta(q, m, dv, causal),
         )
     else:
         delta = _delta(o, do)
@@ -225,24 +230,10 @@ def attention_double_backward(
     gq, gk, gv, gdo = (torch.empty_like(t) for t in (q3, k3, v3, do3))
     if not gq.numel():  # an empty batch: nothing to launch
         pass
-    elif uses_row_kernels(n, m, d, dv):
+    elif uses_row_kernels(n):
         attention_dbwd_row_kernel[(bh,)](
-            q3,
-            k3,
-            v3,
-            do3,
-            uq3,
-            uk3,
-            uv3,
-            lse2,
-            gq,
-            gk,
-            gv,
-            gdo,
-            m,
-            d,
-            dv,
-            scale,
+            *(q3, k3, v3, _flat(o), do3, uq3, uk3, uv3, lse2, gq, gk, gv, gdo),
+            *(m, d, dv, scale),
             **_row_meta(q, m, dv, causal),
         )
     else:

@@ -25,10 +25,10 @@ query i sees keys j <= i (for any N, M).
 
 One query per example (N = 1, the Phase 12 model) has its own three kernels at the end
 of the file: tl.dot needs at least 16 rows, so a tiled kernel would compute 16 rows to
-keep one. The one-query kernels hold an example's whole key block and write every
-product as a broadcast and a sum; with all keys in one block, Delta, rho_W and rho_G are
-plain reductions inside the program, and each of forward, backward and double backward
-is a single launch.
+keep one. The one-query kernels give each example one program that walks its keys and
+writes every product as a broadcast and a sum; the row statistics are scalars in
+registers, so forward, backward and double backward are one launch each, with no
+separate Delta computation.
 """
 
 from __future__ import annotations
@@ -323,21 +323,35 @@ def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G
 
 
 # ---------------------------------------------------------------------------
-# One query per example (N = 1): a program holds all M keys of one (batch*head) slice
+# One query per example (N = 1): one program per (batch*head) slice, keys in blocks
 # ---------------------------------------------------------------------------
 # With one query, the N x M tiles above are single rows: S, P, dP, W, R are vectors over
-# the keys (BLOCK_M >= M), q-side operands are vectors over D, and every matrix
-# product is a broadcast multiply followed by a sum. Causal: the query sees key 0 only.
+# a block of keys, q-side operands are vectors over D, and every matrix product is a
+# broadcast multiply and a sum. A program walks its keys in BLOCK_M blocks; the row
+# statistics (LSE, Delta, rho_W, rho_G) are scalars it keeps in registers. Causal
+# (top-left aligned): the query sees key 0 only.
 
 
 @triton.jit
-def _row_scores(q, k, offs_m, M, scale, CAUSAL: tl.constexpr):
-    """s_j = scale q . k_j over the keys (BLOCK_M,); -inf for padding and masked keys."""
+def _row_scores(q, k, offs_m, key_end, scale):
+    """s_j = scale q . k_j for a block of keys (BLOCK_M,); -inf from key_end on."""
     s = tl.sum(q[None, :] * k, 1) * scale
-    valid = offs_m < M
-    if CAUSAL:  # top-left aligned: the one query sees key 0 only
-        valid = valid & (offs_m == 0)
-    return tl.where(valid, s, float("-inf"))
+    return tl.where(offs_m < key_end, s, float("-inf"))
+
+
+@triton.jit
+def _row_block(q, do, uq, K, V, UK, UV, bh, lse, offs_m, offs_d, offs_dv, M, D, DV, key_end,
+               scale, ACC: tl.constexpr):
+    """k, uk and P, dP, W, R of one key block of the double backward."""
+    k = _load(K, bh, offs_m, offs_d, M, D).to(ACC)
+    uk = _load(UK, bh, offs_m, offs_d, M, D).to(ACC)
+    v = _load(V, bh, offs_m, offs_dv, M, DV).to(ACC)
+    uv = _load(UV, bh, offs_m, offs_dv, M, DV).to(ACC)
+    p = tl.exp(_row_scores(q, k, offs_m, key_end, scale) - lse)
+    dp = tl.sum(do[None, :] * v, 1)                                           # dP = dO V^T
+    w = (tl.sum(uq[None, :] * k, 1) + tl.sum(q[None, :] * uk, 1)) * scale    # W = s (uQ K^T + Q uK^T)
+    r = tl.sum(do[None, :] * uv, 1)                                           # R = dO uV^T
+    return k, uk, v, uv, p, dp, w, r
 
 
 @triton.jit
@@ -345,70 +359,95 @@ def attention_fwd_row_kernel(Q, K, V, O, LSE, M, D, DV, scale,
                              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
     bh = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_row(Q, bh, offs_d, D).to(ACC)
-    k = _load(K, bh, offs_m, offs_d, M, D).to(ACC)
-    v = _load(V, bh, offs_m, offs_dv, M, DV).to(ACC)
-    s = _row_scores(q, k, offs_m, M, scale, CAUSAL)
-    s_max = tl.max(s, 0)                                    # finite: key 0 is always visible
-    e = tl.exp(s - s_max)
-    total = tl.sum(e, 0)
-    _store_row(O, (tl.sum(e[:, None] * v, 0) / total).to(O.dtype.element_ty), bh, offs_dv, DV)
-    tl.store(LSE + bh, s_max + tl.log(total))
+    key_end = 1 if CAUSAL else M
+    m_i = tl.full([], float("-inf"), ACC)   # running max of S
+    l_i = tl.zeros([], ACC)                 # running sum of exp(S - m_i)
+    acc = tl.zeros([BLOCK_DV], ACC)         # running (unnormalised) P V
+    for start_m in range(0, key_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        k = _load(K, bh, offs_m, offs_d, M, D).to(ACC)
+        v = _load(V, bh, offs_m, offs_dv, M, DV).to(ACC)
+        s = _row_scores(q, k, offs_m, key_end, scale)
+        m_new = tl.maximum(m_i, tl.max(s, 0))  # finite from the first block (key 0)
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        m_i = m_new
+    _store_row(O, (acc / l_i).to(O.dtype.element_ty), bh, offs_dv, DV)
+    tl.store(LSE + bh, m_i + tl.log(l_i))
 
 
 @triton.jit
-def attention_bwd_row_kernel(Q, K, V, DO, LSE, DQ, DK, DVo, M, D, DV, scale,
+def attention_bwd_row_kernel(Q, K, V, O, DO, LSE, DQ, DK, DVo, M, D, DV, scale,
                              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
     bh = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_row(Q, bh, offs_d, D).to(ACC)
     do = _load_row(DO, bh, offs_dv, DV).to(ACC)
-    k = _load(K, bh, offs_m, offs_d, M, D).to(ACC)
-    v = _load(V, bh, offs_m, offs_dv, M, DV).to(ACC)
-    p = tl.exp(_row_scores(q, k, offs_m, M, scale, CAUSAL) - tl.load(LSE + bh))
-    dp = tl.sum(do[None, :] * v, 1)                         # dP = dO V^T
-    delta = tl.sum(p * dp, 0)                               # rowsum(dO * O) = rowsum(P * dP)
-    ds = p * (dp - delta)
-    _store_row(DQ, (tl.sum(ds[:, None] * k, 0) * scale).to(DQ.dtype.element_ty), bh, offs_d, D)
-    _store(DK, ds[:, None] * q[None, :] * scale, bh, offs_m, offs_d, M, D)     # s dS^T Q
-    _store(DVo, p[:, None] * do[None, :], bh, offs_m, offs_dv, M, DV)          # P^T dO
+    lse = tl.load(LSE + bh)
+    delta = tl.sum(do * _load_row(O, bh, offs_dv, DV).to(ACC), 0)   # Delta = dO . O
+    key_end = 1 if CAUSAL else M
+    dq = tl.zeros([BLOCK_D], ACC)
+    for start_m in range(0, M, BLOCK_M):  # every key block: masked keys get dK = dV = 0
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        k = _load(K, bh, offs_m, offs_d, M, D).to(ACC)
+        v = _load(V, bh, offs_m, offs_dv, M, DV).to(ACC)
+        p = tl.exp(_row_scores(q, k, offs_m, key_end, scale) - lse)
+        ds = p * (tl.sum(do[None, :] * v, 1) - delta)                        # dS = P (dP - Delta)
+        dq += tl.sum(ds[:, None] * k, 0)
+        _store(DK, ds[:, None] * q[None, :] * scale, bh, offs_m, offs_d, M, D)   # s dS^T Q
+        _store(DVo, p[:, None] * do[None, :], bh, offs_m, offs_dv, M, DV)        # P^T dO
+    _store_row(DQ, (dq * scale).to(DQ.dtype.element_ty), bh, offs_d, D)       # s dS K
 
 
 @triton.jit
-def attention_dbwd_row_kernel(Q, K, V, DO, UQ, UK, UV, LSE, GQ, GK, GV, GDO, M, D, DV, scale,
+def attention_dbwd_row_kernel(Q, K, V, O, DO, UQ, UK, UV, LSE, GQ, GK, GV, GDO, M, D, DV, scale,
                               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                               BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
     bh = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_row(Q, bh, offs_d, D).to(ACC)
     uq = _load_row(UQ, bh, offs_d, D).to(ACC)
     do = _load_row(DO, bh, offs_dv, DV).to(ACC)
-    k = _load(K, bh, offs_m, offs_d, M, D).to(ACC)
-    uk = _load(UK, bh, offs_m, offs_d, M, D).to(ACC)
-    v = _load(V, bh, offs_m, offs_dv, M, DV).to(ACC)
-    uv = _load(UV, bh, offs_m, offs_dv, M, DV).to(ACC)
-    p = tl.exp(_row_scores(q, k, offs_m, M, scale, CAUSAL) - tl.load(LSE + bh))
-    dp = tl.sum(do[None, :] * v, 1)
-    delta = tl.sum(p * dp, 0)
-    w = (tl.sum(uq[None, :] * k, 1) + tl.sum(q[None, :] * uk, 1)) * scale    # W = s (uQ K^T + Q uK^T)
-    r = tl.sum(do[None, :] * uv, 1)                                           # R = dO uV^T
-    rho_w = tl.sum(p * w, 0)
-    g_p = r + (dp - delta) * w - rho_w * dp
-    rho_g = tl.sum(p * g_p, 0)
-    ds = p * (dp - delta)
-    g_dp = p * (w - rho_w)
-    g_s = p * (g_p - rho_g)
-    gq = (tl.sum(g_s[:, None] * k, 0) + tl.sum(ds[:, None] * uk, 0)) * scale  # s G_S K + s dS uK
-    gdo = tl.sum(g_dp[:, None] * v, 0) + tl.sum(p[:, None] * uv, 0)           # G_dP V + P uV
-    _store_row(GQ, gq.to(GQ.dtype.element_ty), bh, offs_d, D)
+    lse = tl.load(LSE + bh)
+    delta = tl.sum(do * _load_row(O, bh, offs_dv, DV).to(ACC), 0)   # Delta = dO . O
+    key_end = 1 if CAUSAL else M
+
+    # Pass 1: rho_W = sum P W and rho_G = sum P (R + (dP - Delta) W) - rho_W Delta
+    #                                   = sum P R + sum P dP W - 2 Delta rho_W.
+    rho_w = tl.zeros([], ACC)
+    p_r = tl.zeros([], ACC)
+    p_dp_w = tl.zeros([], ACC)
+    for start_m in range(0, key_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        k, uk, v, uv, p, dp, w, r = _row_block(q, do, uq, K, V, UK, UV, bh, lse, offs_m, offs_d,
+                                               offs_dv, M, D, DV, key_end, scale, ACC)
+        rho_w += tl.sum(p * w, 0)
+        p_r += tl.sum(p * r, 0)
+        p_dp_w += tl.sum(p * dp * w, 0)
+    rho_g = p_r + p_dp_w - 2 * delta * rho_w
+
+    # Pass 2, every key block (masked keys get gK = gV = 0): gK, gV per block; gQ, gdO summed.
+    gq = tl.zeros([BLOCK_D], ACC)
+    gdo = tl.zeros([BLOCK_DV], ACC)
+    for start_m in range(0, M, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        k, uk, v, uv, p, dp, w, r = _row_block(q, do, uq, K, V, UK, UV, bh, lse, offs_m, offs_d,
+                                               offs_dv, M, D, DV, key_end, scale, ACC)
+        ds = p * (dp - delta)
+        g_dp = p * (w - rho_w)
+        g_s = p * (r + (dp - delta) * w - rho_w * dp - rho_g)
+        gq += tl.sum(g_s[:, None] * k, 0) + tl.sum(ds[:, None] * uk, 0)       # s G_S K + s dS uK
+        gdo += tl.sum(g_dp[:, None] * v, 0) + tl.sum(p[:, None] * uv, 0)      # G_dP V + P uV
+        _store(GK, (g_s[:, None] * q[None, :] + ds[:, None] * uq[None, :]) * scale,
+               bh, offs_m, offs_d, M, D)                                      # s G_S^T Q + s dS^T uQ
+        _store(GV, g_dp[:, None] * do[None, :], bh, offs_m, offs_dv, M, DV)   # G_dP^T dO
+    _store_row(GQ, (gq * scale).to(GQ.dtype.element_ty), bh, offs_d, D)
     _store_row(GDO, gdo.to(GDO.dtype.element_ty), bh, offs_dv, DV)
-    _store(GK, (g_s[:, None] * q[None, :] + ds[:, None] * uq[None, :]) * scale, bh, offs_m, offs_d, M, D)
-    _store(GV, g_dp[:, None] * do[None, :], bh, offs_m, offs_dv, M, DV)        # G_dP^T dO

@@ -78,26 +78,18 @@ def one_query_path(request, monkeypatch):
     from kernels import launch
 
     if request.param == "tiled":
-        monkeypatch.setattr(launch, "ROW_KERNEL_MAX_BLOCK", 0)
+        monkeypatch.setattr(launch, "uses_row_kernels", lambda n: False)
     return request.param
 
 
 @pytest.mark.parametrize(
-    "m,d,dv,causal", [(32, 16, 16, False), (7, 8, 12, True), (33, 16, 8, False)]
+    "m,d,dv,causal", [(32, 16, 16, False), (7, 8, 12, True), (33, 16, 8, False), (40, 8, 8, True)]
 )
 def test_one_query_kernels_and_tiled_kernels_match_reference(one_query_path, m, d, dv, causal):
     from kernels import launch
 
-    assert launch.uses_row_kernels(1, m, d, dv) == (one_query_path == "row")
+    assert launch.uses_row_kernels(1) == (one_query_path == "row")
     check_three_orders(1, m, d, dv, causal)
-
-
-def test_one_query_kernels_are_for_small_key_blocks():
-    from kernels.launch import uses_row_kernels
-
-    assert uses_row_kernels(1, 32, 64, 64)  # the Phase 12 model
-    assert uses_row_kernels(1, 128, 64, 64) and not uses_row_kernels(1, 129, 64, 64)
-    assert not uses_row_kernels(2, 32, 64, 64)
 
 
 @pytest.mark.parametrize("n,m,d,dv,causal", [(1, 9, 8, 8, False), (7, 5, 8, 16, True)])
