@@ -1,6 +1,6 @@
 """Compiled Triton kernels on a CUDA device (skipped without one).
 
-float32 runs with input_precision="ieee" and must match a float64 reference to 1e-5;
+float32 (tf32x3 dots, kernels.launch.FLOAT32_PRECISION) must match a float64 reference to 1e-5;
 bf16/fp16 to 1e-2. Shapes run from tiny to T = 8192.
 """
 
