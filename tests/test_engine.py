@@ -214,3 +214,17 @@ def test_nonfinite_seed_batch_stops_with_every_seed_marked():
     results = run_experiments([cfg, cfg.replace(seed=1)], check_every=50)
     assert [r.status for r in results] == ["NONFINITE", "NONFINITE"]
     assert all(r.row["nonfinite_step"] == 0 and r.history["step"] == [] for r in results)
+
+
+def test_cross_entropy_equals_torch_and_its_gradients():
+    from phase12.maml import cross_entropy
+
+    logits = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (7,))
+    ours, theirs = cross_entropy(logits, labels), F.cross_entropy(logits, labels)
+    torch.testing.assert_close(ours, theirs, rtol=1e-14, atol=0)
+    g1 = torch.autograd.grad(ours, logits, create_graph=True)[0]
+    g2 = torch.autograd.grad(theirs, logits, create_graph=True)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-14, atol=1e-16)
+    h1, h2 = (torch.autograd.grad(g.square().sum(), logits)[0] for g in (g1, g2))
+    torch.testing.assert_close(h1, h2, rtol=1e-12, atol=1e-15)
