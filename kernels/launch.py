@@ -5,8 +5,8 @@ dims, flattens the leading dims into one batch*head axis, makes every operand
 contiguous (so non-contiguous inputs are accepted at the cost of one copy) and
 launches a 1-D grid: tiles of the flash-style kernels, or, for one query per example
 (N = 1), one program per example on the one-query kernels (forward, backward and
-double backward one launch each). Nothing here is
-differentiable: `kernels.fused` wraps these functions in autograd.Functions.
+double backward one launch each). Nothing here is differentiable: `kernels.fused`
+wraps these functions in autograd.Functions.
 
 Accumulation is float32 for fp16/bf16/fp32 inputs and float64 for float64 inputs;
 the log-sum-exp and the other row statistics are returned in that dtype. float32
