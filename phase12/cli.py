@@ -149,14 +149,14 @@ def main_bench(argv: list[str]) -> int:
     from run import ArgumentParser
 
     p = ArgumentParser(prog="run.py bench")
-    p.add_argument("what", choices=["step", "attention"], help="which benchmark")
+    p.add_argument("what", choices=["step", "attention", "distributed"], help="which benchmark")
     args, rest = p.parse_known_args(argv)
     if args.what == "attention":
         from kernels.benchmark import main
-
-        return main(rest)
-    from phase12.benchmark import main
-
+    elif args.what == "distributed":
+        from phase12.distributed_benchmark import main
+    else:
+        from phase12.benchmark import main
     return main(rest)
 
 

@@ -110,3 +110,25 @@ def test_indivisible_meta_batch_is_refused(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("error: --meta-batch 5 does not divide over 2 ranks") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_distributed_benchmark_on_cpu(tmp_path):
+    """`bench distributed` with 2 gloo processes and 2 CPU sweep workers (tiny sizes)."""
+    from phase12.distributed_benchmark import main
+
+    args = ["--device", "cpu", "--meta-batch", "4", "--k", "1", "--outer-steps", "3"]
+    args += ["--sweep-outer-steps", "2", "--sweep-k", "1", "--sweep-seeds", "0"]
+    assert main([*args, "--sweep-modes", "FULL,FO", "--out", str(tmp_path)]) == 0
+    df = pd.read_csv(tmp_path / "distributed.csv")
+    sharding = df[df.measurement == "meta-batch sharding"]
+    assert sorted(sharding.processes) == [1, 2] and sharding.losses_agree.all()
+    sweep = df[df.measurement == "sweep"]
+    assert sorted(sweep.processes) == [1, 2] and (sweep.runs_ok == 2).all()
+    assert (df.speedup > 0).all()
+
+
+def test_distributed_benchmark_refuses_an_indivisible_meta_batch(capsys):
+    from phase12.distributed_benchmark import main
+
+    assert main(["--device", "cpu", "--meta-batch", "5"]) == 2
+    assert "does not divide over 2 processes" in capsys.readouterr().err
