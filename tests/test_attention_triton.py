@@ -279,3 +279,23 @@ def test_seed_batched_training_triton_equals_reference():
     for a, b in zip(fused, ref, strict=True):
         for name in ("loss", "attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v"):
             torch.testing.assert_close(a.history[name], b.history[name], rtol=1e-9, atol=0)
+
+
+def test_the_model_runs_only_one_query_kernels(monkeypatch):
+    """Token 0 queries: every attention call of a FULL meta-gradient is N = 1."""
+    from kernels import launch
+    from phase12.maml import meta_gradient
+    from phase12.model import init_params
+    from phase12.tasks import sample_tasks_for
+
+    class Refuse:
+        def __getitem__(self, grid):
+            raise AssertionError("a tiled kernel was launched for the model")
+
+    for name in ("fwd", "bwd_dkdv", "bwd_dq", "dbwd_rows", "dbwd_cols"):
+        monkeypatch.setattr(launch, f"attention_{name}_kernel", Refuse())
+    cfg = TINY.replace(dtype="float64")
+    params = init_params(cfg.dim, cfg.num_classes, torch.Generator().manual_seed(0), dtype=F64)
+    tasks = sample_tasks_for(cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    grads = meta_gradient(params, tasks, mode="FULL", steps=1, lr=0.4, backend="triton_fused")
+    assert all(torch.isfinite(g).all() for g in grads.values())
