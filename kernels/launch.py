@@ -36,8 +36,8 @@ from kernels.triton_kernels import (
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Triton dot precision for float32 operands. "tf32x3" splits each operand into TF32
-# parts and sums three tensor-core products (float32 accuracy, 3-13x faster than
-# "ieee" on an H200); "ieee" is plain float32 FMA arithmetic.
+# parts and sums three tensor-core products (float32 accuracy, 1.6-25x faster than
+# "ieee" on an H200, docs/benchmarks.md); "ieee" is plain float32 FMA arithmetic.
 FLOAT32_PRECISION = "tf32x3"
 MAX_HEAD_DIM = 128
 # Key blocks of the one-query kernels (N = 1) hold at most this many elements per

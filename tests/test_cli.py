@@ -23,6 +23,8 @@ FAST = ["--outer-steps", "3", "--meta-batch", "2", "--no-progress", "--device", 
         (["--outer-lr", "nan"], "outer_lr must be a positive finite"),
         (["--device", "cuda"], "no CUDA device is available"),
         (["--device", "tpu"], "not a device name"),
+        (["--cuda-graph", "on"], "--cuda-graph on needs a CUDA device"),
+        (["--cuda-graph", "always"], "invalid choice"),
     ],
 )
 def test_bad_input_exits_2_before_writing(tmp_path, capsys, argv, message):

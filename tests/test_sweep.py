@@ -210,7 +210,8 @@ def test_pipeline_command_writes_everything(tmp_path):
     assert run.main(["report", "--root", str(tmp_path), "--tag", "p"]) == 0
 
 
-def test_workers_take_the_longest_cells_first():
+def test_workers_take_the_longest_cells_first(tmp_path, monkeypatch):
+    """With several devices, cells reach the workers in decreasing estimated cost."""
     from phase12.sweep import _estimated_cost
 
     base = TINY.replace(outer_steps=10)
@@ -218,3 +219,15 @@ def test_workers_take_the_longest_cells_first():
     assert cost(mode="FULL", inner_steps=20) > cost(mode="FO", inner_steps=20)
     assert cost(mode="FO", inner_steps=20) > cost(mode="FULL", inner_steps=1)
     assert _estimated_cost([base, base.replace(seed=1)]) == 2 * _estimated_cost([base])
+
+    handed = []
+
+    def in_process(groups, devices):  # the workers, without processes: record the order
+        for group in groups:
+            handed.append(group)
+            yield group, sweep_module._run_group(group)
+
+    monkeypatch.setattr(sweep_module, "_run_groups_on_workers", in_process)
+    run_sweep(SPEC, tmp_path, progress=False, devices=["cpu", "cpu"])
+    costs = [_estimated_cost(g) for g in handed]
+    assert len(handed) == 4 and costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
