@@ -55,4 +55,6 @@ def apply(params: Params, x: torch.Tensor, backend: str = "reference") -> torch.
     k = F.linear(x, params["Wk"])  # (..., T, D)
     v = F.linear(x, params["Wv"])
     h = attention(q, k, v, backend=backend)  # (..., 1, D); the leading dims act as batch
-    return F.linear(h[..., 0, :], params["Wc"], params["bc"])
+    # squeeze, not h[..., 0, :]: a select's backward allocates zeros and scatters into
+    # them (two kernels per use); squeeze's backward is a view.
+    return F.linear(h.squeeze(-2), params["Wc"], params["bc"])

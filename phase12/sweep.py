@@ -10,8 +10,9 @@ Layout of a sweep folder (the same as a single run's --out):
     meta/RUN.json     config, versions, device, commit
     sweep.json        the grid
 
-With several devices (`--devices`, default: every visible GPU), one worker process
-per device runs cells and this process alone writes the CSV. A run's row is appended
+With several devices (`--devices`, default: every visible GPU), one runner per
+device runs cells (a thread of this process for the first device, a worker process
+for each other one) and this process alone writes the CSV. A run's row is appended
 (atomically) only after its history and metadata are on disk, so re-running the same
 sweep resumes: cells with a row are skipped, a run that was interrupted has no row and
 is redone, and runs.csv always parses. A cell that fails records status ERROR and its
@@ -25,6 +26,7 @@ import itertools
 import multiprocessing as mp
 import os
 import queue
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,65 +73,88 @@ def _estimated_cost(group: list[RunConfig]) -> float:
     return len(group) * c.outer_steps * per_step
 
 
-def _run_group(configs: list[RunConfig]) -> list[RunResult]:
+def _run_group(configs: list[RunConfig]) -> list[tuple[RunResult, dict]]:
+    """(result, metadata) per run of a seed group; metadata is taken where the runs ran."""
     try:
-        return run_experiments(configs)
+        results = run_experiments(configs)
     except Exception as e:  # a failing cell is recorded, the sweep goes on
-        return [failed_result(c, e) for c in configs]
+        results = [failed_result(c, e) for c in configs]
+    return [(r, run_metadata(c)) for r, c in zip(results, configs, strict=True)]
 
 
-def _worker(device: str, parent: int, tasks, results) -> None:
-    """A sweep worker: runs groups on its own device and sends the results back."""
+def _serve(runner: int, device: str, tasks, results, keep_going=lambda: True) -> None:
+    """Run groups from `tasks` on `device` until a None; report ("start"/"done", index, ...)."""
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(device)  # allocations and graph captures default to it
-    while os.getppid() == parent:
+    while keep_going():
         item = tasks.get()
         if item is None:
             return
         index, configs = item
-        results.put(("start", index, device))
+        results.put(("start", index, runner))
         results.put(("done", index, _run_group([c.replace(device=device) for c in configs])))
 
 
+def _worker(runner: int, device: str, parent: int, tasks, results) -> None:
+    """A worker process: serves until the queue ends or its parent is gone."""
+    _serve(runner, device, tasks, results, keep_going=lambda: os.getppid() == parent)
+
+
 def _run_groups_on_workers(groups: list[list[RunConfig]], devices: Sequence[str]):
-    """Yield (group, results) as workers (one process per device) finish them."""
+    """Yield (group, [(result, metadata)]) as the devices finish groups.
+
+    The first device is served by a thread of this process, which has imported
+    everything already and starts at once (a worker process spends seconds importing
+    torch and initialising CUDA); every other device gets a worker process. All take
+    groups from one queue, so a late starter simply takes fewer. This thread only
+    writes files: it makes no CUDA calls that could disturb the serving thread's graph
+    captures.
+    """
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     for item in enumerate(groups):
         tasks.put(item)
     for _ in devices:
         tasks.put(None)
-    workers = {
-        d: ctx.Process(target=_worker, args=(d, os.getpid(), tasks, results), daemon=True)
-        for d in devices
-    }
-    for w in workers.values():
-        w.start()
-    running: dict[str, int] = {}  # device -> index of the group it is on
+    runners = [threading.Thread(target=_serve, args=(0, devices[0], tasks, results), daemon=True)]
+    runners += [
+        ctx.Process(target=_worker, args=(i, d, os.getpid(), tasks, results), daemon=True)
+        for i, d in enumerate(devices[1:], start=1)
+    ]
+    for r in runners:
+        r.start()
+    running: dict[int, int] = {}  # runner -> index of the group it is on
     left = len(groups)
     try:
         while left:
             try:
                 kind, index, payload = results.get(timeout=1.0)
             except queue.Empty:
-                for device, w in workers.items():
-                    if not w.is_alive() and device in running:  # died mid-group
-                        index = running.pop(device)
-                        error = RuntimeError(f"sweep worker on {device} died (exit {w.exitcode})")
+                for i, r in enumerate(runners):
+                    if not r.is_alive() and i in running:  # died mid-group
+                        index = running.pop(i)
+                        exit_code = getattr(r, "exitcode", None)  # threads have none
+                        error = RuntimeError(
+                            f"sweep worker on {devices[i]} died (exit {exit_code})"
+                        )
                         left -= 1
-                        yield groups[index], [failed_result(c, error) for c in groups[index]]
+                        yield groups[index], _failed_group(groups[index], error)
                 continue
             if kind == "start":
                 running[payload] = index
                 continue
-            running = {d: i for d, i in running.items() if i != index}
+            running = {i: g for i, g in running.items() if g != index}
             left -= 1
             yield groups[index], payload
     finally:
-        for w in workers.values():
-            w.join(timeout=5)
-            if w.is_alive():
-                w.terminate()
+        for r in runners[1:]:
+            r.join(timeout=5)
+            if r.is_alive():
+                r.terminate()
+
+
+def _failed_group(configs: list[RunConfig], error: BaseException) -> list[tuple[RunResult, dict]]:
+    return [(failed_result(c, error), run_metadata(c)) for c in configs]
 
 
 def run_sweep(
@@ -144,7 +169,8 @@ def run_sweep(
 
     With `batch_seeds`, the unfinished seeds of one (backend, mode, k) cell train as one
     seed-batched computation (phase12.experiment.run_experiments). With several
-    `devices`, one worker process per device runs cells; this process alone writes.
+    `devices`, one runner per device runs cells (a thread here for the first, a worker
+    process for each other); this process alone writes.
     """
     configs = spec.configs()
     for config in configs:
@@ -180,8 +206,8 @@ def run_sweep(
         total=len(todo), desc=f"sweep {folder.name}", unit="run", disable=not progress
     ) as bar:
         for group, results in finished:
-            for config, result in zip(group, results, strict=True):
-                save_run(folder, result, run_metadata(config))
+            for result, metadata in results:
+                save_run(folder, result, metadata)
                 counts[result.status] = counts.get(result.status, 0) + 1
             bar.update(len(group))
     return counts
