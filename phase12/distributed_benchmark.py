@@ -1,6 +1,7 @@
 """Scaling over processes and devices: `python run.py bench distributed`.
 
     python run.py bench distributed [--processes 2] [--meta-batch 64,256] [--k 20]
+                                    [--backends reference,triton_fused]
                                     [--outer-steps 300] [--sweep-outer-steps 1000]
                                     [--device auto] [--out DIR]
 
@@ -8,7 +9,7 @@ Two measurements, each against one process (one device) in the same invocation, 
 one a fresh subprocess running the commands a user would type:
 
 * meta-batch sharding: `torchrun --nproc-per-node P run.py --mode FULL --k 20
-  --meta-batch B --json` for P = 1 and P = --processes (one GPU per rank; gloo
+  --meta-batch B --backend BACKEND --json` for P = 1 and P = --processes (one GPU per rank; gloo
   processes on the CPU): the run's mean outer-step time, the speed-up, and whether the
   final losses agree (they must: every rank samples the same global meta-batch);
 * a sweep over devices: the same `run.py sweep` (default: the seed's long confirmation
@@ -18,6 +19,7 @@ one a fresh subprocess running the commands a user would type:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import subprocess
@@ -29,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from kernels import BACKENDS
 from phase12.config import ConfigError, resolve_device
 from phase12.experiment import device_name
 
@@ -48,13 +51,14 @@ def _run(cmd: list[str]) -> str:
 def sharding_rows(args, device: str) -> list[dict]:
     """One row per (meta-batch, number of processes) from the single-run command."""
     rows = []
-    for meta_batch in args.meta_batch:
+    for backend, meta_batch in itertools.product(args.backends, args.meta_batch):
         runs = {}
         for processes in (1, args.processes):
             launcher = ["-m", "torch.distributed.run", "--standalone"]
             out = _run(
                 [sys.executable, *launcher, f"--nproc-per-node={processes}", "run.py"]
                 + ["--mode", args.mode, "--k", str(args.k), "--meta-batch", str(meta_batch)]
+                + ["--backend", backend]
                 + ["--outer-steps", str(args.outer_steps), "--device", device]
                 + ["--json", "--no-progress"]
             )
@@ -64,6 +68,7 @@ def sharding_rows(args, device: str) -> list[dict]:
             rows.append(
                 dict(
                     measurement="meta-batch sharding",
+                    backend=backend,
                     meta_batch=meta_batch,
                     processes=processes,
                     step_ms=run["mean_outer_step_time_s"] * 1e3,
@@ -123,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cuda or cpu")
     p.add_argument("--mode", default="FULL")
     p.add_argument("--k", type=int, default=20)
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="backends of the sharded runs (default: reference,triton_fused on CUDA, "
+        "reference on the CPU)",
+    )
     p.add_argument("--meta-batch", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256])
     p.add_argument("--outer-steps", type=int, default=300, help="steps of each sharded run")
     p.add_argument("--sweep-modes", default="FULL,FO,FO_STRICT")
@@ -153,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     if args.sweep_backends is None:
         args.sweep_backends = "reference,triton_fused" if cuda else "reference"
+    args.backends = (args.backends or args.sweep_backends).split(",")
+    unknown = [b for b in args.backends if b not in BACKENDS]
+    if unknown:
+        print(f"error: unknown backend {unknown[0]!r}; choose from {BACKENDS}", file=sys.stderr)
+        return 2
     devices = [f"cuda:{i}" for i in range(args.processes)] if cuda else ["cpu"] * args.processes
 
     rows = sharding_rows(args, "cuda" if cuda else "cpu")

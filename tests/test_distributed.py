@@ -122,6 +122,7 @@ def test_distributed_benchmark_on_cpu(tmp_path):
     df = pd.read_csv(tmp_path / "distributed.csv")
     sharding = df[df.measurement == "meta-batch sharding"]
     assert sorted(sharding.processes) == [1, 2] and sharding.losses_agree.all()
+    assert (sharding.backend == "reference").all()  # the CPU default
     sweep = df[df.measurement == "sweep"]
     assert sorted(sweep.processes) == [1, 2] and (sweep.runs_ok == 2).all()
     assert (df.speedup > 0).all()
@@ -132,3 +133,5 @@ def test_distributed_benchmark_refuses_an_indivisible_meta_batch(capsys):
 
     assert main(["--device", "cpu", "--meta-batch", "5"]) == 2
     assert "does not divide over 2 processes" in capsys.readouterr().err
+    assert main(["--device", "cpu", "--backends", "flash"]) == 2
+    assert "unknown backend 'flash'" in capsys.readouterr().err
