@@ -128,7 +128,7 @@ def test_distributed_benchmark_on_cpu(tmp_path):
     assert (df.speedup > 0).all()
 
 
-def test_distributed_benchmark_refuses_an_indivisible_meta_batch(capsys):
+def test_distributed_benchmark_refuses_bad_input(capsys):
     from phase12.distributed_benchmark import main
 
     assert main(["--device", "cpu", "--meta-batch", "5"]) == 2
