@@ -64,25 +64,40 @@ def _pow2(x: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
-def launch_config(kind: str, n: int, m: int, d: int) -> LaunchConfig:
-    """Block sizes for kernel family `kind` ('fwd', 'bwd', 'dbwd') at this shape.
+# Tiles (block_n x block_m, warps, stages) for D <= 64, picked by a sweep over 14
+# candidates on an H200 at N = 2048-4096 (docs/benchmarks.md, "Block sizes"). float32
+# operands (tf32x3 dots: three products per tile) want narrower key tiles in the
+# backward; 16-bit ones gain from a third pipeline stage. Larger heads take smaller
+# tiles to fit shared memory (not swept).
+_TILES_D64 = {
+    ("fwd", False): LaunchConfig(128, 64, 8, 2),
+    ("fwd", True): LaunchConfig(128, 64, 8, 2),
+    ("bwd", False): LaunchConfig(64, 64, 4, 3),  # bf16 fwd+bwd: -11% at N = 2048
+    ("bwd", True): LaunchConfig(64, 32, 4, 2),  # fp32 fwd+bwd: 19.2 -> 13.8 ms at N = 4096
+    ("dbwd", False): LaunchConfig(64, 64, 4, 2),  # bf16: -6% at N = 4096
+    ("dbwd", True): LaunchConfig(64, 32, 4, 2),  # 64 x 64 exceeds shared memory in fp32
+}
+_TILES_D128 = {"fwd": LaunchConfig(64, 64, 4, 2), "bwd": LaunchConfig(64, 32, 4, 2)}
+_TILES_D128["dbwd"] = LaunchConfig(32, 32, 4, 2)
 
-    Chosen by hand, not tuned yet: a partial sweep on an H200 (docs/benchmarks.md) found
-    128 x 64 best for the float32 forward and 64 x 32 better than 64 x 64 for the float32
-    backward (with tf32x3 dots); bf16 was not swept. Tiles never exceed the (power-of-two
-    rounded) problem size. (N = 1 does not come here: it runs the one-query kernels.)
+
+def launch_config(kind: str, n: int, m: int, d: int, dtype: torch.dtype) -> LaunchConfig:
+    """Block sizes for kernel family `kind` ('fwd', 'bwd', 'dbwd') at this shape and dtype.
+
+    Tiles never exceed the (power-of-two rounded) problem size. (N = 1 does not come
+    here: it runs the one-query kernels.)
     """
     if interpreter_enabled():
         # The interpreter runs one program at a time in numpy: small tiles keep the
         # tests fast and exercise the tail masks.
         return LaunchConfig(block_n=16, block_m=16, num_warps=1, num_stages=1)
-    big = {"fwd": (128, 64), "bwd": (64, 64), "dbwd": (64, 32)}[kind]
-    if d > 64:
-        big = {"fwd": (64, 64), "bwd": (64, 32), "dbwd": (32, 32)}[kind]
-    block_n = min(big[0], _pow2(n, 16))
-    block_m = min(big[1], _pow2(m, 16))
-    warps = 8 if block_n * block_m >= 128 * 64 else 4
-    return LaunchConfig(block_n=block_n, block_m=block_m, num_warps=warps, num_stages=2)
+    wide = dtype in (torch.float32, torch.float64)
+    tile = _TILES_D64[kind, wide] if d <= 64 else _TILES_D128[kind]
+    block_n = min(tile.block_n, _pow2(n, 16))
+    block_m = min(tile.block_m, _pow2(m, 16))
+    if (block_n, block_m) == (tile.block_n, tile.block_m):
+        return tile
+    return LaunchConfig(block_n, block_m, 4, tile.num_stages)  # a problem smaller than the tile
 
 
 def uses_row_kernels(n: int) -> bool:
@@ -120,7 +135,7 @@ def _flat_rows(x: torch.Tensor) -> torch.Tensor:
 def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, causal: bool) -> dict:
     n, d = q.shape[-2:]
     m, dv = v.shape[-2:]
-    cfg = launch_config(kind, n, m, d)
+    cfg = launch_config(kind, n, m, d, q.dtype)
     float32 = q.dtype == torch.float32
     return dict(
         CAUSAL=causal,

@@ -299,3 +299,23 @@ def test_the_model_runs_only_one_query_kernels(monkeypatch):
     tasks = sample_tasks_for(cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
     grads = meta_gradient(params, tasks, mode="FULL", steps=1, lr=0.4, backend="triton_fused")
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd", "dbwd"])
+def test_compiled_tiles_fit_the_problem_and_the_dtype(kind, monkeypatch):
+    """The GPU tile table (not used by the interpreter): clamped to small problems,
+    narrower for float32 and for 128-wide heads than for bf16 at D = 64."""
+    from kernels import launch
+
+    monkeypatch.setattr(launch, "interpreter_enabled", lambda: False)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for d in (16, 64, 128):
+            big = launch.launch_config(kind, 4096, 4096, d, dtype)
+            small = launch.launch_config(kind, 20, 9, d, dtype)
+            assert big.block_n * big.block_m >= small.block_n * small.block_m
+            assert small.block_n <= 32 and small.block_m <= 16
+            wide = launch.launch_config(kind, 4096, 4096, 128, dtype)
+            assert wide.block_n * wide.block_m <= big.block_n * big.block_m
+    bf16 = launch.launch_config(kind, 4096, 4096, 64, torch.bfloat16)
+    fp32 = launch.launch_config(kind, 4096, 4096, 64, torch.float32)
+    assert fp32.block_n * fp32.block_m <= bf16.block_n * bf16.block_m
