@@ -98,6 +98,8 @@ def sweep_rows(args, devices: list[str], folder: Path) -> list[dict]:
         )
         wall = time.perf_counter() - start
         runs = pd.read_csv(folder / tag / "runs.csv")
+        # Per-run times and devices, to see how the cells were spread over the devices.
+        runs.to_csv(args.out / f"sweep_{tag}_runs.csv", index=False)
         rows.append(
             dict(
                 measurement="sweep",
@@ -171,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     devices = [f"cuda:{i}" for i in range(args.processes)] if cuda else ["cpu"] * args.processes
 
+    args.out.mkdir(parents=True, exist_ok=True)
     rows = sharding_rows(args, "cuda" if cuda else "cpu")
     if not args.no_sweep:
         with tempfile.TemporaryDirectory() as folder:
             rows += sweep_rows(args, devices, Path(folder))
     df = pd.DataFrame(rows)
     df.insert(0, "device_name", device_name(device))
-    args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "distributed.csv", index=False)
     for _, part in df.groupby("measurement", sort=False):
         table = part.dropna(axis=1, how="all").convert_dtypes()
