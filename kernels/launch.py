@@ -64,21 +64,26 @@ def _pow2(x: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
-# Tiles (block_n x block_m, warps, stages) for D <= 64, picked by a sweep over 14
-# candidates on an H200 at N = 2048-4096 (docs/benchmarks.md, "Block sizes"). float32
-# operands (tf32x3 dots: three products per tile) want narrower key tiles in the
-# backward; 16-bit ones gain from a third pipeline stage. Larger heads take smaller
-# tiles to fit shared memory (not swept).
-_TILES_D64 = {
-    ("fwd", False): LaunchConfig(128, 64, 8, 2),
-    ("fwd", True): LaunchConfig(128, 64, 8, 2),
-    ("bwd", False): LaunchConfig(64, 64, 4, 3),  # bf16 fwd+bwd: -11% at N = 2048
-    ("bwd", True): LaunchConfig(64, 32, 4, 2),  # fp32 fwd+bwd: 19.2 -> 13.8 ms at N = 4096
-    ("dbwd", False): LaunchConfig(64, 64, 4, 2),  # bf16: -6% at N = 4096
-    ("dbwd", True): LaunchConfig(64, 32, 4, 2),  # 64 x 64 exceeds shared memory in fp32
+# Tiles (block_n x block_m, warps, stages) by (kernel family, float32 operands, D > 64),
+# picked by sweeps on an H200 (docs/benchmarks.md, "Block sizes"). float32 operands
+# (tf32x3 dots: three products per tile) want narrower tiles in the backward passes;
+# 16-bit ones at D <= 64 gain from a third pipeline stage. At D = 128 one stage (no
+# software pipelining) keeps the double backward in shared memory and registers: fp32
+# 256 -> 18 ms at N = 1024.
+_TILES = {
+    ("fwd", False, False): LaunchConfig(128, 64, 8, 2),
+    ("fwd", True, False): LaunchConfig(128, 64, 8, 2),
+    ("bwd", False, False): LaunchConfig(64, 64, 4, 3),  # bf16 fwd+bwd: -11% at N = 2048
+    ("bwd", True, False): LaunchConfig(64, 32, 4, 2),  # fp32 fwd+bwd: 19.2 -> 13.8 ms, N 4096
+    ("dbwd", False, False): LaunchConfig(64, 64, 4, 2),  # bf16: -6% at N = 4096
+    ("dbwd", True, False): LaunchConfig(64, 32, 4, 2),  # 64 x 64 exceeds shared memory
+    ("fwd", False, True): LaunchConfig(64, 64, 4, 2),  # bf16 at D = 128: not swept
+    ("fwd", True, True): LaunchConfig(128, 64, 8, 1),  # fp32: 0.68 -> 0.38 ms at N = 1024
+    ("bwd", False, True): LaunchConfig(64, 32, 4, 2),  # bf16 at D = 128: not swept
+    ("bwd", True, True): LaunchConfig(32, 32, 4, 1),  # fp32 fwd+bwd: 3.9 -> 2.4 ms, N 1024
+    ("dbwd", False, True): LaunchConfig(64, 64, 4, 1),  # bf16: 23.4 -> 19.8 ms at N = 4096
+    ("dbwd", True, True): LaunchConfig(16, 32, 4, 1),  # fp32: 256 -> 18 ms at N = 1024
 }
-_TILES_D128 = {"fwd": LaunchConfig(64, 64, 4, 2), "bwd": LaunchConfig(64, 32, 4, 2)}
-_TILES_D128["dbwd"] = LaunchConfig(32, 32, 4, 2)
 
 
 def launch_config(kind: str, n: int, m: int, d: int, dtype: torch.dtype) -> LaunchConfig:
@@ -91,8 +96,7 @@ def launch_config(kind: str, n: int, m: int, d: int, dtype: torch.dtype) -> Laun
         # The interpreter runs one program at a time in numpy: small tiles keep the
         # tests fast and exercise the tail masks.
         return LaunchConfig(block_n=16, block_m=16, num_warps=1, num_stages=1)
-    wide = dtype in (torch.float32, torch.float64)
-    tile = _TILES_D64[kind, wide] if d <= 64 else _TILES_D128[kind]
+    tile = _TILES[kind, dtype in (torch.float32, torch.float64), d > 64]
     block_n = min(tile.block_n, _pow2(n, 16))
     block_m = min(tile.block_m, _pow2(m, 16))
     if (block_n, block_m) == (tile.block_n, tile.block_m):
