@@ -129,7 +129,7 @@ def capture(step: OuterStep, warmup: int = 2) -> torch.cuda.CUDAGraph:
     the same run as n eager calls from the same seed.
     """
     snap = step.snapshot()
-    # torch.cuda.graph captures on a stream of the *current* device: make it step's.
+    # Kernels go to the current device's streams: make it step's.
     with torch.cuda.device(step.device):
         try:
             side = torch.cuda.Stream(step.device)
@@ -141,7 +141,11 @@ def capture(step: OuterStep, warmup: int = 2) -> torch.cuda.CUDAGraph:
             graph = torch.cuda.CUDAGraph()
             for g in step.generators:
                 graph.register_generator_state(g)
-            with torch.cuda.graph(graph):
+            # On `side`, not torch.cuda.graph's default capture stream: that one is made
+            # once per process, on whichever device was current at the first capture, so a
+            # later capture on another device would launch outside the capture. One stream
+            # for warm-up and capture also means one cuBLAS workspace instead of two.
+            with torch.cuda.graph(graph, stream=side):
                 step()
         finally:
             torch.cuda.synchronize(step.device)

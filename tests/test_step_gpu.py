@@ -122,3 +122,41 @@ def test_failed_capture_falls_back_to_fresh_eager_state(monkeypatch):
     fresh = build_step([cfg], device)
     for name, p in fresh.params.items():
         torch.testing.assert_close(state.params[name], p, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_sweep_on_two_gpus_uses_both_with_graphs_and_matches_one_gpu(tmp_path, monkeypatch):
+    """The first device runs in a thread of the sweep's process, the second in a worker."""
+    import pandas as pd
+
+    import phase12.sweep as sweep_module
+
+    serve = sweep_module._serve
+
+    def serve_one_group(runner, device, tasks, results, keep_going=None):
+        # This process's thread takes one group and stops, so the worker process must run
+        # the rest (with tiny cells the thread could finish everything before the worker
+        # has imported torch). The worker, a fresh process, runs the unpatched function.
+        calls = iter((True, False))
+        serve(runner, device, tasks, results, keep_going=lambda: next(calls))
+
+    monkeypatch.setattr(sweep_module, "_serve", serve_one_group)
+    spec = sweep_module.SweepSpec(
+        base=RunConfig(device="cuda", outer_steps=10),
+        modes=("FULL", "FO"),
+        inner_steps=(1, 2),
+        seeds=(0, 1),
+    )
+    runs = {}
+    for devices in (("cuda:0",), ("cuda:0", "cuda:1")):
+        folder = tmp_path / str(len(devices))
+        counts = sweep_module.run_sweep(spec, folder, progress=False, devices=devices)
+        assert counts == {"skipped": 0, "OK": 16}
+        df = pd.read_csv(folder / "runs.csv").set_index("run_id")
+        assert df.cuda_graph.all() and not df.index.duplicated().any()
+        used = {json.loads((folder / "meta" / f"{r}.json").read_text())["device"] for r in df.index}
+        assert used == set(devices)  # the metadata names the device each run ran on
+        runs[len(devices)] = df
+    pd.testing.assert_series_equal(
+        runs[2].final_loss.sort_index(), runs[1].final_loss.sort_index(), rtol=1e-5
+    )
