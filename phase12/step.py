@@ -143,8 +143,7 @@ def capture(step: OuterStep, warmup: int = 2) -> torch.cuda.CUDAGraph:
                 graph.register_generator_state(g)
             # On `side`, not torch.cuda.graph's default capture stream: that one is made
             # once per process, on whichever device was current at the first capture, so a
-            # later capture on another device would launch outside the capture. One stream
-            # for warm-up and capture also means one cuBLAS workspace instead of two.
+            # later capture on another device would launch outside the capture.
             with torch.cuda.graph(graph, stream=side):
                 step()
         finally:
