@@ -5,7 +5,7 @@
     python run.py risk --tag T                        risk checks -> risk_checks.csv
     python run.py report --tag T                      summary, figures and report.md from the CSVs
     python run.py pipeline --tag T                    sweep + risk + report
-    python run.py bench {step,attention,distributed}  benchmark tables and CSVs
+    python run.py bench {step,attention,tiles,distributed}  benchmark tables and CSVs
 
 Bad input ends with one `error:` line and exit code 2 before any work is done.
 """

@@ -149,10 +149,13 @@ def main_bench(argv: list[str]) -> int:
     from run import ArgumentParser
 
     p = ArgumentParser(prog="run.py bench")
-    p.add_argument("what", choices=["step", "attention", "distributed"], help="which benchmark")
+    choices = ["step", "attention", "tiles", "distributed"]
+    p.add_argument("what", choices=choices, help="which benchmark")
     args, rest = p.parse_known_args(argv)
     if args.what == "attention":
         from kernels.benchmark import main
+    elif args.what == "tiles":
+        from kernels.tile_sweep import main
     elif args.what == "distributed":
         from phase12.distributed_benchmark import main
     else:

@@ -319,3 +319,28 @@ def test_compiled_tiles_fit_the_problem_and_the_dtype(kind, monkeypatch):
     bf16 = launch.launch_config(kind, 4096, 4096, 64, torch.bfloat16)
     fp32 = launch.launch_config(kind, 4096, 4096, 64, torch.float32)
     assert fp32.block_n * fp32.block_m <= bf16.block_n * bf16.block_m
+
+
+def test_tile_sweep_tries_every_candidate_and_restores_the_choice(monkeypatch):
+    """The sweep's bookkeeping, with the GPU timing replaced by a stand-in."""
+    from kernels import launch, tile_sweep
+
+    monkeypatch.setattr(launch, "interpreter_enabled", lambda: False)
+    in_use = launch.launch_config("bwd", 2048, 2048, 64, torch.bfloat16)
+    seen = []
+
+    def fake_time(dtype, n, d, family, tile):
+        with tile_sweep.forced_tile(family, tile):  # what the launchers of `family` get
+            seen.append(launch.launch_config(family, n, n, d, dtype))
+        too_big = tile.block_n * tile.block_m > 64 * 64
+        return (float("nan"), "out of resource") if too_big else (1.0 / tile.num_stages, "")
+
+    monkeypatch.setattr(tile_sweep, "time_tile", fake_time)
+    df = tile_sweep.sweep(tile_sweep.parse_cells("bf16:2048:64:bwd"))
+    assert launch.launch_config("bwd", 2048, 2048, 64, torch.bfloat16) == in_use  # restored
+    candidates = {launch.LaunchConfig(*c) for c in tile_sweep.CANDIDATES}
+    assert seen[0] == in_use and set(seen) == candidates | {in_use} and len(df) == len(seen)
+    assert df.in_use.tolist() == [True] + [False] * (len(df) - 1)
+    assert df.ms.isna().sum() == (df.block_n * df.block_m > 64 * 64).sum()
+    with pytest.raises(ValueError, match="bad cell 'bf16:2048:64'"):
+        tile_sweep.parse_cells("bf16:2048:64")

@@ -118,6 +118,13 @@ def test_bench_step_writes_tables_and_plot(tmp_path):
     assert (out / "scaling.png").stat().st_size > 10_000
 
 
+def test_bench_tiles_refuses_bad_cells_and_needs_cuda(capsys):
+    assert run.main(["bench", "tiles", "--cells", "fp32:4096:64:backward"]) == 2
+    assert "bad cell 'fp32:4096:64:backward'" in capsys.readouterr().err
+    assert run.main(["bench", "tiles", "--cells", "bf16:1024:64:bwd"]) == 2
+    assert "error: the tile sweep needs a CUDA device" in capsys.readouterr().err
+
+
 def test_bench_attention_needs_cuda(capsys):
     import torch
 

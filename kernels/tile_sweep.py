@@ -1,0 +1,150 @@
+"""Block-size sweep of the tiled attention kernels: `python run.py bench tiles`.
+
+    python run.py bench tiles [--cells fp32:4096:64:bwd,bf16:4096:128:dbwd] [--out DIR]
+
+A cell is DTYPE:N:D:FAMILY (N = M, B*H = 32, no mask). For each cell, every candidate
+tile (block_n x block_m, warps, stages) replaces the one `launch_config` picks for that
+kernel family and the pass that runs the family is timed (median of
+`triton.testing.do_bench`): `fwd` for the forward, forward + backward for `bwd`,
+forward + backward + double backward for `dbwd`. A candidate that does not fit (shared
+memory, registers) is recorded with its error. Prints, per cell, the tile in use now
+and the best three; writes every measurement to tiles.csv. `kernels/launch.py:_TILES`
+is edited by hand from the table: the sweep informs a decision, it does not make it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from kernels.benchmark import DTYPES, make_pass
+
+FAMILIES = {"fwd": "fwd", "bwd": "fwd_bwd", "dbwd": "dbwd"}  # family -> pass that runs it
+# (block_n, block_m, num_warps, num_stages)
+CANDIDATES = [
+    (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2),
+    (64, 32, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 1),
+    (64, 64, 4, 1), (64, 32, 4, 1), (32, 32, 4, 1), (16, 32, 4, 1), (16, 32, 4, 2),
+]  # fmt: skip
+DEFAULT_CELLS = (
+    "fp32:4096:64:bwd,fp32:4096:64:dbwd,bf16:2048:64:bwd,bf16:4096:64:bwd,"
+    "bf16:4096:64:dbwd,fp32:1024:128:fwd,fp32:1024:128:bwd,fp32:1024:128:dbwd,"
+    "bf16:4096:128:dbwd"
+)
+
+
+def parse_cells(spec: str) -> list[tuple[str, int, int, str]]:
+    """'fp32:4096:64:bwd,...' -> [(dtype, n, d, family)]; ValueError names a bad cell."""
+    cells = []
+    for cell in spec.split(","):
+        parts = cell.split(":")
+        if (
+            len(parts) != 4
+            or parts[0] not in DTYPES
+            or parts[3] not in FAMILIES
+            or not (parts[1].isdigit() and parts[2].isdigit())
+        ):
+            raise ValueError(
+                f"bad cell {cell!r}: want DTYPE:N:D:FAMILY with DTYPE in {sorted(DTYPES)} "
+                f"and FAMILY in {sorted(FAMILIES)}, e.g. fp32:4096:64:bwd"
+            )
+        cells.append((parts[0], int(parts[1]), int(parts[2]), parts[3]))
+    return cells
+
+
+@contextmanager
+def forced_tile(family: str, tile) -> Iterator[None]:
+    """Within the block, kernels of `family` launch with `tile` (a LaunchConfig)."""
+    from kernels import launch
+
+    chosen = launch.launch_config
+    launch.launch_config = lambda kind, *shape: tile if kind == family else chosen(kind, *shape)
+    try:
+        yield
+    finally:
+        launch.launch_config = chosen
+
+
+def time_tile(dtype: torch.dtype, n: int, d: int, family: str, tile) -> tuple[float, str]:
+    """(median ms or NaN, error or '') of the family's pass with `tile`."""
+    import triton
+
+    from kernels import fused_attention
+
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(4, 8, n, d, device="cuda", dtype=dtype, generator=g) for _ in "qkvo")
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    with forced_tile(family, tile):
+        run = make_pass(fused_attention, FAMILIES[family], q, k, v, do)
+        try:
+            run()
+            torch.cuda.synchronize()
+            return triton.testing.do_bench(run, warmup=5, rep=30, return_mode="median"), ""
+        except Exception as e:  # does not fit: recorded, the sweep goes on
+            return float("nan"), str(e).splitlines()[0][:200]
+
+
+def sweep(cells: list[tuple[str, int, int, str]]) -> pd.DataFrame:
+    from kernels.launch import LaunchConfig, launch_config
+
+    rows = []
+    for dname, n, d, family in cells:
+        dtype = DTYPES[dname]
+        current = launch_config(family, n, n, d, dtype)
+        tiles = [current] + [t for t in map(lambda c: LaunchConfig(*c), CANDIDATES) if t != current]
+        for tile in tiles:
+            ms, error = time_tile(dtype, n, d, family, tile)
+            rows.append(
+                dict(dtype=dname, n=n, d=d, family=family, pass_=FAMILIES[family])
+                | dict(block_n=tile.block_n, block_m=tile.block_m, warps=tile.num_warps)
+                | dict(stages=tile.num_stages, in_use=tile == current, ms=ms, error=error)
+            )
+        print(_summary(pd.DataFrame(rows[-len(tiles) :])), flush=True)
+    return pd.DataFrame(rows).rename(columns={"pass_": "pass"})
+
+
+def _summary(cell: pd.DataFrame) -> str:
+    def name(r) -> str:
+        return f"{r.block_n}x{r.block_m} w{r.warps} s{r.stages}: {r.ms:.3f} ms"
+
+    first = cell.iloc[0]
+    best = cell.dropna(subset=["ms"]).sort_values("ms").head(3)
+    return (
+        f"{first.dtype} N={first.n} D={first.d} {first.family}: in use {name(first)}; "
+        f"best {', '.join(name(r) for r in best.itertuples())}; "
+        f"{cell.ms.isna().sum()} of {len(cell)} do not fit"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from run import ArgumentParser
+
+    p = ArgumentParser(
+        prog="run.py bench tiles",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--cells", default=DEFAULT_CELLS, help="comma-separated DTYPE:N:D:FAMILY")
+    p.add_argument("--out", type=Path, default=Path("out/bench_tiles"))
+    args = p.parse_args(argv)
+    try:
+        cells = parse_cells(args.cells)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("error: the tile sweep needs a CUDA device", file=sys.stderr)
+        return 2
+    df = sweep(cells)
+    df.insert(0, "device_name", torch.cuda.get_device_name())
+    args.out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out / "tiles.csv", index=False)
+    print(f"written to {args.out / 'tiles.csv'}")
+    return 0
