@@ -106,9 +106,9 @@ def _run_groups_on_workers(groups: list[list[RunConfig]], devices: Sequence[str]
     The first device is served by a thread of this process, which has imported
     everything already and starts at once (a worker process spends seconds importing
     torch and initialising CUDA); every other device gets a worker process. All take
-    groups from one queue, so a late starter simply takes fewer. This thread only
+    groups from one queue, so a late starter simply takes fewer. The calling thread only
     writes files: it makes no CUDA calls that could disturb the serving thread's graph
-    captures.
+    captures. Groups of a runner that dies are recorded as failed.
     """
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
@@ -124,27 +124,30 @@ def _run_groups_on_workers(groups: list[list[RunConfig]], devices: Sequence[str]
     for r in runners:
         r.start()
     running: dict[int, int] = {}  # runner -> index of the group it is on
-    left = len(groups)
+    pending = set(range(len(groups)))  # not yet reported back
     try:
-        while left:
+        while pending:
             try:
                 kind, index, payload = results.get(timeout=1.0)
             except queue.Empty:
                 for i, r in enumerate(runners):
                     if not r.is_alive() and i in running:  # died mid-group
                         index = running.pop(i)
-                        exit_code = getattr(r, "exitcode", None)  # threads have none
-                        error = RuntimeError(
-                            f"sweep worker on {devices[i]} died (exit {exit_code})"
-                        )
-                        left -= 1
+                        code = getattr(r, "exitcode", None)  # threads have none
+                        error = RuntimeError(f"sweep worker on {devices[i]} died (exit {code})")
+                        pending.discard(index)
                         yield groups[index], _failed_group(groups[index], error)
+                if not any(r.is_alive() for r in runners):  # nobody left to take the rest
+                    error = RuntimeError(f"every sweep worker ({', '.join(devices)}) has exited")
+                    for index in sorted(pending):
+                        yield groups[index], _failed_group(groups[index], error)
+                    return
                 continue
             if kind == "start":
                 running[payload] = index
                 continue
             running = {i: g for i, g in running.items() if g != index}
-            left -= 1
+            pending.discard(index)
             yield groups[index], payload
     finally:
         for r in runners[1:]:

@@ -231,3 +231,18 @@ def test_workers_take_the_longest_cells_first(tmp_path, monkeypatch):
     run_sweep(SPEC, tmp_path, progress=False, devices=["cpu", "cpu"])
     costs = [_estimated_cost(g) for g in handed]
     assert len(handed) == 4 and costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_groups_are_recorded_as_failed_when_every_runner_is_gone(monkeypatch):
+    def lost_device(*args, **kwargs):
+        raise RuntimeError("device lost")  # the serving thread dies before taking a group
+
+    monkeypatch.setattr(sweep_module, "_serve", lost_device)
+    groups = [[c] for c in SPEC.configs()[:3]]
+    finished = list(sweep_module._run_groups_on_workers(groups, ["cpu"]))
+    assert [group for group, _ in finished] == groups  # every group reported, no hang
+    for _, results in finished:
+        for result, metadata in results:
+            assert result.status == "ERROR" and "has exited" in result.row["error"]
+            assert metadata["device"] == "cpu"
