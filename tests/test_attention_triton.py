@@ -344,3 +344,21 @@ def test_tile_sweep_tries_every_candidate_and_restores_the_choice(monkeypatch):
     assert df.ms.isna().sum() == (df.block_n * df.block_m > 64 * 64).sum()
     with pytest.raises(ValueError, match="bad cell 'bf16:2048:64'"):
         tile_sweep.parse_cells("bf16:2048:64")
+
+
+def _gpu_tile_shapes() -> list[tuple[int, int]]:
+    from kernels import launch
+
+    return sorted({(t.block_n, t.block_m) for t in launch._TILES.values()})
+
+
+@pytest.mark.parametrize("block_n,block_m", _gpu_tile_shapes())
+def test_every_gpu_tile_shape_is_exact(block_n, block_m, monkeypatch):
+    """The GPU tile shapes (the interpreter otherwise runs 16 x 16), with tails in both
+    directions and causal masking, in float64. Warps and stages do not exist here."""
+    from kernels import launch
+
+    tile = launch.LaunchConfig(block_n, block_m, num_warps=1, num_stages=1)
+    monkeypatch.setattr(launch, "launch_config", lambda *_: tile)
+    check_three_orders(block_n + 5, block_m + 3, 8, 4, causal=True)
+    check_three_orders(block_n // 2 + 1, 2 * block_m + 1, 8, 8, causal=False)
