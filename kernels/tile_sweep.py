@@ -98,7 +98,7 @@ def sweep(cells: list[tuple[str, int, int, str]]) -> pd.DataFrame:
     for dname, n, d, family in cells:
         dtype = DTYPES[dname]
         current = launch_config(family, n, n, d, dtype)
-        tiles = [current] + [t for t in map(lambda c: LaunchConfig(*c), CANDIDATES) if t != current]
+        tiles = [current] + [LaunchConfig(*c) for c in CANDIDATES if LaunchConfig(*c) != current]
         for tile in tiles:
             ms, error = time_tile(dtype, n, d, family, tile)
             rows.append(

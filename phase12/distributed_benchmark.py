@@ -160,16 +160,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(
                     f"--meta-batch {meta_batch} does not divide over {args.processes} processes"
                 )
+        cuda = device.type == "cuda"
+        if args.sweep_backends is None:
+            args.sweep_backends = "reference,triton_fused" if cuda else "reference"
+        args.backends = (args.backends or args.sweep_backends).split(",")
+        for backend in args.backends:
+            if backend not in BACKENDS:
+                raise ConfigError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    cuda = device.type == "cuda"
-    if args.sweep_backends is None:
-        args.sweep_backends = "reference,triton_fused" if cuda else "reference"
-    args.backends = (args.backends or args.sweep_backends).split(",")
-    unknown = [b for b in args.backends if b not in BACKENDS]
-    if unknown:
-        print(f"error: unknown backend {unknown[0]!r}; choose from {BACKENDS}", file=sys.stderr)
         return 2
     devices = [f"cuda:{i}" for i in range(args.processes)] if cuda else ["cpu"] * args.processes
 

@@ -5,23 +5,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import TINY
 
 from phase12.config import RunConfig
 from phase12.maml import adapt, meta_batch_metrics, meta_gradient, relative_difference, support_loss
 from phase12.model import init_params
 from phase12.tasks import sample_tasks_for
 
-SMALL = RunConfig(
+SMALL = TINY.replace(
     meta_batch=3,
     shots=4,
     queries=5,
     seq_len=8,
     dim=6,
     num_classes=3,
-    signal_positions=2,
     inner_steps=3,
     dtype="float64",
-    device="cpu",
 )
 
 

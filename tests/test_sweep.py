@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -104,65 +105,26 @@ def test_seed_batched_sweep_equals_unbatched(tmp_path):
         assert (a[col] - b[col]).abs().max() < 1e-5, col
 
 
-def test_old_runs_csv_is_refused_before_any_work(tmp_path, capsys):
+def sweep_cli(root, *grid: str) -> int:
     import run
 
+    args = ["sweep", "--root", str(root), "--tag", "t", *grid]
+    return run.main([*args, "--device", "cpu", "--backends", "reference"])
+
+
+def test_old_runs_csv_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "runs.csv").write_text("backend,mode\nreference,FULL\n")
-    code = run.main(
-        [
-            "sweep",
-            "--root",
-            str(tmp_path),
-            "--tag",
-            "t",
-            "--k",
-            "1",
-            "--device",
-            "cpu",
-            "--backends",
-            "reference",
-        ]
-    )
+    code = sweep_cli(tmp_path, "--k", "1")
     assert code == 2 and "other columns" in capsys.readouterr().err
     assert not (tmp_path / "t" / "history").exists()
 
 
 def test_sweep_cli_rejects_bad_grid(tmp_path, capsys):
-    import run
-
-    code = run.main(
-        [
-            "sweep",
-            "--root",
-            str(tmp_path),
-            "--tag",
-            "t",
-            "--k",
-            "1,-2",
-            "--device",
-            "cpu",
-            "--backends",
-            "reference",
-        ]
-    )
+    code = sweep_cli(tmp_path, "--k", "1,-2")
     assert code == 2 and "--k must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
-    code = run.main(
-        [
-            "sweep",
-            "--root",
-            str(tmp_path),
-            "--tag",
-            "t",
-            "--modes",
-            "FULL,SOMETHING",
-            "--device",
-            "cpu",
-            "--backends",
-            "reference",
-        ]
-    )
+    code = sweep_cli(tmp_path, "--modes", "FULL,SOMETHING")
     assert code == 2 and "unknown mode" in capsys.readouterr().err
 
 
@@ -240,8 +202,15 @@ def test_groups_are_recorded_as_failed_when_every_runner_is_gone(monkeypatch):
 
     monkeypatch.setattr(sweep_module, "_serve", lost_device)
     groups = [[c] for c in SPEC.configs()[:3]]
-    finished = list(sweep_module._run_groups_on_workers(groups, ["cpu"]))
-    assert [group for group, _ in finished] == groups  # every group reported, no hang
+    finished = []
+    collector = threading.Thread(
+        target=lambda: finished.extend(sweep_module._run_groups_on_workers(groups, ["cpu"])),
+        daemon=True,
+    )
+    collector.start()
+    collector.join(timeout=60)  # the parent used to wait forever here
+    assert not collector.is_alive(), "the sweep waits for runners that are gone"
+    assert [group for group, _ in finished] == groups
     for _, results in finished:
         for result, metadata in results:
             assert result.status == "ERROR" and "has exited" in result.row["error"]
