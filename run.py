@@ -23,6 +23,7 @@ import torch
 from phase12.config import MODES, ConfigError, RunConfig
 from phase12.distributed import init_world, local_device
 from phase12.experiment import STATUS_NONFINITE, STATUS_OK, RunResult, run_experiment, run_metadata
+from phase12.model import BACKENDS
 from phase12.outputs import RUNS_CSV, save_run
 from phase12.records import check_columns
 
@@ -133,8 +134,10 @@ def single_run_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         default=DEFAULTS.backend,
-        choices=["reference", "triton_fused"],
-        help="attention backend (default reference; triton_fused needs CUDA or TRITON_INTERPRET=1)",
+        choices=list(BACKENDS),
+        help="reference: PyTorch attention; triton_fused: fused Triton attention kernels; "
+        "triton_step: each inner step and its backward one fused Triton kernel of the whole "
+        "model (the Triton backends need CUDA or TRITON_INTERPRET=1) (default reference)",
     )
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="run seed (default 0)")
     add_config_flags(p)

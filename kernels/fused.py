@@ -37,7 +37,7 @@ from kernels.reference import (
 )
 
 
-def _to_front(info, in_dims: Sequence[int | None], tensors: Sequence[torch.Tensor]):
+def vmapped_to_front(info, in_dims: Sequence[int | None], tensors: Sequence[torch.Tensor]):
     """Vmapped dim of every tensor moved to dim 0 (unbatched ones are expanded)."""
     out = []
     for t, d in zip(tensors, in_dims, strict=True):
@@ -83,7 +83,7 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, causal, scale):
-        q, k, v = _to_front(info, in_dims[:3], (q, k, v))
+        q, k, v = vmapped_to_front(info, in_dims[:3], (q, k, v))
         return FusedAttention.apply(q, k, v, causal, scale), (0, 0)
 
 
@@ -117,7 +117,7 @@ class FusedAttentionBackward(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, o, lse, do, causal, scale):
-        q, k, v, o, lse, do = _to_front(info, in_dims[:6], (q, k, v, o, lse, do))
+        q, k, v, o, lse, do = vmapped_to_front(info, in_dims[:6], (q, k, v, o, lse, do))
         return FusedAttentionBackward.apply(q, k, v, o, lse, do, causal, scale), (0, 0, 0)
 
 
@@ -157,5 +157,5 @@ class FusedAttentionDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, o, lse, do, uq, uk, uv, causal, scale):
-        tensors = _to_front(info, in_dims[:9], (q, k, v, o, lse, do, uq, uk, uv))
+        tensors = vmapped_to_front(info, in_dims[:9], (q, k, v, o, lse, do, uq, uk, uv))
         return FusedAttentionDoubleBackward.apply(*tensors, causal, scale), (0, 0, 0, 0)

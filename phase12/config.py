@@ -8,7 +8,8 @@ from enum import Enum
 
 import torch
 
-from kernels import BACKENDS, BackendUnavailable, check_backend
+from kernels import BackendUnavailable, check_backend
+from phase12.model import BACKENDS, FUSED_STEP, attention_backend
 
 __all__ = ["ConfigError", "Mode", "RunConfig", "resolve_device"]
 
@@ -132,7 +133,28 @@ class RunConfig:
         if self.cuda_graph == "on" and device.type != "cuda":
             raise ConfigError("--cuda-graph on needs a CUDA device; use --cuda-graph off or auto")
         try:
-            check_backend(self.backend, device)
+            check_backend(attention_backend(self.backend), device)
         except BackendUnavailable as e:
-            raise ConfigError(str(e)) from e
+            uses = (
+                ""
+                if self.backend == "triton_fused"
+                else f"backend {self.backend} runs Triton kernels: "
+            )
+            raise ConfigError(uses + str(e)) from e
+        if self.backend == FUSED_STEP:
+            self._check_fused_step(device)
         return device
+
+    def _check_fused_step(self, device: torch.device) -> None:
+        from kernels.inner_step import check_shapes
+
+        if self.dtype == "float64" and device.type == "cuda":
+            raise ConfigError(
+                f"backend {FUSED_STEP} runs float64 only in Triton's interpreter on the CPU; "
+                "use --dtype float32 on CUDA"
+            )
+        try:
+            for examples in (self.shots, self.queries):
+                check_shapes(examples, self.seq_len, self.dim, self.num_classes)
+        except ValueError as e:
+            raise ConfigError(f"backend {FUSED_STEP}: {e}") from e

@@ -31,9 +31,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from kernels import BACKENDS
 from phase12.config import ConfigError, resolve_device
 from phase12.experiment import device_name
+from phase12.model import BACKENDS
 
 ROOT = Path(__file__).resolve().parent.parent
 

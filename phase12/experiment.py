@@ -32,7 +32,7 @@ from kernels import attention
 from phase12.config import ConfigError, Mode, RunConfig
 from phase12.distributed import SINGLE_PROCESS, World
 from phase12.maml import meta_gradient, relative_difference
-from phase12.model import Params, init_params
+from phase12.model import ATTENTION_PARAMS, FUSED_STEP, Params, init_params
 from phase12.step import METRICS, OuterStep, capture
 from phase12.tasks import sample_tasks_for
 
@@ -67,17 +67,42 @@ def initial_params(config: RunConfig, device: torch.device) -> Params:
 
 
 def attention_gradgrad_ok(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Do second derivatives reach the attention inputs through this backend (finite, non-zero)?"""
+    """Do second derivatives reach the attention inputs through this backend (finite, non-zero)?
+
+    For triton_step (no attention call of its own in the inner loop): does the fused inner
+    step's backward carry a Hessian term into Wq, Wk, Wv?
+    """
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (
-        torch.randn(2, 1, n, 16, generator=g, device=device, dtype=dtype).requires_grad_()
-        for n in (3, 5, 5)
-    )
-    out = attention(q, k, v, backend=backend)
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
-    second = torch.autograd.grad(sum(gr.square().sum() for gr in grads), (q, k, v))
-    flat = torch.cat([s.flatten() for s in second])
-    return bool(torch.isfinite(flat).all() and flat.abs().max() > 0)
+    if backend == FUSED_STEP:
+        from phase12.fused_step import sgd_step
+
+        cpu = torch.Generator().manual_seed(0)  # init_params draws on the CPU
+        params = init_params(16, 5, cpu, device=device, dtype=dtype)
+        params = {n: p.requires_grad_() for n, p in params.items()}
+        x = torch.randn(3, 5, 16, generator=g, device=device, dtype=dtype)
+        y = torch.randint(0, 5, (3,), generator=g, device=device)
+        phi = sgd_step(params, x, y, lr=1.0, second_order=True)
+        v = {
+            n: torch.randn(p.shape, generator=g, device=device, dtype=dtype) for n, p in phi.items()
+        }
+        back = torch.autograd.grad(list(phi.values()), list(params.values()), list(v.values()))
+        # The step's backward is v - H v: the Hessian term is what is not v.
+        back = dict(zip(params, back, strict=True))
+        second = torch.cat([(back[n] - v[n]).flatten() for n in ATTENTION_PARAMS])
+    else:
+        q, k, v = (
+            torch.randn(2, 1, n, 16, generator=g, device=device, dtype=dtype).requires_grad_()
+            for n in (3, 5, 5)
+        )
+        out = attention(q, k, v, backend=backend)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+        second = torch.cat(
+            [
+                s.flatten()
+                for s in torch.autograd.grad(sum(gr.square().sum() for gr in grads), (q, k, v))
+            ]
+        )
+    return bool(torch.isfinite(second).all() and second.abs().max() > 0)
 
 
 def rel_diff_probe(params: Params, config: RunConfig, device: torch.device) -> float:

@@ -17,31 +17,14 @@ query loss), so torch.optim works on the meta-parameters unchanged.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from phase12.config import Mode
-from phase12.model import Params, apply
+from phase12.model import FUSED_STEP, Params, apply, cross_entropy, loss
 from phase12.tasks import Tasks
 
 
 def _detached(params: Params) -> Params:
     return {name: p.detach() for name, p in params.items()}
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits (n, C) against integer labels (n,): a scalar.
-
-    F.cross_entropy's value, written as log_softmax + gather: under vmap + grad,
-    F.cross_entropy runs nll_loss's decomposition (ignore-index masks, 0-d counts and
-    divisions): ~250 extra ops (each a kernel on CUDA) in a FULL k = 20 outer step (14%
-    of its compute ops on the CPU; 30% of FO's).
-    """
-    return -F.log_softmax(logits, -1).gather(-1, labels[..., None]).mean()
-
-
-def support_loss(params: Params, x: torch.Tensor, y: torch.Tensor, backend: str) -> torch.Tensor:
-    """Mean cross-entropy of the model on (x (n, T, D), y (n,)): a scalar."""
-    return cross_entropy(apply(params, x, backend), y)
 
 
 def adapt(
@@ -54,8 +37,14 @@ def adapt(
     backend: str,
     detach_inner_grads: bool = False,
 ) -> Params:
-    """`steps` SGD steps of `support_loss` from `params`; differentiable unless detached."""
-    grad_fn = torch.func.grad(support_loss)
+    """`steps` SGD steps on the support loss from `params`; differentiable unless detached."""
+    if backend == FUSED_STEP:  # one kernel per step, its backward one more
+        from phase12.fused_step import sgd_step  # needs Triton: imported when used
+
+        for _ in range(steps):
+            params = sgd_step(params, x, y, lr, second_order=not detach_inner_grads)
+        return params
+    grad_fn = torch.func.grad(loss)
     for _ in range(steps):
         grads = grad_fn(params, x, y, backend)
         if detach_inner_grads:
@@ -105,6 +94,10 @@ def task_query_metrics(
     phi = adapted_params(
         meta_params, support_x, support_y, mode=mode, steps=steps, lr=lr, backend=backend
     )
+    if backend == FUSED_STEP:
+        from phase12.fused_step import query_loss  # needs Triton: imported when used
+
+        return query_loss(phi, query_x, query_y)
     logits = apply(phi, query_x, backend)
     accuracy = (logits.argmax(-1) == query_y).to(logits.dtype).mean()
     return cross_entropy(logits, query_y), accuracy

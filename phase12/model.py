@@ -18,10 +18,21 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels import BACKENDS as ATTENTION_BACKENDS
 from kernels import attention
 
 Params = dict[str, torch.Tensor]
 ATTENTION_PARAMS = ("Wq", "Wk", "Wv")
+# Model backends: the two attention backends (derivatives by autograd through the
+# model) and `triton_step`, whose inner steps and their backward are fused kernels of
+# the whole model (phase12/fused_step.py); its plain forward uses triton_fused attention.
+FUSED_STEP = "triton_step"
+BACKENDS = (*ATTENTION_BACKENDS, FUSED_STEP)
+
+
+def attention_backend(backend: str) -> str:
+    """The attention backend that model backend `backend` runs its forward pass on."""
+    return "triton_fused" if backend == FUSED_STEP else backend
 
 
 def init_params(
@@ -54,7 +65,27 @@ def apply(params: Params, x: torch.Tensor, backend: str = "reference") -> torch.
     q = F.linear(x[..., :1, :], params["Wq"])  # (..., 1, D): only token 0 queries
     k = F.linear(x, params["Wk"])  # (..., T, D)
     v = F.linear(x, params["Wv"])
-    h = attention(q, k, v, backend=backend)  # (..., 1, D); the leading dims act as batch
+    h = attention(
+        q, k, v, backend=attention_backend(backend)
+    )  # (..., 1, D); the leading dims act as batch
     # squeeze, not h[..., 0, :]: a select's backward allocates zeros and scatters into
     # them (two kernels per use); squeeze's backward is a view.
     return F.linear(h.squeeze(-2), params["Wc"], params["bc"])
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (n, C) against integer labels (n,): a scalar.
+
+    F.cross_entropy's value, written as log_softmax + gather: under vmap + grad,
+    F.cross_entropy runs nll_loss's decomposition (ignore-index masks, 0-d counts and
+    divisions): ~250 extra ops (each a kernel on CUDA) in a FULL k = 20 outer step (14%
+    of its compute ops on the CPU; 30% of FO's).
+    """
+    return -F.log_softmax(logits, -1).gather(-1, labels[..., None]).mean()
+
+
+def loss(
+    params: Params, x: torch.Tensor, y: torch.Tensor, backend: str = "reference"
+) -> torch.Tensor:
+    """Mean cross-entropy of the model on (x (n, T, D), y (n,)): a scalar."""
+    return cross_entropy(apply(params, x, backend), y)

@@ -7,7 +7,7 @@ Each check returns one row: check, status (PASS / WARN / FAIL / SKIP), value, de
                           scheduled differently)
 * attention_parity_*      triton_fused vs float64 reference on the model's attention shape
                           (N = 1, M = T, D = 64) for forward, backward, double backward
-* meta_grad_parity        FULL meta-gradient on the model, triton_fused vs reference
+* meta_grad_parity_*      FULL meta-gradient on the model, each Triton backend vs reference
 * fo_vs_fo_strict_*       FO and FO_STRICT meta-gradients are equal, per backend
 * full_vs_fo_*            rel_diff of FULL vs FO meta-gradients: clearly non-zero, per backend
 * triton_gradgradcheck    torch.autograd.gradgradcheck of the Triton op in float64, in the
@@ -30,6 +30,7 @@ from kernels.reference import attention_reference
 from phase12.config import RunConfig
 from phase12.experiment import build_step, initial_params, task_generator
 from phase12.maml import meta_gradient, relative_difference
+from phase12.model import BACKENDS
 from phase12.outputs import RUNS_CSV
 from phase12.tasks import sample_tasks_for
 
@@ -40,12 +41,14 @@ def _row(check: str, status: str, value=None, details: str = "") -> dict:
     return {"check": check, "status": status, "value": value, "details": details}
 
 
-def _triton_available(device: torch.device, backends: tuple[str, ...]) -> str | None:
-    """Why triton_fused cannot be checked here (None if it can)."""
-    if "triton_fused" not in backends:
-        return "triton_fused not among the requested backends"
+def _triton_available(
+    device: torch.device, backends: tuple[str, ...], backend: str = "triton_fused"
+) -> str | None:
+    """Why `backend` (a Triton backend) cannot be checked here (None if it can)."""
+    if backend not in backends:
+        return f"{backend} not among the requested backends"
     try:
-        check_backend("triton_fused", device)
+        check_backend("triton_fused", device)  # triton_step needs what triton_fused needs
         return None
     except BackendUnavailable as e:
         return str(e)
@@ -124,8 +127,9 @@ def meta_gradient_checks(
     tasks = sample_tasks_for(cfg, task_generator(cfg.seed + 17, device), device)
     kw = dict(steps=cfg.inner_steps, lr=cfg.inner_lr)
     rows, full_by_backend = [], {}
-    for backend in ("reference", "triton_fused"):
-        why = _triton_available(device, backends) if backend == "triton_fused" else None
+    triton_backends = [b for b in BACKENDS if b != "reference"]
+    for backend in ("reference", *triton_backends):
+        why = _triton_available(device, backends, backend) if backend != "reference" else None
         if why:
             rows += [
                 _row(f"fo_vs_fo_strict_{backend}", "SKIP", details=why),
@@ -155,20 +159,20 @@ def meta_gradient_checks(
                 f"||g_FULL - g_FO|| / ||g_FULL||, k={cfg.inner_steps} (must be clearly non-zero)",
             )
         )
-    if len(full_by_backend) == 2:
-        rel = relative_difference(
-            full_by_backend["reference"], full_by_backend["triton_fused"]
-        ).item()
+    for backend in triton_backends:
+        check = f"meta_grad_parity_{backend}"
+        if backend not in full_by_backend:
+            rows.append(_row(check, "SKIP", details=f"{backend} not checked here"))
+            continue
+        rel = relative_difference(full_by_backend["reference"], full_by_backend[backend]).item()
         rows.append(
             _row(
-                "meta_grad_parity",
+                check,
                 "PASS" if rel < 1e-4 else "FAIL",
                 rel,
-                f"FULL meta-gradient, triton_fused vs reference, {cfg.dtype}, k={cfg.inner_steps}",
+                f"FULL meta-gradient, {backend} vs reference, {cfg.dtype}, k={cfg.inner_steps}",
             )
         )
-    else:
-        rows.append(_row("meta_grad_parity", "SKIP", details="triton_fused unavailable here"))
     return rows
 
 

@@ -69,7 +69,8 @@ def test_fused_matches_float64_reference(b, h, n, m, d, dv, causal, dtype):
     assert max(errors.values()) < TOL[dtype], errors
 
 
-def test_engine_full_meta_gradient_on_cuda():
+@pytest.mark.parametrize("backend", ["triton_fused", "triton_step"])
+def test_engine_full_meta_gradient_on_cuda(backend):
     from phase12.config import RunConfig
     from phase12.maml import meta_gradient, relative_difference
     from phase12.model import init_params
@@ -80,7 +81,7 @@ def test_engine_full_meta_gradient_on_cuda():
     tasks = sample_tasks_for(cfg, torch.Generator("cuda").manual_seed(1), torch.device("cuda"))
     kw = dict(mode="FULL", steps=20, lr=0.4)
     ref = meta_gradient(params, tasks, backend="reference", **kw)
-    fused = meta_gradient(params, tasks, backend="triton_fused", **kw)
+    fused = meta_gradient(params, tasks, backend=backend, **kw)
     p64 = {n: p.double() for n, p in params.items()}
     t64 = type(tasks)(*(t.double() if t.is_floating_point() else t for t in tasks))
     exact = meta_gradient(p64, t64, backend="reference", **kw)

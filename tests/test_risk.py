@@ -14,7 +14,8 @@ def test_risk_checks_pass_on_cpu(tmp_path):
     pd.DataFrame([{"run_id": "a", "status": "OK"}, {"run_id": "b", "status": "NONFINITE"}]).to_csv(
         tmp_path / "runs.csv", index=False
     )
-    df = run_risk_checks(base, tmp_path).set_index("check")
+    backends = ("reference", "triton_fused", "triton_step")
+    df = run_risk_checks(base, tmp_path, backends=backends).set_index("check")
     expected = {
         "seed_determinism": "PASS",
         "attention_parity_forward": "PASS",
@@ -24,11 +25,15 @@ def test_risk_checks_pass_on_cpu(tmp_path):
         "full_vs_fo_reference": "PASS",
         "fo_vs_fo_strict_triton_fused": "PASS",
         "full_vs_fo_triton_fused": "PASS",
-        "meta_grad_parity": "PASS",
+        "fo_vs_fo_strict_triton_step": "PASS",
+        "full_vs_fo_triton_step": "PASS",
+        "meta_grad_parity_triton_fused": "PASS",
+        "meta_grad_parity_triton_step": "PASS",
         "triton_gradgradcheck": "PASS",
         "nonfinite_guard": "WARN",
     }
     assert df["status"].to_dict() == expected
     assert df.loc["seed_determinism", "value"] == 0.0
     assert df.loc["full_vs_fo_triton_fused", "value"] > 1e-2
+    assert df.loc["meta_grad_parity_triton_step", "value"] < 1e-5
     assert "NONFINITE=1" in df.loc["nonfinite_guard", "details"]

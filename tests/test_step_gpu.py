@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton_fused"])
+@pytest.mark.parametrize("backend", ["reference", "triton_fused", "triton_step"])
 @pytest.mark.parametrize("mode", ["FULL", "FO_STRICT"])
 def test_graph_replay_equals_eager(mode, backend):
     cfg = RunConfig(
@@ -38,8 +38,9 @@ def test_graph_replay_equals_eager(mode, backend):
     assert int(graphed.counter) == cfg.outer_steps
 
 
-def test_seed_batched_graph_replay_equals_eager():
-    cfg = RunConfig(device="cuda", backend="triton_fused", inner_steps=3, outer_steps=20)
+@pytest.mark.parametrize("backend", ["triton_fused", "triton_step"])
+def test_seed_batched_graph_replay_equals_eager(backend):
+    cfg = RunConfig(device="cuda", backend=backend, inner_steps=3, outer_steps=20)
     configs = [cfg.replace(seed=s) for s in (0, 1)]
     device = torch.device("cuda")
     eager = build_step(configs, device)
