@@ -1,7 +1,8 @@
 """Outer-step benchmark: median time and peak memory of one meta-update.
 
     python run.py bench step [--modes FULL,FO,FO_STRICT] [--k 1,5,10,20]
-                             [--backends reference,triton_fused] [--device auto] [--out DIR]
+                             [--backends reference,triton_fused,triton_step] [--device auto]
+                             [--out DIR]
 
 Each cell builds a fresh run (Phase 12 defaults unless overridden), runs `--warmup`
 outer steps, then times `--reps` steps one by one (CUDA events on GPU, a host clock
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--modes", default="FULL,FO,FO_STRICT")
     p.add_argument("--k", default="1,5,10,20", help="comma-separated inner steps")
-    p.add_argument("--backends", default="reference,triton_fused")
+    p.add_argument("--backends", default="reference,triton_fused,triton_step")
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--execution",

@@ -11,7 +11,10 @@ phi_k = parameters after k inner SGD steps on the support loss L_s, L_q = query 
 |           | phi = theta + stop_grad(phi_k - theta)            | to FO, less memory       |
 
 The meta-gradient itself is taken by ordinary autograd (`.backward()` on the mean
-query loss), so torch.optim works on the meta-parameters unchanged.
+query loss), so torch.optim works on the meta-parameters unchanged. With the
+`triton_step` backend an inner step is one fused kernel instead of torch.func.grad of
+the model, and its backward one Hessian-vector-product kernel (phase12/fused_step.py):
+the same policies, the same numbers.
 """
 
 from __future__ import annotations

@@ -40,12 +40,14 @@ def test_bad_input_exits_2_before_writing(tmp_path, capsys, argv, message):
     assert not out.exists()
 
 
-def test_triton_on_cpu_without_interpreter_is_refused(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("backend", ["triton_fused", "triton_step"])
+def test_triton_on_cpu_without_interpreter_is_refused(tmp_path, capsys, monkeypatch, backend):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    code = run.main(["--backend", "triton_fused", "--device", "cpu", "--out", str(tmp_path / "o")])
+    code = run.main(["--backend", backend, "--device", "cpu", "--out", str(tmp_path / "o")])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "TRITON_INTERPRET=1" in err[0] and err[0].startswith("error:")
+    assert backend in err[0] and not (tmp_path / "o").exists()
 
 
 def test_single_run_json_and_outputs(tmp_path, capsys):
