@@ -1,7 +1,7 @@
 """Scaling over processes and devices: `python run.py bench distributed`.
 
     python run.py bench distributed [--processes 2] [--meta-batch 64,256] [--k 20]
-                                    [--backends reference,triton_fused]
+                                    [--backends reference,triton_fused,triton_step]
                                     [--outer-steps 300] [--sweep-outer-steps 1000]
                                     [--device auto] [--out DIR]
 
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--backends",
         default=None,
-        help="backends of the sharded runs (default: reference,triton_fused on CUDA, "
-        "reference on the CPU)",
+        help="backends of the sharded runs (default: reference,triton_fused,triton_step on "
+        "CUDA, reference on the CPU)",
     )
     p.add_argument("--meta-batch", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256])
     p.add_argument("--outer-steps", type=int, default=300, help="steps of each sharded run")
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         cuda = device.type == "cuda"
         if args.sweep_backends is None:
             args.sweep_backends = "reference,triton_fused" if cuda else "reference"
-        args.backends = (args.backends or args.sweep_backends).split(",")
+        default = "reference,triton_fused,triton_step" if cuda else "reference"
+        args.backends = (args.backends or default).split(",")
         for backend in args.backends:
             if backend not in BACKENDS:
                 raise ConfigError(f"unknown backend {backend!r}; choose from {BACKENDS}")

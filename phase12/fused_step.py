@@ -131,8 +131,9 @@ class LossAndGradient(torch.autograd.Function):
     def backward(ctx, d_loss, _d_accuracy, *d_grads):
         x, y, *saved = ctx.saved_tensors
         params, grads = saved[:NUM_PARAMS], saved[NUM_PARAMS:]
-        out = [torch.zeros_like(p) for p in params]
-        if d_loss is not None:  # d(loss)/dW = grads; d_loss is per task, (...)
+        if d_loss is None:
+            out = [torch.zeros_like(p) for p in params]
+        else:  # d(loss)/dW = grads; d_loss is per task, (...)
             out = [
                 d_loss.reshape(*d_loss.shape, *(1,) * (g.dim() - d_loss.dim())) * g for g in grads
             ]
@@ -147,9 +148,7 @@ class LossAndGradient(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, x, y, *params):
-        x, y, *params = vmapped_to_front(
-            info, (in_dims[0], in_dims[1], *in_dims[2:]), (x, y, *params)
-        )
+        x, y, *params = vmapped_to_front(info, in_dims, (x, y, *params))
         return LossAndGradient.apply(x, y, *params), (0,) * (2 + NUM_PARAMS)
 
 
