@@ -25,9 +25,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from kernels import BackendUnavailable, attention, check_backend
+from kernels import attention
 from kernels.reference import attention_reference
-from phase12.config import RunConfig
+from phase12.config import ConfigError, RunConfig
 from phase12.experiment import build_step, initial_params, task_generator
 from phase12.maml import meta_gradient, relative_difference
 from phase12.model import BACKENDS
@@ -42,15 +42,16 @@ def _row(check: str, status: str, value=None, details: str = "") -> dict:
 
 
 def _triton_available(
-    device: torch.device, backends: tuple[str, ...], backend: str = "triton_fused"
+    base: RunConfig, backends: tuple[str, ...], backend: str = "triton_fused"
 ) -> str | None:
-    """Why `backend` (a Triton backend) cannot be checked here (None if it can)."""
+    """Why `backend` (a Triton backend) cannot be checked here (None if it can): the
+    run configuration's own checks (device, interpreter, the sizes triton_step holds)."""
     if backend not in backends:
         return f"{backend} not among the requested backends"
     try:
-        check_backend("triton_fused", device)  # triton_step needs what triton_fused needs
+        base.replace(backend=backend).validate()
         return None
-    except BackendUnavailable as e:
+    except ConfigError as e:
         return str(e)
 
 
@@ -78,7 +79,7 @@ def attention_parity(
     base: RunConfig, device: torch.device, backends: tuple[str, ...]
 ) -> list[dict]:
     """On the attention shapes of one outer step: B = meta_batch * examples, N = 1, M = T."""
-    why = _triton_available(device, backends)
+    why = _triton_available(base, backends)
     names = ("forward", "backward", "double_backward")
     if why:
         return [_row(f"attention_parity_{n}", "SKIP", details=why) for n in names]
@@ -129,7 +130,7 @@ def meta_gradient_checks(
     rows, full_by_backend = [], {}
     triton_backends = [b for b in BACKENDS if b != "reference"]
     for backend in ("reference", *triton_backends):
-        why = _triton_available(device, backends, backend) if backend != "reference" else None
+        why = _triton_available(cfg, backends, backend) if backend != "reference" else None
         if why:
             rows += [
                 _row(f"fo_vs_fo_strict_{backend}", "SKIP", details=why),

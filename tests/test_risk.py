@@ -37,3 +37,18 @@ def test_risk_checks_pass_on_cpu(tmp_path):
     assert df.loc["full_vs_fo_triton_fused", "value"] > 1e-2
     assert df.loc["meta_grad_parity_triton_step", "value"] < 1e-5
     assert "NONFINITE=1" in df.loc["nonfinite_guard", "details"]
+
+
+def test_a_backend_the_setting_does_not_fit_is_skipped_with_the_reason():
+    from phase12.risk import meta_gradient_checks
+
+    base = TINY.replace(num_classes=17)  # more classes than triton_step holds
+    rows = {
+        r["check"]: r
+        for r in meta_gradient_checks(base, base.validate(), ("reference", "triton_step"))
+    }
+    assert rows["full_vs_fo_reference"]["status"] == "PASS"
+    for check in ("fo_vs_fo_strict_triton_step", "meta_grad_parity_triton_step"):
+        assert rows[check]["status"] == "SKIP"
+    assert "classes" in rows["full_vs_fo_triton_step"]["details"]
+    assert "not among the requested" in rows["full_vs_fo_triton_fused"]["details"]
