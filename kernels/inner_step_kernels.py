@@ -134,12 +134,23 @@ def _attention_pass(
 
 
 @triton.jit
-def _class_probs(h, wc, bc, offs_c, C, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """Logits z = h Wc^T + bc (-inf in padding classes) and softmax(z)."""
+def _classifier(
+    xbar, wv, wc, bc, y, rows, offs_c, C, inv_n, PRECISION: tl.constexpr, ACC: tl.constexpr
+):
+    """From xbar to the head of the backward, for both kernels:
+    H = Xbar Wv^T, logits Z = H Wc^T + bc (-inf in padding classes), pi = softmax(Z),
+    G = dL/dZ, dH = G Wc, dXbar = dH Wv, delta_i = dxbar_i . xbar_i."""
+    h = _dot(xbar, tl.trans(wv), PRECISION, ACC)
     z = _dot(h, tl.trans(wc), PRECISION, ACC) + bc[None, :]
     z = tl.where(offs_c[None, :] < C, z, float("-inf"))
     e = tl.exp(z - tl.max(z, 1)[:, None])
-    return z, e / tl.sum(e, 1)[:, None]
+    pi = e / tl.sum(e, 1)[:, None]
+    onehot = offs_c[None, :] == y[:, None]
+    g = tl.where(rows[:, None], (pi - onehot.to(ACC)) * inv_n, 0.0)
+    dh = _dot(g, wc, PRECISION, ACC)
+    dxbar = _dot(dh, wv, PRECISION, ACC)
+    delta = tl.sum(dxbar * xbar, 1)
+    return h, z, pi, onehot, g, dh, dxbar, delta
 
 
 @triton.jit
@@ -205,10 +216,9 @@ def support_grad_kernel(
     wv = _load_matrix(wv_ptr, offs_d, offs_d, D, D, ACC)
     wc = _load_matrix(wc_ptr, offs_c, offs_d, C, D, ACC)
     bc = tl.load(bc_ptr + offs_c, mask=offs_c < C, other=0.0).to(ACC)
-    h = _dot(xbar, tl.trans(wv), PRECISION, ACC)  # H = Xbar Wv^T
-    z, pi = _class_probs(h, wc, bc, offs_c, C, PRECISION, ACC)
-    onehot = offs_c[None, :] == y[:, None]
-    g = tl.where(rows[:, None], (pi - onehot.to(ACC)) * inv_n, 0.0)  # dL/dZ
+    h, z, _, onehot, g, dh, dxbar, delta = _classifier(
+        xbar, wv, wc, bc, y, rows, offs_c, C, inv_n, PRECISION, ACC
+    )
 
     z_max = tl.max(z, 1)
     nll = (
@@ -218,9 +228,6 @@ def support_grad_kernel(
     correct = (tl.argmax(z, 1) == y) & rows
     tl.store(ACCURACY + b, (tl.sum(correct.to(ACC)) * inv_n).to(ACCURACY.dtype.element_ty))
 
-    dh = _dot(g, wc, PRECISION, ACC)  # dH = G Wc
-    dxbar = _dot(dh, wv, PRECISION, ACC)  # dXbar = dH Wv
-    delta = tl.sum(dxbar * xbar, 1)
     g_wc = _dot(tl.trans(g), h, PRECISION, ACC)
     g_bc = tl.sum(g, 0)
     g_wv = _dot(tl.trans(dh), xbar, PRECISION, ACC)
@@ -328,20 +335,15 @@ def support_hvp_kernel(
     vc = _load_matrix(VC + b * stride_vc, offs_c, offs_d, C, D, ACC)
     bc = tl.load(BC + b * stride_bc + offs_c, mask=offs_c < C, other=0.0).to(ACC)
     vb = tl.load(VB + b * stride_vb + offs_c, mask=offs_c < C, other=0.0).to(ACC)
-    h = _dot(xbar, tl.trans(wv), PRECISION, ACC)
+    h, _, pi, _, g, dh, dxbar, delta = _classifier(
+        xbar, wv, wc, bc, y, rows, offs_c, C, inv_n, PRECISION, ACC
+    )
     h_t = _dot(xbar_t, tl.trans(wv), PRECISION, ACC) + _dot(xbar, tl.trans(vv), PRECISION, ACC)
-    z, pi = _class_probs(h, wc, bc, offs_c, C, PRECISION, ACC)
     z_t = _dot(h_t, tl.trans(wc), PRECISION, ACC) + _dot(h, tl.trans(vc), PRECISION, ACC)
     z_t += vb[None, :]
-    onehot = offs_c[None, :] == y[:, None]
-    g = tl.where(rows[:, None], (pi - onehot.to(ACC)) * inv_n, 0.0)
     g_t = tl.where(rows[:, None], pi * (z_t - tl.sum(pi * z_t, 1)[:, None]) * inv_n, 0.0)
-
-    dh = _dot(g, wc, PRECISION, ACC)
     dh_t = _dot(g_t, wc, PRECISION, ACC) + _dot(g, vc, PRECISION, ACC)
-    dxbar = _dot(dh, wv, PRECISION, ACC)
     dxbar_t = _dot(dh_t, wv, PRECISION, ACC) + _dot(dh, vv, PRECISION, ACC)
-    delta = tl.sum(dxbar * xbar, 1)
     delta_t = tl.sum(dxbar_t * xbar + dxbar * xbar_t, 1)
 
     h_wc = _dot(tl.trans(g_t), h, PRECISION, ACC) + _dot(tl.trans(g), h_t, PRECISION, ACC)
