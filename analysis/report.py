@@ -45,7 +45,7 @@ def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _md(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
+def markdown_table(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
     """A markdown table without extra dependencies."""
 
     def cell(x):
@@ -211,7 +211,7 @@ def build_report(folder: str | Path) -> Path:
         "",
         "## Results (final query accuracy, mean ± std over seeds)",
         "",
-        _md(results_table(summary)),
+        markdown_table(results_table(summary)),
         "",
         "The seed's column is its long confirmation run (1000 steps, k = 10, 20); its "
         "`triton_fused` FULL silently dropped the second-order terms through attention.",
@@ -222,7 +222,7 @@ def build_report(folder: str | Path) -> Path:
         "",
         "## Speed and memory",
         "",
-        _md(timing_table(summary), ".2f"),
+        markdown_table(timing_table(summary), ".2f"),
         "",
         "Step time: mean over a run's outer steps after the first. Peak memory: the run's "
         "peak CUDA allocation above what was allocated when it started (the first runs of a "
@@ -232,7 +232,7 @@ def build_report(folder: str | Path) -> Path:
     risk = folder / "risk_checks.csv"
     lines += ["## Risk checks", ""]
     if risk.exists():
-        lines += [_md(pd.read_csv(risk), ".3e"), ""]
+        lines += [markdown_table(pd.read_csv(risk), ".3e"), ""]
     else:
         hint = f"python run.py risk --root {folder.parent} --tag {folder.name}"
         lines += [f"None in this folder: `{hint}` writes them.", ""]

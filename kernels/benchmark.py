@@ -1,6 +1,7 @@
 """Attention benchmark: fused Triton vs the reference ops vs torch SDPA (CUDA only).
 
-    python run.py bench attention [--n 128,512,...] [--d 64,128] [--dtypes bf16,fp32] [--out DIR]
+    python run.py bench attention [--n 128,512,...] [--d 64,128] [--dtypes bf16,fp32]
+                                  [--passes fwd,fwd_bwd,dbwd] [--cuda-graph] [--out DIR]
 
 For each (dtype, D, N = M) and each provider, the median time (triton.testing.do_bench)
 and the peak memory above the inputs of three passes:
@@ -14,6 +15,11 @@ Providers: `fused` (kernels.fused_attention), `reference` (kernels.reference: Py
 ops, float32 compute), `sdpa_math` (SDPA's math backend; the only SDPA backend with a
 double backward), `sdpa_flash`, `sdpa_cudnn` (first order only, bf16/fp16 only).
 Out-of-memory cells are recorded as OOM. B*H = 32 (B = 4, H = 8).
+
+Eager times include the host's cost of issuing the kernels: a pass that takes less GPU
+time than its Python and autograd overhead measures the host. `--cuda-graph` also times
+each pass replayed from a CUDA graph (`triton.testing.do_bench_cudagraph`, column
+`ms_graph`): the GPU time alone, which is what the engine's captured outer step sees.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from analysis.report import markdown_table
 from kernels import fused_attention
 from kernels.reference import attention_reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = ("fwd", "fwd_bwd", "dbwd")
+PROVIDERS = ("fused", "reference", "sdpa_math", "sdpa_flash", "sdpa_cudnn")
 
 
 def _sdpa(backend_name: str):
@@ -76,8 +84,9 @@ def applicable(name: str, pass_name: str, dtype: torch.dtype) -> bool:
     return True
 
 
-def measure(fn, pass_name, q, k, v, do) -> tuple[float, int]:
-    """(median ms, peak bytes above the inputs) of one pass."""
+def measure(fn, pass_name, q, k, v, do, cuda_graph: bool = False) -> dict:
+    """ms (median, eager), peak_bytes (above the inputs) and, with `cuda_graph`,
+    ms_graph (median of graph replays) of one pass."""
     import triton
 
     run = make_pass(fn, pass_name, q, k, v, do)
@@ -88,11 +97,16 @@ def measure(fn, pass_name, q, k, v, do) -> tuple[float, int]:
     run()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
-    return ms, peak
+    out = dict(ms=triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median"))
+    out["peak_bytes"] = peak
+    if cuda_graph:
+        out["ms_graph"] = triton.testing.do_bench_cudagraph(run, rep=50, return_mode="median")
+    return out
 
 
-def bench(ns, ds, dtypes, providers, batch=4, heads=8, causal=False) -> pd.DataFrame:
+def bench(
+    ns, ds, dtypes, providers, passes=PASSES, cuda_graph=False, batch=4, heads=8
+) -> pd.DataFrame:
     rows = []
     gen = torch.Generator("cuda").manual_seed(0)
     for dname in dtypes:
@@ -107,28 +121,27 @@ def bench(ns, ds, dtypes, providers, batch=4, heads=8, causal=False) -> pd.DataF
                     t.requires_grad_()
                 for name in providers:
                     fn = provider(name)
-                    for pass_name in PASSES:
+                    for pass_name in passes:
                         if not applicable(name, pass_name, dtype):
                             continue
                         row = dict(
                             dtype=dname, d=d, n=n, provider=name, pass_=pass_name, bh=batch * heads
                         )
+                        nan = float("nan")
+                        row.update(ms=nan, peak_bytes=nan, ms_graph=nan)
                         try:
-                            ms, peak = measure(fn, pass_name, q, k, v, do)
-                            row.update(ms=ms, peak_bytes=peak, status="OK")
+                            row.update(measure(fn, pass_name, q, k, v, do, cuda_graph))
+                            row.update(status="OK")
                         except torch.OutOfMemoryError:
-                            row.update(ms=float("nan"), peak_bytes=float("nan"), status="OOM")
+                            row.update(status="OOM")
                         except RuntimeError as e:  # e.g. no kernel for this shape/dtype
-                            row.update(
-                                ms=float("nan"),
-                                peak_bytes=float("nan"),
-                                status=f"ERROR: {str(e).splitlines()[0][:80]}",
-                            )
+                            row.update(status=f"ERROR: {str(e).splitlines()[0][:80]}")
                         torch.cuda.empty_cache()
                         rows.append(row)
+                        graph = f" (graph {row['ms_graph']:.3f} ms)" if cuda_graph else ""
                         print(
                             f"{dname} D={d} N={n:6d} {name:10s} {pass_name:7s} "
-                            f"{row['ms']:9.3f} ms {row['peak_bytes'] / 2**20:10.1f} MiB "
+                            f"{row['ms']:9.3f} ms{graph} {row['peak_bytes'] / 2**20:10.1f} MiB "
                             f"{row['status']}",
                             flush=True,
                         )
@@ -137,22 +150,33 @@ def bench(ns, ds, dtypes, providers, batch=4, heads=8, causal=False) -> pd.DataF
 
 
 def table(df: pd.DataFrame) -> str:
-    """Markdown: one row per (dtype, D, N, pass), providers side by side (ms, MiB)."""
+    """Markdown: one row per (dtype, D, N, pass), providers side by side (ms, MiB, and
+    the graph-replay ms in brackets where measured)."""
     df = df.copy()
     df["cell"] = [
-        s if s != "OK" else f"{ms:.3f} ms / {b / 2**20:.0f} MiB"
-        for s, ms, b in zip(df["status"], df["ms"], df["peak_bytes"], strict=True)
+        s if s != "OK" else f"{ms:.3f} ms / {b / 2**20:.0f} MiB" + (f" [{g:.3f}]" if g == g else "")
+        for s, ms, b, g in zip(
+            df["status"], df["ms"], df["peak_bytes"], df["ms_graph"], strict=True
+        )
     ]
     wide = df.pivot_table(
         index=["dtype", "d", "pass", "n"], columns="provider", values="cell", aggfunc="first"
     ).reset_index()
-    fused = df[df.provider == "fused"].set_index(["dtype", "d", "pass", "n"])["ms"]
-    math_ = df[df.provider == "sdpa_math"].set_index(["dtype", "d", "pass", "n"])["ms"]
-    ratio = (math_ / fused).rename("math/fused")
-    wide = wide.join(
-        ratio.map(lambda x: f"{x:.1f}x" if x == x else "-"), on=["dtype", "d", "pass", "n"]
-    )
-    return wide.to_markdown(index=False) if hasattr(wide, "to_markdown") else wide.to_string()
+    key = ["dtype", "d", "pass", "n"]
+
+    def ms_of(provider: str, column: str = "ms") -> pd.Series:
+        return df[df.provider == provider].set_index(key)[column]
+
+    ratios = {
+        "math/fused": ms_of("sdpa_math") / ms_of("fused"),
+        "fused/flash": ms_of("fused") / ms_of("sdpa_flash"),
+        "fused/flash [graph]": ms_of("fused", "ms_graph") / ms_of("sdpa_flash", "ms_graph"),
+    }
+    for name, ratio in ratios.items():
+        if ratio.notna().any():
+            text = ratio.rename(name).map(lambda x: f"{x:.2f}x" if x == x else "-")
+            wide = wide.join(text, on=key)
+    return markdown_table(wide)
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
@@ -190,9 +214,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", default="128,512,1024,2048,4096,8192,16384", help="comma-separated N = M")
     p.add_argument("--d", default="64,128", help="comma-separated head dims")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
-    p.add_argument("--providers", default="fused,reference,sdpa_math,sdpa_flash,sdpa_cudnn")
+    p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--passes", default=",".join(PASSES), help="comma-separated passes")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="also time every pass replayed from a CUDA graph (GPU time without the host's)",
+    )
     p.add_argument("--out", type=Path, default=Path("out/bench_attention"))
     args = p.parse_args(argv)
+    unknown = [
+        x
+        for given, known in ((args.providers, PROVIDERS), (args.passes, PASSES))
+        for x in given.split(",")
+        if x not in known
+    ] + [x for x in args.dtypes.split(",") if x not in DTYPES]
+    if unknown:
+        print(
+            f"error: unknown {', '.join(map(repr, unknown))}; providers are {PROVIDERS}, "
+            f"passes {PASSES}, dtypes {tuple(DTYPES)}",
+            file=sys.stderr,
+        )
+        return 2
     if not torch.cuda.is_available():
         print("error: the attention benchmark needs a CUDA device", file=sys.stderr)
         return 2
@@ -202,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         [int(x) for x in args.d.split(",")],
         args.dtypes.split(","),
         args.providers.split(","),
+        args.passes.split(","),
+        args.cuda_graph,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     df.insert(0, "device_name", torch.cuda.get_device_name())

@@ -134,23 +134,28 @@ def _attention_pass(
 
 
 @triton.jit
-def _classifier(
-    xbar, wv, wc, bc, y, rows, offs_c, C, inv_n, PRECISION: tl.constexpr, ACC: tl.constexpr
+def _class_gradient(
+    h, wc, bc, y, rows, offs_c, C, inv_n, PRECISION: tl.constexpr, ACC: tl.constexpr
 ):
-    """From xbar to the head of the backward, for both kernels:
-    H = Xbar Wv^T, logits Z = H Wc^T + bc (-inf in padding classes), pi = softmax(Z),
-    G = dL/dZ, dH = G Wc, dXbar = dH Wv, delta_i = dxbar_i . xbar_i."""
-    h = _dot(xbar, tl.trans(wv), PRECISION, ACC)
+    """Logits Z = H Wc^T + bc (-inf in padding classes), pi = softmax(Z), the one-hot
+    labels, and G = dL/dZ = (pi - onehot) / n (zero in padding rows)."""
     z = _dot(h, tl.trans(wc), PRECISION, ACC) + bc[None, :]
     z = tl.where(offs_c[None, :] < C, z, float("-inf"))
     e = tl.exp(z - tl.max(z, 1)[:, None])
     pi = e / tl.sum(e, 1)[:, None]
     onehot = offs_c[None, :] == y[:, None]
     g = tl.where(rows[:, None], (pi - onehot.to(ACC)) * inv_n, 0.0)
+    return z, pi, onehot, g
+
+
+@triton.jit
+def _head_backward(g, wc, wv, xbar, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """dH = G Wc, dXbar = dH Wv and delta_i = dxbar_i . xbar_i (the softmax backward's
+    row term). A helper of its own, not part of _class_gradient: the HVP kernel calls it
+    after the tangents of Z and G, the order that keeps its registers from spilling."""
     dh = _dot(g, wc, PRECISION, ACC)
     dxbar = _dot(dh, wv, PRECISION, ACC)
-    delta = tl.sum(dxbar * xbar, 1)
-    return h, z, pi, onehot, g, dh, dxbar, delta
+    return dh, dxbar, tl.sum(dxbar * xbar, 1)
 
 
 @triton.jit
@@ -216,9 +221,8 @@ def support_grad_kernel(
     wv = _load_matrix(wv_ptr, offs_d, offs_d, D, D, ACC)
     wc = _load_matrix(wc_ptr, offs_c, offs_d, C, D, ACC)
     bc = tl.load(bc_ptr + offs_c, mask=offs_c < C, other=0.0).to(ACC)
-    h, z, _, onehot, g, dh, dxbar, delta = _classifier(
-        xbar, wv, wc, bc, y, rows, offs_c, C, inv_n, PRECISION, ACC
-    )
+    h = _dot(xbar, tl.trans(wv), PRECISION, ACC)  # H = Xbar Wv^T
+    z, _, onehot, g = _class_gradient(h, wc, bc, y, rows, offs_c, C, inv_n, PRECISION, ACC)
 
     z_max = tl.max(z, 1)
     nll = (
@@ -228,6 +232,7 @@ def support_grad_kernel(
     correct = (tl.argmax(z, 1) == y) & rows
     tl.store(ACCURACY + b, (tl.sum(correct.to(ACC)) * inv_n).to(ACCURACY.dtype.element_ty))
 
+    dh, dxbar, delta = _head_backward(g, wc, wv, xbar, PRECISION, ACC)
     g_wc = _dot(tl.trans(g), h, PRECISION, ACC)
     g_bc = tl.sum(g, 0)
     g_wv = _dot(tl.trans(dh), xbar, PRECISION, ACC)
@@ -335,13 +340,13 @@ def support_hvp_kernel(
     vc = _load_matrix(VC + b * stride_vc, offs_c, offs_d, C, D, ACC)
     bc = tl.load(BC + b * stride_bc + offs_c, mask=offs_c < C, other=0.0).to(ACC)
     vb = tl.load(VB + b * stride_vb + offs_c, mask=offs_c < C, other=0.0).to(ACC)
-    h, _, pi, _, g, dh, dxbar, delta = _classifier(
-        xbar, wv, wc, bc, y, rows, offs_c, C, inv_n, PRECISION, ACC
-    )
+    h = _dot(xbar, tl.trans(wv), PRECISION, ACC)
     h_t = _dot(xbar_t, tl.trans(wv), PRECISION, ACC) + _dot(xbar, tl.trans(vv), PRECISION, ACC)
+    _, pi, _, g = _class_gradient(h, wc, bc, y, rows, offs_c, C, inv_n, PRECISION, ACC)
     z_t = _dot(h_t, tl.trans(wc), PRECISION, ACC) + _dot(h, tl.trans(vc), PRECISION, ACC)
     z_t += vb[None, :]
     g_t = tl.where(rows[:, None], pi * (z_t - tl.sum(pi * z_t, 1)[:, None]) * inv_n, 0.0)
+    dh, dxbar, delta = _head_backward(g, wc, wv, xbar, PRECISION, ACC)
     dh_t = _dot(g_t, wc, PRECISION, ACC) + _dot(g, vc, PRECISION, ACC)
     dxbar_t = _dot(dh_t, wv, PRECISION, ACC) + _dot(dh, vv, PRECISION, ACC)
     delta_t = tl.sum(dxbar_t * xbar + dxbar * xbar_t, 1)
