@@ -102,18 +102,26 @@ def fused_attention(
     v: torch.Tensor,
     causal: bool = False,
     scale: float | None = None,
+    float32_precision: str = "tf32x3",
 ) -> torch.Tensor:
     """Fused Triton attention, softmax(scale q k^T) v, differentiable to any order.
 
     q (..., N, D), k (..., M, D), v (..., M, Dv); D, Dv <= 128; fp16, bf16, fp32
     (fp64 too). `causal` is top-left aligned (query i sees keys j <= i). Returns
-    (..., N, Dv) in the input dtype.
+    (..., N, Dv) in the input dtype. `float32_precision` is the dot precision of
+    float32 inputs in every pass: "tf32x3" (float32 accuracy on the tensor cores),
+    "ieee" (plain float32 FMA, several times slower) or "tf32" (~1e-3 relative).
     """
     _check_inputs(q, k, v)
     from kernels.fused import FusedAttention
+    from kernels.launch import FLOAT32_PRECISIONS
 
+    if float32_precision not in FLOAT32_PRECISIONS:
+        raise ValueError(
+            f"float32_precision must be one of {FLOAT32_PRECISIONS}; got {float32_precision!r}"
+        )
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    return FusedAttention.apply(q, k, v, bool(causal), scale)[0]
+    return FusedAttention.apply(q, k, v, bool(causal), scale, float32_precision)[0]
 
 
 def attention(
@@ -124,10 +132,13 @@ def attention(
     backend: str = "reference",
     causal: bool = False,
     scale: float | None = None,
+    float32_precision: str = "tf32x3",
 ) -> torch.Tensor:
-    """Attention through the named backend; see the module docstring."""
+    """Attention through the named backend; see the module docstring.
+    `float32_precision` is triton_fused's (see fused_attention); the reference computes
+    float32 with PyTorch's matmuls as configured (torch.backends.cuda.matmul)."""
     if backend == "reference":
         return attention_reference(q, k, v, causal, scale)
     if backend == "triton_fused":
-        return fused_attention(q, k, v, causal, scale)
+        return fused_attention(q, k, v, causal, scale, float32_precision)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

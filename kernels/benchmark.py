@@ -11,7 +11,8 @@ and the peak memory above the inputs of three passes:
     dbwd     o, dq/dk/dv with create_graph, then backward of sum(dq^2 + dk^2 + dv^2)
              (a gradient-penalty style grad-of-grad)
 
-Providers: `fused` (kernels.fused_attention), `reference` (kernels.reference: PyTorch
+Providers: `fused` (kernels.fused_attention; dtype `fp32-ieee` runs it with
+float32_precision="ieee"), `reference` (kernels.reference: PyTorch
 ops, float32 compute), `sdpa_math` (SDPA's math backend; the only SDPA backend with a
 double backward), `sdpa_flash`, `sdpa_cudnn` (first order only, bf16/fp16 only).
 Out-of-memory cells are recorded as OOM. B*H = 32 (B = 4, H = 8).
@@ -25,6 +26,7 @@ each pass replayed from a CUDA graph (`triton.testing.do_bench_cudagraph`, colum
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -36,7 +38,22 @@ from analysis.report import markdown_table
 from kernels import fused_attention
 from kernels.reference import attention_reference
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Operand types by name; "fp32-ieee" is float32 whose fused dots are plain FMA
+# ("ieee") instead of the default tf32x3 (the other providers are the same as fp32).
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp32-ieee": torch.float32,
+}
+
+
+def fused(dtype_name: str):
+    """fused_attention with the dot precision that `dtype_name` asks for."""
+    precision = "ieee" if dtype_name == "fp32-ieee" else "tf32x3"
+    return functools.partial(fused_attention, float32_precision=precision)
+
+
 PASSES = ("fwd", "fwd_bwd", "dbwd")
 PROVIDERS = ("fused", "reference", "sdpa_math", "sdpa_flash", "sdpa_cudnn")
 
@@ -57,9 +74,9 @@ def _sdpa(backend_name: str):
     return fn
 
 
-def provider(name: str):
+def provider(name: str, dtype_name: str):
     if name == "fused":
-        return fused_attention
+        return fused(dtype_name)
     if name == "reference":
         return attention_reference
     return _sdpa(name)
@@ -120,7 +137,7 @@ def bench(
                 for t in (q, k, v):
                     t.requires_grad_()
                 for name in providers:
-                    fn = provider(name)
+                    fn = provider(name, dname)
                     for pass_name in passes:
                         if not applicable(name, pass_name, dtype):
                             continue

@@ -6,6 +6,9 @@ Three Functions, each the backward of the one before:
     FusedAttentionBackward    (q, k, v, o, lse, do)        -> (dq, dk, dv)     2 Triton kernels
     FusedAttentionDoubleBwd   (q, k, v, o, lse, do, u*)    -> (gq, gk, gv, gdo) 2 Triton kernels
 
+Each also takes the non-tensor arguments `causal`, `scale` and `precision` (the Triton
+dot precision of float32 operands, kernels.launch) and hands them to the next.
+
 Because FusedAttention.backward is itself an autograd.Function call, the first
 backward records a graph and second-order gradients (grad of grad, MAML's
 meta-gradient) go through the fused double-backward kernels, exactly. The third
@@ -54,14 +57,14 @@ def _reference_jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequ
 
 class FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, causal: bool, scale: float):
-        return launch.attention_forward(q, k, v, causal, scale)
+    def forward(q, k, v, causal: bool, scale: float, precision: str):
+        return launch.attention_forward(q, k, v, causal, scale, precision)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, causal, scale = inputs
+        q, k, v, causal, scale, precision = inputs
         o, lse = output
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.precision = causal, scale, precision
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.save_for_forward(q, k, v)
@@ -69,11 +72,13 @@ class FusedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = FusedAttentionBackward.apply(q, k, v, o, lse, do, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = FusedAttentionBackward.apply(
+            q, k, v, o, lse, do, ctx.causal, ctx.scale, ctx.precision
+        )
+        return dq, dk, dv, None, None, None
 
     @staticmethod
-    def jvp(ctx, tq, tk, tv, _tcausal, _tscale):
+    def jvp(ctx, tq, tk, tv, _tcausal, _tscale, _tprecision):
         q, k, v = ctx.saved_tensors
         c, s = ctx.causal, ctx.scale
         t_o = _reference_jvp(
@@ -82,20 +87,20 @@ class FusedAttention(torch.autograd.Function):
         return t_o, None  # lse is marked non-differentiable
 
     @staticmethod
-    def vmap(info, in_dims, q, k, v, causal, scale):
+    def vmap(info, in_dims, q, k, v, causal, scale, precision):
         q, k, v = vmapped_to_front(info, in_dims[:3], (q, k, v))
-        return FusedAttention.apply(q, k, v, causal, scale), (0, 0)
+        return FusedAttention.apply(q, k, v, causal, scale, precision), (0, 0)
 
 
 class FusedAttentionBackward(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, o, lse, do, causal: bool, scale: float):
-        return launch.attention_backward(q, k, v, o, lse, do, causal, scale)
+    def forward(q, k, v, o, lse, do, causal: bool, scale: float, precision: str):
+        return launch.attention_backward(q, k, v, o, lse, do, causal, scale, precision)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, o, lse, do, causal, scale = inputs
-        ctx.causal, ctx.scale = causal, scale
+        q, k, v, o, lse, do, causal, scale, precision = inputs
+        ctx.causal, ctx.scale, ctx.precision = causal, scale, precision
         ctx.save_for_backward(q, k, v, o, lse, do)
         ctx.save_for_forward(q, k, v, do)
 
@@ -103,12 +108,12 @@ class FusedAttentionBackward(torch.autograd.Function):
     def backward(ctx, uq, uk, uv):
         q, k, v, o, lse, do = ctx.saved_tensors
         gq, gk, gv, gdo = FusedAttentionDoubleBackward.apply(
-            q, k, v, o, lse, do, uq, uk, uv, ctx.causal, ctx.scale
+            q, k, v, o, lse, do, uq, uk, uv, ctx.causal, ctx.scale, ctx.precision
         )
-        return gq, gk, gv, None, None, gdo, None, None
+        return gq, gk, gv, None, None, gdo, None, None, None
 
     @staticmethod
-    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, _tcausal, _tscale):
+    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, _tcausal, _tscale, _tprecision):
         q, k, v, do = ctx.saved_tensors
         c, s = ctx.causal, ctx.scale
         return _reference_jvp(
@@ -116,19 +121,22 @@ class FusedAttentionBackward(torch.autograd.Function):
         )
 
     @staticmethod
-    def vmap(info, in_dims, q, k, v, o, lse, do, causal, scale):
+    def vmap(info, in_dims, q, k, v, o, lse, do, causal, scale, precision):
         q, k, v, o, lse, do = vmapped_to_front(info, in_dims[:6], (q, k, v, o, lse, do))
-        return FusedAttentionBackward.apply(q, k, v, o, lse, do, causal, scale), (0, 0, 0)
+        out = FusedAttentionBackward.apply(q, k, v, o, lse, do, causal, scale, precision)
+        return out, (0, 0, 0)
 
 
 class FusedAttentionDoubleBackward(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, o, lse, do, uq, uk, uv, causal: bool, scale: float):
-        return launch.attention_double_backward(q, k, v, o, lse, do, uq, uk, uv, causal, scale)
+    def forward(q, k, v, o, lse, do, uq, uk, uv, causal: bool, scale: float, precision: str):
+        return launch.attention_double_backward(
+            q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, _o, _lse, do, uq, uk, uv, causal, scale = inputs
+        q, k, v, _o, _lse, do, uq, uk, uv, causal, scale, _precision = inputs
         ctx.causal, ctx.scale = causal, scale
         ctx.save_for_backward(q, k, v, do, uq, uk, uv)
         ctx.save_for_forward(q, k, v, do, uq, uk, uv)
@@ -145,10 +153,10 @@ class FusedAttentionDoubleBackward(torch.autograd.Function):
             FusedAttentionDoubleBackward._reference(ctx), *ctx.saved_tensors
         )
         q, k, v, do, uq, uk, uv = pullback((gq_bar, gk_bar, gv_bar, gdo_bar))
-        return q, k, v, None, None, do, uq, uk, uv, None, None
+        return q, k, v, None, None, do, uq, uk, uv, None, None, None
 
     @staticmethod
-    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, tuq, tuk, tuv, _tcausal, _tscale):
+    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, tuq, tuk, tuv, _tcausal, _tscale, _tprecision):
         return _reference_jvp(
             FusedAttentionDoubleBackward._reference(ctx),
             ctx.saved_tensors,
@@ -156,6 +164,7 @@ class FusedAttentionDoubleBackward(torch.autograd.Function):
         )
 
     @staticmethod
-    def vmap(info, in_dims, q, k, v, o, lse, do, uq, uk, uv, causal, scale):
+    def vmap(info, in_dims, q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision):
         tensors = vmapped_to_front(info, in_dims[:9], (q, k, v, o, lse, do, uq, uk, uv))
-        return FusedAttentionDoubleBackward.apply(*tensors, causal, scale), (0, 0, 0, 0)
+        out = FusedAttentionDoubleBackward.apply(*tensors, causal, scale, precision)
+        return out, (0, 0, 0, 0)

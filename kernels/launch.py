@@ -9,9 +9,12 @@ double backward one launch each). Nothing here is differentiable: `kernels.fused
 wraps these functions in autograd.Functions.
 
 Accumulation is float32 for fp16/bf16/fp32 inputs and float64 for float64 inputs;
-the log-sum-exp and the other row statistics are returned in that dtype. float32
-dots use input_precision="tf32x3" (FLOAT32_PRECISION): float32 accuracy (measured
-<= 1.1e-6 relative against float64 on an H200, docs/benchmarks.md) on the tensor cores.
+the log-sum-exp and the other row statistics are returned in that dtype. Every
+launcher takes `precision`, Triton's input_precision for the dots of float32 operands
+(FLOAT32_PRECISIONS; 16-bit operands use the tensor cores as they are, float64 is
+exact): "tf32x3", the default, has float32 accuracy (measured <= 1.1e-6 relative
+against float64 on an H200, docs/benchmarks.md) on the tensor cores; "ieee" is plain
+float32 FMA arithmetic, several times slower; "tf32" is one TF32 product (~1e-3).
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ from kernels.triton_kernels import (
 )
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Triton dot precision for float32 operands. "tf32x3" splits each operand into TF32
+# Triton dot precisions for float32 operands. "tf32x3" splits each operand into TF32
 # parts and sums three tensor-core products (float32 accuracy, 1.6-25x faster than
-# "ieee" on an H200, docs/benchmarks.md); "ieee" is plain float32 FMA arithmetic.
-FLOAT32_PRECISION = "tf32x3"
+# "ieee" on an H200, docs/benchmarks.md); the first is the default.
+FLOAT32_PRECISIONS = ("tf32x3", "ieee", "tf32")
 MAX_HEAD_DIM = 128
 # Key blocks of the one-query kernels (N = 1) hold at most this many elements per
 # operand (64 keys at D = 64): the double backward keeps four such blocks in registers.
@@ -136,7 +139,7 @@ def _flat_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, causal: bool) -> dict:
+def _meta(q: torch.Tensor, v: torch.Tensor, kind: str, causal: bool, precision: str) -> dict:
     n, d = q.shape[-2:]
     m, dv = v.shape[-2:]
     cfg = launch_config(kind, n, m, d, q.dtype)
@@ -149,7 +152,7 @@ def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, causal: 
         BLOCK_DV=_pow2(dv, 16),
         # input_precision matters only for float32 operands; "tf32" is the default
         # for the others and is ignored by them.
-        PRECISION=FLOAT32_PRECISION if float32 else "ieee" if q.dtype == torch.float64 else "tf32",
+        PRECISION=precision if float32 else "ieee" if q.dtype == torch.float64 else "tf32",
         ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -161,7 +164,7 @@ def _grid(batch: int, rows: int, block: int) -> tuple[int]:
 
 
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """O (..., N, Dv) in q's dtype and LSE (..., N) in the accumulator dtype."""
     lead, (n, d), (m, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
@@ -176,7 +179,7 @@ def attention_forward(
             q3, k3, v3, o, lse, m, d, dv, scale, **_row_meta(q, m, dv, causal)
         )
     else:
-        meta = _meta(q, k, v, "fwd", causal)
+        meta = _meta(q, v, "fwd", causal, precision)
         attention_fwd_kernel[_grid(bh, n, meta["BLOCK_N"])](
             q3, k3, v3, o, lse, n, m, d, dv, scale, **meta
         )
@@ -198,6 +201,7 @@ def attention_backward(
     do: torch.Tensor,
     causal: bool,
     scale: float,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) in the input dtype, from Q, K, V, O, LSE and dO."""
     (n, d), (m, dv) = q.shape[-2:], v.shape[-2:]
@@ -215,7 +219,7 @@ def attention_backward(
         )
     else:
         delta = _delta(o, do)
-        meta = _meta(q, k, v, "bwd", causal)
+        meta = _meta(q, v, "bwd", causal, precision)
         args = (n, m, d, dv, scale)
         attention_bwd_dkdv_kernel[_grid(bh, m, meta["BLOCK_M"])](
             q3, k3, v3, do3, lse2, delta, dk, dvv, *args, **meta
@@ -238,6 +242,7 @@ def attention_double_backward(
     uv: torch.Tensor,
     causal: bool,
     scale: float,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gQ, gK, gV, gdO): gradients of <uQ,dQ> + <uK,dK> + <uV,dV> w.r.t. Q, K, V, dO."""
     (n, d), (m, dv) = q.shape[-2:], v.shape[-2:]
@@ -258,7 +263,7 @@ def attention_double_backward(
     else:
         delta = _delta(o, do)
         rho_w, rho_g = torch.empty_like(lse2), torch.empty_like(lse2)
-        meta = _meta(q, k, v, "dbwd", causal)
+        meta = _meta(q, v, "dbwd", causal, precision)
         args = (n, m, d, dv, scale)
         attention_dbwd_rows_kernel[_grid(bh, n, meta["BLOCK_N"])](
             q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, gq, gdo, rho_w, rho_g, *args, **meta

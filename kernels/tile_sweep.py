@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from kernels.benchmark import DTYPES, make_pass
+from kernels.benchmark import DTYPES, fused, make_pass
 
 FAMILIES = {"fwd": "fwd", "bwd": "fwd_bwd", "dbwd": "dbwd"}  # family -> pass that runs it
 # (block_n, block_m, num_warps, num_stages)
@@ -71,18 +71,17 @@ def forced_tile(family: str, tile) -> Iterator[None]:
         launch.launch_config = chosen
 
 
-def time_tile(dtype: torch.dtype, n: int, d: int, family: str, tile) -> tuple[float, str]:
+def time_tile(dtype_name: str, n: int, d: int, family: str, tile) -> tuple[float, str]:
     """(median ms or NaN, error or '') of the family's pass with `tile`."""
     import triton
 
-    from kernels import fused_attention
-
     g = torch.Generator("cuda").manual_seed(0)
+    dtype = DTYPES[dtype_name]
     q, k, v, do = (torch.randn(4, 8, n, d, device="cuda", dtype=dtype, generator=g) for _ in "qkvo")
     for t in (q, k, v):
         t.requires_grad_(True)
     with forced_tile(family, tile):
-        run = make_pass(fused_attention, FAMILIES[family], q, k, v, do)
+        run = make_pass(fused(dtype_name), FAMILIES[family], q, k, v, do)
         try:
             run()
             torch.cuda.synchronize()
@@ -100,7 +99,7 @@ def sweep(cells: list[tuple[str, int, int, str]]) -> pd.DataFrame:
         current = launch_config(family, n, n, d, dtype)
         tiles = [current] + [LaunchConfig(*c) for c in CANDIDATES if LaunchConfig(*c) != current]
         for tile in tiles:
-            ms, error = time_tile(dtype, n, d, family, tile)
+            ms, error = time_tile(dname, n, d, family, tile)
             rows.append(
                 dict(dtype=dname, n=n, d=d, family=family, pass_=FAMILIES[family])
                 | dict(block_n=tile.block_n, block_m=tile.block_m, warps=tile.num_warps)

@@ -1,6 +1,6 @@
 """Compiled Triton kernels on a CUDA device (skipped without one).
 
-float32 (tf32x3 dots, kernels.launch.FLOAT32_PRECISION) must match a float64 reference to 1e-5;
+float32 (tf32x3 dots by default, ieee on request) must match a float64 reference to 1e-5;
 bf16/fp16 to 1e-2. Shapes run from tiny to T = 8192.
 """
 
@@ -39,9 +39,19 @@ def first_and_second_order(fn, q, k, v, do, us):
     return (out, *g, *h)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+PRECISIONS = [  # (dtype, float32_precision); ieee only where there are dots (N > 1)
+    pytest.param(torch.float32, "tf32x3", id="fp32"),
+    pytest.param(torch.float32, "ieee", id="fp32-ieee"),
+    pytest.param(torch.bfloat16, "tf32x3", id="bf16"),
+    pytest.param(torch.float16, "tf32x3", id="fp16"),
+]
+
+
+@pytest.mark.parametrize("dtype,precision", PRECISIONS)
 @pytest.mark.parametrize("b,h,n,m,d,dv,causal", SHAPES)
-def test_fused_matches_float64_reference(b, h, n, m, d, dv, causal, dtype):
+def test_fused_matches_float64_reference(b, h, n, m, d, dv, causal, dtype, precision):
+    if precision == "ieee" and n == 1:
+        pytest.skip("the one-query kernels have no dots")
     gen = torch.Generator("cuda").manual_seed(torch.randint(0, 2**31, ()).item())
     shapes = [(b, h, n, d), (b, h, m, d), (b, h, m, dv)]
     q, k, v = (torch.randn(s, device="cuda", generator=gen) for s in shapes)
@@ -52,7 +62,7 @@ def test_fused_matches_float64_reference(b, h, n, m, d, dv, causal, dtype):
         return [t.to(dt).requires_grad_() for t in (q, k, v)]
 
     got = first_and_second_order(
-        lambda *a: fused_attention(*a, causal),
+        lambda *a: fused_attention(*a, causal, float32_precision=precision),
         *leaves(dtype),
         do.to(dtype),
         [u.to(dtype) for u in us],

@@ -100,9 +100,9 @@ def test_double_backward_kernels_give_all_four_gradients(n, m, d, dv, causal):
     q, k, v = qkv(n, m, d, dv)
     do, uq, uk, uv = (torch.randn_like(t) for t in (torch.empty(2, 1, n, dv, dtype=F64), q, k, v))
     do.requires_grad_()
-    o, lse = FusedAttention.apply(q, k, v, causal, 0.3)
+    o, lse = FusedAttention.apply(q, k, v, causal, 0.3, "ieee")
     assert rel_err(lse, attention_logsumexp_reference(q, k, causal, 0.3)) < 1e-13
-    dq, dk, dv_ = FusedAttentionBackward.apply(q, k, v, o, lse, do, causal, 0.3)
+    dq, dk, dv_ = FusedAttentionBackward.apply(q, k, v, o, lse, do, causal, 0.3, "ieee")
     assert_all_close((dq, dk, dv_), attention_backward_reference(q, k, v, do, causal, 0.3), 1e-12)
     got = torch.autograd.grad((dq, dk, dv_), (q, k, v, do), (uq, uk, uv))
     want = attention_double_backward_reference(q, k, v, do, uq, uk, uv, causal, 0.3)
@@ -124,6 +124,40 @@ def test_float32_matches_float64_reference():
     ref = attention_reference(*(t.double() for t in (q, k, v)))
     assert rel_err(out.double(), ref) < 1e-5
     assert out.dtype == torch.float32
+
+
+def test_float32_precision_reaches_every_pass_under_vmap(monkeypatch):
+    """The chosen dot precision is handed to every launcher: forward, backward and
+    double backward, through the vmap rules; an unknown one is refused."""
+    from kernels import launch
+
+    seen = []
+    for name in ("attention_forward", "attention_backward", "attention_double_backward"):
+        original = getattr(launch, name)
+
+        def recorded(*a, _original=original, _name=name):
+            seen.append((_name, a[-1]))
+            return _original(*a)
+
+        monkeypatch.setattr(launch, name, recorded)
+    q, k, v = qkv(4, 7, 8, 8, lead=(3, 2), dtype=torch.float32, grad=False)
+
+    def second_order(attn):
+        loss = lambda q, k, v: attn(q, k, v).square().sum()  # noqa: E731
+        return vmap(grad(lambda q, k, v: grad(loss, argnums=(0, 1, 2))(q, k, v)[0].sum()))
+
+    fused = lambda q, k, v: fused_attention(q, k, v, float32_precision="ieee")  # noqa: E731
+    got = second_order(fused)(q, k, v)
+    want = second_order(attention_reference)(q.double(), k.double(), v.double())
+    assert rel_err(got.double(), want) < 1e-4
+    assert {name for name, _ in seen} == {
+        "attention_forward",
+        "attention_backward",
+        "attention_double_backward",
+    }
+    assert {precision for _, precision in seen} == {"ieee"}
+    with pytest.raises(ValueError, match="float32_precision must be one of"):
+        fused_attention(q, k, v, float32_precision="fp32")
 
 
 def test_non_contiguous_inputs():
@@ -329,9 +363,9 @@ def test_tile_sweep_tries_every_candidate_and_restores_the_choice(monkeypatch):
     in_use = launch.launch_config("bwd", 2048, 2048, 64, torch.bfloat16)
     seen = []
 
-    def fake_time(dtype, n, d, family, tile):
+    def fake_time(dtype_name, n, d, family, tile):
         with tile_sweep.forced_tile(family, tile):  # what the launchers of `family` get
-            seen.append(launch.launch_config(family, n, n, d, dtype))
+            seen.append(launch.launch_config(family, n, n, d, tile_sweep.DTYPES[dtype_name]))
         too_big = tile.block_n * tile.block_m > 64 * 64
         return (float("nan"), "out of resource") if too_big else (1.0 / tile.num_stages, "")
 
