@@ -48,10 +48,13 @@ DTYPES = {
 }
 
 
+def float32_precision(dtype_name: str) -> str:
+    return "ieee" if dtype_name == "fp32-ieee" else "tf32x3"
+
+
 def fused(dtype_name: str):
     """fused_attention with the dot precision that `dtype_name` asks for."""
-    precision = "ieee" if dtype_name == "fp32-ieee" else "tf32x3"
-    return functools.partial(fused_attention, float32_precision=precision)
+    return functools.partial(fused_attention, float32_precision=float32_precision(dtype_name))
 
 
 PASSES = ("fwd", "fwd_bwd", "dbwd")

@@ -67,30 +67,47 @@ def _pow2(x: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
-# Tiles (block_n x block_m, warps, stages) by (kernel family, float32 operands, D > 64),
-# picked by sweeps on an H200 (docs/benchmarks.md, "Block sizes"). float32 operands
-# (tf32x3 dots: three products per tile) want narrower tiles in the backward passes;
-# 16-bit ones at D <= 64 gain from a third pipeline stage. At D = 128 one stage (no
-# software pipelining) keeps the double backward in shared memory and registers: fp32
-# 256 -> 18 ms at N = 1024.
+# Tiles (block_n x block_m, warps, stages) by (kernel family, operands, D > 64), picked
+# by sweeps on an H200 (docs/benchmarks.md, "Block sizes"). Operands are "16bit" (fp16,
+# bf16), "tf32x3" (float32 with tf32x3 or tf32 dots) or "ieee" (float32 FMA dots).
+# tf32x3 (three products per tile) wants narrower tiles than 16-bit in the backward
+# passes; 16-bit at D <= 64 gains from a third pipeline stage. At D = 128 one stage (no
+# software pipelining) keeps the float32 double backward in shared memory and
+# registers: 256 -> 18 ms at N = 1024.
 _TILES = {
-    ("fwd", False, False): LaunchConfig(128, 64, 8, 2),
-    ("fwd", True, False): LaunchConfig(128, 64, 8, 2),
-    ("bwd", False, False): LaunchConfig(64, 64, 4, 3),  # bf16 fwd+bwd: -11% at N = 2048
-    ("bwd", True, False): LaunchConfig(64, 32, 4, 2),  # fp32 fwd+bwd: 19.2 -> 13.8 ms, N 4096
-    ("dbwd", False, False): LaunchConfig(64, 64, 4, 2),  # bf16: -6% at N = 4096
-    ("dbwd", True, False): LaunchConfig(64, 32, 4, 2),  # 64 x 64 exceeds shared memory
-    ("fwd", False, True): LaunchConfig(64, 32, 4, 2),  # bf16: 0.99 -> 0.80 ms at N = 4096
-    ("fwd", True, True): LaunchConfig(128, 64, 8, 1),  # fp32: 0.68 -> 0.38 ms at N = 1024
-    ("bwd", False, True): LaunchConfig(64, 64, 4, 2),  # bf16 fwd+bwd: 4.11 -> 3.42 ms, N 4096
-    ("bwd", True, True): LaunchConfig(32, 32, 4, 1),  # fp32 fwd+bwd: 3.9 -> 2.4 ms, N 1024
-    ("dbwd", False, True): LaunchConfig(64, 64, 4, 1),  # bf16: 23.4 -> 19.8 ms at N = 4096
-    ("dbwd", True, True): LaunchConfig(16, 32, 4, 1),  # fp32: 256 -> 18 ms at N = 1024
+    ("fwd", "16bit", False): LaunchConfig(128, 64, 8, 2),
+    ("bwd", "16bit", False): LaunchConfig(64, 64, 4, 3),  # fwd+bwd: -11% at N = 2048
+    ("dbwd", "16bit", False): LaunchConfig(64, 64, 4, 2),  # -6% at N = 4096
+    ("fwd", "16bit", True): LaunchConfig(64, 32, 4, 2),  # 0.99 -> 0.80 ms at N = 4096
+    ("bwd", "16bit", True): LaunchConfig(64, 64, 4, 2),  # fwd+bwd: 4.11 -> 3.42 ms, N 4096
+    ("dbwd", "16bit", True): LaunchConfig(64, 64, 4, 1),  # 23.4 -> 19.8 ms at N = 4096
+    ("fwd", "tf32x3", False): LaunchConfig(128, 64, 8, 2),
+    ("bwd", "tf32x3", False): LaunchConfig(64, 32, 4, 2),  # fwd+bwd: 19.2 -> 13.8 ms, N 4096
+    ("dbwd", "tf32x3", False): LaunchConfig(64, 32, 4, 2),  # 64 x 64 exceeds shared memory
+    ("fwd", "tf32x3", True): LaunchConfig(128, 64, 8, 1),  # 0.68 -> 0.38 ms at N = 1024
+    ("bwd", "tf32x3", True): LaunchConfig(32, 32, 4, 1),  # fwd+bwd: 3.9 -> 2.4 ms, N 1024
+    ("dbwd", "tf32x3", True): LaunchConfig(16, 32, 4, 1),  # 256 -> 18 ms at N = 1024
+    ("fwd", "ieee", False): LaunchConfig(64, 64, 4, 1),  # 0.68 -> 0.63 ms at N = 1024
+    ("bwd", "ieee", False): LaunchConfig(32, 32, 4, 1),  # fwd+bwd: 3.95 -> 3.53 ms, N 1024
+    ("dbwd", "ieee", False): LaunchConfig(64, 32, 4, 2),  # tf32x3's; not swept
+    ("fwd", "ieee", True): LaunchConfig(32, 64, 4, 2),  # 16.9 -> 1.84 ms at N = 1024
+    ("bwd", "ieee", True): LaunchConfig(32, 32, 4, 1),  # the best of 15 (23.7 ms, N 1024)
+    ("dbwd", "ieee", True): LaunchConfig(16, 32, 4, 1),  # tf32x3's; not swept
 }
 
 
-def launch_config(kind: str, n: int, m: int, d: int, dtype: torch.dtype) -> LaunchConfig:
-    """Block sizes for kernel family `kind` ('fwd', 'bwd', 'dbwd') at this shape and dtype.
+def operand_class(dtype: torch.dtype, precision: str = "tf32x3") -> str:
+    """The tile table's operand key: '16bit', 'tf32x3' or 'ieee' (float64 counts as ieee)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "16bit"
+    return "ieee" if precision == "ieee" or dtype == torch.float64 else "tf32x3"
+
+
+def launch_config(
+    kind: str, n: int, m: int, d: int, dtype: torch.dtype, precision: str = "tf32x3"
+) -> LaunchConfig:
+    """Block sizes for kernel family `kind` ('fwd', 'bwd', 'dbwd') at this shape, dtype
+    and float32 dot precision.
 
     Tiles never exceed the (power-of-two rounded) problem size. (N = 1 does not come
     here: it runs the one-query kernels.)
@@ -99,7 +116,7 @@ def launch_config(kind: str, n: int, m: int, d: int, dtype: torch.dtype) -> Laun
         # The interpreter runs one program at a time in numpy: small tiles keep the
         # tests fast and exercise the tail masks.
         return LaunchConfig(block_n=16, block_m=16, num_warps=1, num_stages=1)
-    tile = _TILES[kind, dtype in (torch.float32, torch.float64), d > 64]
+    tile = _TILES[kind, operand_class(dtype, precision), d > 64]
     block_n = min(tile.block_n, _pow2(n, 16))
     block_m = min(tile.block_m, _pow2(m, 16))
     if (block_n, block_m) == (tile.block_n, tile.block_m):
@@ -142,7 +159,7 @@ def _flat_rows(x: torch.Tensor) -> torch.Tensor:
 def _meta(q: torch.Tensor, v: torch.Tensor, kind: str, causal: bool, precision: str) -> dict:
     n, d = q.shape[-2:]
     m, dv = v.shape[-2:]
-    cfg = launch_config(kind, n, m, d, q.dtype)
+    cfg = launch_config(kind, n, m, d, q.dtype, precision)
     float32 = q.dtype == torch.float32
     return dict(
         CAUSAL=causal,

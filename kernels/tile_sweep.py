@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from kernels.benchmark import DTYPES, fused, make_pass
+from kernels.benchmark import DTYPES, float32_precision, fused, make_pass
 
 FAMILIES = {"fwd": "fwd", "bwd": "fwd_bwd", "dbwd": "dbwd"}  # family -> pass that runs it
 # (block_n, block_m, num_warps, num_stages)
@@ -96,7 +96,7 @@ def sweep(cells: list[tuple[str, int, int, str]]) -> pd.DataFrame:
     rows = []
     for dname, n, d, family in cells:
         dtype = DTYPES[dname]
-        current = launch_config(family, n, n, d, dtype)
+        current = launch_config(family, n, n, d, dtype, float32_precision(dname))
         tiles = [current] + [LaunchConfig(*c) for c in CANDIDATES if LaunchConfig(*c) != current]
         for tile in tiles:
             ms, error = time_tile(dname, n, d, family, tile)

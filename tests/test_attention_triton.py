@@ -338,21 +338,24 @@ def test_the_model_runs_only_one_query_kernels(monkeypatch):
 @pytest.mark.parametrize("kind", ["fwd", "bwd", "dbwd"])
 def test_compiled_tiles_fit_the_problem_and_the_dtype(kind, monkeypatch):
     """The GPU tile table (not used by the interpreter): clamped to small problems,
-    narrower for float32 and for 128-wide heads than for bf16 at D = 64."""
+    narrower for float32 (either precision) and for 128-wide heads than for bf16 at D = 64."""
     from kernels import launch
 
     monkeypatch.setattr(launch, "interpreter_enabled", lambda: False)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    operands = [(torch.bfloat16, "tf32x3"), (torch.float16, "tf32x3")]
+    operands += [(torch.float32, "tf32x3"), (torch.float32, "ieee")]
+    for dtype, precision in operands:
         for d in (16, 64, 128):
-            big = launch.launch_config(kind, 4096, 4096, d, dtype)
-            small = launch.launch_config(kind, 20, 9, d, dtype)
+            big = launch.launch_config(kind, 4096, 4096, d, dtype, precision)
+            small = launch.launch_config(kind, 20, 9, d, dtype, precision)
             assert big.block_n * big.block_m >= small.block_n * small.block_m
             assert small.block_n <= 32 and small.block_m <= 16
-            wide = launch.launch_config(kind, 4096, 4096, 128, dtype)
+            wide = launch.launch_config(kind, 4096, 4096, 128, dtype, precision)
             assert wide.block_n * wide.block_m <= big.block_n * big.block_m
     bf16 = launch.launch_config(kind, 4096, 4096, 64, torch.bfloat16)
-    fp32 = launch.launch_config(kind, 4096, 4096, 64, torch.float32)
-    assert fp32.block_n * fp32.block_m <= bf16.block_n * bf16.block_m
+    for precision in ("tf32x3", "ieee"):
+        fp32 = launch.launch_config(kind, 4096, 4096, 64, torch.float32, precision)
+        assert fp32.block_n * fp32.block_m <= bf16.block_n * bf16.block_m
 
 
 def test_tile_sweep_tries_every_candidate_and_restores_the_choice(monkeypatch):
