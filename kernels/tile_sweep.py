@@ -15,6 +15,7 @@ is edited by hand from the table: the sweep informs a decision, it does not make
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,9 +91,12 @@ def time_tile(dtype_name: str, n: int, d: int, family: str, tile) -> tuple[float
             return float("nan"), str(e).splitlines()[0][:200]
 
 
-def sweep(cells: list[tuple[str, int, int, str]]) -> pd.DataFrame:
+def sweep(cells: list[tuple[str, int, int, str]], csv: Path | None = None) -> pd.DataFrame:
+    """Every candidate of every cell; with `csv`, the rows so far are (re)written there
+    after each cell, so a sweep stopped part-way keeps the cells it finished."""
     from kernels.launch import LaunchConfig, launch_config
 
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = []
     for dname, n, d, family in cells:
         dtype = DTYPES[dname]
@@ -101,12 +105,22 @@ def sweep(cells: list[tuple[str, int, int, str]]) -> pd.DataFrame:
         for tile in tiles:
             ms, error = time_tile(dname, n, d, family, tile)
             rows.append(
-                dict(dtype=dname, n=n, d=d, family=family, pass_=FAMILIES[family])
+                dict(device_name=device, dtype=dname, n=n, d=d, family=family)
+                | dict(pass_=FAMILIES[family])
                 | dict(block_n=tile.block_n, block_m=tile.block_m, warps=tile.num_warps)
                 | dict(stages=tile.num_stages, in_use=tile == current, ms=ms, error=error)
             )
         print(_summary(pd.DataFrame(rows[-len(tiles) :])), flush=True)
+        if csv is not None:
+            _write(pd.DataFrame(rows).rename(columns={"pass_": "pass"}), csv)
     return pd.DataFrame(rows).rename(columns={"pass_": "pass"})
+
+
+def _write(df: pd.DataFrame, path: Path) -> None:
+    """Replace `path` whole (write a sibling, then rename): never half a table."""
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 
 def _summary(cell: pd.DataFrame) -> str:
@@ -116,7 +130,7 @@ def _summary(cell: pd.DataFrame) -> str:
     first = cell.iloc[0]
     best = cell.dropna(subset=["ms"]).sort_values("ms").head(3)
     return (
-        f"{first.dtype} N={first.n} D={first.d} {first.family}: in use {name(first)}; "
+        f"{first['dtype']} N={first.n} D={first.d} {first.family}: in use {name(first)}; "
         f"best {', '.join(name(r) for r in best.itertuples())}; "
         f"{cell.ms.isna().sum()} of {len(cell)} do not fit"
     )
@@ -141,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("error: the tile sweep needs a CUDA device", file=sys.stderr)
         return 2
-    df = sweep(cells)
-    df.insert(0, "device_name", torch.cuda.get_device_name())
     args.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out / "tiles.csv", index=False)
+    sweep(cells, args.out / "tiles.csv")
     print(f"written to {args.out / 'tiles.csv'}")
     return 0

@@ -4,6 +4,7 @@ Every check draws fresh random inputs. float64 runs the real kernels (tl.dot wor
 float64 in the interpreter), so first, second and third order are compared to ~1e-12.
 """
 
+import pandas as pd
 import pytest
 import torch
 from tiny import TINY
@@ -358,7 +359,7 @@ def test_compiled_tiles_fit_the_problem_and_the_dtype(kind, monkeypatch):
         assert fp32.block_n * fp32.block_m <= bf16.block_n * bf16.block_m
 
 
-def test_tile_sweep_tries_every_candidate_and_restores_the_choice(monkeypatch):
+def test_tile_sweep_tries_every_candidate_and_restores_the_choice(monkeypatch, tmp_path, capsys):
     """The sweep's bookkeeping, with the GPU timing replaced by a stand-in."""
     from kernels import launch, tile_sweep
 
@@ -373,7 +374,10 @@ def test_tile_sweep_tries_every_candidate_and_restores_the_choice(monkeypatch):
         return (float("nan"), "out of resource") if too_big else (1.0 / tile.num_stages, "")
 
     monkeypatch.setattr(tile_sweep, "time_tile", fake_time)
-    df = tile_sweep.sweep(tile_sweep.parse_cells("bf16:2048:64:bwd"))
+    df = tile_sweep.sweep(tile_sweep.parse_cells("bf16:2048:64:bwd"), tmp_path / "tiles.csv")
+    back = pd.read_csv(tmp_path / "tiles.csv")  # written as each cell ends
+    assert list(back.columns) == list(df.columns) and back.ms.equals(df.ms)
+    assert capsys.readouterr().out.startswith("bf16 N=2048 D=64 bwd: in use 64x64 w4 s3")
     assert launch.launch_config("bwd", 2048, 2048, 64, torch.bfloat16) == in_use  # restored
     candidates = {launch.LaunchConfig(*c) for c in tile_sweep.CANDIDATES}
     assert seen[0] == in_use and set(seen) == candidates | {in_use} and len(df) == len(seen)
