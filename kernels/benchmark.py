@@ -1,6 +1,6 @@
 """Attention benchmark: fused Triton vs the reference ops vs torch SDPA (CUDA only).
 
-    python run.py bench attention [--n 128,512,...] [--d 64,128] [--dtypes bf16,fp32]
+    python run.py bench attention [--n 128,512,...] [--d 64,128] [--dtypes bf16,fp32,fp32-ieee]
                                   [--passes fwd,fwd_bwd,dbwd] [--cuda-graph] [--out DIR]
 
 For each (dtype, D, N = M) and each provider, the median time (triton.testing.do_bench)
@@ -46,6 +46,8 @@ DTYPES = {
     "fp32": torch.float32,
     "fp32-ieee": torch.float32,
 }
+PASSES = ("fwd", "fwd_bwd", "dbwd")
+PROVIDERS = ("fused", "reference", "sdpa_math", "sdpa_flash", "sdpa_cudnn")
 
 
 def float32_precision(dtype_name: str) -> str:
@@ -55,10 +57,6 @@ def float32_precision(dtype_name: str) -> str:
 def fused(dtype_name: str):
     """fused_attention with the dot precision that `dtype_name` asks for."""
     return functools.partial(fused_attention, float32_precision=float32_precision(dtype_name))
-
-
-PASSES = ("fwd", "fwd_bwd", "dbwd")
-PROVIDERS = ("fused", "reference", "sdpa_math", "sdpa_flash", "sdpa_cudnn")
 
 
 def _sdpa(backend_name: str):
