@@ -1,6 +1,7 @@
 """Block-size sweep of the tiled attention kernels: `python run.py bench tiles`.
 
-    python run.py bench tiles [--cells fp32:4096:64:bwd,bf16:4096:128:dbwd] [--out DIR]
+    python run.py bench tiles [--cells fp32:4096:64:bwd,bf16:4096:128:dbwd]
+                              [--candidates 32x32x4x1,16x32x4x1] [--out DIR]
 
 A cell is DTYPE:N:D:FAMILY (N = M, B*H = 32, no mask). For each cell, every candidate
 tile (block_n x block_m, warps, stages) replaces the one `launch_config` picks for that
@@ -8,8 +9,11 @@ kernel family and the pass that runs the family is timed (median of
 `triton.testing.do_bench`): `fwd` for the forward, forward + backward for `bwd`,
 forward + backward + double backward for `dbwd`. A candidate that does not fit (shared
 memory, registers) is recorded with its error. Prints, per cell, the tile in use now
-and the best three; writes every measurement to tiles.csv. `kernels/launch.py:_TILES`
-is edited by hand from the table: the sweep informs a decision, it does not make it.
+and the best three; writes every measurement to tiles.csv (after each cell, so an
+interrupted sweep keeps its finished cells). `--candidates` (BNxBMxWARPSxSTAGES) replaces
+the list of CANDIDATES, e.g. to fit a slow cell (float32 ieee at D = 128, whose
+candidates compile for minutes) into a time limit. `kernels/launch.py:_TILES` is
+edited by hand from the table: the sweep informs a decision, it does not make it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,22 @@ DEFAULT_CELLS = (
     "bf16:4096:64:dbwd,fp32:1024:128:fwd,fp32:1024:128:bwd,fp32:1024:128:dbwd,"
     "bf16:4096:128:dbwd"
 )
+
+
+def parse_candidates(spec: str) -> list[tuple[int, int, int, int]]:
+    """'32x32x4x1,...' -> [(block_n, block_m, warps, stages)]; ValueError names a bad one."""
+    tiles = []
+    for tile in spec.split(","):
+        parts = tile.split("x")
+        if len(parts) != 4 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            raise ValueError(
+                f"bad candidate {tile!r}: want BLOCK_NxBLOCK_MxWARPSxSTAGES, e.g. 32x32x4x1"
+            )
+        block_n, block_m, warps, stages = map(int, parts)
+        if block_n < 16 or block_m < 16 or block_n & (block_n - 1) or block_m & (block_m - 1):
+            raise ValueError(f"bad candidate {tile!r}: blocks are powers of two >= 16")
+        tiles.append((block_n, block_m, warps, stages))
+    return tiles
 
 
 def parse_cells(spec: str) -> list[tuple[str, int, int, str]]:
@@ -91,9 +111,14 @@ def time_tile(dtype_name: str, n: int, d: int, family: str, tile) -> tuple[float
             return float("nan"), str(e).splitlines()[0][:200]
 
 
-def sweep(cells: list[tuple[str, int, int, str]], csv: Path | None = None) -> pd.DataFrame:
-    """Every candidate of every cell; with `csv`, the rows so far are (re)written there
-    after each cell, so a sweep stopped part-way keeps the cells it finished."""
+def sweep(
+    cells: list[tuple[str, int, int, str]],
+    csv: Path | None = None,
+    candidates: list[tuple[int, int, int, int]] = CANDIDATES,
+) -> pd.DataFrame:
+    """The tile in use and every candidate, for every cell; with `csv`, the rows so far
+    are (re)written there after each cell, so a sweep stopped part-way keeps the cells
+    it finished."""
     from kernels.launch import LaunchConfig, launch_config
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -101,7 +126,7 @@ def sweep(cells: list[tuple[str, int, int, str]], csv: Path | None = None) -> pd
     for dname, n, d, family in cells:
         dtype = DTYPES[dname]
         current = launch_config(family, n, n, d, dtype, float32_precision(dname))
-        tiles = [current] + [LaunchConfig(*c) for c in CANDIDATES if LaunchConfig(*c) != current]
+        tiles = [current] + [LaunchConfig(*c) for c in candidates if LaunchConfig(*c) != current]
         for tile in tiles:
             ms, error = time_tile(dname, n, d, family, tile)
             rows.append(
@@ -145,10 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--cells", default=DEFAULT_CELLS, help="comma-separated DTYPE:N:D:FAMILY")
+    p.add_argument(
+        "--candidates",
+        default=None,
+        help="comma-separated BNxBMxWARPSxSTAGES tiles instead of the built-in list",
+    )
     p.add_argument("--out", type=Path, default=Path("out/bench_tiles"))
     args = p.parse_args(argv)
     try:
         cells = parse_cells(args.cells)
+        candidates = CANDIDATES if args.candidates is None else parse_candidates(args.candidates)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -156,6 +187,6 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the tile sweep needs a CUDA device", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    sweep(cells, args.out / "tiles.csv")
+    sweep(cells, args.out / "tiles.csv", candidates)
     print(f"written to {args.out / 'tiles.csv'}")
     return 0

@@ -386,6 +386,12 @@ def test_tile_sweep_tries_every_candidate_and_restores_the_choice(monkeypatch, t
     with pytest.raises(ValueError, match="bad cell 'bf16:2048:64'"):
         tile_sweep.parse_cells("bf16:2048:64")
 
+    chosen = tile_sweep.parse_candidates("32x32x4x1,16x32x4x2")
+    assert chosen == [(32, 32, 4, 1), (16, 32, 4, 2)]
+    seen.clear()
+    df = tile_sweep.sweep(tile_sweep.parse_cells("bf16:2048:64:bwd"), candidates=chosen)
+    assert seen == [in_use, launch.LaunchConfig(32, 32, 4, 1), launch.LaunchConfig(16, 32, 4, 2)]
+
 
 def _gpu_tile_shapes() -> list[tuple[int, int]]:
     from kernels import launch

@@ -124,6 +124,12 @@ def test_bench_step_writes_tables_and_plot(tmp_path):
 def test_bench_tiles_refuses_bad_cells_and_needs_cuda(capsys):
     assert run.main(["bench", "tiles", "--cells", "fp32:4096:64:backward"]) == 2
     assert "bad cell 'fp32:4096:64:backward'" in capsys.readouterr().err
+    assert (
+        run.main(["bench", "tiles", "--cells", "bf16:1024:64:bwd", "--candidates", "32x32x4"]) == 2
+    )
+    assert "bad candidate '32x32x4'" in capsys.readouterr().err
+    assert run.main(["bench", "tiles", "--candidates", "24x32x4x1"]) == 2
+    assert "powers of two >= 16" in capsys.readouterr().err
     assert run.main(["bench", "tiles", "--cells", "bf16:1024:64:bwd"]) == 2
     assert "error: the tile sweep needs a CUDA device" in capsys.readouterr().err
 
