@@ -109,8 +109,8 @@ def fused_attention(
     q (..., N, D), k (..., M, D), v (..., M, Dv); D, Dv <= 128; fp16, bf16, fp32
     (fp64 too). `causal` is top-left aligned (query i sees keys j <= i). Returns
     (..., N, Dv) in the input dtype. `float32_precision` is the dot precision of
-    float32 inputs in every pass: "tf32x3" (float32 accuracy on the tensor cores),
-    "ieee" (plain float32 FMA, several times slower) or "tf32" (~1e-3 relative).
+    float32 inputs in every pass: "tf32x3" (float32 accuracy on the tensor cores) or
+    "ieee" (plain float32 FMA, several times slower).
     """
     _check_inputs(q, k, v)
     from kernels.fused import FusedAttention

@@ -14,7 +14,7 @@ launcher takes `precision`, Triton's input_precision for the dots of float32 ope
 (FLOAT32_PRECISIONS; 16-bit operands use the tensor cores as they are, float64 is
 exact): "tf32x3", the default, has float32 accuracy (measured <= 1.1e-6 relative
 against float64 on an H200, docs/benchmarks.md) on the tensor cores; "ieee" is plain
-float32 FMA arithmetic, several times slower; "tf32" is one TF32 product (~1e-3).
+float32 FMA arithmetic, several times slower.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Triton dot precisions for float32 operands. "tf32x3" splits each operand into TF32
 # parts and sums three tensor-core products (float32 accuracy, 1.6-25x faster than
 # "ieee" on an H200, docs/benchmarks.md); the first is the default.
-FLOAT32_PRECISIONS = ("tf32x3", "ieee", "tf32")
+FLOAT32_PRECISIONS = ("tf32x3", "ieee")
 MAX_HEAD_DIM = 128
 # Key blocks of the one-query kernels (N = 1) hold at most this many elements per
 # operand (64 keys at D = 64): the double backward keeps four such blocks in registers.
@@ -69,7 +69,7 @@ def _pow2(x: int, lo: int) -> int:
 
 # Tiles (block_n x block_m, warps, stages) by (kernel family, operands, D > 64), picked
 # by sweeps on an H200 (docs/benchmarks.md, "Block sizes"). Operands are "16bit" (fp16,
-# bf16), "tf32x3" (float32 with tf32x3 or tf32 dots) or "ieee" (float32 FMA dots).
+# bf16), "tf32x3" (float32 with tf32x3 dots) or "ieee" (float32 FMA dots).
 # tf32x3 (three products per tile) wants narrower tiles than 16-bit in the backward
 # passes; 16-bit at D <= 64 gains from a third pipeline stage. At D = 128 one stage (no
 # software pipelining) keeps the float32 double backward in shared memory and
