@@ -148,9 +148,15 @@ def _report(args) -> int:
 def main_bench(argv: list[str]) -> int:
     from run import ArgumentParser
 
-    p = ArgumentParser(prog="run.py bench")
+    # No -h of its own: `run.py bench attention --help` is the attention benchmark's.
+    p = ArgumentParser(prog="run.py bench", add_help=False)
     choices = ["step", "attention", "tiles", "distributed"]
-    p.add_argument("what", choices=choices, help="which benchmark")
+    p.add_argument(
+        "what", choices=choices, help="which benchmark (--help after it for its options)"
+    )
+    if argv[:1] in (["-h"], ["--help"]):
+        p.print_help()
+        return 0
     args, rest = p.parse_known_args(argv)
     if args.what == "attention":
         from kernels.benchmark import main

@@ -167,3 +167,11 @@ def test_attention_table_puts_providers_side_by_side_with_ratios():
     assert cells["math/fused"] == "3.00x"
     assert cells["fused/flash"] == "4.00x"
     assert cells["fused/flash [graph]"] == "2.00x"
+
+
+def test_bench_help_reaches_the_named_benchmark(capsys):
+    with pytest.raises(SystemExit) as e:
+        run.main(["bench", "attention", "--help"])
+    assert e.value.code == 0 and "--cuda-graph" in capsys.readouterr().out
+    assert run.main(["bench", "--help"]) == 0
+    assert "step,attention,tiles,distributed" in capsys.readouterr().out
