@@ -157,6 +157,9 @@ def test_float32_precision_reaches_every_pass_under_vmap(monkeypatch):
         "attention_double_backward",
     }
     assert {precision for _, precision in seen} == {"ieee"}
+    seen.clear()
+    attention(q, k, v, backend="triton_fused", float32_precision="ieee")
+    assert seen == [("attention_forward", "ieee")]
     with pytest.raises(ValueError, match="float32_precision must be one of"):
         fused_attention(q, k, v, float32_precision="fp32")
 
