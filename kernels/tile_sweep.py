@@ -19,7 +19,6 @@ edited by hand from the table: the sweep informs a decision, it does not make it
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ import pandas as pd
 import torch
 
 from kernels.benchmark import DTYPES, float32_precision, fused, make_pass
+from phase12.records import write_atomic
 
 FAMILIES = {"fwd": "fwd", "bwd": "fwd_bwd", "dbwd": "dbwd"}  # family -> pass that runs it
 # (block_n, block_m, num_warps, num_stages)
@@ -131,21 +131,14 @@ def sweep(
             ms, error = time_tile(dname, n, d, family, tile)
             rows.append(
                 dict(device_name=device, dtype=dname, n=n, d=d, family=family)
-                | dict(pass_=FAMILIES[family])
+                | {"pass": FAMILIES[family]}
                 | dict(block_n=tile.block_n, block_m=tile.block_m, warps=tile.num_warps)
                 | dict(stages=tile.num_stages, in_use=tile == current, ms=ms, error=error)
             )
         print(_summary(pd.DataFrame(rows[-len(tiles) :])), flush=True)
-        if csv is not None:
-            _write(pd.DataFrame(rows).rename(columns={"pass_": "pass"}), csv)
-    return pd.DataFrame(rows).rename(columns={"pass_": "pass"})
-
-
-def _write(df: pd.DataFrame, path: Path) -> None:
-    """Replace `path` whole (write a sibling, then rename): never half a table."""
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+        if csv is not None:  # replaced whole: never half a table
+            write_atomic(csv, pd.DataFrame(rows).to_csv(index=False))
+    return pd.DataFrame(rows)
 
 
 def _summary(cell: pd.DataFrame) -> str:
