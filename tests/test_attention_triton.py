@@ -360,6 +360,15 @@ def test_compiled_tiles_fit_the_problem_and_the_dtype(kind, monkeypatch):
     for precision in ("tf32x3", "ieee"):
         fp32 = launch.launch_config(kind, 4096, 4096, 64, torch.float32, precision)
         assert fp32.block_n * fp32.block_m <= bf16.block_n * bf16.block_m
+        # The launchers' meta-parameters follow the precision: its dots and its tiles.
+        q = torch.empty(2, 4096, 128)
+        meta = launch._meta(q, q, kind, False, precision)
+        tile = launch._TILES[kind, precision, True]
+        assert (meta["PRECISION"], meta["BLOCK_N"], meta["BLOCK_M"]) == (
+            precision,
+            tile.block_n,
+            tile.block_m,
+        )
 
 
 def test_tile_sweep_tries_every_candidate_and_restores_the_choice(monkeypatch, tmp_path, capsys):
