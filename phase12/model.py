@@ -65,9 +65,8 @@ def apply(params: Params, x: torch.Tensor, backend: str = "reference") -> torch.
     q = F.linear(x[..., :1, :], params["Wq"])  # (..., 1, D): only token 0 queries
     k = F.linear(x, params["Wk"])  # (..., T, D)
     v = F.linear(x, params["Wv"])
-    h = attention(
-        q, k, v, backend=attention_backend(backend)
-    )  # (..., 1, D); the leading dims act as batch
+    # (..., 1, D); the leading dims act as batch
+    h = attention(q, k, v, backend=attention_backend(backend))
     # squeeze, not h[..., 0, :]: a select's backward allocates zeros and scatters into
     # them (two kernels per use); squeeze's backward is a view.
     return F.linear(h.squeeze(-2), params["Wc"], params["bc"])
