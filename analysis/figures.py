@@ -118,19 +118,18 @@ def full_minus_fo_gap(gaps: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def scaling_plot(df: pd.DataFrame, base, path: Path) -> Path:
+def scaling_plot(df: pd.DataFrame, base: dict[str, int], path: Path) -> Path:
     """Step time and peak memory against k, meta-batch and T (one varied at a time).
 
-    `df` has the columns of phase12.benchmark.measure; `base` is the RunConfig at
-    whose values the two other axes stay.
+    `df` has the columns of the step benchmark (phase12.benchmarks.step.measure); `base`
+    gives the values {"k", "meta_batch", "seq_len"} at which the two other axes stay.
     """
-    fields = {"k": "inner_steps", "meta_batch": "meta_batch", "seq_len": "seq_len"}
     parts = []
-    for axis in fields:
+    for axis in base:
         keep = pd.Series(True, index=df.index)
-        for other, field in fields.items():
+        for other, value in base.items():
             if other != axis:
-                keep &= df[other] == getattr(base, field)
+                keep &= df[other] == value
         parts.append(df[keep].assign(axis=axis, x=df[axis]))
     tidy = (
         pd.concat(parts)
@@ -169,3 +168,27 @@ def scaling_plot(df: pd.DataFrame, base, path: Path) -> Path:
     grid.set_ylabels("")
     sns.move_legend(grid, "upper left", bbox_to_anchor=(1.0, 0.9))
     return _save(grid, path, f"Outer-step cost on {df['device_name'].iloc[0]}")
+
+
+def attention_plot(df: pd.DataFrame, path: Path) -> Path:
+    """Median time against N per provider: one panel per (dtype, pass)."""
+    ok = df[df.status == "OK"]
+    grid = sns.relplot(
+        data=ok,
+        x="n",
+        y="ms",
+        hue="provider",
+        style="provider",
+        col="pass",
+        row="dtype",
+        kind="line",
+        marker="o",
+        facet_kws=dict(sharey=False),
+        height=3,
+        aspect=1.2,
+    )
+    grid.set(xscale="log", yscale="log", xlabel="N = M", ylabel="median time (ms)")
+    grid.figure.suptitle("Attention, B*H = 32 (D = 64 and 128 pooled per line)", y=1.02)
+    grid.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(grid.figure)
+    return path

@@ -15,21 +15,16 @@ import pandas as pd
 
 from analysis.figures import full_minus_fo_gap, metric_vs_inner_steps, training_curves
 from analysis.summary import full_minus_fo, load_runs, summarize
+from analysis.tables import markdown_table
+from phase12.schema import SEED_STEP_S
 
-# The seed project's long confirmation run (shared/seed/phase12-README.md):
+# The seed project's long confirmation run (docs/seed-phase12-README.md):
 # mean final accuracy over seeds 0 and 1, 1000 outer steps, as (FULL, FO).
 SEED_LONG_RUN_ACC = {
     ("reference", 10): (0.9385, 0.9350),
     ("reference", 20): (0.9389, 0.9408),
     ("triton_fused", 10): (0.9343, 0.9329),
     ("triton_fused", 20): (0.9411, 0.9408),
-}
-# The seed's mean outer-step seconds at k = 20 on an H200 (anchor-baselines.md).
-SEED_STEP_S = {
-    ("reference", "FULL"): 0.974,
-    ("reference", "FO"): 0.493,
-    ("triton_fused", "FULL"): 1.024,
-    ("triton_fused", "FO"): 0.559,
 }
 
 
@@ -43,22 +38,6 @@ def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
             h["inner_steps"], h["seed"] = row.inner_steps, row.seed
             frames.append(h)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def markdown_table(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
-    """A markdown table without extra dependencies."""
-
-    def cell(x):
-        if isinstance(x, float):
-            return "" if x != x else format(x, floatfmt)
-        return str(x).replace("|", "\\|")  # a literal | would split the cell
-
-    lines = [
-        "| " + " | ".join(map(str, df.columns)) + " |",
-        "|" + "|".join("---" for _ in df.columns) + "|",
-    ]
-    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def results_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -94,7 +73,7 @@ def timing_table(summary: pd.DataFrame) -> pd.DataFrame:
     t["step ms"] = t.pop("mean_outer_step_time_s_mean") * 1e3
     t["peak MiB"] = t.pop("peak_cuda_mem_bytes_mean") / 2**20
     t["seed step ms (k=20)"] = [
-        SEED_STEP_S.get((b, m), float("nan")) * 1e3 if k == 20 else float("nan")
+        SEED_STEP_S.get(("cuda", b, m), float("nan")) * 1e3 if k == 20 else float("nan")
         for b, m, k in zip(t["backend"], t["mode"], t["inner_steps"], strict=True)
     ]
     t["speed-up vs seed"] = t["seed step ms (k=20)"] / t["step ms"]

@@ -35,27 +35,28 @@ def check_backend(backend: str, device: torch.device | str) -> None:
         return
     device = torch.device(device)
     try:
-        from kernels import launch
+        from kernels.common import interpreter_enabled
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise BackendUnavailable(
-            f"backend 'triton_fused' needs Triton, which failed to import ({e}); "
-            "install triton or use --backend reference"
+            f"the Triton attention kernels need Triton, which failed to import ({e}); "
+            "install triton or use the reference backend"
         ) from e
     if device.type == "cuda":
-        if launch.interpreter_enabled():
+        if interpreter_enabled():
             raise BackendUnavailable(
-                "backend 'triton_fused' on CUDA cannot run with TRITON_INTERPRET=1 set; "
+                "the Triton kernels cannot run on CUDA with TRITON_INTERPRET=1 set; "
                 "unset it to run the compiled kernels"
             )
         return
     if device.type == "cpu":
-        if not launch.interpreter_enabled():
+        if not interpreter_enabled():
             raise BackendUnavailable(
-                "backend 'triton_fused' runs on CPU only in Triton's interpreter: set "
-                "TRITON_INTERPRET=1 (slow, for testing) or use a CUDA device or --backend reference"
+                "the Triton kernels run on the CPU only in Triton's interpreter: set "
+                "TRITON_INTERPRET=1 (slow, for testing), or use a CUDA device or the reference "
+                "backend"
             )
         return
-    raise BackendUnavailable(f"backend 'triton_fused' does not support device type {device.type!r}")
+    raise BackendUnavailable(f"the Triton kernels do not support device type {device.type!r}")
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

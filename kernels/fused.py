@@ -4,7 +4,7 @@ Three Functions, each the backward of the one before:
 
     FusedAttention            (q, k, v)                    -> (o, lse)         1 Triton kernel
     FusedAttentionBackward    (q, k, v, o, lse, do)        -> (dq, dk, dv)     2 Triton kernels
-    FusedAttentionDoubleBwd   (q, k, v, o, lse, do, u*)    -> (gq, gk, gv, gdo) 2 Triton kernels
+    FusedAttentionDoubleBackward (q, k, v, o, lse, do, u*) -> (gq, gk, gv, gdo) 2 Triton kernels
 
 Each also takes the non-tensor arguments `causal`, `scale` and `precision` (the Triton
 dot precision of float32 operands, kernels.launch) and hands them to the next.
@@ -33,19 +33,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kernels import launch
+from kernels.common import vmapped_to_front
 from kernels.reference import (
     attention_backward_reference,
     attention_double_backward_reference,
     attention_reference,
 )
-
-
-def vmapped_to_front(info, in_dims: Sequence[int | None], tensors: Sequence[torch.Tensor]):
-    """Vmapped dim of every tensor moved to dim 0 (unbatched ones are expanded)."""
-    out = []
-    for t, d in zip(tensors, in_dims, strict=True):
-        out.append(t.expand(info.batch_size, *t.shape) if d is None else t.movedim(d, 0))
-    return out
 
 
 def _reference_jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence):

@@ -12,20 +12,22 @@ Accumulation is float32 for fp16/bf16/fp32 inputs and float64 for float64 inputs
 the log-sum-exp and the other row statistics are returned in that dtype. Every
 launcher takes `precision`, Triton's input_precision for the dots of float32 operands
 (FLOAT32_PRECISIONS; 16-bit operands use the tensor cores as they are, float64 is
-exact): "tf32x3", the default, has float32 accuracy (measured <= 1.1e-6 relative
-against float64 on an H200, docs/benchmarks.md) on the tensor cores; "ieee" is plain
-float32 FMA arithmetic, several times slower.
+exact): "tf32x3", the default, has float32 accuracy on the tensor cores; "ieee" is
+plain float32 FMA arithmetic, several times slower (measurements in docs/benchmarks.md).
+
+The tiled launchers also take `tile`, a LaunchConfig that replaces the table's choice
+for their kernel family (the block-size sweep, `run.py bench tiles`, passes it).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.common import interpreter_enabled, pow2
 from kernels.triton_kernels import (
     attention_bwd_dkdv_kernel,
     attention_bwd_dq_kernel,
@@ -39,18 +41,13 @@ from kernels.triton_kernels import (
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Triton dot precisions for float32 operands. "tf32x3" splits each operand into TF32
-# parts and sums three tensor-core products (float32 accuracy, 1.6-25x faster than
-# "ieee" on an H200, docs/benchmarks.md); the first is the default.
+# parts and sums three tensor-core products (float32 accuracy on the tensor cores);
+# the first is the default.
 FLOAT32_PRECISIONS = ("tf32x3", "ieee")
 MAX_HEAD_DIM = 128
 # Key blocks of the one-query kernels (N = 1) hold at most this many elements per
 # operand (64 keys at D = 64): the double backward keeps four such blocks in registers.
 ROW_BLOCK_ELEMENTS = 4096
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -63,36 +60,32 @@ class LaunchConfig:
     num_stages: int = 2
 
 
-def _pow2(x: int, lo: int) -> int:
-    return max(lo, triton.next_power_of_2(x))
-
-
 # Tiles (block_n x block_m, warps, stages) by (kernel family, operands, D > 64), picked
-# by sweeps on an H200 (docs/benchmarks.md, "Block sizes"). Operands are "16bit" (fp16,
-# bf16), "tf32x3" (float32 with tf32x3 dots) or "ieee" (float32 FMA dots).
-# tf32x3 (three products per tile) wants narrower tiles than 16-bit in the backward
-# passes; 16-bit at D <= 64 gains from a third pipeline stage. At D = 128 one stage (no
-# software pipelining) keeps the float32 double backward in shared memory and
-# registers: 256 -> 18 ms at N = 1024.
+# by block-size sweeps (the measurements behind each entry: docs/benchmarks.md, "Block
+# sizes"). Operands are "16bit" (fp16, bf16), "tf32x3" (float32 with tf32x3 dots) or
+# "ieee" (float32 FMA dots). tf32x3 (three products per tile) wants narrower tiles than
+# 16-bit in the backward passes; 16-bit at D <= 64 gains from a third pipeline stage. At
+# D = 128 one stage (no software pipelining) keeps the float32 double backward in
+# shared memory and registers; 64 x 64 float32 double-backward tiles do not fit there.
 _TILES = {
     ("fwd", "16bit", False): LaunchConfig(128, 64, 8, 2),
-    ("bwd", "16bit", False): LaunchConfig(64, 64, 4, 3),  # fwd+bwd: -11% at N = 2048
-    ("dbwd", "16bit", False): LaunchConfig(64, 64, 4, 2),  # -6% at N = 4096
-    ("fwd", "16bit", True): LaunchConfig(64, 32, 4, 2),  # 0.99 -> 0.80 ms at N = 4096
-    ("bwd", "16bit", True): LaunchConfig(64, 64, 4, 2),  # fwd+bwd: 4.11 -> 3.42 ms, N 4096
-    ("dbwd", "16bit", True): LaunchConfig(64, 64, 4, 1),  # 23.4 -> 19.8 ms at N = 4096
+    ("bwd", "16bit", False): LaunchConfig(64, 64, 4, 3),
+    ("dbwd", "16bit", False): LaunchConfig(64, 64, 4, 2),
+    ("fwd", "16bit", True): LaunchConfig(64, 32, 4, 2),
+    ("bwd", "16bit", True): LaunchConfig(64, 64, 4, 2),
+    ("dbwd", "16bit", True): LaunchConfig(64, 64, 4, 1),
     ("fwd", "tf32x3", False): LaunchConfig(128, 64, 8, 2),
-    ("bwd", "tf32x3", False): LaunchConfig(64, 32, 4, 2),  # fwd+bwd: 19.2 -> 13.8 ms, N 4096
-    ("dbwd", "tf32x3", False): LaunchConfig(64, 32, 4, 2),  # 64 x 64 exceeds shared memory
-    ("fwd", "tf32x3", True): LaunchConfig(128, 64, 8, 1),  # 0.68 -> 0.38 ms at N = 1024
-    ("bwd", "tf32x3", True): LaunchConfig(32, 32, 4, 1),  # fwd+bwd: 3.9 -> 2.4 ms, N 1024
-    ("dbwd", "tf32x3", True): LaunchConfig(16, 32, 4, 1),  # 256 -> 18 ms at N = 1024
-    ("fwd", "ieee", False): LaunchConfig(64, 64, 4, 1),  # 0.68 -> 0.63 ms at N = 1024
-    ("bwd", "ieee", False): LaunchConfig(32, 32, 4, 1),  # fwd+bwd: 3.95 -> 3.53 ms, N 1024
-    ("dbwd", "ieee", False): LaunchConfig(32, 32, 4, 1),  # 71.2 -> 18.5 ms at N = 1024
-    ("fwd", "ieee", True): LaunchConfig(32, 64, 4, 2),  # 16.9 -> 1.84 ms at N = 1024
-    ("bwd", "ieee", True): LaunchConfig(32, 32, 4, 1),  # the best of 15 (23.7 ms, N 1024)
-    ("dbwd", "ieee", True): LaunchConfig(16, 16, 4, 1),  # 139.9 -> 50.5 ms at N = 1024
+    ("bwd", "tf32x3", False): LaunchConfig(64, 32, 4, 2),
+    ("dbwd", "tf32x3", False): LaunchConfig(64, 32, 4, 2),
+    ("fwd", "tf32x3", True): LaunchConfig(128, 64, 8, 1),
+    ("bwd", "tf32x3", True): LaunchConfig(32, 32, 4, 1),
+    ("dbwd", "tf32x3", True): LaunchConfig(16, 32, 4, 1),
+    ("fwd", "ieee", False): LaunchConfig(64, 64, 4, 1),
+    ("bwd", "ieee", False): LaunchConfig(32, 32, 4, 1),
+    ("dbwd", "ieee", False): LaunchConfig(32, 32, 4, 1),
+    ("fwd", "ieee", True): LaunchConfig(32, 64, 4, 2),
+    ("bwd", "ieee", True): LaunchConfig(32, 32, 4, 1),
+    ("dbwd", "ieee", True): LaunchConfig(16, 16, 4, 1),
 }
 
 
@@ -117,8 +110,8 @@ def launch_config(
         # tests fast and exercise the tail masks.
         return LaunchConfig(block_n=16, block_m=16, num_warps=1, num_stages=1)
     tile = _TILES[kind, operand_class(dtype, precision), d > 64]
-    block_n = min(tile.block_n, _pow2(n, 16))
-    block_m = min(tile.block_m, _pow2(m, 16))
+    block_n = min(tile.block_n, pow2(n, 16))
+    block_m = min(tile.block_m, pow2(m, 16))
     if (block_n, block_m) == (tile.block_n, tile.block_m):
         return tile
     return LaunchConfig(block_n, block_m, 4, tile.num_stages)  # a problem smaller than the tile
@@ -130,8 +123,8 @@ def uses_row_kernels(n: int) -> bool:
 
 
 def _row_meta(q: torch.Tensor, m: int, dv: int, causal: bool) -> dict:
-    block_d, block_dv = _pow2(q.shape[-1], 16), _pow2(dv, 16)
-    block_m = min(_pow2(m, 16), max(16, ROW_BLOCK_ELEMENTS // max(block_d, block_dv)))
+    block_d, block_dv = pow2(q.shape[-1], 16), pow2(dv, 16)
+    block_m = min(pow2(m, 16), max(16, ROW_BLOCK_ELEMENTS // max(block_d, block_dv)))
     if interpreter_enabled():
         block_m = 16  # several key blocks even at test sizes: exercises the loops and tails
     return dict(
@@ -156,17 +149,24 @@ def _flat_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def _meta(q: torch.Tensor, v: torch.Tensor, kind: str, causal: bool, precision: str) -> dict:
+def _meta(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    kind: str,
+    causal: bool,
+    precision: str,
+    tile: LaunchConfig | None = None,
+) -> dict:
     n, d = q.shape[-2:]
     m, dv = v.shape[-2:]
-    cfg = launch_config(kind, n, m, d, q.dtype, precision)
+    cfg = tile or launch_config(kind, n, m, d, q.dtype, precision)
     float32 = q.dtype == torch.float32
     return dict(
         CAUSAL=causal,
         BLOCK_N=cfg.block_n,
         BLOCK_M=cfg.block_m,
-        BLOCK_D=_pow2(d, 16),
-        BLOCK_DV=_pow2(dv, 16),
+        BLOCK_D=pow2(d, 16),
+        BLOCK_DV=pow2(dv, 16),
         # input_precision matters only for float32 operands; "tf32" is the default
         # for the others and is ignored by them.
         PRECISION=precision if float32 else "ieee" if q.dtype == torch.float64 else "tf32",
@@ -181,7 +181,13 @@ def _grid(batch: int, rows: int, block: int) -> tuple[int]:
 
 
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, precision: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    precision: str,
+    tile: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """O (..., N, Dv) in q's dtype and LSE (..., N) in the accumulator dtype."""
     lead, (n, d), (m, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
@@ -196,7 +202,7 @@ def attention_forward(
             q3, k3, v3, o, lse, m, d, dv, scale, **_row_meta(q, m, dv, causal)
         )
     else:
-        meta = _meta(q, v, "fwd", causal, precision)
+        meta = _meta(q, v, "fwd", causal, precision, tile)
         attention_fwd_kernel[_grid(bh, n, meta["BLOCK_N"])](
             q3, k3, v3, o, lse, n, m, d, dv, scale, **meta
         )
@@ -219,6 +225,7 @@ def attention_backward(
     causal: bool,
     scale: float,
     precision: str,
+    tile: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) in the input dtype, from Q, K, V, O, LSE and dO."""
     (n, d), (m, dv) = q.shape[-2:], v.shape[-2:]
@@ -236,7 +243,7 @@ def attention_backward(
         )
     else:
         delta = _delta(o, do)
-        meta = _meta(q, v, "bwd", causal, precision)
+        meta = _meta(q, v, "bwd", causal, precision, tile)
         args = (n, m, d, dv, scale)
         attention_bwd_dkdv_kernel[_grid(bh, m, meta["BLOCK_M"])](
             q3, k3, v3, do3, lse2, delta, dk, dvv, *args, **meta
@@ -260,6 +267,7 @@ def attention_double_backward(
     causal: bool,
     scale: float,
     precision: str,
+    tile: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gQ, gK, gV, gdO): gradients of <uQ,dQ> + <uK,dK> + <uV,dV> w.r.t. Q, K, V, dO."""
     (n, d), (m, dv) = q.shape[-2:], v.shape[-2:]
@@ -280,7 +288,7 @@ def attention_double_backward(
     else:
         delta = _delta(o, do)
         rho_w, rho_g = torch.empty_like(lse2), torch.empty_like(lse2)
-        meta = _meta(q, v, "dbwd", causal, precision)
+        meta = _meta(q, v, "dbwd", causal, precision, tile)
         args = (n, m, d, dv, scale)
         attention_dbwd_rows_kernel[_grid(bh, n, meta["BLOCK_N"])](
             q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, gq, gdo, rho_w, rho_g, *args, **meta

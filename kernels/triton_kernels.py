@@ -1,7 +1,7 @@
 """Flash-style Triton kernels for attention: forward, backward and double backward.
 
-The math (checked in float64) is in shared/docs/attention-double-backward.md; the
-names below follow it. One (batch*head) slice, scale s:
+The math (checked in float64) is in docs/attention-double-backward.md; the names
+below follow it. One (batch*head) slice, scale s:
 
     S = s Q K^T,  P = softmax_rows(S) = exp(S - LSE),  O = P V
     backward:         dP = dO V^T,  Delta = rowsum(dO * O),  dS = P * (dP - Delta)
@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from kernels.common import dot
 
 # ---------------------------------------------------------------------------
 # Small building blocks shared by every kernel
@@ -75,11 +77,6 @@ def _store_row(ptr, value, bh, offs, n):
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
-
-
-@triton.jit
 def _key_mask(offs_n, offs_m, M, CAUSAL: tl.constexpr):
     mask = offs_m[None, :] < M
     if CAUSAL:
@@ -90,7 +87,7 @@ def _key_mask(offs_n, offs_m, M, CAUSAL: tl.constexpr):
 @triton.jit
 def _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """P tile = exp(s q k^T - LSE), exactly zero for padding rows/cols and masked keys."""
-    s = _dot(q, tl.trans(k), PRECISION, ACC) * scale
+    s = dot(q, tl.trans(k), PRECISION, ACC) * scale
     valid = _key_mask(offs_n, offs_m, M, CAUSAL) & (offs_n[:, None] < N)
     return tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
 
@@ -100,9 +97,9 @@ def _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale
                        CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """P, dP, W and R for one (query tile, key tile) pair of the double backward."""
     p = _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC)
-    dp = _dot(do, tl.trans(v), PRECISION, ACC)
-    w = (_dot(uq, tl.trans(k), PRECISION, ACC) + _dot(q, tl.trans(uk), PRECISION, ACC)) * scale
-    r = _dot(do, tl.trans(uv), PRECISION, ACC)
+    dp = dot(do, tl.trans(v), PRECISION, ACC)
+    w = (dot(uq, tl.trans(k), PRECISION, ACC) + dot(q, tl.trans(uk), PRECISION, ACC)) * scale
+    r = dot(do, tl.trans(uv), PRECISION, ACC)
     return p, dp, w, r
 
 
@@ -141,7 +138,7 @@ def attention_fwd_kernel(Q, K, V, O, LSE, N, M, D, DV, scale,
         offs_m = start_m + tl.arange(0, BLOCK_M)
         k = _load(K, bh, offs_m, offs_d, M, D)
         v = _load(V, bh, offs_m, offs_dv, M, DV)
-        s = _dot(q, tl.trans(k), PRECISION, ACC) * scale
+        s = dot(q, tl.trans(k), PRECISION, ACC) * scale
         # Key 0 is visible to every row (also under the causal mask), so the first
         # tile makes m_i finite and exp(m_i - m_new) never sees -inf - -inf.
         s = tl.where(_key_mask(offs_n, offs_m, M, CAUSAL), s, float("-inf"))
@@ -149,7 +146,7 @@ def attention_fwd_kernel(Q, K, V, O, LSE, N, M, D, DV, scale,
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, ACC)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, ACC)
         m_i = m_new
 
     _store(O, acc / l_i[:, None], bh, offs_n, offs_dv, N, DV)
@@ -185,10 +182,10 @@ def attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVo, N, M, D, DV, sca
         lse = _load_row(LSE, bh, offs_n, N)
         delta = _load_row(DELTA, bh, offs_n, N)
         p = _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC)
-        dp = _dot(do, tl.trans(v), PRECISION, ACC)
+        dp = dot(do, tl.trans(v), PRECISION, ACC)
         ds = p * (dp - delta[:, None])
-        dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION, ACC)     # dV = P^T dO
-        dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION, ACC)      # dK = s dS^T Q
+        dv += dot(tl.trans(p).to(do.dtype), do, PRECISION, ACC)     # dV = P^T dO
+        dk += dot(tl.trans(ds).to(q.dtype), q, PRECISION, ACC)      # dK = s dS^T Q
     _store(DK, dk * scale, bh, offs_m, offs_d, M, D)
     _store(DVo, dv, bh, offs_m, offs_dv, M, DV)
 
@@ -216,9 +213,9 @@ def attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, N, M, D, DV, scale,
         k = _load(K, bh, offs_m, offs_d, M, D)
         v = _load(V, bh, offs_m, offs_dv, M, DV)
         p = _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC)
-        dp = _dot(do, tl.trans(v), PRECISION, ACC)
+        dp = dot(do, tl.trans(v), PRECISION, ACC)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PRECISION, ACC)                # dQ = s dS K
+        dq += dot(ds.to(k.dtype), k, PRECISION, ACC)                # dQ = s dS K
     _store(DQ, dq * scale, bh, offs_n, offs_d, N, D)
 
 
@@ -274,8 +271,8 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
         p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
                                          CAUSAL, PRECISION, ACC)
         ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g)
-        gq += _dot(g_s.to(k.dtype), k, PRECISION, ACC) + _dot(ds.to(uk.dtype), uk, PRECISION, ACC)
-        gdo += _dot(g_dp.to(v.dtype), v, PRECISION, ACC) + _dot(p.to(uv.dtype), uv, PRECISION, ACC)
+        gq += dot(g_s.to(k.dtype), k, PRECISION, ACC) + dot(ds.to(uk.dtype), uk, PRECISION, ACC)
+        gdo += dot(g_dp.to(v.dtype), v, PRECISION, ACC) + dot(p.to(uv.dtype), uv, PRECISION, ACC)
 
     _store(GQ, gq * scale, bh, offs_n, offs_d, N, D)
     _store(GDO, gdo, bh, offs_n, offs_dv, N, DV)
@@ -315,8 +312,8 @@ def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G
         p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
                                          CAUSAL, PRECISION, ACC)
         ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g)
-        gk += _dot(tl.trans(g_s).to(q.dtype), q, PRECISION, ACC) + _dot(tl.trans(ds).to(uq.dtype), uq, PRECISION, ACC)
-        gv += _dot(tl.trans(g_dp).to(do.dtype), do, PRECISION, ACC)
+        gk += dot(tl.trans(g_s).to(q.dtype), q, PRECISION, ACC) + dot(tl.trans(ds).to(uq.dtype), uq, PRECISION, ACC)
+        gv += dot(tl.trans(g_dp).to(do.dtype), do, PRECISION, ACC)
 
     _store(GK, gk * scale, bh, offs_m, offs_d, M, D)
     _store(GV, gv, bh, offs_m, offs_dv, M, DV)

@@ -1,21 +1,37 @@
-"""Run configuration: one frozen dataclass, validated before any work is done."""
+"""Run configuration: one frozen dataclass whose fields are checked when it is made.
+
+Each field carries its help text (and, where it is not `--field-name`, its flag) in
+its metadata: the command line generates its flags from these fields, so names,
+types, defaults and help live here only. Whether a configuration can run on this
+machine (CUDA present, Triton usable, sizes a backend holds) is decided by
+`phase12.backends.device_for`.
+
+Errors name fields, never command-line flags: `ConfigError.field` says which field is
+at fault, and the command line puts its own flag in the field's place.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
 
-from kernels import BackendUnavailable, check_backend
-from phase12.model import BACKENDS, FUSED_STEP, attention_backend
-
-__all__ = ["ConfigError", "Mode", "RunConfig", "resolve_device"]
+__all__ = ["ConfigError", "Mode", "RunConfig", "option_help", "resolve_device"]
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the problem and the fix."""
+    """A configuration that cannot run; the message names the problem and the fix.
+
+    `field` is the RunConfig field at fault (the message then starts with its name), or
+    None when no single field is.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class Mode(str, Enum):
@@ -25,57 +41,71 @@ class Mode(str, Enum):
     FO = "FO"
     FO_STRICT = "FO_STRICT"
 
+    def __str__(self) -> str:  # 'FULL', not 'Mode.FULL', in run ids, CSVs and messages
+        return self.value
+
+    __format__ = str.__format__
+
 
 MODES = tuple(m.value for m in Mode)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CUDA_GRAPH = ("auto", "on", "off")
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA if present else CPU; anything else is checked, not silently replaced."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"--device {device!r} is not a device name (try auto, cpu, cuda)") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"--device {device} asked for CUDA but no CUDA device is available; "
-                "use --device cpu"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-            )
-    elif dev.type != "cpu":
-        raise ConfigError(f"--device {device}: only cpu and cuda devices are supported")
-    return dev
+def _option(default, help: str, *, flag: str | None = None, choices=None):
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
+def option_help(f: dataclasses.Field) -> tuple[str, str | None, tuple | None]:
+    """(help, flag or None, choices or None) of a RunConfig field."""
+    return f.metadata["help"], f.metadata["flag"], f.metadata["choices"]
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """One Phase 12 run. Defaults are the seed project's frozen setting."""
 
-    mode: str = "FULL"
-    inner_steps: int = 20  # k
-    backend: str = "reference"
-    seed: int = 0
-    outer_steps: int = 1000
-    meta_batch: int = 16
-    inner_lr: float = 0.4
-    outer_lr: float = 1e-3
-    seq_len: int = 32  # T, token 0 is the query token
-    signal_positions: int = 4
-    dim: int = 64  # D
-    num_classes: int = 5
-    shots: int = 16  # support examples per task
-    queries: int = 16  # query examples per task
-    noise_std: float = 0.5  # std of the noise added to prototypes at signal positions
-    metric_window: int = 20  # final_* metrics average the last this-many outer steps
-    device: str = "auto"
-    dtype: str = "float32"
-    cuda_graph: str = "auto"  # auto: capture the whole outer step on CUDA; on; off
+    mode: Mode = _option(
+        Mode.FULL,
+        "FULL (second order), FO (first order) or FO_STRICT (first order, no inner graph)",
+        choices=MODES,
+    )
+    inner_steps: int = _option(20, "inner SGD steps k", flag="--k")
+    backend: str = _option(
+        "reference",
+        "reference: PyTorch attention; triton_fused: fused Triton attention kernels; "
+        "triton_step: each inner step and its backward one fused Triton kernel of the whole "
+        "model (the Triton backends need CUDA or TRITON_INTERPRET=1)",
+    )
+    seed: int = _option(0, "run seed (initial parameters and task stream)")
+    outer_steps: int = _option(1000, "outer (meta) steps per run")
+    meta_batch: int = _option(16, "tasks per outer step")
+    inner_lr: float = _option(0.4, "inner SGD learning rate")
+    outer_lr: float = _option(1e-3, "Adam learning rate on the meta-parameters")
+    seq_len: int = _option(32, "sequence length T; token 0 queries")
+    signal_positions: int = _option(4, "signal positions per task, in 1..T-1")
+    dim: int = _option(64, "model width D")
+    num_classes: int = _option(5, "classes per task")
+    shots: int = _option(16, "support examples per task")
+    queries: int = _option(16, "query examples per task")
+    noise_std: float = _option(0.5, "std of the noise added to prototypes at signal positions")
+    metric_window: int = _option(20, "final metrics average the last this-many outer steps")
+    device: str = _option("auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
+    dtype: str = _option("float32", "parameter and data dtype", choices=tuple(DTYPES))
+    cuda_graph: str = _option(
+        "auto",
+        "capture the whole outer step in a CUDA graph and replay it: auto (on CUDA, falling "
+        "back to eager with a warning if capture fails), on (fail instead), off",
+        choices=CUDA_GRAPH,
+    )
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(
+                f"mode {self.mode!r} is unknown; choose one of {', '.join(MODES)}", "mode"
+            )
+        object.__setattr__(self, "mode", Mode(self.mode))
+        _check_fields(self)
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -88,73 +118,61 @@ class RunConfig:
     def run_id(self) -> str:
         return f"{self.backend}_{self.mode}_k{self.inner_steps}_seed{self.seed}"
 
-    def validate(self) -> torch.device:
-        """Check every field; return the resolved device. Raises ConfigError."""
-        if self.mode not in MODES:
-            raise ConfigError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(
-                f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}"
-            )
-        if self.cuda_graph not in ("auto", "on", "off"):
-            raise ConfigError(f"cuda_graph must be auto, on or off; got {self.cuda_graph!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.inner_steps < 0:
-            raise ConfigError(f"--k must be >= 0 (inner SGD steps); got {self.inner_steps}")
-        for name in (
-            "outer_steps",
-            "meta_batch",
-            "seq_len",
-            "dim",
-            "num_classes",
-            "shots",
-            "queries",
-            "metric_window",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive; got {getattr(self, name)}")
-        for name in ("inner_lr", "outer_lr"):
-            value = getattr(self, name)
-            if not value > 0 or value != value or value == float("inf"):
-                raise ConfigError(f"{name} must be a positive finite number; got {value}")
-        if self.noise_std < 0:
-            raise ConfigError(f"noise_std must be >= 0; got {self.noise_std}")
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len must be >= 2 (token 0 queries); got {self.seq_len}")
-        if not 1 <= self.signal_positions <= self.seq_len - 1:
-            raise ConfigError(
-                f"signal_positions must be in 1..seq_len-1 = 1..{self.seq_len - 1} (position 0 "
-                f"is the query token); got {self.signal_positions} with seq_len {self.seq_len}"
-            )
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0; got {self.seed}")
-        device = resolve_device(self.device)
-        if self.cuda_graph == "on" and device.type != "cuda":
-            raise ConfigError("--cuda-graph on needs a CUDA device; use --cuda-graph off or auto")
-        try:
-            check_backend(attention_backend(self.backend), device)
-        except BackendUnavailable as e:
-            uses = (
-                ""
-                if self.backend == "triton_fused"
-                else f"backend {self.backend} runs Triton kernels: "
-            )
-            raise ConfigError(uses + str(e)) from e
-        if self.backend == FUSED_STEP:
-            self._check_fused_step(device)
-        return device
 
-    def _check_fused_step(self, device: torch.device) -> None:
-        from kernels.inner_step import check_shapes
-
-        if self.dtype == "float64" and device.type == "cuda":
+def _check_fields(c: RunConfig) -> None:
+    """Every field's own value (nothing about the machine). Raises ConfigError."""
+    for name, allowed in (("cuda_graph", CUDA_GRAPH), ("dtype", tuple(DTYPES))):
+        if getattr(c, name) not in allowed:
             raise ConfigError(
-                f"backend {FUSED_STEP} runs float64 only in Triton's interpreter on the CPU; "
-                "use --dtype float32 on CUDA"
+                f"{name} {getattr(c, name)!r} is unknown; choose one of {', '.join(allowed)}", name
             )
-        try:
-            for examples in (self.shots, self.queries):
-                check_shapes(examples, self.seq_len, self.dim, self.num_classes)
-        except ValueError as e:
-            raise ConfigError(f"backend {FUSED_STEP}: {e}") from e
+    if c.inner_steps < 0:
+        raise ConfigError(
+            f"inner_steps must be >= 0 (inner SGD steps); got {c.inner_steps}", "inner_steps"
+        )
+    positive = ("outer_steps", "meta_batch", "seq_len", "dim", "num_classes", "shots", "queries")
+    for name in (*positive, "metric_window"):
+        if getattr(c, name) <= 0:
+            raise ConfigError(f"{name} must be positive; got {getattr(c, name)}", name)
+    for name in ("inner_lr", "outer_lr"):
+        value = getattr(c, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{name} must be a positive finite number; got {value}", name)
+    if not (c.noise_std >= 0 and math.isfinite(c.noise_std)):
+        raise ConfigError(f"noise_std must be a finite number >= 0; got {c.noise_std}", "noise_std")
+    if c.seq_len < 2:
+        raise ConfigError(f"seq_len must be >= 2 (token 0 queries); got {c.seq_len}", "seq_len")
+    if not 1 <= c.signal_positions <= c.seq_len - 1:
+        raise ConfigError(
+            f"signal_positions must be in 1..seq_len-1 = 1..{c.seq_len - 1} (position 0 is the "
+            f"query token); got {c.signal_positions} with seq_len {c.seq_len}",
+            "signal_positions",
+        )
+    if c.seed < 0:
+        raise ConfigError(f"seed must be >= 0; got {c.seed}", "seed")
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA if present else CPU; anything else is checked, not silently replaced."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"device {device!r} is not a device name (try auto, cpu, cuda)", "device"
+        ) from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {device!r} asks for CUDA, but no CUDA device is available; use cpu",
+                "device",
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible",
+                "device",
+            )
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {device!r}: only cpu and cuda devices are supported", "device")
+    return dev

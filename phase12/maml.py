@@ -11,9 +11,9 @@ phi_k = parameters after k inner SGD steps on the support loss L_s, L_q = query 
 |           | phi = theta + stop_grad(phi_k - theta)            | to FO, less memory       |
 
 The meta-gradient itself is taken by ordinary autograd (`.backward()` on the mean
-query loss), so torch.optim works on the meta-parameters unchanged. With the
-`triton_step` backend an inner step is one fused kernel instead of torch.func.grad of
-the model, and its backward one Hessian-vector-product kernel (phase12/fused_step.py):
+query loss), so torch.optim works on the meta-parameters unchanged. How an inner step
+is taken is the backend's (phase12.backends): torch.func.grad of the model, or with
+`triton_step` one fused kernel whose backward is one Hessian-vector-product kernel;
 the same policies, the same numbers.
 """
 
@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from phase12.backends import get
 from phase12.config import Mode
-from phase12.model import FUSED_STEP, Params, apply, cross_entropy, loss
+from phase12.model import Params
 from phase12.tasks import Tasks
 
 
@@ -41,18 +42,9 @@ def adapt(
     detach_inner_grads: bool = False,
 ) -> Params:
     """`steps` SGD steps on the support loss from `params`; differentiable unless detached."""
-    if backend == FUSED_STEP:  # one kernel per step, its backward one more
-        from phase12.fused_step import sgd_step  # needs Triton: imported when used
-
-        for _ in range(steps):
-            params = sgd_step(params, x, y, lr, second_order=not detach_inner_grads)
-        return params
-    grad_fn = torch.func.grad(loss)
+    sgd_step = get(backend).sgd_step
     for _ in range(steps):
-        grads = grad_fn(params, x, y, backend)
-        if detach_inner_grads:
-            grads = _detached(grads)
-        params = {name: torch.add(p, grads[name], alpha=-lr) for name, p in params.items()}
+        params = sgd_step(params, x, y, lr, second_order=not detach_inner_grads)
     return params
 
 
@@ -97,13 +89,7 @@ def task_query_metrics(
     phi = adapted_params(
         meta_params, support_x, support_y, mode=mode, steps=steps, lr=lr, backend=backend
     )
-    if backend == FUSED_STEP:
-        from phase12.fused_step import query_loss  # needs Triton: imported when used
-
-        return query_loss(phi, query_x, query_y)
-    logits = apply(phi, query_x, backend)
-    accuracy = (logits.argmax(-1) == query_y).to(logits.dtype).mean()
-    return cross_entropy(logits, query_y), accuracy
+    return get(backend).query_metrics(phi, query_x, query_y)
 
 
 def meta_batch_metrics(

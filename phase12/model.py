@@ -18,21 +18,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import BACKENDS as ATTENTION_BACKENDS
 from kernels import attention
 
 Params = dict[str, torch.Tensor]
 ATTENTION_PARAMS = ("Wq", "Wk", "Wv")
-# Model backends: the two attention backends (derivatives by autograd through the
-# model) and `triton_step`, whose inner steps and their backward are fused kernels of
-# the whole model (phase12/fused_step.py); its plain forward uses triton_fused attention.
-FUSED_STEP = "triton_step"
-BACKENDS = (*ATTENTION_BACKENDS, FUSED_STEP)
-
-
-def attention_backend(backend: str) -> str:
-    """The attention backend that model backend `backend` runs its forward pass on."""
-    return "triton_fused" if backend == FUSED_STEP else backend
 
 
 def init_params(
@@ -60,13 +49,14 @@ def init_params(
     }
 
 
-def apply(params: Params, x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
-    """Logits (..., C) for sequences x (..., T, D). Differentiable to any order."""
+def apply(params: Params, x: torch.Tensor, attention_backend: str = "reference") -> torch.Tensor:
+    """Logits (..., C) for sequences x (..., T, D), attention through `attention_backend`
+    (kernels.attention's `backend`). Differentiable to any order."""
     q = F.linear(x[..., :1, :], params["Wq"])  # (..., 1, D): only token 0 queries
     k = F.linear(x, params["Wk"])  # (..., T, D)
     v = F.linear(x, params["Wv"])
     # (..., 1, D); the leading dims act as batch
-    h = attention(q, k, v, backend=attention_backend(backend))
+    h = attention(q, k, v, backend=attention_backend)
     # squeeze, not h[..., 0, :]: a select's backward allocates zeros and scatters into
     # them (two kernels per use); squeeze's backward is a view.
     return F.linear(h.squeeze(-2), params["Wc"], params["bc"])
@@ -84,7 +74,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def loss(
-    params: Params, x: torch.Tensor, y: torch.Tensor, backend: str = "reference"
+    params: Params, x: torch.Tensor, y: torch.Tensor, attention_backend: str = "reference"
 ) -> torch.Tensor:
     """Mean cross-entropy of the model on (x (n, T, D), y (n,)): a scalar."""
-    return cross_entropy(apply(params, x, backend), y)
+    return cross_entropy(apply(params, x, attention_backend), y)

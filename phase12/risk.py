@@ -10,8 +10,10 @@ Each check returns one row: check, status (PASS / WARN / FAIL / SKIP), value, de
 * meta_grad_parity_*      FULL meta-gradient on the model, each Triton backend vs reference
 * fo_vs_fo_strict_*       FO and FO_STRICT meta-gradients are equal, per backend
 * full_vs_fo_*            rel_diff of FULL vs FO meta-gradients: clearly non-zero, per backend
-* triton_gradgradcheck    torch.autograd.gradgradcheck of the Triton op in float64, in the
-                          CPU interpreter (a subprocess with TRITON_INTERPRET=1)
+* triton_gradgradcheck    gradcheck and gradgradcheck of the Triton op in float64
+                          (kernels.gradcheck): the compiled kernels on CUDA; on the CPU
+                          Triton's interpreter, in a process of its own when this one
+                          has not set TRITON_INTERPRET=1
 * nonfinite_guard         status counts of the sweep's runs.csv
 """
 
@@ -27,14 +29,12 @@ import torch
 
 from kernels import attention
 from kernels.reference import attention_reference
+from phase12.backends import NAMES, device_for
 from phase12.config import ConfigError, RunConfig
-from phase12.experiment import build_step, initial_params, task_generator
 from phase12.maml import meta_gradient, relative_difference
-from phase12.model import BACKENDS
-from phase12.outputs import RUNS_CSV
-from phase12.tasks import sample_tasks_for
-
-RISK_COLUMNS = ["check", "status", "value", "details"]
+from phase12.schema import RISK_COLUMNS, RUNS_CSV
+from phase12.tasks import sample_tasks, task_generator
+from phase12.train import build_step, initial_params
 
 
 def _row(check: str, status: str, value=None, details: str = "") -> dict:
@@ -49,7 +49,7 @@ def _triton_available(
     if backend not in backends:
         return f"{backend} not among the requested backends"
     try:
-        base.replace(backend=backend).validate()
+        device_for(base.replace(backend=backend))
         return None
     except ConfigError as e:
         return str(e)
@@ -125,10 +125,10 @@ def meta_gradient_checks(
 ) -> list[dict]:
     cfg = base.replace(meta_batch=4)
     params = initial_params(cfg, device)
-    tasks = sample_tasks_for(cfg, task_generator(cfg.seed + 17, device), device)
+    tasks = sample_tasks(cfg, task_generator(cfg.seed + 17, device), device)
     kw = dict(steps=cfg.inner_steps, lr=cfg.inner_lr)
     rows, full_by_backend = [], {}
-    triton_backends = [b for b in BACKENDS if b != "reference"]
+    triton_backends = [b for b in NAMES if b != "reference"]
     for backend in ("reference", *triton_backends):
         why = _triton_available(cfg, backends, backend) if backend != "reference" else None
         if why:
@@ -177,40 +177,40 @@ def meta_gradient_checks(
     return rows
 
 
-GRADGRADCHECK_SCRIPT = """
-import numpy, torch, triton
-print("triton", triton.__version__, "numpy", numpy.__version__, flush=True)
-from kernels import fused_attention
-q, k, v = (torch.randn(1, 1, n, d, dtype=torch.float64, requires_grad=True)
-           for n, d in ((2, 3), (3, 3), (3, 2)))
-ok = all(torch.autograd.gradgradcheck(lambda *a: fused_attention(*a, c), (q, k, v),
-                                      raise_exception=False)
-         for c in (False, True))
-print("OK" if ok else "FAILED")
-"""
+def triton_gradgradcheck(device: torch.device) -> dict:
+    """kernels.gradcheck on `device`'s kernels: in this process on CUDA or when the
+    interpreter is already on, else in a child process with TRITON_INTERPRET=1."""
+    from kernels.common import interpreter_enabled
 
+    if device.type == "cuda" or interpreter_enabled():
+        from kernels.gradcheck import check
 
-def triton_gradgradcheck() -> dict:
+        ok = check(device)
+        where = "compiled kernels on CUDA" if device.type == "cuda" else "CPU interpreter"
+        return _row(
+            "triton_gradgradcheck",
+            "PASS" if ok else "FAIL",
+            ok,
+            f"gradcheck and gradgradcheck, float64, {where}, causal and not",
+        )
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-c", GRADGRADCHECK_SCRIPT],
+        [sys.executable, "-m", "kernels.gradcheck"],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    verdict = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else []
-    versions = proc.stdout.splitlines()[0] if proc.stdout else ""
-    if verdict == ["OK"]:
+    lines = proc.stdout.strip().splitlines()
+    versions = lines[0] if lines else ""
+    if proc.returncode == 0 and lines[-1:] == ["OK"]:
         return _row(
             "triton_gradgradcheck",
             "PASS",
             True,
-            f"{versions}: float64, CPU interpreter, causal and not",
+            f"{versions}: gradcheck and gradgradcheck, float64, CPU interpreter, causal and not",
         )
-    if verdict == ["FAILED"]:
+    if lines[-1:] == ["FAILED"]:
         return _row("triton_gradgradcheck", "FAIL", False, f"{versions}: gradgradcheck failed")
     # The interpreter itself could not run (e.g. Triton 3.6's with NumPy >= 2.4):
     # nothing was checked, which is not the same as a failed check.
@@ -244,13 +244,13 @@ def run_risk_checks(
     backends: tuple[str, ...] = ("reference", "triton_fused"),
 ) -> pd.DataFrame:
     """All checks for the model setting `base`; Triton checks only if requested."""
-    device = base.validate()
+    device = device_for(base)
     rows = [seed_determinism(base, device)]
     rows += attention_parity(base, device, backends)
     rows += meta_gradient_checks(base, device, backends)
     if not gradgradcheck or "triton_fused" not in backends:
         rows.append(_row("triton_gradgradcheck", "SKIP", details="not requested"))
     else:
-        rows.append(triton_gradgradcheck())
+        rows.append(triton_gradgradcheck(device))
     rows.append(nonfinite_guard(sweep_folder))
     return pd.DataFrame(rows, columns=RISK_COLUMNS)

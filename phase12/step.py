@@ -25,9 +25,8 @@ from phase12.config import RunConfig
 from phase12.distributed import SINGLE_PROCESS, World, all_reduce_mean
 from phase12.maml import meta_batch_metrics
 from phase12.model import ATTENTION_PARAMS, Params
-from phase12.tasks import Tasks, sample_tasks_for
-
-METRICS = ("loss", "acc", "attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v")
+from phase12.schema import METRICS
+from phase12.tasks import Tasks, sample_tasks
 
 
 def make_optimizer(params: Params, config: RunConfig, device: torch.device) -> torch.optim.Adam:
@@ -67,7 +66,7 @@ class OuterStep:
         """Each seed's global meta-batch, drawn in full on every rank; this rank's slice."""
         mine = self.world.task_slice(self.config.meta_batch)
         per_seed = [
-            Tasks(*(t[mine] for t in sample_tasks_for(self.config, g, self.device)))
+            Tasks(*(t[mine] for t in sample_tasks(self.config, g, self.device)))
             for g in self.generators
         ]
         if not self.seed_batched:

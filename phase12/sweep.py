@@ -5,7 +5,7 @@
 
 Layout of a sweep folder (the same as a single run's --out):
 
-    runs.csv          one row per finished run (phase12.records.RUN_COLUMNS)
+    runs.csv          one row per finished run (phase12.schema.RUN_COLUMNS)
     history/RUN.csv   per-step loss, accuracy, attention meta-gradient norms
     meta/RUN.json     config, versions, device, commit
     sweep.json        the grid
@@ -21,7 +21,6 @@ error, and the sweep goes on.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import multiprocessing as mp
 import os
@@ -34,10 +33,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from phase12.config import RunConfig
-from phase12.experiment import RunResult, failed_result, run_experiments, run_metadata
-from phase12.outputs import RUNS_CSV, save_run
-from phase12.records import write_json
+from phase12.backends import device_for
+from phase12.config import Mode, RunConfig, resolve_device
+from phase12.io import finished_run_ids, save_run, write_json
+from phase12.provenance import run_metadata
+from phase12.schema import RunResult
+from phase12.train import failed_result, run_experiments
 
 
 @dataclass(frozen=True)
@@ -57,19 +58,10 @@ class SweepSpec:
         ]
 
 
-def finished_run_ids(folder: Path) -> set[str]:
-    """run_ids that already have a row in folder/runs.csv."""
-    path = folder / RUNS_CSV
-    if not path.exists():
-        return set()
-    with open(path, newline="") as f:
-        return {row["run_id"] for row in csv.DictReader(f)}
-
-
 def _estimated_cost(group: list[RunConfig]) -> float:
     """Relative cost of a group of runs: steps x inner steps, FULL's double backward x2."""
     c = group[0]
-    per_step = (c.inner_steps + 1) * (2 if c.mode == "FULL" else 1) * c.meta_batch * c.seq_len
+    per_step = (c.inner_steps + 1) * (2 if c.mode == Mode.FULL else 1) * c.meta_batch * c.seq_len
     return len(group) * c.outer_steps * per_step
 
 
@@ -79,7 +71,15 @@ def _run_group(configs: list[RunConfig]) -> list[tuple[RunResult, dict]]:
         results = run_experiments(configs)
     except Exception as e:  # a failing cell is recorded, the sweep goes on
         results = [failed_result(c, e) for c in configs]
-    return [(r, run_metadata(c)) for r, c in zip(results, configs, strict=True)]
+    return _with_metadata(results, configs)
+
+
+def _with_metadata(results: list[RunResult], configs: list[RunConfig]):
+    """(result, metadata) per run; metadata is taken where the runs ran."""
+    return [
+        (r, run_metadata(c, resolve_device(c.device)))
+        for r, c in zip(results, configs, strict=True)
+    ]
 
 
 def _serve(runner: int, device: str, tasks, results, keep_going=lambda: True) -> None:
@@ -157,7 +157,7 @@ def _run_groups_on_workers(groups: list[list[RunConfig]], devices: Sequence[str]
 
 
 def _failed_group(configs: list[RunConfig], error: BaseException) -> list[tuple[RunResult, dict]]:
-    return [(failed_result(c, error), run_metadata(c)) for c in configs]
+    return _with_metadata([failed_result(c, error) for c in configs], configs)
 
 
 def run_sweep(
@@ -171,15 +171,15 @@ def run_sweep(
     """Run every unfinished cell of `spec` into `folder`; returns counts by status.
 
     With `batch_seeds`, the unfinished seeds of one (backend, mode, k) cell train as one
-    seed-batched computation (phase12.experiment.run_experiments). With several
+    seed-batched computation (phase12.train.run_experiments). With several
     `devices`, one runner per device runs cells (a thread here for the first, a worker
     process for each other); this process alone writes.
     """
     configs = spec.configs()
     for config in configs:
-        config.validate()  # every cell is checked before any runs
+        device_for(config)  # every cell is checked before any runs
     for device in devices or ():
-        spec.base.replace(device=device).validate()
+        device_for(spec.base.replace(device=device))
     folder.mkdir(parents=True, exist_ok=True)
     write_json(
         folder / "sweep.json",

@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import torch
 
+from phase12.config import RunConfig
+
 
 class Tasks(NamedTuple):
     """A meta-batch of B tasks. x: (B, n, T, D) float; y: (B, n) int64."""
@@ -27,49 +29,32 @@ class Tasks(NamedTuple):
     query_y: torch.Tensor
 
 
+def task_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The task stream of a run: a generator on `device` seeded with the run's seed."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def sample_tasks(
+    config: RunConfig,
     generator: torch.Generator,
-    *,
-    meta_batch: int,
-    shots: int,
-    queries: int,
-    seq_len: int,
-    dim: int,
-    num_classes: int,
-    signal_positions: int,
-    noise_std: float,
     device: torch.device | str,
-    dtype: torch.dtype = torch.float32,
+    meta_batch: int | None = None,
 ) -> Tasks:
-    """Draw B = meta_batch tasks; `generator` must live on `device`."""
-    b, n, t = meta_batch, shots + queries, seq_len
+    """Draw B tasks (default: config.meta_batch) of the config's sizes in its dtype;
+    `generator` must live on `device`."""
+    b = config.meta_batch if meta_batch is None else meta_batch
+    n, t, dim = config.shots + config.queries, config.seq_len, config.dim
     kw = dict(generator=generator, device=device)
     # A random permutation of 1..T-1 per task; its first P entries are the positions.
-    positions = torch.rand(b, t - 1, **kw).argsort(dim=1)[:, :signal_positions] + 1
+    positions = torch.rand(b, t - 1, **kw).argsort(dim=1)[:, : config.signal_positions] + 1
     is_signal = torch.zeros(b, t, dtype=torch.bool, device=device).scatter_(1, positions, True)
-    prototypes = torch.randn(b, num_classes, dim, dtype=dtype, **kw)
-    labels = torch.randint(0, num_classes, (b, n), **kw)
-    noise = torch.randn(b, n, t, dim, dtype=dtype, **kw)
+    prototypes = torch.randn(b, config.num_classes, dim, dtype=config.torch_dtype, **kw)
+    labels = torch.randint(0, config.num_classes, (b, n), **kw)
+    noise = torch.randn(b, n, t, dim, dtype=config.torch_dtype, **kw)
     signal = prototypes.gather(1, labels[..., None].expand(b, n, dim))  # (B, n, D)
     # Signal and background positions are disjoint, so one noise draw serves both.
-    x = torch.where(is_signal[:, None, :, None], signal[:, :, None, :] + noise_std * noise, noise)
-    return Tasks(x[:, :shots], labels[:, :shots], x[:, shots:], labels[:, shots:])
-
-
-def sample_tasks_for(
-    config, generator: torch.Generator, device: torch.device, meta_batch: int | None = None
-) -> Tasks:
-    """`sample_tasks` with the sizes of a RunConfig."""
-    return sample_tasks(
-        generator,
-        meta_batch=config.meta_batch if meta_batch is None else meta_batch,
-        shots=config.shots,
-        queries=config.queries,
-        seq_len=config.seq_len,
-        dim=config.dim,
-        num_classes=config.num_classes,
-        signal_positions=config.signal_positions,
-        noise_std=config.noise_std,
-        device=device,
-        dtype=config.torch_dtype,
+    x = torch.where(
+        is_signal[:, None, :, None], signal[:, :, None, :] + config.noise_std * noise, noise
     )
+    s = config.shots
+    return Tasks(x[:, :s], labels[:, :s], x[:, s:], labels[:, s:])

@@ -1,0 +1,50 @@
+"""Self-check of the fused attention op: gradcheck and gradgradcheck in float64.
+
+    python -m kernels.gradcheck      # prints the versions, then OK or FAILED (exit 0 / 1)
+
+`check(device)` runs torch.autograd.gradcheck and gradgradcheck of `fused_attention`
+(causal and not, shapes with uneven N, M, D, Dv) on the kernels of `device`: the
+compiled kernels on CUDA, Triton's interpreter on the CPU (TRITON_INTERPRET=1 must be
+set before Triton is first imported, so a CUDA process checks its compiled kernels and
+the CPU check runs in a process of its own).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from kernels import fused_attention
+
+
+def check(device: torch.device | str) -> bool:
+    """True when first and second derivatives of the op match finite differences."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (
+        torch.randn(1, 1, n, d, generator=g, device=device, dtype=torch.float64).requires_grad_()
+        for n, d in ((2, 3), (3, 3), (3, 2))
+    )
+    ok = True
+    for causal in (False, True):
+        fn = lambda *a, causal=causal: fused_attention(*a, causal)  # noqa: E731
+        ok &= torch.autograd.gradcheck(fn, (q, k, v), raise_exception=False)
+        ok &= torch.autograd.gradgradcheck(fn, (q, k, v), raise_exception=False)
+    return bool(ok)
+
+
+def main() -> int:
+    from importlib.metadata import version
+
+    from kernels.common import interpreter_enabled
+
+    device = "cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu"
+    versions = " ".join(f"{name} {version(name)}" for name in ("torch", "triton", "numpy"))
+    print(f"{versions} {device}", flush=True)
+    ok = check(device)
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Model backends: how an inner step is taken, how attention is called, where it runs.
+
+    backend = get("triton_step")
+    phi = backend.sgd_step(params, x, y, lr, second_order=True)
+    loss, accuracy = backend.query_metrics(phi, x, y)
+    device = device_for(config)        # where a RunConfig runs here, or ConfigError
+
+| name         | inner step                                  | attention              |
+|--------------|---------------------------------------------|------------------------|
+| reference    | torch.func.grad of the model                | PyTorch ops            |
+| triton_fused | torch.func.grad of the model                | fused Triton kernels   |
+| triton_step  | one fused Triton kernel per step, its       | (inside the step); the |
+|              | backward one Hessian-vector-product kernel  | plain forward: fused   |
+|              | (phase12.fused_step)                        |                        |
+
+All three compute the same numbers (exact to the rounding of their dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import BackendUnavailable, check_backend
+from phase12.config import ConfigError, RunConfig, resolve_device
+from phase12.model import Params, apply, cross_entropy, loss
+
+_support_grad = torch.func.grad(loss)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Inner steps by torch.func.grad of the model; attention through `attention`
+    (kernels.attention's backend name)."""
+
+    name: str
+    attention: str
+
+    def sgd_step(
+        self, params: Params, x: torch.Tensor, y: torch.Tensor, lr: float, *, second_order: bool
+    ) -> Params:
+        """params - lr * grad of the support loss on (x (n, T, D), y (n,)). Differentiable
+        w.r.t. params: exactly when `second_order`, else with the gradient a constant."""
+        grads = _support_grad(params, x, y, self.attention)
+        if not second_order:
+            grads = {name: g.detach() for name, g in grads.items()}
+        return {name: torch.add(p, grads[name], alpha=-lr) for name, p in params.items()}
+
+    def query_metrics(
+        self, params: Params, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy, accuracy) on (x (n, T, D), y (n,)); the loss is
+        differentiable w.r.t. params to any order."""
+        logits = apply(params, x, self.attention)
+        accuracy = (logits.argmax(-1) == y).to(logits.dtype).mean()
+        return cross_entropy(logits, y), accuracy
+
+    def cannot_run(self, config: RunConfig, device: torch.device) -> str | None:
+        """Why `config` cannot run on `device` with this backend; None if it can."""
+        try:
+            check_backend(self.attention, device)
+        except BackendUnavailable as e:
+            return str(e)
+        return None
+
+
+class FusedStepBackend(Backend):
+    """Inner steps and their backward as fused Triton kernels of the whole model."""
+
+    def sgd_step(self, params, x, y, lr, *, second_order):
+        from phase12.fused_step import sgd_step  # imports Triton: only when used
+
+        return sgd_step(params, x, y, lr, second_order=second_order)
+
+    def query_metrics(self, params, x, y):
+        from phase12.fused_step import query_loss
+
+        return query_loss(params, x, y)
+
+    def cannot_run(self, config, device):
+        reason = super().cannot_run(config, device)
+        if reason is not None:
+            return reason
+        if config.dtype == "float64" and device.type == "cuda":
+            return "float64 runs only in Triton's interpreter on the CPU; use float32 on CUDA"
+        from phase12.fused_step import check_shapes
+
+        try:
+            for examples in (config.shots, config.queries):
+                check_shapes(examples, config.seq_len, config.dim, config.num_classes)
+        except ValueError as e:
+            return str(e)
+        return None
+
+
+BACKENDS = {
+    b.name: b
+    for b in (
+        Backend("reference", attention="reference"),
+        Backend("triton_fused", attention="triton_fused"),
+        FusedStepBackend("triton_step", attention="triton_fused"),
+    )
+}
+NAMES = tuple(BACKENDS)
+
+
+def get(name: str) -> Backend:
+    """The backend called `name`; ConfigError for an unknown name."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ConfigError(
+            f"backend {name!r} is unknown; choose one of {', '.join(NAMES)}", "backend"
+        ) from None
+
+
+def device_for(config: RunConfig) -> torch.device:
+    """The device `config` runs on here. Raises ConfigError when it cannot run here: no
+    CUDA, a CUDA graph asked for without CUDA, a backend that cannot run on the device or
+    hold the sizes."""
+    device = resolve_device(config.device)
+    if config.cuda_graph == "on" and device.type != "cuda":
+        raise ConfigError("cuda_graph 'on' needs a CUDA device; use off or auto", "cuda_graph")
+    reason = get(config.backend).cannot_run(config, device)
+    if reason is not None:
+        raise ConfigError(f"backend {config.backend} cannot run here: {reason}", "backend")
+    return device

@@ -1,0 +1,33 @@
+"""The command line: every parser and subcommand of `python run.py` / `phase12`.
+
+    python run.py --mode FULL --k 20                 one run (seed defaults), summary at the end
+    python run.py sweep --tag T [--k 1,5,10,20]       resumable grid: modes x backends x k x seeds
+    python run.py risk --tag T                        risk checks -> risk_checks.csv
+    python run.py report --tag T                      summary, figures and report.md from the CSVs
+    python run.py pipeline --tag T                    sweep + risk + report
+    python run.py bench {step,attention,tiles,distributed}  benchmark tables and CSVs
+
+Run flags are generated from RunConfig's fields (phase12.config). Bad input ends with one
+`error:` line and exit code 2 before any work is done.
+"""
+
+from __future__ import annotations
+
+import sys
+
+SUBCOMMANDS = ("sweep", "risk", "report", "pipeline", "bench")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from phase12.cli import bench
+
+        return bench.main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        from phase12.cli import sweep
+
+        return sweep.main(argv[0], argv[1:])
+    from phase12.cli import single
+
+    return single.main(argv)

@@ -1,0 +1,287 @@
+"""`run.py bench {step,attention,tiles,distributed}`: parse, measure, write tables and CSVs.
+
+The measurements are phase12.benchmarks'; the figures and markdown tables the
+analysis package's. Each benchmark's flags are listed by `run.py bench NAME --help`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from phase12.backends import NAMES, device_for
+from phase12.cli.parsing import (
+    ArgumentParser,
+    add_config_flags,
+    config_from_args,
+    csv_list,
+)
+from phase12.config import MODES, ConfigError, resolve_device
+
+BENCHMARKS = ("step", "attention", "tiles", "distributed")
+
+
+def _out(p: ArgumentParser, name: str) -> None:
+    default = Path("out") / f"bench_{name}"
+    p.add_argument("--out", type=Path, default=default, help=f"output folder (default {default})")
+
+
+def _step_parser() -> ArgumentParser:
+    from phase12.benchmarks import step
+
+    p = ArgumentParser(prog="run.py bench step", description=step.__doc__)
+    p.add_argument("--modes", type=csv_list(str, MODES), default=MODES, help="comma-separated")
+    p.add_argument("--k", type=csv_list(int), default=(1, 5, 10, 20), help="comma-separated")
+    p.add_argument("--backends", type=csv_list(str, NAMES), default=NAMES, help="comma-separated")
+    p.add_argument(
+        "--execution",
+        type=csv_list(str, ("eager", "graph")),
+        default=None,
+        help="eager and/or graph (default: eager,graph on CUDA, eager on CPU)",
+    )
+    add_config_flags(p, ["device", "meta_batch", "seq_len"])
+    p.flags.update(mode="--modes", inner_steps="--k", backend="--backends")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per cell (default 3)")
+    p.add_argument("--reps", type=int, default=20, help="timed steps per cell (default 20)")
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also the scaling table: FULL and FO_STRICT against k, meta-batch and T",
+    )
+    p.add_argument("--scaling-k", type=csv_list(int), default=(1, 5, 10, 20, 40))
+    p.add_argument("--scaling-meta-batch", type=csv_list(int), default=(16, 64, 256, 1024))
+    p.add_argument("--scaling-seq-len", type=csv_list(int), default=(32, 128, 512, 1024, 4096))
+    _out(p, "step")
+    return p
+
+
+def bench_step(argv: list[str]) -> int:
+    from analysis.figures import scaling_plot
+    from phase12.benchmarks.step import measure, scaling_cells, step_cells
+
+    p = _step_parser()
+    args = p.parse_args(argv)
+    try:
+        base = config_from_args(args)
+        for backend in args.backends:
+            device_for(base.replace(backend=backend))
+        if args.warmup < 0 or args.reps < 1:
+            raise ConfigError("--warmup must be >= 0 and --reps >= 1")
+        for k in args.k:
+            base.replace(inner_steps=k)
+    except ConfigError as e:
+        return p.bad_input(e)
+    cuda = device_for(base).type == "cuda"
+    executions = args.execution or (("eager", "graph") if cuda else ("eager",))
+    args.out.mkdir(parents=True, exist_ok=True)
+    cells = step_cells(base, args.modes, args.k, args.backends, executions)
+    df = measure(cells, args.warmup, args.reps)
+    df.to_csv(args.out / "step.csv", index=False)
+    print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if args.scaling:
+        axes = {"k": args.scaling_k, "meta_batch": args.scaling_meta_batch}
+        axes["seq_len"] = args.scaling_seq_len
+        cells = scaling_cells(base, args.backends, "graph" if cuda else "eager", axes)
+        scaling = measure(cells, args.warmup, args.reps)
+        scaling.to_csv(args.out / "scaling.csv", index=False)
+        at = {"k": base.inner_steps, "meta_batch": base.meta_batch, "seq_len": base.seq_len}
+        scaling_plot(scaling, at, args.out / "scaling.png")
+        print(scaling.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    return 0
+
+
+def _attention_parser() -> ArgumentParser:
+    from phase12.benchmarks import attention
+
+    p = ArgumentParser(prog="run.py bench attention", description=attention.__doc__)
+    p.add_argument(
+        "--n",
+        type=csv_list(int),
+        default=(128, 512, 1024, 2048, 4096, 8192, 16384),
+        help="comma-separated N = M",
+    )
+    p.add_argument("--d", type=csv_list(int), default=(64, 128), help="comma-separated head dims")
+    p.add_argument(
+        "--dtypes",
+        type=csv_list(str, attention.DTYPES),
+        default=("bf16", "fp32"),
+        help=f"comma-separated: {', '.join(attention.DTYPES)} (default bf16,fp32)",
+    )
+    p.add_argument(
+        "--providers", type=csv_list(str, attention.PROVIDERS), default=attention.PROVIDERS
+    )
+    p.add_argument(
+        "--passes",
+        type=csv_list(str, attention.PASSES),
+        default=attention.PASSES,
+        help="comma-separated passes",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="also time every pass replayed from a CUDA graph (GPU time without the host's)",
+    )
+    _out(p, "attention")
+    return p
+
+
+def bench_attention(argv: list[str]) -> int:
+    from analysis.figures import attention_plot
+    from analysis.tables import attention_table
+    from phase12.benchmarks.attention import bench
+
+    p = _attention_parser()
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        return p.bad_input(ConfigError("the attention benchmark needs a CUDA device"))
+    t0 = time.time()
+    df = bench(args.n, args.d, args.dtypes, args.providers, args.passes, args.cuda_graph)
+    args.out.mkdir(parents=True, exist_ok=True)
+    df.insert(0, "device_name", torch.cuda.get_device_name())
+    df.to_csv(args.out / "attention.csv", index=False)
+    attention_plot(df, args.out / "attention.png")
+    print(attention_table(df))
+    print(
+        f"{torch.cuda.get_device_name()}: {len(df)} cells in {time.time() - t0:.0f} s, "
+        f"written to {args.out}"
+    )
+    return 0
+
+
+def _tiles_parser() -> ArgumentParser:
+    from phase12.benchmarks import tiles
+
+    p = ArgumentParser(prog="run.py bench tiles", description=tiles.__doc__)
+    p.add_argument("--cells", default=tiles.DEFAULT_CELLS, help="comma-separated DTYPE:N:D:FAMILY")
+    p.add_argument(
+        "--candidates",
+        default=None,
+        help="comma-separated BNxBMxWARPSxSTAGES tiles instead of the built-in list",
+    )
+    _out(p, "tiles")
+    return p
+
+
+def bench_tiles(argv: list[str]) -> int:
+    from phase12.benchmarks.tiles import CANDIDATES, parse_candidates, parse_cells, sweep
+
+    p = _tiles_parser()
+    args = p.parse_args(argv)
+    try:
+        cells = parse_cells(args.cells)
+        candidates = CANDIDATES if args.candidates is None else parse_candidates(args.candidates)
+        if not torch.cuda.is_available():
+            raise ConfigError("the tile sweep needs a CUDA device")
+    except ValueError as e:
+        return p.bad_input(e)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sweep(cells, args.out / "tiles.csv", candidates)
+    print(f"written to {args.out / 'tiles.csv'}")
+    return 0
+
+
+def _distributed_parser() -> ArgumentParser:
+    from phase12.benchmarks import distributed
+
+    p = ArgumentParser(prog="run.py bench distributed", description=distributed.__doc__)
+    p.add_argument("--processes", type=int, default=2, help="processes / devices (default 2)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cuda or cpu")
+    p.add_argument("--mode", default="FULL", choices=MODES)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument(
+        "--backends",
+        type=csv_list(str, NAMES),
+        default=None,
+        help="backends of the sharded runs (default: all three on CUDA, reference on the CPU)",
+    )
+    p.add_argument("--meta-batch", type=csv_list(int), default=(64, 256))
+    p.add_argument("--outer-steps", type=int, default=300, help="steps of each sharded run")
+    p.add_argument("--sweep-modes", type=csv_list(str, MODES), default=MODES)
+    p.add_argument(
+        "--sweep-backends",
+        type=csv_list(str, NAMES),
+        default=None,
+        help="default: reference,triton_fused on CUDA, reference on the CPU",
+    )
+    p.add_argument("--sweep-k", type=csv_list(int), default=(10, 20))
+    p.add_argument("--sweep-seeds", type=csv_list(int), default=(0, 1))
+    p.add_argument("--sweep-outer-steps", type=int, default=1000)
+    p.add_argument("--no-sweep", action="store_true", help="only the meta-batch sharding")
+    _out(p, "distributed")
+    return p
+
+
+def bench_distributed(argv: list[str]) -> int:
+    import pandas as pd
+
+    from phase12.benchmarks.distributed import sharding_rows, sweep_rows
+    from phase12.provenance import device_name
+
+    p = _distributed_parser()
+    args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        if args.processes < 2:
+            raise ConfigError("--processes must be at least 2")
+        if device.type == "cuda" and torch.cuda.device_count() < args.processes:
+            raise ConfigError(
+                f"--processes {args.processes} needs as many GPUs; "
+                f"{torch.cuda.device_count()} visible"
+            )
+        for meta_batch in args.meta_batch:
+            if meta_batch % args.processes:
+                raise ConfigError(
+                    f"--meta-batch {meta_batch} does not divide over {args.processes} processes"
+                )
+    except ConfigError as e:
+        return p.bad_input(e)
+    cuda = device.type == "cuda"
+    backends = args.backends or (NAMES if cuda else ("reference",))
+    sweep_backends = args.sweep_backends or (
+        ("reference", "triton_fused") if cuda else ("reference",)
+    )
+    devices = [f"cuda:{i}" for i in range(args.processes)] if cuda else ["cpu"] * args.processes
+    run_flags = ["--mode", args.mode, "--k", str(args.k), "--outer-steps", str(args.outer_steps)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = sharding_rows(args.processes, backends, args.meta_batch, run_flags, device.type)
+    if not args.no_sweep:
+        sweep_flags = [
+            *("--modes", ",".join(args.sweep_modes), "--backends", ",".join(sweep_backends)),
+            *("--k", ",".join(map(str, args.sweep_k))),
+            *("--seeds", ",".join(map(str, args.sweep_seeds))),
+            *("--outer-steps", str(args.sweep_outer_steps)),
+        ]
+        with tempfile.TemporaryDirectory() as folder:
+            rows += sweep_rows(sweep_flags, devices, Path(folder), args.out)
+    df = pd.DataFrame(rows)
+    df.insert(0, "device_name", device_name(device))
+    df.to_csv(args.out / "distributed.csv", index=False)
+    for _, part in df.groupby("measurement", sort=False):
+        table = part.dropna(axis=1, how="all").convert_dtypes()
+        print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"written to {args.out / 'distributed.csv'}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    # No -h of its own: `run.py bench attention --help` is the attention benchmark's.
+    p = ArgumentParser(prog="run.py bench", add_help=False)
+    p.add_argument(
+        "what",
+        choices=BENCHMARKS,
+        help="which benchmark (--help after it for its options)",
+    )
+    if argv[:1] in (["-h"], ["--help"]):
+        p.print_help()
+        return 0
+    args, rest = p.parse_known_args(argv)
+    run = {
+        "step": bench_step,
+        "attention": bench_attention,
+        "tiles": bench_tiles,
+        "distributed": bench_distributed,
+    }[args.what]
+    return run(rest)

@@ -1,0 +1,133 @@
+"""What every command shares: the parser class, comma lists, the flags generated from
+RunConfig's fields, and the one way bad input ends (one `error:` line, exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Iterable
+
+from phase12.backends import NAMES
+from phase12.config import ConfigError, RunConfig, option_help
+
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NONFINITE = 2, 1, 3
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+# Choices the config cannot list itself (the backends are registered above it).
+CHOICES = {"backend": NAMES}
+# The sweep's axes: one value per run, a comma list per sweep.
+GRID_FLAGS = {"mode": "--modes", "backend": "--backends", "inner_steps": "--k", "seed": "--seeds"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported as one `error:` line (exit 2) instead of usage.
+
+    `flags` maps RunConfig fields to this parser's flags, so that errors about a field
+    (ConfigError.field) name the flag the user typed.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.flags: dict[str, str] = {}
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+    def bad_input(self, error: Exception) -> int:
+        """Print `error` as one `error:` line, its field named by its flag; return 2."""
+        message = str(error)
+        field = getattr(error, "field", None)
+        if field in self.flags and message.startswith(field):
+            message = self.flags[field] + message[len(field) :]
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def csv_list(kind: Callable = str, choices: Iterable | None = None) -> Callable:
+    """An argparse type: 'a,b,c' -> a tuple of kind(a), kind(b), kind(c)."""
+    allowed = None if choices is None else tuple(choices)
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(x) for x in text.split(",") if x != "")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list: {e}") from e
+        bad = [v for v in values if allowed is not None and v not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}"
+            )
+        return values
+
+    return parse
+
+
+def _flag(name: str) -> str:
+    return option_help(FIELDS[name])[1] or "--" + name.replace("_", "-")
+
+
+def add_config_flags(
+    parser: ArgumentParser,
+    names: Iterable[str] | None = None,
+    *,
+    defaults: dict | None = None,
+) -> None:
+    """One flag per RunConfig field in `names` (default: all), with the field's type,
+    default (or `defaults`' value), choices and help."""
+    defaults = defaults or {}
+    for name in FIELDS if names is None else names:
+        f = FIELDS[name]
+        help, _, choices = option_help(f)
+        choices = choices or CHOICES.get(name)
+        default = defaults.get(name, f.default)
+        kind = str if isinstance(f.default, str) else type(f.default)
+        parser.add_argument(
+            _flag(name),
+            dest=name,
+            metavar=None if choices else _flag(name)[2:].upper().replace("-", "_"),
+            type=kind,
+            default=str(default) if kind is str else default,
+            choices=choices,
+            help=f"{help} (default {default})",
+        )
+        parser.flags[name] = _flag(name)
+
+
+def add_grid_flags(parser: ArgumentParser, defaults: dict[str, tuple]) -> None:
+    """The sweep's axes as comma lists (--modes, --backends, --k, --seeds)."""
+    for name, flag in GRID_FLAGS.items():
+        f = FIELDS[name]
+        help, _, choices = option_help(f)
+        choices = choices or CHOICES.get(name)
+        kind = str if isinstance(f.default, str) else type(f.default)
+        shown = ",".join(map(str, defaults[name]))
+        parser.add_argument(
+            flag,
+            dest=name,
+            metavar=flag[2:].upper(),
+            type=csv_list(kind, choices),
+            default=defaults[name],
+            help=f"comma-separated; {help} (default {shown})",
+        )
+        parser.flags[name] = flag
+
+
+def config_from_args(args: argparse.Namespace, exclude: Iterable[str] = ()) -> RunConfig:
+    """The RunConfig of the fields `args` has, but those in `exclude` (which keep their
+    defaults). Raises ConfigError."""
+    names = [n for n in FIELDS if hasattr(args, n) and n not in exclude]
+    return RunConfig(**{name: getattr(args, name) for name in names})
+
+
+__all__ = [
+    "ArgumentParser",
+    "ConfigError",
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILED",
+    "EXIT_NONFINITE",
+    "add_config_flags",
+    "add_grid_flags",
+    "config_from_args",
+    "csv_list",
+]

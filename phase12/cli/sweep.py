@@ -1,0 +1,160 @@
+"""Sweep subcommands: sweep, risk, report, pipeline.
+
+All of them work in one folder per sweep, ROOT/TAG (default runs/<timestamp>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from phase12.backends import device_for
+from phase12.cli.parsing import (
+    FIELDS,
+    GRID_FLAGS,
+    ArgumentParser,
+    add_config_flags,
+    add_grid_flags,
+    config_from_args,
+)
+from phase12.config import MODES, ConfigError
+from phase12.io import check_columns, write_atomic
+from phase12.schema import RISK_CSV, RUNS_CSV
+from phase12.sweep import SweepSpec, run_sweep
+
+DESCRIPTIONS = {
+    "sweep": "Run a resumable grid of modes x backends x k x seeds into ROOT/TAG.",
+    "risk": "Write ROOT/TAG/risk_checks.csv (the grid flags give the model setting).",
+    "report": "Rebuild summary.csv, figures/ and report.md of a sweep from its CSVs.",
+    "pipeline": "sweep, then risk checks, then the report, into ROOT/TAG.",
+}
+GRID_DEFAULTS = {
+    "mode": MODES,
+    "backend": ("reference", "triton_fused"),
+    "inner_steps": (1, 5, 10, 20),
+    "seed": (0, 1),
+}
+
+
+def parser(name: str) -> ArgumentParser:
+    p = ArgumentParser(prog=f"run.py {name}", description=DESCRIPTIONS[name])
+    p.add_argument(
+        "--tag",
+        required=name in ("risk", "report"),
+        default=time.strftime("%Y%m%d-%H%M%S"),
+        help="name of the sweep folder (default: a timestamp)",
+    )
+    p.add_argument(
+        "--root", type=Path, default=Path("runs"), help="where sweep folders live (default runs/)"
+    )
+    if name == "report":
+        return p
+    add_grid_flags(p, GRID_DEFAULTS)
+    add_config_flags(p, [n for n in FIELDS if n not in GRID_FLAGS], defaults={"outer_steps": 500})
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--devices",
+        type=lambda s: tuple(x for x in s.split(",") if x),
+        default=None,
+        help="comma-separated devices, one sweep worker each (default: every visible GPU, "
+        "else the --device); e.g. cuda:0,cuda:1 or cpu,cpu",
+    )
+    p.add_argument(
+        "--no-batch-seeds",
+        action="store_true",
+        help="run every seed on its own instead of the seeds of a cell as one batch",
+    )
+    if name in ("risk", "pipeline"):
+        p.add_argument(
+            "--no-gradgradcheck",
+            action="store_true",
+            help="skip the (slow) float64 gradcheck/gradgradcheck of the Triton op",
+        )
+    return p
+
+
+def _spec(args: argparse.Namespace, check_cells: bool) -> SweepSpec:
+    """The sweep of `args`, checked before any work. Raises ConfigError."""
+    spec = SweepSpec(
+        base=config_from_args(args, exclude=GRID_FLAGS),
+        modes=args.mode,
+        backends=args.backend,
+        inner_steps=args.inner_steps,
+        seeds=args.seed,
+    )
+    if not spec.configs():
+        raise ConfigError("the grid is empty: give at least one mode, backend, k and seed")
+    # Risk checks report a backend that cannot run here as SKIP instead of refusing.
+    for config in spec.configs() if check_cells else [spec.base]:
+        device_for(config)
+    for device in args.devices or ():
+        device_for(spec.base.replace(device=device))
+    try:
+        check_columns(args.root / args.tag / RUNS_CSV)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return spec
+
+
+def _sweep(args, spec: SweepSpec) -> int:
+    folder = args.root / args.tag
+    devices = args.devices
+    if devices is None and device_for(spec.base).type == "cuda":
+        devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
+    counts = run_sweep(
+        spec,
+        folder,
+        progress=not args.no_progress,
+        batch_seeds=not args.no_batch_seeds,
+        devices=devices,
+    )
+    print(f"sweep {folder}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def _risk(args, spec: SweepSpec) -> int:
+    from phase12.risk import run_risk_checks
+
+    folder = args.root / args.tag
+    df = run_risk_checks(
+        spec.base.replace(inner_steps=5),
+        folder,
+        gradgradcheck=not args.no_gradgradcheck,
+        backends=spec.backends,
+    )
+    write_atomic(folder / RISK_CSV, df.to_csv(index=False))
+    print(df.to_string(index=False))
+    return 1 if (df["status"] == "FAIL").any() else 0
+
+
+def _report(args) -> int:
+    from analysis.report import build_report
+
+    path = build_report(args.root / args.tag)
+    print(f"report written to {path}")
+    return 0
+
+
+def main(name: str, argv: list[str]) -> int:
+    p = parser(name)
+    args = p.parse_args(argv)
+    try:
+        if name == "report":
+            if not (args.root / args.tag / RUNS_CSV).exists():
+                raise ConfigError(f"no runs.csv in {args.root / args.tag}: run the sweep first")
+        else:
+            spec = _spec(args, check_cells=name != "risk")
+    except ConfigError as e:
+        return p.bad_input(e)
+    if name == "report":
+        return _report(args)
+    if name == "risk":
+        return _risk(args, spec)
+    status = _sweep(args, spec)
+    if name == "pipeline":
+        status = max(status, _risk(args, spec))
+        _report(args)
+    return status

@@ -1,0 +1,173 @@
+"""The `triton_step` backend: an inner SGD step of the Phase 12 model as one fused
+Triton kernel, and its backward (second-order MAML) as another.
+
+    sgd_step(params, x, y, lr, second_order)   phi = params - lr dL_s/dparams
+    query_loss(params, x, y)                   (L_q, accuracy), differentiable
+
+With the `reference` and `triton_fused` backends, an inner step is torch.func.grad of
+the model: ~20 GEMMs and ~50 small kernels, and as many again in the outer backward.
+Here the model's loss gradient is written out by hand (phase12/fused_step/triton_kernels.py)
+and runs as one kernel per step for the whole meta-batch; the backward of the step,
+v -> v - lr H v (H the support loss's Hessian), is a Hessian-vector product kernel.
+
+Three autograd.Functions, each with `setup_context` and a `vmap` rule that moves the
+vmapped dim to the front, where the launchers fold it into the task axis (a vmapped
+call is one launch):
+
+    SGDStep               (x, y, lr, second_order, *W)   -> W - lr dL/dW       1 kernel
+    LossAndGradient       (x, y, *W)                     -> (L, acc, *dL/dW)   1 kernel
+    HessianVectorProduct  (x, y, alpha, beta, *W, *V)    -> alpha V + beta H V 1 kernel
+
+SGDStep's and LossAndGradient's backwards are HessianVectorProduct calls, so their
+second derivatives are the fused kernels too; HessianVectorProduct's own backward
+(third order) is exact through the reference model and torch.func. Forward-mode AD
+is not implemented (torch raises a clear error).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.common import vmapped_to_front
+from phase12.fused_step.launch import support_hvp, support_loss_and_grad, support_step
+from phase12.model import Params, loss
+
+PARAM_NAMES = ("Wq", "Wk", "Wv", "Wc", "bc")
+NUM_PARAMS = len(PARAM_NAMES)
+
+
+def _hvp_reference(x, y, alpha: float, beta: float, params, v):
+    """alpha v + beta H v through the reference model; any leading task dims."""
+    lead = x.shape[:-3]
+
+    def one_task(x, y, params, v):
+        def grad(p):
+            return torch.func.grad(loss)(dict(zip(PARAM_NAMES, p, strict=True)), x, y)
+
+        _, hv = torch.func.jvp(grad, (tuple(params),), (tuple(v),))
+        return tuple(alpha * vi + beta * hv[n] for vi, n in zip(v, PARAM_NAMES, strict=True))
+
+    out = torch.func.vmap(one_task)(
+        x.reshape(-1, *x.shape[-3:]),
+        y.reshape(-1, y.shape[-1]),
+        tuple(p.reshape(-1, *p.shape[len(lead) :]) for p in params),
+        tuple(w.reshape(-1, *w.shape[len(lead) :]) for w in v),
+    )
+    return tuple(o.reshape(*lead, *o.shape[1:]) for o in out)
+
+
+class HessianVectorProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(x, y, alpha: float, beta: float, *params_and_v):
+        params, v = params_and_v[:NUM_PARAMS], params_and_v[NUM_PARAMS:]
+        return support_hvp(params, x, y, v, alpha, beta)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, alpha, beta, *params_and_v = inputs
+        ctx.alpha, ctx.beta = alpha, beta
+        ctx.save_for_backward(x, y, *params_and_v)
+
+    @staticmethod
+    def backward(ctx, *w):
+        # Third order: the exact VJP of alpha v + beta H v, through the reference model.
+        x, y, *params_and_v = ctx.saved_tensors
+        params, v = params_and_v[:NUM_PARAMS], params_and_v[NUM_PARAMS:]
+        _, pullback = torch.func.vjp(
+            lambda p, u: _hvp_reference(x, y, ctx.alpha, ctx.beta, p, u), tuple(params), tuple(v)
+        )
+        g_params, g_v = pullback(tuple(w))
+        return None, None, None, None, *g_params, *g_v
+
+    @staticmethod
+    def vmap(info, in_dims, x, y, alpha, beta, *params_and_v):
+        x, y, *rest = vmapped_to_front(
+            info, (in_dims[0], in_dims[1], *in_dims[4:]), (x, y, *params_and_v)
+        )
+        return HessianVectorProduct.apply(x, y, alpha, beta, *rest), (0,) * NUM_PARAMS
+
+
+class SGDStep(torch.autograd.Function):
+    @staticmethod
+    def forward(x, y, lr: float, second_order: bool, *params):
+        return support_step(params, x, y, lr)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, lr, second_order, *params = inputs
+        ctx.lr, ctx.second_order = lr, second_order
+        ctx.save_for_backward(x, y, *params)
+
+    @staticmethod
+    def backward(ctx, *v):
+        if not ctx.second_order:  # FO: the inner gradient is a constant, the step's Jacobian I
+            return None, None, None, None, *v
+        x, y, *params = ctx.saved_tensors
+        return None, None, None, None, *HessianVectorProduct.apply(x, y, 1.0, -ctx.lr, *params, *v)
+
+    @staticmethod
+    def vmap(info, in_dims, x, y, lr, second_order, *params):
+        x, y, *params = vmapped_to_front(
+            info, (in_dims[0], in_dims[1], *in_dims[4:]), (x, y, *params)
+        )
+        return SGDStep.apply(x, y, lr, second_order, *params), (0,) * NUM_PARAMS
+
+
+class LossAndGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(x, y, *params):
+        loss_, accuracy, grads = support_loss_and_grad(params, x, y)
+        return loss_, accuracy, *grads
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, *params = inputs
+        _, accuracy, *grads = output
+        ctx.mark_non_differentiable(accuracy)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, y, *params, *grads)
+
+    @staticmethod
+    def backward(ctx, d_loss, _d_accuracy, *d_grads):
+        x, y, *saved = ctx.saved_tensors
+        params, grads = saved[:NUM_PARAMS], saved[NUM_PARAMS:]
+        if d_loss is None:
+            out = [torch.zeros_like(p) for p in params]
+        else:  # d(loss)/dW = grads; d_loss is per task, (...)
+            out = [
+                d_loss.reshape(*d_loss.shape, *(1,) * (g.dim() - d_loss.dim())) * g for g in grads
+            ]
+        if any(d is not None for d in d_grads):  # d<d_grads, grads>/dW = H d_grads
+            d_grads = [
+                torch.zeros_like(p) if d is None else d
+                for d, p in zip(d_grads, params, strict=True)
+            ]
+            hv = HessianVectorProduct.apply(x, y, 0.0, 1.0, *params, *d_grads)
+            out = [a + b for a, b in zip(out, hv, strict=True)]
+        return None, None, *out
+
+    @staticmethod
+    def vmap(info, in_dims, x, y, *params):
+        x, y, *params = vmapped_to_front(info, in_dims, (x, y, *params))
+        return LossAndGradient.apply(x, y, *params), (0,) * (2 + NUM_PARAMS)
+
+
+def sgd_step(
+    params: Params, x: torch.Tensor, y: torch.Tensor, lr: float, *, second_order: bool
+) -> Params:
+    """params - lr * grad of the mean cross-entropy on (x (n, T, D), y (n,)).
+
+    Differentiable w.r.t. params: exactly (second order: v -> v - lr H v) when
+    `second_order`, else with the inner gradient treated as a constant (identity).
+    """
+    out = SGDStep.apply(x, y, lr, second_order, *(params[n] for n in PARAM_NAMES))
+    return dict(zip(PARAM_NAMES, out, strict=True))
+
+
+def query_loss(
+    params: Params, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, accuracy) of the model on (x (n, T, D), y (n,)); the loss is
+    differentiable w.r.t. params (to second order through the fused kernels)."""
+    loss_, accuracy, *_ = LossAndGradient.apply(x, y, *(params[n] for n in PARAM_NAMES))
+    return loss_, accuracy

@@ -1,0 +1,48 @@
+"""Measurements of a trained run beside its training curves, on fresh tasks.
+
+* `rel_diff_probe`: how far the FULL meta-gradient is from the FO one.
+* `second_order_reaches_attention`: whether an inner step's backward carries second
+  derivatives into Wq, Wk, Wv on this backend (the seed's `sdpa_input_gradgrad_ok`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from phase12.backends import get
+from phase12.config import Mode, RunConfig
+from phase12.maml import meta_gradient, relative_difference
+from phase12.model import ATTENTION_PARAMS, Params, init_params
+from phase12.tasks import sample_tasks, task_generator
+
+PROBE_SEED_OFFSET = 1_000_003  # the probe's task stream, disjoint from training's
+
+
+def rel_diff_probe(params: Params, config: RunConfig, device: torch.device) -> float:
+    """||g_FULL - g_FO|| / ||g_FULL|| of the meta-gradient on one fresh task."""
+    gen = task_generator(config.seed + PROBE_SEED_OFFSET, device)
+    tasks = sample_tasks(config, gen, device, meta_batch=1)
+    kw = dict(steps=config.inner_steps, lr=config.inner_lr, backend=config.backend)
+    full = meta_gradient(params, tasks, mode=Mode.FULL, **kw)
+    fo = meta_gradient(params, tasks, mode=Mode.FO, **kw)
+    return float(relative_difference(full, fo))
+
+
+def second_order_reaches_attention(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Does one inner SGD step's backward carry a Hessian term into Wq, Wk, Wv?
+
+    The step's backward is v -> v - lr H v; the Hessian term is what is not v. It is
+    finite and non-zero when second derivatives flow through attention (a backend whose
+    attention backward is not differentiable gives exactly v for Wq, Wk, Wv).
+    """
+    g = torch.Generator(device=device).manual_seed(0)
+    params = init_params(16, 5, torch.Generator().manual_seed(0), device=device, dtype=dtype)
+    params = {n: p.requires_grad_() for n, p in params.items()}
+    x = torch.randn(3, 5, 16, generator=g, device=device, dtype=dtype)
+    y = torch.randint(0, 5, (3,), generator=g, device=device)
+    phi = get(backend).sgd_step(params, x, y, lr=1.0, second_order=True)
+    v = {n: torch.randn(p.shape, generator=g, device=device, dtype=dtype) for n, p in phi.items()}
+    back = torch.autograd.grad(list(phi.values()), list(params.values()), list(v.values()))
+    back = dict(zip(params, back, strict=True))
+    second = torch.cat([(back[n] - v[n]).flatten() for n in ATTENTION_PARAMS])
+    return bool(torch.isfinite(second).all() and second.abs().max() > 0)

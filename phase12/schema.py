@@ -1,0 +1,84 @@
+"""What a run produces, by name: statuses, metric names, CSV columns and the result type.
+
+Depends on nothing, so the analysis can read the engine's files without importing it.
+The run row keeps the seed project's column names (SEED_COLUMNS, in its order) and adds
+a few of its own after them (RUN_COLUMNS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STATUS_OK, STATUS_NONFINITE, STATUS_ERROR = "OK", "NONFINITE", "ERROR"
+
+# Per outer step, per seed: written by the outer step into its history tensor.
+METRICS = ("loss", "acc", "attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v")
+HISTORY_COLUMNS = ["step", *METRICS]
+
+# The seed project's mean outer-step seconds at k = 20 (docs/anchor-baselines.md), by
+# (device type, backend, mode): the reference the benchmarks and reports compare with.
+SEED_STEP_S = {
+    ("cuda", "reference", "FULL"): 0.974,
+    ("cuda", "reference", "FO"): 0.493,
+    ("cuda", "triton_fused", "FULL"): 1.024,
+    ("cuda", "triton_fused", "FO"): 0.559,
+    ("cpu", "reference", "FULL"): 1.34,
+}
+
+RUNS_CSV = "runs.csv"  # one row per run, in a run's --out folder or a sweep folder
+RISK_CSV = "risk_checks.csv"
+RISK_COLUMNS = ["check", "status", "value", "details"]
+
+SEED_COLUMNS = [
+    "backend",
+    "mode",
+    "inner_steps",
+    "seed",
+    "meta_batch",
+    "outer_lr",
+    "outer_steps",
+    "inner_lr",
+    "seq_len",
+    "num_signal_positions",
+    "dtype",
+    "compute_dtype",
+    "autocast",
+    "final_loss",
+    "final_acc",
+    "attn_grad_present",
+    "attn_grad_norm_q",
+    "attn_grad_norm_k",
+    "attn_grad_norm_v",
+    "sdpa_input_gradgrad_ok",
+    "rel_diff_probe",
+    "wall_time_total_s",
+    "mean_outer_step_time_s",
+    "peak_cuda_mem_bytes",
+    "status",
+    "error",
+    "convergence_delta",
+]
+RUN_COLUMNS = SEED_COLUMNS + [
+    "run_id",
+    "attn_grad_norm",
+    "nonfinite_step",
+    "cuda_graph",
+    "seeds_batched",
+    "world_size",
+    "device",
+    "device_name",
+    "torch_version",
+]
+
+
+@dataclass
+class RunResult:
+    """One run: its CSV row (keys of RUN_COLUMNS) and its per-step history (keys of
+    HISTORY_COLUMNS, one list each; empty for a run that failed before training)."""
+
+    row: dict
+    history: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return self.row["status"]

@@ -1,0 +1,307 @@
+"""Training runs: the outer loop, its non-finite scan, and the result rows.
+
+    result = run_experiment(RunConfig(mode="FULL", inner_steps=20))
+    result.row        # the per-run CSV row (phase12.schema.RUN_COLUMNS)
+    result.history    # per outer step: loss, acc, attention meta-gradient norms
+
+`run_experiments` trains several seeds of one configuration as one seed-batched
+computation. The outer step (phase12.step.OuterStep: the meta-batch, the k inner steps,
+the meta-gradient and Adam) is replayed from one CUDA graph per run on CUDA unless
+cuda_graph is 'off'. Per-step metrics stay on the device in one preallocated tensor
+and are read back in bulk every `check_every` steps, which is also when a non-finite
+loss or gradient is detected: the run then stops with status NONFINITE and the first
+bad step.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from phase12.backends import device_for
+from phase12.config import ConfigError, RunConfig, resolve_device
+from phase12.distributed import SINGLE_PROCESS, World
+from phase12.model import Params, init_params
+from phase12.probes import rel_diff_probe, second_order_reaches_attention
+from phase12.provenance import device_name
+from phase12.schema import METRICS, STATUS_ERROR, STATUS_NONFINITE, STATUS_OK, RunResult
+from phase12.step import OuterStep, capture
+from phase12.tasks import task_generator
+
+
+def initial_params(config: RunConfig, device: torch.device) -> Params:
+    """Meta-parameters of a run: leaf tensors that require grad."""
+    params = init_params(
+        config.dim,
+        config.num_classes,
+        torch.Generator().manual_seed(config.seed),
+        device=device,
+        dtype=config.torch_dtype,
+    )
+    return {n: p.requires_grad_(True) for n, p in params.items()}
+
+
+def build_step(
+    configs: Sequence[RunConfig], device: torch.device, world: World = SINGLE_PROCESS
+) -> OuterStep:
+    """Fresh state (parameters, Adam, task streams, empty history) of runs that differ
+    only in their seed, as one OuterStep (seed-batched when there are several)."""
+    batched = len(configs) > 1
+    per_seed = [initial_params(c, device) for c in configs]
+    params = per_seed[0]
+    if batched:
+        params = {
+            n: torch.stack([p[n] for p in per_seed]).detach().requires_grad_(True) for n in params
+        }
+    c = configs[0]
+    history = torch.full(
+        (len(configs), c.outer_steps, len(METRICS)),
+        float("nan"),
+        device=device,
+        dtype=c.torch_dtype,
+    )
+    generators = [task_generator(cfg.seed, device) for cfg in configs]
+    return OuterStep(params, c, device, generators, history, seed_batched=batched, world=world)
+
+
+def prepare_step(
+    configs: Sequence[RunConfig], device: torch.device, world: World
+) -> tuple[OuterStep, Callable, bool]:
+    """(state, the callable that runs one step, whether it is a CUDA graph replay).
+
+    With cuda_graph 'auto' a failed capture is reported on stderr (with the reason)
+    and the run goes on eagerly from fresh state (a failed capture can leave the task
+    generators unusable); with 'on' it raises.
+    """
+    step = build_step(configs, device, world)
+    config = configs[0]
+    if device.type != "cuda" or config.cuda_graph == "off":
+        return step, step, False
+    try:
+        return step, capture(step).replay, True
+    except Exception as e:
+        if config.cuda_graph == "on":
+            raise
+        print(
+            f"warning: {config.run_id}: CUDA graph capture failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); running eagerly "
+            "(cuda_graph 'off' skips the attempt).",
+            file=sys.stderr,
+        )
+        step = build_step(configs, device, world)
+        return step, step, False
+
+
+@dataclass
+class Loop:
+    """What the outer loop saw: the first non-finite step of each seed (None: none) and
+    the mean seconds per step after the first (which pays for warm-up and compilation)."""
+
+    nonfinite: list[int | None]
+    step_time_s: float
+
+
+def train_loop(
+    run_step: Callable, history: torch.Tensor, steps: int, check_every: int, bar: tqdm
+) -> Loop:
+    """Run `steps` outer steps, scanning `history` (S, steps, metrics) every
+    `check_every` steps; stop early once every seed has gone non-finite."""
+    nonfinite: list[int | None] = [None] * history.shape[0]
+    t_loop = t_first = time.perf_counter()
+    for step in range(steps):
+        run_step()
+        bar.update(1)
+        if step == 0:
+            history[:, 0].sum().item()  # one sync: the first step (warm-up) is timed apart
+            t_first = time.perf_counter()
+        if (step + 1) % check_every == 0 or step == steps - 1:
+            lo = (step // check_every) * check_every
+            chunk = history[:, lo : step + 1].cpu().numpy()
+            for i, bad in enumerate(~np.isfinite(chunk).all(axis=2)):
+                if nonfinite[i] is None and bad.any():
+                    nonfinite[i] = lo + int(np.argmax(bad))
+            if all(n is not None for n in nonfinite):
+                break
+            bar.set_postfix(loss=f"{chunk[0, -1, 0]:.4f}", acc=f"{chunk[0, -1, 1]:.3f}")
+    if history.device.type == "cuda":
+        torch.cuda.synchronize(history.device)
+    t_end = time.perf_counter()
+    return Loop(nonfinite, (t_end - t_first) / step if step else t_end - t_loop)
+
+
+class PeakMemory:
+    """Peak CUDA memory allocated inside the block above what was allocated before it
+    (`peak` is None on the CPU). Earlier runs of the process are collected first."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.init()  # the memory statistics need CUDA initialised
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._before
+
+
+def _window_mean(values: np.ndarray, window: int, first: bool = False) -> float:
+    part = values[:window] if first else values[-window:]
+    return float(part.mean()) if len(part) else float("nan")
+
+
+def summarize(config: RunConfig, history: np.ndarray) -> dict:
+    """Final metrics from the (steps, 5) history of a run (last `metric_window` steps)."""
+    w = config.metric_window
+    loss, acc, gq, gk, gv = history.T
+    norms = {"q": _window_mean(gq, w), "k": _window_mean(gk, w), "v": _window_mean(gv, w)}
+    return {
+        "final_loss": _window_mean(loss, w),
+        "final_acc": _window_mean(acc, w),
+        "attn_grad_norm_q": norms["q"],
+        "attn_grad_norm_k": norms["k"],
+        "attn_grad_norm_v": norms["v"],
+        "attn_grad_norm": math.sqrt(sum(x * x for x in norms.values())),
+        "attn_grad_present": bool(len(history) and all(x > 0 for x in norms.values())),
+        "convergence_delta": _window_mean(loss, w, first=True) - _window_mean(loss, w),
+    }
+
+
+def _config_columns(config: RunConfig, device: torch.device) -> dict:
+    """The configuration's columns of a run row (the seed project's names)."""
+    return {
+        "run_id": config.run_id,
+        "backend": config.backend,
+        "mode": config.mode,
+        "inner_steps": config.inner_steps,
+        "seed": config.seed,
+        "meta_batch": config.meta_batch,
+        "outer_lr": config.outer_lr,
+        "outer_steps": config.outer_steps,
+        "inner_lr": config.inner_lr,
+        "seq_len": config.seq_len,
+        "num_signal_positions": config.signal_positions,
+        "dtype": config.dtype,
+        "compute_dtype": config.dtype,
+        "autocast": False,
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch_version": torch.__version__,
+    }
+
+
+def _result(
+    config: RunConfig,
+    history: np.ndarray,
+    nonfinite: int | None,
+    params: Params,
+    device: torch.device,
+    shared: dict,
+) -> RunResult:
+    """One run's RunResult from its history (up to its first non-finite step); `shared`
+    holds the columns of its seed batch."""
+    row = _config_columns(config, device) | summarize(config, history) | shared
+    row["nonfinite_step"] = nonfinite
+    if nonfinite is None:
+        probe = rel_diff_probe(params, config, device)
+        row.update(status=STATUS_OK, error="", rel_diff_probe=probe)
+    else:
+        error = f"loss or meta-gradient became non-finite at outer step {nonfinite}"
+        row.update(status=STATUS_NONFINITE, rel_diff_probe=None, error=error)
+    columns = {name: history[:, j].tolist() for j, name in enumerate(METRICS)}
+    return RunResult(row=row, history={"step": list(range(len(history)))} | columns)
+
+
+def _check_seed_group(configs: Sequence[RunConfig], world: World) -> torch.device:
+    """The device of runs that can train as one seed batch here; ConfigError otherwise."""
+    if not configs:
+        raise ValueError("no configuration to run")
+    if len({c.replace(seed=0) for c in configs}) != 1:
+        raise ValueError("runs batched together must differ only in their seed")
+    if len({c.seed for c in configs}) != len(configs):
+        raise ValueError("runs batched together need distinct seeds")
+    if configs[0].meta_batch % world.size:
+        raise ConfigError(
+            f"meta_batch {configs[0].meta_batch} does not divide over {world.size} ranks; "
+            f"use a multiple of {world.size}",
+            "meta_batch",
+        )
+    return device_for(configs[0])
+
+
+def run_experiments(
+    configs: Sequence[RunConfig],
+    *,
+    progress: bool = False,
+    check_every: int = 50,
+    world: World = SINGLE_PROCESS,
+) -> list[RunResult]:
+    """Train runs that differ only in their seed as one seed-batched computation.
+
+    Each run ends at its own first non-finite step (status NONFINITE); the batch stops
+    when every run has ended. Times in the rows are the batch's divided by its number
+    of seeds (each run's share); peak memory is the batch's. With several ranks
+    (`world`), each computes its slice of every meta-batch (phase12.distributed).
+    Raises ConfigError, before any work, for configurations that cannot run here.
+    """
+    device = _check_seed_group(configs, world)
+    config, seeds = configs[0], len(configs)
+    t_start = time.perf_counter()
+    label = config.run_id if seeds == 1 else f"{config.run_id} (+{seeds - 1} seeds)"
+    with PeakMemory(device) as memory:
+        state, run_step, graphed = prepare_step(configs, device, world)
+        with tqdm(total=config.outer_steps, disable=not progress, desc=label, leave=False) as bar:
+            loop = train_loop(run_step, state.history, config.outer_steps, check_every, bar)
+    shared = {
+        "cuda_graph": graphed,
+        "sdpa_input_gradgrad_ok": second_order_reaches_attention(
+            config.backend, device, config.torch_dtype
+        ),
+        "mean_outer_step_time_s": loop.step_time_s / seeds,
+        "peak_cuda_mem_bytes": memory.peak,
+        "seeds_batched": seeds,
+        "world_size": world.size,
+    }
+    results = []
+    for i, (cfg, bad) in enumerate(zip(configs, loop.nonfinite, strict=True)):
+        history = state.history[i, : cfg.outer_steps if bad is None else bad].cpu().numpy()
+        results.append(_result(cfg, history, bad, state.seed_params(i), device, shared))
+    wall = (time.perf_counter() - t_start) / seeds
+    for r in results:
+        r.row["wall_time_total_s"] = wall
+    return results
+
+
+def run_experiment(
+    config: RunConfig,
+    *,
+    progress: bool = False,
+    check_every: int = 50,
+    world: World = SINGLE_PROCESS,
+) -> RunResult:
+    """Train one run to the end (or to its first non-finite step)."""
+    return run_experiments([config], progress=progress, check_every=check_every, world=world)[0]
+
+
+def failed_result(config: RunConfig, error: BaseException) -> RunResult:
+    """The row of a run that raised: configuration columns, status ERROR and the error."""
+    try:
+        device = resolve_device(config.device)
+    except ConfigError:
+        device = torch.device("cpu")
+    row = _config_columns(config, device)
+    row.update(status=STATUS_ERROR, error=f"{type(error).__name__}: {error}".replace("\n", " "))
+    return RunResult(row=row)

@@ -1,0 +1,117 @@
+"""`run.py bench ...`: flags checked before any work, tables and CSVs written."""
+
+import pandas as pd
+import pytest
+import torch
+from support import exit_code
+
+from phase12 import cli
+
+
+def test_bench_step_writes_tables_and_plot(tmp_path):
+    out = tmp_path / "bench"
+    args = [
+        "bench",
+        "step",
+        "--device",
+        "cpu",
+        "--modes",
+        "FO_STRICT",
+        "--k",
+        "1",
+        "--backends",
+        "reference",
+        "--meta-batch",
+        "2",
+        "--seq-len",
+        "8",
+        "--reps",
+        "1",
+        "--warmup",
+        "1",
+        "--scaling",
+        "--scaling-k",
+        "1,2",
+        "--scaling-meta-batch",
+        "2,4",
+        "--scaling-seq-len",
+        "8,16",
+        "--out",
+        str(out),
+    ]
+    assert cli.main(args) == 0
+    step = pd.read_csv(out / "step.csv")
+    assert list(step["mode"]) == ["FO_STRICT"] and (step["median_step_ms"] > 0).all()
+    scaling = pd.read_csv(out / "scaling.csv")
+    assert len(scaling) == 2 * (2 + 2 + 2)  # FULL and FO_STRICT at every axis value
+    assert (out / "scaling.png").stat().st_size > 10_000
+
+
+def test_bench_tiles_refuses_bad_cells_and_needs_cuda(capsys):
+    assert cli.main(["bench", "tiles", "--cells", "fp32:4096:64:backward"]) == 2
+    assert "bad cell 'fp32:4096:64:backward'" in capsys.readouterr().err
+    assert (
+        cli.main(["bench", "tiles", "--cells", "bf16:1024:64:bwd", "--candidates", "32x32x4"]) == 2
+    )
+    assert "bad candidate '32x32x4'" in capsys.readouterr().err
+    assert cli.main(["bench", "tiles", "--candidates", "24x32x4x1"]) == 2
+    assert "powers of two >= 16" in capsys.readouterr().err
+    assert cli.main(["bench", "tiles", "--cells", "bf16:1024:64:bwd"]) == 2
+    assert "error: the tile sweep needs a CUDA device" in capsys.readouterr().err
+
+
+def test_bench_attention_needs_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the message shown without CUDA")
+    assert cli.main(["bench", "attention"]) == 2
+    assert "error: the attention benchmark needs a CUDA device" in capsys.readouterr().err
+
+
+def test_bench_attention_refuses_unknown_names(capsys):
+    assert exit_code("bench", "attention", "--passes", "fwd,backward") == 2
+    assert "invalid choice 'backward'" in capsys.readouterr().err
+    assert exit_code("bench", "attention", "--providers", "fused,flash") == 2
+    assert "invalid choice 'flash'" in capsys.readouterr().err
+
+
+def test_bench_step_refuses_bad_grids_before_any_work(tmp_path, capsys):
+    out = ["--device", "cpu", "--backends", "reference", "--out", str(tmp_path / "b")]
+    assert exit_code("bench", "step", "--k", "-1", *out) == 2
+    assert "error: --k must be >= 0" in capsys.readouterr().err
+    assert exit_code("bench", "step", "--modes", "XX", *out) == 2
+    assert "invalid choice 'XX'" in capsys.readouterr().err
+    assert exit_code("bench", "step", "--execution", "fast", *out) == 2
+    assert "invalid choice 'fast'" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_help_reaches_the_named_benchmark(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "attention", "--help"])
+    assert e.value.code == 0 and "--cuda-graph" in capsys.readouterr().out
+    assert cli.main(["bench", "--help"]) == 0
+    assert "step,attention,tiles,distributed" in capsys.readouterr().out
+
+
+def test_distributed_benchmark_on_cpu(tmp_path):
+    """`bench distributed` with 2 gloo processes and 2 CPU sweep workers (tiny sizes)."""
+    args = ["--device", "cpu", "--meta-batch", "4", "--k", "1", "--outer-steps", "3"]
+    args += ["--sweep-outer-steps", "2", "--sweep-k", "1", "--sweep-seeds", "0"]
+    assert (
+        exit_code("bench", "distributed", *args, "--sweep-modes", "FULL,FO", "--out", str(tmp_path))
+        == 0
+    )
+    df = pd.read_csv(tmp_path / "distributed.csv")
+    sharding = df[df.measurement == "meta-batch sharding"]
+    assert sorted(sharding.processes) == [1, 2] and sharding.losses_agree.all()
+    assert (sharding.backend == "reference").all()  # the CPU default
+    sweep = df[df.measurement == "sweep"]
+    assert sorted(sweep.processes) == [1, 2] and (sweep.runs_ok == 2).all()
+    assert (df.speedup > 0).all()
+
+
+def test_distributed_benchmark_refuses_bad_input(capsys):
+    assert exit_code("bench", "distributed", "--device", "cpu", "--meta-batch", "5") == 2
+    assert "does not divide over 2 processes" in capsys.readouterr().err
+    assert exit_code("bench", "distributed", "--device", "cpu", "--backends", "flash") == 2
+    assert "invalid choice 'flash'" in capsys.readouterr().err

@@ -1,0 +1,79 @@
+"""The command line: bad input is refused before any work, results are written whole."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from phase12 import cli
+
+FAST = ["--outer-steps", "3", "--meta-batch", "2", "--no-progress", "--device", "cpu"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--mode", "SECOND"], "invalid choice"),
+        (["--backend", "flash"], "invalid choice"),
+        (["--k", "-1"], "--k must be >= 0"),
+        (["--signal-positions", "32"], "--signal-positions must be in 1..seq_len-1"),
+        (["--seq-len", "4", "--signal-positions", "4"], "--signal-positions"),
+        (["--meta-batch", "0"], "--meta-batch must be positive"),
+        (["--outer-steps", "-5"], "--outer-steps must be positive"),
+        (["--inner-lr", "0"], "--inner-lr must be a positive finite"),
+        (["--outer-lr", "nan"], "--outer-lr must be a positive finite"),
+        (["--device", "cuda"], "no CUDA device is available"),
+        (["--device", "tpu"], "not a device name"),
+        (["--cuda-graph", "on"], "--cuda-graph 'on' needs a CUDA device"),
+        (["--cuda-graph", "always"], "invalid choice"),
+    ],
+)
+def test_bad_input_exits_2_before_writing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    args = ["--device", "cpu", "--out", str(out), *argv]
+    if "--device" in argv:
+        args = args[2:]
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(cli.main(args))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("backend", ["triton_fused", "triton_step"])
+def test_triton_on_cpu_without_interpreter_is_refused(tmp_path, capsys, monkeypatch, backend):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    code = cli.main(["--backend", backend, "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TRITON_INTERPRET=1" in err[0] and err[0].startswith("error:")
+    assert backend in err[0] and not (tmp_path / "o").exists()
+
+
+def test_single_run_json_and_outputs(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["--mode", "FO_STRICT", "--k", "2", *FAST, "--out", str(out), "--json"]) == 0
+    stdout = capsys.readouterr().out.strip().splitlines()
+    row = json.loads(stdout[-1])
+    assert row["status"] == "OK" and row["mode"] == "FO_STRICT" and row["inner_steps"] == 2
+    assert "final acc" in "\n".join(stdout[:-1])
+
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 1 and runs.loc[0, "run_id"] == "reference_FO_STRICT_k2_seed0"
+    history = pd.read_csv(out / "history" / "reference_FO_STRICT_k2_seed0.csv")
+    assert list(history["step"]) == [0, 1, 2]
+    meta = json.loads((out / "meta" / "reference_FO_STRICT_k2_seed0.json").read_text())
+    assert meta["config"]["mode"] == "FO_STRICT" and "torch" in meta
+    # A second run appends; the header is not repeated.
+    assert cli.main(["--k", "1", *FAST, "--out", str(out)]) == 0
+    assert len(pd.read_csv(out / "runs.csv")) == 2
+
+
+def test_nonfinite_run_stops_and_says_so(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["--inner-lr", "1e30", *FAST, "--out", str(out), "--json"])
+    assert code == 3
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["status"] == "NONFINITE" and row["nonfinite_step"] == 0
+    assert "non-finite at outer step 0" in row["error"]

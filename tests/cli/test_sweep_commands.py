@@ -1,0 +1,68 @@
+"""`run.py sweep / report / pipeline`: bad grids refused before any work; the pipeline
+writes everything."""
+
+import pandas as pd
+from support import exit_code
+
+from phase12 import cli
+
+
+def sweep_cli(root, *grid: str) -> int:
+    args = ["sweep", "--root", str(root), "--tag", "t", *grid]
+    return exit_code(*args, "--device", "cpu", "--backends", "reference")
+
+
+def test_old_runs_csv_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "runs.csv").write_text("backend,mode\nreference,FULL\n")
+    code = sweep_cli(tmp_path, "--k", "1")
+    assert code == 2 and "other columns" in capsys.readouterr().err
+    assert not (tmp_path / "t" / "history").exists()
+
+
+def test_sweep_cli_rejects_bad_grid(tmp_path, capsys):
+    code = sweep_cli(tmp_path, "--k", "1,-2")
+    assert code == 2 and "--k must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+    code = sweep_cli(tmp_path, "--modes", "FULL,SOMETHING")
+    assert code == 2 and "--modes: invalid choice 'SOMETHING'" in capsys.readouterr().err
+
+
+def test_report_cli_needs_a_sweep(tmp_path, capsys):
+    assert cli.main(["report", "--root", str(tmp_path), "--tag", "none"]) == 2
+    assert "run the sweep first" in capsys.readouterr().err
+
+
+def test_pipeline_command_writes_everything(tmp_path):
+    args = [
+        "pipeline",
+        "--root",
+        str(tmp_path),
+        "--tag",
+        "p",
+        "--device",
+        "cpu",
+        "--backends",
+        "reference",
+        "--modes",
+        "FULL,FO",
+        "--k",
+        "1",
+        "--seeds",
+        "0,1",
+        "--outer-steps",
+        "3",
+        "--meta-batch",
+        "2",
+        "--seq-len",
+        "8",
+        "--no-gradgradcheck",
+        "--no-progress",
+    ]
+    assert cli.main(args) == 0
+    folder = tmp_path / "p"
+    assert len(pd.read_csv(folder / "runs.csv")) == 4
+    risk = pd.read_csv(folder / "risk_checks.csv").set_index("check")["status"]
+    assert risk["seed_determinism"] == "PASS" and risk["nonfinite_guard"] == "PASS"
+    assert "## Risk checks" in (folder / "report.md").read_text()
+    assert cli.main(["report", "--root", str(tmp_path), "--tag", "p"]) == 0

@@ -1,0 +1,185 @@
+"""The `triton_step` backend (fused inner-step kernels) against the reference model, in
+the CPU interpreter, in float64, on fresh random inputs.
+
+The reference is torch.func on phase12.model with PyTorch attention: its gradient for
+the step kernel, torch.func.jvp of that gradient for the Hessian-vector product kernel,
+and the engine's meta-gradients with backend="reference".
+"""
+
+import pytest
+import torch
+from support import SMALL, TINY, fresh, loop_meta_gradient, rel
+
+from phase12.backends import device_for
+from phase12.config import ConfigError
+from phase12.fused_step import PARAM_NAMES, query_loss, sgd_step
+from phase12.fused_step.launch import support_hvp, support_loss_and_grad, support_step
+from phase12.maml import meta_batch_metrics, meta_gradient
+from phase12.model import apply, init_params, loss
+
+pytestmark = pytest.mark.usefixtures("interpreter")
+
+F64 = torch.float64
+
+
+def problem(tasks, n, t, d, c, shared=False):
+    """Parameters (one set per task, or one set expanded over the tasks) and data."""
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    sets = [init_params(d, c, g, dtype=F64) for _ in range(1 if shared else tasks)]
+    params = tuple(
+        torch.stack([s[name] for s in sets]).expand(tasks, *sets[0][name].shape)
+        for name in PARAM_NAMES
+    )
+    x = torch.randn(tasks, n, t, d, generator=g, dtype=F64)
+    y = torch.randint(0, c, (tasks, n), generator=g)
+    return params, x, y
+
+
+def reference_loss(params, x, y):
+    return loss(dict(zip(PARAM_NAMES, params, strict=True)), x, y)
+
+
+def assert_tuples_close(actual, expected, rtol=1e-11):
+    for a, e, name in zip(actual, expected, PARAM_NAMES, strict=True):
+        torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * e.abs().max().item(), msg=name)
+
+
+# (n examples, T positions, D, C): n below, at and above the 16-row block, T odd (the
+# interpreter walks 2 positions per block), D and C padded to 16, shared parameters.
+SHAPES = [(5, 7, 16, 5, False), (3, 6, 8, 3, True), (17, 5, 32, 5, False), (16, 1, 4, 2, True)]
+
+
+@pytest.mark.parametrize("n,t,d,c,shared", SHAPES)
+def test_step_kernels_equal_the_reference_model(n, t, d, c, shared):
+    params, x, y = problem(3, n, t, d, c, shared)
+    lr, alpha, beta = 0.37, 0.6, -1.3
+    losses, accuracy, grads = support_loss_and_grad(params, x, y)
+    steps = support_step(params, x, y, lr)
+    v = tuple(torch.randn_like(p) for p in params)
+    hvps = support_hvp(params, x, y, v, alpha, beta)
+    for b in range(x.shape[0]):
+        p, vb = tuple(q[b] for q in params), tuple(w[b] for w in v)
+        ref_grad = torch.func.grad(reference_loss)(p, x[b], y[b])
+        task_grad = torch.func.grad(lambda q, xb=x[b], yb=y[b]: reference_loss(q, xb, yb))
+        _, ref_hv = torch.func.jvp(task_grad, (p,), (vb,))
+        logits = apply(dict(zip(PARAM_NAMES, p, strict=True)), x[b])
+        torch.testing.assert_close(losses[b], reference_loss(p, x[b], y[b]), rtol=1e-12, atol=0)
+        torch.testing.assert_close(accuracy[b], (logits.argmax(-1) == y[b]).to(F64).mean())
+        assert_tuples_close(tuple(g[b] for g in grads), ref_grad)
+        assert_tuples_close(
+            tuple(s[b] for s in steps), tuple(q - lr * r for q, r in zip(p, ref_grad, strict=True))
+        )
+        expected = tuple(alpha * w + beta * r for w, r in zip(vb, ref_hv, strict=True))
+        assert_tuples_close(tuple(h[b] for h in hvps), expected)
+
+
+def tiny_problem():
+    """Few enough numbers for numerical gradient checks (35 parameters)."""
+    (params, x, y) = problem(1, 3, 3, 3, 2)
+    return tuple(p[0].clone().requires_grad_() for p in params), x[0], y[0]
+
+
+def test_sgd_step_gradcheck_to_third_order():
+    """First order: the HVP kernel; gradgradcheck: its backward (order 3, reference)."""
+    params, x, y = tiny_problem()
+
+    def step(*p):
+        phi = sgd_step(dict(zip(PARAM_NAMES, p, strict=True)), x, y, 0.7, second_order=True)
+        return tuple(phi.values())
+
+    assert torch.autograd.gradcheck(step, params)
+    assert torch.autograd.gradgradcheck(step, params)
+
+
+def test_query_loss_gradcheck_to_second_order():
+    params, x, y = tiny_problem()
+
+    def query(*p):
+        return query_loss(dict(zip(PARAM_NAMES, p, strict=True)), x, y)[0]
+
+    assert torch.autograd.gradcheck(query, params)
+    assert torch.autograd.gradgradcheck(query, params)
+
+
+def test_first_order_step_backward_is_the_identity():
+    params, x, y = tiny_problem()
+    phi = sgd_step(dict(zip(PARAM_NAMES, params, strict=True)), x, y, 0.7, second_order=False)
+    v = [torch.randn_like(p) for p in phi.values()]
+    back = torch.autograd.grad(list(phi.values()), params, v)
+    for b, w in zip(back, v, strict=True):
+        assert torch.equal(b, w)
+
+
+def test_nested_torch_func_grad_through_query_loss_and_vmap():
+    """grad(grad) of the query loss after a fused step, vmapped over tasks, equals the
+    reference model's."""
+    params, x, y = problem(2, 4, 5, 8, 3)
+    theta = tuple(p[0] for p in params)
+    direction = tuple(torch.randn_like(p) for p in theta)
+
+    def objective(backend):
+        def per_task(p, xb, yb):
+            named = dict(zip(PARAM_NAMES, p, strict=True))
+            if backend == "triton_step":
+                phi = sgd_step(named, xb, yb, 0.5, second_order=True)
+                return query_loss(phi, xb, yb)[0]
+            grads = torch.func.grad(loss)(named, xb, yb)
+            phi = {n: named[n] - 0.5 * grads[n] for n in PARAM_NAMES}
+            return loss(phi, xb, yb)
+
+        def mean_loss(p):
+            return torch.func.vmap(per_task, in_dims=(None, 0, 0))(p, x, y).mean()
+
+        def directional(p):  # <grad, direction>: its gradient is a Hessian-vector product
+            g = torch.func.grad(mean_loss)(p)
+            return sum((gi * di).sum() for gi, di in zip(g, direction, strict=True))
+
+        return torch.func.grad(directional)(theta)
+
+    assert_tuples_close(objective("triton_step"), objective("reference"), rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["FULL", "FO", "FO_STRICT"])
+def test_engine_meta_gradient_equals_reference(mode):
+    params, tasks = fresh(SMALL)
+    kw = dict(steps=SMALL.inner_steps, lr=SMALL.inner_lr)
+    fused = meta_gradient(params, tasks, mode=mode, backend="triton_step", **kw)
+    assert rel(meta_gradient(params, tasks, mode=mode, backend="reference", **kw), fused) < 1e-10
+    if mode == "FULL":  # and the independent loop of test_engine, to 1e-10 as required
+        assert (
+            rel(loop_meta_gradient(params, tasks, SMALL.inner_steps, SMALL.inner_lr), fused) < 1e-10
+        )
+    ref_metrics = meta_batch_metrics(params, tasks, mode=mode, backend="reference", **kw)
+    fused_metrics = meta_batch_metrics(params, tasks, mode=mode, backend="triton_step", **kw)
+    torch.testing.assert_close(fused_metrics, ref_metrics, rtol=1e-12, atol=1e-14)
+
+
+def test_seed_batched_run_equals_the_reference_run():
+    """Two seeds as one computation (nested vmap: the task stride and the seed stride)."""
+    from phase12.train import run_experiments
+
+    cfg = SMALL.replace(outer_steps=3, metric_window=2)
+    configs = [cfg.replace(seed=s) for s in (0, 5)]
+    fused = run_experiments([c.replace(backend="triton_step") for c in configs])
+    for config, result in zip(configs, fused, strict=True):
+        assert result.row["status"] == "OK" and result.row["seeds_batched"] == 2
+        assert result.row["sdpa_input_gradgrad_ok"] is True
+        reference = run_experiments([config])[0]
+        for name in ("loss", "acc", "attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v"):
+            torch.testing.assert_close(
+                result.history[name], reference.history[name], rtol=1e-10, atol=0
+            )
+
+
+def test_unsupported_sizes_are_refused_before_any_work():
+    with pytest.raises(ConfigError, match="triton_step.*examples per task"):
+        device_for(TINY.replace(backend="triton_step", queries=65))
+    with pytest.raises(ConfigError, match="triton_step.*D <= 64"):
+        device_for(TINY.replace(backend="triton_step", dim=128))
+    with pytest.raises(ConfigError, match="triton_step.*classes"):
+        device_for(TINY.replace(backend="triton_step", num_classes=17))
+    params, x, y = problem(2, 3, 4, 8, 3)
+    with pytest.raises(ValueError, match="int64"):
+        support_step(params, x, y.int(), 0.1)
+    with pytest.raises(ValueError, match="shape"):
+        support_step(params, x[:1], y[:1], 0.1)

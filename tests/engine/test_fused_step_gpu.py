@@ -1,0 +1,56 @@
+"""The fused inner-step kernels in float32 on CUDA against the float64 reference model."""
+
+import pytest
+import torch
+
+from phase12.fused_step import PARAM_NAMES
+from phase12.fused_step.launch import support_hvp, support_loss_and_grad, support_step
+from phase12.model import init_params, loss
+
+pytestmark = pytest.mark.gpu
+
+
+def rel_err(actual, expected):
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+def reference_loss(params, x, y):
+    return loss(dict(zip(PARAM_NAMES, params, strict=True)), x, y)
+
+
+# (tasks, n, T, D, C): the Phase 12 task, long sequences, the most examples, tails.
+SHAPES = [
+    (16, 16, 32, 64, 5),
+    (4, 16, 512, 64, 5),
+    (2, 8, 4096, 64, 5),
+    (3, 5, 33, 24, 3),
+    (2, 64, 17, 64, 7),
+]
+
+
+@pytest.mark.parametrize("tasks,n,t,d,c", SHAPES)
+def test_step_kernels_float32_match_float64_reference(tasks, n, t, d, c):
+    g = torch.Generator().manual_seed(7)
+    params64 = tuple(
+        torch.stack([init_params(d, c, g, dtype=torch.float64)[k] for _ in range(tasks)]).cuda()
+        for k in PARAM_NAMES
+    )
+    x64 = torch.randn(tasks, n, t, d, generator=g, dtype=torch.float64).cuda()
+    y = torch.randint(0, c, (tasks, n), generator=g).cuda()
+    v64 = tuple(torch.randn_like(p) for p in params64)
+    params, x, v = (tuple(p.float() for p in params64), x64.float(), tuple(w.float() for w in v64))
+
+    losses, _, grads = support_loss_and_grad(params, x, y)
+    steps = support_step(params, x, y, 0.4)
+    hvps = support_hvp(params, x, y, v, 0.0, 1.0)
+    grad_fn = torch.func.vmap(torch.func.grad(reference_loss))
+    ref_grads = grad_fn(params64, x64, y)
+    _, ref_hvps = torch.func.jvp(lambda p: grad_fn(p, x64, y), (params64,), (v64,))
+    ref_losses = torch.func.vmap(reference_loss)(params64, x64, y)
+    assert rel_err(losses, ref_losses) < 1e-5
+    for name, got, want in zip(PARAM_NAMES, grads, ref_grads, strict=True):
+        assert rel_err(got, want) < 1e-5, name
+    for name, got, p, want in zip(PARAM_NAMES, steps, params64, ref_grads, strict=True):
+        assert rel_err(got, p - 0.4 * want) < 1e-5, name
+    for name, got, want in zip(PARAM_NAMES, hvps, ref_hvps, strict=True):
+        assert rel_err(got, want) < 1e-5, name

@@ -1,0 +1,55 @@
+"""Risk checks on the CPU, Triton checks through the interpreter."""
+
+import pandas as pd
+import pytest
+from support import TINY
+
+from phase12.risk import run_risk_checks
+
+pytestmark = pytest.mark.usefixtures("interpreter")
+
+
+def test_risk_checks_pass_on_cpu(tmp_path):
+    base = TINY
+    pd.DataFrame([{"run_id": "a", "status": "OK"}, {"run_id": "b", "status": "NONFINITE"}]).to_csv(
+        tmp_path / "runs.csv", index=False
+    )
+    backends = ("reference", "triton_fused", "triton_step")
+    df = run_risk_checks(base, tmp_path, backends=backends).set_index("check")
+    expected = {
+        "seed_determinism": "PASS",
+        "attention_parity_forward": "PASS",
+        "attention_parity_backward": "PASS",
+        "attention_parity_double_backward": "PASS",
+        "fo_vs_fo_strict_reference": "PASS",
+        "full_vs_fo_reference": "PASS",
+        "fo_vs_fo_strict_triton_fused": "PASS",
+        "full_vs_fo_triton_fused": "PASS",
+        "fo_vs_fo_strict_triton_step": "PASS",
+        "full_vs_fo_triton_step": "PASS",
+        "meta_grad_parity_triton_fused": "PASS",
+        "meta_grad_parity_triton_step": "PASS",
+        "triton_gradgradcheck": "PASS",
+        "nonfinite_guard": "WARN",
+    }
+    assert df["status"].to_dict() == expected
+    assert df.loc["seed_determinism", "value"] == 0.0
+    assert df.loc["full_vs_fo_triton_fused", "value"] > 1e-2
+    assert df.loc["meta_grad_parity_triton_step", "value"] < 1e-5
+    assert "NONFINITE=1" in df.loc["nonfinite_guard", "details"]
+
+
+def test_a_backend_the_setting_does_not_fit_is_skipped_with_the_reason():
+    from phase12.backends import device_for
+    from phase12.risk import meta_gradient_checks
+
+    base = TINY.replace(num_classes=17)  # more classes than triton_step holds
+    rows = {
+        r["check"]: r
+        for r in meta_gradient_checks(base, device_for(base), ("reference", "triton_step"))
+    }
+    assert rows["full_vs_fo_reference"]["status"] == "PASS"
+    for check in ("fo_vs_fo_strict_triton_step", "meta_grad_parity_triton_step"):
+        assert rows[check]["status"] == "SKIP"
+    assert "classes" in rows["full_vs_fo_triton_step"]["details"]
+    assert "not among the requested" in rows["full_vs_fo_triton_fused"]["details"]

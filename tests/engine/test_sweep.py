@@ -1,0 +1,150 @@
+"""Sweeps: complete, duplicate-free, resumable after a kill, failures recorded."""
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from support import TINY
+
+import phase12.sweep as sweep_module
+from phase12.schema import RUN_COLUMNS
+from phase12.sweep import SweepSpec, run_sweep
+
+BASE = TINY.replace(outer_steps=4)
+SPEC = SweepSpec(
+    base=BASE,
+    modes=("FULL", "FO_STRICT"),
+    backends=("reference",),
+    inner_steps=(1, 2),
+    seeds=(0, 1, 2),
+)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def check_complete(folder: Path, spec: SweepSpec) -> pd.DataFrame:
+    runs = pd.read_csv(folder / "runs.csv")
+    assert list(runs.columns) == RUN_COLUMNS
+    assert not runs["run_id"].duplicated().any()
+    assert set(runs["run_id"]) == {c.run_id for c in spec.configs()}
+    for run_id in runs["run_id"]:
+        assert len(pd.read_csv(folder / "history" / f"{run_id}.csv")) == spec.base.outer_steps
+    return runs
+
+
+def test_sweep_writes_one_row_per_cell_and_resume_skips(tmp_path):
+    counts = run_sweep(SPEC, tmp_path, progress=False)
+    assert counts == {"skipped": 0, "OK": 12}
+    runs = check_complete(tmp_path, SPEC)
+    assert (runs["status"] == "OK").all()
+    assert run_sweep(SPEC, tmp_path, progress=False) == {"skipped": 12}
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 12
+
+
+@pytest.mark.parametrize("devices", [None, ("cpu", "cpu")], ids=["one-process", "2-workers"])
+def test_resume_after_kill(tmp_path, devices):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}, {str(Path(__file__).parent)!r}]
+        from pathlib import Path
+        from test_sweep import SPEC
+        from phase12.sweep import run_sweep
+        run_sweep(SPEC, Path({str(tmp_path)!r}), progress=False, batch_seeds=False,
+                  devices={devices!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    runs_csv = tmp_path / "runs.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if runs_csv.exists() and len(runs_csv.read_text().splitlines()) >= 3:  # header + 2 rows
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    partial = pd.read_csv(runs_csv)  # parses after a kill at any moment
+    assert 2 <= len(partial) < 12 and not partial["run_id"].duplicated().any()
+    counts = run_sweep(SPEC, tmp_path, progress=False, devices=devices)
+    assert counts["skipped"] == len(partial)
+    check_complete(tmp_path, SPEC)
+
+
+def test_two_workers_write_a_complete_csv(tmp_path):
+    counts = run_sweep(SPEC, tmp_path, progress=False, devices=("cpu", "cpu"))
+    assert counts == {"skipped": 0, "OK": 12}
+    check_complete(tmp_path, SPEC)
+
+
+def test_failing_cell_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
+    real = sweep_module.run_experiments
+
+    def flaky(configs, **kw):
+        if configs[0].inner_steps == 2 and configs[0].mode == "FULL":
+            raise RuntimeError("boom\nsecond line")
+        return real(configs, **kw)
+
+    monkeypatch.setattr(sweep_module, "run_experiments", flaky)
+    counts = run_sweep(SPEC, tmp_path, progress=False)
+    assert counts == {"skipped": 0, "OK": 9, "ERROR": 3}  # the failing cell's 3 seeds
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    errors = runs[runs["status"] == "ERROR"]
+    assert set(errors["run_id"]) == {f"reference_FULL_k2_seed{s}" for s in range(3)}
+    assert (errors["error"] == "RuntimeError: boom second line").all()
+
+
+def test_seed_batched_sweep_equals_unbatched(tmp_path):
+    run_sweep(SPEC, tmp_path / "batched", progress=False)
+    run_sweep(SPEC, tmp_path / "alone", progress=False, batch_seeds=False)
+    a = pd.read_csv(tmp_path / "batched" / "runs.csv").set_index("run_id").sort_index()
+    b = pd.read_csv(tmp_path / "alone" / "runs.csv").set_index("run_id").sort_index()
+    assert set(a["seeds_batched"]) == {3} and set(b["seeds_batched"]) == {1}
+    for col in ("final_loss", "final_acc", "attn_grad_norm_q", "rel_diff_probe"):
+        assert (a[col] - b[col]).abs().max() < 1e-5, col
+
+
+def test_workers_take_the_longest_cells_first(tmp_path, monkeypatch):
+    """With several devices, cells reach the workers in decreasing estimated cost."""
+    from phase12.sweep import _estimated_cost
+
+    base = TINY.replace(outer_steps=10)
+    cost = lambda **kw: _estimated_cost([base.replace(**kw)])  # noqa: E731
+    assert cost(mode="FULL", inner_steps=20) > cost(mode="FO", inner_steps=20)
+    assert cost(mode="FO", inner_steps=20) > cost(mode="FULL", inner_steps=1)
+    assert _estimated_cost([base, base.replace(seed=1)]) == 2 * _estimated_cost([base])
+
+    handed = []
+
+    def in_process(groups, devices):  # the workers, without processes: record the order
+        for group in groups:
+            handed.append(group)
+            yield group, sweep_module._run_group(group)
+
+    monkeypatch.setattr(sweep_module, "_run_groups_on_workers", in_process)
+    run_sweep(SPEC, tmp_path, progress=False, devices=["cpu", "cpu"])
+    costs = [_estimated_cost(g) for g in handed]
+    assert len(handed) == 4 and costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_groups_are_recorded_as_failed_when_every_runner_is_gone(monkeypatch):
+    def lost_device(*args, **kwargs):
+        raise RuntimeError("device lost")  # the serving thread dies before taking a group
+
+    monkeypatch.setattr(sweep_module, "_serve", lost_device)
+    groups = [[c] for c in SPEC.configs()[:3]]
+    finished = []
+    collector = threading.Thread(
+        target=lambda: finished.extend(sweep_module._run_groups_on_workers(groups, ["cpu"])),
+        daemon=True,
+    )
+    collector.start()
+    collector.join(timeout=60)  # the parent used to wait forever here
+    assert not collector.is_alive(), "the sweep waits for runners that are gone"
+    assert [group for group, _ in finished] == groups
+    for _, results in finished:
+        for result, metadata in results:
+            assert result.status == "ERROR" and "has exited" in result.row["error"]
+            assert metadata["device"] == "cpu"

@@ -1,0 +1,337 @@
+"""The fused Triton attention against the PyTorch-ops reference, on the CPU interpreter.
+
+Every check draws fresh random inputs. float64 runs the real kernels (tl.dot works in
+float64 in the interpreter), so first, second and third order are compared to ~1e-12.
+"""
+
+import pytest
+import torch
+from torch.func import grad, jvp, vmap
+
+from kernels import attention, fused_attention
+from kernels.reference import (
+    attention_backward_reference,
+    attention_double_backward_reference,
+    attention_logsumexp_reference,
+    attention_reference,
+)
+
+pytestmark = pytest.mark.usefixtures("interpreter")
+
+F64 = torch.float64
+# (N, M, D, Dv, causal): N != M, N = 1, tails that are not a multiple of the 16-wide
+# interpreter tiles, Dv != D, causal on and off.
+SHAPES = [
+    (1, 32, 16, 16, False),
+    (1, 5, 8, 8, True),
+    (5, 7, 8, 12, True),
+    (19, 33, 16, 16, False),
+    (33, 19, 8, 4, True),
+    (17, 17, 16, 16, True),
+]
+
+
+def qkv(n, m, d, dv, lead=(2, 1), dtype=F64, grad=True):
+    q = torch.randn(*lead, n, d, dtype=dtype)
+    k = torch.randn(*lead, m, d, dtype=dtype)
+    v = torch.randn(*lead, m, dv, dtype=dtype)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def rel_err(a, b):
+    """Relative error, absolute where the reference is (near) zero (N = 1 causal: dq = 0)."""
+    return ((a - b).norm() / b.norm().clamp_min(1.0)).item()
+
+
+def assert_all_close(xs, ys, tol):
+    for x, y in zip(xs, ys, strict=True):
+        assert rel_err(x, y) < tol
+
+
+def check_three_orders(n, m, d, dv, causal):
+    """Forward, backward and double backward of the fused op equal the reference."""
+    q, k, v = qkv(n, m, d, dv)
+    out = fused_attention(q, k, v, causal)
+    ref = attention_reference(q, k, v, causal)
+    assert rel_err(out, ref) < 1e-12
+
+    do = torch.randn_like(ref)
+    g = torch.autograd.grad(out, (q, k, v), do, create_graph=True)
+    g_ref = torch.autograd.grad(ref, (q, k, v), do, create_graph=True)
+    assert_all_close(g, g_ref, 1e-12)
+
+    us = [torch.randn_like(t) for t in g]
+    h = torch.autograd.grad(g, (q, k, v), us)
+    h_ref = torch.autograd.grad(g_ref, (q, k, v), us)
+    assert_all_close(h, h_ref, 1e-11)
+
+
+@pytest.mark.parametrize("n,m,d,dv,causal", SHAPES)
+def test_forward_backward_double_backward_match_reference(n, m, d, dv, causal):
+    check_three_orders(n, m, d, dv, causal)
+
+
+@pytest.fixture(params=["row", "tiled"])
+def one_query_path(request, monkeypatch):
+    """N = 1 runs on the one-query kernels; 'tiled' forces the flash-style kernels."""
+    from kernels import launch
+
+    if request.param == "tiled":
+        monkeypatch.setattr(launch, "uses_row_kernels", lambda n: False)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "m,d,dv,causal", [(32, 16, 16, False), (7, 8, 12, True), (33, 16, 8, False), (40, 8, 8, True)]
+)
+def test_one_query_kernels_and_tiled_kernels_match_reference(one_query_path, m, d, dv, causal):
+    from kernels import launch
+
+    assert launch.uses_row_kernels(1) == (one_query_path == "row")
+    check_three_orders(1, m, d, dv, causal)
+
+
+@pytest.mark.parametrize("n,m,d,dv,causal", [(1, 9, 8, 8, False), (7, 5, 8, 16, True)])
+def test_double_backward_kernels_give_all_four_gradients(n, m, d, dv, causal):
+    """The Function chain alone (no reference): gq, gk, gv and gdO against the math note."""
+    from kernels.fused import FusedAttention, FusedAttentionBackward
+
+    q, k, v = qkv(n, m, d, dv)
+    do, uq, uk, uv = (torch.randn_like(t) for t in (torch.empty(2, 1, n, dv, dtype=F64), q, k, v))
+    do.requires_grad_()
+    o, lse = FusedAttention.apply(q, k, v, causal, 0.3, "ieee")
+    assert rel_err(lse, attention_logsumexp_reference(q, k, causal, 0.3)) < 1e-13
+    dq, dk, dv_ = FusedAttentionBackward.apply(q, k, v, o, lse, do, causal, 0.3, "ieee")
+    assert_all_close((dq, dk, dv_), attention_backward_reference(q, k, v, do, causal, 0.3), 1e-12)
+    got = torch.autograd.grad((dq, dk, dv_), (q, k, v, do), (uq, uk, uv))
+    want = attention_double_backward_reference(q, k, v, do, uq, uk, uv, causal, 0.3)
+    assert_all_close(got, want, 1e-11)
+
+
+@pytest.mark.parametrize("n", [2, 1])  # N = 1: the one-query kernels
+def test_gradcheck_and_gradgradcheck(n):
+    q, k, v = qkv(n, 3, 3, 2, lead=(1, 1))
+    for causal in (False, True):
+        fn = lambda q, k, v: fused_attention(q, k, v, causal)  # noqa: B023
+        assert torch.autograd.gradcheck(fn, (q, k, v))
+        assert torch.autograd.gradgradcheck(fn, (q, k, v))
+
+
+def test_float32_matches_float64_reference():
+    q, k, v = qkv(19, 33, 16, 16, dtype=torch.float32, grad=True)
+    out = fused_attention(q, k, v)
+    ref = attention_reference(*(t.double() for t in (q, k, v)))
+    assert rel_err(out.double(), ref) < 1e-5
+    assert out.dtype == torch.float32
+
+
+def test_float32_precision_reaches_every_pass_under_vmap(monkeypatch):
+    """The chosen dot precision is handed to every launcher: forward, backward and
+    double backward, through the vmap rules; an unknown one is refused."""
+    from kernels import launch
+
+    seen = []
+    for name in ("attention_forward", "attention_backward", "attention_double_backward"):
+        original = getattr(launch, name)
+
+        def recorded(*a, _original=original, _name=name):
+            seen.append((_name, a[-1]))
+            return _original(*a)
+
+        monkeypatch.setattr(launch, name, recorded)
+    q, k, v = qkv(4, 7, 8, 8, lead=(3, 2), dtype=torch.float32, grad=False)
+
+    def second_order(attn):
+        loss = lambda q, k, v: attn(q, k, v).square().sum()  # noqa: E731
+        return vmap(grad(lambda q, k, v: grad(loss, argnums=(0, 1, 2))(q, k, v)[0].sum()))
+
+    fused = lambda q, k, v: fused_attention(q, k, v, float32_precision="ieee")  # noqa: E731
+    got = second_order(fused)(q, k, v)
+    want = second_order(attention_reference)(q.double(), k.double(), v.double())
+    assert rel_err(got.double(), want) < 1e-4
+    assert {name for name, _ in seen} == {
+        "attention_forward",
+        "attention_backward",
+        "attention_double_backward",
+    }
+    assert {precision for _, precision in seen} == {"ieee"}
+    seen.clear()
+    attention(q, k, v, backend="triton_fused", float32_precision="ieee")
+    assert seen == [("attention_forward", "ieee")]
+    with pytest.raises(ValueError, match="float32_precision must be one of"):
+        fused_attention(q, k, v, float32_precision="fp32")
+
+
+def test_non_contiguous_inputs():
+    q, k, v = qkv(6, 9, 8, 8, lead=(3, 2))
+    qt, kt, vt = (t.transpose(0, 1) for t in (q, k, v))  # (2, 3, ., .), not contiguous
+    assert not qt.is_contiguous()
+    out = fused_attention(qt, kt, vt, False, 0.7)
+    assert rel_err(out, attention_reference(qt, kt, vt, False, 0.7)) < 1e-12
+    do = torch.randn_like(out)
+    assert_all_close(
+        torch.autograd.grad(out, (q, k, v), do),
+        torch.autograd.grad(attention_reference(qt, kt, vt, False, 0.7), (q, k, v), do),
+        1e-12,
+    )
+
+
+def _loss(backend):
+    def loss(q, k, v):
+        return attention(q, k, v, backend=backend, causal=True).sin().sum()
+
+    return loss
+
+
+def test_torch_func_grad_of_grad():
+    q, k, v = qkv(5, 6, 8, 8, grad=False)
+
+    def outer(backend):
+        inner = grad(_loss(backend), argnums=(0, 1, 2))
+        return grad(
+            lambda q, k, v: sum(g.square().sum() for g in inner(q, k, v)), argnums=(0, 1, 2)
+        )(q, k, v)
+
+    assert_all_close(outer("triton_fused"), outer("reference"), 1e-11)
+
+
+def test_vmap_of_grad_and_single_launch(monkeypatch):
+    from kernels import launch
+
+    q, k, v = qkv(4, 7, 8, 8, lead=(3, 2), grad=False)  # vmapped over the leading 3
+    g = lambda b: vmap(grad(_loss(b), argnums=(0, 1, 2)))(q, k, v)
+    want = g("reference")
+
+    calls = {"fwd": 0, "bwd": 0}
+    for name, key in (("attention_forward", "fwd"), ("attention_backward", "bwd")):
+        original = getattr(launch, name)
+
+        def counted(*a, _original=original, _key=key):
+            calls[_key] += 1
+            return _original(*a)
+
+        monkeypatch.setattr(launch, name, counted)
+    assert_all_close(g("triton_fused"), want, 1e-12)
+    assert calls == {"fwd": 1, "bwd": 1}  # the vmapped dim is folded into one launch
+
+
+def test_vmap_with_unbatched_operand_and_nested_vmap():
+    q, k, v = qkv(4, 7, 8, 8, lead=(3, 2), grad=False)
+    k0 = k[0]
+    f = lambda b: vmap(lambda q, v: attention(q, k0, v, backend=b))(q, v)
+    assert rel_err(f("triton_fused"), f("reference")) < 1e-12
+    f2 = lambda b: vmap(vmap(lambda q, k, v: attention(q, k, v, backend=b)))(q, k, v)
+    assert rel_err(f2("triton_fused"), f2("reference")) < 1e-12
+
+
+def test_vmap_of_grad_of_grad():
+    q, k, v = qkv(3, 5, 8, 8, lead=(2, 1), grad=False)
+
+    def hess_diag(backend):
+        inner = grad(_loss(backend), argnums=1)
+        return vmap(grad(lambda q, k, v: inner(q, k, v).square().sum(), argnums=(0, 1, 2)))(q, k, v)
+
+    assert_all_close(hess_diag("triton_fused"), hess_diag("reference"), 1e-11)
+
+
+def test_third_order_is_exact():
+    q, k, v = qkv(3, 4, 8, 8, grad=False)
+
+    def third(backend):
+        f = _loss(backend)
+        g1 = lambda q, k, v: grad(f, argnums=1)(q, k, v).square().sum()
+        g2 = lambda q, k, v: grad(g1, argnums=0)(q, k, v).cos().sum()
+        return grad(g2, argnums=(0, 1, 2))(q, k, v)
+
+    assert_all_close(third("triton_fused"), third("reference"), 1e-10)
+
+
+def test_forward_mode_jvp_and_forward_over_reverse():
+    q, k, v = qkv(4, 6, 8, 8, grad=False)
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    for fn in (
+        lambda b: jvp(lambda *a: attention(*a, backend=b), (q, k, v), tangents)[1],
+        # Hessian-vector product: forward-mode over reverse-mode.
+        lambda b: jvp(grad(_loss(b), argnums=(0, 1, 2)), (q, k, v), tangents)[1],
+    ):
+        got, want = fn("triton_fused"), fn("reference")
+        if isinstance(got, tuple):
+            assert_all_close(got, want, 1e-11)
+        else:
+            assert rel_err(got, want) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "shapes,dtypes,message",
+    [
+        (((1, 2, 200), (1, 2, 200), (1, 2, 200)), None, "head dims"),
+        (((1, 2, 8), (1, 3, 8), (1, 4, 8)), None, "shape mismatch"),
+        (((2, 2, 8), (1, 3, 8), (1, 3, 8)), None, "identical leading"),
+        (((1, 2, 8), (1, 3, 8), (1, 3, 8)), (F64, torch.float32, F64), "dtype"),
+        (((1, 2, 8), (1, 3, 8), (1, 3, 8)), (torch.int64,) * 3, "dtype"),
+    ],
+)
+def test_unsupported_inputs_are_refused(shapes, dtypes, message):
+    dtypes = dtypes or (F64,) * 3
+    tensors = [torch.ones(s, dtype=dt) for s, dt in zip(shapes, dtypes, strict=True)]
+    with pytest.raises(ValueError, match=message):
+        fused_attention(*tensors)
+
+
+def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    from kernels import BackendUnavailable
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = qkv(2, 3, 8, 8)
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
+        fused_attention(q, k, v)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd", "dbwd"])
+def test_compiled_tiles_fit_the_problem_and_the_dtype(kind, monkeypatch):
+    """The GPU tile table (not used by the interpreter): clamped to small problems,
+    narrower for float32 (either precision) and for 128-wide heads than for bf16 at D = 64."""
+    from kernels import launch
+
+    monkeypatch.setattr(launch, "interpreter_enabled", lambda: False)
+    operands = [(torch.bfloat16, "tf32x3"), (torch.float16, "tf32x3")]
+    operands += [(torch.float32, "tf32x3"), (torch.float32, "ieee")]
+    for dtype, precision in operands:
+        for d in (16, 64, 128):
+            big = launch.launch_config(kind, 4096, 4096, d, dtype, precision)
+            small = launch.launch_config(kind, 20, 9, d, dtype, precision)
+            assert big.block_n * big.block_m >= small.block_n * small.block_m
+            assert small.block_n <= 32 and small.block_m <= 16
+            wide = launch.launch_config(kind, 4096, 4096, 128, dtype, precision)
+            assert wide.block_n * wide.block_m <= big.block_n * big.block_m
+    bf16 = launch.launch_config(kind, 4096, 4096, 64, torch.bfloat16)
+    for precision in ("tf32x3", "ieee"):
+        fp32 = launch.launch_config(kind, 4096, 4096, 64, torch.float32, precision)
+        assert fp32.block_n * fp32.block_m <= bf16.block_n * bf16.block_m
+        # The launchers' meta-parameters follow the precision: its dots and its tiles.
+        q = torch.empty(2, 4096, 128)
+        meta = launch._meta(q, q, kind, False, precision)
+        tile = launch._TILES[kind, precision, True]
+        assert (meta["PRECISION"], meta["BLOCK_N"], meta["BLOCK_M"]) == (
+            precision,
+            tile.block_n,
+            tile.block_m,
+        )
+
+
+def _gpu_tile_shapes() -> list[tuple[int, int]]:
+    from kernels import launch
+
+    return sorted({(t.block_n, t.block_m) for t in launch._TILES.values()})
+
+
+@pytest.mark.parametrize("block_n,block_m", _gpu_tile_shapes())
+def test_every_gpu_tile_shape_is_exact(block_n, block_m, monkeypatch):
+    """The GPU tile shapes (the interpreter otherwise runs 16 x 16), with tails in both
+    directions and causal masking, in float64. Warps and stages do not exist here."""
+    from kernels import launch
+
+    tile = launch.LaunchConfig(block_n, block_m, num_warps=1, num_stages=1)
+    monkeypatch.setattr(launch, "launch_config", lambda *_: tile)
+    check_three_orders(block_n + 5, block_m + 3, 8, 4, causal=True)
+    check_three_orders(block_n // 2 + 1, 2 * block_m + 1, 8, 8, causal=False)
