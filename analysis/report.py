@@ -8,7 +8,6 @@ Every statement in the interpretation section is computed from the numbers.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -80,30 +79,68 @@ def timing_table(summary: pd.DataFrame) -> pd.DataFrame:
     return t.rename(columns={"inner_steps": "k"})
 
 
-def interpretation(runs: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
+def _gap_sentences(ok: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
+    """FULL − FO per (backend, k), or why there is none."""
+    if gaps.empty:
+        missing = [m for m in ("FULL", "FO") if m not in set(ok["mode"])]
+        why = (
+            f"no {' and no '.join(missing)} run finished OK in this grid"
+            if missing
+            else "no seed has both a FULL and an FO run that finished OK"
+        )
+        return [f"No FULL − FO comparison: {why}."]
     out = []
     for g in gaps.itertuples():
-        winner = "FULL" if g.gap_mean > 0 else "FO"
-        verdict = (
-            "exceeds" if g.exceeds_spread else "is within"
-        ) + f" the seed-to-seed spread ({g.spread:.4f})"
-        out.append(
-            f"{g.backend}, k={g.inner_steps}: {winner} wins by "
-            f"{abs(g.gap_mean):.4f} accuracy, which {verdict}."
-        )
+        cell = f"{g.backend}, k={g.inner_steps}: "
+        if g.n_seeds < 2:
+            out.append(
+                cell + f"FULL − FO = {g.gap_mean:+.4f} accuracy from one seed; one seed has "
+                "no seed-to-seed spread to judge it against."
+            )
+        elif g.gap_mean == 0:
+            out.append(cell + f"FULL and FO tie exactly over {g.n_seeds} seeds.")
+        else:
+            winner = "FULL" if g.gap_mean > 0 else "FO"
+            verdict = "exceeds" if g.exceeds_spread else "is within"
+            out.append(
+                cell + f"{winner} wins by {abs(g.gap_mean):.4f} accuracy (mean of {g.n_seeds} "
+                f"seed-paired differences, std {g.gap_std:.4f}), which {verdict} the "
+                f"seed-to-seed spread ({g.spread:.4f})."
+            )
+    return out
+
+
+def interpretation(runs: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
+    """Sentences computed from the runs; comparisons the grid does not allow are named
+    as absent, and nothing is claimed about a spread from one seed."""
     ok = runs[runs["status"] == "OK"]
+    statuses = runs["status"].value_counts().to_dict()
+    status_line = "Run statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
+    if ok.empty:
+        return [f"No run finished OK, so there is nothing to compare. {status_line}."]
+    out = _gap_sentences(ok, gaps)
     wide = ok.pivot_table(
         index=["mode", "inner_steps", "seed"], columns="backend", values="final_acc"
     )
     others = [b for b in wide.columns if b != "reference"] if "reference" in wide.columns else []
     for backend in others:
         diff = (wide["reference"] - wide[backend]).abs().max()
+        if diff != diff:  # no cell ran on both
+            out.append(f"No cell finished OK on both reference and {backend}.")
+            continue
         spread = summary["final_acc_std"].max()
+        against = (
+            "with one seed per cell there is no seed-to-seed spread to compare it with"
+            if spread != spread
+            else f"against a largest seed-to-seed std of {spread:.4f} "
+            f"({'within' if diff <= spread else 'OUTSIDE'} the spread)"
+        )
         out.append(
             f"Backends agree: the largest |reference − {backend}| final accuracy over "
-            f"all cells is {diff:.2e}, against a largest seed-to-seed std of "
-            f"{spread:.4f} ({'within' if diff <= spread else 'OUTSIDE'} the spread)."
+            f"the cells run on both is {diff:.2e}, {against}."
         )
+    if len(wide.columns) == 1:
+        out.append(f"One backend ({wide.columns[0]}): no comparison between backends.")
     fo = ok.pivot_table(
         index=["backend", "inner_steps", "seed"], columns="mode", values="final_acc"
     )
@@ -123,7 +160,11 @@ def interpretation(runs: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame
     for (backend, k), (seed_full, seed_fo) in SEED_LONG_RUN_ACC.items():
         cell = summary[(summary["backend"] == backend) & (summary["inner_steps"] == k)]
         by_mode = cell.set_index("mode")
-        if {"FULL", "FO"} <= set(by_mode.index) and runs["outer_steps"].iloc[0] == 1000:
+        if (
+            {"FULL", "FO"} <= set(by_mode.index)
+            and runs["outer_steps"].iloc[0] == 1000
+            and by_mode["n_seeds"].min() >= 2
+        ):
             d_full = by_mode.loc["FULL", "final_acc_mean"] - seed_full
             d_fo = by_mode.loc["FO", "final_acc_mean"] - seed_fo
             spread = by_mode["final_acc_std"].max()
@@ -137,14 +178,15 @@ def interpretation(runs: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame
         f"The {len(runs)} runs took {wall:.0f} s of run wall time in all "
         f"({wall / 60:.1f} min, process start-up excluded)."
     )
-    statuses = runs["status"].value_counts().to_dict()
-    out.append("Run statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) + ".")
+    out.append(status_line + ".")
     return out
 
 
 def build_report(folder: str | Path) -> Path:
     folder = Path(folder)
     runs = load_runs(folder)
+    if runs.empty:
+        raise ValueError(f"{folder / 'runs.csv'} holds no runs yet: run the sweep first")
     summary = summarize(runs)
     gaps = full_minus_fo(runs)
     summary.to_csv(folder / "summary.csv", index=False)
@@ -152,25 +194,29 @@ def build_report(folder: str | Path) -> Path:
 
     figdir = folder / "figures"
     figdir.mkdir(exist_ok=True)
-    figures = [
-        metric_vs_inner_steps(
-            runs, "final_acc", "final query accuracy", figdir / "acc_vs_inner_steps.png"
-        ),
-        metric_vs_inner_steps(
-            runs,
-            "attn_grad_norm",
-            "attention meta-gradient norm",
-            figdir / "attn_grad_norm_vs_inner_steps.png",
-        ),
-        full_minus_fo_gap(gaps, figdir / "full_minus_fo_gap.png"),
-    ]
+    figures = []
+    if (runs["status"] == "OK").any():
+        figures += [
+            metric_vs_inner_steps(
+                runs, "final_acc", "final query accuracy", figdir / "acc_vs_inner_steps.png"
+            ),
+            metric_vs_inner_steps(
+                runs,
+                "attn_grad_norm",
+                "attention meta-gradient norm",
+                figdir / "attn_grad_norm_vs_inner_steps.png",
+            ),
+        ]
+    if not gaps.empty:
+        figures.append(full_minus_fo_gap(gaps, figdir / "full_minus_fo_gap.png"))
     histories = load_histories(folder, runs)
     if len(histories):
         figures.append(training_curves(histories, figdir / "training_curves.png"))
-
-    sweep = folder / "sweep.json"
-    config = json.loads(sweep.read_text()) if sweep.exists() else {}
     first = runs.iloc[0]
+
+    def values(column: str) -> str:
+        return ", ".join(map(str, sorted(runs[column].unique())))
+
     lines = [
         f"# Phase 12 report: {folder.name}",
         "",
@@ -178,10 +224,8 @@ def build_report(folder: str | Path) -> Path:
         "",
         "## Configuration",
         "",
-        f"* grid: modes {', '.join(config.get('modes', sorted(runs['mode'].unique())))}; "
-        f"backends {', '.join(config.get('backends', sorted(runs['backend'].unique())))}; "
-        f"k {', '.join(map(str, sorted(runs['inner_steps'].unique())))}; "
-        f"seeds {', '.join(map(str, sorted(runs['seed'].unique())))}",
+        f"* grid (the runs in this folder): modes {values('mode')}; backends "
+        f"{values('backend')}; k {values('inner_steps')}; seeds {values('seed')}",
         f"* {first['outer_steps']} outer steps, meta-batch {first['meta_batch']}, inner lr "
         f"{first['inner_lr']}, Adam lr {first['outer_lr']}, T {first['seq_len']}, "
         f"{first['num_signal_positions']} signal positions, {first['dtype']}",

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from phase12.schema import RUNS_CSV
+
 CELL = ["backend", "mode", "inner_steps"]
 SUMMARY_METRICS = [
     "final_acc",
@@ -21,8 +23,22 @@ SUMMARY_METRICS = [
 
 
 def load_runs(folder: str | Path) -> pd.DataFrame:
-    """The sweep's runs.csv; the combined attention grad norm is derived if absent."""
-    runs = pd.read_csv(Path(folder) / "runs.csv")
+    """The sweep's runs.csv; the combined attention grad norm is derived if absent.
+
+    ValueError, naming the file and the fix, for a file that does not parse or ends in a
+    partial line (pandas would read the fragment as a row of blanks)."""
+    path = Path(folder) / RUNS_CSV
+    if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        raise ValueError(
+            f"{path} ends in a partial line (a write cut short); the next sweep or run into "
+            "this folder moves it aside, or delete the last line"
+        )
+    try:
+        runs = pd.read_csv(path)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ValueError(f"{path} is not a runs.csv this program wrote ({type(e).__name__})") from e
+    if "status" not in runs or "run_id" not in runs:
+        raise ValueError(f"{path} is not a runs.csv this program wrote (no status/run_id column)")
     if "attn_grad_norm" not in runs:
         runs["attn_grad_norm"] = (
             runs[["attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v"]] ** 2
@@ -44,16 +60,26 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def full_minus_fo(runs: pd.DataFrame, metric: str = "final_acc") -> pd.DataFrame:
-    """FULL - FO of `metric` per (backend, inner_steps), paired by seed.
+GAP_COLUMNS = ["backend", "inner_steps", "n_seeds", "gap_mean", "gap_std", "spread"]
 
-    Columns: backend, inner_steps, gap_mean, gap_std (over seeds of the paired gap),
-    spread (the larger seed-to-seed std of FULL and of FO), exceeds_spread.
+
+def full_minus_fo(runs: pd.DataFrame, metric: str = "final_acc") -> pd.DataFrame:
+    """FULL - FO of `metric` per (backend, inner_steps), paired by seed (seeds where both
+    finished OK).
+
+    Columns: backend, inner_steps, n_seeds (pairs), gap_mean, gap_std (over seeds of the
+    paired gap), spread (the larger seed-to-seed std of FULL and of FO), exceeds_spread
+    (NA with fewer than two seeds: no spread to compare with). No rows when the grid has
+    no such pair.
     """
     ok = runs[runs["status"] == "OK"]
     wide = ok.pivot_table(index=["backend", "inner_steps", "seed"], columns="mode", values=metric)
-    gap = (wide["FULL"] - wide["FO"]).rename("gap").reset_index()
-    stats = gap.groupby(["backend", "inner_steps"])["gap"].agg(gap_mean="mean", gap_std="std")
+    if not {"FULL", "FO"} <= set(wide.columns):
+        return pd.DataFrame(columns=[*GAP_COLUMNS, "exceeds_spread"])
+    gap = (wide["FULL"] - wide["FO"]).dropna().rename("gap").reset_index()
+    stats = gap.groupby(["backend", "inner_steps"])["gap"].agg(
+        n_seeds="count", gap_mean="mean", gap_std="std"
+    )
     spread = (
         ok[ok["mode"].isin(["FULL", "FO"])]
         .groupby(["backend", "inner_steps", "mode"])[metric]
@@ -63,5 +89,6 @@ def full_minus_fo(runs: pd.DataFrame, metric: str = "final_acc") -> pd.DataFrame
         .rename("spread")
     )
     out = stats.join(spread).reset_index()
-    out["exceeds_spread"] = out["gap_mean"].abs() > out["spread"]
+    exceeds = out["gap_mean"].abs() > out["spread"]
+    out["exceeds_spread"] = exceeds.astype("boolean").where(out["n_seeds"] >= 2)
     return out

@@ -18,6 +18,7 @@ All three compute the same numbers (exact to the rounding of their dtype).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -125,4 +126,31 @@ def device_for(config: RunConfig) -> torch.device:
     reason = get(config.backend).cannot_run(config, device)
     if reason is not None:
         raise ConfigError(f"backend {config.backend} cannot run here: {reason}", "backend")
+    _check_memory(config, device)
     return device
+
+
+def _check_memory(config: RunConfig, device: torch.device) -> None:
+    """Refuse sizes whose inputs alone cannot fit (a lower bound, not an estimate): one
+    meta-batch of task tensors on the device, the per-step history on the host."""
+    itemsize = config.torch_dtype.itemsize
+    examples = config.meta_batch * (config.shots + config.queries)
+    tasks = examples * config.seq_len * config.dim * itemsize
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if tasks > memory:
+        raise ConfigError(
+            f"meta_batch {config.meta_batch} needs {tasks / 2**30:.0f} GiB for one meta-batch "
+            f"of task tensors alone; the {device.type} has {memory / 2**30:.0f} GiB",
+            "meta_batch",
+        )
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    history = config.outer_steps * 5 * 8 * 2  # device history and its float64 host copy
+    if history > host:
+        raise ConfigError(
+            f"outer_steps {config.outer_steps} needs {history / 2**30:.0f} GiB of per-step "
+            f"history; the host has {host / 2**30:.0f} GiB",
+            "outer_steps",
+        )

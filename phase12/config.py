@@ -50,6 +50,7 @@ class Mode(str, Enum):
 MODES = tuple(m.value for m in Mode)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CUDA_GRAPH = ("auto", "on", "off")
+MAX_SEED = 2**62  # torch.Generator takes 64 bits; the probes add offsets to the seed
 
 
 def _option(default, help: str, *, flag: str | None = None, choices=None):
@@ -148,8 +149,8 @@ def _check_fields(c: RunConfig) -> None:
             f"query token); got {c.signal_positions} with seq_len {c.seq_len}",
             "signal_positions",
         )
-    if c.seed < 0:
-        raise ConfigError(f"seed must be >= 0; got {c.seed}", "seed")
+    if not 0 <= c.seed <= MAX_SEED:
+        raise ConfigError(f"seed must be in 0..2**62; got {c.seed}", "seed")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -7,6 +7,11 @@
 * `save_run`: a run's files in a results folder, the row last:
 
       DIR/runs.csv (one row per run), DIR/history/RUN.csv (per step), DIR/meta/RUN.json
+
+* `FolderLock`: the one writer of a results folder (an OS-level lock held for a whole
+  sweep or run; a second writer is refused at once, told who holds it).
+* A runs.csv that ends in a partial line (a full disk, a copy cut short) is repaired
+  before anything is appended: the fragment moves to a side file (`repair_torn_tail`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,13 @@ import io
 import json
 import math
 import os
+import socket
+import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
+
+import filelock
 
 from phase12.schema import HISTORY_COLUMNS, RUN_COLUMNS, RUNS_CSV, RunResult
 
@@ -39,12 +49,19 @@ def format_row(row: Mapping, columns: list[str] = RUN_COLUMNS) -> str:
 
 
 def check_columns(path: str | Path, columns: list[str] = RUN_COLUMNS) -> None:
-    """Raise ValueError if the CSV at `path` exists with a header other than `columns`."""
+    """Raise ValueError if the CSV at `path` exists with a header other than `columns`
+    (or is not a text CSV at all)."""
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return
-    with open(path, newline="") as f:
-        header = next(csv.reader(f), [])
+    try:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(
+            f"{path} is not a CSV this program wrote ({type(e).__name__}); move it away or "
+            "write to a new folder or tag"
+        ) from e
     if header != list(columns):
         raise ValueError(
             f"{path} has other columns than this version writes (an older version's "
@@ -52,14 +69,37 @@ def check_columns(path: str | Path, columns: list[str] = RUN_COLUMNS) -> None:
         )
 
 
+def repair_torn_tail(path: str | Path) -> Path | None:
+    """If the file at `path` ends in a partial line (no final newline), move that
+    fragment to a side file PATH.torn-TIME, cut it off, say so on stderr, and return
+    the side file; None if the file is whole (or absent)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return None
+        cut = data.rfind(b"\n") + 1
+        side = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+        side.write_bytes(data[cut:])
+        f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
+    print(f"warning: {path} ended in a partial line; moved it to {side}", file=sys.stderr)
+    return side
+
+
 def append_row(path: str | Path, row: Mapping, columns: list[str] = RUN_COLUMNS) -> None:
-    """Append `row` to the CSV at `path` atomically (header first if the file is new)."""
+    """Append `row` to the CSV at `path` atomically (header first if the file is new;
+    a torn last line is moved aside first, see repair_torn_tail)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             check_columns(path, columns)
+            repair_torn_tail(path)
             new = not path.exists() or path.stat().st_size == 0
             text = format_row(dict(zip(columns, columns, strict=True)), columns) if new else ""
             text += format_row(row, columns)
@@ -118,3 +158,73 @@ def finished_run_ids(folder: Path) -> set[str]:
         return set()
     with open(path, newline="") as f:
         return {row["run_id"] for row in csv.DictReader(f)}
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a runs.csv (none if absent); ValueError naming the path and the fix if
+    it is not this version's CSV or ends in a partial line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    check_columns(path)
+    if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        raise ValueError(
+            f"{path} ends in a partial line (a write cut short); the next sweep or run into "
+            "this folder moves it aside, or delete the last line"
+        )
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def rewrite_rows(path: str | Path, rows: list[Mapping], columns: list[str] = RUN_COLUMNS) -> None:
+    """Replace the CSV at `path` with `rows` (header first), atomically."""
+    header = format_row(dict(zip(columns, columns, strict=True)), columns)
+    write_atomic(path, header + "".join(format_row(r, columns) for r in rows))
+
+
+class FolderBusy(ValueError):
+    """Another process is writing the results folder (the message names it)."""
+
+
+class FolderLock:
+    """The one writer of a results folder, for a `with` block: an OS-level lock on
+    DIR/.writer.lock, the holder (pid, host, start, command) in DIR/.writer.json.
+
+    Creates the folder (so an unwritable one fails here, before any work). A second
+    writer raises FolderBusy at once instead of waiting. The OS drops the lock when the
+    holder dies, so a killed sweep never leaves the folder locked.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._lock = filelock.FileLock(self.folder / ".writer.lock")
+
+    def __enter__(self) -> FolderLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        info = self.folder / ".writer.json"
+        try:
+            self._lock.acquire(timeout=0)
+        except filelock.Timeout:
+            try:
+                h = json.loads(info.read_text())
+                who = f"pid {h['pid']} on {h['host']} since {h['started']} ({h['command']})"
+            except (OSError, ValueError, KeyError):
+                who = "another process"
+            raise FolderBusy(
+                f"{self.folder} is being written by {who}; wait for it to finish, or use "
+                "another folder or tag"
+            ) from None
+        write_json(
+            info,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(sys.argv),
+            },
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        (self.folder / ".writer.json").unlink(missing_ok=True)
+        self._lock.release()

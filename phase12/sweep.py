@@ -8,7 +8,13 @@ Layout of a sweep folder (the same as a single run's --out):
     runs.csv          one row per finished run (phase12.schema.RUN_COLUMNS)
     history/RUN.csv   per-step loss, accuracy, attention meta-gradient norms
     meta/RUN.json     config, versions, device, commit
-    sweep.json        the grid
+    sweep.json        the settings (every RunConfig field but the grid axes and the
+                      device) and the grid values run into the folder so far
+    errors.csv        rows of ERROR runs that were retried (kept for the record)
+
+One writer per folder: the sweep holds an OS-level lock on it from start to end
+(phase12.io.FolderLock). Resuming with other settings is refused (a new tag, or
+`restart`, which moves the old results aside to TAG.replaced-TIME; nothing is deleted).
 
 With several devices (`--devices`, default: every visible GPU), one runner per
 device runs cells (a thread of this process for the first device, a worker process
@@ -16,17 +22,20 @@ for each other one) and this process alone writes the CSV. A run's row is append
 (atomically) only after its history and metadata are on disk, so re-running the same
 sweep resumes: cells with a row are skipped, a run that was interrupted has no row and
 is redone, and runs.csv always parses. A cell that fails records status ERROR and its
-error, and the sweep goes on.
+error, and the sweep goes on; the next run of the same sweep retries it.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,20 +43,38 @@ import torch
 from tqdm import tqdm
 
 from phase12.backends import device_for
-from phase12.config import Mode, RunConfig, resolve_device
-from phase12.io import finished_run_ids, save_run, write_json
+from phase12.config import ConfigError, Mode, RunConfig, resolve_device
+from phase12.io import (
+    FolderLock,
+    append_row,
+    read_rows,
+    repair_torn_tail,
+    rewrite_rows,
+    save_run,
+    write_json,
+)
 from phase12.provenance import run_metadata
-from phase12.schema import RunResult
+from phase12.schema import RUNS_CSV, STATUS_ERROR, RunResult
 from phase12.train import failed_result, run_experiments
+
+GRID_FIELDS = ("mode", "backend", "inner_steps", "seed")
+AXES = {"mode": "modes", "backend": "backends", "inner_steps": "inner_steps", "seed": "seeds"}
 
 
 @dataclass(frozen=True)
 class SweepSpec:
+    """A grid: every combination of the axes, the other fields from `base`. Repeated
+    values of an axis count once."""
+
     base: RunConfig
     modes: tuple[str, ...] = ("FULL", "FO", "FO_STRICT")
-    backends: tuple[str, ...] = ("reference", "triton_fused")
+    backends: tuple[str, ...] = ("reference",)
     inner_steps: tuple[int, ...] = (1, 5, 10, 20)
     seeds: tuple[int, ...] = (0, 1)
+
+    def __post_init__(self):
+        for axis in AXES.values():
+            object.__setattr__(self, axis, tuple(dict.fromkeys(getattr(self, axis))))
 
     def configs(self) -> list[RunConfig]:
         return [
@@ -96,8 +123,12 @@ def _serve(runner: int, device: str, tasks, results, keep_going=lambda: True) ->
 
 
 def _worker(runner: int, device: str, parent: int, tasks, results) -> None:
-    """A worker process: serves until the queue ends or its parent is gone."""
-    _serve(runner, device, tasks, results, keep_going=lambda: os.getppid() == parent)
+    """A worker process: serves until the queue ends or its parent is gone. Ctrl-C
+    reaches it with the parent; the parent says so, the worker just stops."""
+    try:
+        _serve(runner, device, tasks, results, keep_going=lambda: os.getppid() == parent)
+    except KeyboardInterrupt:
+        pass
 
 
 def _run_groups_on_workers(groups: list[list[RunConfig]], devices: Sequence[str]):
@@ -160,6 +191,55 @@ def _failed_group(configs: list[RunConfig], error: BaseException) -> list[tuple[
     return _with_metadata([failed_result(c, error) for c in configs], configs)
 
 
+def settings(base: RunConfig) -> dict:
+    """What defines a sweep's results: every RunConfig field but the grid axes and the
+    device, as JSON values."""
+    fields = {k: v for k, v in asdict(base).items() if k not in (*GRID_FIELDS, "device")}
+    return json.loads(json.dumps(fields))
+
+
+def _open_folder(folder: Path, spec: SweepSpec, restart: bool) -> tuple[set[str], int]:
+    """Make `folder` ready for `spec` (the caller holds its lock): refuse other settings
+    unless `restart` (then move the old results aside), repair a torn runs.csv, move
+    ERROR rows to errors.csv so their cells run again, record the settings and grid.
+    Returns (run_ids with a kept row, number of ERROR rows moved)."""
+    record = folder / "sweep.json"
+    old = json.loads(record.read_text()) if record.exists() else None
+    if old is not None:
+        # sweep.json of earlier versions: {"base": {...}, "modes": [...], ...}
+        before = old.get("settings") or settings(RunConfig(**old["base"]))
+        now = settings(spec.base)
+        changed = [
+            f"{k} {before.get(k)!r} there, {v!r} now" for k, v in now.items() if before.get(k) != v
+        ]
+        if changed and not restart:
+            raise ConfigError(
+                f"{folder} holds results with other settings ({'; '.join(changed)}); use a "
+                "new tag, or restart the sweep, which moves the old results aside"
+            )
+    if restart and any(p.name not in (".writer.lock", ".writer.json") for p in folder.iterdir()):
+        aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside.mkdir()
+        for p in folder.iterdir():
+            if p.name not in (".writer.lock", ".writer.json"):
+                p.rename(aside / p.name)
+        print(f"moved the earlier results of {folder} to {aside}", file=sys.stderr)
+        old = None
+    runs_csv = folder / RUNS_CSV
+    repair_torn_tail(runs_csv)
+    rows = read_rows(runs_csv)
+    errors = [r for r in rows if r["status"] == STATUS_ERROR]
+    if errors:
+        for r in errors:
+            append_row(folder / "errors.csv", r)
+        rewrite_rows(runs_csv, [r for r in rows if r["status"] != STATUS_ERROR])
+    grid = {axis: list(getattr(spec, axis)) for axis in AXES.values()}
+    for axis, values in (old or {}).get("grid", {}).items():
+        grid[axis] = list(dict.fromkeys([*values, *grid[axis]]))
+    write_json(record, {"settings": settings(spec.base), "grid": grid})
+    return {r["run_id"] for r in rows if r["status"] != STATUS_ERROR}, len(errors)
+
+
 def run_sweep(
     spec: SweepSpec,
     folder: Path,
@@ -167,32 +247,41 @@ def run_sweep(
     progress: bool = True,
     batch_seeds: bool = True,
     devices: Sequence[str] | None = None,
+    restart: bool = False,
+    announce: Callable[[str], None] = print,
 ) -> dict[str, int]:
     """Run every unfinished cell of `spec` into `folder`; returns counts by status.
 
     With `batch_seeds`, the unfinished seeds of one (backend, mode, k) cell train as one
     seed-batched computation (phase12.train.run_experiments). With several
     `devices`, one runner per device runs cells (a thread here for the first, a worker
-    process for each other); this process alone writes.
+    process for each other); this process alone writes. Before any work: every cell is
+    checked (ConfigError), the folder is locked (FolderBusy if another process writes
+    it), and its settings must be `spec`'s unless `restart` (ConfigError). `announce`
+    gets one line saying what will run.
     """
     configs = spec.configs()
     for config in configs:
         device_for(config)  # every cell is checked before any runs
     for device in devices or ():
         device_for(spec.base.replace(device=device))
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(
-        folder / "sweep.json",
-        {
-            "base": asdict(spec.base),
-            "modes": spec.modes,
-            "backends": spec.backends,
-            "inner_steps": spec.inner_steps,
-            "seeds": spec.seeds,
-        },
-    )
-    done = finished_run_ids(folder)
-    todo = [c for c in configs if c.run_id not in done]
+    with FolderLock(folder):
+        done, retried = _open_folder(folder, spec, restart)
+        todo = [c for c in configs if c.run_id not in done]
+        where = ", ".join(devices) if devices else str(device_for(spec.base))
+        announce(
+            f"sweep {folder}: {len(configs)} runs ({', '.join(spec.backends)} x "
+            f"{', '.join(map(str, spec.modes))} x k {', '.join(map(str, spec.inner_steps))} x "
+            f"seeds {', '.join(map(str, spec.seeds))}); {len(configs) - len(todo)} done, "
+            f"{len(todo)} to run on {where}"
+            + (f" ({retried} that ended in ERROR run again)" if retried else "")
+        )
+        skipped = len(configs) - len(todo)
+        return _run_todo(todo, folder, progress, batch_seeds, devices, skipped)
+
+
+def _run_todo(todo, folder, progress, batch_seeds, devices, skipped: int) -> dict[str, int]:
+    """Run the groups of `todo` and write each run's files as its group finishes."""
     groups: dict[RunConfig, list[RunConfig]] = {}
     for c in todo:
         groups.setdefault(c.replace(seed=0) if batch_seeds else c, []).append(c)
@@ -204,7 +293,7 @@ def run_sweep(
         if devices:
             groups = {k: [c.replace(device=devices[0]) for c in g] for k, g in groups.items()}
         finished = ((g, _run_group(g)) for g in groups.values())
-    counts = {"skipped": len(configs) - len(todo)}
+    counts = {"skipped": skipped}
     with tqdm(
         total=len(todo), desc=f"sweep {folder.name}", unit="run", disable=not progress
     ) as bar:

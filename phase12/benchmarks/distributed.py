@@ -57,7 +57,7 @@ def sharding_rows(
             out = _run(
                 [sys.executable, *launcher, f"--nproc-per-node={nproc}", "-m", "phase12"]
                 + [*run_flags, "--meta-batch", str(meta_batch), "--backend", backend]
-                + ["--device", device, "--json", "--no-progress"]
+                + ["--device", device, "--json", "--no-progress", "--no-save"]
             )
             runs[nproc] = json.loads(out.strip().splitlines()[-1])
         one = runs[1]

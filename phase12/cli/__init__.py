@@ -18,16 +18,27 @@ import sys
 SUBCOMMANDS = ("sweep", "risk", "report", "pipeline", "bench")
 
 
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "bench":
-        from phase12.cli import bench
+    try:
+        if argv and argv[0] == "bench":
+            from phase12.cli import bench
 
-        return bench.main(argv[1:])
-    if argv and argv[0] in SUBCOMMANDS:
-        from phase12.cli import sweep
+            return bench.main(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            from phase12.cli import sweep
 
-        return sweep.main(argv[0], argv[1:])
-    from phase12.cli import single
+            return sweep.main(argv[0], argv[1:])
+        from phase12.cli import single
 
-    return single.main(argv)
+        return single.main(argv)
+    except KeyboardInterrupt:
+        # Rows are appended whole and runs.csv parses at any moment: what finished is kept.
+        print(
+            "interrupted: finished runs are saved; the same command resumes a sweep",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED

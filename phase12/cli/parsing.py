@@ -94,20 +94,22 @@ def add_config_flags(
         parser.flags[name] = _flag(name)
 
 
-def add_grid_flags(parser: ArgumentParser, defaults: dict[str, tuple]) -> None:
-    """The sweep's axes as comma lists (--modes, --backends, --k, --seeds)."""
+def add_grid_flags(parser: ArgumentParser, defaults: dict[str, tuple | str]) -> None:
+    """The sweep's axes as comma lists (--modes, --backends, --k, --seeds); a default
+    that is a string describes a default the command picks itself."""
     for name, flag in GRID_FLAGS.items():
         f = FIELDS[name]
         help, _, choices = option_help(f)
         choices = choices or CHOICES.get(name)
         kind = str if isinstance(f.default, str) else type(f.default)
-        shown = ",".join(map(str, defaults[name]))
+        default = defaults[name]
+        shown = default if isinstance(default, str) else ",".join(map(str, default))
         parser.add_argument(
             flag,
             dest=name,
             metavar=flag[2:].upper(),
             type=csv_list(kind, choices),
-            default=defaults[name],
+            default=None if isinstance(default, str) else default,
             help=f"comma-separated; {help} (default {shown})",
         )
         parser.flags[name] = flag

@@ -1,9 +1,15 @@
-"""One run: `python run.py --mode FULL --k 20 [--out DIR] [--json]`."""
+"""One run: `python run.py --mode FULL --k 20 [--out DIR | --no-save] [--json]`.
+
+The run's files go to runs/TIME_RUNID/ unless --out names a folder (runs.csv appended)
+or --no-save; the folder is locked and checked for writing before any training.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -19,7 +25,7 @@ from phase12.cli.parsing import (
 )
 from phase12.config import ConfigError
 from phase12.distributed import init_world, local_device
-from phase12.io import check_columns, save_run
+from phase12.io import FolderBusy, FolderLock, check_columns, save_run
 from phase12.provenance import run_metadata
 from phase12.schema import RUNS_CSV, STATUS_NONFINITE, STATUS_OK, RunResult
 from phase12.train import run_experiment
@@ -32,12 +38,14 @@ def parser() -> ArgumentParser:
         "(python run.py SUBCOMMAND --help).",
     )
     add_config_flags(p)
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="directory for runs.csv (appended), history/ and meta/ (default: none)",
+        help="folder for runs.csv (appended), history/ and meta/ (default: runs/TIME_RUNID)",
     )
+    where.add_argument("--no-save", action="store_true", help="write no files")
     p.add_argument(
         "--json",
         action="store_true",
@@ -47,26 +55,32 @@ def parser() -> ArgumentParser:
     return p
 
 
-def summary_text(result: RunResult) -> str:
-    """The few lines printed at the end of a run."""
+def summary_text(result: RunResult, window: int) -> str:
+    """The few lines printed at the end of a run, in words a newcomer can read; `window`
+    is the number of outer steps the final metrics average."""
     r = result.row
     lines = [f"{r['run_id']}: status {r['status']}" + (f" ({r['error']})" if r["error"] else "")]
     if r.get("final_acc") is not None:
         lines.append(
-            f"  final acc {r['final_acc']:.4f}  final loss {r['final_loss']:.4f}  "
-            f"convergence delta {r['convergence_delta']:.4f}"
+            f"  query accuracy {r['final_acc']:.4f}, loss {r['final_loss']:.4f} (means over "
+            f"the last {window} outer steps; the loss fell by {r['convergence_delta']:.4f} "
+            f"from the first {window})"
         )
+        probe = r.get("rel_diff_probe")
         lines.append(
-            f"  attention meta-grad norms q {r['attn_grad_norm_q']:.3e} "
-            f"k {r['attn_grad_norm_k']:.3e} v {r['attn_grad_norm_v']:.3e}  "
-            "rel_diff_probe (FULL vs FO) "
-            + ("n/a" if r.get("rel_diff_probe") is None else f"{r['rel_diff_probe']:.4f}")
+            f"  attention meta-gradient norms: Wq {r['attn_grad_norm_q']:.3e}, "
+            f"Wk {r['attn_grad_norm_k']:.3e}, Wv {r['attn_grad_norm_v']:.3e}"
         )
+        if probe is not None:
+            lines.append(
+                "  second-order part of the meta-gradient on a fresh task, "
+                f"|g_FULL - g_FO| / |g_FULL|: {probe:.4f}"
+            )
         mem = r.get("peak_cuda_mem_bytes")
         lines.append(
             f"  {r['mean_outer_step_time_s'] * 1e3:.1f} ms per outer step, "
-            f"{r['wall_time_total_s']:.1f} s total on {r['device_name']}"
-            + (f", peak CUDA memory {mem / 2**20:.1f} MiB" if mem else "")
+            f"{r['wall_time_total_s']:.1f} s in all, on {r['device_name']}"
+            + (f"; peak CUDA memory {mem / 2**20:.1f} MiB" if mem else "")
         )
     return "\n".join(lines)
 
@@ -86,26 +100,40 @@ def main(argv: list[str]) -> int:
                 f"use a multiple of {ranks}",
                 "meta_batch",
             )
-        if args.out is not None and args.out.exists():
-            if not args.out.is_dir():
-                raise ConfigError(f"--out {args.out} exists and is not a directory")
-            check_columns(args.out / RUNS_CSV)
-    except ValueError as e:  # ConfigError is a ValueError
+        out = None if args.no_save or not main_rank else args.out
+        if out is None and not args.no_save and main_rank:
+            out = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}_{config.run_id}"
+        if out is not None and out.exists():
+            if not out.is_dir():
+                raise ConfigError(f"--out {out} exists and is not a folder")
+            check_columns(out / RUNS_CSV)
+        folder = ExitStack()
+        if out is not None:  # creates the folder: an unwritable one fails here, not after
+            folder.enter_context(FolderLock(out))
+    except (ValueError, FolderBusy) as e:  # ConfigError is a ValueError
         return p.bad_input(e) if main_rank else EXIT_BAD_INPUT
-    world = init_world(device)
-    try:
-        result = run_experiment(
-            config, progress=world.is_main and not args.no_progress, world=world
-        )
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if world.is_main:
-        if args.out is not None:
-            save_run(args.out, result, run_metadata(config, device))
-        print(summary_text(result))
+    except OSError as e:  # the folder cannot be made or written
+        return p.bad_input(ConfigError(f"--out: cannot write to {e.filename}: {e.strerror}"))
+    with folder:
+        result = _train(config, device, progress=main_rank and not args.no_progress)
+        if out is not None:
+            save_run(out, result, run_metadata(config, device))
+    if main_rank:
+        print(summary_text(result, config.metric_window))
+        if out is not None:
+            print(f"saved to {out}")
         if args.json:
             print(json.dumps(result.row, default=str))
     if result.status == STATUS_OK:
         return 0
     return EXIT_NONFINITE if result.status == STATUS_NONFINITE else EXIT_FAILED
+
+
+def _train(config, device, progress: bool) -> RunResult:
+    """The run, on this rank's share of the meta-batch when launched by torchrun."""
+    world = init_world(device)
+    try:
+        return run_experiment(config, progress=progress, world=world)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

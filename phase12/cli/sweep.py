@@ -6,12 +6,14 @@ All of them work in one folder per sweep, ROOT/TAG (default runs/<timestamp>).
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import time
 from pathlib import Path
 
 import torch
 
-from phase12.backends import device_for
+from phase12.backends import NAMES, device_for
 from phase12.cli.parsing import (
     FIELDS,
     GRID_FLAGS,
@@ -20,8 +22,8 @@ from phase12.cli.parsing import (
     add_grid_flags,
     config_from_args,
 )
-from phase12.config import MODES, ConfigError
-from phase12.io import check_columns, write_atomic
+from phase12.config import MODES, ConfigError, resolve_device
+from phase12.io import FolderBusy, check_columns, write_atomic
 from phase12.schema import RISK_CSV, RUNS_CSV
 from phase12.sweep import SweepSpec, run_sweep
 
@@ -33,10 +35,17 @@ DESCRIPTIONS = {
 }
 GRID_DEFAULTS = {
     "mode": MODES,
-    "backend": ("reference", "triton_fused"),
+    "backend": "every backend on CUDA, reference on the CPU",  # see default_backends
     "inner_steps": (1, 5, 10, 20),
     "seed": (0, 1),
 }
+TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def default_backends(device: str) -> tuple[str, ...]:
+    """Every backend on CUDA; reference on the CPU (the Triton backends need CUDA, or
+    TRITON_INTERPRET=1 and a lot of patience)."""
+    return NAMES if resolve_device(device).type == "cuda" else ("reference",)
 
 
 def parser(name: str) -> ArgumentParser:
@@ -53,6 +62,13 @@ def parser(name: str) -> ArgumentParser:
     if name == "report":
         return p
     add_grid_flags(p, GRID_DEFAULTS)
+    if name in ("sweep", "pipeline"):
+        p.add_argument(
+            "--restart",
+            action="store_true",
+            help="start the tag afresh: its earlier results move aside to TAG.replaced-TIME "
+            "(nothing is deleted); needed to run other settings into a tag",
+        )
     add_config_flags(p, [n for n in FIELDS if n not in GRID_FLAGS], defaults={"outer_steps": 500})
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -76,12 +92,26 @@ def parser(name: str) -> ArgumentParser:
     return p
 
 
+def check_folder(root: Path, tag: str) -> Path:
+    """ROOT/TAG, with TAG a plain name and ROOT a folder (or absent). Raises ConfigError."""
+    if not TAG.fullmatch(tag):
+        raise ConfigError(
+            f"--tag {tag!r} is not a plain name: use letters, digits, '.', '_' and '-' "
+            "(no '/', not starting with '.')"
+        )
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--root {root} exists and is not a folder")
+    return root / tag
+
+
 def _spec(args: argparse.Namespace, check_cells: bool) -> SweepSpec:
     """The sweep of `args`, checked before any work. Raises ConfigError."""
+    check_folder(args.root, args.tag)
+    base = config_from_args(args, exclude=GRID_FLAGS)
     spec = SweepSpec(
-        base=config_from_args(args, exclude=GRID_FLAGS),
+        base=base,
         modes=args.mode,
-        backends=args.backend,
+        backends=args.backend or default_backends(base.device),
         inner_steps=args.inner_steps,
         seeds=args.seed,
     )
@@ -96,7 +126,19 @@ def _spec(args: argparse.Namespace, check_cells: bool) -> SweepSpec:
         check_columns(args.root / args.tag / RUNS_CSV)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    _check_writable(args.root / args.tag)
     return spec
+
+
+def _check_writable(folder: Path) -> None:
+    """Make `folder` and write a file in it, or raise ConfigError (before any work)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to {e.filename or folder}: {e.strerror}") from e
 
 
 def _sweep(args, spec: SweepSpec) -> int:
@@ -110,6 +152,7 @@ def _sweep(args, spec: SweepSpec) -> int:
         progress=not args.no_progress,
         batch_seeds=not args.no_batch_seeds,
         devices=devices,
+        restart=args.restart,
     )
     print(f"sweep {folder}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return 0
@@ -143,17 +186,22 @@ def main(name: str, argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         if name == "report":
-            if not (args.root / args.tag / RUNS_CSV).exists():
-                raise ConfigError(f"no runs.csv in {args.root / args.tag}: run the sweep first")
+            folder = check_folder(args.root, args.tag)
+            if not (folder / RUNS_CSV).exists():
+                raise ConfigError(f"no runs.csv in {folder}: run the sweep first")
         else:
             spec = _spec(args, check_cells=name != "risk")
-    except ConfigError as e:
+        if name == "report":
+            return _report(args)  # a CSV it cannot read: ValueError, nothing written
+        if name == "risk":
+            return _risk(args, spec)
+        status = _sweep(args, spec)
+    except (ConfigError, FolderBusy) as e:  # raised before any work
         return p.bad_input(e)
-    if name == "report":
-        return _report(args)
-    if name == "risk":
-        return _risk(args, spec)
-    status = _sweep(args, spec)
+    except ValueError as e:
+        if name != "report":
+            raise
+        return p.bad_input(e)
     if name == "pipeline":
         status = max(status, _risk(args, spec))
         _report(args)

@@ -89,7 +89,7 @@ def test_first_run_of_a_fresh_process_on_an_explicit_device():
 def test_torchrun_on_two_gpus_equals_one_gpu_with_graphs(tmp_path):
     """NCCL all-reduce inside the captured step: 2 ranks give the 1-process run."""
     args = ["--k", "3", "--meta-batch", "8", "--outer-steps", "20", "--no-progress"]
-    args += ["--cuda-graph", "on", "--json"]
+    args += ["--cuda-graph", "on", "--json", "--no-save"]
     runs = {}
     for ranks in (1, 2):
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]

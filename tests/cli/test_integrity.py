@@ -1,0 +1,230 @@
+"""Results that cannot be wrong in silence: a sweep's settings, one writer per folder,
+ERROR cells retried, torn CSVs repaired, reports for any grid, folders checked before
+work, Ctrl-C, and the defaults of a CPU machine."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+from support import exit_code
+
+import phase12.sweep as sweep_module
+from phase12.io import FolderLock
+from phase12.schema import RUN_COLUMNS
+
+SIZES = ["--meta-batch", "2", "--seq-len", "8", "--device", "cpu", "--no-progress"]
+GRID = ["--modes", "FULL,FO", "--k", "1", "--seeds", "0", "--outer-steps", "3", *SIZES]
+
+
+def sweep(root, *extra: str, command: str = "sweep") -> int:
+    return exit_code(command, "--root", str(root), "--tag", "t", *GRID, *extra)
+
+
+def rows(root, tag="t") -> pd.DataFrame:
+    return pd.read_csv(root / tag / "runs.csv")
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+def test_resuming_with_other_settings_is_refused_and_restart_moves_the_old_aside(tmp_path, capsys):
+    assert sweep(tmp_path, "--outer-steps", "2") == 0
+    capsys.readouterr()
+    assert sweep(tmp_path, "--outer-steps", "3") == 2
+    line = one_error_line(capsys)
+    assert "outer_steps 2 there, 3 now" in line and "new tag" in line and "restart" in line
+    assert set(rows(tmp_path)["outer_steps"]) == {2}  # untouched
+    assert sweep(tmp_path, "--outer-steps", "3", "--restart") == 0
+    assert set(rows(tmp_path)["outer_steps"]) == {3} and len(rows(tmp_path)) == 2
+    (aside,) = tmp_path.glob("t.replaced-*")
+    assert set(pd.read_csv(aside / "runs.csv")["outer_steps"]) == {2}  # nothing deleted
+    # Only the grid may change on a resume: more seeds are added, nothing is redone.
+    assert sweep(tmp_path, "--outer-steps", "3", "--seeds", "0,1") == 0
+    assert len(rows(tmp_path)) == 4 and not rows(tmp_path)["run_id"].duplicated().any()
+    grid = json.loads((tmp_path / "t" / "sweep.json").read_text())["grid"]
+    assert grid["seeds"] == [0, 1]
+
+
+def test_a_second_writer_is_refused_at_once_and_told_who_holds_the_folder(tmp_path, capsys):
+    with FolderLock(tmp_path / "t"):
+        assert sweep(tmp_path) == 2
+        line = one_error_line(capsys)
+        assert f"pid {os.getpid()}" in line and "being written" in line
+        assert (
+            exit_code("--k", "1", "--outer-steps", "2", *SIZES, "--out", str(tmp_path / "t")) == 2
+        )
+        assert "being written" in one_error_line(capsys)
+    assert not (tmp_path / "t" / "runs.csv").exists()
+    assert sweep(tmp_path) == 0  # released
+
+
+def test_repeated_grid_values_count_once(tmp_path):
+    assert sweep(tmp_path, "--seeds", "0,0", "--k", "1,1") == 0
+    assert sorted(rows(tmp_path)["run_id"]) == ["reference_FO_k1_seed0", "reference_FULL_k1_seed0"]
+
+
+def test_error_cells_are_run_again_and_their_rows_kept_aside(tmp_path, monkeypatch, capsys):
+    real = sweep_module.run_experiments
+
+    def failing(configs, **kw):
+        if configs[0].mode == "FULL":
+            raise RuntimeError("boom")
+        return real(configs, **kw)
+
+    monkeypatch.setattr(sweep_module, "run_experiments", failing)
+    assert sweep(tmp_path) == 0
+    assert sorted(rows(tmp_path)["status"]) == ["ERROR", "OK"]
+    monkeypatch.setattr(sweep_module, "run_experiments", real)
+    capsys.readouterr()
+    assert sweep(tmp_path) == 0
+    assert "1 that ended in ERROR run again" in capsys.readouterr().out
+    assert sorted(rows(tmp_path)["status"]) == ["OK", "OK"]
+    assert not rows(tmp_path)["run_id"].duplicated().any()
+    errors = pd.read_csv(tmp_path / "t" / "errors.csv")
+    assert list(errors["run_id"]) == ["reference_FULL_k1_seed0"]
+
+
+def test_a_torn_last_line_is_moved_aside_and_the_csv_parses(tmp_path, capsys):
+    assert sweep(tmp_path, "--modes", "FULL") == 0
+    runs_csv = tmp_path / "t" / "runs.csv"
+    whole = runs_csv.read_bytes()
+    runs_csv.write_bytes(whole + b"reference,FO,1,0,2,0.001,3,0.4,8")  # a cut-short append
+    assert exit_code("report", "--root", str(tmp_path), "--tag", "t") == 2
+    line = one_error_line(capsys)
+    assert str(runs_csv) in line and "partial line" in line
+    assert sweep(tmp_path) == 0
+    assert "partial line" in capsys.readouterr().err
+    assert list(rows(tmp_path).columns) == RUN_COLUMNS and len(rows(tmp_path)) == 2
+    (side,) = (tmp_path / "t").glob("runs.csv.torn-*")
+    assert side.read_bytes() == b"reference,FO,1,0,2,0.001,3,0.4,8"
+
+
+def test_a_runs_csv_of_junk_is_refused_with_its_path(tmp_path, capsys):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "runs.csv").write_bytes(bytes(range(256)) * 4)
+    assert sweep(tmp_path) == 2
+    assert str(tmp_path / "t" / "runs.csv") in one_error_line(capsys)
+    assert exit_code("report", "--root", str(tmp_path), "--tag", "t") == 2
+    assert str(tmp_path / "t" / "runs.csv") in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "modes,seeds,expected",
+    [
+        ("FULL,FO_STRICT", "0,1", "No FULL − FO comparison: no FO run finished OK"),
+        ("FULL,FO", "0", "from one seed; one seed has no seed-to-seed spread"),
+    ],
+)
+def test_the_report_works_on_any_grid(tmp_path, modes, seeds, expected):
+    assert sweep(tmp_path, "--modes", modes, "--seeds", seeds, command="pipeline") == 0
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert expected in report
+    assert "nan" not in report.lower().replace("nanmean", "") and "wins by 0.0000" not in report
+
+
+def test_the_report_of_a_grid_where_every_run_failed(tmp_path, monkeypatch):
+    def failing(configs, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sweep_module, "run_experiments", failing)
+    assert sweep(tmp_path) == 0
+    assert exit_code("report", "--root", str(tmp_path), "--tag", "t") == 0
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "No run finished OK" in report and "ERROR 2" in report
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--tag", "../x"], "--tag '../x' is not a plain name"),
+        (["--tag", "/abs"], "--tag '/abs' is not a plain name"),
+        (["--tag", ""], "--tag '' is not a plain name"),
+        (["--tag", "ok", "--root", "FILE"], "exists and is not a folder"),
+        (["--tag", "ok", "--root", "FILE/below"], "cannot write to"),
+    ],
+)
+def test_sweep_folders_are_checked_before_any_work(tmp_path, capsys, flags, message):
+    (tmp_path / "FILE").write_text("a file")
+    flags = [str(tmp_path / f) if f.startswith("FILE") else f for f in flags]
+    args = ["sweep", "--root", str(tmp_path / "root"), *GRID, *flags]
+    assert exit_code(*args) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())
+
+
+def test_an_unwritable_out_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("")
+    import phase12.cli.single as single
+
+    monkeypatch.setattr(single, "run_experiment", lambda *a, **k: pytest.fail("trained"))
+    assert exit_code("--k", "1", *SIZES, "--out", str(tmp_path / "file" / "out")) == 2
+    assert "cannot write to" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--seed", "99999999999999999999"], "--seed must be in 0..2**62"),
+        (["--meta-batch", "1000000"], "GiB for one meta-batch"),
+        (["--outer-steps", "100000000000"], "GiB of per-step history"),
+    ],
+)
+def test_sizes_that_cannot_run_are_refused_in_one_line(tmp_path, capsys, flags, message):
+    assert exit_code(*SIZES, *flags, "--out", str(tmp_path / "o")) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_single_run_saves_to_a_predictable_folder_unless_told_not_to(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    assert exit_code("--k", "1", "--outer-steps", "2", *SIZES) == 0
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert folder.name.endswith("_reference_FULL_k1_seed0")
+    assert f"saved to {folder.relative_to(tmp_path)}" in capsys.readouterr().out
+    assert len(pd.read_csv(folder / "runs.csv")) == 1
+    assert (folder / "history" / "reference_FULL_k1_seed0.csv").exists()
+    assert not list(folder.glob(".writer*.json"))  # the lock's record is gone
+    assert exit_code("--k", "1", "--outer-steps", "2", *SIZES, "--no-save") == 0
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_ctrl_c_stops_a_run_with_one_line(tmp_path, monkeypatch, capsys):
+    import phase12.cli.single as single
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(single, "run_experiment", interrupted)
+    assert exit_code("--k", "1", *SIZES, "--out", str(tmp_path / "o")) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted")
+
+
+def test_ctrl_c_keeps_a_sweeps_finished_rows_and_the_csv_valid(tmp_path, monkeypatch, capsys):
+    real = sweep_module.run_experiments
+
+    def second_is_interrupted(configs, **kw):
+        if configs[0].mode == "FO":
+            raise KeyboardInterrupt
+        return real(configs, **kw)
+
+    monkeypatch.setattr(sweep_module, "run_experiments", second_is_interrupted)
+    assert sweep(tmp_path) == 130
+    assert capsys.readouterr().err.strip().startswith("interrupted")
+    assert list(rows(tmp_path)["run_id"]) == ["reference_FULL_k1_seed0"]
+    monkeypatch.setattr(sweep_module, "run_experiments", real)
+    assert sweep(tmp_path) == 0 and len(rows(tmp_path)) == 2  # resumes
+
+
+def test_sweep_and_pipeline_default_to_what_runs_on_a_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a CPU machine outside the tests
+    args = ["--modes", "FO", "--k", "1", "--seeds", "0", "--outer-steps", "2", *SIZES]
+    assert exit_code("sweep", "--root", str(tmp_path), "--tag", "d", *args) == 0
+    assert "(reference x FO x k 1 x seeds 0)" in capsys.readouterr().out
+    assert list(rows(tmp_path, "d")["backend"]) == ["reference"]

@@ -1,0 +1,61 @@
+"""Result files: the write order of a run, the non-finite scan, torn lines, the lock."""
+
+import pytest
+import torch
+from tqdm import tqdm
+
+import phase12.io as io_module
+from phase12.io import FolderBusy, FolderLock, repair_torn_tail, save_run
+from phase12.schema import METRICS, RunResult
+from phase12.train import train_loop
+
+
+def test_a_row_in_runs_csv_means_the_runs_files_are_on_disk(tmp_path, monkeypatch):
+    """save_run writes the history and the metadata before it appends the row."""
+    history = {"step": [0, 1]} | {m: [0.5, 0.25] for m in METRICS}
+    result = RunResult(row={"run_id": "r", "status": "OK"}, history=history)
+    real = io_module.append_row
+
+    def append_after_the_files(path, row, *args):
+        assert (tmp_path / "history" / "r.csv").exists(), "row before its history"
+        assert (tmp_path / "meta" / "r.json").exists(), "row before its metadata"
+        real(path, row, *args)
+
+    monkeypatch.setattr(io_module, "append_row", append_after_the_files)
+    save_run(tmp_path, result, {"config": {}})
+    assert (tmp_path / "runs.csv").read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize("column", range(len(METRICS)))
+def test_the_non_finite_scan_reads_every_metric(column):
+    """A finite loss with a non-finite meta-gradient norm (or any metric) stops the run."""
+    steps, bad_step = 12, 7
+    history = torch.full((1, steps, len(METRICS)), float("nan"))
+    counter = [0]
+
+    def step():
+        row = torch.ones(len(METRICS))
+        if counter[0] == bad_step:
+            row[column] = float("inf")
+        history[0, counter[0]] = row
+        counter[0] += 1
+
+    loop = train_loop(step, history, steps, check_every=5, bar=tqdm(disable=True))
+    assert loop.nonfinite == [bad_step]
+    assert counter[0] == 10  # stopped at the check after the bad step
+
+
+def test_torn_tail_is_cut_and_kept(tmp_path):
+    path = tmp_path / "runs.csv"
+    path.write_bytes(b"a,b\n1,2\n3,")
+    side = repair_torn_tail(path)
+    assert path.read_bytes() == b"a,b\n1,2\n" and side.read_bytes() == b"3,"
+    assert repair_torn_tail(path) is None
+
+
+def test_folder_lock_is_exclusive_and_released(tmp_path):
+    with FolderLock(tmp_path / "f"):
+        with pytest.raises(FolderBusy, match="being written by pid"), FolderLock(tmp_path / "f"):
+            pass
+    with FolderLock(tmp_path / "f"):  # free again
+        pass
