@@ -1,8 +1,8 @@
 """Run configuration: one frozen dataclass whose fields are checked when it is made.
 
-Each field carries its help text (and, where it is not `--field-name`, its flag) in
-its metadata: the command line generates its flags from these fields, so names,
-types, defaults and help live here only. Whether a configuration can run on this
+Each field carries its help text (and its choices) in its metadata: the command line
+generates its flags from these fields, so names, types, defaults and help live here
+only. Whether a configuration can run on this
 machine (CUDA present, Triton usable, sizes a backend holds) is decided by
 `phase12.backends.device_for`.
 
@@ -53,13 +53,13 @@ CUDA_GRAPH = ("auto", "on", "off")
 MAX_SEED = 2**62  # torch.Generator takes 64 bits; the probes add offsets to the seed
 
 
-def _option(default, help: str, *, flag: str | None = None, choices=None):
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+def _option(default, help: str, *, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
-def option_help(f: dataclasses.Field) -> tuple[str, str | None, tuple | None]:
-    """(help, flag or None, choices or None) of a RunConfig field."""
-    return f.metadata["help"], f.metadata["flag"], f.metadata["choices"]
+def option_help(f: dataclasses.Field) -> tuple[str, tuple | None]:
+    """(help, choices or None) of a RunConfig field."""
+    return f.metadata["help"], f.metadata["choices"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class RunConfig:
         "FULL (second order), FO (first order) or FO_STRICT (first order, no inner graph)",
         choices=MODES,
     )
-    inner_steps: int = _option(20, "inner SGD steps k", flag="--k")
+    inner_steps: int = _option(20, "inner SGD steps k")
     backend: str = _option(
         "reference",
         "reference: PyTorch attention; triton_fused: fused Triton attention kernels; "

@@ -1,15 +1,16 @@
 """Measurements of a trained run beside its training curves, on fresh tasks.
 
 * `rel_diff_probe`: how far the FULL meta-gradient is from the FO one.
-* `second_order_reaches_attention`: whether an inner step's backward carries second
-  derivatives into Wq, Wk, Wv on this backend (the seed's `sdpa_input_gradgrad_ok`).
+* `second_order_reaches_attention`: whether second derivatives flow through attention
+  on this backend (the seed's `sdpa_input_gradgrad_ok`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from phase12.backends import get
+from kernels import attention
+from phase12.backends import FusedStepBackend, get
 from phase12.config import Mode, RunConfig
 from phase12.maml import meta_gradient, relative_difference
 from phase12.model import ATTENTION_PARAMS, Params, init_params
@@ -29,20 +30,35 @@ def rel_diff_probe(params: Params, config: RunConfig, device: torch.device) -> f
 
 
 def second_order_reaches_attention(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Does one inner SGD step's backward carry a Hessian term into Wq, Wk, Wv?
+    """Do second derivatives flow through attention on this backend (finite, non-zero)?
 
-    The step's backward is v -> v - lr H v; the Hessian term is what is not v. It is
-    finite and non-zero when second derivatives flow through attention (a backend whose
-    attention backward is not differentiable gives exactly v for Wq, Wk, Wv).
+    Autodiff backends: the gradient of a function of attention's first derivatives with
+    respect to q, k, v (zero or absent when the op's backward is not differentiable).
+    triton_step, which has no attention call in its inner loop: the Hessian term of one
+    fused step's backward (v -> v - lr H v) in Wq, Wk, Wv.
     """
+    b = get(backend)
     g = torch.Generator(device=device).manual_seed(0)
-    params = init_params(16, 5, torch.Generator().manual_seed(0), device=device, dtype=dtype)
-    params = {n: p.requires_grad_() for n, p in params.items()}
-    x = torch.randn(3, 5, 16, generator=g, device=device, dtype=dtype)
-    y = torch.randint(0, 5, (3,), generator=g, device=device)
-    phi = get(backend).sgd_step(params, x, y, lr=1.0, second_order=True)
-    v = {n: torch.randn(p.shape, generator=g, device=device, dtype=dtype) for n, p in phi.items()}
-    back = torch.autograd.grad(list(phi.values()), list(params.values()), list(v.values()))
-    back = dict(zip(params, back, strict=True))
-    second = torch.cat([(back[n] - v[n]).flatten() for n in ATTENTION_PARAMS])
+    if isinstance(b, FusedStepBackend):
+        cpu = torch.Generator().manual_seed(0)  # init_params draws on the CPU
+        params = init_params(16, 5, cpu, device=device, dtype=dtype)
+        params = {n: p.requires_grad_() for n, p in params.items()}
+        x = torch.randn(3, 5, 16, generator=g, device=device, dtype=dtype)
+        y = torch.randint(0, 5, (3,), generator=g, device=device)
+        phi = b.sgd_step(params, x, y, lr=1.0, second_order=True)
+        v = {
+            n: torch.randn(p.shape, generator=g, device=device, dtype=dtype) for n, p in phi.items()
+        }
+        back = torch.autograd.grad(list(phi.values()), list(params.values()), list(v.values()))
+        back = dict(zip(params, back, strict=True))
+        second = torch.cat([(back[n] - v[n]).flatten() for n in ATTENTION_PARAMS])
+    else:
+        q, k, v = (
+            torch.randn(2, 1, n, 16, generator=g, device=device, dtype=dtype).requires_grad_()
+            for n in (3, 5, 5)
+        )
+        out = attention(q, k, v, backend=b.attention)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+        outer = sum(gr.square().sum() for gr in grads)
+        second = torch.cat([s.flatten() for s in torch.autograd.grad(outer, (q, k, v))])
     return bool(torch.isfinite(second).all() and second.abs().max() > 0)

@@ -185,15 +185,20 @@ def triton_gradgradcheck(device: torch.device) -> dict:
     if device.type == "cuda" or interpreter_enabled():
         from kernels.gradcheck import check
 
-        ok = check(device)
         where = "compiled kernels on CUDA" if device.type == "cuda" else "CPU interpreter"
+        try:
+            ok = check(device)
+        except Exception as e:  # a kernel that does not build or run fails the check
+            return _row("triton_gradgradcheck", "FAIL", False, f"{where}: {type(e).__name__}: {e}")
         return _row(
             "triton_gradgradcheck",
             "PASS" if ok else "FAIL",
             ok,
             f"gradcheck and gradgradcheck, float64, {where}, causal and not",
         )
+    # The child imports what this process imports (the same tree, installed or not).
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     proc = subprocess.run(
         [sys.executable, "-m", "kernels.gradcheck"],
         env=env,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -31,8 +32,10 @@ import pandas as pd
 
 
 def _run(cmd: list[str]) -> str:
-    """stdout of `cmd`; a failure raises with its stderr."""
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    """stdout of `cmd` (importing what this process imports); a failure raises with its
+    stderr."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(
             f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-1500:]}"

@@ -19,7 +19,7 @@ from phase12.cli.parsing import (
     config_from_args,
     csv_list,
 )
-from phase12.config import MODES, ConfigError, resolve_device
+from phase12.config import MODES, ConfigError, RunConfig, resolve_device
 
 BENCHMARKS = ("step", "attention", "tiles", "distributed")
 
@@ -59,7 +59,6 @@ def _step_parser() -> ArgumentParser:
 
 
 def bench_step(argv: list[str]) -> int:
-    from analysis.figures import scaling_plot
     from phase12.benchmarks.step import measure, scaling_cells, step_cells
 
     p = _step_parser()
@@ -82,6 +81,8 @@ def bench_step(argv: list[str]) -> int:
     df.to_csv(args.out / "step.csv", index=False)
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if args.scaling:
+        from analysis.figures import scaling_plot
+
         axes = {"k": args.scaling_k, "meta_batch": args.scaling_meta_batch}
         axes["seq_len"] = args.scaling_seq_len
         cells = scaling_cells(base, args.backends, "graph" if cuda else "eager", axes)
@@ -189,6 +190,7 @@ def _distributed_parser() -> ArgumentParser:
     p = ArgumentParser(prog="run.py bench distributed", description=distributed.__doc__)
     p.add_argument("--processes", type=int, default=2, help="processes / devices (default 2)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cuda or cpu")
+    p.flags.update(device="--device", backend="--backends")
     p.add_argument("--mode", default="FULL", choices=MODES)
     p.add_argument("--k", type=int, default=20)
     p.add_argument(
@@ -222,8 +224,15 @@ def bench_distributed(argv: list[str]) -> int:
 
     p = _distributed_parser()
     args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    backends = args.backends or (NAMES if cuda else ("reference",))
+    sweep_backends = args.sweep_backends or (
+        ("reference", "triton_fused") if cuda else ("reference",)
+    )
     try:
         device = resolve_device(args.device)
+        for backend in dict.fromkeys([*backends, *sweep_backends]):
+            device_for(RunConfig(device=args.device, backend=backend))
         if args.processes < 2:
             raise ConfigError("--processes must be at least 2")
         if device.type == "cuda" and torch.cuda.device_count() < args.processes:
@@ -239,10 +248,6 @@ def bench_distributed(argv: list[str]) -> int:
     except ConfigError as e:
         return p.bad_input(e)
     cuda = device.type == "cuda"
-    backends = args.backends or (NAMES if cuda else ("reference",))
-    sweep_backends = args.sweep_backends or (
-        ("reference", "triton_fused") if cuda else ("reference",)
-    )
     devices = [f"cuda:{i}" for i in range(args.processes)] if cuda else ["cpu"] * args.processes
     run_flags = ["--mode", args.mode, "--k", str(args.k), "--outer-steps", str(args.outer_steps)]
     args.out.mkdir(parents=True, exist_ok=True)

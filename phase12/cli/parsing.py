@@ -15,8 +15,15 @@ EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NONFINITE = 2, 1, 3
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 # Choices the config cannot list itself (the backends are registered above it).
 CHOICES = {"backend": NAMES}
+# Flags that are not --field-name (the seed project's name for k).
+FLAG_NAMES = {"inner_steps": "--k"}
 # The sweep's axes: one value per run, a comma list per sweep.
 GRID_FLAGS = {"mode": "--modes", "backend": "--backends", "inner_steps": "--k", "seed": "--seeds"}
+
+
+def program() -> str:
+    """How the user called us: `run.py`, or `phase12` (the console script, python -m)."""
+    return "run.py" if sys.argv[0].endswith("run.py") else "phase12"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -28,6 +35,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs["prog"] = kwargs.get("prog", "run.py").replace("run.py", program())
         super().__init__(*args, **kwargs)
         self.flags: dict[str, str] = {}
 
@@ -53,6 +61,8 @@ def csv_list(kind: Callable = str, choices: Iterable | None = None) -> Callable:
             values = tuple(kind(x) for x in text.split(",") if x != "")
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list: {e}") from e
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
         bad = [v for v in values if allowed is not None and v not in allowed]
         if bad:
             raise argparse.ArgumentTypeError(
@@ -64,7 +74,7 @@ def csv_list(kind: Callable = str, choices: Iterable | None = None) -> Callable:
 
 
 def _flag(name: str) -> str:
-    return option_help(FIELDS[name])[1] or "--" + name.replace("_", "-")
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
 def add_config_flags(
@@ -78,7 +88,7 @@ def add_config_flags(
     defaults = defaults or {}
     for name in FIELDS if names is None else names:
         f = FIELDS[name]
-        help, _, choices = option_help(f)
+        help, choices = option_help(f)
         choices = choices or CHOICES.get(name)
         default = defaults.get(name, f.default)
         kind = str if isinstance(f.default, str) else type(f.default)
@@ -99,7 +109,7 @@ def add_grid_flags(parser: ArgumentParser, defaults: dict[str, tuple | str]) -> 
     that is a string describes a default the command picks itself."""
     for name, flag in GRID_FLAGS.items():
         f = FIELDS[name]
-        help, _, choices = option_help(f)
+        help, choices = option_help(f)
         choices = choices or CHOICES.get(name)
         kind = str if isinstance(f.default, str) else type(f.default)
         default = defaults[name]

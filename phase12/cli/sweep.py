@@ -21,6 +21,7 @@ from phase12.cli.parsing import (
     add_config_flags,
     add_grid_flags,
     config_from_args,
+    csv_list,
 )
 from phase12.config import MODES, ConfigError, resolve_device
 from phase12.io import FolderBusy, check_columns, write_atomic
@@ -50,11 +51,12 @@ def default_backends(device: str) -> tuple[str, ...]:
 
 def parser(name: str) -> ArgumentParser:
     p = ArgumentParser(prog=f"run.py {name}", description=DESCRIPTIONS[name])
+    required = name in ("risk", "report")
     p.add_argument(
         "--tag",
-        required=name in ("risk", "report"),
-        default=time.strftime("%Y%m%d-%H%M%S"),
-        help="name of the sweep folder (default: a timestamp)",
+        required=required,
+        default=None if required else time.strftime("%Y%m%d-%H%M%S"),
+        help="name of the sweep folder" + ("" if required else " (default: a timestamp)"),
     )
     p.add_argument(
         "--root", type=Path, default=Path("runs"), help="where sweep folders live (default runs/)"
@@ -73,7 +75,7 @@ def parser(name: str) -> ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--devices",
-        type=lambda s: tuple(x for x in s.split(",") if x),
+        type=csv_list(str),
         default=None,
         help="comma-separated devices, one sweep worker each (default: every visible GPU, "
         "else the --device); e.g. cuda:0,cuda:1 or cpu,cpu",
@@ -121,7 +123,10 @@ def _spec(args: argparse.Namespace, check_cells: bool) -> SweepSpec:
     for config in spec.configs() if check_cells else [spec.base]:
         device_for(config)
     for device in args.devices or ():
-        device_for(spec.base.replace(device=device))
+        try:
+            device_for(spec.base.replace(device=device))
+        except ConfigError as e:
+            raise ConfigError(f"--devices: {e}") from e
     try:
         check_columns(args.root / args.tag / RUNS_CSV)
     except ValueError as e:

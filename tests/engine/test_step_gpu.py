@@ -108,17 +108,17 @@ def test_torchrun_on_two_gpus_equals_one_gpu_with_graphs(tmp_path):
 
 def test_failed_capture_falls_back_to_fresh_eager_state(monkeypatch):
     """A capture that fails after touching the state (as a real failure can) leaves none of it."""
-    import phase12.train as experiment
+    import phase12.train as train
     from phase12.distributed import SINGLE_PROCESS
 
     def failing_capture(step, warmup=2):
         step()  # parameters, Adam and the task generators move on
         raise RuntimeError("capture refused")
 
-    monkeypatch.setattr(experiment, "capture", failing_capture)
+    monkeypatch.setattr(train, "capture", failing_capture)
     cfg = RunConfig(device="cuda", inner_steps=2, outer_steps=3)
     device = torch.device("cuda")
-    state, run_step, graphed = experiment.prepare_step([cfg], device, SINGLE_PROCESS)
+    state, run_step, graphed = train.prepare_step([cfg], device, SINGLE_PROCESS)
     assert not graphed and run_step is state and int(state.counter) == 0
     fresh = build_step([cfg], device)
     for name, p in fresh.params.items():
