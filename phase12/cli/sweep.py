@@ -106,8 +106,9 @@ def check_folder(root: Path, tag: str) -> Path:
     return root / tag
 
 
-def _spec(args: argparse.Namespace, check_cells: bool) -> SweepSpec:
-    """The sweep of `args`, checked before any work. Raises ConfigError."""
+def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpec:
+    """The sweep of `args`, checked before any work (with `writes`, also the folder it
+    writes runs into). Raises ConfigError."""
     check_folder(args.root, args.tag)
     base = config_from_args(args, exclude=GRID_FLAGS)
     spec = SweepSpec(
@@ -127,10 +128,11 @@ def _spec(args: argparse.Namespace, check_cells: bool) -> SweepSpec:
             device_for(spec.base.replace(device=device))
         except ConfigError as e:
             raise ConfigError(f"--devices: {e}") from e
-    try:
-        check_columns(args.root / args.tag / RUNS_CSV)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    if writes:
+        try:
+            check_columns(args.root / args.tag / RUNS_CSV)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     _check_writable(args.root / args.tag)
     return spec
 
@@ -195,7 +197,7 @@ def main(name: str, argv: list[str]) -> int:
             if not (folder / RUNS_CSV).exists():
                 raise ConfigError(f"no runs.csv in {folder}: run the sweep first")
         else:
-            spec = _spec(args, check_cells=name != "risk")
+            spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
         if name == "report":
             return _report(args)  # a CSV it cannot read: ValueError, nothing written
         if name == "risk":
