@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.figures import full_minus_fo_gap, metric_vs_inner_steps, training_curves
+from analysis.figures import (
+    MODE_ORDER,
+    full_minus_fo_gap,
+    metric_vs_inner_steps,
+    training_curves,
+)
 from analysis.summary import full_minus_fo, load_runs, summarize
 from analysis.tables import markdown_table
 from phase12.schema import SEED_STEP_S
@@ -215,7 +220,8 @@ def build_report(folder: str | Path) -> Path:
     first = runs.iloc[0]
 
     def values(column: str) -> str:
-        return ", ".join(map(str, sorted(runs[column].unique())))
+        order = {m: i for i, m in enumerate(MODE_ORDER)}
+        return ", ".join(map(str, sorted(runs[column].unique(), key=lambda v: order.get(v, v))))
 
     lines = [
         f"# Phase 12 report: {folder.name}",
