@@ -8,6 +8,13 @@ Both backends are differentiable to any order and compose with torch.func
 `triton_fused` runs fused Triton kernels for the forward, the backward and the
 double backward; orders above two and forward-mode AD go through the reference ops.
 
+`curvature` (CURVATURES) says what attention's own second derivative contributes when
+its backward is differentiated: "exact" (the default), or an ablation of it ("none",
+"score", "value", "frozen_softmax_stats", "once_differentiable"; see
+kernels.reference.CURVATURES). Every backend applies it exactly: the fused kernels
+through switches of the double-backward kernels, the reference through the same
+autograd.Functions on PyTorch ops.
+
 The Triton kernels are imported lazily: importing this package needs no Triton,
 and TRITON_INTERPRET=1 (the CPU interpreter) is read when they are first used.
 """
@@ -16,9 +23,16 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import attention_reference, default_scale
+from kernels.reference import CURVATURES, attention_reference, default_scale
 
-__all__ = ["BACKENDS", "BackendUnavailable", "attention", "check_backend", "fused_attention"]
+__all__ = [
+    "BACKENDS",
+    "CURVATURES",
+    "BackendUnavailable",
+    "attention",
+    "check_backend",
+    "fused_attention",
+]
 
 BACKENDS = ("reference", "triton_fused")
 
@@ -104,6 +118,7 @@ def fused_attention(
     causal: bool = False,
     scale: float | None = None,
     float32_precision: str = "tf32x3",
+    curvature: str = "exact",
 ) -> torch.Tensor:
     """Fused Triton attention, softmax(scale q k^T) v, differentiable to any order.
 
@@ -111,9 +126,11 @@ def fused_attention(
     (fp64 too). `causal` is top-left aligned (query i sees keys j <= i). Returns
     (..., N, Dv) in the input dtype. `float32_precision` is the dot precision of
     float32 inputs in every pass: "tf32x3" (float32 accuracy on the tensor cores) or
-    "ieee" (plain float32 FMA, several times slower).
+    "ieee" (plain float32 FMA, several times slower). `curvature`: see the module
+    docstring.
     """
     _check_inputs(q, k, v)
+    _check_curvature(curvature)
     from kernels.fused import FusedAttention
     from kernels.launch import FLOAT32_PRECISIONS
 
@@ -122,7 +139,13 @@ def fused_attention(
             f"float32_precision must be one of {FLOAT32_PRECISIONS}; got {float32_precision!r}"
         )
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    return FusedAttention.apply(q, k, v, bool(causal), scale, float32_precision)[0]
+    args = bool(causal), scale, float32_precision, curvature, "triton"
+    return FusedAttention.apply(q, k, v, *args)[0]
+
+
+def _check_curvature(curvature: str) -> None:
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}")
 
 
 def attention(
@@ -134,12 +157,20 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     float32_precision: str = "tf32x3",
+    curvature: str = "exact",
 ) -> torch.Tensor:
     """Attention through the named backend; see the module docstring.
     `float32_precision` is triton_fused's (see fused_attention); the reference computes
     float32 with PyTorch's matmuls as configured (torch.backends.cuda.matmul)."""
     if backend == "reference":
-        return attention_reference(q, k, v, causal, scale)
+        if curvature == "exact":
+            return attention_reference(q, k, v, causal, scale)
+        _check_curvature(curvature)
+        from kernels.fused import FusedAttention
+
+        scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+        args = bool(causal), scale, float32_precision, curvature, "reference"
+        return FusedAttention.apply(q, k, v, *args)[0]
     if backend == "triton_fused":
-        return fused_attention(q, k, v, causal, scale, float32_precision)
+        return fused_attention(q, k, v, causal, scale, float32_precision, curvature)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

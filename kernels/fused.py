@@ -2,18 +2,22 @@
 
 Three Functions, each the backward of the one before:
 
-    FusedAttention            (q, k, v)                    -> (o, lse)         1 Triton kernel
-    FusedAttentionBackward    (q, k, v, o, lse, do)        -> (dq, dk, dv)     2 Triton kernels
+    FusedAttention               (q, k, v)                 -> (o, lse)          1 Triton kernel
+    FusedAttentionBackward       (q, k, v, o, lse, do)     -> (dq, dk, dv)      2 Triton kernels
     FusedAttentionDoubleBackward (q, k, v, o, lse, do, u*) -> (gq, gk, gv, gdo) 2 Triton kernels
 
-Each also takes the non-tensor arguments `causal`, `scale` and `precision` (the Triton
-dot precision of float32 operands, kernels.launch) and hands them to the next.
+Each also takes the non-tensor arguments `causal`, `scale`, `precision` (the Triton dot
+precision of float32 operands, kernels.launch), `curvature` (what attention's own
+second derivative contributes, kernels.reference.CURVATURES: the double-backward
+kernels' switches; "once_differentiable" makes the backward's own backward zero) and
+`ops` ("triton", or "reference": the same Functions on PyTorch ops, which is how the
+reference backend applies a curvature policy), and hands them to the next.
 
 Because FusedAttention.backward is itself an autograd.Function call, the first
 backward records a graph and second-order gradients (grad of grad, MAML's
 meta-gradient) go through the fused double-backward kernels, exactly. The third
-Function's backward (order three and above) recomputes through the PyTorch-ops
-reference with `torch.func.vjp`: exact to any order, just not fused.
+Function's backward (order three and above) recomputes through the PyTorch-ops closed
+form with `torch.func.vjp`: exact to any order, just not fused.
 
 `o` and `lse` enter the two backward Functions only as saved statistics: the
 closed-form gradients of kernels/triton_kernels.py are total derivatives with
@@ -36,7 +40,8 @@ from kernels import launch
 from kernels.common import vmapped_to_front
 from kernels.reference import (
     attention_backward_reference,
-    attention_double_backward_reference,
+    attention_double_backward_formula,
+    attention_logsumexp_reference,
     attention_reference,
 )
 
@@ -48,16 +53,38 @@ def _reference_jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequ
     return torch.func.jvp(fn, tuple(primals), tuple(tangents))[1]
 
 
+def _forward(q, k, v, causal, scale, precision, ops):
+    if ops == "triton":
+        return launch.attention_forward(q, k, v, causal, scale, precision)
+    return attention_reference(q, k, v, causal, scale), attention_logsumexp_reference(
+        q, k, causal, scale
+    )
+
+
+def _backward(q, k, v, o, lse, do, causal, scale, precision, ops):
+    if ops == "triton":
+        return launch.attention_backward(q, k, v, o, lse, do, causal, scale, precision)
+    return attention_backward_reference(q, k, v, do, causal, scale)
+
+
+def _double_backward(q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision, curvature, ops):
+    if ops == "triton":
+        return launch.attention_double_backward(
+            q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision, curvature=curvature
+        )
+    return attention_double_backward_formula(q, k, v, do, uq, uk, uv, causal, scale, curvature)
+
+
 class FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, causal: bool, scale: float, precision: str):
-        return launch.attention_forward(q, k, v, causal, scale, precision)
+    def forward(q, k, v, causal: bool, scale: float, precision: str, curvature: str, ops: str):
+        return _forward(q, k, v, causal, scale, precision, ops)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, causal, scale, precision = inputs
+        q, k, v, causal, scale, precision, curvature, ops = inputs
         o, lse = output
-        ctx.causal, ctx.scale, ctx.precision = causal, scale, precision
+        ctx.args = causal, scale, precision, curvature, ops
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.save_for_forward(q, k, v)
@@ -65,91 +92,91 @@ class FusedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = FusedAttentionBackward.apply(
-            q, k, v, o, lse, do, ctx.causal, ctx.scale, ctx.precision
-        )
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = FusedAttentionBackward.apply(q, k, v, o, lse, do, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
 
     @staticmethod
-    def jvp(ctx, tq, tk, tv, _tcausal, _tscale, _tprecision):
+    def jvp(ctx, tq, tk, tv, *_):
         q, k, v = ctx.saved_tensors
-        c, s = ctx.causal, ctx.scale
+        c, s = ctx.args[:2]
         t_o = _reference_jvp(
             lambda q_, k_, v_: attention_reference(q_, k_, v_, c, s), (q, k, v), (tq, tk, tv)
         )
         return t_o, None  # lse is marked non-differentiable
 
     @staticmethod
-    def vmap(info, in_dims, q, k, v, causal, scale, precision):
+    def vmap(info, in_dims, q, k, v, *args):
         q, k, v = vmapped_to_front(info, in_dims[:3], (q, k, v))
-        return FusedAttention.apply(q, k, v, causal, scale, precision), (0, 0)
+        return FusedAttention.apply(q, k, v, *args), (0, 0)
 
 
 class FusedAttentionBackward(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, o, lse, do, causal: bool, scale: float, precision: str):
-        return launch.attention_backward(q, k, v, o, lse, do, causal, scale, precision)
+    def forward(q, k, v, o, lse, do, causal, scale, precision, curvature, ops):
+        return _backward(q, k, v, o, lse, do, causal, scale, precision, ops)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, o, lse, do, causal, scale, precision = inputs
-        ctx.causal, ctx.scale, ctx.precision = causal, scale, precision
+        q, k, v, o, lse, do, *args = inputs
+        ctx.args = tuple(args)
         ctx.save_for_backward(q, k, v, o, lse, do)
         ctx.save_for_forward(q, k, v, do)
 
     @staticmethod
     def backward(ctx, uq, uk, uv):
+        nones = (None,) * 5
+        if ctx.args[3] == "once_differentiable":  # the backward is a constant
+            return None, None, None, None, None, None, *nones
         q, k, v, o, lse, do = ctx.saved_tensors
         gq, gk, gv, gdo = FusedAttentionDoubleBackward.apply(
-            q, k, v, o, lse, do, uq, uk, uv, ctx.causal, ctx.scale, ctx.precision
+            q, k, v, o, lse, do, uq, uk, uv, *ctx.args
         )
-        return gq, gk, gv, None, None, gdo, None, None, None
+        return gq, gk, gv, None, None, gdo, *nones
 
     @staticmethod
-    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, _tcausal, _tscale, _tprecision):
+    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, *_):
         q, k, v, do = ctx.saved_tensors
-        c, s = ctx.causal, ctx.scale
+        c, s = ctx.args[:2]
         return _reference_jvp(
             lambda *a: attention_backward_reference(*a, c, s), (q, k, v, do), (tq, tk, tv, tdo)
         )
 
     @staticmethod
-    def vmap(info, in_dims, q, k, v, o, lse, do, causal, scale, precision):
+    def vmap(info, in_dims, q, k, v, o, lse, do, *args):
         q, k, v, o, lse, do = vmapped_to_front(info, in_dims[:6], (q, k, v, o, lse, do))
-        out = FusedAttentionBackward.apply(q, k, v, o, lse, do, causal, scale, precision)
-        return out, (0, 0, 0)
+        return FusedAttentionBackward.apply(q, k, v, o, lse, do, *args), (0, 0, 0)
 
 
 class FusedAttentionDoubleBackward(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, o, lse, do, uq, uk, uv, causal: bool, scale: float, precision: str):
-        return launch.attention_double_backward(
-            q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision
+    def forward(q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision, curvature, ops):
+        return _double_backward(
+            q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision, curvature, ops
         )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, _o, _lse, do, uq, uk, uv, causal, scale, _precision = inputs
-        ctx.causal, ctx.scale = causal, scale
+        q, k, v, _o, _lse, do, uq, uk, uv, causal, scale, _precision, curvature, _ops = inputs
+        ctx.causal, ctx.scale, ctx.curvature = causal, scale, curvature
         ctx.save_for_backward(q, k, v, do, uq, uk, uv)
         ctx.save_for_forward(q, k, v, do, uq, uk, uv)
 
     @staticmethod
     def _reference(ctx) -> Callable:
-        c, s = ctx.causal, ctx.scale
-        return lambda *a: attention_double_backward_reference(*a, c, s)
+        c, s, curvature = ctx.causal, ctx.scale, ctx.curvature
+        return lambda *a: attention_double_backward_formula(*a, c, s, curvature)
 
     @staticmethod
     def backward(ctx, gq_bar, gk_bar, gv_bar, gdo_bar):
-        # Third order: the exact VJP of the double backward, through the reference ops.
+        # Third order: the exact VJP of the double backward, through the closed form.
         _, pullback = torch.func.vjp(
             FusedAttentionDoubleBackward._reference(ctx), *ctx.saved_tensors
         )
         q, k, v, do, uq, uk, uv = pullback((gq_bar, gk_bar, gv_bar, gdo_bar))
-        return q, k, v, None, None, do, uq, uk, uv, None, None, None
+        return q, k, v, None, None, do, uq, uk, uv, None, None, None, None, None
 
     @staticmethod
-    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, tuq, tuk, tuv, _tcausal, _tscale, _tprecision):
+    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, tuq, tuk, tuv, *_):
         return _reference_jvp(
             FusedAttentionDoubleBackward._reference(ctx),
             ctx.saved_tensors,
@@ -157,7 +184,7 @@ class FusedAttentionDoubleBackward(torch.autograd.Function):
         )
 
     @staticmethod
-    def vmap(info, in_dims, q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision):
+    def vmap(info, in_dims, q, k, v, o, lse, do, uq, uk, uv, *args):
         tensors = vmapped_to_front(info, in_dims[:9], (q, k, v, o, lse, do, uq, uk, uv))
-        out = FusedAttentionDoubleBackward.apply(*tensors, causal, scale, precision)
+        out = FusedAttentionDoubleBackward.apply(*tensors, *args)
         return out, (0, 0, 0, 0)

@@ -268,8 +268,16 @@ def attention_double_backward(
     scale: float,
     precision: str,
     tile: LaunchConfig | None = None,
+    curvature: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gQ, gK, gV, gdO): gradients of <uQ,dQ> + <uK,dK> + <uV,dV> w.r.t. Q, K, V, dO."""
+    """(gQ, gK, gV, gdO): gradients of <uQ,dQ> + <uK,dK> + <uV,dV> w.r.t. Q, K, V, dO, under
+    a curvature policy ("exact", "none", "score", "value" or "frozen_softmax_stats";
+    kernels.reference.CURVATURES)."""
+    switches = dict(
+        SCORE=curvature in ("exact", "score", "frozen_softmax_stats"),
+        VALUE=curvature in ("exact", "value", "frozen_softmax_stats"),
+        FROZEN_STATS=curvature == "frozen_softmax_stats",
+    )
     (n, d), (m, dv) = q.shape[-2:], v.shape[-2:]
     dt = q.dtype
     do, uq, uk, uv = do.to(dt), uq.to(dt), uk.to(dt), uv.to(dt)
@@ -284,6 +292,7 @@ def attention_double_backward(
             *(q3, k3, v3, _flat(o), do3, uq3, uk3, uv3, lse2, gq, gk, gv, gdo),
             *(m, d, dv, scale),
             **_row_meta(q, m, dv, causal),
+            **switches,
         )
     else:
         delta = _delta(o, do)
@@ -291,9 +300,11 @@ def attention_double_backward(
         meta = _meta(q, v, "dbwd", causal, precision, tile)
         args = (n, m, d, dv, scale)
         attention_dbwd_rows_kernel[_grid(bh, n, meta["BLOCK_N"])](
-            q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, gq, gdo, rho_w, rho_g, *args, **meta
-        )
+            q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, gq, gdo, rho_w, rho_g, *args,
+            **meta, **switches,
+        )  # fmt: skip
         attention_dbwd_cols_kernel[_grid(bh, m, meta["BLOCK_M"])](
-            q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, rho_w, rho_g, gk, gv, *args, **meta
-        )
+            q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, rho_w, rho_g, gk, gv, *args,
+            **meta, **switches,
+        )  # fmt: skip
     return gq.view(q.shape), gk.view(k.shape), gv.view(v.shape), gdo.view(q.shape[:-1] + (dv,))

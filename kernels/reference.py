@@ -113,3 +113,79 @@ def attention_double_backward_reference(
         do,
     )
     return pullback((uq, uk, uv))
+
+
+CURVATURES = (
+    "exact",
+    "none",
+    "score",
+    "value",
+    "frozen_softmax_stats",
+    "once_differentiable",
+)
+"""What attention's own second derivative contributes when its backward is differentiated
+(docs/attention-double-backward.md, "Curvature policies"). For the gradient of
+<uq, dq> + <uk, dk> + <uv, dv> (the double backward):
+
+* exact                 all of it;
+* none                  gq = gk = gv = 0: the backward is linear in dO with attention's
+                        Jacobian a constant (gdO, its derivative in dO, is kept);
+* score                 only the score path: the Hessian blocks in (q, k) x (q, k);
+* value                 only the value path: the blocks (q, k) x v and v x (q, k)
+                        (v x v is zero); score + value = exact - none, exactly;
+* frozen_softmax_stats  exact, with the log-sum-exp (row max and normaliser) a constant;
+* once_differentiable   no derivative of the backward at all (gdO too is zero).
+"""
+
+
+def attention_double_backward_formula(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    uq: torch.Tensor,
+    uk: torch.Tensor,
+    uv: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    curvature: str = "exact",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gq, gk, gv, gdo) under a curvature policy (CURVATURES), from the closed form of
+    the fused kernels written with full N x M matrices in PyTorch ops (differentiable).
+
+    With curvature "exact" it equals `attention_double_backward_reference`.
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}")
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    dtype, cd = q.dtype, _compute_dtype(q.dtype)
+    q, k, v, do, uq, uk, uv = (t.to(cd) for t in (q, k, v, do, uq, uk, uv))
+    if curvature == "once_differentiable":
+        zeros = [torch.zeros_like(t) for t in (q, k, v, do)]
+        return tuple(z.to(dtype) for z in zeros)
+    p = torch.softmax(_scores(q, k, causal, scale), dim=-1)
+    dp = do @ v.transpose(-1, -2)
+    delta = (p * dp).sum(-1, keepdim=True)
+    w = scale * (uq @ k.transpose(-1, -2) + q @ uk.transpose(-1, -2))
+    r = do @ uv.transpose(-1, -2)
+    rho_w = (p * w).sum(-1, keepdim=True)
+    score = curvature in ("exact", "score", "frozen_softmax_stats")
+    value = curvature in ("exact", "value", "frozen_softmax_stats")
+    g_p = torch.zeros_like(p)
+    if value:
+        g_p = g_p + r
+    if score:
+        g_p = g_p + (dp - delta) * w - rho_w * dp
+    if curvature != "frozen_softmax_stats":  # the log-sum-exp's derivative
+        g_p = g_p - (p * g_p).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    g_s = p * g_p
+    g_dp = p * (w - rho_w)
+    gq = scale * g_s @ k
+    gk = scale * g_s.transpose(-1, -2) @ q
+    if score:
+        gq = gq + scale * ds @ uk
+        gk = gk + scale * ds.transpose(-1, -2) @ uq
+    gv = g_dp.transpose(-1, -2) @ do if value else torch.zeros_like(v)
+    gdo = g_dp @ v + p @ uv
+    return tuple(t.to(dtype) for t in (gq, gk, gv, gdo))

@@ -104,12 +104,18 @@ def _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale
 
 
 @triton.jit
-def _second_order_grads(p, dp, w, r, delta, rho_w, rho_g):
-    """dS, G_dP and G_S of one tile, from P, dP, W, R and the row statistics."""
+def _second_order_grads(p, dp, w, r, delta, rho_w, rho_g, SCORE: tl.constexpr, VALUE: tl.constexpr):
+    """dS, G_dP and G_S of one tile, from P, dP, W, R and the row statistics; G_S keeps
+    the score part ((dP - Delta) W - rho_W dP) if SCORE, the value part (R) if VALUE.
+    rho_G is the row sum of P times the kept parts (zero with frozen softmax statistics)."""
     ds = p * (dp - delta[:, None])
     g_dp = p * (w - rho_w[:, None])
-    g_s = p * (r + (dp - delta[:, None]) * w - rho_w[:, None] * dp - rho_g[:, None])
-    return ds, g_dp, g_s
+    g_p = -rho_g[:, None] + tl.zeros_like(p)
+    if VALUE:
+        g_p += r
+    if SCORE:
+        g_p += (dp - delta[:, None]) * w - rho_w[:, None] * dp
+    return ds, g_dp, p * g_p
 
 
 # ---------------------------------------------------------------------------
@@ -229,7 +235,8 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
                                N, M, D, DV, scale,
                                CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                               PRECISION: tl.constexpr, ACC: tl.constexpr):
+                               PRECISION: tl.constexpr, ACC: tl.constexpr,
+                               SCORE: tl.constexpr, VALUE: tl.constexpr, FROZEN_STATS: tl.constexpr):
     bh, start_n = _program_tile(N, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -256,8 +263,14 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
         p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
                                          CAUSAL, PRECISION, ACC)
         rho_w += tl.sum(p * w, 1)
-        rho_g += tl.sum(p * (r + (dp - delta[:, None]) * w), 1)
-    rho_g -= rho_w * delta
+        if VALUE:
+            rho_g += tl.sum(p * r, 1)
+        if SCORE:
+            rho_g += tl.sum(p * (dp - delta[:, None]) * w, 1)
+    if SCORE:
+        rho_g -= rho_w * delta
+    if FROZEN_STATS:  # the log-sum-exp is a constant: no rho_G term
+        rho_g = tl.zeros_like(rho_g)
 
     # Pass 2 over keys: gQ = s G_S K + s dS uK and gdO = G_dP V + P uV.
     gq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
@@ -270,8 +283,10 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
         uv = _load(UV, bh, offs_m, offs_dv, M, DV)
         p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
                                          CAUSAL, PRECISION, ACC)
-        ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g)
-        gq += dot(g_s.to(k.dtype), k, PRECISION, ACC) + dot(ds.to(uk.dtype), uk, PRECISION, ACC)
+        ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g, SCORE, VALUE)
+        gq += dot(g_s.to(k.dtype), k, PRECISION, ACC)
+        if SCORE:
+            gq += dot(ds.to(uk.dtype), uk, PRECISION, ACC)
         gdo += dot(g_dp.to(v.dtype), v, PRECISION, ACC) + dot(p.to(uv.dtype), uv, PRECISION, ACC)
 
     _store(GQ, gq * scale, bh, offs_n, offs_d, N, D)
@@ -285,7 +300,8 @@ def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G
                                N, M, D, DV, scale,
                                CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                               PRECISION: tl.constexpr, ACC: tl.constexpr):
+                               PRECISION: tl.constexpr, ACC: tl.constexpr,
+                               SCORE: tl.constexpr, VALUE: tl.constexpr, FROZEN_STATS: tl.constexpr):
     bh, start_m = _program_tile(M, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -311,9 +327,12 @@ def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G
         rho_g = _load_row(RHO_G, bh, offs_n, N)
         p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
                                          CAUSAL, PRECISION, ACC)
-        ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g)
-        gk += dot(tl.trans(g_s).to(q.dtype), q, PRECISION, ACC) + dot(tl.trans(ds).to(uq.dtype), uq, PRECISION, ACC)
-        gv += dot(tl.trans(g_dp).to(do.dtype), do, PRECISION, ACC)
+        ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g, SCORE, VALUE)
+        gk += dot(tl.trans(g_s).to(q.dtype), q, PRECISION, ACC)
+        if SCORE:
+            gk += dot(tl.trans(ds).to(uq.dtype), uq, PRECISION, ACC)
+        if VALUE:
+            gv += dot(tl.trans(g_dp).to(do.dtype), do, PRECISION, ACC)
 
     _store(GK, gk * scale, bh, offs_m, offs_d, M, D)
     _store(GV, gv, bh, offs_m, offs_dv, M, DV)
@@ -406,7 +425,8 @@ def attention_bwd_row_kernel(Q, K, V, O, DO, LSE, DQ, DK, DVo, M, D, DV, scale,
 @triton.jit
 def attention_dbwd_row_kernel(Q, K, V, O, DO, UQ, UK, UV, LSE, GQ, GK, GV, GDO, M, D, DV, scale,
                               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                              BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
+                              BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+                              SCORE: tl.constexpr, VALUE: tl.constexpr, FROZEN_STATS: tl.constexpr):
     bh = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -429,7 +449,14 @@ def attention_dbwd_row_kernel(Q, K, V, O, DO, UQ, UK, UV, LSE, GQ, GK, GV, GDO, 
         rho_w += tl.sum(p * w, 0)
         p_r += tl.sum(p * r, 0)
         p_dp_w += tl.sum(p * dp * w, 0)
-    rho_g = p_r + p_dp_w - 2 * delta * rho_w
+    # Only the kept parts of G_P enter rho_G; with frozen softmax statistics it is zero.
+    rho_g = tl.zeros([], ACC)
+    if VALUE:
+        rho_g += p_r
+    if SCORE:
+        rho_g += p_dp_w - 2 * delta * rho_w
+    if FROZEN_STATS:
+        rho_g = tl.zeros([], ACC)
 
     # Pass 2, every key block (masked keys get gK = gV = 0): gK, gV per block; gQ, gdO summed.
     gq = tl.zeros([BLOCK_D], ACC)
@@ -440,11 +467,22 @@ def attention_dbwd_row_kernel(Q, K, V, O, DO, UQ, UK, UV, LSE, GQ, GK, GV, GDO, 
                                                offs_dv, M, D, DV, key_end, scale, ACC)
         ds = p * (dp - delta)
         g_dp = p * (w - rho_w)
-        g_s = p * (r + (dp - delta) * w - rho_w * dp - rho_g)
-        gq += tl.sum(g_s[:, None] * k, 0) + tl.sum(ds[:, None] * uk, 0)       # s G_S K + s dS uK
+        g_p = -rho_g + tl.zeros_like(p)                                       # the kept parts of G_P
+        if VALUE:
+            g_p += r
+        if SCORE:
+            g_p += (dp - delta) * w - rho_w * dp
+        g_s = p * g_p
+        gq += tl.sum(g_s[:, None] * k, 0)                                     # s G_S K (+ s dS uK)
         gdo += tl.sum(g_dp[:, None] * v, 0) + tl.sum(p[:, None] * uv, 0)      # G_dP V + P uV
-        _store(GK, (g_s[:, None] * q[None, :] + ds[:, None] * uq[None, :]) * scale,
-               bh, offs_m, offs_d, M, D)                                      # s G_S^T Q + s dS^T uQ
-        _store(GV, g_dp[:, None] * do[None, :], bh, offs_m, offs_dv, M, DV)   # G_dP^T dO
+        g_k = g_s[:, None] * q[None, :]                                       # s G_S^T Q (+ s dS^T uQ)
+        if SCORE:
+            gq += tl.sum(ds[:, None] * uk, 0)
+            g_k += ds[:, None] * uq[None, :]
+        _store(GK, g_k * scale, bh, offs_m, offs_d, M, D)
+        g_v = g_dp[:, None] * do[None, :]                                     # G_dP^T dO
+        if not VALUE:
+            g_v = tl.zeros_like(g_v)
+        _store(GV, g_v, bh, offs_m, offs_dv, M, DV)
     _store_row(GQ, (gq * scale).to(GQ.dtype.element_ty), bh, offs_d, D)
     _store_row(GDO, gdo.to(GDO.dtype.element_ty), bh, offs_dv, DV)

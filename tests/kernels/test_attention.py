@@ -99,9 +99,10 @@ def test_double_backward_kernels_give_all_four_gradients(n, m, d, dv, causal):
     q, k, v = qkv(n, m, d, dv)
     do, uq, uk, uv = (torch.randn_like(t) for t in (torch.empty(2, 1, n, dv, dtype=F64), q, k, v))
     do.requires_grad_()
-    o, lse = FusedAttention.apply(q, k, v, causal, 0.3, "ieee")
+    o, lse = FusedAttention.apply(q, k, v, causal, 0.3, "ieee", "exact", "triton")
     assert rel_err(lse, attention_logsumexp_reference(q, k, causal, 0.3)) < 1e-13
-    dq, dk, dv_ = FusedAttentionBackward.apply(q, k, v, o, lse, do, causal, 0.3, "ieee")
+    args = causal, 0.3, "ieee", "exact", "triton"
+    dq, dk, dv_ = FusedAttentionBackward.apply(q, k, v, o, lse, do, *args)
     assert_all_close((dq, dk, dv_), attention_backward_reference(q, k, v, do, causal, 0.3), 1e-12)
     got = torch.autograd.grad((dq, dk, dv_), (q, k, v, do), (uq, uk, uv))
     want = attention_double_backward_reference(q, k, v, do, uq, uk, uv, causal, 0.3)
@@ -134,9 +135,9 @@ def test_float32_precision_reaches_every_pass_under_vmap(monkeypatch):
     for name in ("attention_forward", "attention_backward", "attention_double_backward"):
         original = getattr(launch, name)
 
-        def recorded(*a, _original=original, _name=name):
+        def recorded(*a, _original=original, _name=name, **kw):
             seen.append((_name, a[-1]))
-            return _original(*a)
+            return _original(*a, **kw)
 
         monkeypatch.setattr(launch, name, recorded)
     q, k, v = qkv(4, 7, 8, 8, lead=(3, 2), dtype=torch.float32, grad=False)
