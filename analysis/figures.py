@@ -18,6 +18,14 @@ MODE_DASHES = {"FULL": "", "FO": "", "FO_STRICT": (4, 2)}
 sns.set_theme(style="whitegrid", context="notebook")
 
 
+def _order(modes) -> tuple[list[str], dict]:
+    """Modes first in their usual order, then curvature ablations (policies) by name; and
+    their dashes (FO_STRICT dashed: it lies on FO)."""
+    present = set(modes)
+    order = [m for m in MODE_ORDER if m in present] + sorted(present - set(MODE_ORDER))
+    return order, {m: MODE_DASHES.get(m, (1, 1) if m not in MODE_ORDER else "") for m in order}
+
+
 def _save(grid, path: Path, title: str) -> Path:
     grid.figure.suptitle(title, y=1.03)
     grid.figure.savefig(path, dpi=110, bbox_inches="tight")
@@ -26,20 +34,22 @@ def _save(grid, path: Path, title: str) -> Path:
 
 
 def metric_vs_inner_steps(runs: pd.DataFrame, metric: str, label: str, path: Path) -> Path:
-    """One panel per backend, one line per mode, mean with +-1 std error bars over seeds."""
+    """One panel per backend, one line per mode (or curvature ablation), mean with +-1 std
+    error bars over seeds."""
     ok = runs[runs["status"] == "OK"]
+    order, dashes = _order(ok["mode"])
     grid = sns.relplot(
         data=ok,
         x="inner_steps",
         y=metric,
         hue="mode",
         style="mode",
-        hue_order=MODE_ORDER,
-        style_order=MODE_ORDER,
+        hue_order=order,
+        style_order=order,
         col="backend",
         kind="line",
         markers=True,
-        dashes=MODE_DASHES,
+        dashes=dashes,
         errorbar="sd",
         err_style="bars",
         height=3.6,
@@ -63,15 +73,16 @@ def training_curves(histories: pd.DataFrame, path: Path, window: int = 20) -> Pa
         h[m] = h.groupby(keys)[m].transform(lambda s: s.rolling(window, min_periods=1).mean())
     tidy = h.melt(id_vars=keys + ["step"], value_vars=["loss", "acc"], var_name="metric")
     tidy["metric"] = tidy["metric"].map({"loss": "query loss", "acc": "query accuracy"})
+    order, dashes = _order(tidy["mode"])
     grid = sns.relplot(
         data=tidy,
         x="step",
         y="value",
         hue="mode",
-        hue_order=MODE_ORDER,
+        hue_order=order,
         style="mode",
-        style_order=MODE_ORDER,
-        dashes=MODE_DASHES,
+        style_order=order,
+        dashes=dashes,
         row="metric",
         col="inner_steps",
         kind="line",

@@ -18,9 +18,9 @@ from analysis.figures import (
     metric_vs_inner_steps,
     training_curves,
 )
-from analysis.summary import full_minus_fo, load_runs, summarize
+from analysis.summary import full_minus_fo, gains_over_fo, load_runs, summarize
 from analysis.tables import markdown_table
-from phase12.schema import SEED_STEP_S
+from phase12.schema import CURVATURE_SHARES, SEED_STEP_S
 
 # The seed project's long confirmation run (docs/seed-phase12-README.md):
 # mean final accuracy over seeds 0 and 1, 1000 outer steps, as (FULL, FO).
@@ -45,12 +45,15 @@ def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def results_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy per (backend, k): FULL, FO, FO_STRICT (mean ± std) and FULL − FO."""
+    """Accuracy per (backend, k): each mode and curvature ablation (mean ± std) and
+    FULL − FO."""
     rows = []
+    policies = [m for m in MODE_ORDER if m in set(summary["mode"])]
+    policies += sorted(set(summary["mode"]) - set(MODE_ORDER))
     for (backend, k), g in summary.groupby(["backend", "inner_steps"]):
         by_mode = g.set_index("mode")
         row = {"backend": backend, "k": k}
-        for mode in ("FULL", "FO", "FO_STRICT"):
+        for mode in policies:
             if mode in by_mode.index:
                 m, s = by_mode.loc[mode, "final_acc_mean"], by_mode.loc[mode, "final_acc_std"]
                 row[f"{mode} acc"] = f"{m:.4f} ± {0 if s != s else s:.4f}"
@@ -113,6 +116,24 @@ def _gap_sentences(ok: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
                 f"seed-to-seed spread ({g.spread:.4f})."
             )
     return out
+
+
+def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (backend, k, policy): the seed-paired gain over FO (mean ± std, seeds) and the
+    mean curvature shares measured at the runs' final parameters."""
+    gains = gains_over_fo(runs)
+    if gains.empty:
+        return gains
+    ok = runs[runs["status"] == "OK"]
+    shares = [c for c in CURVATURE_SHARES if c in ok]
+    mean_shares = ok.groupby(["backend", "inner_steps", "mode"])[shares].mean()
+    table = gains.join(mean_shares, on=["backend", "inner_steps", "policy"])
+    table["gain over FO"] = [
+        f"{m:+.4f} ± {s:.4f}" if s == s else f"{m:+.4f} (1 seed)"
+        for m, s in zip(table["gap_mean"], table["gap_std"], strict=True)
+    ]
+    columns = ["backend", "inner_steps", "policy", "n_seeds", "gain over FO", *shares]
+    return table[columns].rename(columns={"inner_steps": "k", "n_seeds": "seeds"})
 
 
 def interpretation(runs: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
@@ -221,7 +242,8 @@ def build_report(folder: str | Path) -> Path:
 
     def values(column: str) -> str:
         order = {m: i for i, m in enumerate(MODE_ORDER)}
-        return ", ".join(map(str, sorted(runs[column].unique(), key=lambda v: order.get(v, v))))
+        key = lambda v: (order.get(v, len(order)), v)  # noqa: E731
+        return ", ".join(map(str, sorted(runs[column].unique(), key=key)))
 
     lines = [
         f"# Phase 12 report: {folder.name}",
@@ -230,7 +252,7 @@ def build_report(folder: str | Path) -> Path:
         "",
         "## Configuration",
         "",
-        f"* grid (the runs in this folder): modes {values('mode')}; backends "
+        f"* grid (the runs in this folder): modes and ablations {values('mode')}; backends "
         f"{values('backend')}; k {values('inner_steps')}; seeds {values('seed')}",
         f"* {first['outer_steps']} outer steps, meta-batch {first['meta_batch']}, inner lr "
         f"{first['inner_lr']}, Adam lr {first['outer_lr']}, T {first['seq_len']}, "
@@ -249,6 +271,21 @@ def build_report(folder: str | Path) -> Path:
         "",
         *[f"* {s}" for s in interpretation(runs, summary, gaps)],
         "",
+        *(
+            [
+                "## Curvature ablations",
+                "",
+                "Gain over FO (final query accuracy, seed-paired) of FULL and of each "
+                "ablation of FULL, and the shares of the FULL meta-gradient that parts of "
+                "attention's own second derivative carry at the runs' final parameters "
+                "(‖g_FULL − g_ablated‖ / ‖g_FULL‖ on a held-out task; mean over seeds).",
+                "",
+                markdown_table(ablation_table(runs)),
+                "",
+            ]
+            if (runs.get("ablation", pd.Series(["none"])) != "none").any()
+            else []
+        ),
         "## Speed and memory",
         "",
         markdown_table(timing_table(summary), ".2f"),

@@ -39,6 +39,11 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path} is not a runs.csv this program wrote ({type(e).__name__})") from e
     if "status" not in runs or "run_id" not in runs:
         raise ValueError(f"{path} is not a runs.csv this program wrote (no status/run_id column)")
+    # A curvature ablation of FULL is a policy of its own: in the tables and figures it
+    # stands where a mode stands (runs.csv of older versions have no ablation column).
+    ablation = runs["ablation"].fillna("none") if "ablation" in runs else "none"
+    runs["ablation"] = ablation
+    runs["mode"] = runs["mode"].where(runs["ablation"] == "none", runs["ablation"])
     if "attn_grad_norm" not in runs:
         runs["attn_grad_norm"] = (
             runs[["attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v"]] ** 2
@@ -63,9 +68,11 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 GAP_COLUMNS = ["backend", "inner_steps", "n_seeds", "gap_mean", "gap_std", "spread"]
 
 
-def full_minus_fo(runs: pd.DataFrame, metric: str = "final_acc") -> pd.DataFrame:
-    """FULL - FO of `metric` per (backend, inner_steps), paired by seed (seeds where both
-    finished OK).
+def full_minus_fo(
+    runs: pd.DataFrame, metric: str = "final_acc", policy: str = "FULL"
+) -> pd.DataFrame:
+    """`policy` (FULL by default; any mode or ablation) - FO of `metric` per (backend,
+    inner_steps), paired by seed (seeds where both finished OK).
 
     Columns: backend, inner_steps, n_seeds (pairs), gap_mean, gap_std (over seeds of the
     paired gap), spread (the larger seed-to-seed std of FULL and of FO), exceeds_spread
@@ -74,14 +81,14 @@ def full_minus_fo(runs: pd.DataFrame, metric: str = "final_acc") -> pd.DataFrame
     """
     ok = runs[runs["status"] == "OK"]
     wide = ok.pivot_table(index=["backend", "inner_steps", "seed"], columns="mode", values=metric)
-    if not {"FULL", "FO"} <= set(wide.columns):
+    if not {policy, "FO"} <= set(wide.columns):
         return pd.DataFrame(columns=[*GAP_COLUMNS, "exceeds_spread"])
-    gap = (wide["FULL"] - wide["FO"]).dropna().rename("gap").reset_index()
+    gap = (wide[policy] - wide["FO"]).dropna().rename("gap").reset_index()
     stats = gap.groupby(["backend", "inner_steps"])["gap"].agg(
         n_seeds="count", gap_mean="mean", gap_std="std"
     )
     spread = (
-        ok[ok["mode"].isin(["FULL", "FO"])]
+        ok[ok["mode"].isin([policy, "FO"])]
         .groupby(["backend", "inner_steps", "mode"])[metric]
         .std()
         .groupby(["backend", "inner_steps"])
@@ -92,3 +99,11 @@ def full_minus_fo(runs: pd.DataFrame, metric: str = "final_acc") -> pd.DataFrame
     exceeds = out["gap_mean"].abs() > out["spread"]
     out["exceeds_spread"] = exceeds.astype("boolean").where(out["n_seeds"] >= 2)
     return out
+
+
+def gains_over_fo(runs: pd.DataFrame, metric: str = "final_acc") -> pd.DataFrame:
+    """full_minus_fo for every policy in `runs` but FO and FO_STRICT (column policy)."""
+    policies = [m for m in runs["mode"].unique() if m not in ("FO", "FO_STRICT")]
+    parts = [full_minus_fo(runs, metric, m).assign(policy=m) for m in policies]
+    parts = [p for p in parts if not p.empty]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()

@@ -1,7 +1,7 @@
 """Model backends: how an inner step is taken, how attention is called, where it runs.
 
     backend = get("triton_step")
-    phi = backend.sgd_step(params, x, y, lr, second_order=True)
+    phi = backend.sgd_step(params, x, y, lr, Curvature())      # FULL: every second-order term
     loss, accuracy = backend.query_metrics(phi, x, y)
     device = device_for(config)        # where a RunConfig runs here, or ConfigError
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import BackendUnavailable, check_backend
-from phase12.config import ConfigError, RunConfig, resolve_device
+from phase12.config import PARAMS, ConfigError, Curvature, RunConfig, resolve_device
 from phase12.model import Params, apply, cross_entropy, loss
 
 _support_grad = torch.func.grad(loss)
@@ -39,13 +39,14 @@ class Backend:
     attention: str
 
     def sgd_step(
-        self, params: Params, x: torch.Tensor, y: torch.Tensor, lr: float, *, second_order: bool
+        self, params: Params, x: torch.Tensor, y: torch.Tensor, lr: float, curvature: Curvature
     ) -> Params:
-        """params - lr * grad of the support loss on (x (n, T, D), y (n,)). Differentiable
-        w.r.t. params: exactly when `second_order`, else with the gradient a constant."""
-        grads = _support_grad(params, x, y, self.attention)
-        if not second_order:
-            grads = {name: g.detach() for name, g in grads.items()}
+        """params - lr * grad of the support loss on (x (n, T, D), y (n,)), differentiable
+        w.r.t. params with the second-order terms `curvature` keeps: the gradients of
+        `curvature.detached` are constants, attention's own second derivative is
+        `curvature.attention`'s."""
+        grads = _support_grad(params, x, y, self.attention, curvature.attention)
+        grads = {n: g.detach() if n in curvature.detached else g for n, g in grads.items()}
         return {name: torch.add(p, grads[name], alpha=-lr) for name, p in params.items()}
 
     def query_metrics(
@@ -69,10 +70,12 @@ class Backend:
 class FusedStepBackend(Backend):
     """Inner steps and their backward as fused Triton kernels of the whole model."""
 
-    def sgd_step(self, params, x, y, lr, *, second_order):
+    def sgd_step(self, params, x, y, lr, curvature):
         from phase12.fused_step import sgd_step  # imports Triton: only when used
 
-        return sgd_step(params, x, y, lr, second_order=second_order)
+        if curvature.attention != "exact" or curvature.detached not in (set(), set(PARAMS)):
+            raise ValueError(f"{self.name} takes FULL or FO inner steps only; got {curvature}")
+        return sgd_step(params, x, y, lr, second_order=not curvature.detached)
 
     def query_metrics(self, params, x, y):
         from phase12.fused_step import query_loss
@@ -83,6 +86,11 @@ class FusedStepBackend(Backend):
         reason = super().cannot_run(config, device)
         if reason is not None:
             return reason
+        if config.ablation != "none":
+            return (
+                f"its fused Hessian-vector-product kernel has no switch for ablation "
+                f"{config.ablation}; use reference or triton_fused"
+            )
         if config.dtype == "float64" and device.type == "cuda":
             return "float64 runs only in Triton's interpreter on the CPU; use float32 on CUDA"
         from phase12.fused_step import check_shapes

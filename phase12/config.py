@@ -19,7 +19,15 @@ from enum import Enum
 
 import torch
 
-__all__ = ["ConfigError", "Mode", "RunConfig", "option_help", "resolve_device"]
+__all__ = [
+    "ABLATIONS",
+    "ConfigError",
+    "Curvature",
+    "Mode",
+    "RunConfig",
+    "option_help",
+    "resolve_device",
+]
 
 
 class ConfigError(ValueError):
@@ -48,6 +56,36 @@ class Mode(str, Enum):
 
 
 MODES = tuple(m.value for m in Mode)
+
+PARAMS = ("Wq", "Wk", "Wv", "Wc", "bc")
+ATTENTION_PARAMS = ("Wq", "Wk", "Wv")
+
+
+@dataclass(frozen=True)
+class Curvature:
+    """What second-order signal the inner steps carry into the meta-gradient.
+
+    `attention`: attention's own second derivative inside the inner gradient
+    (kernels.reference.CURVATURES: "exact", "none", "score", "value",
+    "frozen_softmax_stats", "once_differentiable"). `detached`: the parameters whose
+    inner gradients are constants (FO detaches all of them).
+    """
+
+    attention: str = "exact"
+    detached: frozenset[str] = frozenset()
+
+
+# Curvature ablations of FULL (docs/attention-double-backward.md, "Curvature policies").
+ABLATIONS = {
+    "none": Curvature(),
+    "no_attention_curvature": Curvature(attention="none"),
+    "no_attention_score_curvature": Curvature(attention="value"),
+    "no_attention_value_curvature": Curvature(attention="score"),
+    "frozen_softmax_stats": Curvature(attention="frozen_softmax_stats"),
+    "once_differentiable_attention": Curvature(attention="once_differentiable"),
+    "no_attention_param_curvature": Curvature(detached=frozenset(ATTENTION_PARAMS)),
+    "no_head_param_curvature": Curvature(detached=frozenset(PARAMS) - set(ATTENTION_PARAMS)),
+}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CUDA_GRAPH = ("auto", "on", "off")
 MAX_SEED = 2**62  # torch.Generator takes 64 bits; the probes add offsets to the seed
@@ -60,6 +98,19 @@ def _option(default, help: str, *, choices=None):
 def option_help(f: dataclasses.Field) -> tuple[str, tuple | None]:
     """(help, choices or None) of a RunConfig field."""
     return f.metadata["help"], f.metadata["choices"]
+
+
+def inner_curvature(mode: str, ablation: str = "none") -> Curvature:
+    """What the inner steps of `mode` (with an ablation of FULL) carry into the
+    meta-gradient: FULL everything but what the ablation drops, FO and FO_STRICT nothing."""
+    if ablation != "none" and mode != Mode.FULL:
+        raise ConfigError(
+            f"ablation {ablation} is an ablation of FULL; it does not apply to mode {mode}",
+            "ablation",
+        )
+    if mode == Mode.FULL:
+        return ABLATIONS[ablation]
+    return Curvature(detached=frozenset(PARAMS))
 
 
 @dataclass(frozen=True)
@@ -77,6 +128,17 @@ class RunConfig:
         "reference: PyTorch attention; triton_fused: fused Triton attention kernels; "
         "triton_step: each inner step and its backward one fused Triton kernel of the whole "
         "model (the Triton backends need CUDA or TRITON_INTERPRET=1)",
+    )
+    ablation: str = _option(
+        "none",
+        "a curvature ablation of FULL: no_attention_curvature (attention's Jacobian a "
+        "constant in the inner gradient), no_attention_score_curvature / "
+        "no_attention_value_curvature (one path of attention's own second derivative "
+        "dropped), frozen_softmax_stats (attention's log-sum-exp a constant there), "
+        "once_differentiable_attention (attention's backward not differentiated at all), "
+        "no_attention_param_curvature / no_head_param_curvature (the inner gradients of "
+        "Wq, Wk, Wv / of Wc, bc detached)",
+        choices=tuple(ABLATIONS),
     )
     seed: int = _option(0, "run seed (initial parameters and task stream)")
     outer_steps: int = _option(1000, "outer (meta) steps per run")
@@ -116,17 +178,35 @@ class RunConfig:
         return DTYPES[self.dtype]
 
     @property
+    def policy(self) -> str:
+        """The mode, or the ablation of FULL when there is one."""
+        return str(self.mode) if self.ablation == "none" else self.ablation
+
+    @property
+    def inner_loop(self) -> dict:
+        """The keyword arguments of phase12.maml's functions for this run."""
+        return dict(
+            mode=self.mode,
+            steps=self.inner_steps,
+            lr=self.inner_lr,
+            backend=self.backend,
+            ablation=self.ablation,
+        )
+
+    @property
     def run_id(self) -> str:
-        return f"{self.backend}_{self.mode}_k{self.inner_steps}_seed{self.seed}"
+        return f"{self.backend}_{self.policy}_k{self.inner_steps}_seed{self.seed}"
 
 
 def _check_fields(c: RunConfig) -> None:
     """Every field's own value (nothing about the machine). Raises ConfigError."""
-    for name, allowed in (("cuda_graph", CUDA_GRAPH), ("dtype", tuple(DTYPES))):
+    named = (("cuda_graph", CUDA_GRAPH), ("dtype", tuple(DTYPES)), ("ablation", tuple(ABLATIONS)))
+    for name, allowed in named:
         if getattr(c, name) not in allowed:
             raise ConfigError(
                 f"{name} {getattr(c, name)!r} is unknown; choose one of {', '.join(allowed)}", name
             )
+    inner_curvature(c.mode, c.ablation)
     if c.inner_steps < 0:
         raise ConfigError(
             f"inner_steps must be >= 0 (inner SGD steps); got {c.inner_steps}", "inner_steps"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from phase12.backends import get
-from phase12.config import Mode
+from phase12.config import ABLATIONS, Curvature, Mode, inner_curvature
 from phase12.model import Params
 from phase12.tasks import Tasks
 
@@ -39,12 +39,13 @@ def adapt(
     steps: int,
     lr: float,
     backend: str,
-    detach_inner_grads: bool = False,
+    curvature: Curvature = ABLATIONS["none"],
 ) -> Params:
-    """`steps` SGD steps on the support loss from `params`; differentiable unless detached."""
+    """`steps` SGD steps on the support loss from `params`, differentiable with the
+    second-order terms `curvature` keeps (all by default)."""
     sgd_step = get(backend).sgd_step
     for _ in range(steps):
-        params = sgd_step(params, x, y, lr, second_order=not detach_inner_grads)
+        params = sgd_step(params, x, y, lr, curvature)
     return params
 
 
@@ -57,20 +58,17 @@ def adapted_params(
     steps: int,
     lr: float,
     backend: str,
+    ablation: str = "none",
 ) -> Params:
-    """phi_k for one task under the mode's detach policy (see the module table)."""
-    if mode == Mode.FULL:
-        return adapt(meta_params, x, y, steps=steps, lr=lr, backend=backend)
-    if mode == Mode.FO:
-        return adapt(
-            meta_params, x, y, steps=steps, lr=lr, backend=backend, detach_inner_grads=True
-        )
+    """phi_k for one task under the mode's detach policy (see the module table) and, for
+    FULL, its curvature ablation (phase12.config.ABLATIONS)."""
+    kw = dict(steps=steps, lr=lr, backend=backend)
     if mode == Mode.FO_STRICT:
         with torch.no_grad():  # torch.func.grad still differentiates inside; nothing is recorded
-            phi = adapt(_detached(meta_params), x, y, steps=steps, lr=lr, backend=backend)
+            phi = adapt(_detached(meta_params), x, y, **kw)
         # Straight-through: the value of phi_k, the identity Jacobian of theta.
         return {n: theta + (phi[n] - theta).detach() for n, theta in meta_params.items()}
-    raise ValueError(f"unknown mode {mode!r}")
+    return adapt(meta_params, x, y, **kw, curvature=inner_curvature(mode, ablation))
 
 
 def task_query_metrics(
@@ -84,32 +82,30 @@ def task_query_metrics(
     steps: int,
     lr: float,
     backend: str,
+    ablation: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(query loss, query accuracy) of one task after adaptation; both scalars."""
-    phi = adapted_params(
-        meta_params, support_x, support_y, mode=mode, steps=steps, lr=lr, backend=backend
-    )
+    kw = dict(mode=mode, steps=steps, lr=lr, backend=backend, ablation=ablation)
+    phi = adapted_params(meta_params, support_x, support_y, **kw)
     return get(backend).query_metrics(phi, query_x, query_y)
 
 
 def meta_batch_metrics(
-    meta_params: Params, tasks: Tasks, *, mode: str, steps: int, lr: float, backend: str
+    meta_params: Params, tasks: Tasks, **policy
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task (query loss (B,), query accuracy (B,)): one vmap over the task dim."""
+    """Per-task (query loss (B,), query accuracy (B,)): one vmap over the task dim.
+    `policy`: mode, steps, lr, backend (and ablation) of task_query_metrics."""
     per_task = torch.func.vmap(
-        lambda sx, sy, qx, qy: task_query_metrics(
-            meta_params, sx, sy, qx, qy, mode=mode, steps=steps, lr=lr, backend=backend
-        )
+        lambda sx, sy, qx, qy: task_query_metrics(meta_params, sx, sy, qx, qy, **policy)
     )
     return per_task(*tasks)
 
 
-def meta_gradient(
-    meta_params: Params, tasks: Tasks, *, mode: str, steps: int, lr: float, backend: str
-) -> Params:
-    """d(mean query loss)/d(meta_params) for a meta-batch, without touching .grad."""
+def meta_gradient(meta_params: Params, tasks: Tasks, **policy) -> Params:
+    """d(mean query loss)/d(meta_params) for a meta-batch, without touching .grad.
+    `policy`: mode, steps, lr, backend (and ablation) of task_query_metrics."""
     leaves = {n: p.detach().requires_grad_(True) for n, p in meta_params.items()}
-    losses, _ = meta_batch_metrics(leaves, tasks, mode=mode, steps=steps, lr=lr, backend=backend)
+    losses, _ = meta_batch_metrics(leaves, tasks, **policy)
     grads = torch.autograd.grad(losses.mean(), list(leaves.values()))
     return dict(zip(leaves, grads, strict=True))
 

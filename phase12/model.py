@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels import attention
+from phase12.config import ATTENTION_PARAMS
 
 Params = dict[str, torch.Tensor]
-ATTENTION_PARAMS = ("Wq", "Wk", "Wv")
+__all__ = ["ATTENTION_PARAMS", "Params", "apply", "cross_entropy", "init_params", "loss"]
 
 
 def init_params(
@@ -49,14 +50,20 @@ def init_params(
     }
 
 
-def apply(params: Params, x: torch.Tensor, attention_backend: str = "reference") -> torch.Tensor:
+def apply(
+    params: Params,
+    x: torch.Tensor,
+    attention_backend: str = "reference",
+    curvature: str = "exact",
+) -> torch.Tensor:
     """Logits (..., C) for sequences x (..., T, D), attention through `attention_backend`
-    (kernels.attention's `backend`). Differentiable to any order."""
+    (kernels.attention's `backend`) with its second derivative under `curvature`
+    (kernels.CURVATURES). Differentiable to any order."""
     q = F.linear(x[..., :1, :], params["Wq"])  # (..., 1, D): only token 0 queries
     k = F.linear(x, params["Wk"])  # (..., T, D)
     v = F.linear(x, params["Wv"])
     # (..., 1, D); the leading dims act as batch
-    h = attention(q, k, v, backend=attention_backend)
+    h = attention(q, k, v, backend=attention_backend, curvature=curvature)
     # squeeze, not h[..., 0, :]: a select's backward allocates zeros and scatters into
     # them (two kernels per use); squeeze's backward is a view.
     return F.linear(h.squeeze(-2), params["Wc"], params["bc"])
@@ -74,7 +81,11 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def loss(
-    params: Params, x: torch.Tensor, y: torch.Tensor, attention_backend: str = "reference"
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attention_backend: str = "reference",
+    curvature: str = "exact",
 ) -> torch.Tensor:
     """Mean cross-entropy of the model on (x (n, T, D), y (n,)): a scalar."""
-    return cross_entropy(apply(params, x, attention_backend), y)
+    return cross_entropy(apply(params, x, attention_backend, curvature), y)

@@ -29,6 +29,17 @@ RUNS_CSV = "runs.csv"  # one row per run, in a run's --out folder or a sweep fol
 RISK_CSV = "risk_checks.csv"
 RISK_COLUMNS = ["check", "status", "value", "details"]
 
+# ||g_FULL - g_ABLATION|| / ||g_FULL|| of the meta-gradient at a run's final parameters on
+# a held-out task (phase12.probes.curvature_shares): how much of the meta-gradient each
+# part of attention's own second derivative carries.
+CURVATURE_SHARES = (
+    "attn_curvature_share",  # all of attention's own second derivative, every parameter
+    "attn_curvature_share_qkv",  # the same on Wq, Wk, Wv only
+    "attn_score_curvature_share",  # its score path
+    "attn_value_curvature_share",  # its value path
+    "softmax_stats_curvature_share",  # what freezing the softmax statistics changes
+)
+
 SEED_COLUMNS = [
     "backend",
     "mode",
@@ -68,6 +79,8 @@ RUN_COLUMNS = SEED_COLUMNS + [
     "device",
     "device_name",
     "torch_version",
+    "ablation",
+    *CURVATURE_SHARES,
 ]
 
 

@@ -56,10 +56,7 @@ class OuterStep:
         self.world = world
         self.optimizer = make_optimizer(params, config, device)
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
-        c = config
-        metrics = lambda p, *t: meta_batch_metrics(  # noqa: E731
-            p, Tasks(*t), mode=c.mode, steps=c.inner_steps, lr=c.inner_lr, backend=c.backend
-        )
+        metrics = lambda p, *t: meta_batch_metrics(p, Tasks(*t), **config.inner_loop)  # noqa: E731
         self._metrics = torch.func.vmap(metrics) if seed_batched else metrics
 
     def _sample(self) -> list[torch.Tensor]:

@@ -57,30 +57,40 @@ from phase12.provenance import run_metadata
 from phase12.schema import RUNS_CSV, STATUS_ERROR, RunResult
 from phase12.train import failed_result, run_experiments
 
-GRID_FIELDS = ("mode", "backend", "inner_steps", "seed")
-AXES = {"mode": "modes", "backend": "backends", "inner_steps": "inner_steps", "seed": "seeds"}
+GRID_FIELDS = ("mode", "backend", "inner_steps", "seed", "ablation")
+AXES = {
+    "mode": "modes",
+    "backend": "backends",
+    "inner_steps": "inner_steps",
+    "seed": "seeds",
+    "ablation": "ablations",
+}
 
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """A grid: every combination of the axes, the other fields from `base`. Repeated
-    values of an axis count once."""
+    """A grid: every combination of modes x backends x k x seeds, plus FULL with each
+    ablation other than "none" (phase12.config.ABLATIONS) at every backend, k and seed;
+    the other fields from `base`. Repeated values of an axis count once."""
 
     base: RunConfig
     modes: tuple[str, ...] = ("FULL", "FO", "FO_STRICT")
     backends: tuple[str, ...] = ("reference",)
     inner_steps: tuple[int, ...] = (1, 5, 10, 20)
     seeds: tuple[int, ...] = (0, 1)
+    ablations: tuple[str, ...] = ("none",)
 
     def __post_init__(self):
         for axis in AXES.values():
             object.__setattr__(self, axis, tuple(dict.fromkeys(getattr(self, axis))))
 
     def configs(self) -> list[RunConfig]:
+        policies = [(m, "none") for m in self.modes]
+        policies += [(Mode.FULL, a) for a in self.ablations if a != "none"]
         return [
-            self.base.replace(backend=b, mode=m, inner_steps=k, seed=s)
-            for b, m, k, s in itertools.product(
-                self.backends, self.modes, self.inner_steps, self.seeds
+            self.base.replace(backend=b, mode=m, ablation=a, inner_steps=k, seed=s)
+            for b, (m, a), k, s in itertools.product(
+                self.backends, policies, self.inner_steps, self.seeds
             )
         ]
 
@@ -271,7 +281,9 @@ def run_sweep(
         where = ", ".join(devices) if devices else str(device_for(spec.base))
         announce(
             f"sweep {folder}: {len(configs)} runs ({', '.join(spec.backends)} x "
-            f"{', '.join(map(str, spec.modes))} x k {', '.join(map(str, spec.inner_steps))} x "
+            f"{', '.join(map(str, spec.modes))}"
+            + "".join(f", FULL-{a}" for a in spec.ablations if a != "none")
+            + f" x k {', '.join(map(str, spec.inner_steps))} x "
             f"seeds {', '.join(map(str, spec.seeds))}); {len(configs) - len(todo)} done, "
             f"{len(todo)} to run on {where}"
             + (f" ({retried} that ended in ERROR run again)" if retried else "")

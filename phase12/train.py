@@ -30,7 +30,7 @@ from phase12.backends import device_for
 from phase12.config import ConfigError, RunConfig, resolve_device
 from phase12.distributed import SINGLE_PROCESS, World
 from phase12.model import Params, init_params
-from phase12.probes import rel_diff_probe, second_order_reaches_attention
+from phase12.probes import curvature_shares, rel_diff_probe, second_order_reaches_attention
 from phase12.provenance import device_name
 from phase12.schema import METRICS, STATUS_ERROR, STATUS_NONFINITE, STATUS_OK, RunResult
 from phase12.step import OuterStep, capture
@@ -200,6 +200,7 @@ def _config_columns(config: RunConfig, device: torch.device) -> dict:
         "device": device.type,
         "device_name": device_name(device),
         "torch_version": torch.__version__,
+        "ablation": config.ablation,
     }
 
 
@@ -218,6 +219,7 @@ def _result(
     if nonfinite is None:
         probe = rel_diff_probe(params, config, device)
         row.update(status=STATUS_OK, error="", rel_diff_probe=probe)
+        row.update(curvature_shares(params, config, device))
     else:
         error = f"loss or meta-gradient became non-finite at outer step {nonfinite}"
         row.update(status=STATUS_NONFINITE, rel_diff_probe=None, error=error)

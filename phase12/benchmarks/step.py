@@ -78,6 +78,7 @@ def measure(cells, warmup: int, reps: int) -> pd.DataFrame:
                 device_name=device_name(device),
                 backend=cfg.backend,
                 mode=cfg.mode,
+                ablation=cfg.ablation,
                 k=cfg.inner_steps,
                 execution=execution,
                 meta_batch=cfg.meta_batch,
@@ -90,7 +91,7 @@ def measure(cells, warmup: int, reps: int) -> pd.DataFrame:
         )
         r = rows[-1]
         print(
-            f"{execution:5s} {cfg.backend:12s} {cfg.mode:9s} k={cfg.inner_steps:2d} "
+            f"{execution:5s} {cfg.backend:12s} {cfg.policy:9s} k={cfg.inner_steps:2d} "
             f"B={cfg.meta_batch:4d} T={cfg.seq_len:4d} {r['median_step_ms']:9.2f} ms"
             + (f"  seed {r['seed_step_ms']:.0f} ms ({r['speedup_vs_seed']:.1f}x)" if seed else ""),
             flush=True,
@@ -98,13 +99,15 @@ def measure(cells, warmup: int, reps: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def step_cells(base: RunConfig, modes, ks, backends, executions) -> list:
-    """The main table: modes x k x backends x executions at the base shape."""
+def step_cells(base: RunConfig, modes, ks, backends, executions, ablations=()) -> list:
+    """The main table: (modes and FULL's ablations) x k x backends x executions at the
+    base shape."""
+    policies = [(m, "none") for m in modes] + [("FULL", a) for a in ablations if a != "none"]
     return [
-        (base.replace(backend=b, mode=m, inner_steps=k), x)
+        (base.replace(backend=b, mode=m, ablation=a, inner_steps=k), x)
         for x in executions
         for b in backends
-        for m in modes
+        for m, a in policies
         for k in ks
     ]
 

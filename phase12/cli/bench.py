@@ -19,7 +19,7 @@ from phase12.cli.parsing import (
     config_from_args,
     csv_list,
 )
-from phase12.config import MODES, ConfigError, RunConfig, resolve_device
+from phase12.config import ABLATIONS, MODES, ConfigError, RunConfig, resolve_device
 
 BENCHMARKS = ("step", "attention", "tiles", "distributed")
 
@@ -36,6 +36,12 @@ def _step_parser() -> ArgumentParser:
     p.add_argument("--modes", type=csv_list(str, MODES), default=MODES, help="comma-separated")
     p.add_argument("--k", type=csv_list(int), default=(1, 5, 10, 20), help="comma-separated")
     p.add_argument("--backends", type=csv_list(str, NAMES), default=NAMES, help="comma-separated")
+    p.add_argument(
+        "--ablations",
+        type=csv_list(str, ABLATIONS),
+        default=(),
+        help="comma-separated curvature ablations of FULL, timed beside the modes (default none)",
+    )
     p.add_argument(
         "--execution",
         type=csv_list(str, ("eager", "graph")),
@@ -76,7 +82,7 @@ def bench_step(argv: list[str]) -> int:
     cuda = device_for(base).type == "cuda"
     executions = args.execution or (("eager", "graph") if cuda else ("eager",))
     args.out.mkdir(parents=True, exist_ok=True)
-    cells = step_cells(base, args.modes, args.k, args.backends, executions)
+    cells = step_cells(base, args.modes, args.k, args.backends, executions, args.ablations)
     df = measure(cells, args.warmup, args.reps)
     df.to_csv(args.out / "step.csv", index=False)
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))

@@ -18,7 +18,13 @@ CHOICES = {"backend": NAMES}
 # Flags that are not --field-name (the seed project's name for k).
 FLAG_NAMES = {"inner_steps": "--k"}
 # The sweep's axes: one value per run, a comma list per sweep.
-GRID_FLAGS = {"mode": "--modes", "backend": "--backends", "inner_steps": "--k", "seed": "--seeds"}
+GRID_FLAGS = {
+    "mode": "--modes",
+    "backend": "--backends",
+    "inner_steps": "--k",
+    "seed": "--seeds",
+    "ablation": "--ablations",
+}
 
 
 def program() -> str:

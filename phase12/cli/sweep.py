@@ -39,6 +39,7 @@ GRID_DEFAULTS = {
     "backend": "every backend on CUDA, reference on the CPU",  # see default_backends
     "inner_steps": (1, 5, 10, 20),
     "seed": (0, 1),
+    "ablation": ("none",),
 }
 TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -117,6 +118,7 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
         backends=args.backend or default_backends(base.device),
         inner_steps=args.inner_steps,
         seeds=args.seed,
+        ablations=args.ablation,
     )
     if not spec.configs():
         raise ConfigError("the grid is empty: give at least one mode, backend, k and seed")
