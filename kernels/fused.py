@@ -39,10 +39,11 @@ import torch
 from kernels import launch
 from kernels.common import vmapped_to_front
 from kernels.reference import (
+    attention_backward_formula,
     attention_backward_reference,
     attention_double_backward_formula,
-    attention_logsumexp_reference,
     attention_reference,
+    attention_with_logsumexp_formula,
 )
 
 
@@ -56,15 +57,13 @@ def _reference_jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequ
 def _forward(q, k, v, causal, scale, precision, ops):
     if ops == "triton":
         return launch.attention_forward(q, k, v, causal, scale, precision)
-    return attention_reference(q, k, v, causal, scale), attention_logsumexp_reference(
-        q, k, causal, scale
-    )
+    return attention_with_logsumexp_formula(q, k, v, causal, scale)
 
 
 def _backward(q, k, v, o, lse, do, causal, scale, precision, ops):
     if ops == "triton":
         return launch.attention_backward(q, k, v, o, lse, do, causal, scale, precision)
-    return attention_backward_reference(q, k, v, do, causal, scale)
+    return attention_backward_formula(q, k, v, o, lse, do, causal, scale)
 
 
 def _double_backward(q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision, curvature, ops):
@@ -72,7 +71,7 @@ def _double_backward(q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision, 
         return launch.attention_double_backward(
             q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision, curvature=curvature
         )
-    return attention_double_backward_formula(q, k, v, do, uq, uk, uv, causal, scale, curvature)
+    return attention_double_backward_formula(q, k, v, do, uq, uk, uv, causal, scale, curvature, lse)
 
 
 class FusedAttention(torch.autograd.Function):

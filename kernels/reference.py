@@ -138,6 +138,38 @@ CURVATURES = (
 """
 
 
+def attention_with_logsumexp_formula(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) as the fused forward returns them, in PyTorch ops (one pass over S)."""
+    dtype, cd = q.dtype, _compute_dtype(q.dtype)
+    s = _scores(q.to(cd), k.to(cd), causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.exp(s - lse[..., None]) @ v.to(cd)
+    return o.to(dtype), lse
+
+
+def attention_backward_formula(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the saved o and lse, as the fused backward computes them
+    (dS = P (dP - Delta), Delta = rowsum(dO O)), in PyTorch ops."""
+    dtype, cd = q.dtype, _compute_dtype(q.dtype)
+    q, k, v, o, do = (t.to(cd) for t in (q, k, v, o, do))
+    p = torch.exp(_scores(q, k, causal, scale) - lse[..., None])
+    delta = (do * o).sum(-1, keepdim=True)
+    ds = p * (do @ v.transpose(-1, -2) - delta)
+    dq, dk = scale * ds @ k, scale * ds.transpose(-1, -2) @ q
+    return dq.to(dtype), dk.to(dtype), (p.transpose(-1, -2) @ do).to(dtype)
+
+
 def attention_double_backward_formula(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -149,9 +181,11 @@ def attention_double_backward_formula(
     causal: bool = False,
     scale: float | None = None,
     curvature: str = "exact",
+    lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gq, gk, gv, gdo) under a curvature policy (CURVATURES), from the closed form of
-    the fused kernels written with full N x M matrices in PyTorch ops (differentiable).
+    the fused kernels written with full N x M matrices in PyTorch ops (differentiable;
+    `lse`, the forward's log-sum-exp, saves recomputing the softmax).
 
     With curvature "exact" it equals `attention_double_backward_reference`.
     """
@@ -161,31 +195,30 @@ def attention_double_backward_formula(
     dtype, cd = q.dtype, _compute_dtype(q.dtype)
     q, k, v, do, uq, uk, uv = (t.to(cd) for t in (q, k, v, do, uq, uk, uv))
     if curvature == "once_differentiable":
-        zeros = [torch.zeros_like(t) for t in (q, k, v, do)]
-        return tuple(z.to(dtype) for z in zeros)
-    p = torch.softmax(_scores(q, k, causal, scale), dim=-1)
+        return tuple(torch.zeros_like(t).to(dtype) for t in (q, k, v, do))
+    s = _scores(q, k, causal, scale)
+    p = torch.softmax(s, dim=-1) if lse is None else torch.exp(s - lse[..., None])
     dp = do @ v.transpose(-1, -2)
-    delta = (p * dp).sum(-1, keepdim=True)
     w = scale * (uq @ k.transpose(-1, -2) + q @ uk.transpose(-1, -2))
-    r = do @ uv.transpose(-1, -2)
-    rho_w = (p * w).sum(-1, keepdim=True)
+    g_dp = p * (w - (p * w).sum(-1, keepdim=True))
+    gdo = g_dp @ v + p @ uv
     score = curvature in ("exact", "score", "frozen_softmax_stats")
     value = curvature in ("exact", "value", "frozen_softmax_stats")
-    g_p = torch.zeros_like(p)
+    if not (score or value):  # "none": only the derivative in dO
+        return tuple(t.to(dtype) for t in (torch.zeros_like(q), torch.zeros_like(k), 0 * v, gdo))
+    delta = (p * dp).sum(-1, keepdim=True)
+    parts = []
     if value:
-        g_p = g_p + r
+        parts.append(do @ uv.transpose(-1, -2))  # R
     if score:
-        g_p = g_p + (dp - delta) * w - rho_w * dp
+        parts.append((dp - delta) * w - (p * w).sum(-1, keepdim=True) * dp)
+    g_p = parts[0] if len(parts) == 1 else parts[0] + parts[1]
     if curvature != "frozen_softmax_stats":  # the log-sum-exp's derivative
         g_p = g_p - (p * g_p).sum(-1, keepdim=True)
-    ds = p * (dp - delta)
-    g_s = p * g_p
-    g_dp = p * (w - rho_w)
-    gq = scale * g_s @ k
-    gk = scale * g_s.transpose(-1, -2) @ q
+    g_s = scale * p * g_p
+    gq, gk = g_s @ k, g_s.transpose(-1, -2) @ q
     if score:
-        gq = gq + scale * ds @ uk
-        gk = gk + scale * ds.transpose(-1, -2) @ uq
+        ds = scale * p * (dp - delta)
+        gq, gk = gq + ds @ uk, gk + ds.transpose(-1, -2) @ uq
     gv = g_dp.transpose(-1, -2) @ do if value else torch.zeros_like(v)
-    gdo = g_dp @ v + p @ uv
     return tuple(t.to(dtype) for t in (gq, gk, gv, gdo))

@@ -19,14 +19,13 @@ def test_compiled_policies_match_the_float64_closed_form(curvature, n, m, causal
     leaves = [t.clone().requires_grad_() for t in (q, k, v, do)]
     o = attention(*leaves[:3], backend="triton_fused", causal=causal, curvature=curvature)
     first = torch.autograd.grad(o, leaves[:3], leaves[3], create_graph=True)
-    if curvature == "once_differentiable":
-        assert not any(f.requires_grad for f in first)
-        return
     got = torch.autograd.grad(first, leaves, (uq, uk, uv), allow_unused=True)
     want = attention_double_backward_formula(
         *(t.double() for t in (q, k, v, do, uq, uk, uv)), causal, None, curvature
     )
     for a, b in zip(got, want, strict=True):
         a = torch.zeros_like(b) if a is None else a.double()
-        scale = b.abs().max().clamp_min(1e-30)
-        assert ((a - b).abs().max() / scale).item() < 1e-5
+        if not b.abs().max() > 0:  # a part the policy drops: exactly zero
+            assert not a.abs().max() > 0
+            continue
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
