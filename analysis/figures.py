@@ -203,3 +203,33 @@ def attention_plot(df: pd.DataFrame, path: Path) -> Path:
     grid.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(grid.figure)
     return path
+
+
+def gain_vs_share(points: pd.DataFrame, fit: dict, path: Path) -> Path:
+    """Per run: gain over FO against the attention-curvature share, one colour per
+    policy, one marker per k; the least-squares line over all runs."""
+    order, _ = _order(points["mode"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    sns.scatterplot(
+        data=points,
+        x="attn_curvature_share",
+        y="gain",
+        hue="mode",
+        hue_order=order,
+        style="inner_steps",
+        ax=ax,
+    )
+    if fit["slope"] == fit["slope"]:
+        xs = points["attn_curvature_share"].agg(["min", "max"]).to_numpy()
+        intercept = (points["gain"] - fit["slope"] * points["attn_curvature_share"]).mean()
+        ax.plot(xs, intercept + fit["slope"] * xs, color="grey", lw=1)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(
+        xlabel="attention-curvature share ‖g_FULL − g_no_attention_curvature‖ / ‖g_FULL‖",
+        ylabel="final accuracy − FO (same k, seed)",
+        title=f"Gain over FO against the share (slope {fit['slope']:+.3f} ± {fit['se']:.3f})",
+    )
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

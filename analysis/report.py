@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.ablations import findings, one_backend, phase12_table, share_vs_gain
+from analysis.ablations import summary as ablation_summary
 from analysis.figures import (
     MODE_ORDER,
     full_minus_fo_gap,
+    gain_vs_share,
     metric_vs_inner_steps,
     training_curves,
 )
@@ -238,6 +241,22 @@ def build_report(folder: str | Path) -> Path:
     histories = load_histories(folder, runs)
     if len(histories):
         figures.append(training_curves(histories, figdir / "training_curves.png"))
+    ablated = (runs["ablation"] != "none").any() and (runs["status"] == "OK").any()
+    if ablated:
+        points, fit = share_vs_gain(one_backend(runs)[0])
+        if len(points):
+            figures.append(gain_vs_share(points, fit, figdir / "gain_vs_attention_share.png"))
+        k1 = (
+            histories[
+                (histories["inner_steps"] == histories["inner_steps"].min())
+                & histories["mode"].isin(["FULL", "no_attention_curvature", "FO"])
+            ]
+            if len(histories)
+            else histories
+        )
+        if len(k1):
+            path = figdir / "training_curves_k1_ablation.png"
+            figures.append(training_curves(k1, path))
     first = runs.iloc[0]
 
     def values(column: str) -> str:
@@ -282,8 +301,23 @@ def build_report(folder: str | Path) -> Path:
                 "",
                 markdown_table(ablation_table(runs)),
                 "",
+                "### In short",
+                "",
+                *[f"{s}\n" for s in ablation_summary(runs)],
+                "### What the ablations show",
+                "",
+                *[f"* {s}" for s in findings(runs)],
+                "",
+                "### The seed's Phase 12 table, completed",
+                "",
+                "Policy → attention second-order signal present (the measured share, mean "
+                "over seeds), gain over FO (seed-paired, mean ± std), clear (more than two "
+                "standard errors from zero).",
+                "",
+                markdown_table(phase12_table(runs)),
+                "",
             ]
-            if (runs.get("ablation", pd.Series(["none"])) != "none").any()
+            if ablated
             else []
         ),
         "## Speed and memory",

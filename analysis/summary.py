@@ -41,8 +41,9 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path} is not a runs.csv this program wrote (no status/run_id column)")
     # A curvature ablation of FULL is a policy of its own: in the tables and figures it
     # stands where a mode stands (runs.csv of older versions have no ablation column).
-    ablation = runs["ablation"].fillna("none") if "ablation" in runs else "none"
-    runs["ablation"] = ablation
+    if "ablation" not in runs:
+        runs["ablation"] = "none"
+    runs["ablation"] = runs["ablation"].astype(object).where(runs["ablation"].notna(), "none")
     runs["mode"] = runs["mode"].where(runs["ablation"] == "none", runs["ablation"])
     if "attn_grad_norm" not in runs:
         runs["attn_grad_norm"] = (
