@@ -2,9 +2,10 @@
 through attention turn into behaviour, and which part of attention carries it?
 
 Every sentence is computed from runs.csv (the OK runs; `mode` holds the policy, see
-analysis.summary.load_runs). Gains are seed-paired differences of final query accuracy
-against FO; "clear" means the mean paired difference is more than two standard errors
-(std / sqrt(seeds)) from zero, which needs at least two seeds.
+analysis.summary.load_runs); its verdict words follow the numbers. Gains are
+seed-paired differences of final query accuracy against FO; "beyond 2 SE" means the mean
+paired difference is more than two standard errors (std / sqrt(seeds)) from zero, which
+needs at least two seeds (with 3 seeds that is a loose bar: about p < 0.2 two-sided).
 """
 
 from __future__ import annotations
@@ -13,6 +14,17 @@ import numpy as np
 import pandas as pd
 
 ATTENTION_TERM = "no_attention_curvature"
+# What of attention's own second derivative each policy trains with.
+ATTENTION_CURVATURE_KEPT = {
+    "FULL": "all",
+    "no_attention_curvature": "none",
+    "no_attention_score_curvature": "value path",
+    "no_attention_value_curvature": "score path",
+    "frozen_softmax_stats": "all, softmax statistics constant",
+    "once_differentiable_attention": "none (nor the head's through it)",
+    "no_attention_param_curvature": "none reaches Wq, Wk, Wv",
+    "no_head_param_curvature": "all",
+}
 PARTS = {  # what each ablation does to attention's own second derivative
     "dropping its score path": "no_attention_score_curvature",
     "dropping its value path": "no_attention_value_curvature",
@@ -41,6 +53,10 @@ def _fmt(row) -> str:
     return f"{row['mean']:+.4f}{spread}"
 
 
+def _beyond(row) -> str:
+    return "beyond 2 SE" if row["clear"] else "within 2 SE"
+
+
 def phase12_table(runs: pd.DataFrame) -> pd.DataFrame:
     """The seed's Phase 12 summary table, completed: per policy and k (first backend),
     the measured attention-curvature share, the gain over FO and whether it is clear."""
@@ -55,29 +71,44 @@ def phase12_table(runs: pd.DataFrame) -> pd.DataFrame:
             rows.append(
                 {
                     "policy": policy,
+                    "attention curvature trained with": ATTENTION_CURVATURE_KEPT.get(policy, ""),
                     "k": g.inner_steps,
-                    "attention share (mean)": cell["attn_curvature_share"].mean(),
+                    "FULL's attention share at its parameters": cell["attn_curvature_share"].mean(),
                     "gain over FO": _fmt(g._asdict()),
-                    "clear?": "yes" if g.clear else "no",
+                    "beyond 2 SE?": "yes" if g.clear else "no",
                 }
             )
     return pd.DataFrame(rows).sort_values(["policy", "k"]) if rows else pd.DataFrame()
 
 
 def share_vs_gain(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """Per OK run of a FULL policy: its attn_curvature_share and its gain over the FO run
-    of the same backend, k and seed; and the least-squares slope of gain on share with
-    its standard error (keys slope, se, n)."""
+    """Per OK run of a FULL policy: the share of FULL's meta-gradient that attention's
+    own curvature carries at the run's final parameters, and its gain over the FO run of
+    the same backend, k and seed; and the least-squares slope of gain on share with k as
+    a fixed effect (shares and gains centred within each k, so the large gains of small k
+    do not make the slope), with its standard error (keys slope, se, n). A policy whose
+    runs equal another's exactly counts once."""
     ok = runs[runs["status"] == "OK"]
     fo = ok[ok["mode"] == "FO"].set_index(["backend", "inner_steps", "seed"])["final_acc"]
     full = ok[~ok["mode"].isin(["FO", "FO_STRICT"])].copy()
     key = pd.MultiIndex.from_frame(full[["backend", "inner_steps", "seed"]])
     full["gain"] = full["final_acc"].to_numpy() - fo.reindex(key).to_numpy()
     full = full.dropna(subset=["gain", "attn_curvature_share"])
+    signature = (
+        full.sort_values(["backend", "inner_steps", "seed"])
+        .groupby("mode")[["final_acc", "attn_curvature_share"]]
+        .apply(lambda g: tuple(map(tuple, g.to_numpy())))
+    )
+    full = full[full["mode"].isin(signature.drop_duplicates().index)]
     fit = {"n": len(full), "slope": float("nan"), "se": float("nan")}
-    if len(full) >= 3 and full["attn_curvature_share"].nunique() > 1:
-        (slope, _), cov = np.polyfit(full["attn_curvature_share"], full["gain"], 1, cov=True)
-        fit.update(slope=float(slope), se=float(np.sqrt(cov[0, 0])))
+    by_k = full.groupby("inner_steps")
+    x = full["attn_curvature_share"] - by_k["attn_curvature_share"].transform("mean")
+    y = full["gain"] - by_k["gain"].transform("mean")
+    dof = len(full) - 1 - by_k.ngroups  # one slope and one mean per k
+    if dof > 0 and (x**2).sum() > 0:
+        slope = float((x * y).sum() / (x**2).sum())
+        residual = ((y - slope * x) ** 2).sum() / dof
+        fit.update(slope=slope, se=float(np.sqrt(residual / (x**2).sum())))
     return full, fit
 
 
@@ -101,7 +132,8 @@ def one_backend(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 
 def summary(runs: pd.DataFrame) -> list[str]:
-    """A few sentences a reader can cite, each number computed here (smallest k first)."""
+    """A few sentences a reader can cite (smallest k first); each number and each verdict
+    word is computed here."""
     runs, _ = one_backend(runs)
     ok = runs[runs["status"] == "OK"]
     need = {"FULL", "FO", ATTENTION_TERM, "once_differentiable_attention"}
@@ -111,35 +143,57 @@ def summary(runs: pd.DataFrame) -> list[str]:
 
     def at(a: str, b: str = "FO"):
         d = paired(runs, a, b)
-        return d[d["inner_steps"] == k].iloc[0]
+        d = d[d["inner_steps"] == k]
+        return None if d.empty else d.iloc[0]
 
     full, without, once = at("FULL"), at(ATTENTION_TERM), at("once_differentiable_attention")
+    needs = at("FULL", ATTENTION_TERM)
+    if any(r is None for r in (full, without, once, needs)):
+        return []
     out = [
-        f"At k = {k}, FULL beats FO by {_fmt(full)} accuracy. That gain does not need "
-        f"attention's own second derivative: without it (no_attention_curvature) the gain is "
-        f"{_fmt(without)}. It needs the second-order signal of the rest of the model that "
-        f"reaches Wq, Wk, Wv through attention's first derivative: with attention's backward "
-        f"not differentiated at all (the seed's accident) the gain is {_fmt(once)}."
+        f"At k = {k}, FULL − FO = {_fmt(full)} accuracy ({_beyond(full)}). Without "
+        f"attention's own second derivative (no_attention_curvature) the gain over FO is "
+        f"{_fmt(without)}; FULL − no_attention_curvature = {_fmt(needs)} ({_beyond(needs)}), "
+        + (
+            "so this gain does not need attention's own curvature."
+            if not (needs["clear"] and needs["mean"] > 0)
+            else "so part of this gain needs attention's own curvature."
+        )
+        + f" With attention's backward not differentiated at all (the seed's accident) the "
+        f"gain over FO is {_fmt(once)} ({_beyond(once)})"
+        + (
+            ": what carries the gain is the curvature of the rest of the model reaching "
+            "Wq, Wk, Wv through attention's first derivative."
+            if full["clear"] and full["mean"] > 0 and not (once["clear"] and once["mean"] > 0)
+            else "."
+        )
     ]
-    if "frozen_softmax_stats" in set(ok["mode"]):
-        frozen = at("frozen_softmax_stats")
+    frozen = at("frozen_softmax_stats")
+    if frozen is not None:
+        verdict = "harms" if frozen["clear"] and frozen["mean"] < 0 else "does not clearly harm"
         out.append(
             f"Holding the softmax statistics constant in the second-order path (the seed's "
-            f"frozen-stats contract) is not a mild approximation: at k = {k} its gain over FO "
-            f"is {_fmt(frozen)}."
+            f"frozen-stats contract) {verdict} training against FO at k = {k}: "
+            f"{_fmt(frozen)} ({_beyond(frozen)})."
         )
-    big = paired(runs, "FULL", ATTENTION_TERM)
+    d = paired(runs, "FULL", ATTENTION_TERM)
+    gains = paired(runs, "FULL", "FO")
     out.append(
-        "Attention's own curvature changes final accuracy by at most "
-        f"{big['mean'].abs().max():.4f} at any k (FULL − no_attention_curvature), against "
-        f"FULL − FO gains of {paired(runs, 'FULL', 'FO')['mean'].min():+.4f} to "
-        f"{paired(runs, 'FULL', 'FO')['mean'].max():+.4f}."
+        f"Over k = {', '.join(map(str, sorted(ok['inner_steps'].unique())))}, FULL − "
+        f"no_attention_curvature ranges from {d['mean'].min():+.4f} to {d['mean'].max():+.4f}, "
+        f"against FULL − FO from {gains['mean'].min():+.4f} to {gains['mean'].max():+.4f}."
     )
+    lengths = (
+        ", ".join(map(str, sorted(ok["outer_steps"].unique()))) if "outer_steps" in ok else "?"
+    )
+    dtypes = ", ".join(map(str, sorted(ok["dtype"].unique()))) if "dtype" in ok else "?"
+    seqs = ", ".join(map(str, sorted(ok["seq_len"].unique()))) if "seq_len" in ok else "?"
+    seeds = int(ok.groupby(["mode", "inner_steps"])["seed"].nunique().min())
     out.append(
-        "What these data do not show: one synthetic task family, one shape (the grid's T, D), "
-        "float32, one head, a fixed number of outer steps and few seeds; differences of a few "
-        "thousandths at k ≥ 5 sit near the seed spread, and no longer confirmation run was made "
-        "for them."
+        f"What these data do not show: other tasks than this synthetic family, other shapes "
+        f"than T = {seqs}, other precisions than {dtypes}, other run lengths than {lengths} "
+        f"outer steps, more than {seeds} seeds per cell; a difference within 2 SE is not "
+        "evidence either way."
     )
     return out
 
@@ -156,36 +210,42 @@ def findings(runs: pd.DataFrame) -> list[str]:
     runs, agreement = one_backend(runs)
     ok = runs[runs["status"] == "OK"]
     out = [agreement] if agreement else []
-    full, without = paired(runs, "FULL", "FO"), paired(runs, ATTENTION_TERM, "FO")
-    needs = paired(runs, "FULL", ATTENTION_TERM)
-    for f, w, n in zip(full.itertuples(), without.itertuples(), needs.itertuples(), strict=True):
-        survives = w.mean / f.mean if f.mean else float("nan")
+    key = ["backend", "inner_steps"]
+    table = (
+        paired(runs, "FULL", "FO")
+        .merge(paired(runs, ATTENTION_TERM, "FO"), on=key, suffixes=("", "_w"))
+        .merge(paired(runs, "FULL", ATTENTION_TERM), on=key, suffixes=("", "_n"))
+    )
+    for r in table.to_dict("records"):
+        w = {k[:-2]: v for k, v in r.items() if k.endswith("_w")}
+        n = {k[:-2]: v for k, v in r.items() if k.endswith("_n")}
+        share = f" ({w['mean'] / r['mean']:.0%} of FULL's)" if r["clear"] and r["mean"] > 0 else ""
         out.append(
-            f"{f.backend}, k={f.inner_steps}: FULL − FO = {_fmt(f._asdict())}"
-            f" ({'clear' if f.clear else 'not clear'}); without attention's own curvature "
-            f"the gain is {_fmt(w._asdict())} ({survives:.0%} of FULL's); FULL − "
-            f"no_attention_curvature = {_fmt(n._asdict())}"
-            f" ({'clear' if n.clear else 'not clear'})."
+            f"{r['backend']}, k={r['inner_steps']}: FULL − FO = {_fmt(r)} ({_beyond(r)}); "
+            f"without attention's own curvature the gain is {_fmt(w)}{share}; FULL − "
+            f"no_attention_curvature = {_fmt(n)} ({_beyond(n)})."
         )
     once = paired(runs, "once_differentiable_attention", "FO")
     for o in once.itertuples():
         out.append(
             f"{o.backend}, k={o.inner_steps}: with attention's backward not differentiated at "
             f"all (once_differentiable_attention, the seed's accident) the gain over FO is "
-            f"{_fmt(o._asdict())}: the curvature of the rest of the model that reaches "
-            f"Wq, Wk, Wv through attention's backward is what no_attention_curvature keeps "
-            f"and this control drops."
+            f"{_fmt(o._asdict())} ({_beyond(o._asdict())}); unlike no_attention_curvature, "
+            "this control also drops the curvature of the rest of the model that reaches "
+            "Wq, Wk, Wv through attention's backward."
         )
     same = ok.pivot_table(
         index=["backend", "inner_steps", "seed"], columns="mode", values="final_acc"
     )
     if {"once_differentiable_attention", "no_attention_param_curvature"} <= set(same.columns):
         diff = (same["once_differentiable_attention"] - same["no_attention_param_curvature"]).abs()
-        out.append(
-            "once_differentiable_attention and no_attention_param_curvature differ by at most "
-            f"{diff.max():.1e} in final accuracy: in this model only the gradients of Wq, Wk, Wv "
-            "pass through attention's backward, so dropping its derivative is detaching them."
-        )
+        if diff.max() == 0:
+            out.append(
+                "once_differentiable_attention and no_attention_param_curvature give identical "
+                "final accuracies in every cell: in this model only the gradients of Wq, Wk, "
+                "Wv pass through attention's backward, so not differentiating it is detaching "
+                "them."
+            )
     for part, ablation in PARTS.items():
         d = paired(runs, "FULL", ablation)
         for r in d.itertuples():
@@ -193,19 +253,20 @@ def findings(runs: pd.DataFrame) -> list[str]:
                 f"{r.backend}, k={r.inner_steps}: {part} ({ablation}) changes "
                 f"accuracy by {-r.mean:+.4f}"
                 + (f" ± {r.std:.4f}" if r.n >= 2 else "")
-                + f" against FULL ({'clear' if r.clear else 'not clear'})."
+                + f" against FULL ({_beyond(r._asdict())})."
             )
     _, fit = share_vs_gain(runs)
     if fit["slope"] == fit["slope"]:
-        clear = abs(fit["slope"]) > 2 * fit["se"]
+        beyond = abs(fit["slope"]) > 2 * fit["se"]
         out.append(
-            f"Across {fit['n']} runs of FULL and its ablations, the gain over FO against the "
-            f"measured attention-curvature share has slope {fit['slope']:+.3f} ± "
-            f"{fit['se']:.3f} (least squares, one standard error): "
+            f"Across {fit['n']} runs of FULL and its ablations, within each k, the gain over "
+            f"FO against FULL's attention share at the run's parameters has slope "
+            f"{fit['slope']:+.3f} ± {fit['se']:.3f} (least squares with k as a fixed effect; "
+            "one standard error): "
             + (
-                "a clear relation."
-                if clear
-                else "no clear relation: the share does not predict the gain."
+                "beyond 2 SE."
+                if beyond
+                else "within 2 SE of zero: the share does not detectably predict the gain."
             )
         )
     return out

@@ -301,8 +301,7 @@ def build_report(folder: str | Path) -> Path:
                 "",
                 markdown_table(ablation_table(runs)),
                 "",
-                "### In short",
-                "",
+                *(["### In short", ""] if ablation_summary(runs) else []),
                 *[f"{s}\n" for s in ablation_summary(runs)],
                 "### What the ablations show",
                 "",
@@ -310,9 +309,10 @@ def build_report(folder: str | Path) -> Path:
                 "",
                 "### The seed's Phase 12 table, completed",
                 "",
-                "Policy → attention second-order signal present (the measured share, mean "
-                "over seeds), gain over FO (seed-paired, mean ± std), clear (more than two "
-                "standard errors from zero).",
+                "Policy → which of attention's own curvature it trains with, FULL's "
+                "attention share of the meta-gradient at its final parameters (mean over "
+                "seeds), gain over FO (seed-paired, mean ± std), and whether that gain is more "
+                "than two standard errors from zero.",
                 "",
                 markdown_table(phase12_table(runs)),
                 "",

@@ -39,6 +39,9 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path} is not a runs.csv this program wrote ({type(e).__name__})") from e
     if "status" not in runs or "run_id" not in runs:
         raise ValueError(f"{path} is not a runs.csv this program wrote (no status/run_id column)")
+    if runs["run_id"].duplicated().any():
+        twice = ", ".join(sorted(runs.loc[runs["run_id"].duplicated(), "run_id"].unique())[:3])
+        raise ValueError(f"{path} holds runs more than once ({twice}); keep one row each")
     # A curvature ablation of FULL is a policy of its own: in the tables and figures it
     # stands where a mode stands (runs.csv of older versions have no ablation column).
     if "ablation" not in runs:

@@ -54,6 +54,14 @@ def _reference_jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequ
     return torch.func.jvp(fn, tuple(primals), tuple(tangents))[1]
 
 
+def _forward_mode_needs_exact(curvature: str) -> None:
+    if curvature != "exact":  # the policies are defined for reverse mode
+        raise NotImplementedError(
+            f"forward-mode AD of attention's backward under curvature {curvature!r} is not "
+            "implemented; use reverse mode (grad, vjp)"
+        )
+
+
 def _forward(q, k, v, causal, scale, precision, ops):
     if ops == "triton":
         return launch.attention_forward(q, k, v, causal, scale, precision)
@@ -134,6 +142,7 @@ class FusedAttentionBackward(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, *_):
+        _forward_mode_needs_exact(ctx.args[3])
         q, k, v, do = ctx.saved_tensors
         c, s = ctx.args[:2]
         return _reference_jvp(
@@ -155,32 +164,34 @@ class FusedAttentionDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, _o, _lse, do, uq, uk, uv, causal, scale, _precision, curvature, _ops = inputs
+        q, k, v, _o, lse, do, uq, uk, uv, causal, scale, _precision, curvature, _ops = inputs
         ctx.causal, ctx.scale, ctx.curvature = causal, scale, curvature
-        ctx.save_for_backward(q, k, v, do, uq, uk, uv)
-        ctx.save_for_forward(q, k, v, do, uq, uk, uv)
+        ctx.save_for_backward(q, k, v, do, uq, uk, uv, lse)
+        ctx.save_for_forward(q, k, v, do, uq, uk, uv, lse)
 
     @staticmethod
-    def _reference(ctx) -> Callable:
+    def _reference(ctx) -> tuple[Callable, tuple]:
+        """The closed form as a function of (q, k, v, do, uq, uk, uv), and those saved
+        tensors. Frozen softmax statistics stay frozen at third order: L is a constant."""
+        *tensors, lse = ctx.saved_tensors
         c, s, curvature = ctx.causal, ctx.scale, ctx.curvature
-        return lambda *a: attention_double_backward_formula(*a, c, s, curvature)
+        lse = lse if curvature == "frozen_softmax_stats" else None
+        fn = lambda *a: attention_double_backward_formula(*a, c, s, curvature, lse)  # noqa: E731
+        return fn, tuple(tensors)
 
     @staticmethod
     def backward(ctx, gq_bar, gk_bar, gv_bar, gdo_bar):
         # Third order: the exact VJP of the double backward, through the closed form.
-        _, pullback = torch.func.vjp(
-            FusedAttentionDoubleBackward._reference(ctx), *ctx.saved_tensors
-        )
+        fn, tensors = FusedAttentionDoubleBackward._reference(ctx)
+        _, pullback = torch.func.vjp(fn, *tensors)
         q, k, v, do, uq, uk, uv = pullback((gq_bar, gk_bar, gv_bar, gdo_bar))
         return q, k, v, None, None, do, uq, uk, uv, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, tuq, tuk, tuv, *_):
-        return _reference_jvp(
-            FusedAttentionDoubleBackward._reference(ctx),
-            ctx.saved_tensors,
-            (tq, tk, tv, tdo, tuq, tuk, tuv),
-        )
+        _forward_mode_needs_exact(ctx.curvature)
+        fn, tensors = FusedAttentionDoubleBackward._reference(ctx)
+        return _reference_jvp(fn, tensors, (tq, tk, tv, tdo, tuq, tuk, tuv))
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, o, lse, do, uq, uk, uv, *args):

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import interpreter_enabled, pow2
+from kernels.reference import curvature_switches
 from kernels.triton_kernels import (
     attention_bwd_dkdv_kernel,
     attention_bwd_dq_kernel,
@@ -273,11 +274,7 @@ def attention_double_backward(
     """(gQ, gK, gV, gdO): gradients of <uQ,dQ> + <uK,dK> + <uV,dV> w.r.t. Q, K, V, dO, under
     a curvature policy ("exact", "none", "score", "value" or "frozen_softmax_stats";
     kernels.reference.CURVATURES)."""
-    switches = dict(
-        SCORE=curvature in ("exact", "score", "frozen_softmax_stats"),
-        VALUE=curvature in ("exact", "value", "frozen_softmax_stats"),
-        FROZEN_STATS=curvature == "frozen_softmax_stats",
-    )
+    switches = curvature_switches(curvature)
     (n, d), (m, dv) = q.shape[-2:], v.shape[-2:]
     dt = q.dtype
     do, uq, uk, uv = do.to(dt), uq.to(dt), uk.to(dt), uv.to(dt)

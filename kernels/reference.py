@@ -138,6 +138,19 @@ CURVATURES = (
 """
 
 
+def curvature_switches(curvature: str) -> dict[str, bool]:
+    """Which parts of the double backward a policy keeps (the kernels' constexprs):
+    SCORE and VALUE paths, FROZEN_STATS (no derivative of the log-sum-exp). ValueError
+    for "once_differentiable" (no double backward at all) and unknown names."""
+    if curvature not in CURVATURES or curvature == "once_differentiable":
+        raise ValueError(f"the double backward takes {CURVATURES[:-1]}; got {curvature!r}")
+    return dict(
+        SCORE=curvature in ("exact", "score", "frozen_softmax_stats"),
+        VALUE=curvature in ("exact", "value", "frozen_softmax_stats"),
+        FROZEN_STATS=curvature == "frozen_softmax_stats",
+    )
+
+
 def attention_with_logsumexp_formula(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,23 +202,22 @@ def attention_double_backward_formula(
 
     With curvature "exact" it equals `attention_double_backward_reference`.
     """
-    if curvature not in CURVATURES:
-        raise ValueError(f"curvature must be one of {CURVATURES}; got {curvature!r}")
     scale = default_scale(q.shape[-1]) if scale is None else scale
     dtype, cd = q.dtype, _compute_dtype(q.dtype)
-    q, k, v, do, uq, uk, uv = (t.to(cd) for t in (q, k, v, do, uq, uk, uv))
     if curvature == "once_differentiable":
-        return tuple(torch.zeros_like(t).to(dtype) for t in (q, k, v, do))
+        return tuple(torch.zeros_like(t) for t in (q, k, v, do))
+    switches = curvature_switches(curvature)
+    q, k, v, do, uq, uk, uv = (t.to(cd) for t in (q, k, v, do, uq, uk, uv))
     s = _scores(q, k, causal, scale)
     p = torch.softmax(s, dim=-1) if lse is None else torch.exp(s - lse[..., None])
     dp = do @ v.transpose(-1, -2)
     w = scale * (uq @ k.transpose(-1, -2) + q @ uk.transpose(-1, -2))
     g_dp = p * (w - (p * w).sum(-1, keepdim=True))
     gdo = g_dp @ v + p @ uv
-    score = curvature in ("exact", "score", "frozen_softmax_stats")
-    value = curvature in ("exact", "value", "frozen_softmax_stats")
+    score, value = switches["SCORE"], switches["VALUE"]
     if not (score or value):  # "none": only the derivative in dO
-        return tuple(t.to(dtype) for t in (torch.zeros_like(q), torch.zeros_like(k), 0 * v, gdo))
+        zeros = (torch.zeros_like(t) for t in (q, k, v))
+        return tuple(t.to(dtype) for t in (*zeros, gdo))
     delta = (p * dp).sum(-1, keepdim=True)
     parts = []
     if value:
@@ -213,7 +225,7 @@ def attention_double_backward_formula(
     if score:
         parts.append((dp - delta) * w - (p * w).sum(-1, keepdim=True) * dp)
     g_p = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-    if curvature != "frozen_softmax_stats":  # the log-sum-exp's derivative
+    if not switches["FROZEN_STATS"]:  # the log-sum-exp's derivative
         g_p = g_p - (p * g_p).sum(-1, keepdim=True)
     g_s = scale * p * g_p
     gq, gk = g_s @ k, g_s.transpose(-1, -2) @ q

@@ -110,6 +110,8 @@ def inner_curvature(mode: str, ablation: str = "none") -> Curvature:
         )
     if mode == Mode.FULL:
         return ABLATIONS[ablation]
+    if mode not in (Mode.FO, Mode.FO_STRICT):
+        raise ConfigError(f"mode {mode!r} is unknown; choose one of {', '.join(MODES)}", "mode")
     return Curvature(detached=frozenset(PARAMS))
 
 

@@ -151,15 +151,6 @@ def save_run(out_dir: str | Path, result: RunResult, metadata: dict | None = Non
     append_row(out_dir / RUNS_CSV, result.row)
 
 
-def finished_run_ids(folder: Path) -> set[str]:
-    """run_ids that already have a row in folder/runs.csv."""
-    path = folder / RUNS_CSV
-    if not path.exists():
-        return set()
-    with open(path, newline="") as f:
-        return {row["run_id"] for row in csv.DictReader(f)}
-
-
 def read_rows(path: str | Path) -> list[dict]:
     """The rows of a runs.csv (none if absent); ValueError naming the path and the fix if
     it is not this version's CSV or ends in a partial line."""
@@ -173,7 +164,14 @@ def read_rows(path: str | Path) -> list[dict]:
             "this folder moves it aside, or delete the last line"
         )
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    ids = [r["run_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(
+            f"{path} holds runs more than once ({', '.join(twice[:3])}); keep one row each"
+        )
+    return rows
 
 
 def rewrite_rows(path: str | Path, rows: list[Mapping], columns: list[str] = RUN_COLUMNS) -> None:

@@ -10,11 +10,15 @@ phi_k = parameters after k inner SGD steps on the support loss L_s, L_q = query 
 | FO_STRICT | run with no autodiff graph at all, then           | grad L_q at phi_k: equal |
 |           | phi = theta + stop_grad(phi_k - theta)            | to FO, less memory       |
 
+FULL also takes a curvature ablation (phase12.config.ABLATIONS): its inner gradients
+keep all but one part of their second-order signal (attention's own curvature or a part
+of it, or the curvature of some parameters), exactly.
+
 The meta-gradient itself is taken by ordinary autograd (`.backward()` on the mean
 query loss), so torch.optim works on the meta-parameters unchanged. How an inner step
 is taken is the backend's (phase12.backends): torch.func.grad of the model, or with
-`triton_step` one fused kernel whose backward is one Hessian-vector-product kernel;
-the same policies, the same numbers.
+`triton_step` one fused kernel whose backward is one Hessian-vector-product kernel
+(the three modes, the same numbers; it refuses the ablations).
 """
 
 from __future__ import annotations

@@ -214,40 +214,49 @@ def _open_folder(folder: Path, spec: SweepSpec, restart: bool) -> tuple[set[str]
     ERROR rows to errors.csv so their cells run again, record the settings and grid.
     Returns (run_ids with a kept row, number of ERROR rows moved)."""
     record = folder / "sweep.json"
-    old = json.loads(record.read_text()) if record.exists() else None
-    if old is not None:
-        # sweep.json of earlier versions: {"base": {...}, "modes": [...], ...}
-        before = old.get("settings") or settings(RunConfig(**old["base"]))
-        now = settings(spec.base)
-        changed = [
-            f"{k} {before.get(k)!r} there, {v!r} now" for k, v in now.items() if before.get(k) != v
-        ]
-        if changed and not restart:
-            raise ConfigError(
-                f"{folder} holds results with other settings ({'; '.join(changed)}); use a "
-                "new tag, or restart the sweep, which moves the old results aside"
-            )
     if restart and any(p.name not in (".writer.lock", ".writer.json") for p in folder.iterdir()):
-        aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        stamp = f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside, n = folder.with_name(stamp), 1
+        while aside.exists():  # two restarts within a second
+            aside, n = folder.with_name(f"{stamp}-{n}"), n + 1
         aside.mkdir()
         for p in folder.iterdir():
             if p.name not in (".writer.lock", ".writer.json"):
                 p.rename(aside / p.name)
         print(f"moved the earlier results of {folder} to {aside}", file=sys.stderr)
-        old = None
+    old = None
+    if record.exists():
+        try:  # sweep.json of earlier versions: {"base": {...}, "modes": [...], ...}
+            old = json.loads(record.read_text())
+            before = old.get("settings") or settings(RunConfig(**old["base"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(
+                f"{record} is not a sweep record this program can read ({type(e).__name__}); "
+                "restart the sweep to move the folder's results aside"
+            ) from e
+        now = settings(spec.base)
+        changed = [
+            f"{k} {before.get(k)!r} there, {v!r} now" for k, v in now.items() if before.get(k) != v
+        ]
+        if changed:
+            raise ConfigError(
+                f"{folder} holds results with other settings ({'; '.join(changed)}); use a "
+                "new tag, or restart the sweep, which moves the old results aside"
+            )
     runs_csv = folder / RUNS_CSV
     repair_torn_tail(runs_csv)
     rows = read_rows(runs_csv)
-    errors = [r for r in rows if r["status"] == STATUS_ERROR]
+    grid = {c.run_id for c in spec.configs()}
+    errors = [r for r in rows if r["status"] == STATUS_ERROR and r["run_id"] in grid]
     if errors:
         for r in errors:
             append_row(folder / "errors.csv", r)
-        rewrite_rows(runs_csv, [r for r in rows if r["status"] != STATUS_ERROR])
+        rewrite_rows(runs_csv, [r for r in rows if r not in errors])
     grid = {axis: list(getattr(spec, axis)) for axis in AXES.values()}
     for axis, values in (old or {}).get("grid", {}).items():
         grid[axis] = list(dict.fromkeys([*values, *grid[axis]]))
     write_json(record, {"settings": settings(spec.base), "grid": grid})
-    return {r["run_id"] for r in rows if r["status"] != STATUS_ERROR}, len(errors)
+    return {r["run_id"] for r in rows if r not in errors}, len(errors)
 
 
 def run_sweep(

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Rows are appended whole and runs.csv parses at any moment: what finished is kept.
         print(
-            "interrupted: finished runs are saved; the same command resumes a sweep",
+            "interrupted: finished runs are saved; a sweep resumes when run again with its --tag",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED

@@ -25,7 +25,7 @@ from phase12.cli.parsing import (
 )
 from phase12.config import ConfigError
 from phase12.distributed import init_world, local_device
-from phase12.io import FolderBusy, FolderLock, check_columns, save_run
+from phase12.io import FolderBusy, FolderLock, read_rows, save_run
 from phase12.provenance import run_metadata
 from phase12.schema import RUNS_CSV, STATUS_NONFINITE, STATUS_OK, RunResult
 from phase12.train import run_experiment
@@ -106,7 +106,15 @@ def main(argv: list[str]) -> int:
         if out is not None and out.exists():
             if not out.is_dir():
                 raise ConfigError(f"--out {out} exists and is not a folder")
-            check_columns(out / RUNS_CSV)
+            if (out / "sweep.json").exists():
+                raise ConfigError(
+                    f"--out {out} is a sweep's folder; run the sweep command on it, or "
+                    "write this run elsewhere"
+                )
+            if config.run_id in {r["run_id"] for r in read_rows(out / RUNS_CSV)}:
+                raise ConfigError(
+                    f"--out {out} already holds run {config.run_id}; use another folder"
+                )
         folder = ExitStack()
         if out is not None:  # creates the folder: an unwritable one fails here, not after
             folder.enter_context(FolderLock(out))

@@ -130,11 +130,11 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
             device_for(spec.base.replace(device=device))
         except ConfigError as e:
             raise ConfigError(f"--devices: {e}") from e
-    if writes:
+    if writes and not args.restart:  # a restart moves an older folder's files aside
         try:
             check_columns(args.root / args.tag / RUNS_CSV)
         except ValueError as e:
-            raise ConfigError(str(e)) from e
+            raise ConfigError(f"{e} (or --restart, which moves it aside)") from e
     _check_writable(args.root / args.tag)
     return spec
 

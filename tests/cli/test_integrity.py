@@ -228,3 +228,41 @@ def test_sweep_and_pipeline_default_to_what_runs_on_a_cpu(tmp_path, capsys, monk
     assert exit_code("sweep", "--root", str(tmp_path), "--tag", "d", *args) == 0
     assert "(reference x FO x k 1 x seeds 0)" in capsys.readouterr().out
     assert list(rows(tmp_path, "d")["backend"]) == ["reference"]
+
+
+def test_a_single_run_does_not_write_into_a_sweep_or_repeat_a_run(tmp_path, capsys):
+    assert sweep(tmp_path) == 0
+    capsys.readouterr()
+    run = ["--k", "1", "--outer-steps", "2", *SIZES]
+    assert exit_code(*run, "--out", str(tmp_path / "t")) == 2
+    assert "is a sweep's folder" in one_error_line(capsys)
+    assert exit_code(*run, "--out", str(tmp_path / "single")) == 0
+    assert exit_code(*run, "--out", str(tmp_path / "single")) == 2
+    assert "already holds run reference_FULL_k1_seed0" in one_error_line(capsys)
+
+
+def test_error_rows_outside_the_grid_stay_and_restart_takes_an_older_folder(
+    tmp_path, monkeypatch, capsys
+):
+    real = sweep_module.run_experiments
+
+    def failing(configs, **kw):
+        if configs[0].mode == "FULL":
+            raise RuntimeError("boom")
+        return real(configs, **kw)
+
+    monkeypatch.setattr(sweep_module, "run_experiments", failing)
+    assert sweep(tmp_path) == 0
+    monkeypatch.setattr(sweep_module, "run_experiments", real)
+    assert sweep(tmp_path, "--modes", "FO") == 0  # the FULL cell is not in this grid
+    assert sorted(rows(tmp_path)["status"]) == ["ERROR", "OK"]
+    assert not (tmp_path / "t" / "errors.csv").exists()
+    # A folder this version cannot read: refused, and --restart moves it aside.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "runs.csv").write_text("backend,mode\nreference,FULL\n")
+    (tmp_path / "old" / "sweep.json").write_text("{not json")
+    args = ["sweep", "--root", str(tmp_path), "--tag", "old", *GRID]
+    capsys.readouterr()
+    assert exit_code(*args) == 2 and "--restart" in one_error_line(capsys)
+    assert exit_code(*args, "--restart") == 0 and len(rows(tmp_path, "old")) == 2
+    assert (next(tmp_path.glob("old.replaced-*")) / "sweep.json").read_text() == "{not json"

@@ -144,3 +144,10 @@ def test_triton_step_refuses_ablations_and_fo_takes_none():
         SMALL.replace(mode="FO", ablation="frozen_softmax_stats")
     with pytest.raises(ConfigError, match="ablation 'x' is unknown"):
         SMALL.replace(ablation="x")
+
+
+def test_an_unknown_mode_is_not_taken_for_first_order():
+    from phase12.config import inner_curvature
+
+    with pytest.raises(ConfigError, match="mode 'SECOND' is unknown"):
+        inner_curvature("SECOND")

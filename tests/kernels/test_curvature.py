@@ -130,3 +130,20 @@ def test_an_unknown_policy_is_refused():
     q, k, v = (torch.randn(1, 2, 8, dtype=F64) for _ in range(3))
     with pytest.raises(ValueError, match="curvature must be one of"):
         attention(q, k, v, backend="reference", curvature="half")
+
+
+def test_what_a_policy_does_not_define_is_refused():
+    from torch.func import grad, jvp
+
+    from kernels import launch
+
+    q, k, v = (torch.randn(1, 2, 8, dtype=F64) for _ in range(3))
+
+    def first(q):
+        return grad(lambda q: attention(q, k, v, backend="reference", curvature="none").sum())(q)
+
+    with pytest.raises(NotImplementedError, match="forward-mode AD .* curvature 'none'"):
+        jvp(first, (q,), (torch.ones_like(q),))
+    with pytest.raises(ValueError, match="the double backward takes"):
+        launch.attention_double_backward(q, k, v, q, q[..., 0], q, q, k, v, False, 1.0, "ieee",
+                                         curvature="once_differentiable")  # fmt: skip
