@@ -67,7 +67,8 @@ def test_repeated_grid_values_count_once(tmp_path):
     assert sorted(rows(tmp_path)["run_id"]) == ["reference_FO_k1_seed0", "reference_FULL_k1_seed0"]
 
 
-def test_error_cells_are_run_again_and_their_rows_kept_aside(tmp_path, monkeypatch, capsys):
+def sweep_with_full_failing(root, monkeypatch) -> None:
+    """The sweep of GRID into ROOT/t with its FULL cell raising (an ERROR row)."""
     real = sweep_module.run_experiments
 
     def failing(configs, **kw):
@@ -76,9 +77,13 @@ def test_error_cells_are_run_again_and_their_rows_kept_aside(tmp_path, monkeypat
         return real(configs, **kw)
 
     monkeypatch.setattr(sweep_module, "run_experiments", failing)
-    assert sweep(tmp_path) == 0
-    assert sorted(rows(tmp_path)["status"]) == ["ERROR", "OK"]
+    assert sweep(root) == 0
     monkeypatch.setattr(sweep_module, "run_experiments", real)
+
+
+def test_error_cells_are_run_again_and_their_rows_kept_aside(tmp_path, monkeypatch, capsys):
+    sweep_with_full_failing(tmp_path, monkeypatch)
+    assert sorted(rows(tmp_path)["status"]) == ["ERROR", "OK"]
     capsys.readouterr()
     assert sweep(tmp_path) == 0
     assert "1 that ended in ERROR run again" in capsys.readouterr().out
@@ -244,16 +249,7 @@ def test_a_single_run_does_not_write_into_a_sweep_or_repeat_a_run(tmp_path, caps
 def test_error_rows_outside_the_grid_stay_and_restart_takes_an_older_folder(
     tmp_path, monkeypatch, capsys
 ):
-    real = sweep_module.run_experiments
-
-    def failing(configs, **kw):
-        if configs[0].mode == "FULL":
-            raise RuntimeError("boom")
-        return real(configs, **kw)
-
-    monkeypatch.setattr(sweep_module, "run_experiments", failing)
-    assert sweep(tmp_path) == 0
-    monkeypatch.setattr(sweep_module, "run_experiments", real)
+    sweep_with_full_failing(tmp_path, monkeypatch)
     assert sweep(tmp_path, "--modes", "FO") == 0  # the FULL cell is not in this grid
     assert sorted(rows(tmp_path)["status"]) == ["ERROR", "OK"]
     assert not (tmp_path / "t" / "errors.csv").exists()
