@@ -100,21 +100,7 @@ def main(argv: list[str]) -> int:
                 f"use a multiple of {ranks}",
                 "meta_batch",
             )
-        out = None if args.no_save or not main_rank else args.out
-        if out is None and not args.no_save and main_rank:
-            out = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}_{config.run_id}"
-        if out is not None and out.exists():
-            if not out.is_dir():
-                raise ConfigError(f"--out {out} exists and is not a folder")
-            if (out / "sweep.json").exists():
-                raise ConfigError(
-                    f"--out {out} is a sweep's folder; run the sweep command on it, or "
-                    "write this run elsewhere"
-                )
-            if config.run_id in {r["run_id"] for r in read_rows(out / RUNS_CSV)}:
-                raise ConfigError(
-                    f"--out {out} already holds run {config.run_id}; use another folder"
-                )
+        out = _output_folder(args, config) if main_rank else None
         folder = ExitStack()
         if out is not None:  # creates the folder: an unwritable one fails here, not after
             folder.enter_context(FolderLock(out))
@@ -135,6 +121,25 @@ def main(argv: list[str]) -> int:
     if result.status == STATUS_OK:
         return 0
     return EXIT_NONFINITE if result.status == STATUS_NONFINITE else EXIT_FAILED
+
+
+def _output_folder(args, config) -> Path | None:
+    """Where the run's files go (None with --no-save), checked before any work: a folder
+    that is not a sweep's and does not hold this run yet. Raises ConfigError."""
+    if args.no_save:
+        return None
+    out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}_{config.run_id}"
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out} exists and is not a folder")
+        if (out / "sweep.json").exists():
+            raise ConfigError(
+                f"--out {out} is a sweep's folder; run the sweep command on it, or write "
+                "this run elsewhere"
+            )
+        if config.run_id in {r["run_id"] for r in read_rows(out / RUNS_CSV)}:
+            raise ConfigError(f"--out {out} already holds run {config.run_id}; use another folder")
+    return out
 
 
 def _train(config, device, progress: bool) -> RunResult:
