@@ -199,10 +199,7 @@ def attention_plot(df: pd.DataFrame, path: Path) -> Path:
         aspect=1.2,
     )
     grid.set(xscale="log", yscale="log", xlabel="N = M", ylabel="median time (ms)")
-    grid.figure.suptitle("Attention, B*H = 32 (D = 64 and 128 pooled per line)", y=1.02)
-    grid.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(grid.figure)
-    return path
+    return _save(grid, path, "Attention, B*H = 32 (D = 64 and 128 pooled per line)")
 
 
 def gain_vs_share(points: pd.DataFrame, fit: dict, path: Path) -> Path:

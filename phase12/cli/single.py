@@ -25,7 +25,7 @@ from phase12.cli.parsing import (
 )
 from phase12.config import ConfigError
 from phase12.distributed import init_world, local_device
-from phase12.io import FolderBusy, FolderLock, read_rows, save_run
+from phase12.io import FolderBusy, FolderLock, read_rows, repair_torn_tail, save_run
 from phase12.provenance import run_metadata
 from phase12.schema import RUNS_CSV, STATUS_NONFINITE, STATUS_OK, RunResult
 from phase12.train import run_experiment
@@ -89,6 +89,7 @@ def main(argv: list[str]) -> int:
     p = parser()
     args = p.parse_args(argv)
     main_rank = int(os.environ.get("RANK", "0")) == 0
+    folder = ExitStack()  # holds the output folder's lock until the run is saved
     try:
         config = config_from_args(args)
         config = config.replace(device=local_device(config.device))
@@ -101,12 +102,14 @@ def main(argv: list[str]) -> int:
                 "meta_batch",
             )
         out = _output_folder(args, config) if main_rank else None
-        folder = ExitStack()
         if out is not None:  # creates the folder: an unwritable one fails here, not after
             folder.enter_context(FolderLock(out))
+            _check_new_run(out, config)
     except (ValueError, FolderBusy) as e:  # ConfigError is a ValueError
+        folder.close()
         return p.bad_input(e) if main_rank else EXIT_BAD_INPUT
     except OSError as e:  # the folder cannot be made or written
+        folder.close()
         return p.bad_input(ConfigError(f"--out: cannot write to {e.filename}: {e.strerror}"))
     with folder:
         result = _train(config, device, progress=main_rank and not args.no_progress)
@@ -124,8 +127,8 @@ def main(argv: list[str]) -> int:
 
 
 def _output_folder(args, config) -> Path | None:
-    """Where the run's files go (None with --no-save), checked before any work: a folder
-    that is not a sweep's and does not hold this run yet. Raises ConfigError."""
+    """Where the run's files go (None with --no-save): a folder, not a sweep's. Raises
+    ConfigError."""
     if args.no_save:
         return None
     out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}_{config.run_id}"
@@ -137,9 +140,15 @@ def _output_folder(args, config) -> Path | None:
                 f"--out {out} is a sweep's folder; run the sweep command on it, or write "
                 "this run elsewhere"
             )
-        if config.run_id in {r["run_id"] for r in read_rows(out / RUNS_CSV)}:
-            raise ConfigError(f"--out {out} already holds run {config.run_id}; use another folder")
     return out
+
+
+def _check_new_run(out: Path, config) -> None:
+    """With the folder locked: its runs.csv made whole (a torn last line moved aside)
+    and without this run yet. Raises ConfigError."""
+    repair_torn_tail(out / RUNS_CSV)
+    if config.run_id in {r["run_id"] for r in read_rows(out / RUNS_CSV)}:
+        raise ConfigError(f"--out {out} already holds run {config.run_id}; use another folder")
 
 
 def _train(config, device, progress: bool) -> RunResult:

@@ -244,6 +244,11 @@ def test_a_single_run_does_not_write_into_a_sweep_or_repeat_a_run(tmp_path, caps
     assert exit_code(*run, "--out", str(tmp_path / "single")) == 0
     assert exit_code(*run, "--out", str(tmp_path / "single")) == 2
     assert "already holds run reference_FULL_k1_seed0" in one_error_line(capsys)
+    # The refusal let the folder go, and a torn last line is moved aside, not refused.
+    runs_csv = tmp_path / "single" / "runs.csv"
+    runs_csv.write_bytes(runs_csv.read_bytes() + b"reference,FO,1")
+    assert exit_code(*run, "--seed", "1", "--out", str(tmp_path / "single")) == 0
+    assert len(pd.read_csv(runs_csv)) == 2 and "partial line" in capsys.readouterr().err
 
 
 def test_error_rows_outside_the_grid_stay_and_restart_takes_an_older_folder(
