@@ -2,9 +2,9 @@
 
 Three Functions, each the backward of the one before:
 
-    FusedAttention               (q, k, v)                 -> (o, lse)          1 Triton kernel
-    FusedAttentionBackward       (q, k, v, o, lse, do)     -> (dq, dk, dv)      2 Triton kernels
-    FusedAttentionDoubleBackward (q, k, v, o, lse, do, u*) -> (gq, gk, gv, gdo) 2 Triton kernels
+    FusedAttention               (q, k, v)                   -> (o, stats)        1 Triton kernel
+    FusedAttentionBackward       (q, k, v, o, stats, do)     -> (dq, dk, dv)      2 Triton kernels
+    FusedAttentionDoubleBackward (q, k, v, o, stats, do, u*) -> (gq, gk, gv, gdo) 2 Triton kernels
 
 Each also takes the non-tensor arguments `causal`, `scale`, `precision` (the Triton dot
 precision of float32 operands, kernels.launch), `curvature` (what attention's own
@@ -19,9 +19,12 @@ meta-gradient) go through the fused double-backward kernels, exactly. The third
 Function's backward (order three and above) recomputes through the PyTorch-ops closed
 form with `torch.func.vjp`: exact to any order, just not fused.
 
-`o` and `lse` enter the two backward Functions only as saved statistics: the
-closed-form gradients of kernels/triton_kernels.py are total derivatives with
-respect to q, k, v and do, so `o` and `lse` get no gradient of their own.
+`stats` are the softmax statistics the forward saves: the log-sum-exp (..., N) for the
+Triton kernels, the softmax P itself (..., N, M) for the PyTorch ops, which materialise
+it anyway and so need not recompute it. `o` and `stats` enter the two backward
+Functions only as saved tensors: the closed-form gradients of kernels/triton_kernels.py
+are total derivatives with respect to q, k, v and do, so they get no gradient of their
+own.
 
 Every Function has:
 * `setup_context` (required by torch.func),
@@ -42,8 +45,9 @@ from kernels.reference import (
     attention_backward_formula,
     attention_backward_reference,
     attention_double_backward_formula,
+    attention_logsumexp_reference,
     attention_reference,
-    attention_with_logsumexp_formula,
+    attention_with_softmax_formula,
 )
 
 
@@ -65,21 +69,23 @@ def _forward_mode_needs_exact(curvature: str) -> None:
 def _forward(q, k, v, causal, scale, precision, ops):
     if ops == "triton":
         return launch.attention_forward(q, k, v, causal, scale, precision)
-    return attention_with_logsumexp_formula(q, k, v, causal, scale)
+    return attention_with_softmax_formula(q, k, v, causal, scale)
 
 
-def _backward(q, k, v, o, lse, do, causal, scale, precision, ops):
+def _backward(q, k, v, o, stats, do, causal, scale, precision, ops):
     if ops == "triton":
-        return launch.attention_backward(q, k, v, o, lse, do, causal, scale, precision)
-    return attention_backward_formula(q, k, v, o, lse, do, causal, scale)
+        return launch.attention_backward(q, k, v, o, stats, do, causal, scale, precision)
+    return attention_backward_formula(q, k, v, stats, do, scale)
 
 
-def _double_backward(q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision, curvature, ops):
+def _double_backward(q, k, v, o, stats, do, uq, uk, uv, causal, scale, precision, curvature, ops):
     if ops == "triton":
         return launch.attention_double_backward(
-            q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision, curvature=curvature
+            q, k, v, o, stats, do, uq, uk, uv, causal, scale, precision, curvature=curvature
         )
-    return attention_double_backward_formula(q, k, v, do, uq, uk, uv, causal, scale, curvature, lse)
+    return attention_double_backward_formula(
+        q, k, v, do, uq, uk, uv, causal, scale, curvature, p=stats
+    )
 
 
 class FusedAttention(torch.autograd.Function):
@@ -90,16 +96,19 @@ class FusedAttention(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, causal, scale, precision, curvature, ops = inputs
-        o, lse = output
+        o, stats = output
         ctx.args = causal, scale, precision, curvature, ops
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zeros for the statistics' gradient
+        ctx.save_for_backward(q, k, v, o, stats)
         ctx.save_for_forward(q, k, v)
 
     @staticmethod
-    def backward(ctx, do, _dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = FusedAttentionBackward.apply(q, k, v, o, lse, do, *ctx.args)
+    def backward(ctx, do, _dstats):
+        if do is None:  # the output does not reach the loss
+            return (None,) * 8
+        q, k, v, o, stats = ctx.saved_tensors
+        dq, dk, dv = FusedAttentionBackward.apply(q, k, v, o, stats, do, *ctx.args)
         return dq, dk, dv, None, None, None, None, None
 
     @staticmethod
@@ -109,7 +118,7 @@ class FusedAttention(torch.autograd.Function):
         t_o = _reference_jvp(
             lambda q_, k_, v_: attention_reference(q_, k_, v_, c, s), (q, k, v), (tq, tk, tv)
         )
-        return t_o, None  # lse is marked non-differentiable
+        return t_o, None  # stats is marked non-differentiable
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, *args):
@@ -119,14 +128,14 @@ class FusedAttention(torch.autograd.Function):
 
 class FusedAttentionBackward(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, o, lse, do, causal, scale, precision, curvature, ops):
-        return _backward(q, k, v, o, lse, do, causal, scale, precision, ops)
+    def forward(q, k, v, o, stats, do, causal, scale, precision, curvature, ops):
+        return _backward(q, k, v, o, stats, do, causal, scale, precision, ops)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, o, lse, do, *args = inputs
+        q, k, v, o, stats, do, *args = inputs
         ctx.args = tuple(args)
-        ctx.save_for_backward(q, k, v, o, lse, do)
+        ctx.save_for_backward(q, k, v, o, stats, do)
         ctx.save_for_forward(q, k, v, do)
 
     @staticmethod
@@ -134,14 +143,16 @@ class FusedAttentionBackward(torch.autograd.Function):
         nones = (None,) * 5
         if ctx.args[3] == "once_differentiable":  # the backward is a constant
             return None, None, None, None, None, None, *nones
-        q, k, v, o, lse, do = ctx.saved_tensors
+        q, k, v, o, stats, do = ctx.saved_tensors
         gq, gk, gv, gdo = FusedAttentionDoubleBackward.apply(
-            q, k, v, o, lse, do, uq, uk, uv, *ctx.args
+            q, k, v, o, stats, do, uq, uk, uv, *ctx.args
         )
+        if ctx.args[3] == "none":  # gq = gk = gv = 0: nothing to accumulate
+            gq = gk = gv = None
         return gq, gk, gv, None, None, gdo, *nones
 
     @staticmethod
-    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, *_):
+    def jvp(ctx, tq, tk, tv, _to, _tstats, tdo, *_):
         _forward_mode_needs_exact(ctx.args[3])
         q, k, v, do = ctx.saved_tensors
         c, s = ctx.args[:2]
@@ -150,32 +161,35 @@ class FusedAttentionBackward(torch.autograd.Function):
         )
 
     @staticmethod
-    def vmap(info, in_dims, q, k, v, o, lse, do, *args):
-        q, k, v, o, lse, do = vmapped_to_front(info, in_dims[:6], (q, k, v, o, lse, do))
-        return FusedAttentionBackward.apply(q, k, v, o, lse, do, *args), (0, 0, 0)
+    def vmap(info, in_dims, q, k, v, o, stats, do, *args):
+        q, k, v, o, stats, do = vmapped_to_front(info, in_dims[:6], (q, k, v, o, stats, do))
+        return FusedAttentionBackward.apply(q, k, v, o, stats, do, *args), (0, 0, 0)
 
 
 class FusedAttentionDoubleBackward(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision, curvature, ops):
+    def forward(q, k, v, o, stats, do, uq, uk, uv, causal, scale, precision, curvature, ops):
         return _double_backward(
-            q, k, v, o, lse, do, uq, uk, uv, causal, scale, precision, curvature, ops
+            q, k, v, o, stats, do, uq, uk, uv, causal, scale, precision, curvature, ops
         )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, _o, lse, do, uq, uk, uv, causal, scale, _precision, curvature, _ops = inputs
-        ctx.causal, ctx.scale, ctx.curvature = causal, scale, curvature
-        ctx.save_for_backward(q, k, v, do, uq, uk, uv, lse)
-        ctx.save_for_forward(q, k, v, do, uq, uk, uv, lse)
+        q, k, v, _o, stats, do, uq, uk, uv, causal, scale, _precision, curvature, ops = inputs
+        ctx.causal, ctx.scale, ctx.curvature, ctx.ops = causal, scale, curvature, ops
+        ctx.save_for_backward(q, k, v, do, uq, uk, uv, stats)
+        ctx.save_for_forward(q, k, v, do, uq, uk, uv, stats)
 
     @staticmethod
     def _reference(ctx) -> tuple[Callable, tuple]:
         """The closed form as a function of (q, k, v, do, uq, uk, uv), and those saved
         tensors. Frozen softmax statistics stay frozen at third order: L is a constant."""
-        *tensors, lse = ctx.saved_tensors
+        *tensors, stats = ctx.saved_tensors
         c, s, curvature = ctx.causal, ctx.scale, ctx.curvature
-        lse = lse if curvature == "frozen_softmax_stats" else None
+        lse = None
+        if curvature == "frozen_softmax_stats":
+            q, k = tensors[:2]
+            lse = stats if ctx.ops == "triton" else attention_logsumexp_reference(q, k, c, s)
         fn = lambda *a: attention_double_backward_formula(*a, c, s, curvature, lse)  # noqa: E731
         return fn, tuple(tensors)
 
@@ -188,13 +202,13 @@ class FusedAttentionDoubleBackward(torch.autograd.Function):
         return q, k, v, None, None, do, uq, uk, uv, None, None, None, None, None
 
     @staticmethod
-    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, tuq, tuk, tuv, *_):
+    def jvp(ctx, tq, tk, tv, _to, _tstats, tdo, tuq, tuk, tuv, *_):
         _forward_mode_needs_exact(ctx.curvature)
         fn, tensors = FusedAttentionDoubleBackward._reference(ctx)
         return _reference_jvp(fn, tensors, (tq, tk, tv, tdo, tuq, tuk, tuv))
 
     @staticmethod
-    def vmap(info, in_dims, q, k, v, o, lse, do, uq, uk, uv, *args):
-        tensors = vmapped_to_front(info, in_dims[:9], (q, k, v, o, lse, do, uq, uk, uv))
+    def vmap(info, in_dims, q, k, v, o, stats, do, uq, uk, uv, *args):
+        tensors = vmapped_to_front(info, in_dims[:9], (q, k, v, o, stats, do, uq, uk, uv))
         out = FusedAttentionDoubleBackward.apply(*tensors, *args)
         return out, (0, 0, 0, 0)

@@ -151,36 +151,37 @@ def curvature_switches(curvature: str) -> dict[str, bool]:
     )
 
 
-def attention_with_logsumexp_formula(
+def attention_with_softmax_formula(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse) as the fused forward returns them, in PyTorch ops (one pass over S)."""
+    """(o, P): the output and the softmax P (..., N, M) in the compute dtype, the
+    statistics the reference ops save for the backward in place of the log-sum-exp."""
     dtype, cd = q.dtype, _compute_dtype(q.dtype)
-    s = _scores(q.to(cd), k.to(cd), causal, scale)
-    lse = torch.logsumexp(s, dim=-1)
-    o = torch.exp(s - lse[..., None]) @ v.to(cd)
-    return o.to(dtype), lse
+    p = torch.softmax(_scores(q.to(cd), k.to(cd), causal, scale), dim=-1)
+    return (p @ v.to(cd)).to(dtype), p
+
+
+def _softmax_vjp(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """P * (g - rowsum(P * g)): the VJP at g of the softmax whose output is P. One kernel,
+    the one autograd runs for softmax; differentiable in g and P."""
+    return torch._softmax_backward_data(g, p, -1, p.dtype)
 
 
 def attention_backward_formula(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    o: torch.Tensor,
-    lse: torch.Tensor,
+    p: torch.Tensor,
     do: torch.Tensor,
-    causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from the saved o and lse, as the fused backward computes them
-    (dS = P (dP - Delta), Delta = rowsum(dO O)), in PyTorch ops."""
+    """(dq, dk, dv) from the forward's softmax P (a constant), in PyTorch ops:
+    dS = P (dP - rowsum(P dP)) with dP = dO V^T."""
     dtype, cd = q.dtype, _compute_dtype(q.dtype)
-    q, k, v, o, do = (t.to(cd) for t in (q, k, v, o, do))
-    p = torch.exp(_scores(q, k, causal, scale) - lse[..., None])
-    delta = (do * o).sum(-1, keepdim=True)
-    ds = p * (do @ v.transpose(-1, -2) - delta)
-    dq, dk = scale * ds @ k, scale * ds.transpose(-1, -2) @ q
-    return dq.to(dtype), dk.to(dtype), (p.transpose(-1, -2) @ do).to(dtype)
+    q, k, v, do = (t.to(cd) for t in (q, k, v, do))
+    ds = scale * _softmax_vjp(do @ v.transpose(-1, -2), p)
+    dq, dk, dv = ds @ k, ds.transpose(-1, -2) @ q, p.transpose(-1, -2) @ do
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
 def attention_double_backward_formula(
@@ -195,10 +196,16 @@ def attention_double_backward_formula(
     scale: float | None = None,
     curvature: str = "exact",
     lse: torch.Tensor | None = None,
+    p: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gq, gk, gv, gdo) under a curvature policy (CURVATURES), from the closed form of
-    the fused kernels written with full N x M matrices in PyTorch ops (differentiable;
-    `lse`, the forward's log-sum-exp, saves recomputing the softmax).
+    the fused kernels (docs/attention-double-backward.md) written with full N x M
+    matrices in PyTorch ops.
+
+    Differentiable in every tensor argument, with P = softmax(S) recomputed from q, k,
+    or P = exp(S - lse) when `lse` (a constant: the frozen statistics) is given. `p`, the
+    forward's softmax, saves recomputing it where the result is not differentiated
+    again (P is then a constant).
 
     With curvature "exact" it equals `attention_double_backward_reference`.
     """
@@ -208,29 +215,28 @@ def attention_double_backward_formula(
         return tuple(torch.zeros_like(t) for t in (q, k, v, do))
     switches = curvature_switches(curvature)
     q, k, v, do, uq, uk, uv = (t.to(cd) for t in (q, k, v, do, uq, uk, uv))
-    s = _scores(q, k, causal, scale)
-    p = torch.softmax(s, dim=-1) if lse is None else torch.exp(s - lse[..., None])
-    dp = do @ v.transpose(-1, -2)
+    if p is None:
+        s = _scores(q, k, causal, scale)
+        p = torch.softmax(s, dim=-1) if lse is None else torch.exp(s - lse[..., None])
     w = scale * (uq @ k.transpose(-1, -2) + q @ uk.transpose(-1, -2))
-    g_dp = p * (w - (p * w).sum(-1, keepdim=True))
+    g_dp = _softmax_vjp(w, p)
     gdo = g_dp @ v + p @ uv
     score, value = switches["SCORE"], switches["VALUE"]
     if not (score or value):  # "none": only the derivative in dO
         zeros = (torch.zeros_like(t) for t in (q, k, v))
         return tuple(t.to(dtype) for t in (*zeros, gdo))
-    delta = (p * dp).sum(-1, keepdim=True)
-    parts = []
-    if value:
-        parts.append(do @ uv.transpose(-1, -2))  # R
-    if score:
-        parts.append((dp - delta) * w - (p * w).sum(-1, keepdim=True) * dp)
-    g_p = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-    if not switches["FROZEN_STATS"]:  # the log-sum-exp's derivative
-        g_p = g_p - (p * g_p).sum(-1, keepdim=True)
-    g_s = scale * p * g_p
+    g_p = do @ uv.transpose(-1, -2) if value else None  # G_P = R (the value path) ...
+    if score:  # ... + (dP - Delta) W - rho_W dP (the score path)
+        dp = do @ v.transpose(-1, -2)
+        rows = lambda x: (p * x).sum(-1, keepdim=True)  # noqa: E731
+        dp_centered = dp - rows(dp)
+        g_p = dp_centered * w if g_p is None else torch.addcmul(g_p, dp_centered, w)
+        g_p = torch.addcmul(g_p, rows(w), dp, value=-1)
+    # G_S: with the log-sum-exp's derivative (the softmax's VJP), or without it (frozen).
+    g_s = scale * (p * g_p if switches["FROZEN_STATS"] else _softmax_vjp(g_p, p))
     gq, gk = g_s @ k, g_s.transpose(-1, -2) @ q
     if score:
-        ds = scale * p * (dp - delta)
+        ds = scale * _softmax_vjp(dp, p)
         gq, gk = gq + ds @ uk, gk + ds.transpose(-1, -2) @ uq
     gv = g_dp.transpose(-1, -2) @ do if value else torch.zeros_like(v)
     return tuple(t.to(dtype) for t in (gq, gk, gv, gdo))

@@ -155,6 +155,12 @@ class RunConfig:
     queries: int = _option(16, "query examples per task")
     noise_std: float = _option(0.5, "std of the noise added to prototypes at signal positions")
     metric_window: int = _option(20, "final metrics average the last this-many outer steps")
+    probe_every: int = _option(
+        100,
+        "measure the held-out probes (rel_diff_probe and the curvature shares) every "
+        "this-many outer steps into the history, besides the end of the run; 0: at the end "
+        "only",
+    )
     device: str = _option("auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     dtype: str = _option("float32", "parameter and data dtype", choices=tuple(DTYPES))
     cuda_graph: str = _option(
@@ -217,6 +223,11 @@ def _check_fields(c: RunConfig) -> None:
     for name in (*positive, "metric_window"):
         if getattr(c, name) <= 0:
             raise ConfigError(f"{name} must be positive; got {getattr(c, name)}", name)
+    if c.probe_every < 0:
+        raise ConfigError(
+            f"probe_every must be >= 0 (0: probes at the end only); got {c.probe_every}",
+            "probe_every",
+        )
     for name in ("inner_lr", "outer_lr"):
         value = getattr(c, name)
         if not (value > 0 and math.isfinite(value)):

@@ -3,6 +3,7 @@
 * `rel_diff_probe`: how far the FULL meta-gradient is from the FO one.
 * `curvature_shares`: how much of the FULL meta-gradient each part of attention's own
   second derivative carries (phase12.schema.CURVATURE_SHARES).
+* `probe`: both, the columns phase12.schema.PROBES.
 * `second_order_reaches_attention`: whether second derivatives flow through attention
   on this backend (the seed's `sdpa_input_gradgrad_ok`).
 """
@@ -65,6 +66,12 @@ def curvature_shares(params: Params, config: RunConfig, device: torch.device) ->
             qkv = {n: full[n] for n in ATTENTION_PARAMS}
             shares["attn_curvature_share_qkv"] = float(relative_difference(qkv, ablated))
     return shares
+
+
+def probe(params: Params, config: RunConfig, device: torch.device) -> dict:
+    """Every probe of phase12.schema.PROBES at `params`, on the held-out task."""
+    rel_diff = {"rel_diff_probe": rel_diff_probe(params, config, device)}
+    return rel_diff | curvature_shares(params, config, device)
 
 
 def second_order_reaches_attention(backend: str, device: torch.device, dtype: torch.dtype) -> bool:

@@ -13,7 +13,6 @@ STATUS_OK, STATUS_NONFINITE, STATUS_ERROR = "OK", "NONFINITE", "ERROR"
 
 # Per outer step, per seed: written by the outer step into its history tensor.
 METRICS = ("loss", "acc", "attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v")
-HISTORY_COLUMNS = ["step", *METRICS]
 
 # The seed project's mean outer-step seconds at k = 20 (docs/anchor-baselines.md), by
 # (device type, backend, mode): the reference the benchmarks and reports compare with.
@@ -39,6 +38,11 @@ CURVATURE_SHARES = (
     "attn_value_curvature_share",  # its value path
     "softmax_stats_curvature_share",  # what freezing the softmax statistics changes
 )
+# Measured on the held-out task (phase12.probes.probe) every `probe_every` outer steps and
+# at the end of a run: sparse columns of the history (blank between probes); the run row
+# holds the final values.
+PROBES = ("rel_diff_probe", *CURVATURE_SHARES)
+HISTORY_COLUMNS = ["step", *METRICS, *PROBES]
 
 SEED_COLUMNS = [
     "backend",

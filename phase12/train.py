@@ -30,9 +30,16 @@ from phase12.backends import device_for
 from phase12.config import ConfigError, RunConfig, resolve_device
 from phase12.distributed import SINGLE_PROCESS, World
 from phase12.model import Params, init_params
-from phase12.probes import curvature_shares, rel_diff_probe, second_order_reaches_attention
+from phase12.probes import probe, second_order_reaches_attention
 from phase12.provenance import device_name
-from phase12.schema import METRICS, STATUS_ERROR, STATUS_NONFINITE, STATUS_OK, RunResult
+from phase12.schema import (
+    METRICS,
+    PROBES,
+    STATUS_ERROR,
+    STATUS_NONFINITE,
+    STATUS_OK,
+    RunResult,
+)
 from phase12.step import OuterStep, capture
 from phase12.tasks import task_generator
 
@@ -103,17 +110,46 @@ def prepare_step(
 @dataclass
 class Loop:
     """What the outer loop saw: the first non-finite step of each seed (None: none) and
-    the mean seconds per step after the first (which pays for warm-up and compilation)."""
+    the mean seconds per step after the first (which pays for warm-up and compilation),
+    probes excluded."""
 
     nonfinite: list[int | None]
     step_time_s: float
 
 
+class Probes:
+    """The held-out probes (phase12.probes.probe) of each seed's parameters after every
+    `config.probe_every`-th outer step but the last (the run's end is probed apart):
+    `values[i][step]`, and the seconds they took."""
+
+    def __init__(self, state: OuterStep, configs: Sequence[RunConfig], device: torch.device):
+        self.state, self.configs, self.device = state, configs, device
+        self.every = configs[0].probe_every
+        self.values: list[dict[int, dict]] = [{} for _ in configs]
+        self.seconds = 0.0
+
+    def __call__(self, step: int, steps: int) -> None:
+        if not self.every or (step + 1) % self.every or step == steps - 1:
+            return
+        if self.device.type == "cuda":  # the queued steps are step time, not probe time
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        for i, config in enumerate(self.configs):
+            self.values[i][step] = probe(self.state.seed_params(i), config, self.device)
+        self.seconds += time.perf_counter() - t0
+
+
 def train_loop(
-    run_step: Callable, history: torch.Tensor, steps: int, check_every: int, bar: tqdm
+    run_step: Callable,
+    history: torch.Tensor,
+    steps: int,
+    check_every: int,
+    bar: tqdm,
+    probes: Probes | None = None,
 ) -> Loop:
     """Run `steps` outer steps, scanning `history` (S, steps, metrics) every
-    `check_every` steps; stop early once every seed has gone non-finite."""
+    `check_every` steps and calling `probes` after each step (their seconds are not step
+    time); stop early once every seed has gone non-finite."""
     nonfinite: list[int | None] = [None] * history.shape[0]
     t_loop = t_first = time.perf_counter()
     for step in range(steps):
@@ -122,6 +158,8 @@ def train_loop(
         if step == 0:
             history[:, 0].sum().item()  # one sync: the first step (warm-up) is timed apart
             t_first = time.perf_counter()
+        if probes is not None:
+            probes(step, steps)
         if (step + 1) % check_every == 0 or step == steps - 1:
             lo = (step // check_every) * check_every
             chunk = history[:, lo : step + 1].cpu().numpy()
@@ -134,7 +172,8 @@ def train_loop(
     if history.device.type == "cuda":
         torch.cuda.synchronize(history.device)
     t_end = time.perf_counter()
-    return Loop(nonfinite, (t_end - t_first) / step if step else t_end - t_loop)
+    loop_s = t_end - t_first - (probes.seconds if probes is not None else 0.0)
+    return Loop(nonfinite, loop_s / step if step else t_end - t_loop)
 
 
 class PeakMemory:
@@ -211,20 +250,23 @@ def _result(
     params: Params,
     device: torch.device,
     shared: dict,
+    probed: dict[int, dict],
 ) -> RunResult:
-    """One run's RunResult from its history (up to its first non-finite step); `shared`
-    holds the columns of its seed batch."""
+    """One run's RunResult from its history (up to its first non-finite step), the
+    probes taken during training (`probed`, by step); `shared` holds the columns of its
+    seed batch."""
     row = _config_columns(config, device) | summarize(config, history) | shared
     row["nonfinite_step"] = nonfinite
     if nonfinite is None:
-        probe = rel_diff_probe(params, config, device)
-        row.update(status=STATUS_OK, error="", rel_diff_probe=probe)
-        row.update(curvature_shares(params, config, device))
+        probed = probed | {len(history) - 1: probe(params, config, device)}
+        row.update(status=STATUS_OK, error="", **probed[len(history) - 1])
     else:
         error = f"loss or meta-gradient became non-finite at outer step {nonfinite}"
         row.update(status=STATUS_NONFINITE, rel_diff_probe=None, error=error)
     columns = {name: history[:, j].tolist() for j, name in enumerate(METRICS)}
-    return RunResult(row=row, history={"step": list(range(len(history)))} | columns)
+    steps = range(len(history))
+    columns |= {name: [probed.get(s, {}).get(name) for s in steps] for name in PROBES}
+    return RunResult(row=row, history={"step": list(steps)} | columns)
 
 
 def _check_seed_group(configs: Sequence[RunConfig], world: World) -> torch.device:
@@ -265,8 +307,9 @@ def run_experiments(
     label = config.run_id if seeds == 1 else f"{config.run_id} (+{seeds - 1} seeds)"
     with PeakMemory(device) as memory:
         state, run_step, graphed = prepare_step(configs, device, world)
+        probes = Probes(state, configs, device)
         with tqdm(total=config.outer_steps, disable=not progress, desc=label, leave=False) as bar:
-            loop = train_loop(run_step, state.history, config.outer_steps, check_every, bar)
+            loop = train_loop(run_step, state.history, config.outer_steps, check_every, bar, probes)
     shared = {
         "cuda_graph": graphed,
         "sdpa_input_gradgrad_ok": second_order_reaches_attention(
@@ -280,7 +323,8 @@ def run_experiments(
     results = []
     for i, (cfg, bad) in enumerate(zip(configs, loop.nonfinite, strict=True)):
         history = state.history[i, : cfg.outer_steps if bad is None else bad].cpu().numpy()
-        results.append(_result(cfg, history, bad, state.seed_params(i), device, shared))
+        params = state.seed_params(i)
+        results.append(_result(cfg, history, bad, params, device, shared, probes.values[i]))
     wall = (time.perf_counter() - t_start) / seeds
     for r in results:
         r.row["wall_time_total_s"] = wall

@@ -151,3 +151,34 @@ def test_an_unknown_mode_is_not_taken_for_first_order():
 
     with pytest.raises(ConfigError, match="mode 'SECOND' is unknown"):
         inner_curvature("SECOND")
+
+
+PROBED_ABLATIONS = {
+    "attn_curvature_share": "no_attention_curvature",
+    "attn_score_curvature_share": "no_attention_score_curvature",
+    "attn_value_curvature_share": "no_attention_value_curvature",
+    "softmax_stats_curvature_share": "frozen_softmax_stats",
+}
+
+
+def test_curvature_shares_are_the_loop_references_on_the_probe_task(backend):
+    from phase12.probes import PROBE_SEED_OFFSET, curvature_shares
+    from phase12.tasks import sample_tasks, task_generator
+
+    config = SMALL.replace(backend=backend, seed=torch.randint(0, 2**31, ()).item())
+    params, _ = fresh(config)
+    gen = task_generator(config.seed + PROBE_SEED_OFFSET, torch.device("cpu"))
+    tasks = sample_tasks(config, gen, torch.device("cpu"), meta_batch=1)
+    loop = lambda a: loop_meta_gradient(params, tasks, config.inner_steps, config.inner_lr, a)  # noqa: E731
+    full = loop("none")
+    want = {}
+    for column, ablation in PROBED_ABLATIONS.items():
+        ablated = loop(ablation)
+        want[column] = rel(full, ablated)
+        if ablation == "no_attention_curvature":
+            qkv = ("Wq", "Wk", "Wv")
+            want[column + "_qkv"] = rel({n: full[n] for n in qkv}, ablated)
+    got = curvature_shares(params, config, torch.device("cpu"))
+    assert got.keys() == want.keys()
+    for column, value in want.items():
+        assert 0 < value and math.isclose(got[column], value, rel_tol=1e-9), column

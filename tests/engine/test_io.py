@@ -6,13 +6,13 @@ from tqdm import tqdm
 
 import phase12.io as io_module
 from phase12.io import FolderBusy, FolderLock, repair_torn_tail, save_run
-from phase12.schema import METRICS, RunResult
+from phase12.schema import HISTORY_COLUMNS, METRICS, RunResult
 from phase12.train import train_loop
 
 
 def test_a_row_in_runs_csv_means_the_runs_files_are_on_disk(tmp_path, monkeypatch):
     """save_run writes the history and the metadata before it appends the row."""
-    history = {"step": [0, 1]} | {m: [0.5, 0.25] for m in METRICS}
+    history = {c: [0.5, None] for c in HISTORY_COLUMNS} | {"step": [0, 1]}
     result = RunResult(row={"run_id": "r", "status": "OK"}, history=history)
     real = io_module.append_row
 

@@ -91,6 +91,30 @@ def test_every_backend_applies_the_policy_exactly(backend, curvature, n, causal)
     close(first, attention_backward_reference(q, k, v, do, causal))
 
 
+def third_order(backward, q, k, v, do, u, w):
+    """<w, grad of <u, backward(q, k, v, do)>> in (q, k, v, do): the third derivative."""
+    q, k, v, do = (t.clone().requires_grad_() for t in (q, k, v, do))
+    second = torch.autograd.grad(backward(q, k, v, do), (q, k, v, do), u, create_graph=True)
+    return torch.autograd.grad(second, (q, k, v, do), w)
+
+
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("backend", ["triton_fused", "reference"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_frozen_statistics_stay_frozen_at_third_order(backend, causal):
+    q, k, v, do, uq, uk, uv = inputs(6, 6)
+    w = [torch.randn_like(t) for t in (q, k, v, do)]
+    scale = 8**-0.5
+
+    def through_the_op(q, k, v, do):
+        o = attention(q, k, v, backend=backend, causal=causal, curvature="frozen_softmax_stats")
+        return torch.autograd.grad(o, (q, k, v), do, create_graph=True)
+
+    got = third_order(through_the_op, q, k, v, do, (uq, uk, uv), w)
+    want = third_order(lambda *a: frozen_backward(*a, causal, scale), q, k, v, do, (uq, uk, uv), w)
+    close(got, want)
+
+
 @pytest.mark.usefixtures("interpreter")
 def test_score_and_value_parts_add_up_to_attentions_own_term():
     q, k, v, do, uq, uk, uv = inputs(1, 13)
