@@ -167,6 +167,13 @@ def _softmax_vjp(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch._softmax_backward_data(g, p, -1, p.dtype)
 
 
+def _matmul_add(c, a, b, alpha: float = 1.0, beta: float = 1.0) -> torch.Tensor:
+    """beta * c + alpha * (a @ b) in one kernel: baddbmm over the flattened leading dims,
+    which c (..., N, M), a (..., N, K) and b (..., K, M) share."""
+    flat = lambda t: t.reshape(-1, *t.shape[-2:])  # noqa: E731
+    return torch.baddbmm(flat(c), flat(a), flat(b), alpha=alpha, beta=beta).view(c.shape)
+
+
 def attention_backward_formula(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -218,9 +225,9 @@ def attention_double_backward_formula(
     if p is None:
         s = _scores(q, k, causal, scale)
         p = torch.softmax(s, dim=-1) if lse is None else torch.exp(s - lse[..., None])
-    w = scale * (uq @ k.transpose(-1, -2) + q @ uk.transpose(-1, -2))
+    w = _matmul_add(scale * (uq @ k.transpose(-1, -2)), q, uk.transpose(-1, -2), alpha=scale)
     g_dp = _softmax_vjp(w, p)
-    gdo = g_dp @ v + p @ uv
+    gdo = _matmul_add(g_dp @ v, p, uv)
     score, value = switches["SCORE"], switches["VALUE"]
     if not (score or value):  # "none": only the derivative in dO
         zeros = (torch.zeros_like(t) for t in (q, k, v))
@@ -232,11 +239,15 @@ def attention_double_backward_formula(
         dp_centered = dp - rows(dp)
         g_p = dp_centered * w if g_p is None else torch.addcmul(g_p, dp_centered, w)
         g_p = torch.addcmul(g_p, rows(w), dp, value=-1)
-    # G_S: with the log-sum-exp's derivative (the softmax's VJP), or without it (frozen).
-    g_s = scale * (p * g_p if switches["FROZEN_STATS"] else _softmax_vjp(g_p, p))
+    # G_S / s: with the log-sum-exp's derivative (the softmax's VJP), or without it
+    # (frozen). The scale s is applied once, with the last matmul.
+    g_s = p * g_p if switches["FROZEN_STATS"] else _softmax_vjp(g_p, p)
     gq, gk = g_s @ k, g_s.transpose(-1, -2) @ q
     if score:
-        ds = scale * _softmax_vjp(dp, p)
-        gq, gk = gq + ds @ uk, gk + ds.transpose(-1, -2) @ uq
+        ds = _softmax_vjp(dp, p)  # dS / s
+        gq = _matmul_add(gq, ds, uk, alpha=scale, beta=scale)
+        gk = _matmul_add(gk, ds.transpose(-1, -2), uq, alpha=scale, beta=scale)
+    else:
+        gq, gk = scale * gq, scale * gk
     gv = g_dp.transpose(-1, -2) @ do if value else torch.zeros_like(v)
     return tuple(t.to(dtype) for t in (gq, gk, gv, gdo))
