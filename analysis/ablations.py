@@ -170,11 +170,16 @@ def summary(runs: pd.DataFrame) -> list[str]:
     ]
     frozen = at("frozen_softmax_stats")
     if frozen is not None:
-        verdict = "harms" if frozen["clear"] and frozen["mean"] < 0 else "does not clearly harm"
+        verdict = (
+            "is not clearly different from FO"
+            if not frozen["clear"]
+            else "harms training against FO"
+            if frozen["mean"] < 0
+            else "still beats FO"
+        )
         out.append(
             f"Holding the softmax statistics constant in the second-order path (the seed's "
-            f"frozen-stats contract) {verdict} training against FO at k = {k}: "
-            f"{_fmt(frozen)} ({_beyond(frozen)})."
+            f"frozen-stats contract) {verdict} at k = {k}: {_fmt(frozen)} ({_beyond(frozen)})."
         )
     d = paired(runs, "FULL", ATTENTION_TERM)
     gains = paired(runs, "FULL", "FO")
@@ -270,3 +275,32 @@ def findings(runs: pd.DataFrame) -> list[str]:
             )
         )
     return out
+
+
+def _mean_std(values: pd.Series) -> str:
+    spread = f" ± {values.std():.4f}" if len(values) > 1 else " (one seed)"
+    return f"{values.mean():.4f}{spread}"
+
+
+def share_during_training(histories: pd.DataFrame) -> pd.DataFrame:
+    """attn_curvature_share at the first and the last probe of each run (the history's
+    sparse probe columns), mean ± std over seeds per (backend, k, policy); empty when the
+    histories hold no probes."""
+    if "attn_curvature_share" not in histories:
+        return pd.DataFrame()
+    probed = histories.dropna(subset=["attn_curvature_share"]).sort_values("step")
+    keys = ["backend", "inner_steps", "mode"]
+    rows = []
+    for key, g in probed.groupby(keys):
+        runs = g.groupby("seed")
+        first, last = runs.head(1), runs.tail(1)
+        rows.append(
+            dict(zip(["backend", "k", "policy"], key, strict=True))
+            | {
+                "first probe": int(first["step"].min()) + 1,
+                "share there": _mean_std(first["attn_curvature_share"]),
+                "last probe": int(last["step"].max()) + 1,
+                "share at the end": _mean_std(last["attn_curvature_share"]),
+            }
+        )
+    return pd.DataFrame(rows)

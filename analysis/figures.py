@@ -102,6 +102,37 @@ def training_curves(histories: pd.DataFrame, path: Path, window: int = 20) -> Pa
     )
 
 
+def share_curves(histories: pd.DataFrame, path: Path) -> Path:
+    """attn_curvature_share at the probed steps (the history's sparse probe columns) vs
+    outer step: one panel per k, one line per mode or ablation, mean ± std over seeds."""
+    h = histories.dropna(subset=["attn_curvature_share"])
+    order, dashes = _order(h["mode"])
+    grid = sns.relplot(
+        data=h,
+        x="step",
+        y="attn_curvature_share",
+        hue="mode",
+        hue_order=order,
+        style="mode",
+        style_order=order,
+        dashes=dashes,
+        markers=True,
+        col="inner_steps",
+        kind="line",
+        errorbar="sd",
+        height=3.0,
+        aspect=1.1,
+    )
+    grid.set_titles("k = {col_name}")
+    grid.set(xlabel="outer step", ylabel="attention-curvature share")
+    sns.move_legend(grid, "upper left", bbox_to_anchor=(1.0, 0.9))
+    return _save(
+        grid,
+        path,
+        "‖g_FULL − g_no_attention_curvature‖ / ‖g_FULL‖ on the held-out task during training",
+    )
+
+
 def full_minus_fo_gap(gaps: pd.DataFrame, path: Path) -> Path:
     """FULL - FO final accuracy vs k per backend, error bars = std of the seed-paired gap."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))

@@ -12,13 +12,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.ablations import findings, one_backend, phase12_table, share_vs_gain
+from analysis.ablations import (
+    findings,
+    one_backend,
+    phase12_table,
+    share_during_training,
+    share_vs_gain,
+)
 from analysis.ablations import summary as ablation_summary
 from analysis.figures import (
     MODE_ORDER,
     full_minus_fo_gap,
     gain_vs_share,
     metric_vs_inner_steps,
+    share_curves,
     training_curves,
 )
 from analysis.summary import full_minus_fo, gains_over_fo, load_runs, summarize
@@ -246,17 +253,18 @@ def build_report(folder: str | Path) -> Path:
         points, fit = share_vs_gain(one_backend(runs)[0])
         if len(points):
             figures.append(gain_vs_share(points, fit, figdir / "gain_vs_attention_share.png"))
-        k1 = (
-            histories[
-                (histories["inner_steps"] == histories["inner_steps"].min())
+        if "attn_curvature_share" in histories and histories["attn_curvature_share"].notna().any():
+            figures.append(share_curves(histories, figdir / "attention_share_during_training.png"))
+        if len(histories):  # at the smallest k
+            k = histories["inner_steps"].min()
+            smallest = histories[
+                (histories["inner_steps"] == k)
                 & histories["mode"].isin(["FULL", "no_attention_curvature", "FO"])
             ]
-            if len(histories)
-            else histories
-        )
-        if len(k1):
-            path = figdir / "training_curves_k1_ablation.png"
-            figures.append(training_curves(k1, path))
+            if len(smallest):
+                path = figdir / f"training_curves_k{k}_ablation.png"
+                figures.append(training_curves(smallest, path))
+    during = share_during_training(histories) if ablated else pd.DataFrame()
     first = runs.iloc[0]
 
     def values(column: str) -> str:
@@ -307,6 +315,20 @@ def build_report(folder: str | Path) -> Path:
                 "",
                 *[f"* {s}" for s in findings(runs)],
                 "",
+                *(
+                    [
+                        "### The attention share during training",
+                        "",
+                        "attn_curvature_share of each run's parameters on the held-out "
+                        "task at its first and its last probe (after that many outer "
+                        "steps; mean ± std over seeds), from the histories' probe columns.",
+                        "",
+                        markdown_table(during),
+                        "",
+                    ]
+                    if len(during)
+                    else []
+                ),
                 "### The seed's Phase 12 table, completed",
                 "",
                 "Policy → which of attention's own curvature it trains with, FULL's "

@@ -55,6 +55,18 @@ def test_findings_say_what_the_data_say():
     assert "What these data do not show" in short
 
 
+def test_the_frozen_statistics_verdict_follows_the_sign_and_the_spread():
+    def verdict(acc):
+        table = runs()
+        frozen = table["mode"] == "frozen_softmax_stats"
+        table.loc[frozen, "final_acc"] = acc + 0.001 * table.loc[frozen, "seed"]
+        return " ".join(summary(table))
+
+    assert "still beats FO at k = 1: +0.0200" in verdict(0.70)
+    assert "is not clearly different from FO at k = 1" in verdict(0.68)
+    assert "harms training against FO at k = 1" in verdict(0.64)
+
+
 def test_findings_name_what_is_missing():
     lacking = runs()[lambda r: r["mode"] != "no_attention_curvature"]
     assert findings(lacking) == [
@@ -80,3 +92,21 @@ def test_a_cell_without_every_policy_is_left_out_not_a_crash():
     more = runs()[lambda r: r["mode"].isin(["FULL", "FO"])].assign(inner_steps=5)
     text = "\n".join(findings(pd.concat([runs(), more])))
     assert "k=1: FULL − FO" in text and "k=5: FULL − FO" not in text
+
+
+def test_the_share_during_training_reads_the_first_and_last_probe_of_each_run():
+    from analysis.ablations import share_during_training
+
+    rows = []
+    for seed, (early, late) in enumerate([(0.5, 0.1), (0.7, 0.3)]):
+        for step in range(4):
+            share = {1: early, 3: late}.get(step)  # probes after steps 2 and 4
+            rows.append(
+                dict(backend="b", mode="FULL", inner_steps=5, seed=seed, step=step)
+                | dict(attn_curvature_share=np.nan if share is None else share)
+            )
+    table = share_during_training(pd.DataFrame(rows)).iloc[0]
+    assert (table["first probe"], table["last probe"]) == (2, 4)
+    assert table["share there"] == "0.6000 ± 0.1414"
+    assert table["share at the end"] == "0.2000 ± 0.1414"
+    assert share_during_training(pd.DataFrame(rows).drop(columns="attn_curvature_share")).empty
