@@ -66,18 +66,32 @@ def _forward_mode_needs_exact(curvature: str) -> None:
         )
 
 
+def _without_autocast(fn: Callable) -> Callable:
+    """Run `fn` with torch.autocast off: the Functions' PyTorch ops keep the dtypes the
+    formulas choose (float32 compute for half inputs), as the kernels do."""
+
+    def run(q, *args):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args)
+
+    return run
+
+
+@_without_autocast
 def _forward(q, k, v, causal, scale, precision, ops):
     if ops == "triton":
         return launch.attention_forward(q, k, v, causal, scale, precision)
     return attention_with_softmax_formula(q, k, v, causal, scale)
 
 
+@_without_autocast
 def _backward(q, k, v, o, stats, do, causal, scale, precision, ops):
     if ops == "triton":
         return launch.attention_backward(q, k, v, o, stats, do, causal, scale, precision)
     return attention_backward_formula(q, k, v, stats, do, scale)
 
 
+@_without_autocast
 def _double_backward(q, k, v, o, stats, do, uq, uk, uv, causal, scale, precision, curvature, ops):
     if ops == "triton":
         return launch.attention_double_backward(

@@ -91,6 +91,11 @@ class FusedStepBackend(Backend):
                 f"its fused Hessian-vector-product kernel has no switch for ablation "
                 f"{config.ablation}; use reference or triton_fused"
             )
+        if config.dtype not in ("float32", "float64"):
+            return (
+                f"its fused kernels compute in float32 (float64 in the interpreter), not "
+                f"{config.dtype}; use reference or triton_fused"
+            )
         if config.dtype == "float64" and device.type == "cuda":
             return "float64 runs only in Triton's interpreter on the CPU; use float32 on CUDA"
         from phase12.fused_step import check_shapes

@@ -12,6 +12,7 @@ at fault, and the command line puts its own flag in the field's place.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -86,7 +87,18 @@ ABLATIONS = {
     "no_attention_param_curvature": Curvature(detached=frozenset(ATTENTION_PARAMS)),
     "no_head_param_curvature": Curvature(detached=frozenset(PARAMS) - set(ATTENTION_PARAMS)),
 }
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# A run's precision: (parameter and data dtype, compute dtype). The plain dtypes hold
+# everything in that dtype; autocast_* keep float32 parameters, data and updates and run
+# the model's forward under torch.autocast in the low-precision dtype (mixed precision:
+# linear layers and attention in it, softmax and cross-entropy in float32).
+DTYPES = {
+    "float32": (torch.float32, torch.float32),
+    "float64": (torch.float64, torch.float64),
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+    "float16": (torch.float16, torch.float16),
+    "autocast_bfloat16": (torch.float32, torch.bfloat16),
+    "autocast_float16": (torch.float32, torch.float16),
+}
 CUDA_GRAPH = ("auto", "on", "off")
 MAX_SEED = 2**62  # torch.Generator takes 64 bits; the probes add offsets to the seed
 
@@ -162,7 +174,13 @@ class RunConfig:
         "only",
     )
     device: str = _option("auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
-    dtype: str = _option("float32", "parameter and data dtype", choices=tuple(DTYPES))
+    dtype: str = _option(
+        "float32",
+        "precision: float32, float64, bfloat16, float16 (parameters, data and compute in "
+        "that dtype), or autocast_bfloat16, autocast_float16 (float32 parameters, the model "
+        "run under torch.autocast in bfloat16 or float16)",
+        choices=tuple(DTYPES),
+    )
     cuda_graph: str = _option(
         "auto",
         "capture the whole outer step in a CUDA graph and replay it: auto (on CUDA, falling "
@@ -183,7 +201,21 @@ class RunConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """The dtype of parameters, data and updates."""
+        return DTYPES[self.dtype][0]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model computes in."""
+        return DTYPES[self.dtype][1]
+
+    def autocast(self, device: torch.device):
+        """The context the model's forward runs in: torch.autocast for autocast_* runs,
+        none otherwise."""
+        if self.compute_dtype == self.torch_dtype:
+            return contextlib.nullcontext()
+        # No cast cache: a captured CUDA graph must cast the parameters on every replay.
+        return torch.autocast(device.type, dtype=self.compute_dtype, cache_enabled=False)
 
     @property
     def policy(self) -> str:
@@ -203,7 +235,12 @@ class RunConfig:
 
     @property
     def run_id(self) -> str:
-        return f"{self.backend}_{self.policy}_k{self.inner_steps}_seed{self.seed}"
+        """backend_policy_kK_seedS, then _TT, _DD and the precision where they are not the
+        defaults (32, 64, float32)."""
+        shape = {"seq_len": f"_T{self.seq_len}", "dim": f"_D{self.dim}", "dtype": f"_{self.dtype}"}
+        default = RunConfig.__dataclass_fields__
+        suffix = "".join(v for k, v in shape.items() if getattr(self, k) != default[k].default)
+        return f"{self.backend}_{self.policy}_k{self.inner_steps}_seed{self.seed}{suffix}"
 
 
 def _check_fields(c: RunConfig) -> None:

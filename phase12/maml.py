@@ -23,6 +23,8 @@ is taken is the backend's (phase12.backends): torch.func.grad of the model, or w
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from phase12.backends import get
@@ -105,11 +107,19 @@ def meta_batch_metrics(
     return per_task(*tasks)
 
 
-def meta_gradient(meta_params: Params, tasks: Tasks, **policy) -> Params:
+def meta_gradient(
+    meta_params: Params,
+    tasks: Tasks,
+    *,
+    autocast: contextlib.AbstractContextManager | None = None,
+    **policy,
+) -> Params:
     """d(mean query loss)/d(meta_params) for a meta-batch, without touching .grad.
-    `policy`: mode, steps, lr, backend (and ablation) of task_query_metrics."""
+    `policy`: mode, steps, lr, backend (and ablation) of task_query_metrics; `autocast`:
+    the context of the forward (RunConfig.autocast), as in a training step."""
     leaves = {n: p.detach().requires_grad_(True) for n, p in meta_params.items()}
-    losses, _ = meta_batch_metrics(leaves, tasks, **policy)
+    with autocast or contextlib.nullcontext():
+        losses, _ = meta_batch_metrics(leaves, tasks, **policy)
     grads = torch.autograd.grad(losses.mean(), list(leaves.values()))
     return dict(zip(leaves, grads, strict=True))
 

@@ -1,9 +1,11 @@
 """Measurements of a trained run beside its training curves, on fresh tasks.
 
-* `rel_diff_probe`: how far the FULL meta-gradient is from the FO one.
+* `Probe`: the held-out task of a run at given parameters, and its meta-gradients;
+* `rel_diff_probe`: how far the FULL meta-gradient is from the FO one;
 * `curvature_shares`: how much of the FULL meta-gradient each part of attention's own
-  second derivative carries (phase12.schema.CURVATURE_SHARES).
-* `probe`: both, the columns phase12.schema.PROBES.
+  second derivative carries (phase12.schema.CURVATURE_SHARES);
+* `float64_error`: how far the run's meta-gradient is from float64's;
+* `probe`: all three, the columns phase12.schema.PROBES.
 * `second_order_reaches_attention`: whether second derivatives flow through attention
   on this backend (the seed's `sdpa_input_gradgrad_ok`).
 """
@@ -28,13 +30,52 @@ def _probe_tasks(config: RunConfig, device: torch.device):
     return sample_tasks(config, gen, device, meta_batch=1)
 
 
-def rel_diff_probe(params: Params, config: RunConfig, device: torch.device) -> float:
-    """||g_FULL - g_FO|| / ||g_FULL|| of the meta-gradient on one fresh task."""
-    tasks = _probe_tasks(config, device)
-    kw = dict(steps=config.inner_steps, lr=config.inner_lr, backend=config.backend)
-    full = meta_gradient(params, tasks, mode=Mode.FULL, **kw)
-    fo = meta_gradient(params, tasks, mode=Mode.FO, **kw)
-    return float(relative_difference(full, fo))
+class Probe:
+    """The held-out task of a run and meta-gradients on it at `params`, each taken once:
+    `meta_gradient(mode, ablation, backend)` runs the run's inner loop in its precision."""
+
+    def __init__(self, params: Params, config: RunConfig, device: torch.device):
+        self.params, self.config, self.device = params, config, device
+        self.tasks = _probe_tasks(config, device)
+        self._cache: dict[tuple, Params] = {}
+
+    def meta_gradient(self, mode=Mode.FULL, ablation="none", backend=None) -> Params:
+        c = self.config
+        key = (mode, ablation, backend or c.backend)
+        if key not in self._cache:
+            self._cache[key] = meta_gradient(
+                self.params,
+                self.tasks,
+                mode=mode,
+                ablation=ablation,
+                steps=c.inner_steps,
+                lr=c.inner_lr,
+                backend=key[2],
+                autocast=c.autocast(self.device),
+            )
+        return self._cache[key]
+
+
+def rel_diff_probe(probe: Probe) -> float:
+    """||g_FULL - g_FO|| / ||g_FULL|| of the meta-gradient on the held-out task."""
+    return float(relative_difference(probe.meta_gradient(), probe.meta_gradient(Mode.FO)))
+
+
+def float64_error(probe: Probe) -> float:
+    """||g - g64|| / ||g64||: the run's FULL meta-gradient (its backend and precision)
+    against the reference backend's in float64 at the same parameters and data (both
+    upcast exactly)."""
+    wide = lambda t: t.to(torch.float64) if t.is_floating_point() else t  # noqa: E731
+    c = probe.config
+    g64 = meta_gradient(
+        {n: wide(p) for n, p in probe.params.items()},
+        type(probe.tasks)(*map(wide, probe.tasks)),
+        mode=Mode.FULL,
+        steps=c.inner_steps,
+        lr=c.inner_lr,
+        backend="reference",
+    )
+    return float(relative_difference(g64, {n: wide(v) for n, v in probe.meta_gradient().items()}))
 
 
 SHARE_ABLATIONS = {
@@ -45,22 +86,19 @@ SHARE_ABLATIONS = {
 }
 
 
-def curvature_shares(params: Params, config: RunConfig, device: torch.device) -> dict:
-    """||g_FULL - g_A|| / ||g_FULL|| for the attention ablations A of SHARE_ABLATIONS, at
-    `params` on the held-out task (attn_curvature_share_qkv: on Wq, Wk, Wv only).
+def curvature_shares(probe: Probe) -> dict:
+    """||g_FULL - g_A|| / ||g_FULL|| for the attention ablations A of SHARE_ABLATIONS, on
+    the held-out task (attn_curvature_share_qkv: on Wq, Wk, Wv only).
 
     triton_step has no ablation switches; its runs are measured on triton_fused, the
     same model and the same numbers. Keys: phase12.schema.CURVATURE_SHARES.
     """
-    tasks = _probe_tasks(config, device)
-    backend = (
-        "triton_fused" if isinstance(get(config.backend), FusedStepBackend) else config.backend
-    )
-    kw = dict(mode=Mode.FULL, steps=config.inner_steps, lr=config.inner_lr, backend=backend)
-    full = meta_gradient(params, tasks, **kw)
+    name = probe.config.backend
+    backend = "triton_fused" if isinstance(get(name), FusedStepBackend) else name
+    full = probe.meta_gradient(backend=backend)
     shares = {}
     for column, ablation in SHARE_ABLATIONS.items():
-        ablated = meta_gradient(params, tasks, **kw, ablation=ablation)
+        ablated = probe.meta_gradient(ablation=ablation, backend=backend)
         shares[column] = float(relative_difference(full, ablated))
         if ablation == "no_attention_curvature":
             qkv = {n: full[n] for n in ATTENTION_PARAMS}
@@ -70,8 +108,12 @@ def curvature_shares(params: Params, config: RunConfig, device: torch.device) ->
 
 def probe(params: Params, config: RunConfig, device: torch.device) -> dict:
     """Every probe of phase12.schema.PROBES at `params`, on the held-out task."""
-    rel_diff = {"rel_diff_probe": rel_diff_probe(params, config, device)}
-    return rel_diff | curvature_shares(params, config, device)
+    p = Probe(params, config, device)
+    return {
+        "rel_diff_probe": rel_diff_probe(p),
+        **curvature_shares(p),
+        "float64_meta_grad_error": float64_error(p),
+    }
 
 
 def second_order_reaches_attention(backend: str, device: torch.device, dtype: torch.dtype) -> bool:

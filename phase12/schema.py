@@ -41,7 +41,20 @@ CURVATURE_SHARES = (
 # Measured on the held-out task (phase12.probes.probe) every `probe_every` outer steps and
 # at the end of a run: sparse columns of the history (blank between probes); the run row
 # holds the final values.
-PROBES = ("rel_diff_probe", *CURVATURE_SHARES)
+# ||g - g_float64|| / ||g_float64|| a run's FULL meta-gradient may show, by precision
+# (RunConfig.dtype): 16 units of roundoff of its compute dtype (float64: 1e-12, for kernels
+# against the reference). Measured at initialisation, k = 20, T = 32, D = 64 (reference,
+# CPU): 4.6 units in float32, 4.1 in bfloat16, 3.2 in float16, 2.5 with autocast to
+# bfloat16, 2.2 to float16; 16 leaves room for trained parameters (docs/benchmarks.md).
+FLOAT64_TOLERANCE = {
+    "float64": 1e-12,
+    "float32": 16 * 2.0**-24,
+    "bfloat16": 16 * 2.0**-8,
+    "float16": 16 * 2.0**-11,
+    "autocast_bfloat16": 16 * 2.0**-8,
+    "autocast_float16": 16 * 2.0**-11,
+}
+PROBES = ("rel_diff_probe", *CURVATURE_SHARES, "float64_meta_grad_error")
 HISTORY_COLUMNS = ["step", *METRICS, *PROBES]
 
 SEED_COLUMNS = [
@@ -85,6 +98,9 @@ RUN_COLUMNS = SEED_COLUMNS + [
     "torch_version",
     "ablation",
     *CURVATURE_SHARES,
+    # ||g - g_float64|| / ||g_float64|| of the FULL meta-gradient at the run's final
+    # parameters on the held-out task (phase12.probes.float64_error)
+    "float64_meta_grad_error",
 ]
 
 

@@ -71,7 +71,8 @@ class OuterStep:
         return [torch.stack(parts) for parts in zip(*per_seed, strict=True)]
 
     def __call__(self) -> None:
-        losses, accs = self._metrics(self.params, *self._sample())  # (S, B) or (B,)
+        with self.config.autocast(self.device):  # the forward only, as torch.autocast advises
+            losses, accs = self._metrics(self.params, *self._sample())  # (S, B) or (B,)
         seed_losses = losses.mean(-1)
         self.optimizer.zero_grad(set_to_none=True)
         seed_losses.sum().backward()  # each seed's parameters get its own meta-gradient
@@ -83,7 +84,7 @@ class OuterStep:
             for n in ATTENTION_PARAMS
         ]
         self.optimizer.step()
-        metrics = torch.stack([stats[0], stats[1], *norms], dim=-1)
+        metrics = torch.stack([stats[0], stats[1], *norms], dim=-1).to(self.history.dtype)
         self.history.index_copy_(1, self.counter, metrics.reshape(-1, 1, len(METRICS)))
         self.counter.add_(1)
 

@@ -57,21 +57,25 @@ from phase12.provenance import run_metadata
 from phase12.schema import RUNS_CSV, STATUS_ERROR, RunResult
 from phase12.train import failed_result, run_experiments
 
-GRID_FIELDS = ("mode", "backend", "inner_steps", "seed", "ablation")
+GRID_FIELDS = ("mode", "backend", "inner_steps", "seed", "ablation", "seq_len", "dim", "dtype")
 AXES = {
     "mode": "modes",
     "backend": "backends",
     "inner_steps": "inner_steps",
     "seed": "seeds",
     "ablation": "ablations",
+    "seq_len": "seq_lens",
+    "dim": "dims",
+    "dtype": "dtypes",
 }
 
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """A grid: every combination of modes x backends x k x seeds, plus FULL with each
-    ablation other than "none" (phase12.config.ABLATIONS) at every backend, k and seed;
-    the other fields from `base`. Repeated values of an axis count once."""
+    """A grid: every combination of modes x backends x k x seeds x sequence lengths x
+    widths x precisions, plus FULL with each ablation other than "none"
+    (phase12.config.ABLATIONS) at every other point; the other fields from `base` (the
+    shape and precision axes too, when not given). Repeated values of an axis count once."""
 
     base: RunConfig
     modes: tuple[str, ...] = ("FULL", "FO", "FO_STRICT")
@@ -79,18 +83,26 @@ class SweepSpec:
     inner_steps: tuple[int, ...] = (1, 5, 10, 20)
     seeds: tuple[int, ...] = (0, 1)
     ablations: tuple[str, ...] = ("none",)
+    seq_lens: tuple[int, ...] | None = None
+    dims: tuple[int, ...] | None = None
+    dtypes: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        for axis in AXES.values():
-            object.__setattr__(self, axis, tuple(dict.fromkeys(getattr(self, axis))))
+        for field_name, axis in AXES.items():
+            values = getattr(self, axis)
+            values = (getattr(self.base, field_name),) if values is None else values
+            object.__setattr__(self, axis, tuple(dict.fromkeys(values)))
 
     def configs(self) -> list[RunConfig]:
         policies = [(m, "none") for m in self.modes]
         policies += [(Mode.FULL, a) for a in self.ablations if a != "none"]
+        points = itertools.product(self.backends, self.dtypes, self.seq_lens, self.dims)
         return [
-            self.base.replace(backend=b, mode=m, ablation=a, inner_steps=k, seed=s)
-            for b, (m, a), k, s in itertools.product(
-                self.backends, policies, self.inner_steps, self.seeds
+            self.base.replace(
+                backend=b, dtype=p, seq_len=t, dim=d, mode=m, ablation=a, inner_steps=k, seed=s
+            )
+            for (b, p, t, d), (m, a), k, s in itertools.product(
+                points, policies, self.inner_steps, self.seeds
             )
         ]
 
@@ -288,12 +300,24 @@ def run_sweep(
         done, retried = _open_folder(folder, spec, restart)
         todo = [c for c in configs if c.run_id not in done]
         where = ", ".join(devices) if devices else str(device_for(spec.base))
+        default = RunConfig()
+        axes = (
+            ("T ", "seq_len", spec.seq_lens),
+            ("D ", "dim", spec.dims),
+            ("", "dtype", spec.dtypes),
+        )
+        shapes = "".join(  # the shape and precision axes, where not the defaults
+            f" x {label}{', '.join(map(str, values))}"
+            for label, name, values in axes
+            if values != (getattr(default, name),)
+        )
         announce(
             f"sweep {folder}: {len(configs)} runs ({', '.join(spec.backends)} x "
             f"{', '.join(map(str, spec.modes))}"
             + "".join(f", FULL-{a}" for a in spec.ablations if a != "none")
             + f" x k {', '.join(map(str, spec.inner_steps))} x "
-            f"seeds {', '.join(map(str, spec.seeds))}); {len(configs) - len(todo)} done, "
+            f"seeds {', '.join(map(str, spec.seeds))}{shapes}); "
+            f"{len(configs) - len(todo)} done, "
             f"{len(todo)} to run on {where}"
             + (f" ({retried} that ended in ERROR run again)" if retried else "")
         )

@@ -73,7 +73,7 @@ def build_step(
         (len(configs), c.outer_steps, len(METRICS)),
         float("nan"),
         device=device,
-        dtype=c.torch_dtype,
+        dtype=torch.promote_types(c.torch_dtype, torch.float32),  # metrics of half runs too
     )
     generators = [task_generator(cfg.seed, device) for cfg in configs]
     return OuterStep(params, c, device, generators, history, seed_batched=batched, world=world)
@@ -234,8 +234,8 @@ def _config_columns(config: RunConfig, device: torch.device) -> dict:
         "seq_len": config.seq_len,
         "num_signal_positions": config.signal_positions,
         "dtype": config.dtype,
-        "compute_dtype": config.dtype,
-        "autocast": False,
+        "compute_dtype": str(config.compute_dtype).removeprefix("torch."),
+        "autocast": config.compute_dtype != config.torch_dtype,
         "device": device.type,
         "device_name": device_name(device),
         "torch_version": torch.__version__,

@@ -24,6 +24,9 @@ GRID_FLAGS = {
     "inner_steps": "--k",
     "seed": "--seeds",
     "ablation": "--ablations",
+    "seq_len": "--seq-lens",
+    "dim": "--dims",
+    "dtype": "--dtypes",
 }
 
 
@@ -123,7 +126,7 @@ def add_grid_flags(parser: ArgumentParser, defaults: dict[str, tuple | str]) -> 
         parser.add_argument(
             flag,
             dest=name,
-            metavar=flag[2:].upper(),
+            metavar=flag[2:].upper().replace("-", "_"),
             type=csv_list(kind, choices),
             default=None if isinstance(default, str) else default,
             help=f"comma-separated; {help} (default {shown})",

@@ -23,13 +23,14 @@ from phase12.cli.parsing import (
     config_from_args,
     csv_list,
 )
-from phase12.config import MODES, ConfigError, resolve_device
+from phase12.config import MODES, ConfigError, RunConfig, resolve_device
 from phase12.io import FolderBusy, check_columns, write_atomic
 from phase12.schema import RISK_CSV, RUNS_CSV
 from phase12.sweep import SweepSpec, run_sweep
 
 DESCRIPTIONS = {
-    "sweep": "Run a resumable grid of modes x backends x k x seeds into ROOT/TAG.",
+    "sweep": "Run a resumable grid of modes x backends x k x seeds (x T x D x precisions) "
+    "into ROOT/TAG.",
     "risk": "Write ROOT/TAG/risk_checks.csv (the grid flags give the model setting).",
     "report": "Rebuild summary.csv, figures/ and report.md of a sweep from its CSVs.",
     "pipeline": "sweep, then risk checks, then the report, into ROOT/TAG.",
@@ -40,6 +41,9 @@ GRID_DEFAULTS = {
     "inner_steps": (1, 5, 10, 20),
     "seed": (0, 1),
     "ablation": ("none",),
+    "seq_len": (RunConfig.seq_len,),
+    "dim": (RunConfig.dim,),
+    "dtype": (RunConfig.dtype,),
 }
 TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -119,6 +123,9 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
         inner_steps=args.inner_steps,
         seeds=args.seed,
         ablations=args.ablation,
+        seq_lens=args.seq_len,
+        dims=args.dim,
+        dtypes=args.dtype,
     )
     if not spec.configs():
         raise ConfigError("the grid is empty: give at least one mode, backend, k and seed")

@@ -162,7 +162,7 @@ PROBED_ABLATIONS = {
 
 
 def test_curvature_shares_are_the_loop_references_on_the_probe_task(backend):
-    from phase12.probes import PROBE_SEED_OFFSET, curvature_shares
+    from phase12.probes import PROBE_SEED_OFFSET, Probe, curvature_shares
     from phase12.tasks import sample_tasks, task_generator
 
     config = SMALL.replace(backend=backend, seed=torch.randint(0, 2**31, ()).item())
@@ -178,7 +178,7 @@ def test_curvature_shares_are_the_loop_references_on_the_probe_task(backend):
         if ablation == "no_attention_curvature":
             qkv = ("Wq", "Wk", "Wv")
             want[column + "_qkv"] = rel({n: full[n] for n in qkv}, ablated)
-    got = curvature_shares(params, config, torch.device("cpu"))
+    got = curvature_shares(Probe(params, config, torch.device("cpu")))
     assert got.keys() == want.keys()
     for column, value in want.items():
         assert 0 < value and math.isclose(got[column], value, rel_tol=1e-9), column

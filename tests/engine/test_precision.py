@@ -1,0 +1,64 @@
+"""Low precision: each precision's meta-gradient against float64's within its stated
+tolerance (phase12.schema.FLOAT64_TOLERANCE), what the rows say, and what is refused."""
+
+import pytest
+import torch
+from support import SMALL, fresh
+
+from phase12.backends import device_for
+from phase12.config import DTYPES, ConfigError, RunConfig
+from phase12.maml import meta_gradient, relative_difference
+from phase12.schema import FLOAT64_TOLERANCE
+from phase12.train import run_experiment
+
+LOW = [d for d in DTYPES if d not in ("float64",)]
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("mode", ["FULL", "FO"])
+def test_the_meta_gradient_is_float64s_within_the_stated_tolerance(dtype, mode):
+    config = RunConfig(device="cpu", meta_batch=2, inner_steps=5, dtype=dtype)
+    params, tasks = fresh(config.replace(dtype="float64"))
+    kw = dict(mode=mode, steps=5, lr=config.inner_lr, backend="reference")
+    want = meta_gradient(params, tasks, **kw)
+    low = lambda t: t.to(config.torch_dtype) if t.is_floating_point() else t  # noqa: E731
+    got = meta_gradient(
+        {n: low(p) for n, p in params.items()},
+        type(tasks)(*map(low, tasks)),
+        autocast=config.autocast(torch.device("cpu")),
+        **kw,
+    )
+    error = relative_difference(want, {n: g.double() for n, g in got.items()}).item()
+    assert error < FLOAT64_TOLERANCE[dtype]
+    if dtype != "float32":  # the precision is really lower, not float32 in disguise
+        assert error > FLOAT64_TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "autocast_bfloat16", "autocast_float16"])
+def test_a_low_precision_run_trains_and_says_its_precision(dtype):
+    config = SMALL.replace(dtype=dtype, outer_steps=4, metric_window=2)
+    row = run_experiment(config).row
+    assert row["status"] == "OK"
+    assert row["dtype"] == dtype and row["run_id"].endswith(dtype)
+    assert row["compute_dtype"] == dtype.removeprefix("autocast_")
+    assert row["autocast"] == dtype.startswith("autocast")
+    assert 0 < row["float64_meta_grad_error"] < FLOAT64_TOLERANCE[dtype]
+
+
+def test_float16_parameters_throughout_go_non_finite_and_are_recorded():
+    """Adam's second moment (1 - beta2) g^2 underflows float16, and its eps (1e-8) is 0
+    there: the first update divides by zero. The run says so instead of hiding it."""
+    row = run_experiment(SMALL.replace(dtype="float16", outer_steps=4)).row
+    assert row["status"] == "NONFINITE" and row["nonfinite_step"] is not None
+
+
+def test_triton_step_refuses_low_precision_naming_the_backends_that_can():
+    for dtype in ("bfloat16", "autocast_float16"):
+        with pytest.raises(ConfigError, match=f"not {dtype}; use reference or triton_fused"):
+            device_for(SMALL.replace(backend="triton_step", dtype=dtype, device="cpu"))
+
+
+def test_run_ids_name_the_shape_and_precision_only_when_not_the_defaults():
+    assert RunConfig().run_id == "reference_FULL_k20_seed0"
+    changed = RunConfig(seq_len=128, dim=32, dtype="autocast_bfloat16")
+    assert changed.run_id == "reference_FULL_k20_seed0_T128_D32_autocast_bfloat16"
