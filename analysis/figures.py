@@ -133,6 +133,43 @@ def share_curves(histories: pd.DataFrame, path: Path) -> Path:
     )
 
 
+def gain_heatmap(table: pd.DataFrame, path: Path) -> Path:
+    """FULL − FO (seed-paired mean final accuracy) over the map: one heat map per
+    (backend, k), regimes T x D down, precisions across; blank where FULL did not run or
+    did not work (analysis.robustness.robustness_table)."""
+    panels = list(table.groupby(["backend", "k"]))
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(2.0 + 1.3 * table["precision"].nunique() * len(panels), 3.8),
+        squeeze=False,
+    )
+    precisions = list(dict.fromkeys(table["precision"]))
+    for ax, ((backend, k), t) in zip(axes[0], panels, strict=True):
+        t = t.assign(regime="T=" + t["T"].astype(str) + " D=" + t["D"].astype(str))
+        t = t.assign(gain=t["gain"].where(t["FULL works?"] == "yes"))
+        grid = t.pivot_table(index="regime", columns="precision", values="gain", dropna=False)
+        grid = grid.reindex(columns=[p for p in precisions if p in grid.columns])
+        sns.heatmap(
+            grid,
+            annot=True,
+            fmt="+.3f",
+            center=0,
+            cmap="RdBu",
+            cbar=False,
+            ax=ax,
+            linewidths=0.5,
+        )
+        ax.set_title(f"{backend}, k = {k}")
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    fig.suptitle("FULL − FO final accuracy over the map (blank: FULL did not work)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def full_minus_fo_gap(gaps: pd.DataFrame, path: Path) -> Path:
     """FULL - FO final accuracy vs k per backend, error bars = std of the seed-paired gap."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))

@@ -88,6 +88,7 @@ SEED_COLUMNS = [
 ]
 RUN_COLUMNS = SEED_COLUMNS + [
     "run_id",
+    "dim",
     "attn_grad_norm",
     "nonfinite_step",
     "cuda_graph",

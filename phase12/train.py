@@ -232,6 +232,7 @@ def _config_columns(config: RunConfig, device: torch.device) -> dict:
         "outer_steps": config.outer_steps,
         "inner_lr": config.inner_lr,
         "seq_len": config.seq_len,
+        "dim": config.dim,
         "num_signal_positions": config.signal_positions,
         "dtype": config.dtype,
         "compute_dtype": str(config.compute_dtype).removeprefix("torch."),

@@ -1,0 +1,110 @@
+"""The robustness map, from a sweep over sequence lengths, widths and precisions: does
+FULL work, is it stable, is it practical, and how large is its second-order effect, per
+regime (T, D, precision) of each backend and k?
+
+Every cell is computed from runs.csv. "works": every FULL seed finished (status OK) and
+its meta-gradient at the final parameters is float64's within the precision's stated
+tolerance (phase12.schema.FLOAT64_TOLERANCE). Gains are seed-paired differences of final
+query accuracy (analysis.ablations.paired); "beyond 2 SE" as there.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.ablations import ATTENTION_TERM, _beyond, _fmt, paired
+from phase12.schema import FLOAT64_TOLERANCE
+
+REGIME = ["seq_len", "dim", "dtype"]
+KEYS = ["backend", "inner_steps", *REGIME]
+
+
+def regimes(runs: pd.DataFrame) -> int:
+    """How many (T, D, precision) regimes the runs hold."""
+    return len(runs.groupby(REGIME)) if set(REGIME) <= set(runs.columns) else 1
+
+
+def _works(full: pd.DataFrame, dtype: str) -> tuple[str, float]:
+    """("yes" or why not, the largest float64 error of the FULL seeds)."""
+    bad = full[full["status"] != "OK"]
+    error = pd.to_numeric(full.get("float64_meta_grad_error"), errors="coerce").max()
+    if len(bad):
+        first = bad.iloc[0]
+        step = first.get("nonfinite_step")
+        at = f" at step {int(step)}" if pd.notna(step) else ""
+        return f"no: {len(bad)} of {len(full)} seeds {first['status']}{at}", error
+    tolerance = FLOAT64_TOLERANCE[dtype]
+    if not error <= tolerance:
+        return f"no: float64 error {error:.1e} > {tolerance:.1e}", error
+    return "yes", error
+
+
+def _difference(cell: pd.DataFrame, d: pd.DataFrame, other: str) -> str:
+    if len(d):
+        return f"{_fmt(d.iloc[0])} ({_beyond(d.iloc[0])})"
+    return "no finished seed pairs" if (cell["mode"] == other).any() else "not run"
+
+
+def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (backend, k, T, D, precision) with FULL runs; see the module docstring.
+    Step time and peak memory are FULL's, with their ratio to float32's in the same
+    (backend, k, T, D) where that was run."""
+    rows = []
+    for key, cell in runs.groupby(KEYS):
+        full = cell[cell["mode"] == "FULL"]
+        if full.empty:
+            continue
+        row = dict(zip(["backend", "k", "T", "D", "precision"], key, strict=True))
+        works, error = _works(full, row["precision"])
+        ok = full[full["status"] == "OK"]
+        nonfinite = int((cell["status"] == "NONFINITE").sum())
+        spread = ok["final_acc"].std() if len(ok) > 1 else float("nan")
+        row |= {
+            "FULL works?": works,
+            "float64 error": error,
+            "seed std": spread,
+            "non-finite runs": f"{nonfinite} of {len(cell)}",
+        }
+        fp32 = runs[
+            (runs[KEYS[:-1]] == pd.Series(dict(zip(KEYS[:-1], key[:-1], strict=True)))).all(axis=1)
+            & (runs["dtype"] == "float32")
+            & (runs["mode"] == "FULL")
+            & (runs["status"] == "OK")
+        ]
+        for label, column, unit in (
+            ("step ms", "mean_outer_step_time_s", 1e3),
+            ("peak MiB", "peak_cuda_mem_bytes", 2.0**-20),
+        ):
+            value = pd.to_numeric(ok[column], errors="coerce").mean() * unit
+            base = pd.to_numeric(fp32[column], errors="coerce").mean() * unit
+            ratio = f" ({value / base:.2f}x fp32)" if base > 0 and value == value else ""
+            row[label] = f"{value:.2f}{ratio}" if value == value else "n/a"
+        gain = paired(cell, "FULL", "FO")
+        row["FULL − FO"] = _difference(cell, gain, "FO")
+        row["gain"] = gain.iloc[0]["mean"] if len(gain) else float("nan")
+        needs = paired(cell, "FULL", ATTENTION_TERM)
+        row["needs attention's curvature"] = _difference(cell, needs, ATTENTION_TERM)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def findings(table: pd.DataFrame) -> list[str]:
+    """Sentences computed from robustness_table: where FULL works, where its gain over FO
+    holds (beyond 2 SE, positive) and where it vanishes, per backend and k."""
+    out = []
+    for (backend, k), t in table.groupby(["backend", "k"]):
+        where = lambda mask, t=t: ", ".join(  # noqa: E731
+            f"T={r.T} D={r.D} {r.precision}" for r in t[mask].itertuples()
+        )
+        broken = t["FULL works?"] != "yes"
+        holds = t["FULL − FO"].str.contains("beyond") & (t["gain"] > 0) & ~broken
+        out.append(
+            f"{backend}, k={k}: FULL works in {int((~broken).sum())} of {len(t)} regimes"
+            + (f"; not in {where(broken)}" if broken.any() else "")
+            + f". Its gain over FO holds (positive, beyond 2 SE) in {int(holds.sum())}"
+            + (f" ({where(holds)})" if holds.any() else "")
+            + f" and is not shown in {int((~holds & ~broken).sum())}"
+            + (f" ({where(~holds & ~broken)})" if (~holds & ~broken).any() else "")
+            + "."
+        )
+    return out
