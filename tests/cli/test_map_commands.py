@@ -14,7 +14,7 @@ def test_a_sweep_over_shapes_and_precisions_and_its_map_report(tmp_path):
     assert exit_code("sweep", "--root", str(tmp_path), "--tag", "m", *grid, *SIZES) == 0
     runs = pd.read_csv(tmp_path / "m" / "runs.csv")
     assert len(runs) == 16 and runs["run_id"].is_unique
-    assert set(zip(runs["seq_len"], runs["dim"], runs["dtype"])) == {
+    assert set(zip(runs["seq_len"], runs["dim"], runs["dtype"], strict=True)) == {
         (t, 8, p) for t in (6, 8) for p in ("float32", "autocast_bfloat16")
     }
     assert exit_code("report", "--root", str(tmp_path), "--tag", "m") == 0
