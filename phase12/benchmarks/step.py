@@ -71,7 +71,10 @@ def measure(cells, warmup: int, reps: int) -> pd.DataFrame:
         median, peak = time_steps(cfg, execution == "graph", warmup, reps)
         seed = SEED_STEP_S.get((device.type, cfg.backend, cfg.mode))
         seed = (
-            seed if cfg.inner_steps == 20 and cfg.meta_batch == 16 and cfg.seq_len == 32 else None
+            seed
+            if (cfg.inner_steps, cfg.meta_batch, cfg.seq_len, cfg.dim, cfg.dtype)
+            == (20, 16, 32, 64, "float32")
+            else None
         )
         rows.append(
             dict(
@@ -83,6 +86,8 @@ def measure(cells, warmup: int, reps: int) -> pd.DataFrame:
                 execution=execution,
                 meta_batch=cfg.meta_batch,
                 seq_len=cfg.seq_len,
+                dim=cfg.dim,
+                dtype=cfg.dtype,
                 median_step_ms=median * 1e3,
                 peak_mem_mib=None if peak is None else peak / 2**20,
                 seed_step_ms=None if seed is None else seed * 1e3,
@@ -92,21 +97,25 @@ def measure(cells, warmup: int, reps: int) -> pd.DataFrame:
         r = rows[-1]
         print(
             f"{execution:5s} {cfg.backend:12s} {cfg.policy:9s} k={cfg.inner_steps:2d} "
-            f"B={cfg.meta_batch:4d} T={cfg.seq_len:4d} {r['median_step_ms']:9.2f} ms"
+            f"B={cfg.meta_batch:4d} T={cfg.seq_len:4d} D={cfg.dim:3d} {cfg.dtype:17s} "
+            f"{r['median_step_ms']:9.2f} ms"
             + (f"  seed {r['seed_step_ms']:.0f} ms ({r['speedup_vs_seed']:.1f}x)" if seed else ""),
             flush=True,
         )
     return pd.DataFrame(rows)
 
 
-def step_cells(base: RunConfig, modes, ks, backends, executions, ablations=()) -> list:
-    """The main table: (modes and FULL's ablations) x k x backends x executions at the
-    base shape."""
+def step_cells(
+    base: RunConfig, modes, ks, backends, executions, ablations=(), dtypes=("float32",)
+) -> list:
+    """The main table: (modes and FULL's ablations) x k x backends x precisions x
+    executions at the base shape."""
     policies = [(m, "none") for m in modes] + [("FULL", a) for a in ablations if a != "none"]
     return [
-        (base.replace(backend=b, mode=m, ablation=a, inner_steps=k), x)
+        (base.replace(backend=b, mode=m, ablation=a, inner_steps=k, dtype=d), x)
         for x in executions
         for b in backends
+        for d in dtypes
         for m, a in policies
         for k in ks
     ]

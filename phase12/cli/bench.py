@@ -19,7 +19,7 @@ from phase12.cli.parsing import (
     config_from_args,
     csv_list,
 )
-from phase12.config import ABLATIONS, MODES, ConfigError, RunConfig, resolve_device
+from phase12.config import ABLATIONS, DTYPES, MODES, ConfigError, RunConfig, resolve_device
 
 BENCHMARKS = ("step", "attention", "tiles", "distributed")
 
@@ -48,7 +48,13 @@ def _step_parser() -> ArgumentParser:
         default=None,
         help="eager and/or graph (default: eager,graph on CUDA, eager on CPU)",
     )
-    add_config_flags(p, ["device", "meta_batch", "seq_len"])
+    p.add_argument(
+        "--dtypes",
+        type=csv_list(str, DTYPES),
+        default=("float32",),
+        help="comma-separated precisions (phase12.config.DTYPES; default float32)",
+    )
+    add_config_flags(p, ["device", "meta_batch", "seq_len", "dim"])
     p.flags.update(mode="--modes", inner_steps="--k", backend="--backends")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per cell (default 3)")
     p.add_argument("--reps", type=int, default=20, help="timed steps per cell (default 20)")
@@ -72,7 +78,8 @@ def bench_step(argv: list[str]) -> int:
     try:
         base = config_from_args(args)
         for backend in args.backends:
-            device_for(base.replace(backend=backend))
+            for dtype in args.dtypes:
+                device_for(base.replace(backend=backend, dtype=dtype))
         if args.warmup < 0 or args.reps < 1:
             raise ConfigError("--warmup must be >= 0 and --reps >= 1")
         for k in args.k:
@@ -82,7 +89,9 @@ def bench_step(argv: list[str]) -> int:
     cuda = device_for(base).type == "cuda"
     executions = args.execution or (("eager", "graph") if cuda else ("eager",))
     args.out.mkdir(parents=True, exist_ok=True)
-    cells = step_cells(base, args.modes, args.k, args.backends, executions, args.ablations)
+    cells = step_cells(
+        base, args.modes, args.k, args.backends, executions, args.ablations, args.dtypes
+    )
     df = measure(cells, args.warmup, args.reps)
     df.to_csv(args.out / "step.csv", index=False)
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))

@@ -115,3 +115,17 @@ def test_distributed_benchmark_refuses_bad_input(capsys):
     assert "does not divide over 2 processes" in capsys.readouterr().err
     assert exit_code("bench", "distributed", "--device", "cpu", "--backends", "flash") == 2
     assert "invalid choice 'flash'" in capsys.readouterr().err
+
+
+def test_bench_step_times_the_maps_shapes_and_precisions(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "b"), "--device", "cpu", "--reps", "1", "--warmup", "1"]
+    grid = ["--modes", "FULL", "--k", "1", "--backends", "reference", "--meta-batch", "2"]
+    grid += ["--seq-len", "6", "--dim", "8", "--dtypes", "float32,bfloat16,autocast_float16"]
+    assert exit_code("bench", "step", *grid, *out) == 0
+    rows = pd.read_csv(tmp_path / "b" / "step.csv")
+    assert list(rows["dtype"]) == ["float32", "bfloat16", "autocast_float16"]
+    assert set(rows["dim"]) == {8} and set(rows["seq_len"]) == {6}
+    capsys.readouterr()
+    grid = ["--backends", "triton_step", "--dtypes", "bfloat16", "--k", "1"]
+    assert exit_code("bench", "step", *grid, *out) == 2
+    assert "not bfloat16; use reference or triton_fused" in capsys.readouterr().err

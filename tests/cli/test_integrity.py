@@ -64,7 +64,10 @@ def test_a_second_writer_is_refused_at_once_and_told_who_holds_the_folder(tmp_pa
 
 def test_repeated_grid_values_count_once(tmp_path):
     assert sweep(tmp_path, "--seeds", "0,0", "--k", "1,1") == 0
-    assert sorted(rows(tmp_path)["run_id"]) == ["reference_FO_k1_seed0", "reference_FULL_k1_seed0"]
+    assert sorted(rows(tmp_path)["run_id"]) == [
+        "reference_FO_k1_seed0_T8",
+        "reference_FULL_k1_seed0_T8",
+    ]
 
 
 def sweep_with_full_failing(root, monkeypatch) -> None:
@@ -90,7 +93,7 @@ def test_error_cells_are_run_again_and_their_rows_kept_aside(tmp_path, monkeypat
     assert sorted(rows(tmp_path)["status"]) == ["OK", "OK"]
     assert not rows(tmp_path)["run_id"].duplicated().any()
     errors = pd.read_csv(tmp_path / "t" / "errors.csv")
-    assert list(errors["run_id"]) == ["reference_FULL_k1_seed0"]
+    assert list(errors["run_id"]) == ["reference_FULL_k1_seed0_T8"]
 
 
 def test_a_torn_last_line_is_moved_aside_and_the_csv_parses(tmp_path, capsys):
@@ -190,10 +193,10 @@ def test_a_single_run_saves_to_a_predictable_folder_unless_told_not_to(
     monkeypatch.chdir(tmp_path)
     assert exit_code("--k", "1", "--outer-steps", "2", *SIZES) == 0
     (folder,) = (tmp_path / "runs").iterdir()
-    assert folder.name.endswith("_reference_FULL_k1_seed0")
+    assert folder.name.endswith("_reference_FULL_k1_seed0_T8")
     assert f"saved to {folder.relative_to(tmp_path)}" in capsys.readouterr().out
     assert len(pd.read_csv(folder / "runs.csv")) == 1
-    assert (folder / "history" / "reference_FULL_k1_seed0.csv").exists()
+    assert (folder / "history" / "reference_FULL_k1_seed0_T8.csv").exists()
     assert not list(folder.glob(".writer*.json"))  # the lock's record is gone
     assert exit_code("--k", "1", "--outer-steps", "2", *SIZES, "--no-save") == 0
     assert len(list((tmp_path / "runs").iterdir())) == 1
@@ -222,7 +225,7 @@ def test_ctrl_c_keeps_a_sweeps_finished_rows_and_the_csv_valid(tmp_path, monkeyp
     monkeypatch.setattr(sweep_module, "run_experiments", second_is_interrupted)
     assert sweep(tmp_path) == 130
     assert capsys.readouterr().err.strip().startswith("interrupted")
-    assert list(rows(tmp_path)["run_id"]) == ["reference_FULL_k1_seed0"]
+    assert list(rows(tmp_path)["run_id"]) == ["reference_FULL_k1_seed0_T8"]
     monkeypatch.setattr(sweep_module, "run_experiments", real)
     assert sweep(tmp_path) == 0 and len(rows(tmp_path)) == 2  # resumes
 
@@ -231,7 +234,7 @@ def test_sweep_and_pipeline_default_to_what_runs_on_a_cpu(tmp_path, capsys, monk
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a CPU machine outside the tests
     args = ["--modes", "FO", "--k", "1", "--seeds", "0", "--outer-steps", "2", *SIZES]
     assert exit_code("sweep", "--root", str(tmp_path), "--tag", "d", *args) == 0
-    assert "(reference x FO x k 1 x seeds 0)" in capsys.readouterr().out
+    assert "(reference x FO x k 1 x seeds 0 x T 8)" in capsys.readouterr().out
     assert list(rows(tmp_path, "d")["backend"]) == ["reference"]
 
 
@@ -243,7 +246,7 @@ def test_a_single_run_does_not_write_into_a_sweep_or_repeat_a_run(tmp_path, caps
     assert "is a sweep's folder" in one_error_line(capsys)
     assert exit_code(*run, "--out", str(tmp_path / "single")) == 0
     assert exit_code(*run, "--out", str(tmp_path / "single")) == 2
-    assert "already holds run reference_FULL_k1_seed0" in one_error_line(capsys)
+    assert "already holds run reference_FULL_k1_seed0_T8" in one_error_line(capsys)
     # The refusal let the folder go, and a torn last line is moved aside, not refused.
     runs_csv = tmp_path / "single" / "runs.csv"
     runs_csv.write_bytes(runs_csv.read_bytes() + b"reference,FO,1")

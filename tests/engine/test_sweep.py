@@ -91,7 +91,7 @@ def test_failing_cell_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
     assert counts == {"skipped": 0, "OK": 9, "ERROR": 3}  # the failing cell's 3 seeds
     runs = pd.read_csv(tmp_path / "runs.csv")
     errors = runs[runs["status"] == "ERROR"]
-    assert set(errors["run_id"]) == {f"reference_FULL_k2_seed{s}" for s in range(3)}
+    assert set(errors["run_id"]) == {f"reference_FULL_k2_seed{s}_T6_D8" for s in range(3)}
     assert (errors["error"] == "RuntimeError: boom second line").all()
 
 
