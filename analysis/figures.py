@@ -135,8 +135,8 @@ def share_curves(histories: pd.DataFrame, path: Path) -> Path:
 
 def gain_heatmap(table: pd.DataFrame, path: Path) -> Path:
     """FULL − FO (seed-paired mean final accuracy) over the map: one heat map per
-    (backend, k), regimes T x D down, precisions across; blank where FULL did not run or
-    did not work (analysis.robustness.robustness_table)."""
+    (backend, k), regimes T x D down, precisions across; "fails" where FULL did not work
+    (analysis.robustness.robustness_table), blank where it did not run."""
     panels = list(table.groupby(["backend", "k"]))
     fig, axes = plt.subplots(
         1,
@@ -146,24 +146,35 @@ def gain_heatmap(table: pd.DataFrame, path: Path) -> Path:
     )
     precisions = list(dict.fromkeys(table["precision"]))
     for ax, ((backend, k), t) in zip(axes[0], panels, strict=True):
+        t = t.sort_values(["T", "D"])
         t = t.assign(regime="T=" + t["T"].astype(str) + " D=" + t["D"].astype(str))
-        t = t.assign(gain=t["gain"].where(t["FULL works?"] == "yes"))
-        grid = t.pivot_table(index="regime", columns="precision", values="gain", dropna=False)
-        grid = grid.reindex(columns=[p for p in precisions if p in grid.columns])
+        works = t["FULL works?"] == "yes"
+        t = t.assign(
+            gain=t["gain"].where(works),
+            label=t["gain"].map("{:+.3f}".format).where(works, "fails"),
+        )
+        rows = list(dict.fromkeys(t["regime"]))
+        columns = [p for p in precisions if p in set(t["precision"])]
+        grid = t.pivot(index="regime", columns="precision", values="gain")
+        labels = t.pivot(index="regime", columns="precision", values="label")
         sns.heatmap(
-            grid,
-            annot=True,
-            fmt="+.3f",
+            grid.reindex(index=rows, columns=columns).astype(float),
+            annot=labels.reindex(index=rows, columns=columns).fillna(""),
+            fmt="",
             center=0,
             cmap="RdBu",
             cbar=False,
             ax=ax,
             linewidths=0.5,
         )
+        failed = labels.reindex(index=rows, columns=columns) == "fails"
+        for i, j in zip(*failed.to_numpy().nonzero(), strict=True):  # NaN cells get no annot
+            ax.text(j + 0.5, i + 0.5, "fails", ha="center", va="center", color="0.4")
+        ax.grid(False)
         ax.set_title(f"{backend}, k = {k}")
         ax.set_xlabel("")
         ax.set_ylabel("")
-    fig.suptitle("FULL − FO final accuracy over the map (blank: FULL did not work)")
+    fig.suptitle("FULL − FO final accuracy over the map (fails: FULL did not work)")
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -263,8 +263,9 @@ def build_map_report(folder: Path, runs: pd.DataFrame) -> Path:
         "final parameters is float64's within the precision's tolerance (16 units of "
         "roundoff of its compute dtype). float64 error: the largest over seeds. Stable: "
         "the seed-to-seed std of FULL's final accuracy and the non-finite runs of the "
-        "regime (all modes). Practical: FULL's step time and peak memory, with their ratio "
-        "to float32's at the same T, D. Gain: FULL − FO, seed-paired; needs attention's "
+        "regime (all modes). Practical: FULL's step time (each seed's share: the seeds of a "
+        "cell train as one batch) and peak memory (the batch's), with their ratio to "
+        "float32's at the same T, D. Gain: FULL − FO, seed-paired; needs attention's "
         "curvature: FULL − no_attention_curvature.",
         "",
         markdown_table(shown, ".2e") if len(shown) else "No FULL runs.",

@@ -107,4 +107,25 @@ def findings(table: pd.DataFrame) -> list[str]:
             + (f" ({where(~holds & ~broken)})" if (~holds & ~broken).any() else "")
             + "."
         )
+        out += _against_float32(t.assign(holds=holds), backend, k)
+    return out
+
+
+def _against_float32(t: pd.DataFrame, backend: str, k) -> list[str]:
+    """Per precision: how far FULL − FO moves from float32's at the same (T, D), and in
+    how many regimes the verdict (gain holds or not) differs."""
+    works = t[t["FULL works?"] == "yes"].set_index(["T", "D"])
+    base = works[works["precision"] == "float32"]
+    out = []
+    for precision, p in works[works["precision"] != "float32"].groupby("precision"):
+        both = p.index.intersection(base.index)
+        if both.empty:
+            continue
+        shift = p.loc[both, "gain"] - base.loc[both, "gain"]
+        flips = int((p.loc[both, "holds"] != base.loc[both, "holds"]).sum())
+        out.append(
+            f"{backend}, k={k}, {precision} against float32 at the same T, D: FULL − FO moves "
+            f"by {shift.min():+.4f} to {shift.max():+.4f}; the verdict differs in {flips} of "
+            f"{len(both)} regimes."
+        )
     return out
