@@ -27,7 +27,11 @@ from kernels import BackendUnavailable, check_backend
 from phase12.config import PARAMS, ConfigError, Curvature, RunConfig, resolve_device
 from phase12.model import Params, apply, cross_entropy, loss
 
-_support_grad = torch.func.grad(loss)
+_support_grad = torch.func.grad(
+    lambda params, x, y, attention, curvature, scale: (
+        scale * loss(params, x, y, attention, curvature)
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -39,15 +43,24 @@ class Backend:
     attention: str
 
     def sgd_step(
-        self, params: Params, x: torch.Tensor, y: torch.Tensor, lr: float, curvature: Curvature
+        self,
+        params: Params,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        lr: float,
+        curvature: Curvature,
+        loss_scale: float = 1.0,
     ) -> Params:
         """params - lr * grad of the support loss on (x (n, T, D), y (n,)), differentiable
         w.r.t. params with the second-order terms `curvature` keeps: the gradients of
         `curvature.detached` are constants, attention's own second derivative is
-        `curvature.attention`'s."""
-        grads = _support_grad(params, x, y, self.attention, curvature.attention)
+        `curvature.attention`'s. The gradient is taken of `loss_scale` times the loss and
+        divided by it after (float16 compute: keeps small gradients out of its subnormals)."""
+        grads = _support_grad(params, x, y, self.attention, curvature.attention, loss_scale)
         grads = {n: g.detach() if n in curvature.detached else g for n, g in grads.items()}
-        return {name: torch.add(p, grads[name], alpha=-lr) for name, p in params.items()}
+        return {
+            name: torch.add(p, grads[name], alpha=-lr / loss_scale) for name, p in params.items()
+        }
 
     def query_metrics(
         self, params: Params, x: torch.Tensor, y: torch.Tensor
@@ -70,9 +83,11 @@ class Backend:
 class FusedStepBackend(Backend):
     """Inner steps and their backward as fused Triton kernels of the whole model."""
 
-    def sgd_step(self, params, x, y, lr, curvature):
+    def sgd_step(self, params, x, y, lr, curvature, loss_scale=1.0):
         from phase12.fused_step import sgd_step  # imports Triton: only when used
 
+        if loss_scale != 1.0:
+            raise ValueError(f"{self.name} computes in float32 and takes no loss scale")
         if curvature.attention != "exact" or curvature.detached not in (set(), set(PARAMS)):
             raise ValueError(f"{self.name} takes FULL or FO inner steps only; got {curvature}")
         return sgd_step(params, x, y, lr, second_order=not curvature.detached)

@@ -209,6 +209,13 @@ class RunConfig:
         """The dtype the model computes in."""
         return DTYPES[self.dtype][1]
 
+    @property
+    def loss_scale(self) -> float:
+        """The static scale of the losses whose gradients are taken: 2**10 when the model
+        computes in float16 (its subnormals start at 6e-5; docs/benchmarks.md measures
+        2**8 to 2**12 equally good and 2**16 overflowing), 1 otherwise."""
+        return 2.0**10 if self.compute_dtype == torch.float16 else 1.0
+
     def autocast(self, device: torch.device):
         """The context the model's forward runs in: torch.autocast for autocast_* runs,
         none otherwise."""
@@ -231,6 +238,7 @@ class RunConfig:
             lr=self.inner_lr,
             backend=self.backend,
             ablation=self.ablation,
+            loss_scale=self.loss_scale,
         )
 
     @property

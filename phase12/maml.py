@@ -46,12 +46,14 @@ def adapt(
     lr: float,
     backend: str,
     curvature: Curvature = ABLATIONS["none"],
+    loss_scale: float = 1.0,
 ) -> Params:
     """`steps` SGD steps on the support loss from `params`, differentiable with the
-    second-order terms `curvature` keeps (all by default)."""
+    second-order terms `curvature` keeps (all by default); gradients of `loss_scale` times
+    the loss, divided by it (phase12.backends.Backend.sgd_step)."""
     sgd_step = get(backend).sgd_step
     for _ in range(steps):
-        params = sgd_step(params, x, y, lr, curvature)
+        params = sgd_step(params, x, y, lr, curvature, loss_scale)
     return params
 
 
@@ -65,10 +67,11 @@ def adapted_params(
     lr: float,
     backend: str,
     ablation: str = "none",
+    loss_scale: float = 1.0,
 ) -> Params:
     """phi_k for one task under the mode's detach policy (see the module table) and, for
     FULL, its curvature ablation (phase12.config.ABLATIONS)."""
-    kw = dict(steps=steps, lr=lr, backend=backend)
+    kw = dict(steps=steps, lr=lr, backend=backend, loss_scale=loss_scale)
     if mode == Mode.FO_STRICT:
         with torch.no_grad():  # torch.func.grad still differentiates inside; nothing is recorded
             phi = adapt(_detached(meta_params), x, y, **kw)
@@ -89,9 +92,11 @@ def task_query_metrics(
     lr: float,
     backend: str,
     ablation: str = "none",
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(query loss, query accuracy) of one task after adaptation; both scalars."""
     kw = dict(mode=mode, steps=steps, lr=lr, backend=backend, ablation=ablation)
+    kw["loss_scale"] = loss_scale
     phi = adapted_params(meta_params, support_x, support_y, **kw)
     return get(backend).query_metrics(phi, query_x, query_y)
 
@@ -120,8 +125,9 @@ def meta_gradient(
     leaves = {n: p.detach().requires_grad_(True) for n, p in meta_params.items()}
     with autocast or contextlib.nullcontext():
         losses, _ = meta_batch_metrics(leaves, tasks, **policy)
-    grads = torch.autograd.grad(losses.mean(), list(leaves.values()))
-    return dict(zip(leaves, grads, strict=True))
+    scale = policy.get("loss_scale", 1.0)
+    grads = torch.autograd.grad(losses.mean() * scale, list(leaves.values()))
+    return {n: g / scale for n, g in zip(leaves, grads, strict=True)}
 
 
 def relative_difference(a: Params, b: Params) -> torch.Tensor:

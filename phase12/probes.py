@@ -52,6 +52,7 @@ class Probe:
                 lr=c.inner_lr,
                 backend=key[2],
                 autocast=c.autocast(self.device),
+                loss_scale=c.loss_scale,
             )
         return self._cache[key]
 

@@ -89,6 +89,7 @@ SEED_COLUMNS = [
 RUN_COLUMNS = SEED_COLUMNS + [
     "run_id",
     "dim",
+    "loss_scale",
     "attn_grad_norm",
     "nonfinite_step",
     "cuda_graph",

@@ -75,9 +75,13 @@ class OuterStep:
             losses, accs = self._metrics(self.params, *self._sample())  # (S, B) or (B,)
         seed_losses = losses.mean(-1)
         self.optimizer.zero_grad(set_to_none=True)
-        seed_losses.sum().backward()  # each seed's parameters get its own meta-gradient
+        scale = self.config.loss_scale
+        # Each seed's parameters get its own meta-gradient (of the scaled loss: unscaled).
+        (seed_losses.sum() * scale).backward()
         stats = torch.stack([seed_losses.detach(), accs.mean(-1)])
         grads = [p.grad for p in self.params.values()]
+        if scale != 1.0:
+            torch._foreach_div_(grads, scale)
         all_reduce_mean([*grads, stats], self.world)  # no-op on one rank
         norms = [
             torch.linalg.vector_norm(self.params[n].grad.flatten(int(self.seed_batched)), dim=-1)

@@ -237,6 +237,7 @@ def _config_columns(config: RunConfig, device: torch.device) -> dict:
         "dtype": config.dtype,
         "compute_dtype": str(config.compute_dtype).removeprefix("torch."),
         "autocast": config.compute_dtype != config.torch_dtype,
+        "loss_scale": config.loss_scale,
         "device": device.type,
         "device_name": device_name(device),
         "torch_version": torch.__version__,

@@ -34,6 +34,27 @@ def test_the_meta_gradient_is_float64s_within_the_stated_tolerance(dtype, mode):
         assert error > FLOAT64_TOLERANCE["float32"]
 
 
+def test_float16_compute_needs_its_loss_scale_at_long_sequences():
+    """At T = 256 the attention parameters' gradients reach float16's subnormals: without
+    the loss scale the meta-gradient misses the tolerance, with it (2**10) it is within."""
+    config = RunConfig(device="cpu", meta_batch=4, inner_steps=5, seq_len=256)
+    config = config.replace(dtype="autocast_float16")
+    params, tasks = fresh(config.replace(dtype="float64"))
+    kw = dict(mode="FULL", steps=5, lr=config.inner_lr, backend="reference")
+    want = meta_gradient(params, tasks, **kw)
+    narrow = lambda t: t.float() if t.is_floating_point() else t  # noqa: E731
+    params32, tasks32 = {n: narrow(p) for n, p in params.items()}, type(tasks)(*map(narrow, tasks))
+
+    def error(scale):
+        got = meta_gradient(
+            params32, tasks32, autocast=config.autocast(torch.device("cpu")), loss_scale=scale, **kw
+        )
+        return relative_difference(want, {n: g.double() for n, g in got.items()}).item()
+
+    assert config.loss_scale == 2.0**10
+    assert error(1.0) > FLOAT64_TOLERANCE["autocast_float16"] > error(config.loss_scale)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "autocast_bfloat16", "autocast_float16"])
 def test_a_low_precision_run_trains_and_says_its_precision(dtype):
     config = SMALL.replace(dtype=dtype, outer_steps=4, metric_window=2)
@@ -42,6 +63,7 @@ def test_a_low_precision_run_trains_and_says_its_precision(dtype):
     assert row["dtype"] == dtype and row["run_id"].endswith(dtype)
     assert row["compute_dtype"] == dtype.removeprefix("autocast_")
     assert row["autocast"] == dtype.startswith("autocast")
+    assert row["loss_scale"] == {"autocast_float16": 2.0**10}.get(dtype, 1.0)
     assert 0 < row["float64_meta_grad_error"] < FLOAT64_TOLERANCE[dtype]
 
 
