@@ -151,7 +151,9 @@ def gain_heatmap(table: pd.DataFrame, path: Path) -> Path:
         works = t["FULL works?"] == "yes"
         t = t.assign(
             gain=t["gain"].where(works),
-            label=t["gain"].map("{:+.3f}".format).where(works, "fails"),
+            label=t["gain"]
+            .map("{:+.3f}".format)
+            .where(works, t["FULL works?"].where(t["FULL works?"] == "not supported", "fails")),
         )
         rows = list(dict.fromkeys(t["regime"]))
         columns = [p for p in precisions if p in set(t["precision"])]
@@ -167,9 +169,10 @@ def gain_heatmap(table: pd.DataFrame, path: Path) -> Path:
             ax=ax,
             linewidths=0.5,
         )
-        failed = labels.reindex(index=rows, columns=columns) == "fails"
-        for i, j in zip(*failed.to_numpy().nonzero(), strict=True):  # NaN cells get no annot
-            ax.text(j + 0.5, i + 0.5, "fails", ha="center", va="center", color="0.4")
+        shown = labels.reindex(index=rows, columns=columns)
+        for i, j in zip(*shown.isin(["fails", "not supported"]).to_numpy().nonzero(), strict=True):
+            # NaN cells get no annotation from seaborn
+            ax.text(j + 0.5, i + 0.5, shown.iat[i, j], ha="center", va="center", color="0.4")
         ax.grid(False)
         ax.set_title(f"{backend}, k = {k}")
         ax.set_xlabel("")

@@ -13,9 +13,10 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.ablations import ATTENTION_TERM, _beyond, _fmt, paired
-from phase12.schema import FLOAT64_TOLERANCE
+from phase12.schema import FLOAT64_TOLERANCE, UNSUPPORTED_PRECISIONS
 
 REGIME = ["seq_len", "dim", "dtype"]
+NOT_SUPPORTED = "not supported"
 KEYS = ["backend", "inner_steps", *REGIME]
 
 
@@ -85,7 +86,15 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
         needs = paired(cell, "FULL", ATTENTION_TERM)
         row["needs attention's curvature"] = _difference(cell, needs, ATTENTION_TERM)
         rows.append(row)
-    return pd.DataFrame(rows)
+    for backend, cell in runs.groupby("backend"):  # what the sweep could not ask for
+        for precision in sorted(set(runs["dtype"]) & set(UNSUPPORTED_PRECISIONS.get(backend, ()))):
+            for (k, t, d), _ in cell.groupby(["inner_steps", "seq_len", "dim"]):
+                rows.append(
+                    dict(backend=backend, k=k, T=t, D=d, precision=precision)
+                    | {"FULL works?": NOT_SUPPORTED, "gain": float("nan")}
+                )
+    keys = ["backend", "k", "T", "D", "precision"]
+    return pd.DataFrame(rows).sort_values(keys, ignore_index=True) if rows else pd.DataFrame()
 
 
 def findings(table: pd.DataFrame) -> list[str]:
@@ -93,6 +102,8 @@ def findings(table: pd.DataFrame) -> list[str]:
     holds (beyond 2 SE, positive) and where it vanishes, per backend and k."""
     out = []
     for (backend, k), t in table.groupby(["backend", "k"]):
+        unsupported = t["FULL works?"] == NOT_SUPPORTED
+        t = t[~unsupported]
         where = lambda mask, t=t: ", ".join(  # noqa: E731
             f"T={r.T} D={r.D} {r.precision}" for r in t[mask].itertuples()
         )
@@ -101,6 +112,7 @@ def findings(table: pd.DataFrame) -> list[str]:
         out.append(
             f"{backend}, k={k}: FULL works in {int((~broken).sum())} of {len(t)} regimes"
             + (f"; not in {where(broken)}" if broken.any() else "")
+            + (f" ({int(unsupported.sum())} more not supported)" if unsupported.any() else "")
             + f". Its gain over FO holds (positive, beyond 2 SE) in {int(holds.sum())}"
             + (f" ({where(holds)})" if holds.any() else "")
             + f" and is not shown in {int((~holds & ~broken).sum())}"

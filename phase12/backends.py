@@ -26,6 +26,7 @@ import torch
 from kernels import BackendUnavailable, check_backend
 from phase12.config import PARAMS, ConfigError, Curvature, RunConfig, resolve_device
 from phase12.model import Params, apply, cross_entropy, loss
+from phase12.schema import UNSUPPORTED_PRECISIONS
 
 _support_grad = torch.func.grad(
     lambda params, x, y, attention, curvature, scale: (
@@ -106,7 +107,7 @@ class FusedStepBackend(Backend):
                 f"its fused Hessian-vector-product kernel has no switch for ablation "
                 f"{config.ablation}; use reference or triton_fused"
             )
-        if config.dtype not in ("float32", "float64"):
+        if config.dtype in UNSUPPORTED_PRECISIONS.get(self.name, ()):
             return (
                 f"its fused kernels compute in float32 (float64 in the interpreter), not "
                 f"{config.dtype}; use reference or triton_fused"

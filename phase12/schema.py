@@ -54,6 +54,11 @@ FLOAT64_TOLERANCE = {
     "autocast_bfloat16": 16 * 2.0**-8,
     "autocast_float16": 16 * 2.0**-11,
 }
+# Precisions (RunConfig.dtype) a backend cannot run: phase12.backends refuses them before
+# any work, and the map report shows them as "not supported".
+UNSUPPORTED_PRECISIONS = {
+    "triton_step": ("bfloat16", "float16", "autocast_bfloat16", "autocast_float16"),
+}
 PROBES = ("rel_diff_probe", *CURVATURE_SHARES, "float64_meta_grad_error")
 HISTORY_COLUMNS = ["step", *METRICS, *PROBES]
 

@@ -60,3 +60,15 @@ def test_findings_name_where_full_works_and_where_its_gain_holds():
         "triton_fused, k=1, autocast_bfloat16 against float32 at the same T, D: FULL − FO "
         "moves by +0.0200 to +0.0200; the verdict differs in 0 of 1 regimes."
     )
+
+
+def test_precisions_a_backend_cannot_run_are_shown_as_not_supported(tmp_path):
+    from analysis.figures import gain_heatmap
+
+    step = runs()[lambda r: r["dtype"] == "float32"].assign(backend="triton_step")
+    table = robustness_table(pd.concat([runs(), step]))
+    unsupported = table[table["FULL works?"] == "not supported"]
+    assert set(unsupported["backend"]) == {"triton_step"}
+    assert set(unsupported["precision"]) == {"bfloat16", "float16", "autocast_bfloat16"}
+    assert "(3 more not supported)" in [s for s in findings(table) if "triton_step" in s][0]
+    assert gain_heatmap(table, tmp_path / "map.png").exists()
