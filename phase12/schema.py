@@ -95,6 +95,8 @@ RUN_COLUMNS = SEED_COLUMNS + [
     "run_id",
     "dim",
     "loss_scale",
+    "setup_time_s",  # building the run's state and capturing its CUDA graph (warm-up)
+    "probe_time_s",  # the held-out probes, during training and at the end
     "attn_grad_norm",
     "nonfinite_step",
     "cuda_graph",

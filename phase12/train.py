@@ -309,6 +309,7 @@ def run_experiments(
     label = config.run_id if seeds == 1 else f"{config.run_id} (+{seeds - 1} seeds)"
     with PeakMemory(device) as memory:
         state, run_step, graphed = prepare_step(configs, device, world)
+        t_setup = time.perf_counter() - t_start
         probes = Probes(state, configs, device)
         with tqdm(total=config.outer_steps, disable=not progress, desc=label, leave=False) as bar:
             loop = train_loop(run_step, state.history, config.outer_steps, check_every, bar, probes)
@@ -323,13 +324,16 @@ def run_experiments(
         "world_size": world.size,
     }
     results = []
+    t_end_probes = time.perf_counter()
     for i, (cfg, bad) in enumerate(zip(configs, loop.nonfinite, strict=True)):
         history = state.history[i, : cfg.outer_steps if bad is None else bad].cpu().numpy()
         params = state.seed_params(i)
         results.append(_result(cfg, history, bad, params, device, shared, probes.values[i]))
-    wall = (time.perf_counter() - t_start) / seeds
-    for r in results:
-        r.row["wall_time_total_s"] = wall
+    t_end = time.perf_counter()
+    for r in results:  # each run's share of the batch's times
+        r.row["wall_time_total_s"] = (t_end - t_start) / seeds
+        r.row["setup_time_s"] = t_setup / seeds
+        r.row["probe_time_s"] = (probes.seconds + t_end - t_end_probes) / seeds
     return results
 
 

@@ -79,7 +79,8 @@ def summary_text(result: RunResult, window: int) -> str:
         mem = r.get("peak_cuda_mem_bytes")
         lines.append(
             f"  {r['mean_outer_step_time_s'] * 1e3:.1f} ms per outer step, "
-            f"{r['wall_time_total_s']:.1f} s in all, on {r['device_name']}"
+            f"{r['wall_time_total_s']:.1f} s in all (set-up {r['setup_time_s']:.1f} s, "
+            f"probes {r['probe_time_s']:.1f} s), on {r['device_name']}"
             + (f"; peak CUDA memory {mem / 2**20:.1f} MiB" if mem else "")
         )
     return "\n".join(lines)

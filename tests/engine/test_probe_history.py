@@ -64,6 +64,8 @@ def test_probes_are_not_step_time(monkeypatch):
     assert probed_steps(result.history) == [0, 1, 2, 3, 4]
     assert result.row["mean_outer_step_time_s"] < 0.25  # 4 probes of 0.5 s in the timed loop
     assert result.row["wall_time_total_s"] > 2.0
+    assert 2.0 < result.row["probe_time_s"] < result.row["wall_time_total_s"]
+    assert 0 < result.row["setup_time_s"] < result.row["wall_time_total_s"]
 
 
 def test_a_negative_probe_interval_is_refused():
