@@ -168,10 +168,10 @@ class RunConfig:
     noise_std: float = _option(0.5, "std of the noise added to prototypes at signal positions")
     metric_window: int = _option(20, "final metrics average the last this-many outer steps")
     probe_every: int = _option(
-        100,
-        "measure the held-out probes (rel_diff_probe and the curvature shares) every "
-        "this-many outer steps into the history, besides the end of the run; 0: at the end "
-        "only",
+        0,
+        "also measure the held-out probes (rel_diff_probe, the curvature shares, the float64 "
+        "error) every this-many outer steps into the history; 0: at the end of the run only "
+        "(each probe is seven eager meta-gradients: about 1.2 s at k = 20 on an H100)",
     )
     device: str = _option("auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     dtype: str = _option(
