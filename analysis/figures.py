@@ -133,6 +133,18 @@ def share_curves(histories: pd.DataFrame, path: Path) -> Path:
     )
 
 
+TEXT_CELLS = ("fails", "error", "not supported", "no FO")
+
+
+def _map_label(works: str, gain: float) -> str:
+    """A heat-map cell's text: the gain where FULL works, else why there is none."""
+    if works == "yes":
+        return "no FO" if gain != gain else f"{gain:+.3f}"
+    if works == "not supported":
+        return works
+    return "error" if works.startswith("run error") else "fails"
+
+
 def gain_heatmap(table: pd.DataFrame, path: Path) -> Path:
     """FULL − FO (seed-paired mean final accuracy) over the map: one heat map per
     (backend, k), regimes T x D down, precisions across; "fails" where FULL did not work
@@ -151,9 +163,7 @@ def gain_heatmap(table: pd.DataFrame, path: Path) -> Path:
         works = t["FULL works?"] == "yes"
         t = t.assign(
             gain=t["gain"].where(works),
-            label=t["gain"]
-            .map("{:+.3f}".format)
-            .where(works, t["FULL works?"].where(t["FULL works?"] == "not supported", "fails")),
+            label=[_map_label(w, g) for w, g in zip(t["FULL works?"], t["gain"], strict=True)],
         )
         rows = list(dict.fromkeys(t["regime"]))
         columns = [p for p in precisions if p in set(t["precision"])]
@@ -170,7 +180,9 @@ def gain_heatmap(table: pd.DataFrame, path: Path) -> Path:
             linewidths=0.5,
         )
         shown = labels.reindex(index=rows, columns=columns)
-        for i, j in zip(*shown.isin(["fails", "not supported"]).to_numpy().nonzero(), strict=True):
+        for i, j in zip(
+            *shown.isin(["fails", "not supported", "no FO"]).to_numpy().nonzero(), strict=True
+        ):
             # NaN cells get no annotation from seaborn
             ax.text(j + 0.5, i + 0.5, shown.iat[i, j], ha="center", va="center", color="0.4")
         ax.grid(False)

@@ -230,6 +230,13 @@ def _risk_lines(folder: Path) -> list[str]:
     return lines + [f"None in this folder: `{hint}` writes them.", ""]
 
 
+def _loss_scales(runs: pd.DataFrame) -> str:
+    if "loss_scale" not in runs or runs["loss_scale"].isna().all():
+        return "not recorded (runs from before the float16 loss scale, which ran unscaled)"
+    scales = runs.groupby("dtype")["loss_scale"].unique()
+    return "; ".join(f"{d} {', '.join(f'{v:g}' for v in s)}" for d, s in scales.items())
+
+
 def build_map_report(folder: Path, runs: pd.DataFrame) -> Path:
     """The report of a sweep over several (T, D, precision) regimes: the robustness table,
     its findings and the heat map of FULL's gain (analysis.robustness)."""
@@ -252,6 +259,12 @@ def build_map_report(folder: Path, runs: pd.DataFrame) -> Path:
         f"modes and ablations {values('mode')}; backends {values('backend')}; "
         f"k {values('inner_steps')}; seeds {values('seed')}",
         f"* {runs['outer_steps'].iloc[0]} outer steps, meta-batch {runs['meta_batch'].iloc[0]}",
+        f"* loss scale by precision: {_loss_scales(runs)}",
+        *(
+            [f"* in the folder but not summarised by the map: {', '.join(sorted(others))}"]
+            if (others := set(runs["mode"]) - {"FULL", "FO", "no_attention_curvature"})
+            else []
+        ),
         f"* device: {', '.join(sorted(runs['device_name'].astype(str).unique()))}; torch "
         f"{', '.join(sorted(runs['torch_version'].astype(str).unique()))}",
         "* run statuses: "

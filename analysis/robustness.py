@@ -17,6 +17,7 @@ from phase12.schema import FLOAT64_TOLERANCE, UNSUPPORTED_PRECISIONS
 
 REGIME = ["seq_len", "dim", "dtype"]
 NOT_SUPPORTED = "not supported"
+RUN_ERROR = "run error"  # a cell whose runs raised: no verdict on FULL
 KEYS = ["backend", "inner_steps", *REGIME]
 
 
@@ -29,6 +30,8 @@ def _works(full: pd.DataFrame, dtype: str) -> tuple[str, float]:
     """("yes" or why not, the largest float64 error of the FULL seeds)."""
     bad = full[full["status"] != "OK"]
     error = pd.to_numeric(full.get("float64_meta_grad_error"), errors="coerce").max()
+    if (bad["status"] == "ERROR").any():  # the run failed, not FULL: no verdict
+        return f"{RUN_ERROR}: {bad[bad['status'] == 'ERROR'].iloc[0]['error']}", error
     if len(bad):
         first = bad.iloc[0]
         step = first.get("nonfinite_step")
@@ -101,9 +104,12 @@ def findings(table: pd.DataFrame) -> list[str]:
     """Sentences computed from robustness_table: where FULL works, where its gain over FO
     holds (beyond 2 SE, positive) and where it vanishes, per backend and k."""
     out = []
+    if table.empty:
+        return out
     for (backend, k), t in table.groupby(["backend", "k"]):
         unsupported = t["FULL works?"] == NOT_SUPPORTED
-        t = t[~unsupported]
+        errors = t["FULL works?"].str.startswith(RUN_ERROR)
+        t = t[~unsupported & ~errors]
         where = lambda mask, t=t: ", ".join(  # noqa: E731
             f"T={r.T} D={r.D} {r.precision}" for r in t[mask].itertuples()
         )
@@ -113,6 +119,7 @@ def findings(table: pd.DataFrame) -> list[str]:
             f"{backend}, k={k}: FULL works in {int((~broken).sum())} of {len(t)} regimes"
             + (f"; not in {where(broken)}" if broken.any() else "")
             + (f" ({int(unsupported.sum())} more not supported)" if unsupported.any() else "")
+            + (f" ({int(errors.sum())} more ended in ERROR: no verdict)" if errors.any() else "")
             + f". Its gain over FO holds (positive, beyond 2 SE) in {int(holds.sum())}"
             + (f" ({where(holds)})" if holds.any() else "")
             + f" and is not shown in {int((~holds & ~broken).sum())}"

@@ -164,7 +164,9 @@ def attention(
     float32 with PyTorch's matmuls as configured (torch.backends.cuda.matmul)."""
     if backend == "reference":
         if curvature == "exact":
-            return attention_reference(q, k, v, causal, scale)
+            # Half inputs are computed in float32, as the kernels do, under autocast too.
+            with torch.autocast(q.device.type, enabled=False):
+                return attention_reference(q, k, v, causal, scale)
         _check_curvature(curvature)
         from kernels.fused import FusedAttention
 

@@ -78,6 +78,14 @@ class Backend:
             check_backend(self.attention, device)
         except BackendUnavailable as e:
             return str(e)
+        if self.attention == "triton_fused":
+            from kernels.launch import MAX_HEAD_DIM
+
+            if config.dim > MAX_HEAD_DIM:
+                return (
+                    f"its attention kernels take head dims up to {MAX_HEAD_DIM}; got D = "
+                    f"{config.dim} (use reference)"
+                )
         return None
 
 

@@ -38,9 +38,6 @@ CURVATURE_SHARES = (
     "attn_value_curvature_share",  # its value path
     "softmax_stats_curvature_share",  # what freezing the softmax statistics changes
 )
-# Measured on the held-out task (phase12.probes.probe) every `probe_every` outer steps and
-# at the end of a run: sparse columns of the history (blank between probes); the run row
-# holds the final values.
 # ||g - g_float64|| / ||g_float64|| a run's FULL meta-gradient may show, by precision
 # (RunConfig.dtype): 16 units of roundoff of its compute dtype (float64: 1e-12, for kernels
 # against the reference). Measured at initialisation, k = 20, T = 32, D = 64 (reference,
@@ -59,6 +56,9 @@ FLOAT64_TOLERANCE = {
 UNSUPPORTED_PRECISIONS = {
     "triton_step": ("bfloat16", "float16", "autocast_bfloat16", "autocast_float16"),
 }
+# Measured on the held-out task (phase12.probes.probe) every `probe_every` outer steps and
+# at the end of a run: sparse columns of the history (blank between probes); the run row
+# holds the final values.
 PROBES = ("rel_diff_probe", *CURVATURE_SHARES, "float64_meta_grad_error")
 HISTORY_COLUMNS = ["step", *METRICS, *PROBES]
 

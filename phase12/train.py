@@ -15,6 +15,7 @@ bad step.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import sys
@@ -117,13 +118,52 @@ class Loop:
     step_time_s: float
 
 
+class PeakMemory:
+    """Peak CUDA memory allocated inside the block above what was allocated before it
+    (`peak` is None on the CPU), but for what runs under `excluded()`. Earlier runs of
+    the process are collected first."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, None
+        self._cuda = device.type == "cuda"
+
+    def __enter__(self) -> PeakMemory:
+        if self._cuda:
+            torch.cuda.init()  # the memory statistics need CUDA initialised
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = self._seen = torch.cuda.memory_allocated(self.device)
+        return self
+
+    @contextlib.contextmanager
+    def excluded(self):
+        """Whatever runs inside does not count towards the peak."""
+        if self._cuda:
+            self._seen = max(self._seen, torch.cuda.max_memory_allocated(self.device))
+        yield
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def __exit__(self, *exc) -> None:
+        if self._cuda:
+            peak = max(self._seen, torch.cuda.max_memory_allocated(self.device))
+            self.peak = peak - self._before
+
+
 class Probes:
     """The held-out probes (phase12.probes.probe) of each seed's parameters after every
     `config.probe_every`-th outer step but the last (the run's end is probed apart):
     `values[i][step]`, and the seconds they took."""
 
-    def __init__(self, state: OuterStep, configs: Sequence[RunConfig], device: torch.device):
-        self.state, self.configs, self.device = state, configs, device
+    def __init__(
+        self,
+        state: OuterStep,
+        configs: Sequence[RunConfig],
+        device: torch.device,
+        memory: PeakMemory,
+    ):
+        self.state, self.configs, self.device, self.memory = state, configs, device, memory
         self.every = configs[0].probe_every
         self.values: list[dict[int, dict]] = [{} for _ in configs]
         self.seconds = 0.0
@@ -134,8 +174,9 @@ class Probes:
         if self.device.type == "cuda":  # the queued steps are step time, not probe time
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        for i, config in enumerate(self.configs):
-            self.values[i][step] = probe(self.state.seed_params(i), config, self.device)
+        with self.memory.excluded():  # peak memory is training's
+            for i, config in enumerate(self.configs):
+                self.values[i][step] = probe(self.state.seed_params(i), config, self.device)
         self.seconds += time.perf_counter() - t0
 
 
@@ -174,27 +215,6 @@ def train_loop(
     t_end = time.perf_counter()
     loop_s = t_end - t_first - (probes.seconds if probes is not None else 0.0)
     return Loop(nonfinite, loop_s / step if step else t_end - t_loop)
-
-
-class PeakMemory:
-    """Peak CUDA memory allocated inside the block above what was allocated before it
-    (`peak` is None on the CPU). Earlier runs of the process are collected first."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, None
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.init()  # the memory statistics need CUDA initialised
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._before = torch.cuda.memory_allocated(self.device)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._before
 
 
 def _window_mean(values: np.ndarray, window: int, first: bool = False) -> float:
@@ -310,7 +330,7 @@ def run_experiments(
     with PeakMemory(device) as memory:
         state, run_step, graphed = prepare_step(configs, device, world)
         t_setup = time.perf_counter() - t_start
-        probes = Probes(state, configs, device)
+        probes = Probes(state, configs, device, memory)
         with tqdm(total=config.outer_steps, disable=not progress, desc=label, leave=False) as bar:
             loop = train_loop(run_step, state.history, config.outer_steps, check_every, bar, probes)
     shared = {

@@ -115,7 +115,11 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
     """The sweep of `args`, checked before any work (with `writes`, also the folder it
     writes runs into). Raises ConfigError."""
     check_folder(args.root, args.tag)
-    base = config_from_args(args, exclude=GRID_FLAGS)
+    # The base takes the first shape and precision of the grid, so that settings checked
+    # against them (signal positions < T) are checked at a shape the grid runs.
+    first = {n: getattr(args, n)[0] for n in ("seq_len", "dim", "dtype")}
+    at_first = argparse.Namespace(**vars(args) | first)
+    base = config_from_args(at_first, exclude=set(GRID_FLAGS) - set(first))
     spec = SweepSpec(
         base=base,
         modes=args.mode,

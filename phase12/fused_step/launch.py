@@ -44,7 +44,7 @@ def check_shapes(examples: int, seq_len: int, dim: int, num_classes: int) -> Non
     if dim > MAX_DIM:
         raise ValueError(
             f"the fused inner step supports D <= {MAX_DIM}; got D = {dim} "
-            "(use backend triton_fused)"
+            f"(use backend {'triton_fused' if dim <= 128 else 'reference'})"
         )
     if examples > MAX_EXAMPLES:
         raise ValueError(

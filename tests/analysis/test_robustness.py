@@ -72,3 +72,14 @@ def test_precisions_a_backend_cannot_run_are_shown_as_not_supported(tmp_path):
     assert set(unsupported["precision"]) == {"bfloat16", "float16", "autocast_bfloat16"}
     assert "(3 more not supported)" in [s for s in findings(table) if "triton_step" in s][0]
     assert gain_heatmap(table, tmp_path / "map.png").exists()
+
+
+def test_a_cell_whose_runs_raised_gets_no_verdict_and_no_full_runs_no_findings():
+    table = runs()
+    bad = (table["dtype"] == "bfloat16") & (table["mode"] == "FULL")
+    table.loc[bad, "status"], table.loc[bad, "error"] = "ERROR", "ValueError: too wide"
+    rows = robustness_table(table).set_index("precision")
+    assert rows.loc["bfloat16", "FULL works?"] == "run error: ValueError: too wide"
+    sentence = findings(robustness_table(table))[0]
+    assert "(1 more ended in ERROR: no verdict)" in sentence and " bfloat16" not in sentence
+    assert findings(robustness_table(table[table["mode"] == "FO"])) == []

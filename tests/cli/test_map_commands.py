@@ -31,3 +31,14 @@ def test_a_precision_the_backend_cannot_run_is_refused_before_any_work(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not bfloat16; use reference or triton_fused" in err[0]
     assert not (tmp_path / "x" / "runs.csv").exists()
+
+
+def test_a_width_the_fused_kernels_cannot_hold_is_refused(tmp_path, capsys):
+    args = ["sweep", "--root", str(tmp_path), "--tag", "w", "--backends", "triton_fused"]
+    args += ["--dims", "64,200", "--k", "1", "--seeds", "0", *SIZES]
+    assert exit_code(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --backends triton_fused cannot run here: its attention kernels take head "
+        "dims up to 128; got D = 200 (use reference)"
+    ]

@@ -21,6 +21,7 @@ def test_the_meta_gradient_is_float64s_within_the_stated_tolerance(dtype, mode):
     params, tasks = fresh(config.replace(dtype="float64"))
     kw = dict(mode=mode, steps=5, lr=config.inner_lr, backend="reference")
     want = meta_gradient(params, tasks, **kw)
+    kw["loss_scale"] = config.loss_scale
     low = lambda t: t.to(config.torch_dtype) if t.is_floating_point() else t  # noqa: E731
     got = meta_gradient(
         {n: low(p) for n, p in params.items()},

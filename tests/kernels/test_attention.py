@@ -336,3 +336,11 @@ def test_every_gpu_tile_shape_is_exact(block_n, block_m, monkeypatch):
     monkeypatch.setattr(launch, "launch_config", lambda *_: tile)
     check_three_orders(block_n + 5, block_m + 3, 8, 4, causal=True)
     check_three_orders(block_n // 2 + 1, 2 * block_m + 1, 8, 8, causal=False)
+
+
+def test_the_reference_computes_half_inputs_in_float32_under_autocast_too():
+    q, k, v = (torch.randn(2, n, 8, dtype=torch.bfloat16) for n in (1, 9, 9))
+    plain = attention(q, k, v, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = attention(q, k, v, backend="reference")
+    assert autocast.dtype == torch.bfloat16 and torch.equal(autocast, plain)
