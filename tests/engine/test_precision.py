@@ -35,6 +35,29 @@ def test_the_meta_gradient_is_float64s_within_the_stated_tolerance(dtype, mode):
         assert error > FLOAT64_TOLERANCE["float32"]
 
 
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("dtype", LOW)
+def test_triton_fused_meets_the_same_tolerances_in_the_interpreter(dtype):
+    config = RunConfig(device="cpu", meta_batch=2, inner_steps=2, seq_len=8, dim=8)
+    config = config.replace(dtype=dtype, backend="triton_fused")
+    params, tasks = fresh(config.replace(dtype="float64"))
+    kw = dict(mode="FULL", steps=2, lr=config.inner_lr)
+    want = meta_gradient(params, tasks, backend="reference", **kw)
+    low = lambda t: t.to(config.torch_dtype) if t.is_floating_point() else t  # noqa: E731
+    got = meta_gradient(
+        {n: low(p) for n, p in params.items()},
+        type(tasks)(*map(low, tasks)),
+        backend="triton_fused",
+        autocast=config.autocast(torch.device("cpu")),
+        loss_scale=config.loss_scale,
+        **kw,
+    )
+    error = relative_difference(want, {n: g.double() for n, g in got.items()}).item()
+    assert error < FLOAT64_TOLERANCE[dtype]
+    if dtype != "float32":
+        assert error > FLOAT64_TOLERANCE["float32"]
+
+
 def test_float16_compute_needs_its_loss_scale_at_long_sequences():
     """At T = 256 the attention parameters' gradients reach float16's subnormals: without
     the loss scale the meta-gradient misses the tolerance, with it (2**10) it is within."""
