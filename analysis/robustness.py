@@ -19,6 +19,7 @@ REGIME = ["seq_len", "dim", "dtype"]
 NOT_SUPPORTED = "not supported"
 RUN_ERROR = "run error"  # a cell whose runs raised: no verdict on FULL
 KEYS = ["backend", "inner_steps", *REGIME]
+COLUMNS = ["backend", "k", "T", "D", "precision"]  # KEYS as the table names them
 
 
 def regimes(runs: pd.DataFrame) -> int:
@@ -53,12 +54,22 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (backend, k, T, D, precision) with FULL runs; see the module docstring.
     Step time and peak memory are FULL's, with their ratio to float32's in the same
     (backend, k, T, D) where that was run."""
+    costs = {
+        "step ms": ("mean_outer_step_time_s", 1e3),
+        "peak MiB": ("peak_cuda_mem_bytes", 2.0**-20),
+    }
+    columns = [column for column, _ in costs.values()]
+    float32 = runs[
+        (runs["dtype"] == "float32") & (runs["mode"] == "FULL") & (runs["status"] == "OK")
+    ]
+    float32 = float32[KEYS[:-1]].join(float32[columns].apply(pd.to_numeric, errors="coerce"))
+    float32 = float32.groupby(KEYS[:-1])[columns].mean()
     rows = []
     for key, cell in runs.groupby(KEYS):
         full = cell[cell["mode"] == "FULL"]
         if full.empty:
             continue
-        row = dict(zip(["backend", "k", "T", "D", "precision"], key, strict=True))
+        row = dict(zip(COLUMNS, key, strict=True))
         works, error = _works(full, row["precision"])
         ok = full[full["status"] == "OK"]
         nonfinite = int((cell["status"] == "NONFINITE").sum())
@@ -69,18 +80,10 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
             "seed std": spread,
             "non-finite runs": f"{nonfinite} of {len(cell)}",
         }
-        fp32 = runs[
-            (runs[KEYS[:-1]] == pd.Series(dict(zip(KEYS[:-1], key[:-1], strict=True)))).all(axis=1)
-            & (runs["dtype"] == "float32")
-            & (runs["mode"] == "FULL")
-            & (runs["status"] == "OK")
-        ]
-        for label, column, unit in (
-            ("step ms", "mean_outer_step_time_s", 1e3),
-            ("peak MiB", "peak_cuda_mem_bytes", 2.0**-20),
-        ):
+        for label, (column, unit) in costs.items():
             value = pd.to_numeric(ok[column], errors="coerce").mean() * unit
-            base = pd.to_numeric(fp32[column], errors="coerce").mean() * unit
+            at = key[:-1]
+            base = float32.at[at, column] * unit if at in float32.index else float("nan")
             ratio = f" ({value / base:.2f}x fp32)" if base > 0 and value == value else ""
             row[label] = f"{value:.2f}{ratio}" if value == value else "n/a"
         gain = paired(cell, "FULL", "FO")
@@ -93,11 +96,10 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
         for precision in sorted(set(runs["dtype"]) & set(UNSUPPORTED_PRECISIONS.get(backend, ()))):
             for (k, t, d), _ in cell.groupby(["inner_steps", "seq_len", "dim"]):
                 rows.append(
-                    dict(backend=backend, k=k, T=t, D=d, precision=precision)
+                    dict(zip(COLUMNS, (backend, k, t, d, precision), strict=True))
                     | {"FULL works?": NOT_SUPPORTED, "gain": float("nan")}
                 )
-    keys = ["backend", "k", "T", "D", "precision"]
-    return pd.DataFrame(rows).sort_values(keys, ignore_index=True) if rows else pd.DataFrame()
+    return pd.DataFrame(rows).sort_values(COLUMNS, ignore_index=True) if rows else pd.DataFrame()
 
 
 def findings(table: pd.DataFrame) -> list[str]:
