@@ -133,7 +133,7 @@ def share_curves(histories: pd.DataFrame, path: Path) -> Path:
     )
 
 
-TEXT_CELLS = ("fails", "error", "not supported", "no FO")
+TEXT_CELLS = ("fails", "error", "not supported", "no FO")  # cells without a gain
 
 
 def _map_label(works: str, gain: float) -> str:
@@ -157,6 +157,9 @@ def gain_heatmap(table: pd.DataFrame, path: Path) -> Path:
         squeeze=False,
     )
     precisions = list(dict.fromkeys(table["precision"]))
+    # One colour scale for every panel: the same colour is the same gain everywhere.
+    span = table["gain"].where(table["FULL works?"] == "yes").abs().max()
+    span = span if span > 0 else 1.0
     for ax, ((backend, k), t) in zip(axes[0], panels, strict=True):
         t = t.sort_values(["T", "D"])
         t = t.assign(regime="T=" + t["T"].astype(str) + " D=" + t["D"].astype(str))
@@ -174,15 +177,15 @@ def gain_heatmap(table: pd.DataFrame, path: Path) -> Path:
             annot=labels.reindex(index=rows, columns=columns).fillna(""),
             fmt="",
             center=0,
+            vmin=-span,
+            vmax=span,
             cmap="RdBu",
             cbar=False,
             ax=ax,
             linewidths=0.5,
         )
         shown = labels.reindex(index=rows, columns=columns)
-        for i, j in zip(
-            *shown.isin(["fails", "not supported", "no FO"]).to_numpy().nonzero(), strict=True
-        ):
+        for i, j in zip(*shown.isin(TEXT_CELLS).to_numpy().nonzero(), strict=True):
             # NaN cells get no annotation from seaborn
             ax.text(j + 0.5, i + 0.5, shown.iat[i, j], ha="center", va="center", color="0.4")
         ax.grid(False)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.ablations import ATTENTION_TERM, _beyond, _fmt, paired
-from phase12.schema import FLOAT64_TOLERANCE, UNSUPPORTED_PRECISIONS
+from phase12.schema import FLOAT64_TOLERANCE, STATUS_UNSUPPORTED
 
 REGIME = ["seq_len", "dim", "dtype"]
-NOT_SUPPORTED = "not supported"
+NOT_SUPPORTED = "not supported"  # beyond the backend's limits: the sweep ran nothing
 RUN_ERROR = "run error"  # a cell whose runs raised: no verdict on FULL
 KEYS = ["backend", "inner_steps", *REGIME]
 COLUMNS = ["backend", "k", "T", "D", "precision"]  # KEYS as the table names them
@@ -31,6 +31,8 @@ def _works(full: pd.DataFrame, dtype: str) -> tuple[str, float]:
     """("yes" or why not, the largest float64 error of the FULL seeds)."""
     bad = full[full["status"] != "OK"]
     error = pd.to_numeric(full.get("float64_meta_grad_error"), errors="coerce").max()
+    if (full["status"] == STATUS_UNSUPPORTED).all():
+        return NOT_SUPPORTED, error
     if (bad["status"] == "ERROR").any():  # the run failed, not FULL: no verdict
         return f"{RUN_ERROR}: {bad[bad['status'] == 'ERROR'].iloc[0]['error']}", error
     if len(bad):
@@ -91,14 +93,9 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
         row["gain"] = gain.iloc[0]["mean"] if len(gain) else float("nan")
         needs = paired(cell, "FULL", ATTENTION_TERM)
         row["needs attention's curvature"] = _difference(cell, needs, ATTENTION_TERM)
+        if works == NOT_SUPPORTED:  # nothing ran: no differences to speak of
+            row["FULL − FO"] = row["needs attention's curvature"] = ""
         rows.append(row)
-    for backend, cell in runs.groupby("backend"):  # what the sweep could not ask for
-        for precision in sorted(set(runs["dtype"]) & set(UNSUPPORTED_PRECISIONS.get(backend, ()))):
-            for (k, t, d), _ in cell.groupby(["inner_steps", "seq_len", "dim"]):
-                rows.append(
-                    dict(zip(COLUMNS, (backend, k, t, d, precision), strict=True))
-                    | {"FULL works?": NOT_SUPPORTED, "gain": float("nan")}
-                )
     return pd.DataFrame(rows).sort_values(COLUMNS, ignore_index=True) if rows else pd.DataFrame()
 
 

@@ -221,7 +221,10 @@ def attention_double_backward_formula(
     if curvature == "once_differentiable":
         return tuple(torch.zeros_like(t) for t in (q, k, v, do))
     switches = curvature_switches(curvature)
-    q, k, v, do, uq, uk, uv = (t.to(cd) for t in (q, k, v, do, uq, uk, uv))
+    q, k, v, do = (t.to(cd) for t in (q, k, v, do))
+    # The incoming gradients often arrive strided (vmap's layout): each is used twice by
+    # the matmuls below, which would copy it each time; copy it once.
+    uq, uk, uv = (t.to(cd).contiguous() for t in (uq, uk, uv))
     if p is None:
         s = _scores(q, k, causal, scale)
         p = torch.softmax(s, dim=-1) if lse is None else torch.exp(s - lse[..., None])

@@ -26,7 +26,6 @@ import torch
 from kernels import BackendUnavailable, check_backend
 from phase12.config import PARAMS, ConfigError, Curvature, RunConfig, resolve_device
 from phase12.model import Params, apply, cross_entropy, loss
-from phase12.schema import UNSUPPORTED_PRECISIONS
 
 _support_grad = torch.func.grad(
     lambda params, x, y, attention, curvature, scale: (
@@ -73,11 +72,18 @@ class Backend:
         return cross_entropy(logits, y), accuracy
 
     def cannot_run(self, config: RunConfig, device: torch.device) -> str | None:
-        """Why `config` cannot run on `device` with this backend; None if it can."""
+        """Why `config` cannot run on `device` with this backend; None if it can: the
+        backend is not available there, or `config` is beyond its limits (`limit`)."""
         try:
             check_backend(self.attention, device)
         except BackendUnavailable as e:
             return str(e)
+        return self.limit(config, device)
+
+    def limit(self, config: RunConfig, device: torch.device) -> str | None:
+        """The limit of this backend's kernels that `config` exceeds on a device of
+        `device`'s type (a width, a size, an ablation it has no switch for), naming the
+        backends that can run it; None if it is within them."""
         if self.attention == "triton_fused":
             from kernels.launch import MAX_HEAD_DIM
 
@@ -89,36 +95,38 @@ class Backend:
         return None
 
 
+def _autocast_operand(x: torch.Tensor) -> torch.dtype | None:
+    """torch.autocast's dtype where it is on for x's device (autocast_* runs), else None."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class FusedStepBackend(Backend):
-    """Inner steps and their backward as fused Triton kernels of the whole model."""
+    """Inner steps and their backward as fused Triton kernels of the whole model.
+
+    The kernels compute in float32 whatever the parameters' dtype. Under torch.autocast
+    they round what they read to autocast's dtype first (phase12.fused_step.launch). The
+    loss scale is not needed inside them: the inner gradient never leaves float32, and
+    scaling it by a power of two and back is exact there, so it is not applied."""
 
     def sgd_step(self, params, x, y, lr, curvature, loss_scale=1.0):
         from phase12.fused_step import sgd_step  # imports Triton: only when used
 
-        if loss_scale != 1.0:
-            raise ValueError(f"{self.name} computes in float32 and takes no loss scale")
         if curvature.attention != "exact" or curvature.detached not in (set(), set(PARAMS)):
             raise ValueError(f"{self.name} takes FULL or FO inner steps only; got {curvature}")
-        return sgd_step(params, x, y, lr, second_order=not curvature.detached)
+        second_order = not curvature.detached
+        return sgd_step(params, x, y, lr, second_order=second_order, operand=_autocast_operand(x))
 
     def query_metrics(self, params, x, y):
         from phase12.fused_step import query_loss
 
-        return query_loss(params, x, y)
+        return query_loss(params, x, y, _autocast_operand(x))
 
-    def cannot_run(self, config, device):
-        reason = super().cannot_run(config, device)
-        if reason is not None:
-            return reason
+    def limit(self, config, device):
         if config.ablation != "none":
             return (
                 f"its fused Hessian-vector-product kernel has no switch for ablation "
                 f"{config.ablation}; use reference or triton_fused"
-            )
-        if config.dtype in UNSUPPORTED_PRECISIONS.get(self.name, ()):
-            return (
-                f"its fused kernels compute in float32 (float64 in the interpreter), not "
-                f"{config.dtype}; use reference or triton_fused"
             )
         if config.dtype == "float64" and device.type == "cuda":
             return "float64 runs only in Triton's interpreter on the CPU; use float32 on CUDA"

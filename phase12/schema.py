@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 STATUS_OK, STATUS_NONFINITE, STATUS_ERROR = "OK", "NONFINITE", "ERROR"
+STATUS_UNSUPPORTED = "UNSUPPORTED"  # not run: beyond its backend's limits (phase12.sweep)
 
 # Per outer step, per seed: written by the outer step into its history tensor.
 METRICS = ("loss", "acc", "attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v")
@@ -50,11 +51,6 @@ FLOAT64_TOLERANCE = {
     "float16": 16 * 2.0**-11,
     "autocast_bfloat16": 16 * 2.0**-8,
     "autocast_float16": 16 * 2.0**-11,
-}
-# Precisions (RunConfig.dtype) a backend cannot run: phase12.backends refuses them before
-# any work, and the map report shows them as "not supported".
-UNSUPPORTED_PRECISIONS = {
-    "triton_step": ("bfloat16", "float16", "autocast_bfloat16", "autocast_float16"),
 }
 # Measured on the held-out task (phase12.probes.probe) every `probe_every` outer steps and
 # at the end of a run: sparse columns of the history (blank between probes); the run row

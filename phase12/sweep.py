@@ -23,6 +23,12 @@ for each other one) and this process alone writes the CSV. A run's row is append
 sweep resumes: cells with a row are skipped, a run that was interrupted has no row and
 is redone, and runs.csv always parses. A cell that fails records status ERROR and its
 error, and the sweep goes on; the next run of the same sweep retries it.
+
+A cell beyond a backend's limits (phase12.backends.Backend.limit: a width its kernels
+cannot hold, an ablation it has no switch for) is not run: it is recorded with status
+UNSUPPORTED and the limit, so that a map over backends shows where each one stops. Every
+other cell must be able to run here, and at least one cell must be within the limits;
+otherwise the sweep is refused before any work.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from phase12.backends import device_for
+from phase12.backends import device_for, get
 from phase12.config import ConfigError, Mode, RunConfig, resolve_device
 from phase12.io import (
     FolderLock,
@@ -54,8 +60,8 @@ from phase12.io import (
     write_json,
 )
 from phase12.provenance import run_metadata
-from phase12.schema import RUNS_CSV, STATUS_ERROR, RunResult
-from phase12.train import failed_result, run_experiments
+from phase12.schema import RUNS_CSV, STATUS_ERROR, STATUS_UNSUPPORTED, RunResult
+from phase12.train import failed_result, run_experiments, unsupported_result
 
 GRID_FIELDS = ("mode", "backend", "inner_steps", "seed", "ablation", "seq_len", "dim", "dtype")
 AXES = {
@@ -105,6 +111,22 @@ class SweepSpec:
                 points, policies, self.inner_steps, self.seeds
             )
         ]
+
+
+def unsupported_cells(spec: SweepSpec) -> dict[str, str]:
+    """{run_id: "backend: its limit"} for the cells of `spec` beyond their backend's limits.
+    Every other cell is checked to run here (ConfigError), and ConfigError too when no
+    cell is within the limits: nothing would run."""
+    beyond = {}
+    for config in spec.configs():
+        reason = get(config.backend).limit(config, resolve_device(config.device))
+        if reason is None:
+            device_for(config)
+        else:
+            beyond[config.run_id] = f"{config.backend}: {reason}"
+    if beyond and len(beyond) == len(spec.configs()):
+        raise ConfigError(f"no cell of the grid can run: {next(iter(beyond.values()))}")
+    return beyond
 
 
 def _estimated_cost(group: list[RunConfig]) -> float:
@@ -287,18 +309,19 @@ def run_sweep(
     seed-batched computation (phase12.train.run_experiments). With several
     `devices`, one runner per device runs cells (a thread here for the first, a worker
     process for each other); this process alone writes. Before any work: every cell is
-    checked (ConfigError), the folder is locked (FolderBusy if another process writes
-    it), and its settings must be `spec`'s unless `restart` (ConfigError). `announce`
-    gets one line saying what will run.
+    checked (ConfigError; the cells beyond a backend's limits are recorded as UNSUPPORTED
+    instead of run), the folder is locked (FolderBusy if another process writes it), and
+    its settings must be `spec`'s unless `restart` (ConfigError). `announce` gets one
+    line saying what will run.
     """
     configs = spec.configs()
-    for config in configs:
-        device_for(config)  # every cell is checked before any runs
+    beyond = unsupported_cells(spec)
     for device in devices or ():
         device_for(spec.base.replace(device=device))
     with FolderLock(folder):
         done, retried = _open_folder(folder, spec, restart)
-        todo = [c for c in configs if c.run_id not in done]
+        todo = [c for c in configs if c.run_id not in done and c.run_id not in beyond]
+        unrecorded = [c for c in configs if c.run_id in beyond and c.run_id not in done]
         where = ", ".join(devices) if devices else str(device_for(spec.base))
         default = RunConfig()
         axes = (
@@ -317,12 +340,21 @@ def run_sweep(
             + "".join(f", FULL-{a}" for a in spec.ablations if a != "none")
             + f" x k {', '.join(map(str, spec.inner_steps))} x "
             f"seeds {', '.join(map(str, spec.seeds))}{shapes}); "
-            f"{len(configs) - len(todo)} done, "
+            f"{len(done)} done, "
             f"{len(todo)} to run on {where}"
             + (f" ({retried} that ended in ERROR run again)" if retried else "")
+            + (
+                f"; {len(beyond)} beyond a backend's limits, recorded as UNSUPPORTED "
+                f"({'; '.join(sorted(set(beyond.values())))})"
+                if beyond
+                else ""
+            )
         )
-        skipped = len(configs) - len(todo)
-        return _run_todo(todo, folder, progress, batch_seeds, devices, skipped)
+        for config in unrecorded:
+            result = unsupported_result(config, beyond[config.run_id])
+            save_run(folder, result, run_metadata(config, resolve_device(config.device)))
+        counts = _run_todo(todo, folder, progress, batch_seeds, devices, skipped=len(done))
+        return counts | ({STATUS_UNSUPPORTED: len(unrecorded)} if unrecorded else {})
 
 
 def _run_todo(todo, folder, progress, batch_seeds, devices, skipped: int) -> dict[str, int]:

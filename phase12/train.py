@@ -39,6 +39,7 @@ from phase12.schema import (
     STATUS_ERROR,
     STATUS_NONFINITE,
     STATUS_OK,
+    STATUS_UNSUPPORTED,
     RunResult,
 )
 from phase12.step import OuterStep, capture
@@ -370,10 +371,19 @@ def run_experiment(
 
 def failed_result(config: RunConfig, error: BaseException) -> RunResult:
     """The row of a run that raised: configuration columns, status ERROR and the error."""
+    return _not_run(config, STATUS_ERROR, f"{type(error).__name__}: {error}")
+
+
+def unsupported_result(config: RunConfig, limit: str) -> RunResult:
+    """The row of a run beyond its backend's limits: status UNSUPPORTED and the limit."""
+    return _not_run(config, STATUS_UNSUPPORTED, limit)
+
+
+def _not_run(config: RunConfig, status: str, why: str) -> RunResult:
     try:
         device = resolve_device(config.device)
     except ConfigError:
         device = torch.device("cpu")
     row = _config_columns(config, device)
-    row.update(status=STATUS_ERROR, error=f"{type(error).__name__}: {error}".replace("\n", " "))
+    row.update(status=status, error=why.replace("\n", " "))
     return RunResult(row=row)

@@ -26,7 +26,7 @@ from phase12.cli.parsing import (
 from phase12.config import MODES, ConfigError, RunConfig, resolve_device
 from phase12.io import FolderBusy, check_columns, write_atomic
 from phase12.schema import RISK_CSV, RUNS_CSV
-from phase12.sweep import SweepSpec, run_sweep
+from phase12.sweep import SweepSpec, run_sweep, unsupported_cells
 
 DESCRIPTIONS = {
     "sweep": "Run a resumable grid of modes x backends x k x seeds (x T x D x precisions) "
@@ -134,8 +134,10 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
     if not spec.configs():
         raise ConfigError("the grid is empty: give at least one mode, backend, k and seed")
     # Risk checks report a backend that cannot run here as SKIP instead of refusing.
-    for config in spec.configs() if check_cells else [spec.base]:
-        device_for(config)
+    if check_cells:
+        unsupported_cells(spec)
+    else:
+        device_for(spec.base)
     for device in args.devices or ():
         try:
             device_for(spec.base.replace(device=device))

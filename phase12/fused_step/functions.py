@@ -4,6 +4,10 @@ Triton kernel, and its backward (second-order MAML) as another.
     sgd_step(params, x, y, lr, second_order)   phi = params - lr dL_s/dparams
     query_loss(params, x, y)                   (L_q, accuracy), differentiable
 
+Both take `operand`: None, or the dtype (bfloat16, float16) the kernels round float32
+inputs to before computing with them, what torch.autocast does to a matmul's inputs
+(phase12/fused_step/launch.py). The rounding's derivative is the identity, as a cast's.
+
 With the `reference` and `triton_fused` backends, an inner step is torch.func.grad of
 the model: ~20 GEMMs and ~50 small kernels, and as many again in the outer backward.
 Here the model's loss gradient is written out by hand (phase12/fused_step/triton_kernels.py)
@@ -14,9 +18,9 @@ Three autograd.Functions, each with `setup_context` and a `vmap` rule that moves
 vmapped dim to the front, where the launchers fold it into the task axis (a vmapped
 call is one launch):
 
-    SGDStep               (x, y, lr, second_order, *W)   -> W - lr dL/dW       1 kernel
-    LossAndGradient       (x, y, *W)                     -> (L, acc, *dL/dW)   1 kernel
-    HessianVectorProduct  (x, y, alpha, beta, *W, *V)    -> alpha V + beta H V 1 kernel
+    SGDStep               (x, y, lr, second_order, operand, *W) -> W - lr dL/dW       1 kernel
+    LossAndGradient       (x, y, operand, *W)                   -> (L, acc, *dL/dW)   1 kernel
+    HessianVectorProduct  (x, y, alpha, beta, operand, *W, *V)  -> alpha V + beta H V 1 kernel
 
 SGDStep's and LossAndGradient's backwards are HessianVectorProduct calls, so their
 second derivatives are the fused kernels too; HessianVectorProduct's own backward
@@ -36,15 +40,23 @@ PARAM_NAMES = ("Wq", "Wk", "Wv", "Wc", "bc")
 NUM_PARAMS = len(PARAM_NAMES)
 
 
-def _hvp_reference(x, y, alpha: float, beta: float, params, v):
-    """alpha v + beta H v through the reference model; any leading task dims."""
+def _rounded(t: torch.Tensor, operand: torch.dtype | None) -> torch.Tensor:
+    return t if operand is None else t.to(operand).to(t.dtype)
+
+
+def _hvp_reference(x, y, alpha: float, beta: float, operand, params, v):
+    """alpha v + beta H v through the reference model, H taken at the rounded x and
+    params along the rounded v (as the kernel); any leading task dims."""
     lead = x.shape[:-3]
 
     def one_task(x, y, params, v):
+        x = _rounded(x, operand)
+
         def grad(p):
             return torch.func.grad(loss)(dict(zip(PARAM_NAMES, p, strict=True)), x, y)
 
-        _, hv = torch.func.jvp(grad, (tuple(params),), (tuple(v),))
+        params_r, v_r = (tuple(_rounded(t, operand) for t in ts) for ts in (params, v))
+        _, hv = torch.func.jvp(grad, (params_r,), (v_r,))
         return tuple(alpha * vi + beta * hv[n] for vi, n in zip(v, PARAM_NAMES, strict=True))
 
     out = torch.func.vmap(one_task)(
@@ -58,14 +70,14 @@ def _hvp_reference(x, y, alpha: float, beta: float, params, v):
 
 class HessianVectorProduct(torch.autograd.Function):
     @staticmethod
-    def forward(x, y, alpha: float, beta: float, *params_and_v):
+    def forward(x, y, alpha: float, beta: float, operand, *params_and_v):
         params, v = params_and_v[:NUM_PARAMS], params_and_v[NUM_PARAMS:]
-        return support_hvp(params, x, y, v, alpha, beta)
+        return support_hvp(params, x, y, v, alpha, beta, operand)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, y, alpha, beta, *params_and_v = inputs
-        ctx.alpha, ctx.beta = alpha, beta
+        x, y, alpha, beta, operand, *params_and_v = inputs
+        ctx.alpha, ctx.beta, ctx.operand = alpha, beta, operand
         ctx.save_for_backward(x, y, *params_and_v)
 
     @staticmethod
@@ -74,54 +86,58 @@ class HessianVectorProduct(torch.autograd.Function):
         x, y, *params_and_v = ctx.saved_tensors
         params, v = params_and_v[:NUM_PARAMS], params_and_v[NUM_PARAMS:]
         _, pullback = torch.func.vjp(
-            lambda p, u: _hvp_reference(x, y, ctx.alpha, ctx.beta, p, u), tuple(params), tuple(v)
+            lambda p, u: _hvp_reference(x, y, ctx.alpha, ctx.beta, ctx.operand, p, u),
+            tuple(params),
+            tuple(v),
         )
         g_params, g_v = pullback(tuple(w))
-        return None, None, None, None, *g_params, *g_v
+        return None, None, None, None, None, *g_params, *g_v
 
     @staticmethod
-    def vmap(info, in_dims, x, y, alpha, beta, *params_and_v):
+    def vmap(info, in_dims, x, y, alpha, beta, operand, *params_and_v):
         x, y, *rest = vmapped_to_front(
-            info, (in_dims[0], in_dims[1], *in_dims[4:]), (x, y, *params_and_v)
+            info, (in_dims[0], in_dims[1], *in_dims[5:]), (x, y, *params_and_v)
         )
-        return HessianVectorProduct.apply(x, y, alpha, beta, *rest), (0,) * NUM_PARAMS
+        return HessianVectorProduct.apply(x, y, alpha, beta, operand, *rest), (0,) * NUM_PARAMS
 
 
 class SGDStep(torch.autograd.Function):
     @staticmethod
-    def forward(x, y, lr: float, second_order: bool, *params):
-        return support_step(params, x, y, lr)
+    def forward(x, y, lr: float, second_order: bool, operand, *params):
+        return support_step(params, x, y, lr, operand)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, y, lr, second_order, *params = inputs
-        ctx.lr, ctx.second_order = lr, second_order
+        x, y, lr, second_order, operand, *params = inputs
+        ctx.lr, ctx.second_order, ctx.operand = lr, second_order, operand
         ctx.save_for_backward(x, y, *params)
 
     @staticmethod
     def backward(ctx, *v):
+        nones = (None,) * 5
         if not ctx.second_order:  # FO: the inner gradient is a constant, the step's Jacobian I
-            return None, None, None, None, *v
+            return *nones, *v
         x, y, *params = ctx.saved_tensors
-        return None, None, None, None, *HessianVectorProduct.apply(x, y, 1.0, -ctx.lr, *params, *v)
+        return *nones, *HessianVectorProduct.apply(x, y, 1.0, -ctx.lr, ctx.operand, *params, *v)
 
     @staticmethod
-    def vmap(info, in_dims, x, y, lr, second_order, *params):
+    def vmap(info, in_dims, x, y, lr, second_order, operand, *params):
         x, y, *params = vmapped_to_front(
-            info, (in_dims[0], in_dims[1], *in_dims[4:]), (x, y, *params)
+            info, (in_dims[0], in_dims[1], *in_dims[5:]), (x, y, *params)
         )
-        return SGDStep.apply(x, y, lr, second_order, *params), (0,) * NUM_PARAMS
+        return SGDStep.apply(x, y, lr, second_order, operand, *params), (0,) * NUM_PARAMS
 
 
 class LossAndGradient(torch.autograd.Function):
     @staticmethod
-    def forward(x, y, *params):
-        loss_, accuracy, grads = support_loss_and_grad(params, x, y)
+    def forward(x, y, operand, *params):
+        loss_, accuracy, grads = support_loss_and_grad(params, x, y, operand)
         return loss_, accuracy, *grads
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, y, *params = inputs
+        x, y, operand, *params = inputs
+        ctx.operand = operand
         _, accuracy, *grads = output
         ctx.mark_non_differentiable(accuracy)
         ctx.set_materialize_grads(False)
@@ -142,32 +158,42 @@ class LossAndGradient(torch.autograd.Function):
                 torch.zeros_like(p) if d is None else d
                 for d, p in zip(d_grads, params, strict=True)
             ]
-            hv = HessianVectorProduct.apply(x, y, 0.0, 1.0, *params, *d_grads)
+            hv = HessianVectorProduct.apply(x, y, 0.0, 1.0, ctx.operand, *params, *d_grads)
             out = [a + b for a, b in zip(out, hv, strict=True)]
-        return None, None, *out
+        return None, None, None, *out
 
     @staticmethod
-    def vmap(info, in_dims, x, y, *params):
-        x, y, *params = vmapped_to_front(info, in_dims, (x, y, *params))
-        return LossAndGradient.apply(x, y, *params), (0,) * (2 + NUM_PARAMS)
+    def vmap(info, in_dims, x, y, operand, *params):
+        x, y, *params = vmapped_to_front(
+            info, (in_dims[0], in_dims[1], *in_dims[3:]), (x, y, *params)
+        )
+        return LossAndGradient.apply(x, y, operand, *params), (0,) * (2 + NUM_PARAMS)
 
 
 def sgd_step(
-    params: Params, x: torch.Tensor, y: torch.Tensor, lr: float, *, second_order: bool
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    *,
+    second_order: bool,
+    operand: torch.dtype | None = None,
 ) -> Params:
-    """params - lr * grad of the mean cross-entropy on (x (n, T, D), y (n,)).
+    """params - lr * grad of the mean cross-entropy on (x (n, T, D), y (n,)), the gradient
+    computed with x and params rounded to `operand` if given.
 
     Differentiable w.r.t. params: exactly (second order: v -> v - lr H v) when
     `second_order`, else with the inner gradient treated as a constant (identity).
     """
-    out = SGDStep.apply(x, y, lr, second_order, *(params[n] for n in PARAM_NAMES))
+    out = SGDStep.apply(x, y, lr, second_order, operand, *(params[n] for n in PARAM_NAMES))
     return dict(zip(PARAM_NAMES, out, strict=True))
 
 
 def query_loss(
-    params: Params, x: torch.Tensor, y: torch.Tensor
+    params: Params, x: torch.Tensor, y: torch.Tensor, operand: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy, accuracy) of the model on (x (n, T, D), y (n,)); the loss is
-    differentiable w.r.t. params (to second order through the fused kernels)."""
-    loss_, accuracy, *_ = LossAndGradient.apply(x, y, *(params[n] for n in PARAM_NAMES))
+    """(mean cross-entropy, accuracy) of the model on (x (n, T, D), y (n,)), computed with
+    x and params rounded to `operand` if given; the loss is differentiable w.r.t. params
+    (to second order through the fused kernels)."""
+    loss_, accuracy, *_ = LossAndGradient.apply(x, y, operand, *(params[n] for n in PARAM_NAMES))
     return loss_, accuracy

@@ -1,9 +1,9 @@
 """Launchers for the fused inner-step kernels of the Phase 12 model
 (phase12/fused_step/triton_kernels.py): shapes, block sizes, allocation.
 
-    support_step(params, x, y, lr)          -> (W - lr dL/dW for each W)          1 launch
-    support_loss_and_grad(params, x, y)     -> (loss, accuracy, dL/dW for each W) 1 launch
-    support_hvp(params, x, y, v, alpha, beta) -> alpha v + beta (d^2L/dW^2) v     1 launch
+    support_step(params, x, y, lr)            -> (W - lr dL/dW for each W)          1 launch
+    support_loss_and_grad(params, x, y)       -> (loss, accuracy, dL/dW for each W) 1 launch
+    support_hvp(params, x, y, v, alpha, beta) -> alpha v + beta (d^2L/dW^2) v       1 launch
 
 `params` and `v` are tuples (Wq, Wk, Wv, Wc, bc) of shapes (..., D, D) x 3, (..., C, D),
 (..., C); x (..., n, T, D) and y (..., n) int64, all with the same leading (task) dims,
@@ -12,8 +12,12 @@ shared meta-parameters, expanded over the tasks) is read in place, not copied. L
 model's mean cross-entropy over the n examples of a task. Nothing here is
 differentiable: phase12/fused_step/functions.py wraps these in autograd.Functions.
 
-float32 runs on CUDA (dots in plain float32 arithmetic, `input_precision="ieee"`);
-float64 only in the interpreter (TRITON_INTERPRET=1), where the tests run.
+Dtypes: float32, bfloat16 and float16 run on CUDA, all arithmetic in float32 (dots in
+plain float32, `input_precision="ieee"`), outputs in the inputs' dtype; float64 only in
+the interpreter (TRITON_INTERPRET=1), where the tests run. Each launcher also takes
+`operand`: None, or bfloat16 / float16 for float32 inputs (torch.autocast's dtype), the
+dtype the kernels round x, W and V to before computing with them; W - lr dL/dW and the
+alpha v term use W and v as they are (triton_kernels.py, "Precision").
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ from kernels.common import interpreter_enabled, pow2
 from phase12.fused_step.triton_kernels import support_grad_kernel, support_hvp_kernel
 
 PARAM_TAILS = (2, 2, 2, 2, 1)  # trailing (per-task) dims of Wq, Wk, Wv, Wc, bc
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+OPERAND_DTYPES = (torch.bfloat16, torch.float16)
+
+TL_DTYPES = {
+    torch.float64: tl.float64,
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+}
 # Limits of one program per task: the kernels keep a dozen (examples x D) blocks and
 # several D x D weights in registers. At D = 128 the compiled kernels need 330 KB of
 # shared memory (an H200 has 227 KB), so D stops at 64; n = 64 at D = 64 compiles.
@@ -70,9 +82,10 @@ def _per_task(t: torch.Tensor, tail: int) -> torch.Tensor:
     return t
 
 
-def _prepare(x: torch.Tensor, y: torch.Tensor, *groups):
-    """Check x, y and each group of five parameter-shaped tensors (params, v); return
-    (leading dims, (n, T, D, C), x, y, groups) with every tensor as a (B, ...) array."""
+def _prepare(x: torch.Tensor, y: torch.Tensor, operand: torch.dtype | None, *groups):
+    """Check x, y, the operand dtype and each group of five parameter-shaped tensors
+    (params, v); return (leading dims, (n, T, D, C), x, y, groups) with every tensor as a
+    (B, ...) array."""
     lead = x.shape[:-3]
     if y.shape != x.shape[:-2]:
         raise ValueError(
@@ -84,6 +97,10 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, *groups):
         raise ValueError(f"the fused inner step supports {SUPPORTED_DTYPES}; got {x.dtype}")
     if x.dtype == torch.float64 and not interpreter_enabled():
         raise ValueError("float64 runs only in Triton's interpreter (TRITON_INTERPRET=1)")
+    if operand is not None and (x.dtype != torch.float32 or operand not in OPERAND_DTYPES):
+        raise ValueError(
+            f"operand rounds float32 inputs to one of {OPERAND_DTYPES}; got {operand} for {x.dtype}"
+        )
     n, t, d = x.shape[-3:]
     c = groups[0][3].shape[-2]
     expected = ((d, d), (d, d), (d, d), (c, d), (c,))
@@ -101,7 +118,8 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, *groups):
     return lead, (n, t, d, c), _per_task(x, 3), _per_task(y, 1), flat
 
 
-def _meta(n: int, t: int, d: int, c: int, dtype: torch.dtype) -> dict:
+def _meta(n: int, t: int, d: int, c: int, dtype: torch.dtype, operand: torch.dtype | None) -> dict:
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     block_n, block_d = pow2(n, 16), pow2(d, 16)
     block_t = max(1, min(triton.next_power_of_2(t), BLOCK_ELEMENTS // (block_n * block_d)))
     if interpreter_enabled():
@@ -112,7 +130,8 @@ def _meta(n: int, t: int, d: int, c: int, dtype: torch.dtype) -> dict:
         BLOCK_D=block_d,
         BLOCK_C=pow2(c, 16),
         PRECISION=PRECISION,
-        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        OPERAND=TL_DTYPES[operand or acc],
+        ACC=TL_DTYPES[acc],
         num_warps=NUM_WARPS,
     )
 
@@ -125,8 +144,8 @@ def _outputs(params, batch: int):
     return [torch.empty(batch, *p.shape[1:], dtype=p.dtype, device=p.device) for p in params]
 
 
-def _grad_launch(params, x, y, lr: float, update: bool):
-    lead, (n, t, d, c), x3, y1, (ps,) = _prepare(x, y, params)
+def _grad_launch(params, x, y, lr: float, update: bool, operand):
+    lead, (n, t, d, c), x3, y1, (ps,) = _prepare(x, y, operand, params)
     batch = x3.shape[0]
     outs = _outputs(ps, batch)
     loss = torch.empty(batch, dtype=x.dtype, device=x.device)
@@ -136,26 +155,30 @@ def _grad_launch(params, x, y, lr: float, update: bool):
             x3, y1, *ps, *outs, loss, accuracy,
             x3.stride(0), y1.stride(0), *(p.stride(0) for p in ps),
             n, t, d, c, *_scalars(n, d), lr,
-            UPDATE=update, **_meta(n, t, d, c, x.dtype),
+            UPDATE=update, **_meta(n, t, d, c, x.dtype, operand),
         )  # fmt: skip
     outs = tuple(o.view(*lead, *o.shape[1:]) for o in outs)
     return outs, loss.view(lead), accuracy.view(lead)
 
 
-def support_step(params, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, ...]:
+def support_step(
+    params, x: torch.Tensor, y: torch.Tensor, lr: float, operand: torch.dtype | None = None
+) -> tuple[torch.Tensor, ...]:
     """One SGD step on the support loss of each task: W - lr dL/dW, for each W."""
-    return _grad_launch(params, x, y, lr, update=True)[0]
+    return _grad_launch(params, x, y, lr, True, operand)[0]
 
 
-def support_loss_and_grad(params, x: torch.Tensor, y: torch.Tensor):
+def support_loss_and_grad(params, x: torch.Tensor, y: torch.Tensor, operand=None):
     """(loss (...), accuracy (...), (dL/dW for each W)) of each task."""
-    grads, loss, accuracy = _grad_launch(params, x, y, 0.0, update=False)
+    grads, loss, accuracy = _grad_launch(params, x, y, 0.0, False, operand)
     return loss, accuracy, grads
 
 
-def support_hvp(params, x: torch.Tensor, y: torch.Tensor, v, alpha: float, beta: float):
+def support_hvp(
+    params, x: torch.Tensor, y: torch.Tensor, v, alpha: float, beta: float, operand=None
+):
     """alpha v + beta H v for each task, H the Hessian of its support loss at `params`."""
-    lead, (n, t, d, c), x3, y1, (ps, vs) = _prepare(x, y, params, v)
+    lead, (n, t, d, c), x3, y1, (ps, vs) = _prepare(x, y, operand, params, v)
     batch = x3.shape[0]
     outs = _outputs(ps, batch)
     if batch:
@@ -163,6 +186,6 @@ def support_hvp(params, x: torch.Tensor, y: torch.Tensor, v, alpha: float, beta:
             x3, y1, *ps, *vs, *outs,
             x3.stride(0), y1.stride(0), *(p.stride(0) for p in ps), *(w.stride(0) for w in vs),
             n, t, d, c, *_scalars(n, d), alpha, beta,
-            **_meta(n, t, d, c, x.dtype),
+            **_meta(n, t, d, c, x.dtype, operand),
         )  # fmt: skip
     return tuple(o.view(*lead, *o.shape[1:]) for o in outs)

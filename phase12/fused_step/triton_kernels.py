@@ -45,6 +45,14 @@ online softmax (running max m, sum l, as in flash attention) and the sums that n
 p; the second rebuilds p = exp(x . u - lse) block by block. Row i < n and class c < C
 are masked; a padding row has G = 0 and contributes nothing.
 
+Precision: every tensor is read into the accumulator dtype ACC (float32, float64 in
+the interpreter) and all arithmetic runs in it. OPERAND (ACC itself, or bfloat16 or
+float16 under torch.autocast) is what the kernels round the data, parameters and
+directions to before they compute with them: the rounding autocast applies to a
+matmul's inputs. The SGD update W - lr dL/dW and the alpha V term take W and V as they
+are (float32 master weights); intermediate results stay in ACC (autocast would round
+each matmul's output too).
+
 Layout: X (B, n, T, D) and y (B, n) with a task stride each; every parameter and
 tangent (B, R, C) row-major with its own task stride, which is 0 when all tasks share
 it (the meta-parameters at the first inner step), so nothing is copied per task.
@@ -67,28 +75,40 @@ def _load_matrix(ptr, offs_r, offs_c, R, C, ACC: tl.constexpr):
 
 
 @triton.jit
+def _rounded(x, OPERAND: tl.constexpr, ACC: tl.constexpr):
+    """x rounded to nearest (ties to even) in OPERAND, held in ACC (x itself when OPERAND
+    is ACC)."""
+    if OPERAND == tl.bfloat16:  # by hand: Triton's interpreter truncates to bfloat16
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(ACC)
+    return x.to(OPERAND).to(ACC)
+
+
+@triton.jit
 def _store_matrix(ptr, value, offs_r, offs_c, R, C):
     mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
     tl.store(ptr + offs_r[:, None] * C + offs_c[None, :], value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _load_query_tokens(x_task, offs_n, offs_d, N, T, D, ACC: tl.constexpr):
-    """X0: position 0 of every example, (BLOCK_N, BLOCK_D)."""
+def _load_query_tokens(x_task, offs_n, offs_d, N, T, D, OPERAND: tl.constexpr, ACC: tl.constexpr):
+    """X0: position 0 of every example, (BLOCK_N, BLOCK_D), rounded to OPERAND."""
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    return tl.load(x_task + offs_n[:, None] * (T * D) + offs_d[None, :], mask=mask, other=0.0).to(
-        ACC
-    )
+    x0 = tl.load(x_task + offs_n[:, None] * (T * D) + offs_d[None, :], mask=mask, other=0.0)
+    return _rounded(x0, OPERAND, ACC)
 
 
 @triton.jit
-def _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, ACC: tl.constexpr):
-    """Positions t0 .. t0 + BLOCK_T of every example: (BLOCK_N, BLOCK_T, BLOCK_D), and
-    the mask of the positions that exist (BLOCK_T,)."""
+def _load_block(
+    x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND: tl.constexpr, ACC: tl.constexpr
+):
+    """Positions t0 .. t0 + BLOCK_T of every example: (BLOCK_N, BLOCK_T, BLOCK_D), rounded
+    to OPERAND, and the mask of the positions that exist (BLOCK_T,)."""
     t = t0 + offs_t
     ptrs = x_task + offs_n[:, None, None] * (T * D) + t[None, :, None] * D + offs_d[None, None, :]
     mask = (offs_n[:, None, None] < N) & (t[None, :, None] < T) & (offs_d[None, None, :] < D)
-    return tl.load(ptrs, mask=mask, other=0.0).to(ACC), t < T
+    return _rounded(tl.load(ptrs, mask=mask, other=0.0), OPERAND, ACC), t < T
 
 
 @triton.jit
@@ -106,6 +126,7 @@ def _attention_pass(
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    OPERAND: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """First pass over the positions: lse_i, xbar_i = sum_t p_it x_it and, with
@@ -115,7 +136,7 @@ def _attention_pass(
     xbar = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     a = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for t0 in range(0, T, BLOCK_T):
-        x, valid = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, ACC)
+        x, valid = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND, ACC)
         s = tl.where(valid[None, :], tl.sum(x * u[:, None, :], 2), float("-inf"))
         # Position 0 is in the first block, so m is finite from then on.
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -191,6 +212,7 @@ def support_grad_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
+    OPERAND: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """Per task: the support loss, accuracy and gradient (or SGD step) of the model."""
@@ -204,22 +226,40 @@ def support_grad_kernel(
     wq_ptr, wk_ptr, wv_ptr = WQ + b * stride_wq, WK + b * stride_wk, WV + b * stride_wv
     wc_ptr, bc_ptr = WC + b * stride_wc, BC + b * stride_bc
 
-    x0 = _load_query_tokens(x_task, offs_n, offs_d, N, T, D, ACC)
+    x0 = _load_query_tokens(x_task, offs_n, offs_d, N, T, D, OPERAND, ACC)
     y = tl.load(Y + b * stride_y + offs_n, mask=rows, other=0)
-    wq = _load_matrix(wq_ptr, offs_d, offs_d, D, D, ACC)
+    wq = _load_matrix(wq_ptr, offs_d, offs_d, D, D, ACC)  # as they are, for the update
     wk = _load_matrix(wk_ptr, offs_d, offs_d, D, D, ACC)
-    q = dot(x0, tl.trans(wq), PRECISION, ACC)  # Q = X0 Wq^T
-    u = dot(q, wk, PRECISION, ACC) * scale  # U = s Q Wk
+    wq_r, wk_r = _rounded(wq, OPERAND, ACC), _rounded(wk, OPERAND, ACC)  # to compute with
+    q = dot(x0, tl.trans(wq_r), PRECISION, ACC)  # Q = X0 Wq^T
+    u = dot(q, wk_r, PRECISION, ACC) * scale  # U = s Q Wk
 
     xbar, lse, _ = _attention_pass(
-        x_task, u, u, offs_n, offs_t, offs_d, N, T, D, False, BLOCK_N, BLOCK_T, BLOCK_D, ACC
+        x_task,
+        u,
+        u,
+        offs_n,
+        offs_t,
+        offs_d,
+        N,
+        T,
+        D,
+        False,
+        BLOCK_N,
+        BLOCK_T,
+        BLOCK_D,
+        OPERAND,
+        ACC,
     )
 
     wv = _load_matrix(wv_ptr, offs_d, offs_d, D, D, ACC)
     wc = _load_matrix(wc_ptr, offs_c, offs_d, C, D, ACC)
     bc = tl.load(bc_ptr + offs_c, mask=offs_c < C, other=0.0).to(ACC)
-    h = dot(xbar, tl.trans(wv), PRECISION, ACC)  # H = Xbar Wv^T
-    z, _, onehot, g = _class_gradient(h, wc, bc, y, rows, offs_c, C, inv_n, PRECISION, ACC)
+    wv_r, wc_r = _rounded(wv, OPERAND, ACC), _rounded(wc, OPERAND, ACC)
+    h = dot(xbar, tl.trans(wv_r), PRECISION, ACC)  # H = Xbar Wv^T
+    z, _, onehot, g = _class_gradient(
+        h, wc_r, _rounded(bc, OPERAND, ACC), y, rows, offs_c, C, inv_n, PRECISION, ACC
+    )
 
     z_max = tl.max(z, 1)
     nll = (
@@ -229,7 +269,7 @@ def support_grad_kernel(
     correct = (tl.argmax(z, 1) == y) & rows
     tl.store(ACCURACY + b, (tl.sum(correct.to(ACC)) * inv_n).to(ACCURACY.dtype.element_ty))
 
-    dh, dxbar, delta = _head_backward(g, wc, wv, xbar, PRECISION, ACC)
+    dh, dxbar, delta = _head_backward(g, wc_r, wv_r, xbar, PRECISION, ACC)
     g_wc = dot(tl.trans(g), h, PRECISION, ACC)
     g_bc = tl.sum(g, 0)
     g_wv = dot(tl.trans(dh), xbar, PRECISION, ACC)
@@ -244,12 +284,12 @@ def support_grad_kernel(
     # Second pass: dU_i = sum_t p_it (dp_it - delta_i) x_it.
     du = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for t0 in range(0, T, BLOCK_T):
-        x, valid = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, ACC)
+        x, valid = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND, ACC)
         p = tl.where(valid[None, :], tl.exp(tl.sum(x * u[:, None, :], 2) - lse[:, None]), 0.0)
         dp = tl.sum(x * dxbar[:, None, :], 2)
         du += tl.sum((p * (dp - delta[:, None]))[:, :, None] * x, 1)
 
-    dq = dot(du, tl.trans(wk), PRECISION, ACC) * scale  # dQ = s dU Wk^T
+    dq = dot(du, tl.trans(wk_r), PRECISION, ACC) * scale  # dQ = s dU Wk^T
     g_wk = dot(tl.trans(q), du, PRECISION, ACC) * scale  # dWk = s Q^T dU
     g_wq = dot(tl.trans(dq), x0, PRECISION, ACC)  # dWq = dQ^T X0
     if UPDATE:
@@ -303,6 +343,7 @@ def support_hvp_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
+    OPERAND: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """Per task: alpha V + beta (d^2 L / dW^2) V for the support loss L."""
@@ -314,38 +355,55 @@ def support_hvp_kernel(
     rows = offs_n < N
     x_task = X + b * stride_x
 
-    x0 = _load_query_tokens(x_task, offs_n, offs_d, N, T, D, ACC)
+    x0 = _load_query_tokens(x_task, offs_n, offs_d, N, T, D, OPERAND, ACC)
     y = tl.load(Y + b * stride_y + offs_n, mask=rows, other=0)
-    wq = _load_matrix(WQ + b * stride_wq, offs_d, offs_d, D, D, ACC)
+    # W is only computed with (rounded); V also enters alpha V as it is.
+    wq = _rounded(_load_matrix(WQ + b * stride_wq, offs_d, offs_d, D, D, ACC), OPERAND, ACC)
+    wk = _rounded(_load_matrix(WK + b * stride_wk, offs_d, offs_d, D, D, ACC), OPERAND, ACC)
     vq = _load_matrix(VQ + b * stride_vq, offs_d, offs_d, D, D, ACC)
-    wk = _load_matrix(WK + b * stride_wk, offs_d, offs_d, D, D, ACC)
     vk = _load_matrix(VK + b * stride_vk, offs_d, offs_d, D, D, ACC)
+    vq_r, vk_r = _rounded(vq, OPERAND, ACC), _rounded(vk, OPERAND, ACC)
     q = dot(x0, tl.trans(wq), PRECISION, ACC)
-    q_t = dot(x0, tl.trans(vq), PRECISION, ACC)  # Q' = X0 Vq^T
+    q_t = dot(x0, tl.trans(vq_r), PRECISION, ACC)  # Q' = X0 Vq^T
     u = dot(q, wk, PRECISION, ACC) * scale
-    u_t = (dot(q_t, wk, PRECISION, ACC) + dot(q, vk, PRECISION, ACC)) * scale
+    u_t = (dot(q_t, wk, PRECISION, ACC) + dot(q, vk_r, PRECISION, ACC)) * scale
 
     xbar, lse, a = _attention_pass(
-        x_task, u, u_t, offs_n, offs_t, offs_d, N, T, D, True, BLOCK_N, BLOCK_T, BLOCK_D, ACC
+        x_task,
+        u,
+        u_t,
+        offs_n,
+        offs_t,
+        offs_d,
+        N,
+        T,
+        D,
+        True,
+        BLOCK_N,
+        BLOCK_T,
+        BLOCK_D,
+        OPERAND,
+        ACC,
     )
     c = tl.sum(xbar * u_t, 1)  # c_i = sum_t p_it s'_it
     xbar_t = a - c[:, None] * xbar
 
-    wv = _load_matrix(WV + b * stride_wv, offs_d, offs_d, D, D, ACC)
+    wv = _rounded(_load_matrix(WV + b * stride_wv, offs_d, offs_d, D, D, ACC), OPERAND, ACC)
+    wc = _rounded(_load_matrix(WC + b * stride_wc, offs_c, offs_d, C, D, ACC), OPERAND, ACC)
+    bc = _rounded(tl.load(BC + b * stride_bc + offs_c, mask=offs_c < C, other=0.0), OPERAND, ACC)
     vv = _load_matrix(VV + b * stride_vv, offs_d, offs_d, D, D, ACC)
-    wc = _load_matrix(WC + b * stride_wc, offs_c, offs_d, C, D, ACC)
     vc = _load_matrix(VC + b * stride_vc, offs_c, offs_d, C, D, ACC)
-    bc = tl.load(BC + b * stride_bc + offs_c, mask=offs_c < C, other=0.0).to(ACC)
     vb = tl.load(VB + b * stride_vb + offs_c, mask=offs_c < C, other=0.0).to(ACC)
+    vv_r, vc_r = _rounded(vv, OPERAND, ACC), _rounded(vc, OPERAND, ACC)
     h = dot(xbar, tl.trans(wv), PRECISION, ACC)
-    h_t = dot(xbar_t, tl.trans(wv), PRECISION, ACC) + dot(xbar, tl.trans(vv), PRECISION, ACC)
+    h_t = dot(xbar_t, tl.trans(wv), PRECISION, ACC) + dot(xbar, tl.trans(vv_r), PRECISION, ACC)
     _, pi, _, g = _class_gradient(h, wc, bc, y, rows, offs_c, C, inv_n, PRECISION, ACC)
-    z_t = dot(h_t, tl.trans(wc), PRECISION, ACC) + dot(h, tl.trans(vc), PRECISION, ACC)
-    z_t += vb[None, :]
+    z_t = dot(h_t, tl.trans(wc), PRECISION, ACC) + dot(h, tl.trans(vc_r), PRECISION, ACC)
+    z_t += _rounded(vb, OPERAND, ACC)[None, :]
     g_t = tl.where(rows[:, None], pi * (z_t - tl.sum(pi * z_t, 1)[:, None]) * inv_n, 0.0)
     dh, dxbar, delta = _head_backward(g, wc, wv, xbar, PRECISION, ACC)
-    dh_t = dot(g_t, wc, PRECISION, ACC) + dot(g, vc, PRECISION, ACC)
-    dxbar_t = dot(dh_t, wv, PRECISION, ACC) + dot(dh, vv, PRECISION, ACC)
+    dh_t = dot(g_t, wc, PRECISION, ACC) + dot(g, vc_r, PRECISION, ACC)
+    dxbar_t = dot(dh_t, wv, PRECISION, ACC) + dot(dh, vv_r, PRECISION, ACC)
     delta_t = tl.sum(dxbar_t * xbar + dxbar * xbar_t, 1)
 
     h_wc = dot(tl.trans(g_t), h, PRECISION, ACC) + dot(tl.trans(g), h_t, PRECISION, ACC)
@@ -360,7 +418,7 @@ def support_hvp_kernel(
     du = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     du_t = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for t0 in range(0, T, BLOCK_T):
-        x, valid = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, ACC)
+        x, valid = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND, ACC)
         p = tl.where(valid[None, :], tl.exp(tl.sum(x * u[:, None, :], 2) - lse[:, None]), 0.0)
         p_t = p * (tl.sum(x * u_t[:, None, :], 2) - c[:, None])
         dp_delta = tl.sum(x * dxbar[:, None, :], 2) - delta[:, None]
@@ -368,7 +426,9 @@ def support_hvp_kernel(
         du += tl.sum((p * dp_delta)[:, :, None] * x, 1)
         du_t += tl.sum((p_t * dp_delta + p * (dp_t - delta_t[:, None]))[:, :, None] * x, 1)
 
-    dq_t = (dot(du_t, tl.trans(wk), PRECISION, ACC) + dot(du, tl.trans(vk), PRECISION, ACC)) * scale
+    dq_t = (
+        dot(du_t, tl.trans(wk), PRECISION, ACC) + dot(du, tl.trans(vk_r), PRECISION, ACC)
+    ) * scale
     h_wk = (dot(tl.trans(q_t), du, PRECISION, ACC) + dot(tl.trans(q), du_t, PRECISION, ACC)) * scale
     h_wq = dot(tl.trans(dq_t), x0, PRECISION, ACC)
     _store_matrix(OK + b * D * D, alpha * vk + beta * h_wk, offs_d, offs_d, D, D)

@@ -126,6 +126,6 @@ def test_bench_step_times_the_maps_shapes_and_precisions(tmp_path, capsys):
     assert list(rows["dtype"]) == ["float32", "bfloat16", "autocast_float16"]
     assert set(rows["dim"]) == {8} and set(rows["seq_len"]) == {6}
     capsys.readouterr()
-    grid = ["--backends", "triton_step", "--dtypes", "bfloat16", "--k", "1"]
+    grid = ["--backends", "triton_step", "--dtypes", "bfloat16", "--k", "1", "--dim", "128"]
     assert exit_code("bench", "step", *grid, *out) == 2
-    assert "not bfloat16; use reference or triton_fused" in capsys.readouterr().err
+    assert "supports D <= 64; got D = 128 (use backend triton_fused)" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """The robustness map from the command line: shape and precision axes of a sweep, the
-map report, and the precision a backend cannot run refused before any work."""
+map report, and cells beyond a backend's limits recorded as such."""
 
 import pandas as pd
 from support import exit_code
@@ -24,21 +24,34 @@ def test_a_sweep_over_shapes_and_precisions_and_its_map_report(tmp_path):
     assert (tmp_path / "m" / "figures" / "gain_heatmap.png").exists()
 
 
-def test_a_precision_the_backend_cannot_run_is_refused_before_any_work(tmp_path, capsys):
-    args = ["sweep", "--root", str(tmp_path), "--tag", "x", "--backends", "triton_step"]
-    args += ["--dtypes", "float32,bfloat16", "--k", "1", "--seeds", "0", *SIZES]
-    assert exit_code(*args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not bfloat16; use reference or triton_fused" in err[0]
-    assert not (tmp_path / "x" / "runs.csv").exists()
+def test_cells_beyond_a_backends_limits_are_recorded_as_unsupported_and_mapped(tmp_path):
+    """triton_fused's kernels hold D <= 128: its D = 130 cells are recorded, not run, and
+    the map shows them; resuming keeps them; reference runs every cell."""
+    args = ["sweep", "--root", str(tmp_path), "--tag", "u", "--backends", "reference,triton_fused"]
+    args += ["--modes", "FULL,FO", "--dims", "8,130", "--k", "1", "--seeds", "0", *SIZES]
+    assert exit_code(*args) == 0
+    runs = pd.read_csv(tmp_path / "u" / "runs.csv")
+    unsupported = runs[runs["status"] == "UNSUPPORTED"]
+    assert set(zip(unsupported["backend"], unsupported["dim"], strict=True)) == {
+        ("triton_fused", 130)
+    }
+    assert len(unsupported) == 2 and (runs["status"] != "UNSUPPORTED").sum() == 6
+    assert unsupported["error"].str.contains("head dims up to 128; got D = 130").all()
+    assert exit_code(*args) == 0  # resumed: nothing to run, nothing recorded twice
+    assert len(pd.read_csv(tmp_path / "u" / "runs.csv")) == 8
+    assert exit_code("report", "--root", str(tmp_path), "--tag", "u") == 0
+    report = (tmp_path / "u" / "report.md").read_text()
+    assert "| triton_fused | 1 | 32 | 130 | float32 | not supported |" in report
+    assert "FULL works in 1 of 1 regimes (1 more not supported)" in report
 
 
-def test_a_width_the_fused_kernels_cannot_hold_is_refused(tmp_path, capsys):
+def test_a_grid_no_cell_of_which_can_run_is_refused_before_any_work(tmp_path, capsys):
     args = ["sweep", "--root", str(tmp_path), "--tag", "w", "--backends", "triton_fused"]
-    args += ["--dims", "64,200", "--k", "1", "--seeds", "0", *SIZES]
+    args += ["--dims", "200", "--k", "1", "--seeds", "0", *SIZES]
     assert exit_code(*args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "error: --backends triton_fused cannot run here: its attention kernels take head "
+        "error: no cell of the grid can run: triton_fused: its attention kernels take head "
         "dims up to 128; got D = 200 (use reference)"
     ]
+    assert not (tmp_path / "w" / "runs.csv").exists()

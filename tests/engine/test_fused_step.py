@@ -73,6 +73,37 @@ def test_step_kernels_equal_the_reference_model(n, t, d, c, shared):
         assert_tuples_close(tuple(h[b] for h in hvps), expected)
 
 
+@pytest.mark.parametrize("operand", [torch.bfloat16, torch.float16])
+def test_kernels_compute_with_what_they_read_rounded_to_the_operand_dtype(operand):
+    """Under autocast (float32 inputs): the gradient and the HVP are the float64 model's at
+    x, W and V rounded to `operand`; the update and alpha V take W and V as they are."""
+    params, x, y = problem(2, 5, 7, 16, 5)
+    params, x = tuple(p.float() for p in params), x.float()
+    v = tuple(torch.randn_like(p) for p in params)
+    lr, alpha, beta = 0.37, 0.6, -1.3
+    wide = lambda ts: tuple(t.double() for t in ts)  # noqa: E731
+    rounded = lambda ts: wide(t.to(operand) for t in ts)  # noqa: E731
+    losses, _, grads = support_loss_and_grad(params, x, y, operand)
+    steps = support_step(params, x, y, lr, operand)
+    hvps = support_hvp(params, x, y, v, alpha, beta, operand)
+    for b in range(x.shape[0]):
+        p, vb, (xb,) = tuple(q[b] for q in params), tuple(w[b] for w in v), rounded([x[b]])
+        ref_grad = torch.func.grad(reference_loss)(rounded(p), xb, y[b])
+        task_grad = torch.func.grad(lambda q, xb=xb, yb=y[b]: reference_loss(q, xb, yb))
+        _, ref_hv = torch.func.jvp(task_grad, (rounded(p),), (rounded(vb),))
+        want_loss = reference_loss(rounded(p), xb, y[b])
+        torch.testing.assert_close(losses[b].double(), want_loss, rtol=1e-6, atol=0)
+        assert_tuples_close(wide(g[b] for g in grads), ref_grad, rtol=1e-5)
+        want_step = tuple(q - lr * r for q, r in zip(wide(p), ref_grad, strict=True))
+        assert_tuples_close(wide(s[b] for s in steps), want_step, rtol=1e-5)
+        want_hvp = tuple(alpha * w + beta * r for w, r in zip(wide(vb), ref_hv, strict=True))
+        assert_tuples_close(wide(h[b] for h in hvps), want_hvp, rtol=1e-5)
+        unrounded = wide(g[b] for g in support_loss_and_grad(params, x, y)[2])
+        pairs = zip(unrounded, ref_grad, strict=True)
+        misses = [(a - r).abs().max() > 1e-5 * r.abs().max() for a, r in pairs]
+        assert any(misses)  # without the rounding the comparison above would fail
+
+
 def tiny_problem():
     """Few enough numbers for numerical gradient checks (35 parameters)."""
     (params, x, y) = problem(1, 3, 3, 3, 2)

@@ -54,3 +54,31 @@ def test_step_kernels_float32_match_float64_reference(tasks, n, t, d, c):
         assert rel_err(got, p - 0.4 * want) < 1e-5, name
     for name, got, want in zip(PARAM_NAMES, hvps, ref_hvps, strict=True):
         assert rel_err(got, want) < 1e-5, name
+
+
+@pytest.mark.parametrize("operand", [torch.bfloat16, torch.float16])
+def test_step_kernels_round_what_they_read_as_autocast_would(operand):
+    """Under autocast: the float64 model at x, W and V rounded to `operand` (torch's
+    rounding: to nearest, ties to even); the update and alpha V take W and V as they are."""
+    tasks, n, t, d, c = 4, 16, 256, 64, 5
+    g = torch.Generator().manual_seed(11)
+    params = tuple(
+        torch.stack([init_params(d, c, g)[k] for _ in range(tasks)]).cuda() for k in PARAM_NAMES
+    )
+    x = torch.randn(tasks, n, t, d, generator=g).cuda()
+    y = torch.randint(0, c, (tasks, n), generator=g).cuda()
+    v = tuple(torch.randn_like(p) for p in params)
+    rounded = lambda ts: tuple(w.to(operand).double() for w in ts)  # noqa: E731
+    grads = support_loss_and_grad(params, x, y, operand)[2]
+    steps = support_step(params, x, y, 0.4, operand)
+    hvps = support_hvp(params, x, y, v, 0.5, 1.0, operand)
+    grad_fn = torch.func.vmap(torch.func.grad(reference_loss))
+    (x64,) = rounded([x])
+    ref_grads = grad_fn(rounded(params), x64, y)
+    _, ref_hvps = torch.func.jvp(lambda p: grad_fn(p, x64, y), (rounded(params),), (rounded(v),))
+    for name, got, want, p, w, hv, want_hv in zip(
+        PARAM_NAMES, grads, ref_grads, params, v, hvps, ref_hvps, strict=True
+    ):
+        assert rel_err(got, want) < 1e-5, name
+        assert rel_err(steps[PARAM_NAMES.index(name)], p.double() - 0.4 * want) < 1e-5, name
+        assert rel_err(hv, 0.5 * w.double() + want_hv) < 1e-5, name

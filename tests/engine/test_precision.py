@@ -5,8 +5,7 @@ import pytest
 import torch
 from support import SMALL, fresh
 
-from phase12.backends import device_for
-from phase12.config import DTYPES, ConfigError, RunConfig
+from phase12.config import DTYPES, RunConfig
 from phase12.maml import meta_gradient, relative_difference
 from phase12.schema import FLOAT64_TOLERANCE
 from phase12.train import run_experiment
@@ -36,10 +35,11 @@ def test_the_meta_gradient_is_float64s_within_the_stated_tolerance(dtype, mode):
 
 
 @pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("backend", ["triton_fused", "triton_step"])
 @pytest.mark.parametrize("dtype", LOW)
-def test_triton_fused_meets_the_same_tolerances_in_the_interpreter(dtype):
+def test_the_triton_backends_meet_the_same_tolerances_in_the_interpreter(backend, dtype):
     config = RunConfig(device="cpu", meta_batch=2, inner_steps=2, seq_len=8, dim=8)
-    config = config.replace(dtype=dtype, backend="triton_fused")
+    config = config.replace(dtype=dtype, backend=backend)
     params, tasks = fresh(config.replace(dtype="float64"))
     kw = dict(mode="FULL", steps=2, lr=config.inner_lr)
     want = meta_gradient(params, tasks, backend="reference", **kw)
@@ -47,7 +47,7 @@ def test_triton_fused_meets_the_same_tolerances_in_the_interpreter(dtype):
     got = meta_gradient(
         {n: low(p) for n, p in params.items()},
         type(tasks)(*map(low, tasks)),
-        backend="triton_fused",
+        backend=backend,
         autocast=config.autocast(torch.device("cpu")),
         loss_scale=config.loss_scale,
         **kw,
@@ -98,10 +98,13 @@ def test_float16_parameters_throughout_go_non_finite_and_are_recorded():
     assert row["status"] == "NONFINITE" and row["nonfinite_step"] is not None
 
 
-def test_triton_step_refuses_low_precision_naming_the_backends_that_can():
-    for dtype in ("bfloat16", "autocast_float16"):
-        with pytest.raises(ConfigError, match=f"not {dtype}; use reference or triton_fused"):
-            device_for(SMALL.replace(backend="triton_step", dtype=dtype, device="cpu"))
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("dtype", ["bfloat16", "autocast_float16"])
+def test_triton_step_trains_in_low_precision(dtype):
+    config = SMALL.replace(backend="triton_step", dtype=dtype, outer_steps=2, metric_window=1)
+    row = run_experiment(config).row
+    assert row["status"] == "OK" and row["compute_dtype"] == dtype.removeprefix("autocast_")
+    assert 0 < row["float64_meta_grad_error"] < FLOAT64_TOLERANCE[dtype]
 
 
 def test_run_ids_name_the_shape_and_precision_only_when_not_the_defaults():

@@ -12,10 +12,10 @@ from phase12.tasks import sample_tasks
 from phase12.train import run_experiment
 
 pytestmark = pytest.mark.gpu
-PRECISIONS = ["float32", "bfloat16", "autocast_bfloat16", "autocast_float16"]
+PRECISIONS = ["float32", "bfloat16", "float16", "autocast_bfloat16", "autocast_float16"]
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton_fused"])
+@pytest.mark.parametrize("backend", ["reference", "triton_fused", "triton_step"])
 @pytest.mark.parametrize("dtype", PRECISIONS)
 @pytest.mark.parametrize("seq_len", [32, 256])
 def test_meta_gradient_is_float64s_within_the_tolerance(backend, dtype, seq_len):
@@ -45,11 +45,12 @@ def test_meta_gradient_is_float64s_within_the_tolerance(backend, dtype, seq_len)
     assert error < FLOAT64_TOLERANCE[dtype], f"seed {seed}"
 
 
+@pytest.mark.parametrize("backend", ["triton_fused", "triton_step"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "autocast_bfloat16", "autocast_float16"])
-def test_a_low_precision_run_replays_as_a_cuda_graph(dtype):
+def test_a_low_precision_run_replays_as_a_cuda_graph(backend, dtype):
     config = RunConfig(
         device="cuda",
-        backend="triton_fused",
+        backend=backend,
         dtype=dtype,
         inner_steps=2,
         outer_steps=20,
