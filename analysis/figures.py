@@ -147,20 +147,25 @@ def _map_label(works: str, gain: float) -> str:
 
 def gain_heatmap(table: pd.DataFrame, path: Path) -> Path:
     """FULL − FO (seed-paired mean final accuracy) over the map: one heat map per
-    (backend, k), regimes T x D down, precisions across; "fails" where FULL did not work
-    (analysis.robustness.robustness_table), blank where it did not run."""
-    panels = list(table.groupby(["backend", "k"]))
-    fig, axes = plt.subplots(
-        1,
-        len(panels),
-        figsize=(2.0 + 1.3 * table["precision"].nunique() * len(panels), 3.8),
+    (backend, k), backends down and k across, regimes T x D down and precisions across
+    in each; "fails" where FULL did not work (analysis.robustness.robustness_table),
+    blank where it did not run."""
+    backends, ks = list(dict.fromkeys(table["backend"])), list(dict.fromkeys(table["k"]))
+    fig, grid_axes = plt.subplots(
+        len(backends),
+        len(ks),
+        figsize=(2.0 + 1.3 * table["precision"].nunique() * len(ks), 0.6 + 3.4 * len(backends)),
         squeeze=False,
     )
+    panels = list(table.groupby(["backend", "k"]))
+    panel_axes = [grid_axes[backends.index(b)][ks.index(k)] for (b, k), _ in panels]
+    for ax in set(grid_axes.flat) - set(panel_axes):  # a (backend, k) that was not run
+        ax.axis("off")
     precisions = list(dict.fromkeys(table["precision"]))
     # One colour scale for every panel: the same colour is the same gain everywhere.
     span = table["gain"].where(table["FULL works?"] == "yes").abs().max()
     span = span if span > 0 else 1.0
-    for ax, ((backend, k), t) in zip(axes[0], panels, strict=True):
+    for ax, ((backend, k), t) in zip(panel_axes, panels, strict=True):
         t = t.sort_values(["T", "D"])
         t = t.assign(regime="T=" + t["T"].astype(str) + " D=" + t["D"].astype(str))
         works = t["FULL works?"] == "yes"

@@ -49,7 +49,12 @@ def _works(full: pd.DataFrame, dtype: str) -> tuple[str, float]:
 def _difference(cell: pd.DataFrame, d: pd.DataFrame, other: str) -> str:
     if len(d):
         return f"{_fmt(d.iloc[0])} ({_beyond(d.iloc[0])})"
-    return "no finished seed pairs" if (cell["mode"] == other).any() else "not run"
+    runs = cell[cell["mode"] == other]
+    if runs.empty:
+        return "not run"
+    if (runs["status"] == STATUS_UNSUPPORTED).all():
+        return NOT_SUPPORTED
+    return "no finished seed pairs"
 
 
 def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -126,7 +131,26 @@ def findings(table: pd.DataFrame) -> list[str]:
             + "."
         )
         out += _against_float32(t.assign(holds=holds), backend, k)
-    return out
+    return out + _across_backends(table)
+
+
+def _across_backends(table: pd.DataFrame) -> list[str]:
+    """How far the backends' FULL − FO are apart where two or more ran a regime (k, T, D,
+    precision) and FULL works on each, and in how many of those the verdict differs."""
+    works = table[table["FULL works?"] == "yes"]
+    works = works.assign(holds=works["FULL − FO"].str.contains("beyond") & (works["gain"] > 0))
+    shared = works.groupby(COLUMNS[1:]).filter(lambda g: g["backend"].nunique() > 1)
+    if shared.empty:
+        return []
+    cells = shared.groupby(COLUMNS[1:])
+    spread = cells["gain"].agg(lambda g: g.max() - g.min())
+    differs = int((cells["holds"].nunique() > 1).sum())
+    return [
+        f"Across backends ({', '.join(sorted(shared['backend'].unique()))}), in the "
+        f"{len(spread)} regimes FULL works on more than one: their FULL − FO are at most "
+        f"{spread.max():.4f} apart (median {spread.median():.4f}); the verdict differs in "
+        f"{differs} of {len(spread)}."
+    ]
 
 
 def _against_float32(t: pd.DataFrame, backend: str, k) -> list[str]:

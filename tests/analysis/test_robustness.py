@@ -72,6 +72,23 @@ def test_cells_beyond_a_backends_limits_are_shown_as_not_supported(tmp_path):
     assert set(unsupported["backend"]) == {"triton_step"} and len(unsupported) == 4
     assert "(4 more not supported)" in [s for s in findings(table) if "triton_step" in s][0]
     assert gain_heatmap(table, tmp_path / "map.png").exists()
+    # triton_step runs FULL and FO at D = 64 but has no switch for the ablation
+    step = runs().assign(backend="triton_step")
+    step.loc[step["mode"] == "no_attention_curvature", "status"] = "UNSUPPORTED"
+    table = robustness_table(step).set_index("precision")
+    assert table.loc["float32", "FULL works?"] == "yes"
+    assert table.loc["float32", "needs attention's curvature"] == "not supported"
+
+
+def test_findings_say_how_far_the_backends_agree():
+    other = runs().assign(backend="reference")
+    other.loc[other["mode"] == "FULL", "final_acc"] += 0.001  # FULL − FO 0.001 larger
+    sentence = findings(robustness_table(pd.concat([runs(), other])))[-1]
+    assert sentence == (
+        "Across backends (reference, triton_fused), in the 2 regimes FULL works on more than "
+        "one: their FULL − FO are at most 0.0010 apart (median 0.0010); the verdict differs "
+        "in 0 of 2."
+    )
 
 
 def test_a_cell_whose_runs_raised_gets_no_verdict_and_no_full_runs_no_findings():
