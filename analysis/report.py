@@ -33,7 +33,7 @@ from analysis.robustness import REGIME, regimes, robustness_table
 from analysis.robustness import findings as map_findings
 from analysis.summary import full_minus_fo, gains_over_fo, load_runs, summarize
 from analysis.tables import markdown_table
-from phase12.schema import CURVATURE_SHARES, SEED_STEP_S
+from phase12.schema import CURVATURE_SHARES, SEED_STEP_S, STATUS_UNSUPPORTED
 
 # The seed project's long confirmation run (docs/seed-phase12-README.md):
 # mean final accuracy over seeds 0 and 1, 1000 outer steps, as (FULL, FO).
@@ -212,9 +212,10 @@ def interpretation(runs: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame
                 f"({'within' if max(abs(d_full), abs(d_fo)) <= 2 * spread else 'beyond'}"
                 f" two seed-to-seed stds, {2 * spread:.4f})."
             )
-    wall = runs["wall_time_total_s"].sum()
+    ran = runs[runs["status"] != STATUS_UNSUPPORTED]  # those rows record no run
+    wall = ran["wall_time_total_s"].sum()
     out.append(
-        f"The {len(runs)} runs took {wall:.0f} s of run wall time in all "
+        f"The {len(ran)} runs took {wall:.0f} s of run wall time in all "
         f"({wall / 60:.1f} min, process start-up excluded)."
     )
     out.append(status_line + ".")

@@ -137,7 +137,7 @@ def findings(table: pd.DataFrame) -> list[str]:
 def _across_backends(table: pd.DataFrame) -> list[str]:
     """How far the backends' FULL − FO are apart where two or more ran a regime (k, T, D,
     precision) and FULL works on each, and in how many of those the verdict differs."""
-    works = table[table["FULL works?"] == "yes"]
+    works = table[(table["FULL works?"] == "yes") & table["gain"].notna()]  # FO ran too
     works = works.assign(holds=works["FULL − FO"].str.contains("beyond") & (works["gain"] > 0))
     shared = works.groupby(COLUMNS[1:]).filter(lambda g: g["backend"].nunique() > 1)
     if shared.empty:

@@ -74,11 +74,16 @@ class Backend:
     def cannot_run(self, config: RunConfig, device: torch.device) -> str | None:
         """Why `config` cannot run on `device` with this backend; None if it can: the
         backend is not available there, or `config` is beyond its limits (`limit`)."""
+        return self.unavailable(device) or self.limit(config, device)
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """Why this backend cannot run on `device` at all (no Triton, no GPU and no
+        interpreter); None if it can."""
         try:
             check_backend(self.attention, device)
         except BackendUnavailable as e:
             return str(e)
-        return self.limit(config, device)
+        return None
 
     def limit(self, config: RunConfig, device: torch.device) -> str | None:
         """The limit of this backend's kernels that `config` exceeds on a device of
@@ -106,8 +111,10 @@ class FusedStepBackend(Backend):
 
     The kernels compute in float32 whatever the parameters' dtype. Under torch.autocast
     they round what they read to autocast's dtype first (phase12.fused_step.launch). The
-    loss scale is not needed inside them: the inner gradient never leaves float32, and
-    scaling it by a power of two and back is exact there, so it is not applied."""
+    loss scale is not applied inside them: the inner gradient never leaves float32 (the
+    kernel writes W - lr dL/dW), and the query loss's gradients are kept in float32, so
+    scaling by a power of two and back would change nothing. The outer step's scale
+    still reaches the backward kernels through the incoming gradients."""
 
     def sgd_step(self, params, x, y, lr, curvature, loss_scale=1.0):
         from phase12.fused_step import sgd_step  # imports Triton: only when used

@@ -119,9 +119,10 @@ def unsupported_cells(spec: SweepSpec) -> dict[str, str]:
     cell is within the limits: nothing would run."""
     beyond = {}
     for config in spec.configs():
-        reason = get(config.backend).limit(config, resolve_device(config.device))
+        backend, device = get(config.backend), resolve_device(config.device)
+        reason = None if backend.unavailable(device) else backend.limit(config, device)
         if reason is None:
-            device_for(config)
+            device_for(config)  # ConfigError where it cannot run here
         else:
             beyond[config.run_id] = f"{config.backend}: {reason}"
     if beyond and len(beyond) == len(spec.configs()):
@@ -245,8 +246,9 @@ def settings(base: RunConfig) -> dict:
 def _open_folder(folder: Path, spec: SweepSpec, restart: bool) -> tuple[set[str], int]:
     """Make `folder` ready for `spec` (the caller holds its lock): refuse other settings
     unless `restart` (then move the old results aside), repair a torn runs.csv, move
-    ERROR rows to errors.csv so their cells run again, record the settings and grid.
-    Returns (run_ids with a kept row, number of ERROR rows moved)."""
+    ERROR rows to errors.csv so their cells run again, drop the grid's UNSUPPORTED rows
+    (they record no run; their cells are checked against the limits again), record the
+    settings and grid. Returns (run_ids with a kept row, number of ERROR rows moved)."""
     record = folder / "sweep.json"
     if restart and any(p.name not in (".writer.lock", ".writer.json") for p in folder.iterdir()):
         stamp = f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -282,15 +284,16 @@ def _open_folder(folder: Path, spec: SweepSpec, restart: bool) -> tuple[set[str]
     rows = read_rows(runs_csv)
     grid = {c.run_id for c in spec.configs()}
     errors = [r for r in rows if r["status"] == STATUS_ERROR and r["run_id"] in grid]
-    if errors:
-        for r in errors:
-            append_row(folder / "errors.csv", r)
-        rewrite_rows(runs_csv, [r for r in rows if r not in errors])
+    recheck = [r for r in rows if r["status"] == STATUS_UNSUPPORTED and r["run_id"] in grid]
+    for r in errors:
+        append_row(folder / "errors.csv", r)
+    if errors or recheck:
+        rewrite_rows(runs_csv, [r for r in rows if r not in errors and r not in recheck])
     grid = {axis: list(getattr(spec, axis)) for axis in AXES.values()}
     for axis, values in (old or {}).get("grid", {}).items():
         grid[axis] = list(dict.fromkeys([*values, *grid[axis]]))
     write_json(record, {"settings": settings(spec.base), "grid": grid})
-    return {r["run_id"] for r in rows if r not in errors}, len(errors)
+    return {r["run_id"] for r in rows if r not in errors and r not in recheck}, len(errors)
 
 
 def run_sweep(
@@ -320,9 +323,10 @@ def run_sweep(
         device_for(spec.base.replace(device=device))
     with FolderLock(folder):
         done, retried = _open_folder(folder, spec, restart)
+        finished = [c for c in configs if c.run_id in done]
         todo = [c for c in configs if c.run_id not in done and c.run_id not in beyond]
-        unrecorded = [c for c in configs if c.run_id in beyond and c.run_id not in done]
-        where = ", ".join(devices) if devices else str(device_for(spec.base))
+        unsupported = [c for c in configs if c.run_id in beyond]
+        where = ", ".join(devices) if devices else str(resolve_device(spec.base.device))
         default = RunConfig()
         axes = (
             ("T ", "seq_len", spec.seq_lens),
@@ -340,7 +344,7 @@ def run_sweep(
             + "".join(f", FULL-{a}" for a in spec.ablations if a != "none")
             + f" x k {', '.join(map(str, spec.inner_steps))} x "
             f"seeds {', '.join(map(str, spec.seeds))}{shapes}); "
-            f"{len(done)} done, "
+            f"{len(finished)} done, "
             f"{len(todo)} to run on {where}"
             + (f" ({retried} that ended in ERROR run again)" if retried else "")
             + (
@@ -350,11 +354,11 @@ def run_sweep(
                 else ""
             )
         )
-        for config in unrecorded:
+        for config in unsupported:
             result = unsupported_result(config, beyond[config.run_id])
             save_run(folder, result, run_metadata(config, resolve_device(config.device)))
-        counts = _run_todo(todo, folder, progress, batch_seeds, devices, skipped=len(done))
-        return counts | ({STATUS_UNSUPPORTED: len(unrecorded)} if unrecorded else {})
+        counts = _run_todo(todo, folder, progress, batch_seeds, devices, len(finished))
+        return counts | ({STATUS_UNSUPPORTED: len(unsupported)} if unsupported else {})
 
 
 def _run_todo(todo, folder, progress, batch_seeds, devices, skipped: int) -> dict[str, int]:

@@ -166,7 +166,7 @@ def _check_writable(folder: Path) -> None:
 def _sweep(args, spec: SweepSpec) -> int:
     folder = args.root / args.tag
     devices = args.devices
-    if devices is None and device_for(spec.base).type == "cuda":
+    if devices is None and resolve_device(spec.base.device).type == "cuda":
         devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count()))
     counts = run_sweep(
         spec,

@@ -149,13 +149,14 @@ class LossAndGradient(torch.autograd.Function):
         params, grads = saved[:NUM_PARAMS], saved[NUM_PARAMS:]
         if d_loss is None:
             out = [torch.zeros_like(p) for p in params]
-        else:  # d(loss)/dW = grads; d_loss is per task, (...)
+        else:  # d(loss)/dW = grads (float32 for half params); d_loss is per task, (...)
             out = [
-                d_loss.reshape(*d_loss.shape, *(1,) * (g.dim() - d_loss.dim())) * g for g in grads
+                (d_loss.reshape(*d_loss.shape, *(1,) * (g.dim() - d_loss.dim())) * g).to(p.dtype)
+                for g, p in zip(grads, params, strict=True)
             ]
         if any(d is not None for d in d_grads):  # d<d_grads, grads>/dW = H d_grads
             d_grads = [
-                torch.zeros_like(p) if d is None else d
+                torch.zeros_like(p) if d is None else d.to(p.dtype)
                 for d, p in zip(d_grads, params, strict=True)
             ]
             hv = HessianVectorProduct.apply(x, y, 0.0, 1.0, ctx.operand, *params, *d_grads)

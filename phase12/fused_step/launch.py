@@ -3,6 +3,7 @@
 
     support_step(params, x, y, lr)            -> (W - lr dL/dW for each W)          1 launch
     support_loss_and_grad(params, x, y)       -> (loss, accuracy, dL/dW for each W) 1 launch
+                                                 (dL/dW in float32 for half inputs)
     support_hvp(params, x, y, v, alpha, beta) -> alpha v + beta (d^2L/dW^2) v       1 launch
 
 `params` and `v` are tuples (Wq, Wk, Wv, Wc, bc) of shapes (..., D, D) x 3, (..., C, D),
@@ -140,14 +141,20 @@ def _scalars(n: int, d: int) -> tuple[float, float]:
     return d**-0.5, 1.0 / n
 
 
-def _outputs(params, batch: int):
-    return [torch.empty(batch, *p.shape[1:], dtype=p.dtype, device=p.device) for p in params]
+def _outputs(params, batch: int, dtype: torch.dtype | None = None):
+    """Empty (batch, ...) arrays shaped like `params`, in their dtype or `dtype`."""
+    return [
+        torch.empty(batch, *p.shape[1:], dtype=dtype or p.dtype, device=p.device) for p in params
+    ]
 
 
 def _grad_launch(params, x, y, lr: float, update: bool, operand):
     lead, (n, t, d, c), x3, y1, (ps,) = _prepare(x, y, operand, params)
     batch = x3.shape[0]
-    outs = _outputs(ps, batch)
+    # Gradients (not steps) stay in the accumulator's float32 for half parameters: their
+    # backward multiplies them by the (loss-scaled) incoming gradient, which float16's
+    # subnormals would spoil first.
+    outs = _outputs(ps, batch, None if update else torch.promote_types(x.dtype, torch.float32))
     loss = torch.empty(batch, dtype=x.dtype, device=x.device)
     accuracy = torch.empty_like(loss)
     if batch:

@@ -81,7 +81,9 @@ def _rounded(x, OPERAND: tl.constexpr, ACC: tl.constexpr):
     if OPERAND == tl.bfloat16:  # by hand: Triton's interpreter truncates to bfloat16
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(ACC)
+        # A NaN stays NaN (the carry would turn some into 0 or inf): a non-finite step
+        # must show as non-finite.
+        return tl.where(x == x, bits.to(tl.float32, bitcast=True).to(ACC), x)
     return x.to(OPERAND).to(ACC)
 
 

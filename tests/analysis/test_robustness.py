@@ -89,6 +89,8 @@ def test_findings_say_how_far_the_backends_agree():
         "one: their FULL − FO are at most 0.0010 apart (median 0.0010); the verdict differs "
         "in 0 of 2."
     )
+    full_only = pd.concat([runs(), other])[lambda r: r["mode"] == "FULL"]
+    assert not any(s.startswith("Across") for s in findings(robustness_table(full_only)))
 
 
 def test_a_cell_whose_runs_raised_gets_no_verdict_and_no_full_runs_no_findings():

@@ -98,10 +98,36 @@ def test_kernels_compute_with_what_they_read_rounded_to_the_operand_dtype(operan
         assert_tuples_close(wide(s[b] for s in steps), want_step, rtol=1e-5)
         want_hvp = tuple(alpha * w + beta * r for w, r in zip(wide(vb), ref_hv, strict=True))
         assert_tuples_close(wide(h[b] for h in hvps), want_hvp, rtol=1e-5)
+        # The backwards keep the operand dtype: the step's VJP is v - lr H v and the query
+        # loss's gradient dL/dW, both at the rounded inputs.
+        leaves = tuple(q.clone().requires_grad_() for q in p)
+        named = dict(zip(PARAM_NAMES, leaves, strict=True))
+        phi = sgd_step(named, x[b], y[b], lr, second_order=True, operand=operand)
+        vjp = torch.autograd.grad(list(phi.values()), leaves, list(vb))
+        want_vjp = tuple(w - lr * r for w, r in zip(wide(vb), ref_hv, strict=True))
+        assert_tuples_close(wide(vjp), want_vjp, rtol=1e-5)
+        query_grad = torch.autograd.grad(query_loss(named, x[b], y[b], operand)[0], leaves)
+        assert_tuples_close(wide(query_grad), ref_grad, rtol=1e-5)
         unrounded = wide(g[b] for g in support_loss_and_grad(params, x, y)[2])
         pairs = zip(unrounded, ref_grad, strict=True)
         misses = [(a - r).abs().max() > 1e-5 * r.abs().max() for a, r in pairs]
         assert any(misses)  # without the rounding the comparison above would fail
+
+
+def test_the_bfloat16_rounding_keeps_a_nan_a_nan():
+    """A non-finite inner step must stay non-finite when the next kernel reads it."""
+    params, x, y = problem(1, 3, 4, 16, 3)
+    params = tuple(p.float().contiguous() for p in params)
+    params[0].view(torch.int32).view(-1)[0] = 0x7FFFFFFF  # the NaN CUDA's arithmetic makes
+    loss_, _, grads = support_loss_and_grad(params, x.float(), y, torch.bfloat16)
+    assert loss_.isnan().all() and all(g.isnan().any() for g in grads[:3])
+
+
+def test_half_parameters_get_float32_gradients_of_the_loss_and_half_steps():
+    params, x, y = problem(2, 3, 4, 8, 3)
+    half, xh = tuple(p.to(torch.bfloat16) for p in params), x.to(torch.bfloat16)
+    assert all(g.dtype == torch.float32 for g in support_loss_and_grad(half, xh, y)[2])
+    assert all(s.dtype == torch.bfloat16 for s in support_step(half, xh, y, 0.1))
 
 
 def tiny_problem():

@@ -148,3 +148,22 @@ def test_groups_are_recorded_as_failed_when_every_runner_is_gone(monkeypatch):
         for result, metadata in results:
             assert result.status == "ERROR" and "has exited" in result.row["error"]
             assert metadata["device"] == "cpu"
+
+
+def test_unsupported_cells_are_checked_again_on_resume_and_counted_once(tmp_path, monkeypatch):
+    """A cell beyond a backend's limit is recorded UNSUPPORTED; once the limit is gone (a
+    newer kernel), resuming runs it. Counts cover this grid's cells only."""
+    from phase12.backends import Backend
+
+    spec = SweepSpec(base=BASE, modes=("FO_STRICT",), inner_steps=(1, 2), seeds=(0,))
+    other = SweepSpec(base=BASE, modes=("FO_STRICT",), inner_steps=(3,), seeds=(0,))
+    run_sweep(other, tmp_path, progress=False)  # a row of another grid in the folder
+    limit = lambda self, config, device: "k = 2 is too many" if config.inner_steps == 2 else None  # noqa: E731
+    monkeypatch.setattr(Backend, "limit", limit)
+    assert run_sweep(spec, tmp_path, progress=False) == {"OK": 1, "UNSUPPORTED": 1, "skipped": 0}
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert runs.set_index("inner_steps").loc[2, "status"] == "UNSUPPORTED"
+    monkeypatch.undo()
+    assert run_sweep(spec, tmp_path, progress=False) == {"OK": 1, "skipped": 1}
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert len(runs) == 3 and set(runs["status"]) == {"OK"} and runs["run_id"].is_unique
