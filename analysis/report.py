@@ -57,12 +57,14 @@ def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def results_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy per (backend, k): each mode and curvature ablation (mean ± std) and
-    FULL − FO."""
+def results_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per (backend, k): each mode and curvature ablation (mean ± std; "not
+    supported" where the runs were beyond the backend's limits) and FULL − FO."""
     rows = []
     policies = [m for m in MODE_ORDER if m in set(summary["mode"])]
     policies += sorted(set(summary["mode"]) - set(MODE_ORDER))
+    beyond = runs[runs["status"] == STATUS_UNSUPPORTED]
+    unsupported = set(zip(beyond["backend"], beyond["inner_steps"], beyond["mode"], strict=True))
     for (backend, k), g in summary.groupby(["backend", "inner_steps"]):
         by_mode = g.set_index("mode")
         row = {"backend": backend, "k": k}
@@ -70,6 +72,8 @@ def results_table(summary: pd.DataFrame) -> pd.DataFrame:
             if mode in by_mode.index:
                 m, s = by_mode.loc[mode, "final_acc_mean"], by_mode.loc[mode, "final_acc_std"]
                 row[f"{mode} acc"] = f"{m:.4f} ± {0 if s != s else s:.4f}"
+            elif (backend, k, mode) in unsupported:
+                row[f"{mode} acc"] = "not supported"
         if {"FULL", "FO"} <= set(by_mode.index):
             row["FULL − FO"] = (
                 f"{by_mode.loc['FULL', 'final_acc_mean'] - by_mode.loc['FO', 'final_acc_mean']:+.4f}"  # noqa: E501
@@ -376,7 +380,7 @@ def build_report(folder: str | Path) -> Path:
         "",
         "## Results (final query accuracy, mean ± std over seeds)",
         "",
-        markdown_table(results_table(summary)),
+        markdown_table(results_table(summary, runs)),
         "",
         "The seed's column is its long confirmation run (1000 steps, k = 10, 20); its "
         "`triton_fused` FULL silently dropped the second-order terms through attention.",

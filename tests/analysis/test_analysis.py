@@ -116,3 +116,15 @@ def test_report_and_figures_from_csvs(tmp_path):
         assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
         assert f"figures/{name}.png" in text
     assert (tmp_path / "summary.csv").exists()
+
+
+def test_the_results_table_says_not_supported_where_a_backend_could_not_run_a_policy():
+    from analysis.report import results_table
+
+    runs = hand_made_runs()
+    step = runs[runs["backend"] == runs["backend"].iloc[0]].assign(backend="triton_step")
+    step.loc[step["mode"] == "FO_STRICT", "status"] = "UNSUPPORTED"
+    both = pd.concat([runs, step])
+    table = results_table(summarize(both), both).set_index("backend")
+    assert (table.loc["triton_step", "FO_STRICT acc"] == "not supported").all()
+    assert not table.loc["triton_step", "FULL acc"].eq("not supported").any()
