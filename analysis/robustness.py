@@ -104,6 +104,11 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(COLUMNS, ignore_index=True) if rows else pd.DataFrame()
 
 
+def _gain_holds(table: pd.DataFrame) -> pd.Series:
+    """Per row: FULL − FO is positive and beyond 2 SE."""
+    return table["FULL − FO"].str.contains("beyond") & (table["gain"] > 0)
+
+
 def findings(table: pd.DataFrame) -> list[str]:
     """Sentences computed from robustness_table: where FULL works, where its gain over FO
     holds (beyond 2 SE, positive) and where it vanishes, per backend and k."""
@@ -118,7 +123,7 @@ def findings(table: pd.DataFrame) -> list[str]:
             f"T={r.T} D={r.D} {r.precision}" for r in t[mask].itertuples()
         )
         broken = t["FULL works?"] != "yes"
-        holds = t["FULL − FO"].str.contains("beyond") & (t["gain"] > 0) & ~broken
+        holds = _gain_holds(t) & ~broken
         out.append(
             f"{backend}, k={k}: FULL works in {int((~broken).sum())} of {len(t)} regimes"
             + (f"; not in {where(broken)}" if broken.any() else "")
@@ -138,7 +143,7 @@ def _across_backends(table: pd.DataFrame) -> list[str]:
     """How far the backends' FULL − FO are apart where two or more ran a regime (k, T, D,
     precision) and FULL works on each, and in how many of those the verdict differs."""
     works = table[(table["FULL works?"] == "yes") & table["gain"].notna()]  # FO ran too
-    works = works.assign(holds=works["FULL − FO"].str.contains("beyond") & (works["gain"] > 0))
+    works = works.assign(holds=_gain_holds(works))
     shared = works.groupby(COLUMNS[1:]).filter(lambda g: g["backend"].nunique() > 1)
     if shared.empty:
         return []
