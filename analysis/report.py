@@ -33,7 +33,13 @@ from analysis.robustness import REGIME, regimes, robustness_table
 from analysis.robustness import findings as map_findings
 from analysis.summary import full_minus_fo, gains_over_fo, load_runs, summarize
 from analysis.tables import markdown_table
-from phase12.schema import CURVATURE_SHARES, SEED_STEP_S, STATUS_UNSUPPORTED
+from phase12.schema import (
+    CURVATURE_SHARES,
+    HISTORY_DIR,
+    HISTORY_SUFFIX,
+    SEED_STEP_S,
+    STATUS_UNSUPPORTED,
+)
 
 # The seed project's long confirmation run (docs/seed-phase12-README.md):
 # mean final accuracy over seeds 0 and 1, 1000 outer steps, as (FULL, FO).
@@ -45,10 +51,16 @@ SEED_LONG_RUN_ACC = {
 }
 
 
+def history_file(folder: Path, run_id: str) -> Path:
+    """The history of a run: RUN.csv.gz, or the plain RUN.csv of an older folder."""
+    path = folder / HISTORY_DIR / f"{run_id}{HISTORY_SUFFIX}"
+    return path if path.exists() else path.with_suffix("")
+
+
 def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
     frames = []
     for row in runs[runs["status"] == "OK"].itertuples():
-        path = folder / "history" / f"{row.run_id}.csv"
+        path = history_file(folder, row.run_id)
         if path.exists():
             h = pd.read_csv(path)
             h["backend"], h["mode"] = row.backend, row.mode

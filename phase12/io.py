@@ -6,7 +6,8 @@
 * `write_atomic`: write to a temporary file, fsync, rename over the target.
 * `save_run`: a run's files in a results folder, the row last:
 
-      DIR/runs.csv (one row per run), DIR/history/RUN.csv (per step), DIR/meta/RUN.json
+      DIR/runs.csv (one row per run), DIR/history/RUN.csv.gz (per step, gzip-compressed
+      CSV), DIR/meta/RUN.json
 
 * `FolderLock`: the one writer of a results folder (an OS-level lock held for a whole
   sweep or run; a second writer is refused at once, told who holds it).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import gzip
 import io
 import json
 import math
@@ -30,7 +32,14 @@ from pathlib import Path
 
 import filelock
 
-from phase12.schema import HISTORY_COLUMNS, RUN_COLUMNS, RUNS_CSV, RunResult
+from phase12.schema import (
+    HISTORY_COLUMNS,
+    HISTORY_DIR,
+    HISTORY_SUFFIX,
+    RUN_COLUMNS,
+    RUNS_CSV,
+    RunResult,
+)
 
 
 def _cell(value) -> str:
@@ -113,13 +122,14 @@ def append_row(path: str | Path, row: Mapping, columns: list[str] = RUN_COLUMNS)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see the old or the new file, never half."""
+def write_atomic(path: str | Path, content: str | bytes) -> None:
+    """Replace `path` with `content` so that readers see the old or the new file, never
+    half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -145,7 +155,9 @@ def save_run(out_dir: str | Path, result: RunResult, metadata: dict | None = Non
     out_dir = Path(out_dir)
     run_id = result.row["run_id"]
     if result.history:
-        write_atomic(out_dir / "history" / f"{run_id}.csv", history_csv(result.history))
+        # mtime=0: the same history gives the same bytes (no timestamp in the header).
+        compressed = gzip.compress(history_csv(result.history).encode(), mtime=0)
+        write_atomic(out_dir / HISTORY_DIR / f"{run_id}{HISTORY_SUFFIX}", compressed)
     if metadata is not None:
         write_json(out_dir / "meta" / f"{run_id}.json", metadata)
     append_row(out_dir / RUNS_CSV, result.row)

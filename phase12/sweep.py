@@ -5,12 +5,12 @@
 
 Layout of a sweep folder (the same as a single run's --out):
 
-    runs.csv          one row per finished run (phase12.schema.RUN_COLUMNS)
-    history/RUN.csv   per-step loss, accuracy, attention meta-gradient norms
-    meta/RUN.json     config, versions, device, commit
-    sweep.json        the settings (every RunConfig field but the grid axes and the
-                      device) and the grid values run into the folder so far
-    errors.csv        rows of ERROR runs that were retried (kept for the record)
+    runs.csv            one row per finished run (phase12.schema.RUN_COLUMNS)
+    history/RUN.csv.gz  per-step loss, accuracy, attention meta-gradient norms (CSV, gzip)
+    meta/RUN.json       config, versions, device, commit
+    sweep.json          the settings (every RunConfig field but the grid axes and the
+                        device) and the grid values run into the folder so far
+    errors.csv          rows of ERROR runs that were retried (kept for the record)
 
 One writer per folder: the sweep holds an OS-level lock on it from start to end
 (phase12.io.FolderLock). Resuming with other settings is refused (a new tag, or

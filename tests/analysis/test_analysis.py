@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.report import build_report
+from analysis.report import build_report, load_histories
 from analysis.summary import full_minus_fo, summarize
 from phase12.schema import RUN_COLUMNS
 
@@ -128,3 +128,18 @@ def test_the_results_table_says_not_supported_where_a_backend_could_not_run_a_po
     table = results_table(summarize(both), both).set_index("backend")
     assert (table.loc["triton_step", "FO_STRICT acc"] == "not supported").all()
     assert not table.loc["triton_step", "FULL acc"].eq("not supported").any()
+
+
+def test_histories_are_read_compressed_and_from_older_folders_plain(tmp_path):
+    """The engine writes RUN.csv.gz; a folder written before that holds RUN.csv."""
+    runs = hand_made_runs()
+    ok = runs[runs.status == "OK"]
+    (tmp_path / "history").mkdir()
+    for i, r in enumerate(ok.itertuples()):
+        name = f"{r.run_id}.csv.gz" if i % 2 else f"{r.run_id}.csv"
+        pd.DataFrame({"step": [0, 1], "loss": [1.0, float(i)]}).to_csv(
+            tmp_path / "history" / name, index=False
+        )
+    histories = load_histories(tmp_path, runs)
+    assert len(histories) == 2 * len(ok)
+    assert sorted(histories.loc[histories.step == 1, "loss"]) == list(range(len(ok)))

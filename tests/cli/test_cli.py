@@ -61,7 +61,7 @@ def test_single_run_json_and_outputs(tmp_path, capsys):
 
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 1 and runs.loc[0, "run_id"] == "reference_FO_STRICT_k2_seed0"
-    history = pd.read_csv(out / "history" / "reference_FO_STRICT_k2_seed0.csv")
+    history = pd.read_csv(out / "history" / "reference_FO_STRICT_k2_seed0.csv.gz")
     assert list(history["step"]) == [0, 1, 2]
     meta = json.loads((out / "meta" / "reference_FO_STRICT_k2_seed0.json").read_text())
     assert meta["config"]["mode"] == "FO_STRICT" and "torch" in meta

@@ -101,8 +101,8 @@ def test_torchrun_command_line(tmp_path):
     two = pd.read_csv(tmp_path / "two" / "runs.csv")
     one = pd.read_csv(tmp_path / "one" / "runs.csv")
     assert len(two) == 1 and two.loc[0, "world_size"] == 2 and one.loc[0, "world_size"] == 1
-    h2 = pd.read_csv(tmp_path / "two" / "history" / "reference_FULL_k2_seed0.csv")
-    h1 = pd.read_csv(tmp_path / "one" / "history" / "reference_FULL_k2_seed0.csv")
+    h2 = pd.read_csv(tmp_path / "two" / "history" / "reference_FULL_k2_seed0.csv.gz")
+    h1 = pd.read_csv(tmp_path / "one" / "history" / "reference_FULL_k2_seed0.csv.gz")
     pd.testing.assert_frame_equal(h2, h1, rtol=1e-5)
 
 

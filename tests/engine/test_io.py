@@ -1,5 +1,6 @@
 """Result files: the write order of a run, the non-finite scan, torn lines, the lock."""
 
+import pandas as pd
 import pytest
 import torch
 from tqdm import tqdm
@@ -17,13 +18,26 @@ def test_a_row_in_runs_csv_means_the_runs_files_are_on_disk(tmp_path, monkeypatc
     real = io_module.append_row
 
     def append_after_the_files(path, row, *args):
-        assert (tmp_path / "history" / "r.csv").exists(), "row before its history"
+        assert (tmp_path / "history" / "r.csv.gz").exists(), "row before its history"
         assert (tmp_path / "meta" / "r.json").exists(), "row before its metadata"
         real(path, row, *args)
 
     monkeypatch.setattr(io_module, "append_row", append_after_the_files)
     save_run(tmp_path, result, {"config": {}})
     assert (tmp_path / "runs.csv").read_text().count("\n") == 2
+
+
+def test_a_history_is_gzip_csv_with_the_same_bytes_each_time(tmp_path):
+    history = {c: [0.25, None] for c in HISTORY_COLUMNS} | {"step": [0, 1]}
+    result = RunResult(row={"run_id": "r", "status": "OK"}, history=history)
+    save_run(tmp_path / "a", result)
+    save_run(tmp_path / "b", result)
+    a, b = (tmp_path / d / "history" / "r.csv.gz" for d in "ab")
+    assert a.read_bytes()[4:8] == bytes(4)  # the gzip header's timestamp: none
+    assert a.read_bytes() == b.read_bytes()
+    table = pd.read_csv(a)
+    assert list(table.columns) == HISTORY_COLUMNS
+    assert table["loss"].tolist()[0] == 0.25 and table["loss"].isna().tolist() == [False, True]
 
 
 @pytest.mark.parametrize("column", range(len(METRICS)))

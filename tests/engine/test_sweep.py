@@ -32,7 +32,7 @@ def check_complete(folder: Path, spec: SweepSpec) -> pd.DataFrame:
     assert not runs["run_id"].duplicated().any()
     assert set(runs["run_id"]) == {c.run_id for c in spec.configs()}
     for run_id in runs["run_id"]:
-        assert len(pd.read_csv(folder / "history" / f"{run_id}.csv")) == spec.base.outer_steps
+        assert len(pd.read_csv(folder / "history" / f"{run_id}.csv.gz")) == spec.base.outer_steps
     return runs
 
 
