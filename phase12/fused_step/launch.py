@@ -49,7 +49,9 @@ MAX_CLASSES = 16  # one 16-wide block of classes (tested: C = 5, 7)
 # Elements of one (examples x positions x D) block of X walked per loop iteration.
 BLOCK_ELEMENTS = 4096
 PRECISION = "ieee"
-NUM_WARPS = 8  # the fastest of 2, 4, 8, 16 (docs/benchmarks.md)
+# Warps per program, by input dtype: for float32 the fastest of 2, 4, 8, 16; 16-bit inputs
+# run fastest at 4 (docs/benchmarks.md, "Ninth session").
+NUM_WARPS = {torch.float64: 8, torch.float32: 8, torch.bfloat16: 4, torch.float16: 4}
 
 
 def check_shapes(examples: int, seq_len: int, dim: int, num_classes: int) -> None:
@@ -133,7 +135,7 @@ def _meta(n: int, t: int, d: int, c: int, dtype: torch.dtype, operand: torch.dty
         PRECISION=PRECISION,
         OPERAND=TL_DTYPES[operand or acc],
         ACC=TL_DTYPES[acc],
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS[dtype],
     )
 
 
