@@ -196,7 +196,7 @@ def test_a_single_run_saves_to_a_predictable_folder_unless_told_not_to(
     assert folder.name.endswith("_reference_FULL_k1_seed0_T8")
     assert f"saved to {folder.relative_to(tmp_path)}" in capsys.readouterr().out
     assert len(pd.read_csv(folder / "runs.csv")) == 1
-    assert (folder / "history" / "reference_FULL_k1_seed0_T8.csv").exists()
+    assert (folder / "history" / "reference_FULL_k1_seed0_T8.csv.gz").exists()
     assert not list(folder.glob(".writer*.json"))  # the lock's record is gone
     assert exit_code("--k", "1", "--outer-steps", "2", *SIZES, "--no-save") == 0
     assert len(list((tmp_path / "runs").iterdir())) == 1
