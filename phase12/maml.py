@@ -117,21 +117,30 @@ def meta_gradient(
     tasks: Tasks,
     *,
     autocast: contextlib.AbstractContextManager | None = None,
+    seed_batched: bool = False,
     **policy,
 ) -> Params:
     """d(mean query loss)/d(meta_params) for a meta-batch, without touching .grad.
     `policy`: mode, steps, lr, backend (and ablation) of task_query_metrics; `autocast`:
-    the context of the forward (RunConfig.autocast), as in a training step."""
+    the context of the forward (RunConfig.autocast), as in a training step. With
+    `seed_batched`, every parameter and task tensor has a leading seed dim (S, ...) and
+    each seed gets the meta-gradient of its own tasks (one vmap over the seeds, as
+    phase12.step.OuterStep trains them)."""
     leaves = {n: p.detach().requires_grad_(True) for n, p in meta_params.items()}
+    metrics = lambda p, *t: meta_batch_metrics(p, Tasks(*t), **policy)  # noqa: E731
     with autocast or contextlib.nullcontext():
-        losses, _ = meta_batch_metrics(leaves, tasks, **policy)
+        losses, _ = (torch.func.vmap(metrics) if seed_batched else metrics)(leaves, *tasks)
     scale = policy.get("loss_scale", 1.0)
-    grads = torch.autograd.grad(losses.mean() * scale, list(leaves.values()))
+    # A seed's loss depends on its own parameters only: the sum's gradient is each one's.
+    grads = torch.autograd.grad(losses.mean(-1).sum() * scale, list(leaves.values()))
     return {n: g / scale for n, g in zip(leaves, grads, strict=True)}
 
 
-def relative_difference(a: Params, b: Params) -> torch.Tensor:
-    """||a - b|| / ||a|| over all parameters together (a 0-dim tensor)."""
-    num = torch.sqrt(sum(((a[n] - b[n]) ** 2).sum() for n in a))
-    den = torch.sqrt(sum((a[n] ** 2).sum() for n in a))
+def relative_difference(a: Params, b: Params, seed_batched: bool = False) -> torch.Tensor:
+    """||a - b|| / ||a|| over all parameters together: a 0-dim tensor, or with
+    `seed_batched` one value per index of the leading seed dim, shape (S,)."""
+    start = 1 if seed_batched else 0
+    squares = lambda t: t.square().flatten(start).sum(-1)  # noqa: E731
+    num = torch.sqrt(sum(squares(a[n] - b[n]) for n in a))
+    den = torch.sqrt(sum(squares(a[n]) for n in a))
     return num / den

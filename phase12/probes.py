@@ -1,6 +1,7 @@
 """Measurements of a trained run beside its training curves, on fresh tasks.
 
-* `Probe`: the held-out task of a run at given parameters, and its meta-gradients;
+* `Probe`: the held-out task of each run at given parameters, and their meta-gradients
+  (the seeds of a seed batch together, in one vmap, as they train);
 * `rel_diff_probe`: how far the FULL meta-gradient is from the FO one;
 * `curvature_shares`: how much of the FULL meta-gradient each part of attention's own
   second derivative carries (phase12.schema.CURVATURE_SHARES);
@@ -12,6 +13,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from kernels import attention
@@ -19,24 +22,35 @@ from phase12.backends import FusedStepBackend, get
 from phase12.config import Curvature, Mode, RunConfig
 from phase12.maml import meta_gradient, relative_difference
 from phase12.model import ATTENTION_PARAMS, Params, init_params
-from phase12.tasks import sample_tasks, task_generator
+from phase12.tasks import Tasks, sample_tasks, task_generator
 
 PROBE_SEED_OFFSET = 1_000_003  # the probe's task stream, disjoint from training's
 
 
-def _probe_tasks(config: RunConfig, device: torch.device):
-    """One held-out task: a task stream disjoint from training's."""
-    gen = task_generator(config.seed + PROBE_SEED_OFFSET, device)
-    return sample_tasks(config, gen, device, meta_batch=1)
+def _probe_tasks(configs: Sequence[RunConfig], device: torch.device) -> Tasks:
+    """One held-out task per run, stacked (S, 1, ...): task streams disjoint from
+    training's."""
+    per_run = [
+        sample_tasks(c, task_generator(c.seed + PROBE_SEED_OFFSET, device), device, meta_batch=1)
+        for c in configs
+    ]
+    return Tasks(*(torch.stack(parts) for parts in zip(*per_run, strict=True)))
 
 
 class Probe:
-    """The held-out task of a run and meta-gradients on it at `params`, each taken once:
-    `meta_gradient(mode, ablation, backend)` runs the run's inner loop in its precision."""
+    """The held-out tasks of runs that differ only in their seed, and meta-gradients on
+    them at the runs' parameters (`params`, one Params per run), each taken once for all
+    the runs in one vmap over the seeds: `meta_gradient(mode, ablation, backend)` runs
+    their inner loop in their precision and returns (S, ...) tensors."""
 
-    def __init__(self, params: Params, config: RunConfig, device: torch.device):
-        self.params, self.config, self.device = params, config, device
-        self.tasks = _probe_tasks(config, device)
+    def __init__(
+        self, params: Sequence[Params], configs: Sequence[RunConfig], device: torch.device
+    ):
+        if len(params) != len(configs) or len({c.replace(seed=0) for c in configs}) != 1:
+            raise ValueError("a probe takes one Params per run, of runs that differ only in seed")
+        self.config, self.device = configs[0], device
+        self.params = {n: torch.stack([p[n].detach() for p in params]) for n in params[0]}
+        self.tasks = _probe_tasks(configs, device)
         self._cache: dict[tuple, Params] = {}
 
     def meta_gradient(self, mode=Mode.FULL, ablation="none", backend=None) -> Params:
@@ -53,30 +67,37 @@ class Probe:
                 backend=key[2],
                 autocast=c.autocast(self.device),
                 loss_scale=c.loss_scale,
+                seed_batched=True,
             )
         return self._cache[key]
 
 
-def rel_diff_probe(probe: Probe) -> float:
-    """||g_FULL - g_FO|| / ||g_FULL|| of the meta-gradient on the held-out task."""
-    return float(relative_difference(probe.meta_gradient(), probe.meta_gradient(Mode.FO)))
+def _per_run(a: Params, b: Params) -> list[float]:
+    """relative_difference(a, b) of each run, as floats."""
+    return relative_difference(a, b, seed_batched=True).tolist()
 
 
-def float64_error(probe: Probe) -> float:
-    """||g - g64|| / ||g64||: the run's FULL meta-gradient (its backend and precision)
+def rel_diff_probe(probe: Probe) -> list[float]:
+    """||g_FULL - g_FO|| / ||g_FULL|| of the meta-gradient on the held-out task, per run."""
+    return _per_run(probe.meta_gradient(), probe.meta_gradient(Mode.FO))
+
+
+def float64_error(probe: Probe) -> list[float]:
+    """||g - g64|| / ||g64|| per run: its FULL meta-gradient (its backend and precision)
     against the reference backend's in float64 at the same parameters and data (both
     upcast exactly)."""
     wide = lambda t: t.to(torch.float64) if t.is_floating_point() else t  # noqa: E731
     c = probe.config
     g64 = meta_gradient(
         {n: wide(p) for n, p in probe.params.items()},
-        type(probe.tasks)(*map(wide, probe.tasks)),
+        Tasks(*map(wide, probe.tasks)),
         mode=Mode.FULL,
         steps=c.inner_steps,
         lr=c.inner_lr,
         backend="reference",
+        seed_batched=True,
     )
-    return float(relative_difference(g64, {n: wide(v) for n, v in probe.meta_gradient().items()}))
+    return _per_run(g64, {n: wide(v) for n, v in probe.meta_gradient().items()})
 
 
 SHARE_ABLATIONS = {
@@ -87,9 +108,9 @@ SHARE_ABLATIONS = {
 }
 
 
-def curvature_shares(probe: Probe) -> dict:
-    """||g_FULL - g_A|| / ||g_FULL|| for the attention ablations A of SHARE_ABLATIONS, on
-    the held-out task (attn_curvature_share_qkv: on Wq, Wk, Wv only).
+def curvature_shares(probe: Probe) -> dict[str, list[float]]:
+    """||g_FULL - g_A|| / ||g_FULL|| per run for the attention ablations A of
+    SHARE_ABLATIONS, on the held-out task (attn_curvature_share_qkv: on Wq, Wk, Wv only).
 
     triton_step has no ablation switches; its runs are measured on triton_fused, the
     same model and the same numbers. Keys: phase12.schema.CURVATURE_SHARES.
@@ -100,21 +121,25 @@ def curvature_shares(probe: Probe) -> dict:
     shares = {}
     for column, ablation in SHARE_ABLATIONS.items():
         ablated = probe.meta_gradient(ablation=ablation, backend=backend)
-        shares[column] = float(relative_difference(full, ablated))
+        shares[column] = _per_run(full, ablated)
         if ablation == "no_attention_curvature":
             qkv = {n: full[n] for n in ATTENTION_PARAMS}
-            shares["attn_curvature_share_qkv"] = float(relative_difference(qkv, ablated))
+            shares["attn_curvature_share_qkv"] = _per_run(qkv, ablated)
     return shares
 
 
-def probe(params: Params, config: RunConfig, device: torch.device) -> dict:
-    """Every probe of phase12.schema.PROBES at `params`, on the held-out task."""
-    p = Probe(params, config, device)
-    return {
+def probe(
+    params: Sequence[Params], configs: Sequence[RunConfig], device: torch.device
+) -> list[dict]:
+    """Every probe of phase12.schema.PROBES on the held-out task of each run (runs that
+    differ only in their seed, `params` one Params per run), taken together."""
+    p = Probe(params, configs, device)
+    columns = {
         "rel_diff_probe": rel_diff_probe(p),
         **curvature_shares(p),
         "float64_meta_grad_error": float64_error(p),
     }
+    return [{k: v[i] for k, v in columns.items()} for i in range(len(configs))]
 
 
 def second_order_reaches_attention(backend: str, device: torch.device, dtype: torch.dtype) -> bool:

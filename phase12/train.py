@@ -175,9 +175,11 @@ class Probes:
         if self.device.type == "cuda":  # the queued steps are step time, not probe time
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
+        seeds = range(len(self.configs))
         with self.memory.excluded():  # peak memory is training's
-            for i, config in enumerate(self.configs):
-                self.values[i][step] = probe(self.state.seed_params(i), config, self.device)
+            values = probe([self.state.seed_params(i) for i in seeds], self.configs, self.device)
+        for i in seeds:
+            self.values[i][step] = values[i]
         self.seconds += time.perf_counter() - t0
 
 
@@ -270,18 +272,16 @@ def _result(
     config: RunConfig,
     history: np.ndarray,
     nonfinite: int | None,
-    params: Params,
     device: torch.device,
     shared: dict,
     probed: dict[int, dict],
 ) -> RunResult:
-    """One run's RunResult from its history (up to its first non-finite step), the
-    probes taken during training (`probed`, by step); `shared` holds the columns of its
-    seed batch."""
+    """One run's RunResult from its history (up to its first non-finite step) and its
+    probes (`probed`, by step; a finished run's include its last step); `shared` holds the
+    columns of its seed batch."""
     row = _config_columns(config, device) | summarize(config, history) | shared
     row["nonfinite_step"] = nonfinite
     if nonfinite is None:
-        probed = probed | {len(history) - 1: probe(params, config, device)}
         row.update(status=STATUS_OK, error="", **probed[len(history) - 1])
     else:
         error = f"loss or meta-gradient became non-finite at outer step {nonfinite}"
@@ -344,12 +344,17 @@ def run_experiments(
         "seeds_batched": seeds,
         "world_size": world.size,
     }
-    results = []
     t_end_probes = time.perf_counter()
+    finished = [i for i, bad in enumerate(loop.nonfinite) if bad is None]
+    if finished:  # the end of every finished run, probed together
+        params = [state.seed_params(i) for i in finished]
+        ends = probe(params, [configs[i] for i in finished], device)
+        for i, values in zip(finished, ends, strict=True):
+            probes.values[i][configs[i].outer_steps - 1] = values
+    results = []
     for i, (cfg, bad) in enumerate(zip(configs, loop.nonfinite, strict=True)):
         history = state.history[i, : cfg.outer_steps if bad is None else bad].cpu().numpy()
-        params = state.seed_params(i)
-        results.append(_result(cfg, history, bad, params, device, shared, probes.values[i]))
+        results.append(_result(cfg, history, bad, device, shared, probes.values[i]))
     t_end = time.perf_counter()
     for r in results:  # each run's share of the batch's times
         r.row["wall_time_total_s"] = (t_end - t_start) / seeds

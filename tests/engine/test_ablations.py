@@ -178,7 +178,7 @@ def test_curvature_shares_are_the_loop_references_on_the_probe_task(backend):
         if ablation == "no_attention_curvature":
             qkv = ("Wq", "Wk", "Wv")
             want[column + "_qkv"] = rel({n: full[n] for n in qkv}, ablated)
-    got = curvature_shares(Probe(params, config, torch.device("cpu")))
+    got = curvature_shares(Probe([params], [config], torch.device("cpu")))
     assert got.keys() == want.keys()
     for column, value in want.items():
-        assert 0 < value and math.isclose(got[column], value, rel_tol=1e-9), column
+        assert 0 < value and math.isclose(got[column][0], value, rel_tol=1e-9), column

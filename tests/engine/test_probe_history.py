@@ -6,11 +6,13 @@ import math
 import time
 
 import pytest
-from support import SMALL
+import torch
+from support import SMALL, TINY
 
 from phase12.config import ConfigError
+from phase12.probes import probe
 from phase12.schema import PROBES
-from phase12.train import run_experiment, run_experiments
+from phase12.train import initial_params, run_experiment, run_experiments
 
 CONFIG = SMALL.replace(outer_steps=5, probe_every=2, metric_window=1)
 
@@ -71,3 +73,18 @@ def test_probes_are_not_step_time(monkeypatch):
 def test_a_negative_probe_interval_is_refused():
     with pytest.raises(ConfigError, match="probe_every must be >= 0"):
         CONFIG.replace(probe_every=-1)
+
+
+@pytest.mark.parametrize("backend", ["triton_fused", "triton_step"])
+def test_seeds_probed_together_equal_each_probed_alone_on_the_triton_backends(backend):
+    """One vmap over the seeds through the fused attention Functions (and, for
+    triton_step, its fused inner step), the curvature ablations included."""
+    configs = [TINY.replace(backend=backend, dtype="float64", seed=s) for s in (5, 6)]
+    params = [initial_params(c, torch.device("cpu")) for c in configs]
+    together = probe(params, configs, torch.device("cpu"))
+    for p, c, got in zip(params, configs, together, strict=True):
+        alone = probe([p], [c], torch.device("cpu"))[0]
+        assert got.keys() == alone.keys() == set(PROBES)
+        for name in PROBES:
+            assert got[name] == pytest.approx(alone[name], rel=1e-9, abs=1e-13), name
+    assert together[0]["rel_diff_probe"] != together[1]["rel_diff_probe"]
