@@ -58,14 +58,23 @@ def history_file(folder: Path, run_id: str) -> Path:
 
 
 def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """The per-step histories of the OK runs, tidy (HISTORY_COLUMNS plus backend, mode,
+    inner_steps, seed). ValueError naming them if some OK run has none: curves averaged
+    over fewer seeds than the tables would be wrong without saying so."""
+    ok = runs[runs["status"] == "OK"]
+    missing = [r for r in ok["run_id"] if not history_file(folder, r).exists()]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} OK run(s) in {folder} have no history file (e.g. "
+            f"{HISTORY_DIR}/{missing[0]}{HISTORY_SUFFIX}): the folder is incomplete; "
+            "delete their rows from runs.csv and run the sweep again to redo them"
+        )
     frames = []
-    for row in runs[runs["status"] == "OK"].itertuples():
-        path = history_file(folder, row.run_id)
-        if path.exists():
-            h = pd.read_csv(path)
-            h["backend"], h["mode"] = row.backend, row.mode
-            h["inner_steps"], h["seed"] = row.inner_steps, row.seed
-            frames.append(h)
+    for row in ok.itertuples():
+        h = pd.read_csv(history_file(folder, row.run_id))
+        h["backend"], h["mode"] = row.backend, row.mode
+        h["inner_steps"], h["seed"] = row.inner_steps, row.seed
+        frames.append(h)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

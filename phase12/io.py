@@ -123,8 +123,7 @@ def append_row(path: str | Path, row: Mapping, columns: list[str] = RUN_COLUMNS)
 
 
 def write_atomic(path: str | Path, content: str | bytes) -> None:
-    """Replace `path` with `content` so that readers see the old or the new file, never
-    half."""
+    """Replace `path` by `content` (str or bytes): readers see the old or the new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -155,7 +154,7 @@ def save_run(out_dir: str | Path, result: RunResult, metadata: dict | None = Non
     out_dir = Path(out_dir)
     run_id = result.row["run_id"]
     if result.history:
-        # mtime=0: the same history gives the same bytes (no timestamp in the header).
+        # mtime=0: no timestamp in the gzip header, so rewriting a history changes no bytes.
         compressed = gzip.compress(history_csv(result.history).encode(), mtime=0)
         write_atomic(out_dir / HISTORY_DIR / f"{run_id}{HISTORY_SUFFIX}", compressed)
     if metadata is not None:

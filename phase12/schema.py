@@ -28,7 +28,8 @@ SEED_STEP_S = {
 RUNS_CSV = "runs.csv"  # one row per run, in a run's --out folder or a sweep folder
 # A run's per-step history (HISTORY_COLUMNS), gzip-compressed CSV (pandas reads it as
 # it is; `zcat` shows it); folders written before 2026-11-28 hold plain RUN.csv.
-HISTORY_DIR, HISTORY_SUFFIX = "history", ".csv.gz"
+HISTORY_DIR = "history"
+HISTORY_SUFFIX = ".csv.gz"
 RISK_CSV = "risk_checks.csv"
 RISK_COLUMNS = ["check", "status", "value", "details"]
 

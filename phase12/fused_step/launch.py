@@ -50,7 +50,8 @@ MAX_CLASSES = 16  # one 16-wide block of classes (tested: C = 5, 7)
 BLOCK_ELEMENTS = 4096
 PRECISION = "ieee"
 # Warps per program, by input dtype: for float32 the fastest of 2, 4, 8, 16; 16-bit inputs
-# run fastest at 4 (docs/benchmarks.md, "Ninth session").
+# run fastest at 4 (docs/benchmarks.md, "Ninth session"). Autocast runs have float32
+# inputs and keep 8 (they cost float32's time plus 1-12%; 4 was not timed for them).
 NUM_WARPS = {torch.float64: 8, torch.float32: 8, torch.bfloat16: 4, torch.float16: 4}
 
 

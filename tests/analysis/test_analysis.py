@@ -143,3 +143,26 @@ def test_histories_are_read_compressed_and_from_older_folders_plain(tmp_path):
     histories = load_histories(tmp_path, runs)
     assert len(histories) == 2 * len(ok)
     assert sorted(histories.loc[histories.step == 1, "loss"]) == list(range(len(ok)))
+
+
+def test_an_ok_run_without_a_history_is_named_not_left_out_of_the_curves(tmp_path):
+    runs = hand_made_runs()
+    ok = runs[runs.status == "OK"]
+    (tmp_path / "history").mkdir()
+    for r in ok.iloc[1:].itertuples():
+        pd.DataFrame({"step": [0], "loss": [1.0]}).to_csv(
+            tmp_path / "history" / f"{r.run_id}.csv.gz", index=False
+        )
+    with pytest.raises(ValueError, match=f"1 OK run.*{ok.run_id.iloc[0]}.csv.gz"):
+        load_histories(tmp_path, runs)
+
+
+def test_a_compressed_history_wins_over_a_plain_one_of_the_same_run(tmp_path):
+    runs = hand_made_runs().iloc[:1]
+    (tmp_path / "history").mkdir()
+    run_id = runs.run_id.iloc[0]
+    pd.DataFrame({"step": [0], "loss": [2.0]}).to_csv(tmp_path / "history" / f"{run_id}.csv")
+    pd.DataFrame({"step": [0], "loss": [1.0]}).to_csv(
+        tmp_path / "history" / f"{run_id}.csv.gz", index=False
+    )
+    assert load_histories(tmp_path, runs)["loss"].tolist() == [1.0]
