@@ -61,19 +61,26 @@ def metric_vs_inner_steps(runs: pd.DataFrame, metric: str, label: str, path: Pat
     return _save(grid, path, f"{label} vs inner steps (mean ± std over seeds)")
 
 
-def training_curves(histories: pd.DataFrame, path: Path, window: int = 20) -> Path:
-    """Query loss and accuracy vs outer step: rows = metric, columns = k, one line per mode.
-
-    `histories` is tidy: backend, mode, inner_steps, seed, step, loss, acc. Curves are a
-    rolling mean over `window` steps, averaged over seeds and backends.
-    """
-    h = histories.sort_values("step").copy()
+def mean_curves(histories: pd.DataFrame, window: int) -> pd.DataFrame:
+    """Each run's loss and accuracy as a rolling mean over `window` steps, then averaged
+    over seeds and backends at each step (over the runs that reached it): one row per
+    (mode, inner_steps, step). `histories` is tidy: backend, mode, inner_steps, seed,
+    step, loss, acc."""
+    h = histories.sort_values("step")
     keys = ["backend", "mode", "inner_steps", "seed"]
-    for m in ("loss", "acc"):
-        h[m] = h.groupby(keys)[m].transform(lambda s: s.rolling(window, min_periods=1).mean())
-    # The mean over seeds and backends by pandas (one pass); seaborn's own estimator
-    # would aggregate every step of every line apart, seconds for a long run.
-    curves = h.groupby(["mode", "inner_steps", "step"], as_index=False)[["loss", "acc"]].mean()
+    rolled = h.groupby(keys)[["loss", "acc"]].transform(
+        lambda s: s.rolling(window, min_periods=1).mean()
+    )
+    # The mean by pandas in one pass; seaborn's estimator would aggregate every step of
+    # every line apart (seconds for a long run).
+    by_step = h[["mode", "inner_steps", "step"]].join(rolled)
+    return by_step.groupby(["mode", "inner_steps", "step"], as_index=False).mean()
+
+
+def training_curves(histories: pd.DataFrame, path: Path, window: int = 20) -> Path:
+    """Query loss and accuracy vs outer step: rows = metric, columns = k, one line per mode
+    (mean_curves of `histories`)."""
+    curves = mean_curves(histories, window)
     tidy = curves.melt(id_vars=["mode", "inner_steps", "step"], var_name="metric")
     tidy["metric"] = tidy["metric"].map({"loss": "query loss", "acc": "query accuracy"})
     order, dashes = _order(tidy["mode"])

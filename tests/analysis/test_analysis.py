@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.figures import mean_curves
 from analysis.report import build_report, load_histories
 from analysis.summary import full_minus_fo, summarize
 from phase12.schema import RUN_COLUMNS
@@ -166,3 +167,19 @@ def test_a_compressed_history_wins_over_a_plain_one_of_the_same_run(tmp_path):
         tmp_path / "history" / f"{run_id}.csv.gz", index=False
     )
     assert load_histories(tmp_path, runs)["loss"].tolist() == [1.0]
+
+
+def test_mean_curves_average_each_runs_rolling_mean_over_the_runs_that_reached_a_step():
+    def run(backend, seed, losses):
+        return pd.DataFrame(
+            dict(backend=backend, mode="FULL", inner_steps=1, seed=seed, step=range(len(losses)))
+            | {"loss": losses, "acc": [1 - x for x in losses]}
+        )
+
+    histories = pd.concat(
+        [run("reference", 0, [4.0, 2.0, 0.0]), run("triton_fused", 1, [2.0, 0.0])]
+    ).sample(frac=1, random_state=0)  # rows in no particular order
+    curves = mean_curves(histories, window=2).set_index("step")
+    # rolling means: [4, 3, 1] and [2, 1]; step 2 only the first run reached
+    assert curves["loss"].tolist() == [3.0, 2.0, 1.0]
+    assert curves["acc"].tolist() == pytest.approx([-2.0, -1.0, 0.0])
