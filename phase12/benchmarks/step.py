@@ -10,6 +10,11 @@ around each step on the GPU (the step writes its metrics into a history of exact
 warmup + reps rows, so the step count must be fixed: no adaptive repetition), a host
 clock on the CPU. The seed project's measured step times (docs/anchor-baselines.md,
 an H200 and a 2-core CPU) are printed beside ours.
+
+With `--breakdown` (CUDA) each eager cell also runs `reps` steps under torch.profiler,
+and `breakdown` splits a step's time into the GPU's work (kernels, copies, memsets),
+the gaps between dependent kernels inside the graph (graph time - GPU work) and what
+launching one by one from Python adds (eager time - graph time).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import time
 
 import pandas as pd
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from phase12.backends import device_for
 from phase12.config import RunConfig
@@ -29,11 +36,28 @@ from phase12.step import capture
 from phase12.train import build_step
 
 
-def time_steps(config: RunConfig, graph: bool, warmup: int, reps: int) -> tuple[float, int | None]:
-    """(median seconds per outer step, peak CUDA bytes or None) for `config`."""
+def gpu_work(run, reps: int) -> tuple[float, float]:
+    """(seconds of GPU activity, number of GPU activities) per call of `run`, over `reps`
+    calls under torch.profiler: kernels, copies and memsets, summed as if serial."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in gpu) / 1e6 / reps, len(gpu) / reps
+
+
+def time_steps(
+    config: RunConfig, graph: bool, warmup: int, reps: int, profile_gpu: bool = False
+) -> dict:
+    """Median seconds per outer step (`median_s`) and peak CUDA bytes (`peak_bytes`, None
+    on the CPU) for `config`; with `profile_gpu` (CUDA, eager) also `gpu_work`'s
+    (`gpu_s`, `gpu_ops`) per step."""
     device = device_for(config)
-    # History rows for every timed call (capture's own calls are undone by restore()).
-    state = build_step([config.replace(outer_steps=warmup + reps)], device)
+    profile_gpu = profile_gpu and device.type == "cuda" and not graph
+    # History rows for every call (capture's own calls are undone by restore()).
+    steps = warmup + reps * (2 if profile_gpu else 1)
+    state = build_step([config.replace(outer_steps=steps)], device)
     if device.type != "cuda":
         for _ in range(warmup):
             state()
@@ -42,7 +66,7 @@ def time_steps(config: RunConfig, graph: bool, warmup: int, reps: int) -> tuple[
             t = time.perf_counter()
             state()
             times.append(time.perf_counter() - t)
-        return statistics.median(times), None
+        return dict(median_s=statistics.median(times), peak_bytes=None)
     gc.collect()  # drop the previous cell's state before measuring this one's peak
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -60,15 +84,23 @@ def time_steps(config: RunConfig, graph: bool, warmup: int, reps: int) -> tuple[
         end.record()
     torch.cuda.synchronize(device)
     times = [s.elapsed_time(e) / 1e3 for s, e in events]
-    return statistics.median(times), torch.cuda.max_memory_allocated(device) - mem_before
+    out = dict(
+        median_s=statistics.median(times),
+        peak_bytes=torch.cuda.max_memory_allocated(device) - mem_before,
+    )
+    if profile_gpu:
+        out["gpu_s"], out["gpu_ops"] = gpu_work(run, reps)
+    return out
 
 
-def measure(cells, warmup: int, reps: int) -> pd.DataFrame:
-    """One row per (config, execution) cell: median step time, peak memory, seed ratio."""
+def measure(cells, warmup: int, reps: int, profile_gpu: bool = False) -> pd.DataFrame:
+    """One row per (config, execution) cell: median step time, peak memory, seed ratio;
+    with `profile_gpu`, eager CUDA cells also get `gpu_ms` and `gpu_ops` per step."""
     rows = []
     for cfg, execution in cells:
         device = device_for(cfg)
-        median, peak = time_steps(cfg, execution == "graph", warmup, reps)
+        timed = time_steps(cfg, execution == "graph", warmup, reps, profile_gpu)
+        median, peak = timed["median_s"], timed["peak_bytes"]
         seed = SEED_STEP_S.get((device.type, cfg.backend, cfg.mode))
         seed = (
             seed
@@ -94,6 +126,8 @@ def measure(cells, warmup: int, reps: int) -> pd.DataFrame:
                 speedup_vs_seed=None if seed is None else seed / median,
             )
         )
+        if "gpu_s" in timed:
+            rows[-1].update(gpu_ms=timed["gpu_s"] * 1e3, gpu_ops=timed["gpu_ops"])
         r = rows[-1]
         print(
             f"{execution:5s} {cfg.backend:12s} {cfg.policy:9s} k={cfg.inner_steps:2d} "
@@ -103,6 +137,37 @@ def measure(cells, warmup: int, reps: int) -> pd.DataFrame:
             flush=True,
         )
     return pd.DataFrame(rows)
+
+
+CELL_KEYS = [
+    "device_name", "backend", "mode", "ablation", "k", "meta_batch", "seq_len", "dim", "dtype",
+]  # fmt: skip
+
+
+def breakdown(steps: pd.DataFrame) -> pd.DataFrame:
+    """Per cell measured both eager (with `gpu_ms`) and in a graph: the graph step's time
+    split into GPU work and in-graph gaps, and the host time eager execution adds.
+
+    Columns: CELL_KEYS, graph_ms, gpu_ms, gap_ms (graph - GPU work), host_ms (eager -
+    graph), eager_ms, gpu_ops (GPU activities per step). Raises ValueError when no cell
+    has both."""
+    if "gpu_ms" in steps:
+        eager = steps[(steps.execution == "eager") & steps.gpu_ms.notna()]
+        graph = steps[steps.execution == "graph"]
+        both = eager.merge(
+            graph, on=CELL_KEYS, suffixes=("_eager", "_graph"), validate="one_to_one"
+        )
+    if "gpu_ms" not in steps or both.empty:
+        raise ValueError("a breakdown needs cells timed eager (profiled) and in a graph")
+    out = both[CELL_KEYS].assign(
+        graph_ms=both.median_step_ms_graph,
+        gpu_ms=both.gpu_ms_eager,
+        gap_ms=both.median_step_ms_graph - both.gpu_ms_eager,
+        host_ms=both.median_step_ms_eager - both.median_step_ms_graph,
+        eager_ms=both.median_step_ms_eager,
+        gpu_ops=both.gpu_ops_eager,
+    )
+    return out.reset_index(drop=True)
 
 
 def step_cells(

@@ -59,6 +59,12 @@ def _step_parser() -> ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per cell (default 3)")
     p.add_argument("--reps", type=int, default=20, help="timed steps per cell (default 20)")
     p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="CUDA: also profile each eager cell and split its step into GPU work, in-graph "
+        "gaps and host time (breakdown.csv; implies --execution eager,graph)",
+    )
+    p.add_argument(
         "--scaling",
         action="store_true",
         help="also the scaling table: FULL and FO_STRICT against k, meta-batch and T",
@@ -71,7 +77,7 @@ def _step_parser() -> ArgumentParser:
 
 
 def bench_step(argv: list[str]) -> int:
-    from phase12.benchmarks.step import measure, scaling_cells, step_cells
+    from phase12.benchmarks.step import breakdown, measure, scaling_cells, step_cells
 
     p = _step_parser()
     args = p.parse_args(argv)
@@ -84,17 +90,25 @@ def bench_step(argv: list[str]) -> int:
             raise ConfigError("--warmup must be >= 0 and --reps >= 1")
         for k in args.k:
             base.replace(inner_steps=k)
+        cuda = device_for(base).type == "cuda"
+        if args.breakdown and not cuda:
+            raise ConfigError("--breakdown profiles GPU kernels; it needs --device cuda")
+        if args.breakdown and args.execution and set(args.execution) != {"eager", "graph"}:
+            raise ConfigError("--breakdown times every cell eager and in a graph; drop --execution")
     except ConfigError as e:
         return p.bad_input(e)
-    cuda = device_for(base).type == "cuda"
     executions = args.execution or (("eager", "graph") if cuda else ("eager",))
     args.out.mkdir(parents=True, exist_ok=True)
     cells = step_cells(
         base, args.modes, args.k, args.backends, executions, args.ablations, args.dtypes
     )
-    df = measure(cells, args.warmup, args.reps)
+    df = measure(cells, args.warmup, args.reps, profile_gpu=args.breakdown)
     df.to_csv(args.out / "step.csv", index=False)
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if args.breakdown:
+        parts = breakdown(df)
+        parts.to_csv(args.out / "breakdown.csv", index=False)
+        print(parts.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if args.scaling:
         from analysis.figures import scaling_plot
 

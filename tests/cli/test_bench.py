@@ -82,6 +82,8 @@ def test_bench_step_refuses_bad_grids_before_any_work(tmp_path, capsys):
     assert "invalid choice 'XX'" in capsys.readouterr().err
     assert exit_code("bench", "step", "--execution", "fast", *out) == 2
     assert "invalid choice 'fast'" in capsys.readouterr().err
+    assert exit_code("bench", "step", "--breakdown", *out) == 2
+    assert "--breakdown profiles GPU kernels; it needs --device cuda" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 
@@ -129,3 +131,17 @@ def test_bench_step_times_the_maps_shapes_and_precisions(tmp_path, capsys):
     grid = ["--backends", "triton_step", "--dtypes", "bfloat16", "--k", "1", "--dim", "128"]
     assert exit_code("bench", "step", *grid, *out) == 2
     assert "supports D <= 64; got D = 128 (use backend triton_fused)" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_bench_step_breakdown_splits_the_graph_step(tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "step", "--device", "cuda", "--modes", "FULL", "--k", "2", "--breakdown"]
+    args += ["--backends", "reference,triton_step", "--reps", "3", "--out", str(out)]
+    assert cli.main(args) == 0
+    parts = pd.read_csv(out / "breakdown.csv")
+    assert list(parts.backend) == ["reference", "triton_step"]
+    # Launching kernel by kernel from Python costs more than replaying them in a graph, and
+    # an eager step is mostly host time (GPU work is profiled on eager steps).
+    assert (parts.host_ms > 0).all() and (parts.gpu_ms > 0).all() and (parts.gpu_ops > 10).all()
+    assert (parts.gpu_ms < parts.eager_ms).all()
