@@ -33,3 +33,17 @@ def interpreter():
     """Tests that run Triton kernels on the CPU need the interpreter."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton CPU tests need TRITON_INTERPRET=1")
+
+
+# launch.EXAMPLE_KERNELS_MAX set so that every call takes one kernel set of triton_step.
+KERNEL_SETS = {"example": 10**9, "task": 0}
+
+
+@pytest.fixture(params=KERNEL_SETS)
+def kernel_set(request, monkeypatch):
+    """Runs a test with each of triton_step's kernel sets: one program per example, and
+    one per task."""
+    from phase12.fused_step import launch
+
+    monkeypatch.setattr(launch, "EXAMPLE_KERNELS_MAX", KERNEL_SETS[request.param])
+    return request.param

@@ -1,62 +1,34 @@
-"""Triton kernels for one MAML inner step of the Phase 12 model: the support-loss
-gradient in one launch, and its Hessian-vector product (the inner step's backward,
-second-order MAML) in another. One program per task.
+"""The fused inner step with one program per example: the same gradient and
+Hessian-vector product as task_kernels.py (whose docstring derives them), for small
+meta-batches, where one program per task leaves most of the GPU idle (16 tasks: 16
+programs on 132 SMs). Each is two launches:
 
-The model (phase12/model.py), for one task with n examples X_i (T, D), labels y_i,
-scale s = 1/sqrt(D) and parameters Wq, Wk, Wv (D, D), Wc (C, D), bc (C):
+    example_grad_kernel / example_hvp_kernel   one program per (task, example): the
+        example's rows of Q, U, Xbar, H, G, dH, dU, dQ (and their tangents) as
+        vectors, with matrix-vector products instead of dots, and the factors of the
+        weight gradients, which are sums over the examples of outer products
+        (dWq = dQ^T X0 = sum_i dq_i x0_i^T)
+    weight_kernel                              one program per (task, weight): those sums
+        as dots over the examples, in a fixed order (deterministic), and the epilogue
+        (dL/dW, W - lr dL/dW, or alpha V + beta H V)
 
-    q_i = Wq x_i0                         Q  = X0 Wq^T            (n, D)
-    u_i = s Wk^T q_i                      U  = s Q Wk             scores s_it = x_it . u_i
-    p_i = softmax_t(x_it . u_i)           (the attention row; k_t . q_i s = x_it . u_i)
-    xbar_i = sum_t p_it x_it              h_i = Wv xbar_i = sum_t p_it v_it
-    z_i = Wc h_i + bc                     L = mean_i [logsumexp(z_i) - z_i,y_i]
+Each example program reads the task's weights itself, so for large meta-batches the
+per-task kernels are faster (launch.py picks; docs/benchmarks.md, "Tenth session").
 
-Keys and values are never formed: k_t . q = x_t . (Wk^T q) and sum_t p_t Wv x_t =
-Wv xbar, so an example costs a few matrix-vector products plus two passes over its
-T x D inputs instead of three T x D x D projections.
+The factors go to a float32 (float64 in the interpreter) workspace FACTORS of shape
+(B, 4, 2, R, BLOCK_D): for weight w (Wq, Wk, Wv, Wc) the rows of A and B with
+dW_w = A^T B = sum_r a_r b_r^T. The gradient has R = n rows (a, b) = (dq, x0),
+(s q, du), (dh, xbar), (g, h); the HVP R = 2n, two products per weight:
+(dq', x0) and zeros, (s q', du) and (s q, du'), (dh', xbar) and (dh, xbar'),
+(g', h) and (g, h'). ROWSUMS (B, n, BLOCK_C + 2) holds g (or g') and the example's
+negative log-likelihood and correctness (0 or 1): their sums over the examples are dbc
+(or dbc'), and n times the loss and the accuracy (scaled once, as the task kernels do,
+so that the accuracy is k / n as they compute it).
 
-Gradient (the first kernel):
-
-    G    = (softmax(Z) - onehot(y)) / n          dbc = sum_i G_i      dWc = G^T H
-    dH   = G Wc          dXbar = dH Wv           dWv = dH^T Xbar
-    dp_it = x_it . dxbar_i,   delta_i = sum_t p_it dp_it = dxbar_i . xbar_i
-    ds_it = p_it (dp_it - delta_i)               dU_i = sum_t ds_it x_it
-    dQ   = s dU Wk^T                             dWk = s Q^T dU      dWq = dQ^T X0
-
-Hessian-vector product (the second kernel): the tangent of every line above along a
-direction V = (Vq, Vk, Vv, Vc, vb) of the parameters (forward over reverse; the
-Hessian is symmetric, so this is also the VJP of the gradient with cotangent V).
-Primes are tangents:
-
-    Q' = X0 Vq^T,   U' = s (Q' Wk + Q Vk),   s'_it = x_it . u'_i
-    p'_it = p_it (s'_it - c_i),   c_i = sum_t p_it s'_it = xbar_i . u'_i
-    xbar'_i = sum_t p'_it x_it = sum_t p_it s'_it x_it - c_i xbar_i
-    H' = Xbar' Wv^T + Xbar Vv^T,  Z' = H' Wc^T + H Vc^T + vb
-    G' = pi * (Z' - rowsum(pi * Z')) / n   (pi = softmax(Z))
-    dH' = G' Wc + G Vc,   dXbar' = dH' Wv + dH Vv
-    delta'_i = dxbar'_i . xbar_i + dxbar_i . xbar'_i,   dp'_it = x_it . dxbar'_i
-    ds'_it = p'_it (dp_it - delta_i) + p_it (dp'_it - delta'_i)
-    dU'_i = sum_t ds'_it x_it
-    (dbc)' = sum_i G'_i   (dWc)' = G'^T H + G^T H'   (dWv)' = dH'^T Xbar + dH^T Xbar'
-    (dQ)' = s (dU' Wk^T + dU Vk^T)   (dWk)' = s (Q'^T dU + Q^T dU')   (dWq)' = (dQ)'^T X0
-
-The sums over t run over key blocks of BLOCK_T positions: the first pass keeps an
-online softmax (running max m, sum l, as in flash attention) and the sums that need
-p; the second rebuilds p = exp(x . u - lse) block by block. Row i < n and class c < C
-are masked; a padding row has G = 0 and contributes nothing.
-
-Precision: every tensor is read into the accumulator dtype ACC (float32, float64 in
-the interpreter) and all arithmetic runs in it. OPERAND (ACC itself, or bfloat16 or
-float16 under torch.autocast) is what the kernels round the data, parameters and
-directions to before they compute with them: the rounding autocast applies to a
-matmul's inputs. The SGD update W - lr dL/dW and the alpha V term take W and V as they
-are (float32 master weights); intermediate results stay in ACC (autocast would round
-each matmul's output too).
-
-Layout: X (B, n, T, D) and y (B, n) with a task stride each; every parameter and
-tangent (B, R, C) row-major with its own task stride, which is 0 when all tasks share
-it (the meta-parameters at the first inner step), so nothing is copied per task.
-Outputs are contiguous (B, ...) arrays.
+Precision and layout are task_kernels.py's: arithmetic in ACC, data, parameters and
+directions rounded to OPERAND before use, W - lr dL/dW and alpha V from W and V as they
+are; inputs with a task stride each (0 for shared parameters); outputs and workspaces
+contiguous (B, ...) arrays.
 """
 
 from __future__ import annotations
@@ -65,121 +37,105 @@ import triton
 import triton.language as tl
 
 from kernels.common import dot
+from phase12.fused_step.operands import load_matrix, rounded
+
+WEIGHTS = tl.constexpr(4)  # Wq, Wk, Wv, Wc: gradients that are sums of outer products
 
 
 @triton.jit
-def _load_matrix(ptr, offs_r, offs_c, R, C, ACC: tl.constexpr):
-    """Block [offs_r, offs_c] of a row-major (R, C) matrix at ptr; zeros outside."""
-    mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
-    return tl.load(ptr + offs_r[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+def _load_vector(ptr, offs, R, ACC: tl.constexpr):
+    return tl.load(ptr + offs, mask=offs < R, other=0.0).to(ACC)
 
 
 @triton.jit
-def _rounded(x, OPERAND: tl.constexpr, ACC: tl.constexpr):
-    """x rounded to nearest (ties to even) in OPERAND, held in ACC (x itself when OPERAND
-    is ACC)."""
-    if OPERAND == tl.bfloat16:  # by hand: Triton's interpreter truncates to bfloat16
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        # A NaN stays NaN (the carry would turn some into 0 or inf): a non-finite step
-        # must show as non-finite.
-        return tl.where(x == x, bits.to(tl.float32, bitcast=True).to(ACC), x)
-    return x.to(OPERAND).to(ACC)
+def _load_operand(ptr, offs_r, offs_c, R, C, OPERAND: tl.constexpr, ACC: tl.constexpr):
+    """A parameter or direction block as the kernels compute with it: rounded to OPERAND.
+    Loaded where it is used, and again after the passes over the positions rather than
+    held in registers across them."""
+    return rounded(load_matrix(ptr, offs_r, offs_c, R, C, ACC), OPERAND, ACC)
 
 
 @triton.jit
-def _store_matrix(ptr, value, offs_r, offs_c, R, C):
-    mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
-    tl.store(ptr + offs_r[:, None] * C + offs_c[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+def _mv(w, v):
+    """W v for a (R, K) block W and a (K,) vector v: (R,)."""
+    return tl.sum(w * v[None, :], 1)
 
 
 @triton.jit
-def _load_query_tokens(x_task, offs_n, offs_d, N, T, D, OPERAND: tl.constexpr, ACC: tl.constexpr):
-    """X0: position 0 of every example, (BLOCK_N, BLOCK_D), rounded to OPERAND."""
-    mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    x0 = tl.load(x_task + offs_n[:, None] * (T * D) + offs_d[None, :], mask=mask, other=0.0)
-    return _rounded(x0, OPERAND, ACC)
+def _vm(v, w):
+    """W^T v (the row vector v W) for a (R,) vector v and a (R, K) block W: (K,)."""
+    return tl.sum(w * v[:, None], 0)
 
 
 @triton.jit
-def _load_block(
-    x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND: tl.constexpr, ACC: tl.constexpr
-):
-    """Positions t0 .. t0 + BLOCK_T of every example: (BLOCK_N, BLOCK_T, BLOCK_D), rounded
-    to OPERAND, and the mask of the positions that exist (BLOCK_T,)."""
+def _load_positions(x_row, t0, offs_t, offs_d, T, D, OPERAND: tl.constexpr, ACC: tl.constexpr):
+    """Positions t0 .. t0 + BLOCK_T of one example: (BLOCK_T, BLOCK_D), rounded to
+    OPERAND, and the mask of the positions that exist (BLOCK_T,)."""
     t = t0 + offs_t
-    ptrs = x_task + offs_n[:, None, None] * (T * D) + t[None, :, None] * D + offs_d[None, None, :]
-    mask = (offs_n[:, None, None] < N) & (t[None, :, None] < T) & (offs_d[None, None, :] < D)
-    return _rounded(tl.load(ptrs, mask=mask, other=0.0), OPERAND, ACC), t < T
+    mask = (t[:, None] < T) & (offs_d[None, :] < D)
+    x = tl.load(x_row + t[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    return rounded(x, OPERAND, ACC), t < T
 
 
 @triton.jit
 def _attention_pass(
-    x_task,
+    x_row,
     u,
     u_t,
-    offs_n,
     offs_t,
     offs_d,
-    N,
     T,
     D,
     TANGENT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     OPERAND: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """First pass over the positions: lse_i, xbar_i = sum_t p_it x_it and, with
-    TANGENT, a_i = sum_t p_it s'_it x_it (s'_it = x_it . u'_i)."""
-    m = tl.full([BLOCK_N], float("-inf"), ACC)
-    l = tl.zeros([BLOCK_N], ACC)
-    xbar = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    a = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    """First pass over one example's positions: lse, xbar = sum_t p_t x_t and, with
+    TANGENT, a = sum_t p_t s'_t x_t (s'_t = x_t . u')."""
+    m = tl.full([1], float("-inf"), ACC)
+    l = tl.zeros([1], ACC)
+    xbar = tl.zeros([BLOCK_D], ACC)
+    a = tl.zeros([BLOCK_D], ACC)
     for t0 in range(0, T, BLOCK_T):
-        x, valid = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND, ACC)
-        s = tl.where(valid[None, :], tl.sum(x * u[:, None, :], 2), float("-inf"))
+        x, valid = _load_positions(x_row, t0, offs_t, offs_d, T, D, OPERAND, ACC)
+        s = tl.where(valid, tl.sum(x * u[None, :], 1), float("-inf"))
         # Position 0 is in the first block, so m is finite from then on.
-        m_new = tl.maximum(m, tl.max(s, 1))
+        m_new = tl.maximum(m, tl.max(s, 0))
         rescale = tl.exp(m - m_new)
-        e = tl.exp(s - m_new[:, None])  # (BLOCK_N, BLOCK_T), 0 at missing positions
-        l = l * rescale + tl.sum(e, 1)
-        xbar = xbar * rescale[:, None] + tl.sum(e[:, :, None] * x, 1)
+        e = tl.exp(s - m_new)  # (BLOCK_T,), 0 at missing positions
+        l = l * rescale + tl.sum(e, 0)
+        xbar = xbar * rescale + tl.sum(e[:, None] * x, 0)
         if TANGENT:
-            s_t = tl.sum(x * u_t[:, None, :], 2)
-            a = a * rescale[:, None] + tl.sum((e * s_t)[:, :, None] * x, 1)
+            s_t = tl.sum(x * u_t[None, :], 1)
+            a = a * rescale + tl.sum((e * s_t)[:, None] * x, 0)
         m = m_new
-    return xbar / l[:, None], m + tl.log(l), a / l[:, None]
+    return xbar / l, m + tl.log(l), a / l
 
 
 @triton.jit
-def _class_gradient(
-    h, wc, bc, y, rows, offs_c, C, inv_n, PRECISION: tl.constexpr, ACC: tl.constexpr
-):
-    """Logits Z = H Wc^T + bc (-inf in padding classes), pi = softmax(Z), the one-hot
-    labels, and G = dL/dZ = (pi - onehot) / n (zero in padding rows)."""
-    z = dot(h, tl.trans(wc), PRECISION, ACC) + bc[None, :]
-    z = tl.where(offs_c[None, :] < C, z, float("-inf"))
-    e = tl.exp(z - tl.max(z, 1)[:, None])
-    pi = e / tl.sum(e, 1)[:, None]
-    onehot = offs_c[None, :] == y[:, None]
-    g = tl.where(rows[:, None], (pi - onehot.to(ACC)) * inv_n, 0.0)
-    return z, pi, onehot, g
+def _class_gradient(h, wc, bc, y, offs_c, C, inv_n, ACC: tl.constexpr):
+    """Logits z = Wc h + bc (-inf in padding classes), pi = softmax(z), the one-hot
+    label and g = dL/dz = (pi - onehot) / n."""
+    z = tl.where(offs_c < C, _mv(wc, h) + bc, float("-inf"))
+    e = tl.exp(z - tl.max(z, 0))
+    pi = e / tl.sum(e, 0)
+    onehot = offs_c == y
+    return z, pi, onehot, (pi - onehot.to(ACC)) * inv_n
 
 
 @triton.jit
-def _head_backward(g, wc, wv, xbar, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """dH = G Wc, dXbar = dH Wv and delta_i = dxbar_i . xbar_i (the softmax backward's
-    row term). Apart from _class_gradient so that the HVP kernel computes it next to its
-    tangents dH', dXbar', delta'."""
-    dh = dot(g, wc, PRECISION, ACC)
-    dxbar = dot(dh, wv, PRECISION, ACC)
-    return dh, dxbar, tl.sum(dxbar * xbar, 1)
+def _store_factor(factors, w, side, row, value, offs, ROWS, BLOCK_D: tl.constexpr):
+    """Row `row` of factor `side` (0: A, 1: B) of weight w, in one task's workspace."""
+    ptr = factors + ((w * 2 + side) * ROWS + row) * BLOCK_D + offs
+    tl.store(ptr, value.to(factors.dtype.element_ty))
 
 
 @triton.jit
-def support_grad_kernel(
+def example_grad_kernel(
+    FACTORS,
+    ROWSUMS,  # outputs: workspaces
     X,
     Y,
     WQ,
@@ -187,13 +143,6 @@ def support_grad_kernel(
     WV,
     WC,
     BC,  # inputs
-    OQ,
-    OK,
-    OV,
-    OC,
-    OB,
-    LOSS,
-    ACCURACY,  # outputs
     stride_x,
     stride_y,
     stride_wq,
@@ -207,102 +156,74 @@ def support_grad_kernel(
     C,
     scale,
     inv_n,
-    lr,
-    UPDATE: tl.constexpr,  # write W - lr dL/dW (an SGD step) instead of dL/dW
-    BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    PRECISION: tl.constexpr,
     OPERAND: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Per task: the support loss, accuracy and gradient (or SGD step) of the model."""
+    """Per (task, example): the example's gradient factors and row sums."""
     b = tl.program_id(0).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
+    i = tl.program_id(1).to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_c = tl.arange(0, BLOCK_C)
-    rows = offs_n < N
-    x_task = X + b * stride_x
-    wq_ptr, wk_ptr, wv_ptr = WQ + b * stride_wq, WK + b * stride_wk, WV + b * stride_wv
-    wc_ptr, bc_ptr = WC + b * stride_wc, BC + b * stride_bc
+    tl.static_assert(BLOCK_C <= BLOCK_D)  # g is stored in a BLOCK_D-wide factor row
+    factors = FACTORS + b * (WEIGHTS * 2 * N * BLOCK_D)
 
-    x0 = _load_query_tokens(x_task, offs_n, offs_d, N, T, D, OPERAND, ACC)
-    y = tl.load(Y + b * stride_y + offs_n, mask=rows, other=0)
-    wq = _load_matrix(wq_ptr, offs_d, offs_d, D, D, ACC)  # as they are, for the update
-    wk = _load_matrix(wk_ptr, offs_d, offs_d, D, D, ACC)
-    wq_r, wk_r = _rounded(wq, OPERAND, ACC), _rounded(wk, OPERAND, ACC)  # to compute with
-    q = dot(x0, tl.trans(wq_r), PRECISION, ACC)  # Q = X0 Wq^T
-    u = dot(q, wk_r, PRECISION, ACC) * scale  # U = s Q Wk
+    x_row = X + b * stride_x + i * T * D
+    x0 = rounded(_load_vector(x_row, offs_d, D, ACC), OPERAND, ACC)
+    y = tl.load(Y + b * stride_y + i)
+    wq = _load_operand(WQ + b * stride_wq, offs_d, offs_d, D, D, OPERAND, ACC)
+    wk = _load_operand(WK + b * stride_wk, offs_d, offs_d, D, D, OPERAND, ACC)
+    q = _mv(wq, x0)  # q = Wq x0
+    u = _vm(q, wk) * scale  # u = s Wk^T q
 
     xbar, lse, _ = _attention_pass(
-        x_task,
-        u,
-        u,
-        offs_n,
-        offs_t,
-        offs_d,
-        N,
-        T,
-        D,
-        False,
-        BLOCK_N,
-        BLOCK_T,
-        BLOCK_D,
-        OPERAND,
-        ACC,
+        x_row, u, u, offs_t, offs_d, T, D, False, BLOCK_T, BLOCK_D, OPERAND, ACC
     )
 
-    wv = _load_matrix(wv_ptr, offs_d, offs_d, D, D, ACC)
-    wc = _load_matrix(wc_ptr, offs_c, offs_d, C, D, ACC)
-    bc = tl.load(bc_ptr + offs_c, mask=offs_c < C, other=0.0).to(ACC)
-    wv_r, wc_r = _rounded(wv, OPERAND, ACC), _rounded(wc, OPERAND, ACC)
-    h = dot(xbar, tl.trans(wv_r), PRECISION, ACC)  # H = Xbar Wv^T
-    z, _, onehot, g = _class_gradient(
-        h, wc_r, _rounded(bc, OPERAND, ACC), y, rows, offs_c, C, inv_n, PRECISION, ACC
-    )
+    wv = _load_operand(WV + b * stride_wv, offs_d, offs_d, D, D, OPERAND, ACC)
+    wc = _load_operand(WC + b * stride_wc, offs_c, offs_d, C, D, OPERAND, ACC)
+    bc = rounded(_load_vector(BC + b * stride_bc, offs_c, C, ACC), OPERAND, ACC)
+    h = _mv(wv, xbar)  # h = Wv xbar
+    z, _, onehot, g = _class_gradient(h, wc, bc, y, offs_c, C, inv_n, ACC)
+    z_max = tl.max(z, 0)
+    nll = z_max + tl.log(tl.sum(tl.exp(z - z_max), 0)) - tl.sum(tl.where(onehot, z, 0.0), 0)
+    correct = (tl.argmax(z, 0) == y).to(ACC)
 
-    z_max = tl.max(z, 1)
-    nll = (
-        z_max + tl.log(tl.sum(tl.exp(z - z_max[:, None]), 1)) - tl.sum(tl.where(onehot, z, 0.0), 1)
-    )
-    tl.store(LOSS + b, (tl.sum(tl.where(rows, nll, 0.0)) * inv_n).to(LOSS.dtype.element_ty))
-    correct = (tl.argmax(z, 1) == y) & rows
-    tl.store(ACCURACY + b, (tl.sum(correct.to(ACC)) * inv_n).to(ACCURACY.dtype.element_ty))
+    dh = _vm(g, wc)  # dh = Wc^T g
+    dxbar = _vm(dh, wv)  # dxbar = Wv^T dh
+    delta = tl.sum(dxbar * xbar, 0)
 
-    dh, dxbar, delta = _head_backward(g, wc_r, wv_r, xbar, PRECISION, ACC)
-    g_wc = dot(tl.trans(g), h, PRECISION, ACC)
-    g_bc = tl.sum(g, 0)
-    g_wv = dot(tl.trans(dh), xbar, PRECISION, ACC)
-    if UPDATE:
-        g_wc = wc - lr * g_wc
-        g_bc = bc - lr * g_bc
-        g_wv = wv - lr * g_wv
-    _store_matrix(OC + b * C * D, g_wc, offs_c, offs_d, C, D)
-    tl.store(OB + b * C + offs_c, g_bc.to(OB.dtype.element_ty), mask=offs_c < C)
-    _store_matrix(OV + b * D * D, g_wv, offs_d, offs_d, D, D)
-
-    # Second pass: dU_i = sum_t p_it (dp_it - delta_i) x_it.
-    du = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    # Second pass: du = sum_t p_t (dp_t - delta) x_t.
+    du = tl.zeros([BLOCK_D], ACC)
     for t0 in range(0, T, BLOCK_T):
-        x, valid = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND, ACC)
-        p = tl.where(valid[None, :], tl.exp(tl.sum(x * u[:, None, :], 2) - lse[:, None]), 0.0)
-        dp = tl.sum(x * dxbar[:, None, :], 2)
-        du += tl.sum((p * (dp - delta[:, None]))[:, :, None] * x, 1)
+        x, valid = _load_positions(x_row, t0, offs_t, offs_d, T, D, OPERAND, ACC)
+        p = tl.where(valid, tl.exp(tl.sum(x * u[None, :], 1) - lse), 0.0)
+        dp = tl.sum(x * dxbar[None, :], 1)
+        du += tl.sum((p * (dp - delta))[:, None] * x, 0)
+    wk = _load_operand(WK + b * stride_wk, offs_d, offs_d, D, D, OPERAND, ACC)
+    dq = _mv(wk, du) * scale  # dq = s Wk du
 
-    dq = dot(du, tl.trans(wk_r), PRECISION, ACC) * scale  # dQ = s dU Wk^T
-    g_wk = dot(tl.trans(q), du, PRECISION, ACC) * scale  # dWk = s Q^T dU
-    g_wq = dot(tl.trans(dq), x0, PRECISION, ACC)  # dWq = dQ^T X0
-    if UPDATE:
-        g_wk = wk - lr * g_wk
-        g_wq = wq - lr * g_wq
-    _store_matrix(OK + b * D * D, g_wk, offs_d, offs_d, D, D)
-    _store_matrix(OQ + b * D * D, g_wq, offs_d, offs_d, D, D)
+    _store_factor(factors, 0, 0, i, dq, offs_d, N, BLOCK_D)
+    _store_factor(factors, 0, 1, i, x0, offs_d, N, BLOCK_D)
+    _store_factor(factors, 1, 0, i, q * scale, offs_d, N, BLOCK_D)
+    _store_factor(factors, 1, 1, i, du, offs_d, N, BLOCK_D)
+    _store_factor(factors, 2, 0, i, dh, offs_d, N, BLOCK_D)
+    _store_factor(factors, 2, 1, i, xbar, offs_d, N, BLOCK_D)
+    _store_factor(factors, 3, 0, i, g, offs_c, N, BLOCK_D)  # read back as C columns
+    _store_factor(factors, 3, 1, i, h, offs_d, N, BLOCK_D)
+    rowsums = ROWSUMS + (b * N + i) * (BLOCK_C + 2)
+    tl.store(rowsums + offs_c, g.to(ROWSUMS.dtype.element_ty))
+    tl.store(rowsums + BLOCK_C, nll.to(ROWSUMS.dtype.element_ty))
+    tl.store(rowsums + BLOCK_C + 1, correct.to(ROWSUMS.dtype.element_ty))
 
 
 @triton.jit
-def support_hvp_kernel(
+def example_hvp_kernel(
+    FACTORS,
+    ROWSUMS,  # outputs: workspaces
     X,
     Y,
     WQ,
@@ -315,11 +236,6 @@ def support_hvp_kernel(
     VV,
     VC,
     VB,  # inputs: parameters, direction V
-    OQ,
-    OK,
-    OV,
-    OC,
-    OB,  # outputs: alpha V + beta H V
     stride_x,
     stride_y,
     stride_wq,
@@ -338,100 +254,203 @@ def support_hvp_kernel(
     C,
     scale,
     inv_n,
-    alpha,
-    beta,
-    BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    PRECISION: tl.constexpr,
     OPERAND: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Per task: alpha V + beta (d^2 L / dW^2) V for the support loss L."""
+    """Per (task, example): the factors and row sums of the example's share of H V."""
     b = tl.program_id(0).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
+    i = tl.program_id(1).to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     offs_c = tl.arange(0, BLOCK_C)
-    rows = offs_n < N
-    x_task = X + b * stride_x
+    tl.static_assert(BLOCK_C <= BLOCK_D)  # g is stored in a BLOCK_D-wide factor row
+    rows = 2 * N
+    factors = FACTORS + b * (WEIGHTS * 2 * rows * BLOCK_D)
 
-    x0 = _load_query_tokens(x_task, offs_n, offs_d, N, T, D, OPERAND, ACC)
-    y = tl.load(Y + b * stride_y + offs_n, mask=rows, other=0)
-    # W is only computed with (rounded); V also enters alpha V as it is.
-    wq = _rounded(_load_matrix(WQ + b * stride_wq, offs_d, offs_d, D, D, ACC), OPERAND, ACC)
-    wk = _rounded(_load_matrix(WK + b * stride_wk, offs_d, offs_d, D, D, ACC), OPERAND, ACC)
-    vq = _load_matrix(VQ + b * stride_vq, offs_d, offs_d, D, D, ACC)
-    vk = _load_matrix(VK + b * stride_vk, offs_d, offs_d, D, D, ACC)
-    vq_r, vk_r = _rounded(vq, OPERAND, ACC), _rounded(vk, OPERAND, ACC)
-    q = dot(x0, tl.trans(wq), PRECISION, ACC)
-    q_t = dot(x0, tl.trans(vq_r), PRECISION, ACC)  # Q' = X0 Vq^T
-    u = dot(q, wk, PRECISION, ACC) * scale
-    u_t = (dot(q_t, wk, PRECISION, ACC) + dot(q, vk_r, PRECISION, ACC)) * scale
+    x_row = X + b * stride_x + i * T * D
+    x0 = rounded(_load_vector(x_row, offs_d, D, ACC), OPERAND, ACC)
+    y = tl.load(Y + b * stride_y + i)
+    wq = _load_operand(WQ + b * stride_wq, offs_d, offs_d, D, D, OPERAND, ACC)
+    wk = _load_operand(WK + b * stride_wk, offs_d, offs_d, D, D, OPERAND, ACC)
+    vq = _load_operand(VQ + b * stride_vq, offs_d, offs_d, D, D, OPERAND, ACC)
+    vk = _load_operand(VK + b * stride_vk, offs_d, offs_d, D, D, OPERAND, ACC)
+    q = _mv(wq, x0)
+    q_t = _mv(vq, x0)  # q' = Vq x0
+    u = _vm(q, wk) * scale
+    u_t = (_vm(q_t, wk) + _vm(q, vk)) * scale
 
     xbar, lse, a = _attention_pass(
-        x_task,
-        u,
-        u_t,
-        offs_n,
-        offs_t,
-        offs_d,
-        N,
-        T,
-        D,
-        True,
-        BLOCK_N,
-        BLOCK_T,
-        BLOCK_D,
-        OPERAND,
-        ACC,
+        x_row, u, u_t, offs_t, offs_d, T, D, True, BLOCK_T, BLOCK_D, OPERAND, ACC
     )
-    c = tl.sum(xbar * u_t, 1)  # c_i = sum_t p_it s'_it
-    xbar_t = a - c[:, None] * xbar
+    c = tl.sum(xbar * u_t, 0)  # c = sum_t p_t s'_t
+    xbar_t = a - c * xbar
 
-    wv = _rounded(_load_matrix(WV + b * stride_wv, offs_d, offs_d, D, D, ACC), OPERAND, ACC)
-    wc = _rounded(_load_matrix(WC + b * stride_wc, offs_c, offs_d, C, D, ACC), OPERAND, ACC)
-    bc = _rounded(tl.load(BC + b * stride_bc + offs_c, mask=offs_c < C, other=0.0), OPERAND, ACC)
-    vv = _load_matrix(VV + b * stride_vv, offs_d, offs_d, D, D, ACC)
-    vc = _load_matrix(VC + b * stride_vc, offs_c, offs_d, C, D, ACC)
-    vb = tl.load(VB + b * stride_vb + offs_c, mask=offs_c < C, other=0.0).to(ACC)
-    vv_r, vc_r = _rounded(vv, OPERAND, ACC), _rounded(vc, OPERAND, ACC)
-    h = dot(xbar, tl.trans(wv), PRECISION, ACC)
-    h_t = dot(xbar_t, tl.trans(wv), PRECISION, ACC) + dot(xbar, tl.trans(vv_r), PRECISION, ACC)
-    _, pi, _, g = _class_gradient(h, wc, bc, y, rows, offs_c, C, inv_n, PRECISION, ACC)
-    z_t = dot(h_t, tl.trans(wc), PRECISION, ACC) + dot(h, tl.trans(vc_r), PRECISION, ACC)
-    z_t += _rounded(vb, OPERAND, ACC)[None, :]
-    g_t = tl.where(rows[:, None], pi * (z_t - tl.sum(pi * z_t, 1)[:, None]) * inv_n, 0.0)
-    dh, dxbar, delta = _head_backward(g, wc, wv, xbar, PRECISION, ACC)
-    dh_t = dot(g_t, wc, PRECISION, ACC) + dot(g, vc_r, PRECISION, ACC)
-    dxbar_t = dot(dh_t, wv, PRECISION, ACC) + dot(dh, vv_r, PRECISION, ACC)
-    delta_t = tl.sum(dxbar_t * xbar + dxbar * xbar_t, 1)
+    wv = _load_operand(WV + b * stride_wv, offs_d, offs_d, D, D, OPERAND, ACC)
+    wc = _load_operand(WC + b * stride_wc, offs_c, offs_d, C, D, OPERAND, ACC)
+    bc = rounded(_load_vector(BC + b * stride_bc, offs_c, C, ACC), OPERAND, ACC)
+    vv = _load_operand(VV + b * stride_vv, offs_d, offs_d, D, D, OPERAND, ACC)
+    vc = _load_operand(VC + b * stride_vc, offs_c, offs_d, C, D, OPERAND, ACC)
+    vb = rounded(_load_vector(VB + b * stride_vb, offs_c, C, ACC), OPERAND, ACC)
+    h = _mv(wv, xbar)
+    h_t = _mv(wv, xbar_t) + _mv(vv, xbar)
+    _, pi, _, g = _class_gradient(h, wc, bc, y, offs_c, C, inv_n, ACC)
+    z_t = _mv(wc, h_t) + _mv(vc, h) + vb
+    g_t = pi * (z_t - tl.sum(pi * z_t, 0)) * inv_n
+    dh = _vm(g, wc)
+    dxbar = _vm(dh, wv)
+    delta = tl.sum(dxbar * xbar, 0)
+    dh_t = _vm(g_t, wc) + _vm(g, vc)
+    dxbar_t = _vm(dh_t, wv) + _vm(dh, vv)
+    delta_t = tl.sum(dxbar_t * xbar + dxbar * xbar_t, 0)
 
-    h_wc = dot(tl.trans(g_t), h, PRECISION, ACC) + dot(tl.trans(g), h_t, PRECISION, ACC)
-    h_bc = tl.sum(g_t, 0)
-    h_wv = dot(tl.trans(dh_t), xbar, PRECISION, ACC) + dot(tl.trans(dh), xbar_t, PRECISION, ACC)
-    _store_matrix(OC + b * C * D, alpha * vc + beta * h_wc, offs_c, offs_d, C, D)
-    tl.store(
-        OB + b * C + offs_c, (alpha * vb + beta * h_bc).to(OB.dtype.element_ty), mask=offs_c < C
-    )
-    _store_matrix(OV + b * D * D, alpha * vv + beta * h_wv, offs_d, offs_d, D, D)
-
-    du = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    du_t = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    du = tl.zeros([BLOCK_D], ACC)
+    du_t = tl.zeros([BLOCK_D], ACC)
     for t0 in range(0, T, BLOCK_T):
-        x, valid = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND, ACC)
-        p = tl.where(valid[None, :], tl.exp(tl.sum(x * u[:, None, :], 2) - lse[:, None]), 0.0)
-        p_t = p * (tl.sum(x * u_t[:, None, :], 2) - c[:, None])
-        dp_delta = tl.sum(x * dxbar[:, None, :], 2) - delta[:, None]
-        dp_t = tl.sum(x * dxbar_t[:, None, :], 2)
-        du += tl.sum((p * dp_delta)[:, :, None] * x, 1)
-        du_t += tl.sum((p_t * dp_delta + p * (dp_t - delta_t[:, None]))[:, :, None] * x, 1)
+        x, valid = _load_positions(x_row, t0, offs_t, offs_d, T, D, OPERAND, ACC)
+        p = tl.where(valid, tl.exp(tl.sum(x * u[None, :], 1) - lse), 0.0)
+        p_t = p * (tl.sum(x * u_t[None, :], 1) - c)
+        dp_delta = tl.sum(x * dxbar[None, :], 1) - delta
+        dp_t = tl.sum(x * dxbar_t[None, :], 1)
+        du += tl.sum((p * dp_delta)[:, None] * x, 0)
+        du_t += tl.sum((p_t * dp_delta + p * (dp_t - delta_t))[:, None] * x, 0)
+    wk = _load_operand(WK + b * stride_wk, offs_d, offs_d, D, D, OPERAND, ACC)
+    vk = _load_operand(VK + b * stride_vk, offs_d, offs_d, D, D, OPERAND, ACC)
+    dq_t = (_mv(wk, du_t) + _mv(vk, du)) * scale  # dq' = s (Wk du' + Vk du)
 
-    dq_t = (
-        dot(du_t, tl.trans(wk), PRECISION, ACC) + dot(du, tl.trans(vk_r), PRECISION, ACC)
-    ) * scale
-    h_wk = (dot(tl.trans(q_t), du, PRECISION, ACC) + dot(tl.trans(q), du_t, PRECISION, ACC)) * scale
-    h_wq = dot(tl.trans(dq_t), x0, PRECISION, ACC)
-    _store_matrix(OK + b * D * D, alpha * vk + beta * h_wk, offs_d, offs_d, D, D)
-    _store_matrix(OQ + b * D * D, alpha * vq + beta * h_wq, offs_d, offs_d, D, D)
+    zero = tl.zeros([BLOCK_D], ACC)
+    j = N + i  # the row of each weight's second product
+    _store_factor(factors, 0, 0, i, dq_t, offs_d, rows, BLOCK_D)
+    _store_factor(factors, 0, 1, i, x0, offs_d, rows, BLOCK_D)
+    _store_factor(factors, 0, 0, j, zero, offs_d, rows, BLOCK_D)
+    _store_factor(factors, 0, 1, j, zero, offs_d, rows, BLOCK_D)
+    _store_factor(factors, 1, 0, i, q_t * scale, offs_d, rows, BLOCK_D)
+    _store_factor(factors, 1, 1, i, du, offs_d, rows, BLOCK_D)
+    _store_factor(factors, 1, 0, j, q * scale, offs_d, rows, BLOCK_D)
+    _store_factor(factors, 1, 1, j, du_t, offs_d, rows, BLOCK_D)
+    _store_factor(factors, 2, 0, i, dh_t, offs_d, rows, BLOCK_D)
+    _store_factor(factors, 2, 1, i, xbar, offs_d, rows, BLOCK_D)
+    _store_factor(factors, 2, 0, j, dh, offs_d, rows, BLOCK_D)
+    _store_factor(factors, 2, 1, j, xbar_t, offs_d, rows, BLOCK_D)
+    _store_factor(factors, 3, 0, i, g_t, offs_c, rows, BLOCK_D)
+    _store_factor(factors, 3, 1, i, h, offs_d, rows, BLOCK_D)
+    _store_factor(factors, 3, 0, j, g, offs_c, rows, BLOCK_D)
+    _store_factor(factors, 3, 1, j, h_t, offs_d, rows, BLOCK_D)
+    tl.store(ROWSUMS + (b * N + i) * (BLOCK_C + 2) + offs_c, g_t.to(ROWSUMS.dtype.element_ty))
+
+
+@triton.jit
+def _store_weight(
+    total,
+    base,
+    out,
+    w,
+    k,
+    R,
+    D,
+    alpha,
+    beta,
+    HAS_BASE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """If w == k: alpha base + beta total (or beta total) to the row-major (R, D) out."""
+    if w == k:
+        offs = tl.arange(0, BLOCK_D)
+        mask = (offs[:, None] < R) & (offs[None, :] < D)
+        offsets = offs[:, None] * D + offs[None, :]
+        result = beta * total
+        if HAS_BASE:
+            result += alpha * tl.load(base + offsets, mask=mask, other=0.0).to(ACC)
+        tl.store(out + offsets, result.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def weight_kernel(
+    FACTORS,
+    ROWSUMS,  # inputs: workspaces of the example kernels
+    BQ,
+    BK,
+    BV,
+    BCW,
+    BB,  # inputs: the base the sums are added to (W or V), if HAS_BASE
+    OQ,
+    OK,
+    OV,
+    OC,
+    OB,
+    LOSS,
+    ACCURACY,  # outputs
+    stride_bq,
+    stride_bk,
+    stride_bv,
+    stride_bcw,
+    stride_bb,
+    N,
+    ROWS,
+    D,
+    C,
+    inv_n,
+    alpha,
+    beta,
+    HAS_BASE: tl.constexpr,  # out = alpha * base + beta * sum, else beta * sum
+    HAS_LOSS: tl.constexpr,  # also the loss and accuracy (the gradient's row sums)
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Per (task, weight w): dW_w = A_w^T B_w over the ROWS workspace rows, in blocks of
+    BLOCK_R rows in order; weight 3 (Wc) also sums the row sums (bc, loss, accuracy)."""
+    b = tl.program_id(0).to(tl.int64)
+    w = tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
+    a_cols = tl.where(w == 3, C, D)  # Wc's A factor (g) has C columns
+    factors = FACTORS + (b * WEIGHTS + w) * (2 * ROWS * BLOCK_D)
+    total = tl.zeros([BLOCK_D, BLOCK_D], ACC)
+    for r0 in range(0, ROWS, BLOCK_R):
+        r = r0 + offs_r
+        mask = (r[:, None] < ROWS) & (offs_d[None, :] < D)
+        a_mask = (r[:, None] < ROWS) & (offs_d[None, :] < a_cols)
+        ptrs = factors + r[:, None] * BLOCK_D + offs_d[None, :]
+        a = tl.load(ptrs, mask=a_mask, other=0.0).to(ACC)
+        b_rows = tl.load(ptrs + ROWS * BLOCK_D, mask=mask, other=0.0).to(ACC)
+        total += dot(tl.trans(a), b_rows, PRECISION, ACC)
+
+    # Each weight has its own base and output; program w stores weight w.
+    _store_weight(
+        total, BQ + b * stride_bq, OQ + b * D * D, w, 0, D, D, alpha, beta, HAS_BASE, BLOCK_D, ACC
+    )
+    _store_weight(
+        total, BK + b * stride_bk, OK + b * D * D, w, 1, D, D, alpha, beta, HAS_BASE, BLOCK_D, ACC
+    )
+    _store_weight(
+        total, BV + b * stride_bv, OV + b * D * D, w, 2, D, D, alpha, beta, HAS_BASE, BLOCK_D, ACC
+    )
+    _store_weight(
+        total, BCW + b * stride_bcw, OC + b * C * D, w, 3, C, D, alpha, beta, HAS_BASE, BLOCK_D, ACC
+    )
+
+    if w == 3:  # the row sums: dbc (or dbc'), and the loss and accuracy
+        sums = tl.zeros([BLOCK_C], ACC)
+        loss = tl.zeros([1], ACC)
+        accuracy = tl.zeros([1], ACC)
+        for i in range(0, N):
+            row = ROWSUMS + (b * N + i) * (BLOCK_C + 2)
+            sums += tl.load(row + offs_c).to(ACC)
+            if HAS_LOSS:
+                loss += tl.load(row + BLOCK_C + tl.arange(0, 1)).to(ACC)
+                accuracy += tl.load(row + BLOCK_C + 1 + tl.arange(0, 1)).to(ACC)
+        bias = beta * sums
+        if HAS_BASE:
+            bias += alpha * tl.load(BB + b * stride_bb + offs_c, mask=offs_c < C, other=0.0).to(ACC)
+        tl.store(OB + b * C + offs_c, bias.to(OB.dtype.element_ty), mask=offs_c < C)
+        if HAS_LOSS:
+            tl.store(LOSS + b + tl.arange(0, 1), (loss * inv_n).to(LOSS.dtype.element_ty))
+            accuracy = accuracy * inv_n
+            tl.store(ACCURACY + b + tl.arange(0, 1), accuracy.to(ACCURACY.dtype.element_ty))

@@ -1,5 +1,5 @@
-"""The `triton_step` backend: an inner SGD step of the Phase 12 model as one fused
-Triton kernel, and its backward (second-order MAML) as another.
+"""The `triton_step` backend: an inner SGD step of the Phase 12 model as fused Triton
+kernels, and its backward (second-order MAML) as a fused Hessian-vector product.
 
     sgd_step(params, x, y, lr, second_order)   phi = params - lr dL_s/dparams
     query_loss(params, x, y)                   (L_q, accuracy), differentiable
@@ -10,17 +10,18 @@ inputs to before computing with them, what torch.autocast does to a matmul's inp
 
 With the `reference` and `triton_fused` backends, an inner step is torch.func.grad of
 the model: ~20 GEMMs and ~50 small kernels, and as many again in the outer backward.
-Here the model's loss gradient is written out by hand (phase12/fused_step/triton_kernels.py)
-and runs as one kernel per step for the whole meta-batch; the backward of the step,
-v -> v - lr H v (H the support loss's Hessian), is a Hessian-vector product kernel.
+Here the model's loss gradient is written out by hand (phase12/fused_step/task_kernels.py
+and example_kernels.py) and runs as one or two launches per step for the whole
+meta-batch; the backward of the step, v -> v - lr H v (H the support loss's Hessian), is
+a Hessian-vector product of as many launches.
 
 Three autograd.Functions, each with `setup_context` and a `vmap` rule that moves the
 vmapped dim to the front, where the launchers fold it into the task axis (a vmapped
-call is one launch):
+call is one call of the launcher):
 
-    SGDStep               (x, y, lr, second_order, operand, *W) -> W - lr dL/dW       1 kernel
-    LossAndGradient       (x, y, operand, *W)                   -> (L, acc, *dL/dW)   1 kernel
-    HessianVectorProduct  (x, y, alpha, beta, operand, *W, *V)  -> alpha V + beta H V 1 kernel
+    SGDStep               (x, y, lr, second_order, operand, *W) -> W - lr dL/dW
+    LossAndGradient       (x, y, operand, *W)                   -> (L, acc, *dL/dW)
+    HessianVectorProduct  (x, y, alpha, beta, operand, *W, *V)  -> alpha V + beta H V
 
 SGDStep's and LossAndGradient's backwards are HessianVectorProduct calls, so their
 second derivatives are the fused kernels too; HessianVectorProduct's own backward

@@ -1,24 +1,30 @@
-"""Launchers for the fused inner-step kernels of the Phase 12 model
-(phase12/fused_step/triton_kernels.py): shapes, block sizes, allocation.
+"""Launchers for the fused inner-step kernels of the Phase 12 model: shapes, block
+sizes, allocation, and the choice between two kernel sets.
 
-    support_step(params, x, y, lr)            -> (W - lr dL/dW for each W)          1 launch
-    support_loss_and_grad(params, x, y)       -> (loss, accuracy, dL/dW for each W) 1 launch
+    support_step(params, x, y, lr)            -> (W - lr dL/dW for each W)
+    support_loss_and_grad(params, x, y)       -> (loss, accuracy, dL/dW for each W)
                                                  (dL/dW in float32 for half inputs)
-    support_hvp(params, x, y, v, alpha, beta) -> alpha v + beta (d^2L/dW^2) v       1 launch
+    support_hvp(params, x, y, v, alpha, beta) -> alpha v + beta (d^2L/dW^2) v
+
+Up to EXAMPLE_KERNELS_MAX examples in all (tasks x n), each call is two launches of
+example_kernels.py (one program per task and example, then one per task and weight);
+above it, one launch of task_kernels.py (one program per task). The first fills the
+GPU when the meta-batch is small, the second reads each task's weights once.
 
 `params` and `v` are tuples (Wq, Wk, Wv, Wc, bc) of shapes (..., D, D) x 3, (..., C, D),
 (..., C); x (..., n, T, D) and y (..., n) int64, all with the same leading (task) dims,
-which become one grid axis (one program per task). A leading dim of stride 0 (the
+which become one grid axis. A leading dim of stride 0 (the
 shared meta-parameters, expanded over the tasks) is read in place, not copied. L is the
 model's mean cross-entropy over the n examples of a task. Nothing here is
 differentiable: phase12/fused_step/functions.py wraps these in autograd.Functions.
 
 Dtypes: float32, bfloat16 and float16 run on CUDA, all arithmetic in float32 (dots in
-plain float32, `input_precision="ieee"`), outputs in the inputs' dtype; float64 only in
-the interpreter (TRITON_INTERPRET=1), where the tests run. Each launcher also takes
+tf32x3, float32 accuracy on the tensor cores, as the attention kernels use, except
+where `dot_precision` says), outputs in the inputs' dtype; float64 only in the
+interpreter (TRITON_INTERPRET=1), where the tests run. Each launcher also takes
 `operand`: None, or bfloat16 / float16 for float32 inputs (torch.autocast's dtype), the
 dtype the kernels round x, W and V to before computing with them; W - lr dL/dW and the
-alpha v term use W and v as they are (triton_kernels.py, "Precision").
+alpha v term use W and v as they are (task_kernels.py, "Precision").
 """
 
 from __future__ import annotations
@@ -28,7 +34,13 @@ import triton
 import triton.language as tl
 
 from kernels.common import interpreter_enabled, pow2
-from phase12.fused_step.triton_kernels import support_grad_kernel, support_hvp_kernel
+from phase12.fused_step.example_kernels import (
+    WEIGHTS,
+    example_grad_kernel,
+    example_hvp_kernel,
+    weight_kernel,
+)
+from phase12.fused_step.task_kernels import task_grad_kernel, task_hvp_kernel
 
 PARAM_TAILS = (2, 2, 2, 2, 1)  # trailing (per-task) dims of Wq, Wk, Wv, Wc, bc
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -40,19 +52,26 @@ TL_DTYPES = {
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
 }
-# Limits of one program per task: the kernels keep a dozen (examples x D) blocks and
-# several D x D weights in registers. At D = 128 the compiled kernels need 330 KB of
-# shared memory (an H200 has 227 KB), so D stops at 64; n = 64 at D = 64 compiles.
+# Limits: a task program keeps a dozen (examples x D) blocks and several D x D weights
+# in registers. At D = 128 the compiled kernels need 330 KB of shared memory (an H200
+# has 227 KB), so D stops at 64; n = 64 at D = 64 compiles.
 MAX_DIM = 64
 MAX_EXAMPLES = 64
 MAX_CLASSES = 16  # one 16-wide block of classes (tested: C = 5, 7)
-# Elements of one (examples x positions x D) block of X walked per loop iteration.
-BLOCK_ELEMENTS = 4096
-PRECISION = "ieee"
-# Warps per program, by input dtype: for float32 the fastest of 2, 4, 8, 16; 16-bit inputs
-# run fastest at 4 (docs/benchmarks.md, "Ninth session"). Autocast runs have float32
-# inputs and keep 8 (they cost float32's time plus 1-12%; 4 was not timed for them).
-NUM_WARPS = {torch.float64: 8, torch.float32: 8, torch.bfloat16: 4, torch.float16: 4}
+# The kernel sets' crossover, in examples (tasks x n): docs/benchmarks.md, "Tenth session".
+EXAMPLE_KERNELS_MAX = 512
+# Elements of the (positions x D) block one example program walks per loop iteration,
+# and of the (examples x positions x D) block a task program walks.
+EXAMPLE_BLOCK_ELEMENTS = 2048
+TASK_BLOCK_ELEMENTS = 4096
+# Warps per program. Task programs, by input dtype: for float32 the fastest of 2, 4, 8,
+# 16; 16-bit inputs run fastest at 4 ("Ninth session"). Autocast runs have float32 inputs
+# and keep 8 (they cost float32's time plus 1-12%; 4 was not timed for them). Example
+# and weight programs: 4 ("Tenth session").
+TASK_WARPS = {torch.float64: 8, torch.float32: 8, torch.bfloat16: 4, torch.float16: 4}
+EXAMPLE_WARPS = 4
+WEIGHT_WARPS = 4
+WEIGHT_ROWS = 16  # examples per dot of the weight kernel
 
 
 def check_shapes(examples: int, seq_len: int, dim: int, num_classes: int) -> None:
@@ -122,22 +141,37 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, operand: torch.dtype | None, *gro
     return lead, (n, t, d, c), _per_task(x, 3), _per_task(y, 1), flat
 
 
-def _meta(n: int, t: int, d: int, c: int, dtype: torch.dtype, operand: torch.dtype | None) -> dict:
+def dot_precision(acc: torch.dtype, rows: int) -> str:
+    """Triton's `input_precision` for dots over `rows`-row blocks: tf32x3 (each float32
+    operand split into TF32 high and low parts, three tensor-core products) for float32,
+    except 64-row blocks, where Triton 3.6's tf32x3 code makes an illegal memory access
+    in the task kernels on an H200 ("Tenth session"): plain float32 FMA ("ieee") there
+    and for float64."""
+    return "tf32x3" if acc == torch.float32 and rows <= 32 else "ieee"
+
+
+def use_example_kernels(tasks: int, n: int) -> bool:
+    return tasks * n <= EXAMPLE_KERNELS_MAX
+
+
+def _meta(n: int, t: int, d: int, c: int, dtype: torch.dtype, operand, per_example: bool):
+    """Compile-time settings of the example or task kernels."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    block_n, block_d = pow2(n, 16), pow2(d, 16)
-    block_t = max(1, min(triton.next_power_of_2(t), BLOCK_ELEMENTS // (block_n * block_d)))
+    block_d = pow2(d, 16)
+    meta = dict(BLOCK_D=block_d, BLOCK_C=pow2(c, 16), OPERAND=TL_DTYPES[operand or acc])
+    meta.update(ACC=TL_DTYPES[acc])
+    if per_example:
+        block_t = EXAMPLE_BLOCK_ELEMENTS // block_d
+        meta.update(num_warps=EXAMPLE_WARPS)
+    else:
+        block_n = pow2(n, 16)
+        block_t = TASK_BLOCK_ELEMENTS // (block_n * block_d)
+        meta.update(BLOCK_N=block_n, PRECISION=dot_precision(acc, block_n))
+        meta.update(num_warps=TASK_WARPS[dtype])
+    block_t = max(1, min(triton.next_power_of_2(t), block_t))
     if interpreter_enabled():
         block_t = 2  # several position blocks and a tail even at test sizes
-    return dict(
-        BLOCK_N=block_n,
-        BLOCK_T=block_t,
-        BLOCK_D=block_d,
-        BLOCK_C=pow2(c, 16),
-        PRECISION=PRECISION,
-        OPERAND=TL_DTYPES[operand or acc],
-        ACC=TL_DTYPES[acc],
-        num_warps=NUM_WARPS[dtype],
-    )
+    return dict(meta, BLOCK_T=block_t)
 
 
 def _scalars(n: int, d: int) -> tuple[float, float]:
@@ -151,6 +185,30 @@ def _outputs(params, batch: int, dtype: torch.dtype | None = None):
     ]
 
 
+def _launch_examples(example_kernel, args, x3, n, rows, meta, outs, base=None, alpha=0.0,
+                     beta=1.0, loss=None, accuracy=None):  # fmt: skip
+    """example_kernel[(tasks, n)](FACTORS, ROWSUMS, *args) into fresh workspaces, then
+    weight_kernel[(tasks, 4)]: outs = alpha base + beta (the sums over the examples), or
+    beta times the sums when base is None; loss and accuracy too when given."""
+    batch = x3.shape[0]
+    acc = torch.float64 if x3.dtype == torch.float64 else torch.float32
+    factors = torch.empty(
+        batch, WEIGHTS.value, 2, rows, meta["BLOCK_D"], dtype=acc, device=x3.device
+    )
+    rowsums = torch.empty(batch, n, meta["BLOCK_C"] + 2, dtype=acc, device=x3.device)
+    example_kernel[(batch, n)](factors, rowsums, *args, **meta)
+    read = outs if base is None else base  # not read without HAS_BASE
+    weight_kernel[(batch, WEIGHTS.value)](
+        factors, rowsums, *read, *outs,
+        rowsums if loss is None else loss, rowsums if accuracy is None else accuracy,
+        *(p.stride(0) for p in read), n, rows, outs[0].shape[-1], outs[3].shape[-2], 1.0 / n,
+        alpha, beta,
+        HAS_BASE=base is not None, HAS_LOSS=loss is not None, BLOCK_R=WEIGHT_ROWS,
+        BLOCK_D=meta["BLOCK_D"], BLOCK_C=meta["BLOCK_C"],
+        PRECISION=dot_precision(acc, WEIGHT_ROWS), ACC=meta["ACC"], num_warps=WEIGHT_WARPS,
+    )  # fmt: skip
+
+
 def _grad_launch(params, x, y, lr: float, update: bool, operand):
     lead, (n, t, d, c), x3, y1, (ps,) = _prepare(x, y, operand, params)
     batch = x3.shape[0]
@@ -160,12 +218,18 @@ def _grad_launch(params, x, y, lr: float, update: bool, operand):
     outs = _outputs(ps, batch, None if update else torch.promote_types(x.dtype, torch.float32))
     loss = torch.empty(batch, dtype=x.dtype, device=x.device)
     accuracy = torch.empty_like(loss)
-    if batch:
-        support_grad_kernel[(batch,)](
-            x3, y1, *ps, *outs, loss, accuracy,
-            x3.stride(0), y1.stride(0), *(p.stride(0) for p in ps),
-            n, t, d, c, *_scalars(n, d), lr,
-            UPDATE=update, **_meta(n, t, d, c, x.dtype, operand),
+    per_example = use_example_kernels(batch, n)
+    meta = _meta(n, t, d, c, x.dtype, operand, per_example)
+    strides = (x3.stride(0), y1.stride(0), *(p.stride(0) for p in ps))
+    if batch and per_example:
+        args = (x3, y1, *ps, *strides, n, t, d, c, *_scalars(n, d))
+        step = dict(base=ps, alpha=1.0, beta=-lr) if update else {}
+        _launch_examples(example_grad_kernel, args, x3, n, n, meta, outs, loss=loss,
+                         accuracy=accuracy, **step)  # fmt: skip
+    elif batch:
+        task_grad_kernel[(batch,)](
+            x3, y1, *ps, *outs, loss, accuracy, *strides, n, t, d, c, *_scalars(n, d), lr,
+            UPDATE=update, **meta,
         )  # fmt: skip
     outs = tuple(o.view(*lead, *o.shape[1:]) for o in outs)
     return outs, loss.view(lead), accuracy.view(lead)
@@ -191,11 +255,14 @@ def support_hvp(
     lead, (n, t, d, c), x3, y1, (ps, vs) = _prepare(x, y, operand, params, v)
     batch = x3.shape[0]
     outs = _outputs(ps, batch)
-    if batch:
-        support_hvp_kernel[(batch,)](
-            x3, y1, *ps, *vs, *outs,
-            x3.stride(0), y1.stride(0), *(p.stride(0) for p in ps), *(w.stride(0) for w in vs),
-            n, t, d, c, *_scalars(n, d), alpha, beta,
-            **_meta(n, t, d, c, x.dtype, operand),
-        )  # fmt: skip
+    per_example = use_example_kernels(batch, n)
+    meta = _meta(n, t, d, c, x.dtype, operand, per_example)
+    strides = (x3.stride(0), y1.stride(0), *(p.stride(0) for p in ps), *(w.stride(0) for w in vs))
+    if batch and per_example:
+        args = (x3, y1, *ps, *vs, *strides, n, t, d, c, *_scalars(n, d))
+        _launch_examples(example_hvp_kernel, args, x3, n, 2 * n, meta, outs, vs, alpha, beta)
+    elif batch:
+        task_hvp_kernel[(batch,)](
+            x3, y1, *ps, *vs, *outs, *strides, n, t, d, c, *_scalars(n, d), alpha, beta, **meta
+        )
     return tuple(o.view(*lead, *o.shape[1:]) for o in outs)

@@ -44,13 +44,26 @@ def assert_tuples_close(actual, expected, rtol=1e-11):
         torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * e.abs().max().item(), msg=name)
 
 
-# (n examples, T positions, D, C): n below, at and above the 16-row block, T odd (the
-# interpreter walks 2 positions per block), D and C padded to 16, shared parameters.
+# (n examples, T positions, D, C, shared parameters): n below, at and above the 16-row
+# block, T odd (the interpreter walks 2 positions per block), D and C padded to 16.
 SHAPES = [(5, 7, 16, 5, False), (3, 6, 8, 3, True), (17, 5, 32, 5, False), (16, 1, 4, 2, True)]
 
 
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty filled with NaN: a kernel output or workspace element read before the
+    kernels write it shows up as NaN (on the CPU, fresh memory is often zeros)."""
+    empty = torch.empty
+
+    def nan_filled(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_filled)
+
+
 @pytest.mark.parametrize("n,t,d,c,shared", SHAPES)
-def test_step_kernels_equal_the_reference_model(n, t, d, c, shared):
+def test_step_kernels_equal_the_reference_model(n, t, d, c, shared, kernel_set, nan_empty):
     params, x, y = problem(3, n, t, d, c, shared)
     lr, alpha, beta = 0.37, 0.6, -1.3
     losses, accuracy, grads = support_loss_and_grad(params, x, y)
@@ -74,7 +87,7 @@ def test_step_kernels_equal_the_reference_model(n, t, d, c, shared):
 
 
 @pytest.mark.parametrize("operand", [torch.bfloat16, torch.float16])
-def test_kernels_compute_with_what_they_read_rounded_to_the_operand_dtype(operand):
+def test_kernels_compute_with_what_they_read_rounded_to_the_operand_dtype(operand, kernel_set):
     """Under autocast (float32 inputs): the gradient and the HVP are the float64 model's at
     x, W and V rounded to `operand`; the update and alpha V take W and V as they are."""
     params, x, y = problem(2, 5, 7, 16, 5)

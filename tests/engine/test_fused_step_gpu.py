@@ -18,18 +18,20 @@ def reference_loss(params, x, y):
     return loss(dict(zip(PARAM_NAMES, params, strict=True)), x, y)
 
 
-# (tasks, n, T, D, C): the Phase 12 task, long sequences, the most examples, tails.
+# (tasks, n, T, D, C): the Phase 12 task, long sequences, tails, and 32- and 64-row blocks
+# (the task kernels' dots: tf32x3 up to 32 rows, ieee at 64: launch.dot_precision).
 SHAPES = [
     (16, 16, 32, 64, 5),
     (4, 16, 512, 64, 5),
     (2, 8, 4096, 64, 5),
     (3, 5, 33, 24, 3),
+    (2, 32, 17, 64, 7),
     (2, 64, 17, 64, 7),
 ]
 
 
 @pytest.mark.parametrize("tasks,n,t,d,c", SHAPES)
-def test_step_kernels_float32_match_float64_reference(tasks, n, t, d, c):
+def test_step_kernels_float32_match_float64_reference(tasks, n, t, d, c, kernel_set):
     g = torch.Generator().manual_seed(7)
     params64 = tuple(
         torch.stack([init_params(d, c, g, dtype=torch.float64)[k] for _ in range(tasks)]).cuda()
@@ -57,7 +59,7 @@ def test_step_kernels_float32_match_float64_reference(tasks, n, t, d, c):
 
 
 @pytest.mark.parametrize("operand", [torch.bfloat16, torch.float16])
-def test_step_kernels_round_what_they_read_as_autocast_would(operand):
+def test_step_kernels_round_what_they_read_as_autocast_would(operand, kernel_set):
     """Under autocast: the float64 model at x, W and V rounded to `operand` (torch's
     rounding: to nearest, ties to even); the update and alpha V take W and V as they are."""
     tasks, n, t, d, c = 4, 16, 256, 64, 5
