@@ -151,6 +151,7 @@ def dot_precision(acc: torch.dtype, rows: int) -> str:
 
 
 def use_example_kernels(tasks: int, n: int) -> bool:
+    """Whether a call over `tasks` tasks of `n` examples runs the example kernels."""
     return tasks * n <= EXAMPLE_KERNELS_MAX
 
 
