@@ -217,6 +217,7 @@ def main(name: str, argv: list[str]) -> int:
             return _report(args)  # a CSV it cannot read: ValueError, nothing written
         if name == "risk":
             return _risk(args, spec)
+        start = time.perf_counter()
         status = _sweep(args, spec)
     except (ConfigError, FolderBusy) as e:  # raised before any work
         return p.bad_input(e)
@@ -225,6 +226,12 @@ def main(name: str, argv: list[str]) -> int:
             raise
         return p.bad_input(e)
     if name == "pipeline":
+        swept = time.perf_counter()
         status = max(status, _risk(args, spec))
+        checked = time.perf_counter()
         _report(args)
+        print(
+            f"pipeline: sweep {swept - start:.1f} s, risk checks {checked - swept:.1f} s, "
+            f"report {time.perf_counter() - checked:.1f} s"
+        )
     return status

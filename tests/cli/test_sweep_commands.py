@@ -1,6 +1,8 @@
 """`run.py sweep / report / pipeline`: bad grids refused before any work; the pipeline
 writes everything."""
 
+import re
+
 import pandas as pd
 from support import exit_code
 
@@ -33,7 +35,7 @@ def test_report_cli_needs_a_sweep(tmp_path, capsys):
     assert "run the sweep first" in capsys.readouterr().err
 
 
-def test_pipeline_command_writes_everything(tmp_path):
+def test_pipeline_command_writes_everything(tmp_path, capsys):
     args = [
         "pipeline",
         "--root",
@@ -60,6 +62,9 @@ def test_pipeline_command_writes_everything(tmp_path):
         "--no-progress",
     ]
     assert cli.main(args) == 0
+    assert re.search(
+        r"pipeline: sweep [\d.]+ s, risk checks [\d.]+ s, report [\d.]+ s", capsys.readouterr().out
+    )
     folder = tmp_path / "p"
     assert len(pd.read_csv(folder / "runs.csv")) == 4
     risk = pd.read_csv(folder / "risk_checks.csv").set_index("check")["status"]
