@@ -61,9 +61,9 @@ MAX_CLASSES = 16  # one 16-wide block of classes (tested: C = 5, 7)
 # The kernel sets' crossover, in examples (tasks x n): docs/benchmarks.md, "Tenth session".
 EXAMPLE_KERNELS_MAX = 512
 # Elements of the (positions x D) block one example program walks per loop iteration,
-# and of the (examples x positions x D) block a task program walks.
-EXAMPLE_BLOCK_ELEMENTS = 2048
-TASK_BLOCK_ELEMENTS = 4096
+# and of the (examples x positions x D) block a task program walks ("Eleventh session").
+EXAMPLE_BLOCK_ELEMENTS = 4096
+TASK_BLOCK_ELEMENTS = 8192
 # Warps per program. Task programs, by input dtype: for float32 the fastest of 2, 4, 8,
 # 16; 16-bit inputs run fastest at 4 ("Ninth session"). Autocast runs have float32 inputs
 # and keep 8 (they cost float32's time plus 1-12%; 4 was not timed for them). Example
