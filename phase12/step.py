@@ -30,9 +30,14 @@ from phase12.tasks import Tasks, sample_tasks
 
 
 def make_optimizer(params: Params, config: RunConfig, device: torch.device) -> torch.optim.Adam:
-    # capturable=True keeps Adam's step count on the device (no host sync); used for
-    # eager CUDA runs too, so eager and graph runs do the same arithmetic.
-    return torch.optim.Adam(params.values(), lr=config.outer_lr, capturable=device.type == "cuda")
+    # On CUDA: capturable keeps Adam's step count on the device (no host sync), and fused
+    # updates every tensor in one kernel instead of a dozen foreach ones (a step of
+    # triton_step is that much shorter: docs/benchmarks.md, "Eleventh session"). Eager
+    # CUDA runs use it too, so eager and graph runs do the same arithmetic.
+    cuda = device.type == "cuda"
+    return torch.optim.Adam(
+        params.values(), lr=config.outer_lr, capturable=cuda, fused=True if cuda else None
+    )
 
 
 class OuterStep:

@@ -57,10 +57,12 @@ def test_outer_step_never_reads_device_values_on_the_host():
         assert int(step.counter) == 2 and torch.isfinite(step.history[:, :2]).all()
 
 
-def test_cuda_optimizer_is_capturable():
+def test_cuda_optimizer_is_capturable_and_fused():
     params = {"w": torch.zeros(2, requires_grad=True)}
-    assert make_optimizer(params, RunConfig(), torch.device("cuda")).defaults["capturable"]
-    assert not make_optimizer(params, RunConfig(), torch.device("cpu")).defaults["capturable"]
+    cuda = make_optimizer(params, RunConfig(), torch.device("cuda")).defaults
+    cpu = make_optimizer(params, RunConfig(), torch.device("cpu")).defaults
+    assert cuda["capturable"] and cuda["fused"]
+    assert not cpu["capturable"] and not cpu["fused"]
 
 
 def test_snapshot_restore_gives_the_same_run():
