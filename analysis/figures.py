@@ -282,9 +282,12 @@ def scaling_plot(df: pd.DataFrame, base: dict[str, int], path: Path) -> Path:
         facet_kws=dict(sharex=False, sharey=False),
     )
     grid.set(xscale="log", yscale="log")
-    for ax in grid.axes.flat:
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    for (_, axis), ax in grid.axes_dict.items():
+        ax.set_xticks(sorted(tidy.loc[tidy["axis"] == axis, "x"].unique()))  # the measured values
+        # 1-2-5 ticks: a panel whose values stay inside one decade still gets labels
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        for ticks in (ax.xaxis, ax.yaxis):
+            ticks.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.minorticks_off()
     grid.set_titles("{row_name} vs {col_name}")
     grid.set_xlabels("")

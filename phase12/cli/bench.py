@@ -69,9 +69,24 @@ def _step_parser() -> ArgumentParser:
         action="store_true",
         help="also the scaling table: FULL and FO_STRICT against k, meta-batch and T",
     )
-    p.add_argument("--scaling-k", type=csv_list(int), default=(1, 5, 10, 20, 40))
-    p.add_argument("--scaling-meta-batch", type=csv_list(int), default=(16, 64, 256, 1024))
-    p.add_argument("--scaling-seq-len", type=csv_list(int), default=(32, 128, 512, 1024, 4096))
+    p.add_argument(
+        "--scaling-k",
+        type=csv_list(int),
+        default=(1, 5, 10, 20, 40),
+        help="inner steps of the scaling table (default 1,5,10,20,40)",
+    )
+    p.add_argument(
+        "--scaling-meta-batch",
+        type=csv_list(int),
+        default=(16, 64, 256, 1024),
+        help="meta-batches of the scaling table (default 16,64,256,1024)",
+    )
+    p.add_argument(
+        "--scaling-seq-len",
+        type=csv_list(int),
+        default=(32, 128, 512, 1024, 4096),
+        help="sequence lengths of the scaling table (default 32,128,512,1024,4096)",
+    )
     _out(p, "step")
     return p
 

@@ -183,3 +183,25 @@ def test_mean_curves_average_each_runs_rolling_mean_over_the_runs_that_reached_a
     # rolling means: [4, 3, 1] and [2, 1]; step 2 only the first run reached
     assert curves["loss"].tolist() == [3.0, 2.0, 1.0]
     assert curves["acc"].tolist() == pytest.approx([-2.0, -1.0, 0.0])
+
+
+def test_scaling_plot_labels_each_panel_with_its_measured_values(tmp_path, monkeypatch):
+    import analysis.figures as figures
+
+    base = {"k": 20, "meta_batch": 16, "seq_len": 32}
+    axes = {"k": [1, 5, 20, 40], "meta_batch": [16, 256], "seq_len": [32, 512]}
+    rows = [
+        dict(base, **{axis: value}, mode=mode, backend="triton_step", device_name="GPU",
+             median_step_ms=0.1 * value * (2 if mode == "FULL" else 1), peak_mem_mib=12.0 + value)
+        for axis, values in axes.items() for value in values for mode in ("FULL", "FO_STRICT")
+    ]  # fmt: skip
+    grids = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda grid, *a: grids.append(grid) or save(grid, *a))
+    path = figures.scaling_plot(pd.DataFrame(rows), base, tmp_path / "scaling.png")
+    assert path.stat().st_size > 0
+    for (_, axis), ax in grids[0].axes_dict.items():
+        assert list(ax.get_xticks()) == axes[axis]
+        low, high = ax.get_ylim()
+        shown = [y for y in ax.get_yticks() if low <= y <= high]
+        assert len(shown) >= 2, f"{axis} panel: y ticks {shown}"  # memory spans 13-52 MiB
