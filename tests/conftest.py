@@ -15,6 +15,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     # Decorate the kernels now, in interpreter mode, whatever the test order: tests that
     # set TRITON_INTERPRET=0 to check the error must not be the first to import them.
     import kernels.launch  # noqa: F401
+    import phase12.fused_step.launch  # noqa: F401
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -37,14 +37,9 @@ import triton
 import triton.language as tl
 
 from kernels.common import dot
-from phase12.fused_step.operands import load_matrix, rounded
+from phase12.fused_step.operands import load_matrix, load_vector, rounded, store_matrix
 
 WEIGHTS = tl.constexpr(4)  # Wq, Wk, Wv, Wc: gradients that are sums of outer products
-
-
-@triton.jit
-def _load_vector(ptr, offs, R, ACC: tl.constexpr):
-    return tl.load(ptr + offs, mask=offs < R, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -126,10 +121,12 @@ def _class_gradient(h, wc, bc, y, offs_c, C, inv_n, ACC: tl.constexpr):
 
 
 @triton.jit
-def _store_factor(factors, w, side, row, value, offs, ROWS, BLOCK_D: tl.constexpr):
-    """Row `row` of factor `side` (0: A, 1: B) of weight w, in one task's workspace."""
-    ptr = factors + ((w * 2 + side) * ROWS + row) * BLOCK_D + offs
-    tl.store(ptr, value.to(factors.dtype.element_ty))
+def _store_product(factors, w, row, a, offs_a, b, offs_b, ROWS, BLOCK_D: tl.constexpr):
+    """Row `row` of weight w's factors A and B, a and b (a_row b_row^T is one term of
+    dW_w), in one task's workspace."""
+    ptr = factors + (w * 2 * ROWS + row) * BLOCK_D
+    tl.store(ptr + offs_a, a.to(factors.dtype.element_ty))
+    tl.store(ptr + ROWS * BLOCK_D + offs_b, b.to(factors.dtype.element_ty))
 
 
 @triton.jit
@@ -172,7 +169,7 @@ def example_grad_kernel(
     factors = FACTORS + b * (WEIGHTS * 2 * N * BLOCK_D)
 
     x_row = X + b * stride_x + i * T * D
-    x0 = rounded(_load_vector(x_row, offs_d, D, ACC), OPERAND, ACC)
+    x0 = rounded(load_vector(x_row, offs_d, D, ACC), OPERAND, ACC)
     y = tl.load(Y + b * stride_y + i)
     wq = _load_operand(WQ + b * stride_wq, offs_d, offs_d, D, D, OPERAND, ACC)
     wk = _load_operand(WK + b * stride_wk, offs_d, offs_d, D, D, OPERAND, ACC)
@@ -185,7 +182,7 @@ def example_grad_kernel(
 
     wv = _load_operand(WV + b * stride_wv, offs_d, offs_d, D, D, OPERAND, ACC)
     wc = _load_operand(WC + b * stride_wc, offs_c, offs_d, C, D, OPERAND, ACC)
-    bc = rounded(_load_vector(BC + b * stride_bc, offs_c, C, ACC), OPERAND, ACC)
+    bc = rounded(load_vector(BC + b * stride_bc, offs_c, C, ACC), OPERAND, ACC)
     h = _mv(wv, xbar)  # h = Wv xbar
     z, _, onehot, g = _class_gradient(h, wc, bc, y, offs_c, C, inv_n, ACC)
     z_max = tl.max(z, 0)
@@ -206,14 +203,10 @@ def example_grad_kernel(
     wk = _load_operand(WK + b * stride_wk, offs_d, offs_d, D, D, OPERAND, ACC)
     dq = _mv(wk, du) * scale  # dq = s Wk du
 
-    _store_factor(factors, 0, 0, i, dq, offs_d, N, BLOCK_D)
-    _store_factor(factors, 0, 1, i, x0, offs_d, N, BLOCK_D)
-    _store_factor(factors, 1, 0, i, q * scale, offs_d, N, BLOCK_D)
-    _store_factor(factors, 1, 1, i, du, offs_d, N, BLOCK_D)
-    _store_factor(factors, 2, 0, i, dh, offs_d, N, BLOCK_D)
-    _store_factor(factors, 2, 1, i, xbar, offs_d, N, BLOCK_D)
-    _store_factor(factors, 3, 0, i, g, offs_c, N, BLOCK_D)  # read back as C columns
-    _store_factor(factors, 3, 1, i, h, offs_d, N, BLOCK_D)
+    _store_product(factors, 0, i, dq, offs_d, x0, offs_d, N, BLOCK_D)
+    _store_product(factors, 1, i, q * scale, offs_d, du, offs_d, N, BLOCK_D)
+    _store_product(factors, 2, i, dh, offs_d, xbar, offs_d, N, BLOCK_D)
+    _store_product(factors, 3, i, g, offs_c, h, offs_d, N, BLOCK_D)  # g: read back as C columns
     rowsums = ROWSUMS + (b * N + i) * (BLOCK_C + 2)
     tl.store(rowsums + offs_c, g.to(ROWSUMS.dtype.element_ty))
     tl.store(rowsums + BLOCK_C, nll.to(ROWSUMS.dtype.element_ty))
@@ -271,7 +264,7 @@ def example_hvp_kernel(
     factors = FACTORS + b * (WEIGHTS * 2 * rows * BLOCK_D)
 
     x_row = X + b * stride_x + i * T * D
-    x0 = rounded(_load_vector(x_row, offs_d, D, ACC), OPERAND, ACC)
+    x0 = rounded(load_vector(x_row, offs_d, D, ACC), OPERAND, ACC)
     y = tl.load(Y + b * stride_y + i)
     wq = _load_operand(WQ + b * stride_wq, offs_d, offs_d, D, D, OPERAND, ACC)
     wk = _load_operand(WK + b * stride_wk, offs_d, offs_d, D, D, OPERAND, ACC)
@@ -290,10 +283,10 @@ def example_hvp_kernel(
 
     wv = _load_operand(WV + b * stride_wv, offs_d, offs_d, D, D, OPERAND, ACC)
     wc = _load_operand(WC + b * stride_wc, offs_c, offs_d, C, D, OPERAND, ACC)
-    bc = rounded(_load_vector(BC + b * stride_bc, offs_c, C, ACC), OPERAND, ACC)
+    bc = rounded(load_vector(BC + b * stride_bc, offs_c, C, ACC), OPERAND, ACC)
     vv = _load_operand(VV + b * stride_vv, offs_d, offs_d, D, D, OPERAND, ACC)
     vc = _load_operand(VC + b * stride_vc, offs_c, offs_d, C, D, OPERAND, ACC)
-    vb = rounded(_load_vector(VB + b * stride_vb, offs_c, C, ACC), OPERAND, ACC)
+    vb = rounded(load_vector(VB + b * stride_vb, offs_c, C, ACC), OPERAND, ACC)
     h = _mv(wv, xbar)
     h_t = _mv(wv, xbar_t) + _mv(vv, xbar)
     _, pi, _, g = _class_gradient(h, wc, bc, y, offs_c, C, inv_n, ACC)
@@ -322,22 +315,14 @@ def example_hvp_kernel(
 
     zero = tl.zeros([BLOCK_D], ACC)
     j = N + i  # the row of each weight's second product
-    _store_factor(factors, 0, 0, i, dq_t, offs_d, rows, BLOCK_D)
-    _store_factor(factors, 0, 1, i, x0, offs_d, rows, BLOCK_D)
-    _store_factor(factors, 0, 0, j, zero, offs_d, rows, BLOCK_D)
-    _store_factor(factors, 0, 1, j, zero, offs_d, rows, BLOCK_D)
-    _store_factor(factors, 1, 0, i, q_t * scale, offs_d, rows, BLOCK_D)
-    _store_factor(factors, 1, 1, i, du, offs_d, rows, BLOCK_D)
-    _store_factor(factors, 1, 0, j, q * scale, offs_d, rows, BLOCK_D)
-    _store_factor(factors, 1, 1, j, du_t, offs_d, rows, BLOCK_D)
-    _store_factor(factors, 2, 0, i, dh_t, offs_d, rows, BLOCK_D)
-    _store_factor(factors, 2, 1, i, xbar, offs_d, rows, BLOCK_D)
-    _store_factor(factors, 2, 0, j, dh, offs_d, rows, BLOCK_D)
-    _store_factor(factors, 2, 1, j, xbar_t, offs_d, rows, BLOCK_D)
-    _store_factor(factors, 3, 0, i, g_t, offs_c, rows, BLOCK_D)
-    _store_factor(factors, 3, 1, i, h, offs_d, rows, BLOCK_D)
-    _store_factor(factors, 3, 0, j, g, offs_c, rows, BLOCK_D)
-    _store_factor(factors, 3, 1, j, h_t, offs_d, rows, BLOCK_D)
+    _store_product(factors, 0, i, dq_t, offs_d, x0, offs_d, rows, BLOCK_D)
+    _store_product(factors, 0, j, zero, offs_d, zero, offs_d, rows, BLOCK_D)
+    _store_product(factors, 1, i, q_t * scale, offs_d, du, offs_d, rows, BLOCK_D)
+    _store_product(factors, 1, j, q * scale, offs_d, du_t, offs_d, rows, BLOCK_D)
+    _store_product(factors, 2, i, dh_t, offs_d, xbar, offs_d, rows, BLOCK_D)
+    _store_product(factors, 2, j, dh, offs_d, xbar_t, offs_d, rows, BLOCK_D)
+    _store_product(factors, 3, i, g_t, offs_c, h, offs_d, rows, BLOCK_D)
+    _store_product(factors, 3, j, g, offs_c, h_t, offs_d, rows, BLOCK_D)
     tl.store(ROWSUMS + (b * N + i) * (BLOCK_C + 2) + offs_c, g_t.to(ROWSUMS.dtype.element_ty))
 
 
@@ -359,23 +344,21 @@ def _store_weight(
     """If w == k: alpha base + beta total (or beta total) to the row-major (R, D) out."""
     if w == k:
         offs = tl.arange(0, BLOCK_D)
-        mask = (offs[:, None] < R) & (offs[None, :] < D)
-        offsets = offs[:, None] * D + offs[None, :]
         result = beta * total
         if HAS_BASE:
-            result += alpha * tl.load(base + offsets, mask=mask, other=0.0).to(ACC)
-        tl.store(out + offsets, result.to(out.dtype.element_ty), mask=mask)
+            result += alpha * load_matrix(base, offs, offs, R, D, ACC)
+        store_matrix(out, result, offs, offs, R, D)
 
 
 @triton.jit
 def weight_kernel(
     FACTORS,
     ROWSUMS,  # inputs: workspaces of the example kernels
-    BQ,
-    BK,
-    BV,
-    BCW,
-    BB,  # inputs: the base the sums are added to (W or V), if HAS_BASE
+    BASE_Q,
+    BASE_K,
+    BASE_V,
+    BASE_C,
+    BASE_B,  # inputs: the base the sums are added to (W or V), if HAS_BASE
     OQ,
     OK,
     OV,
@@ -383,11 +366,11 @@ def weight_kernel(
     OB,
     LOSS,
     ACCURACY,  # outputs
-    stride_bq,
-    stride_bk,
-    stride_bv,
-    stride_bcw,
-    stride_bb,
+    stride_base_q,
+    stride_base_k,
+    stride_base_v,
+    stride_base_c,
+    stride_base_b,
     N,
     ROWS,
     D,
@@ -418,23 +401,17 @@ def weight_kernel(
         mask = (r[:, None] < ROWS) & (offs_d[None, :] < D)
         a_mask = (r[:, None] < ROWS) & (offs_d[None, :] < a_cols)
         ptrs = factors + r[:, None] * BLOCK_D + offs_d[None, :]
-        a = tl.load(ptrs, mask=a_mask, other=0.0).to(ACC)
+        a_rows = tl.load(ptrs, mask=a_mask, other=0.0).to(ACC)
         b_rows = tl.load(ptrs + ROWS * BLOCK_D, mask=mask, other=0.0).to(ACC)
-        total += dot(tl.trans(a), b_rows, PRECISION, ACC)
+        total += dot(tl.trans(a_rows), b_rows, PRECISION, ACC)
 
     # Each weight has its own base and output; program w stores weight w.
-    _store_weight(
-        total, BQ + b * stride_bq, OQ + b * D * D, w, 0, D, D, alpha, beta, HAS_BASE, BLOCK_D, ACC
-    )
-    _store_weight(
-        total, BK + b * stride_bk, OK + b * D * D, w, 1, D, D, alpha, beta, HAS_BASE, BLOCK_D, ACC
-    )
-    _store_weight(
-        total, BV + b * stride_bv, OV + b * D * D, w, 2, D, D, alpha, beta, HAS_BASE, BLOCK_D, ACC
-    )
-    _store_weight(
-        total, BCW + b * stride_bcw, OC + b * C * D, w, 3, C, D, alpha, beta, HAS_BASE, BLOCK_D, ACC
-    )
+    bq, bk, bv = BASE_Q + b * stride_base_q, BASE_K + b * stride_base_k, BASE_V + b * stride_base_v
+    bc = BASE_C + b * stride_base_c
+    _store_weight(total, bq, OQ + b * D * D, w, 0, D, D, alpha, beta, HAS_BASE, BLOCK_D, ACC)
+    _store_weight(total, bk, OK + b * D * D, w, 1, D, D, alpha, beta, HAS_BASE, BLOCK_D, ACC)
+    _store_weight(total, bv, OV + b * D * D, w, 2, D, D, alpha, beta, HAS_BASE, BLOCK_D, ACC)
+    _store_weight(total, bc, OC + b * C * D, w, 3, C, D, alpha, beta, HAS_BASE, BLOCK_D, ACC)
 
     if w == 3:  # the row sums: dbc (or dbc'), and the loss and accuracy
         sums = tl.zeros([BLOCK_C], ACC)
@@ -448,7 +425,7 @@ def weight_kernel(
                 accuracy += tl.load(row + BLOCK_C + 1 + tl.arange(0, 1)).to(ACC)
         bias = beta * sums
         if HAS_BASE:
-            bias += alpha * tl.load(BB + b * stride_bb + offs_c, mask=offs_c < C, other=0.0).to(ACC)
+            bias += alpha * load_vector(BASE_B + b * stride_base_b, offs_c, C, ACC)
         tl.store(OB + b * C + offs_c, bias.to(OB.dtype.element_ty), mask=offs_c < C)
         if HAS_LOSS:
             tl.store(LOSS + b + tl.arange(0, 1), (loss * inv_n).to(LOSS.dtype.element_ty))

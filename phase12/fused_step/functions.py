@@ -9,7 +9,7 @@ inputs to before computing with them, what torch.autocast does to a matmul's inp
 (phase12/fused_step/launch.py). The rounding's derivative is the identity, as a cast's.
 
 With the `reference` and `triton_fused` backends, an inner step is torch.func.grad of
-the model: ~20 GEMMs and ~50 small kernels, and as many again in the outer backward.
+the model: tens of GEMMs and small kernels, and as many again in the outer backward.
 Here the model's loss gradient is written out by hand (phase12/fused_step/task_kernels.py
 and example_kernels.py) and runs as one or two launches per step for the whole
 meta-batch; the backward of the step, v -> v - lr H v (H the support loss's Hessian), is
@@ -92,7 +92,7 @@ class HessianVectorProduct(torch.autograd.Function):
             tuple(v),
         )
         g_params, g_v = pullback(tuple(w))
-        return None, None, None, None, None, *g_params, *g_v
+        return None, None, None, None, None, *g_params, *g_v  # x, y, alpha, beta, operand: none
 
     @staticmethod
     def vmap(info, in_dims, x, y, alpha, beta, operand, *params_and_v):
@@ -115,7 +115,7 @@ class SGDStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *v):
-        nones = (None,) * 5
+        nones = (None,) * 5  # x, y, lr, second_order, operand: no gradient
         if not ctx.second_order:  # FO: the inner gradient is a constant, the step's Jacobian I
             return *nones, *v
         x, y, *params = ctx.saved_tensors

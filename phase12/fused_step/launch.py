@@ -12,11 +12,13 @@ above it, one launch of task_kernels.py (one program per task). The first fills 
 GPU when the meta-batch is small, the second reads each task's weights once.
 
 `params` and `v` are tuples (Wq, Wk, Wv, Wc, bc) of shapes (..., D, D) x 3, (..., C, D),
-(..., C); x (..., n, T, D) and y (..., n) int64, all with the same leading (task) dims,
-which become one grid axis. A leading dim of stride 0 (the
-shared meta-parameters, expanded over the tasks) is read in place, not copied. L is the
-model's mean cross-entropy over the n examples of a task. Nothing here is
-differentiable: phase12/fused_step/functions.py wraps these in autograd.Functions.
+(..., C); x (..., n, T, D) and y (..., n) int64 labels in [0, C) (not checked: that
+would read the device), all with the same leading (task) dims, which become one grid
+axis. A parameter expanded over the tasks (the shared meta-parameters: stride 0) is
+read in place when its leading dims flatten without a copy (one leading dim; a stride-0
+dim after a strided one is copied). L is the model's mean cross-entropy over the n
+examples of a task. Nothing here is differentiable: phase12/fused_step/functions.py
+wraps these in autograd.Functions.
 
 Dtypes: float32, bfloat16 and float16 run on CUDA, all arithmetic in float32 (dots in
 tf32x3, float32 accuracy on the tensor cores, as the attention kernels use, except
@@ -53,21 +55,19 @@ TL_DTYPES = {
     torch.float16: tl.float16,
 }
 # Limits: a task program keeps a dozen (examples x D) blocks and several D x D weights
-# in registers. At D = 128 the compiled kernels need 330 KB of shared memory (an H200
-# has 227 KB), so D stops at 64; n = 64 at D = 64 compiles.
+# on chip; at D = 128 that is more shared memory than an H100 or H200 has.
 MAX_DIM = 64
 MAX_EXAMPLES = 64
-MAX_CLASSES = 16  # one 16-wide block of classes (tested: C = 5, 7)
+MAX_CLASSES = 16  # one 16-wide block of classes
 # The kernel sets' crossover, in examples (tasks x n): docs/benchmarks.md, "Tenth session".
 EXAMPLE_KERNELS_MAX = 512
 # Elements of the (positions x D) block one example program walks per loop iteration,
 # and of the (examples x positions x D) block a task program walks ("Eleventh session").
 EXAMPLE_BLOCK_ELEMENTS = 4096
 TASK_BLOCK_ELEMENTS = 8192
-# Warps per program. Task programs, by input dtype: for float32 the fastest of 2, 4, 8,
-# 16; 16-bit inputs run fastest at 4 ("Ninth session"). Autocast runs have float32 inputs
-# and keep 8 (they cost float32's time plus 1-12%; 4 was not timed for them). Example
-# and weight programs: 4 ("Tenth session").
+# Warps per program, the fastest measured: task programs by input dtype (autocast runs
+# have float32 inputs; "Ninth session" to "Eleventh session"), example and weight
+# programs ("Tenth session").
 TASK_WARPS = {torch.float64: 8, torch.float32: 8, torch.bfloat16: 4, torch.float16: 4}
 EXAMPLE_WARPS = 4
 WEIGHT_WARPS = 4
@@ -76,6 +76,10 @@ WEIGHT_ROWS = 16  # examples per dot of the weight kernel
 
 def check_shapes(examples: int, seq_len: int, dim: int, num_classes: int) -> None:
     """Raise ValueError if the fused kernels cannot hold a task of these sizes."""
+    sizes = dict(examples=examples, seq_len=seq_len, dim=dim, num_classes=num_classes)
+    for name, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"{name} must be >= 1; got {size}")
     if dim > MAX_DIM:
         raise ValueError(
             f"the fused inner step supports D <= {MAX_DIM}; got D = {dim} "
@@ -91,8 +95,6 @@ def check_shapes(examples: int, seq_len: int, dim: int, num_classes: int) -> Non
             f"the fused inner step supports up to {MAX_CLASSES} classes; got {num_classes} "
             "(use backend triton_fused)"
         )
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1; got {seq_len}")
 
 
 def _per_task(t: torch.Tensor, tail: int) -> torch.Tensor:
@@ -109,13 +111,17 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, operand: torch.dtype | None, *gro
     """Check x, y, the operand dtype and each group of five parameter-shaped tensors
     (params, v); return (leading dims, (n, T, D, C), x, y, groups) with every tensor as a
     (B, ...) array."""
+    if x.dim() < 3:
+        raise ValueError(f"x must have shape (..., n, T, D); got {tuple(x.shape)}")
     lead = x.shape[:-3]
     if y.shape != x.shape[:-2]:
         raise ValueError(
             f"y must have shape {tuple(x.shape[:-2])} (x's (..., n)); got {tuple(y.shape)}"
         )
-    if y.dtype != torch.int64:
-        raise ValueError(f"y must hold int64 class labels; got {y.dtype}")
+    if y.dtype != torch.int64 or y.device != x.device:
+        raise ValueError(
+            f"y must hold int64 class labels on x's device; got {y.dtype} on {y.device}"
+        )
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"the fused inner step supports {SUPPORTED_DTYPES}; got {x.dtype}")
     if x.dtype == torch.float64 and not interpreter_enabled():
@@ -155,12 +161,18 @@ def use_example_kernels(tasks: int, n: int) -> bool:
     return tasks * n <= EXAMPLE_KERNELS_MAX
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _meta(n: int, t: int, d: int, c: int, dtype: torch.dtype, operand, per_example: bool):
     """Compile-time settings of the example or task kernels."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = _accumulator(dtype)
     block_d = pow2(d, 16)
-    meta = dict(BLOCK_D=block_d, BLOCK_C=pow2(c, 16), OPERAND=TL_DTYPES[operand or acc])
-    meta.update(ACC=TL_DTYPES[acc])
+    meta = dict(
+        BLOCK_D=block_d, BLOCK_C=pow2(c, 16), OPERAND=TL_DTYPES[operand or acc], ACC=TL_DTYPES[acc]
+    )
     if per_example:
         block_t = EXAMPLE_BLOCK_ELEMENTS // block_d
         meta.update(num_warps=EXAMPLE_WARPS)
@@ -186,25 +198,25 @@ def _outputs(params, batch: int, dtype: torch.dtype | None = None):
     ]
 
 
-def _launch_examples(example_kernel, args, x3, n, rows, meta, outs, base=None, alpha=0.0,
-                     beta=1.0, loss=None, accuracy=None):  # fmt: skip
+def _launch_examples(example_kernel, args, x3, n, rows, meta, outs, *, base=None, alpha=0.0,
+                     beta=1.0, metrics=None):  # fmt: skip
     """example_kernel[(tasks, n)](FACTORS, ROWSUMS, *args) into fresh workspaces, then
     weight_kernel[(tasks, 4)]: outs = alpha base + beta (the sums over the examples), or
-    beta times the sums when base is None; loss and accuracy too when given."""
-    batch = x3.shape[0]
-    acc = torch.float64 if x3.dtype == torch.float64 else torch.float32
+    beta times the sums when base is None; and, when `metrics` = (loss, accuracy) is
+    given, each task's mean loss and accuracy into them."""
+    batch, acc = x3.shape[0], _accumulator(x3.dtype)
     factors = torch.empty(
         batch, WEIGHTS.value, 2, rows, meta["BLOCK_D"], dtype=acc, device=x3.device
     )
     rowsums = torch.empty(batch, n, meta["BLOCK_C"] + 2, dtype=acc, device=x3.device)
     example_kernel[(batch, n)](factors, rowsums, *args, **meta)
     read = outs if base is None else base  # not read without HAS_BASE
+    loss, accuracy = (rowsums, rowsums) if metrics is None else metrics  # not written then
     weight_kernel[(batch, WEIGHTS.value)](
-        factors, rowsums, *read, *outs,
-        rowsums if loss is None else loss, rowsums if accuracy is None else accuracy,
+        factors, rowsums, *read, *outs, loss, accuracy,
         *(p.stride(0) for p in read), n, rows, outs[0].shape[-1], outs[3].shape[-2], 1.0 / n,
         alpha, beta,
-        HAS_BASE=base is not None, HAS_LOSS=loss is not None, BLOCK_R=WEIGHT_ROWS,
+        HAS_BASE=base is not None, HAS_LOSS=metrics is not None, BLOCK_R=WEIGHT_ROWS,
         BLOCK_D=meta["BLOCK_D"], BLOCK_C=meta["BLOCK_C"],
         PRECISION=dot_precision(acc, WEIGHT_ROWS), ACC=meta["ACC"], num_warps=WEIGHT_WARPS,
     )  # fmt: skip
@@ -216,17 +228,17 @@ def _grad_launch(params, x, y, lr: float, update: bool, operand):
     # Gradients (not steps) stay in the accumulator's float32 for half parameters: their
     # backward multiplies them by the (loss-scaled) incoming gradient, which float16's
     # subnormals would spoil first.
-    outs = _outputs(ps, batch, None if update else torch.promote_types(x.dtype, torch.float32))
+    outs = _outputs(ps, batch, None if update else _accumulator(x.dtype))
     loss = torch.empty(batch, dtype=x.dtype, device=x.device)
-    accuracy = torch.empty_like(loss)
+    accuracy = torch.empty(batch, dtype=x.dtype, device=x.device)
     per_example = use_example_kernels(batch, n)
     meta = _meta(n, t, d, c, x.dtype, operand, per_example)
     strides = (x3.stride(0), y1.stride(0), *(p.stride(0) for p in ps))
     if batch and per_example:
         args = (x3, y1, *ps, *strides, n, t, d, c, *_scalars(n, d))
         step = dict(base=ps, alpha=1.0, beta=-lr) if update else {}
-        _launch_examples(example_grad_kernel, args, x3, n, n, meta, outs, loss=loss,
-                         accuracy=accuracy, **step)  # fmt: skip
+        _launch_examples(example_grad_kernel, args, x3, n, n, meta, outs,
+                         metrics=(loss, accuracy), **step)  # fmt: skip
     elif batch:
         task_grad_kernel[(batch,)](
             x3, y1, *ps, *outs, loss, accuracy, *strides, n, t, d, c, *_scalars(n, d), lr,
@@ -261,7 +273,8 @@ def support_hvp(
     strides = (x3.stride(0), y1.stride(0), *(p.stride(0) for p in ps), *(w.stride(0) for w in vs))
     if batch and per_example:
         args = (x3, y1, *ps, *vs, *strides, n, t, d, c, *_scalars(n, d))
-        _launch_examples(example_hvp_kernel, args, x3, n, 2 * n, meta, outs, vs, alpha, beta)
+        _launch_examples(example_hvp_kernel, args, x3, n, 2 * n, meta, outs, base=vs,
+                         alpha=alpha, beta=beta)  # fmt: skip
     elif batch:
         task_hvp_kernel[(batch,)](
             x3, y1, *ps, *vs, *outs, *strides, n, t, d, c, *_scalars(n, d), alpha, beta, **meta

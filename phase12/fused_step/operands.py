@@ -1,6 +1,6 @@
-"""How the fused inner-step kernels read their operands: masked loads into the
-accumulator dtype ACC, and the rounding to OPERAND that torch.autocast applies to a
-matmul's inputs. Shared by task_kernels.py and example_kernels.py."""
+"""How the fused inner-step kernels read and write their operands: masked loads into the
+accumulator dtype ACC, masked stores, and the rounding to OPERAND that torch.autocast
+applies to a matmul's inputs. Shared by task_kernels.py and example_kernels.py."""
 
 from __future__ import annotations
 
@@ -13,6 +13,19 @@ def load_matrix(ptr, offs_r, offs_c, R, C, ACC: tl.constexpr):
     """Block [offs_r, offs_c] of a row-major (R, C) matrix at ptr; zeros outside."""
     mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
     return tl.load(ptr + offs_r[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def load_vector(ptr, offs, R, ACC: tl.constexpr):
+    """Elements offs of a length-R vector at ptr; zeros outside."""
+    return tl.load(ptr + offs, mask=offs < R, other=0.0).to(ACC)
+
+
+@triton.jit
+def store_matrix(ptr, value, offs_r, offs_c, R, C):
+    """value to block [offs_r, offs_c] of a row-major (R, C) matrix at ptr, in its dtype."""
+    mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
+    tl.store(ptr + offs_r[:, None] * C + offs_c[None, :], value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -66,13 +66,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import dot
-from phase12.fused_step.operands import load_matrix, rounded
-
-
-@triton.jit
-def _store_matrix(ptr, value, offs_r, offs_c, R, C):
-    mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
-    tl.store(ptr + offs_r[:, None] * C + offs_c[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+from phase12.fused_step.operands import load_matrix, load_vector, rounded, store_matrix
 
 
 @triton.jit
@@ -80,7 +74,7 @@ def _load_query_tokens(x_task, offs_n, offs_d, N, T, D, OPERAND: tl.constexpr, A
     """X0: position 0 of every example, (BLOCK_N, BLOCK_D), rounded to OPERAND."""
     mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     x0 = tl.load(
-        x_task + offs_n[:, None].to(tl.int64) * (T * D) + offs_d[None, :], mask=mask, other=0.0
+        x_task + offs_n[:, None].to(tl.int64) * T * D + offs_d[None, :], mask=mask, other=0.0
     )
     return rounded(x0, OPERAND, ACC)
 
@@ -92,7 +86,7 @@ def _load_block(
     """Positions t0 .. t0 + BLOCK_T of every example: (BLOCK_N, BLOCK_T, BLOCK_D), rounded
     to OPERAND, and the mask of the positions that exist (BLOCK_T,)."""
     t = t0 + offs_t
-    row = offs_n[:, None, None].to(tl.int64) * (T * D)  # n T D may pass 2^31
+    row = offs_n[:, None, None].to(tl.int64) * T * D  # n T D may pass 2^31
     ptrs = x_task + row + t[None, :, None] * D + offs_d[None, None, :]
     mask = (offs_n[:, None, None] < N) & (t[None, :, None] < T) & (offs_d[None, None, :] < D)
     return rounded(tl.load(ptrs, mask=mask, other=0.0), OPERAND, ACC), t < T
@@ -222,26 +216,13 @@ def task_grad_kernel(
     u = dot(q, wk_r, PRECISION, ACC) * scale  # U = s Q Wk
 
     xbar, lse, _ = _attention_pass(
-        x_task,
-        u,
-        u,
-        offs_n,
-        offs_t,
-        offs_d,
-        N,
-        T,
-        D,
-        False,
-        BLOCK_N,
-        BLOCK_T,
-        BLOCK_D,
-        OPERAND,
+        x_task, u, u, offs_n, offs_t, offs_d, N, T, D, False, BLOCK_N, BLOCK_T, BLOCK_D, OPERAND,
         ACC,
-    )
+    )  # fmt: skip
 
     wv = load_matrix(wv_ptr, offs_d, offs_d, D, D, ACC)
     wc = load_matrix(wc_ptr, offs_c, offs_d, C, D, ACC)
-    bc = tl.load(bc_ptr + offs_c, mask=offs_c < C, other=0.0).to(ACC)
+    bc = load_vector(bc_ptr, offs_c, C, ACC)
     wv_r, wc_r = rounded(wv, OPERAND, ACC), rounded(wc, OPERAND, ACC)
     h = dot(xbar, tl.trans(wv_r), PRECISION, ACC)  # H = Xbar Wv^T
     z, _, onehot, g = _class_gradient(
@@ -264,9 +245,9 @@ def task_grad_kernel(
         g_wc = wc - lr * g_wc
         g_bc = bc - lr * g_bc
         g_wv = wv - lr * g_wv
-    _store_matrix(OC + b * C * D, g_wc, offs_c, offs_d, C, D)
+    store_matrix(OC + b * C * D, g_wc, offs_c, offs_d, C, D)
     tl.store(OB + b * C + offs_c, g_bc.to(OB.dtype.element_ty), mask=offs_c < C)
-    _store_matrix(OV + b * D * D, g_wv, offs_d, offs_d, D, D)
+    store_matrix(OV + b * D * D, g_wv, offs_d, offs_d, D, D)
 
     # Second pass: dU_i = sum_t p_it (dp_it - delta_i) x_it.
     du = tl.zeros([BLOCK_N, BLOCK_D], ACC)
@@ -282,8 +263,8 @@ def task_grad_kernel(
     if UPDATE:
         g_wk = wk - lr * g_wk
         g_wq = wq - lr * g_wq
-    _store_matrix(OK + b * D * D, g_wk, offs_d, offs_d, D, D)
-    _store_matrix(OQ + b * D * D, g_wq, offs_d, offs_d, D, D)
+    store_matrix(OK + b * D * D, g_wk, offs_d, offs_d, D, D)
+    store_matrix(OQ + b * D * D, g_wq, offs_d, offs_d, D, D)
 
 
 @triton.jit
@@ -356,31 +337,18 @@ def task_hvp_kernel(
     u_t = (dot(q_t, wk, PRECISION, ACC) + dot(q, vk_r, PRECISION, ACC)) * scale
 
     xbar, lse, a = _attention_pass(
-        x_task,
-        u,
-        u_t,
-        offs_n,
-        offs_t,
-        offs_d,
-        N,
-        T,
-        D,
-        True,
-        BLOCK_N,
-        BLOCK_T,
-        BLOCK_D,
-        OPERAND,
+        x_task, u, u_t, offs_n, offs_t, offs_d, N, T, D, True, BLOCK_N, BLOCK_T, BLOCK_D, OPERAND,
         ACC,
-    )
+    )  # fmt: skip
     c = tl.sum(xbar * u_t, 1)  # c_i = sum_t p_it s'_it
     xbar_t = a - c[:, None] * xbar
 
     wv = rounded(load_matrix(WV + b * stride_wv, offs_d, offs_d, D, D, ACC), OPERAND, ACC)
     wc = rounded(load_matrix(WC + b * stride_wc, offs_c, offs_d, C, D, ACC), OPERAND, ACC)
-    bc = rounded(tl.load(BC + b * stride_bc + offs_c, mask=offs_c < C, other=0.0), OPERAND, ACC)
+    bc = rounded(load_vector(BC + b * stride_bc, offs_c, C, ACC), OPERAND, ACC)
     vv = load_matrix(VV + b * stride_vv, offs_d, offs_d, D, D, ACC)
     vc = load_matrix(VC + b * stride_vc, offs_c, offs_d, C, D, ACC)
-    vb = tl.load(VB + b * stride_vb + offs_c, mask=offs_c < C, other=0.0).to(ACC)
+    vb = load_vector(VB + b * stride_vb, offs_c, C, ACC)
     vv_r, vc_r = rounded(vv, OPERAND, ACC), rounded(vc, OPERAND, ACC)
     h = dot(xbar, tl.trans(wv), PRECISION, ACC)
     h_t = dot(xbar_t, tl.trans(wv), PRECISION, ACC) + dot(xbar, tl.trans(vv_r), PRECISION, ACC)
@@ -396,11 +364,11 @@ def task_hvp_kernel(
     h_wc = dot(tl.trans(g_t), h, PRECISION, ACC) + dot(tl.trans(g), h_t, PRECISION, ACC)
     h_bc = tl.sum(g_t, 0)
     h_wv = dot(tl.trans(dh_t), xbar, PRECISION, ACC) + dot(tl.trans(dh), xbar_t, PRECISION, ACC)
-    _store_matrix(OC + b * C * D, alpha * vc + beta * h_wc, offs_c, offs_d, C, D)
+    store_matrix(OC + b * C * D, alpha * vc + beta * h_wc, offs_c, offs_d, C, D)
     tl.store(
         OB + b * C + offs_c, (alpha * vb + beta * h_bc).to(OB.dtype.element_ty), mask=offs_c < C
     )
-    _store_matrix(OV + b * D * D, alpha * vv + beta * h_wv, offs_d, offs_d, D, D)
+    store_matrix(OV + b * D * D, alpha * vv + beta * h_wv, offs_d, offs_d, D, D)
 
     du = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     du_t = tl.zeros([BLOCK_N, BLOCK_D], ACC)
@@ -418,5 +386,5 @@ def task_hvp_kernel(
     ) * scale
     h_wk = (dot(tl.trans(q_t), du, PRECISION, ACC) + dot(tl.trans(q), du_t, PRECISION, ACC)) * scale
     h_wq = dot(tl.trans(dq_t), x0, PRECISION, ACC)
-    _store_matrix(OK + b * D * D, alpha * vk + beta * h_wk, offs_d, offs_d, D, D)
-    _store_matrix(OQ + b * D * D, alpha * vq + beta * h_wq, offs_d, offs_d, D, D)
+    store_matrix(OK + b * D * D, alpha * vk + beta * h_wk, offs_d, offs_d, D, D)
+    store_matrix(OQ + b * D * D, alpha * vq + beta * h_wq, offs_d, offs_d, D, D)

@@ -23,8 +23,11 @@ F64 = torch.float64
 
 
 def problem(tasks, n, t, d, c, shared=False):
-    """Parameters (one set per task, or one set expanded over the tasks) and data."""
-    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    """Parameters (one set per task, or one set expanded over the tasks) and data, drawn
+    from a fresh seed, printed so that a failing test's report shows it."""
+    seed = torch.randint(0, 2**31, ()).item()
+    print(f"problem{(tasks, n, t, d, c, shared)}: seed {seed}")
+    g = torch.Generator().manual_seed(seed)
     sets = [init_params(d, c, g, dtype=F64) for _ in range(1 if shared else tasks)]
     params = tuple(
         torch.stack([s[name] for s in sets]).expand(tasks, *sets[0][name].shape)
@@ -45,7 +48,8 @@ def assert_tuples_close(actual, expected, rtol=1e-11):
 
 
 # (n examples, T positions, D, C, shared parameters): n below, at and above the 16-row
-# block, T odd (the interpreter walks 2 positions per block), D and C padded to 16.
+# block, T with and without a tail block (the interpreter walks 2 positions per block), D
+# and C padded to 16.
 SHAPES = [(5, 7, 16, 5, False), (3, 6, 8, 3, True), (17, 5, 32, 5, False), (16, 1, 4, 2, True)]
 
 
@@ -127,7 +131,7 @@ def test_kernels_compute_with_what_they_read_rounded_to_the_operand_dtype(operan
         assert any(misses)  # without the rounding the comparison above would fail
 
 
-def test_the_bfloat16_rounding_keeps_a_nan_a_nan():
+def test_the_bfloat16_rounding_keeps_a_nan_a_nan(kernel_set):
     """A non-finite inner step must stay non-finite when the next kernel reads it."""
     params, x, y = problem(1, 3, 4, 16, 3)
     params = tuple(p.float().contiguous() for p in params)
@@ -253,3 +257,10 @@ def test_unsupported_sizes_are_refused_before_any_work():
         support_step(params, x, y.int(), 0.1)
     with pytest.raises(ValueError, match="shape"):
         support_step(params, x[:1], y[:1], 0.1)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., n, T, D\)"):
+        support_step(params, x[0, 0], y, 0.1)
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        no_classes = (*params[:3], params[3][:, :0], params[4][:, :0])
+        support_step(no_classes, x, y, 0.1)
+    with pytest.raises(ValueError, match="examples must be >= 1"):
+        support_step(params, x[:, :0], y[:, :0], 0.1)
