@@ -124,6 +124,11 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, operand: torch.dtype | None, *gro
         )
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"the fused inner step supports {SUPPORTED_DTYPES}; got {x.dtype}")
+    if x.device.type != "cuda" and not interpreter_enabled():
+        raise ValueError(
+            f"the fused inner step runs on CUDA, or on the CPU in Triton's interpreter "
+            f"(TRITON_INTERPRET=1); got x on {x.device}"
+        )
     if x.dtype == torch.float64 and not interpreter_enabled():
         raise ValueError("float64 runs only in Triton's interpreter (TRITON_INTERPRET=1)")
     if operand is not None and (x.dtype != torch.float32 or operand not in OPERAND_DTYPES):

@@ -264,3 +264,18 @@ def test_unsupported_sizes_are_refused_before_any_work():
         support_step(no_classes, x, y, 0.1)
     with pytest.raises(ValueError, match="examples must be >= 1"):
         support_step(params, x[:, :0], y[:, :0], 0.1)
+    with pytest.raises(ValueError, match="x's dtype and device"):
+        support_step(tuple(p.float() for p in params), x, y, 0.1)
+    with pytest.raises(ValueError, match="operand rounds float32 inputs"):
+        support_step(params, x, y, 0.1, operand=torch.bfloat16)  # float64 inputs
+
+
+def test_outside_the_interpreter_the_cpu_and_float64_are_refused(monkeypatch):
+    params, x, y = problem(2, 3, 4, 8, 3)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="runs on CUDA, or on the CPU in Triton's interpreter"):
+        support_step(params, x, y, 0.1)
+    if torch.cuda.is_available():
+        cuda = tuple(p.cuda() for p in params)
+        with pytest.raises(ValueError, match="float64 runs only in Triton's interpreter"):
+            support_step(cuda, x.cuda(), y.cuda(), 0.1)
