@@ -2,8 +2,8 @@
 
 Used by this package's attention kernels and by any other fused kernel built beside
 them (the engine's fused inner step): interpreter detection, power-of-two block
-sizes, a dot with explicit precision and accumulator, and the move of a vmapped
-dimension to the front that every `vmap` rule starts with.
+sizes, the accumulator dtype, a dot with explicit precision and accumulator, and the
+move of a vmapped dimension to the front that every `vmap` rule starts with.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ def interpreter_enabled() -> bool:
 def pow2(x: int, lo: int) -> int:
     """The smallest power of two >= x, and at least `lo` (tl.dot needs 16 on the GPU)."""
     return max(lo, triton.next_power_of_2(x))
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels compute in for inputs of `dtype`: float64 stays, the rest float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import interpreter_enabled, pow2
+from kernels.common import accumulator_dtype, interpreter_enabled, pow2
 from kernels.reference import curvature_switches
 from kernels.triton_kernels import (
     attention_bwd_dkdv_kernel,
@@ -136,10 +136,6 @@ def _row_meta(q: torch.Tensor, m: int, dv: int, causal: bool) -> dict:
         ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
         num_warps=4 if block_m * max(block_d, block_dv) >= 4096 else 2,
     )
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

@@ -151,14 +151,14 @@ def breakdown(steps: pd.DataFrame) -> pd.DataFrame:
     Columns: CELL_KEYS, graph_ms, gpu_ms, gap_ms (graph - GPU work), host_ms (eager -
     graph), eager_ms, gpu_ops (GPU activities per step). Raises ValueError when no cell
     has both."""
-    if "gpu_ms" in steps:
-        eager = steps[(steps.execution == "eager") & steps.gpu_ms.notna()]
-        graph = steps[steps.execution == "graph"]
-        both = eager.merge(
-            graph, on=CELL_KEYS, suffixes=("_eager", "_graph"), validate="one_to_one"
-        )
-    if "gpu_ms" not in steps or both.empty:
-        raise ValueError("a breakdown needs cells timed eager (profiled) and in a graph")
+    missing = ValueError("a breakdown needs cells timed eager (profiled) and in a graph")
+    if "gpu_ms" not in steps:
+        raise missing
+    eager = steps[(steps.execution == "eager") & steps.gpu_ms.notna()]
+    graph = steps[steps.execution == "graph"]
+    both = eager.merge(graph, on=CELL_KEYS, suffixes=("_eager", "_graph"), validate="one_to_one")
+    if both.empty:
+        raise missing
     out = both[CELL_KEYS].assign(
         graph_ms=both.median_step_ms_graph,
         gpu_ms=both.gpu_ms_eager,

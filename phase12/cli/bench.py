@@ -29,6 +29,11 @@ def _out(p: ArgumentParser, name: str) -> None:
     p.add_argument("--out", type=Path, default=default, help=f"output folder (default {default})")
 
 
+def _show(table) -> None:
+    """Print a result table, numbers to three decimals."""
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+
 def _step_parser() -> ArgumentParser:
     from phase12.benchmarks import step
 
@@ -69,24 +74,18 @@ def _step_parser() -> ArgumentParser:
         action="store_true",
         help="also the scaling table: FULL and FO_STRICT against k, meta-batch and T",
     )
-    p.add_argument(
-        "--scaling-k",
-        type=csv_list(int),
-        default=(1, 5, 10, 20, 40),
-        help="inner steps of the scaling table (default 1,5,10,20,40)",
-    )
-    p.add_argument(
-        "--scaling-meta-batch",
-        type=csv_list(int),
-        default=(16, 64, 256, 1024),
-        help="meta-batches of the scaling table (default 16,64,256,1024)",
-    )
-    p.add_argument(
-        "--scaling-seq-len",
-        type=csv_list(int),
-        default=(32, 128, 512, 1024, 4096),
-        help="sequence lengths of the scaling table (default 32,128,512,1024,4096)",
-    )
+    scaling_axes = {
+        "k": ((1, 5, 10, 20, 40), "inner steps"),
+        "meta-batch": ((16, 64, 256, 1024), "meta-batches"),
+        "seq-len": ((32, 128, 512, 1024, 4096), "sequence lengths"),
+    }
+    for axis, (default, what) in scaling_axes.items():
+        p.add_argument(
+            f"--scaling-{axis}",
+            type=csv_list(int),
+            default=default,
+            help=f"{what} of the scaling table (default {','.join(map(str, default))})",
+        )
     _out(p, "step")
     return p
 
@@ -119,11 +118,11 @@ def bench_step(argv: list[str]) -> int:
     )
     df = measure(cells, args.warmup, args.reps, profile_gpu=args.breakdown)
     df.to_csv(args.out / "step.csv", index=False)
-    print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    _show(df)
     if args.breakdown:
         parts = breakdown(df)
         parts.to_csv(args.out / "breakdown.csv", index=False)
-        print(parts.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        _show(parts)
     if args.scaling:
         from analysis.figures import scaling_plot
 
@@ -134,7 +133,7 @@ def bench_step(argv: list[str]) -> int:
         scaling.to_csv(args.out / "scaling.csv", index=False)
         at = {"k": base.inner_steps, "meta_batch": base.meta_batch, "seq_len": base.seq_len}
         scaling_plot(scaling, at, args.out / "scaling.png")
-        print(scaling.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        _show(scaling)
     return 0
 
 
@@ -310,7 +309,7 @@ def bench_distributed(argv: list[str]) -> int:
     df.to_csv(args.out / "distributed.csv", index=False)
     for _, part in df.groupby("measurement", sort=False):
         table = part.dropna(axis=1, how="all").convert_dtypes()
-        print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        _show(table)
     print(f"written to {args.out / 'distributed.csv'}")
     return 0
 

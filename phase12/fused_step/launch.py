@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import interpreter_enabled, pow2
+from kernels.common import accumulator_dtype, interpreter_enabled, pow2
 from phase12.fused_step.example_kernels import (
     WEIGHTS,
     example_grad_kernel,
@@ -166,14 +166,9 @@ def use_example_kernels(tasks: int, n: int) -> bool:
     return tasks * n <= EXAMPLE_KERNELS_MAX
 
 
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernels compute in for inputs of `dtype`."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _meta(n: int, t: int, d: int, c: int, dtype: torch.dtype, operand, per_example: bool):
     """Compile-time settings of the example or task kernels."""
-    acc = _accumulator(dtype)
+    acc = accumulator_dtype(dtype)
     block_d = pow2(d, 16)
     meta = dict(
         BLOCK_D=block_d, BLOCK_C=pow2(c, 16), OPERAND=TL_DTYPES[operand or acc], ACC=TL_DTYPES[acc]
@@ -184,8 +179,9 @@ def _meta(n: int, t: int, d: int, c: int, dtype: torch.dtype, operand, per_examp
     else:
         block_n = pow2(n, 16)
         block_t = TASK_BLOCK_ELEMENTS // (block_n * block_d)
-        meta.update(BLOCK_N=block_n, PRECISION=dot_precision(acc, block_n))
-        meta.update(num_warps=TASK_WARPS[dtype])
+        meta.update(
+            BLOCK_N=block_n, PRECISION=dot_precision(acc, block_n), num_warps=TASK_WARPS[dtype]
+        )
     block_t = max(1, min(triton.next_power_of_2(t), block_t))
     if interpreter_enabled():
         block_t = 2  # several position blocks and a tail even at test sizes
@@ -209,7 +205,7 @@ def _launch_examples(example_kernel, args, x3, n, rows, meta, outs, *, base=None
     weight_kernel[(tasks, 4)]: outs = alpha base + beta (the sums over the examples), or
     beta times the sums when base is None; and, when `metrics` = (loss, accuracy) is
     given, each task's mean loss and accuracy into them."""
-    batch, acc = x3.shape[0], _accumulator(x3.dtype)
+    batch, acc = x3.shape[0], accumulator_dtype(x3.dtype)
     factors = torch.empty(
         batch, WEIGHTS.value, 2, rows, meta["BLOCK_D"], dtype=acc, device=x3.device
     )
@@ -233,7 +229,7 @@ def _grad_launch(params, x, y, lr: float, update: bool, operand):
     # Gradients (not steps) stay in the accumulator's float32 for half parameters: their
     # backward multiplies them by the (loss-scaled) incoming gradient, which float16's
     # subnormals would spoil first.
-    outs = _outputs(ps, batch, None if update else _accumulator(x.dtype))
+    outs = _outputs(ps, batch, None if update else accumulator_dtype(x.dtype))
     loss = torch.empty(batch, dtype=x.dtype, device=x.device)
     accuracy = torch.empty(batch, dtype=x.dtype, device=x.device)
     per_example = use_example_kernels(batch, n)
