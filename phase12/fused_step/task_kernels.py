@@ -55,7 +55,7 @@ are (float32 master weights); intermediate results stay in ACC (autocast would r
 each matmul's output too).
 
 Layout: X (B, n, T, D) and y (B, n) with a task stride each; every parameter and
-tangent (B, R, C) row-major with its own task stride, which is 0 when all tasks share
+tangent (B, rows, cols) row-major with its own task stride, which is 0 when all tasks share
 it (the meta-parameters at the first inner step), so nothing is copied per task.
 Outputs are contiguous (B, ...) arrays.
 """
