@@ -3,8 +3,10 @@
 Three Functions, each the backward of the one before:
 
     FusedAttention               (q, k, v)                   -> (o, stats)        1 Triton kernel
-    FusedAttentionBackward       (q, k, v, o, stats, do)     -> (dq, dk, dv)      2 Triton kernels
+    FusedAttentionBackward       (q, k, v, o, stats, do)     -> (dq, dk, dv)      1-2 Triton kernels
     FusedAttentionDoubleBackward (q, k, v, o, stats, do, u*) -> (gq, gk, gv, gdo) 2 Triton kernels
+
+(The backward is one kernel where dQ is summed with atomics: kernels.launch.LaunchConfig.)
 
 Each also takes the non-tensor arguments `causal`, `scale`, `precision` (the Triton dot
 precision of float32 operands, kernels.launch), `curvature` (what attention's own

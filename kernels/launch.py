@@ -21,7 +21,7 @@ for their kernel family (the block-size sweep, `run.py bench tiles`, passes it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -53,12 +53,16 @@ ROW_BLOCK_ELEMENTS = 4096
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile sizes (queries x keys) and CUDA launch knobs for one kernel."""
+    """Tile sizes (queries x keys) and CUDA launch knobs for one kernel family;
+    `atomic_rows` (backward passes): the column-parallel kernel sums the row-side
+    gradients (dQ; gQ, gdO) with atomics instead of a row-parallel pass over the tiles
+    (kernels.triton_kernels)."""
 
     block_n: int
     block_m: int
     num_warps: int = 4
     num_stages: int = 2
+    atomic_rows: bool = False
 
 
 # Tiles (block_n x block_m, warps, stages) by (kernel family, operands, D > 64), picked
@@ -68,22 +72,24 @@ class LaunchConfig:
 # 16-bit in the backward passes; 16-bit at D <= 64 gains from a third pipeline stage. At
 # D = 128 one stage (no software pipelining) keeps the float32 double backward in
 # shared memory and registers; 64 x 64 float32 double-backward tiles do not fit there.
+# Atomic row gradients pay off where the column kernel has registers to spare for them:
+# the backward at D <= 64, the double backward at D <= 64 except with tf32x3.
 _TILES = {
     ("fwd", "16bit", False): LaunchConfig(128, 64, 8, 2),
-    ("bwd", "16bit", False): LaunchConfig(64, 64, 4, 3),
-    ("dbwd", "16bit", False): LaunchConfig(64, 64, 4, 2),
+    ("bwd", "16bit", False): LaunchConfig(64, 64, 4, 3, atomic_rows=True),
+    ("dbwd", "16bit", False): LaunchConfig(64, 64, 4, 2, atomic_rows=True),
     ("fwd", "16bit", True): LaunchConfig(64, 32, 4, 2),
     ("bwd", "16bit", True): LaunchConfig(64, 64, 4, 2),
     ("dbwd", "16bit", True): LaunchConfig(64, 64, 4, 1),
     ("fwd", "tf32x3", False): LaunchConfig(128, 64, 8, 2),
-    ("bwd", "tf32x3", False): LaunchConfig(64, 32, 4, 2),
+    ("bwd", "tf32x3", False): LaunchConfig(64, 32, 4, 2, atomic_rows=True),
     ("dbwd", "tf32x3", False): LaunchConfig(64, 32, 4, 2),
     ("fwd", "tf32x3", True): LaunchConfig(128, 64, 8, 1),
     ("bwd", "tf32x3", True): LaunchConfig(32, 32, 4, 1),
     ("dbwd", "tf32x3", True): LaunchConfig(16, 32, 4, 1),
     ("fwd", "ieee", False): LaunchConfig(64, 64, 4, 1),
-    ("bwd", "ieee", False): LaunchConfig(32, 32, 4, 1),
-    ("dbwd", "ieee", False): LaunchConfig(32, 32, 4, 1),
+    ("bwd", "ieee", False): LaunchConfig(32, 32, 4, 1, atomic_rows=True),
+    ("dbwd", "ieee", False): LaunchConfig(32, 32, 4, 1, atomic_rows=True),
     ("fwd", "ieee", True): LaunchConfig(32, 64, 4, 2),
     ("bwd", "ieee", True): LaunchConfig(32, 32, 4, 1),
     ("dbwd", "ieee", True): LaunchConfig(16, 16, 4, 1),
@@ -106,16 +112,17 @@ def launch_config(
     Tiles never exceed the (power-of-two rounded) problem size. (N = 1 does not come
     here: it runs the one-query kernels.)
     """
+    tile = _TILES[kind, operand_class(dtype, precision), d > 64]
     if interpreter_enabled():
         # The interpreter runs one program at a time in numpy: small tiles keep the
         # tests fast and exercise the tail masks.
-        return LaunchConfig(block_n=16, block_m=16, num_warps=1, num_stages=1)
-    tile = _TILES[kind, operand_class(dtype, precision), d > 64]
+        return replace(tile, block_n=16, block_m=16, num_warps=1, num_stages=1)
     block_n = min(tile.block_n, pow2(n, 16))
     block_m = min(tile.block_m, pow2(m, 16))
     if (block_n, block_m) == (tile.block_n, tile.block_m):
         return tile
-    return LaunchConfig(block_n, block_m, 4, tile.num_stages)  # a problem smaller than the tile
+    # A problem smaller than the tile:
+    return replace(tile, block_n=block_n, block_m=block_m, num_warps=4)
 
 
 def uses_row_kernels(n: int) -> bool:
@@ -158,7 +165,8 @@ def _meta(
     m, dv = v.shape[-2:]
     cfg = tile or launch_config(kind, n, m, d, q.dtype, precision)
     float32 = q.dtype == torch.float32
-    return dict(
+    atomic = {} if kind == "fwd" else dict(ATOMIC_ROWS=cfg.atomic_rows)  # see LaunchConfig
+    return atomic | dict(
         CAUSAL=causal,
         BLOCK_N=cfg.block_n,
         BLOCK_M=cfg.block_m,
@@ -171,6 +179,11 @@ def _meta(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+
+
+def _accumulator(x: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like x in the accumulator dtype, for the kernels' atomic sums."""
+    return torch.zeros(x.shape, dtype=accumulator_dtype(x.dtype), device=x.device)
 
 
 def _grid(batch: int, rows: int, block: int) -> tuple[int]:
@@ -241,13 +254,18 @@ def attention_backward(
     else:
         delta = _delta(o, do)
         meta = _meta(q, v, "bwd", causal, precision, tile)
+        atomic = meta.pop("ATOMIC_ROWS")  # the dQ kernel has no such switch
         args = (n, m, d, dv, scale)
+        dq_sum = _accumulator(q3) if atomic else dq
         attention_bwd_dkdv_kernel[_grid(bh, m, meta["BLOCK_M"])](
-            q3, k3, v3, do3, lse2, delta, dk, dvv, *args, **meta
+            q3, k3, v3, do3, lse2, delta, dk, dvv, dq_sum, *args, **meta, ATOMIC_ROWS=atomic
         )
-        attention_bwd_dq_kernel[_grid(bh, n, meta["BLOCK_N"])](
-            q3, k3, v3, do3, lse2, delta, dq, *args, **meta
-        )
+        if atomic:
+            dq = dq_sum.to(q.dtype)
+        else:
+            attention_bwd_dq_kernel[_grid(bh, n, meta["BLOCK_N"])](
+                q3, k3, v3, do3, lse2, delta, dq, *args, **meta
+            )
     return dq.view(q.shape), dk.view(k.shape), dvv.view(v.shape)
 
 
@@ -292,12 +310,15 @@ def attention_double_backward(
         rho_w, rho_g = torch.empty_like(lse2), torch.empty_like(lse2)
         meta = _meta(q, v, "dbwd", causal, precision, tile)
         args = (n, m, d, dv, scale)
+        if meta["ATOMIC_ROWS"]:
+            gq, gdo = _accumulator(q3), _accumulator(do3)
         attention_dbwd_rows_kernel[_grid(bh, n, meta["BLOCK_N"])](
             q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, gq, gdo, rho_w, rho_g, *args,
             **meta, **switches,
         )  # fmt: skip
         attention_dbwd_cols_kernel[_grid(bh, m, meta["BLOCK_M"])](
-            q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, rho_w, rho_g, gk, gv, *args,
+            q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, rho_w, rho_g, gk, gv, gq, gdo, *args,
             **meta, **switches,
         )  # fmt: skip
+        gq, gdo = gq.to(dt), gdo.to(dt)
     return gq.view(q.shape), gk.view(k.shape), gv.view(v.shape), gdo.view(q.shape[:-1] + (dv,))

@@ -13,6 +13,13 @@ below follow it. One (batch*head) slice, scale s:
                       gQ = s G_S K + s dS uK     gdO = G_dP V + P uV     (row-parallel)
                       gK = s G_S^T Q + s dS^T uQ gV  = G_dP^T dO          (column-parallel)
 
+The row-side gradients (dQ; gQ, gdO) are sums over key tiles. Either a row-parallel
+pass computes them (deterministic: each row's sum in a fixed order), or, with
+ATOMIC_ROWS, the column-parallel kernel, which already holds every tile they need,
+adds its part into a zeroed float32 (float64) accumulator with atomics: one pass over
+the N x M tiles fewer, in an order that varies from run to run (so do the last bits of
+the float32 sums). The launchers' tile table chooses per kernel family, operands and D.
+
 Nothing of size N x M is ever written to memory: every N x M tile is rebuilt from
 Q, K (and V, dO, uQ, uK, uV) and the per-row statistics LSE, Delta, rho_W, rho_G.
 
@@ -64,6 +71,14 @@ def _store(ptr, value, bh, offs_r, offs_c, n_r, n_c):
     base = ptr + bh.to(tl.int64) * n_r * n_c
     mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
     tl.store(base + offs_r[:, None] * n_c + offs_c[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _accumulate(ptr, value, bh, offs_r, offs_c, n_r, n_c):
+    """Atomically add a tile into slice bh of a contiguous (BH, n_r, n_c) accumulator."""
+    base = ptr + bh.to(tl.int64) * n_r * n_c
+    mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
+    tl.atomic_add(base + offs_r[:, None] * n_c + offs_c[None, :], value, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -160,15 +175,17 @@ def attention_fwd_kernel(Q, K, V, O, LSE, N, M, D, DV, scale,
 
 
 # ---------------------------------------------------------------------------
-# Backward: dK, dV (column-parallel) and dQ (row-parallel)
+# Backward: dK, dV (column-parallel) and dQ (row-parallel, or summed by atomics)
 # ---------------------------------------------------------------------------
 
 
 @triton.jit
-def attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVo, N, M, D, DV, scale,
+def attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVo, DQ, N, M, D, DV, scale,
                               CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                              PRECISION: tl.constexpr, ACC: tl.constexpr):
+                              PRECISION: tl.constexpr, ACC: tl.constexpr, ATOMIC_ROWS: tl.constexpr):
+    """dK and dV of one key tile; with ATOMIC_ROWS also this key tile's part of dQ, added
+    into the zeroed accumulator DQ (otherwise DQ is not touched)."""
     bh, start_m = _program_tile(M, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -192,6 +209,8 @@ def attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVo, N, M, D, DV, sca
         ds = p * (dp - delta[:, None])
         dv += dot(tl.trans(p).to(do.dtype), do, PRECISION, ACC)     # dV = P^T dO
         dk += dot(tl.trans(ds).to(q.dtype), q, PRECISION, ACC)      # dK = s dS^T Q
+        if ATOMIC_ROWS:                                              # dQ = s dS K
+            _accumulate(DQ, dot(ds.to(k.dtype), k, PRECISION, ACC) * scale, bh, offs_n, offs_d, N, D)
     _store(DK, dk * scale, bh, offs_m, offs_d, M, D)
     _store(DVo, dv, bh, offs_m, offs_dv, M, DV)
 
@@ -226,7 +245,8 @@ def attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, N, M, D, DV, scale,
 
 
 # ---------------------------------------------------------------------------
-# Double backward: row statistics + gQ, gdO (row-parallel), then gK, gV (column-parallel)
+# Double backward: row statistics + gQ, gdO (row-parallel), then gK, gV (column-parallel);
+# or row statistics alone, then gK, gV with gQ, gdO summed by atomics (ATOMIC_ROWS)
 # ---------------------------------------------------------------------------
 
 
@@ -236,7 +256,10 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
                                CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                                PRECISION: tl.constexpr, ACC: tl.constexpr,
-                               SCORE: tl.constexpr, VALUE: tl.constexpr, FROZEN_STATS: tl.constexpr):
+                               SCORE: tl.constexpr, VALUE: tl.constexpr, FROZEN_STATS: tl.constexpr,
+                               ATOMIC_ROWS: tl.constexpr):
+    """rho_W, rho_G and (unless ATOMIC_ROWS: the column kernel sums them) gQ, gdO of one
+    query tile."""
     bh, start_n = _program_tile(N, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -271,37 +294,38 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
         rho_g -= rho_w * delta
     if FROZEN_STATS:  # the log-sum-exp is a constant: no rho_G term
         rho_g = tl.zeros_like(rho_g)
-
-    # Pass 2 over keys: gQ = s G_S K + s dS uK and gdO = G_dP V + P uV.
-    gq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    gdo = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
-    for start_m in range(0, key_end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        k = _load(K, bh, offs_m, offs_d, M, D)
-        v = _load(V, bh, offs_m, offs_dv, M, DV)
-        uk = _load(UK, bh, offs_m, offs_d, M, D)
-        uv = _load(UV, bh, offs_m, offs_dv, M, DV)
-        p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
-                                         CAUSAL, PRECISION, ACC)
-        ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g, SCORE, VALUE)
-        gq += dot(g_s.to(k.dtype), k, PRECISION, ACC)
-        if SCORE:
-            gq += dot(ds.to(uk.dtype), uk, PRECISION, ACC)
-        gdo += dot(g_dp.to(v.dtype), v, PRECISION, ACC) + dot(p.to(uv.dtype), uv, PRECISION, ACC)
-
-    _store(GQ, gq * scale, bh, offs_n, offs_d, N, D)
-    _store(GDO, gdo, bh, offs_n, offs_dv, N, DV)
     _store_row(RHO_W, rho_w, bh, offs_n, N)
     _store_row(RHO_G, rho_g, bh, offs_n, N)
+    if not ATOMIC_ROWS:  # Pass 2 over keys: gQ = s G_S K + s dS uK and gdO = G_dP V + P uV.
+        gq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+        gdo = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
+        for start_m in range(0, key_end, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            k = _load(K, bh, offs_m, offs_d, M, D)
+            v = _load(V, bh, offs_m, offs_dv, M, DV)
+            uk = _load(UK, bh, offs_m, offs_d, M, D)
+            uv = _load(UV, bh, offs_m, offs_dv, M, DV)
+            p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
+                                             CAUSAL, PRECISION, ACC)
+            ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g, SCORE, VALUE)
+            gq += dot(g_s.to(k.dtype), k, PRECISION, ACC)
+            if SCORE:
+                gq += dot(ds.to(uk.dtype), uk, PRECISION, ACC)
+            gdo += dot(g_dp.to(v.dtype), v, PRECISION, ACC) + dot(p.to(uv.dtype), uv, PRECISION, ACC)
+        _store(GQ, gq * scale, bh, offs_n, offs_d, N, D)
+        _store(GDO, gdo, bh, offs_n, offs_dv, N, DV)
 
 
 @triton.jit
-def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G, GK, GV,
+def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G, GK, GV, GQ, GDO,
                                N, M, D, DV, scale,
                                CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                                PRECISION: tl.constexpr, ACC: tl.constexpr,
-                               SCORE: tl.constexpr, VALUE: tl.constexpr, FROZEN_STATS: tl.constexpr):
+                               SCORE: tl.constexpr, VALUE: tl.constexpr, FROZEN_STATS: tl.constexpr,
+                               ATOMIC_ROWS: tl.constexpr):
+    """gK and gV of one key tile; with ATOMIC_ROWS also this key tile's parts of gQ and gdO,
+    added into the zeroed accumulators GQ and GDO (otherwise they are not touched)."""
     bh, start_m = _program_tile(M, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -333,6 +357,13 @@ def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G
             gk += dot(tl.trans(ds).to(uq.dtype), uq, PRECISION, ACC)
         if VALUE:
             gv += dot(tl.trans(g_dp).to(do.dtype), do, PRECISION, ACC)
+        if ATOMIC_ROWS:  # gQ = s G_S K + s dS uK and gdO = G_dP V + P uV, this key tile's parts
+            gq = dot(g_s.to(k.dtype), k, PRECISION, ACC)
+            if SCORE:
+                gq += dot(ds.to(uk.dtype), uk, PRECISION, ACC)
+            gdo = dot(g_dp.to(v.dtype), v, PRECISION, ACC) + dot(p.to(uv.dtype), uv, PRECISION, ACC)
+            _accumulate(GQ, gq * scale, bh, offs_n, offs_d, N, D)
+            _accumulate(GDO, gdo, bh, offs_n, offs_dv, N, DV)
 
     _store(GK, gk * scale, bh, offs_m, offs_d, M, D)
     _store(GV, gv, bh, offs_m, offs_dv, M, DV)

@@ -5,9 +5,10 @@
 
 A cell is DTYPE:N:D:FAMILY (N = M, B*H = 32, no mask). For each cell, the tile in use
 (`kernels.launch.launch_config`) and every candidate tile (block_n x block_m, warps,
-stages) are handed to the family's launcher (its `tile` argument) and the launch is
-timed alone (median of `triton.testing.do_bench`): the forward kernel for `fwd`, the
-two backward kernels for `bwd`, the two double-backward kernels for `dbwd`. A candidate
+stages; the structure, `atomic_rows`, stays the one in use) are handed to the family's
+launcher (its `tile` argument) and the launch is timed alone (median of
+`triton.testing.do_bench`): the forward kernel for `fwd`, the backward kernels for
+`bwd`, the double-backward kernels for `dbwd`. A candidate
 that does not fit (shared memory, registers) is recorded with its error. Prints, per
 cell, the tile in use and the best three; writes every measurement to tiles.csv (after
 each cell, so an interrupted sweep keeps its finished cells). `--candidates`
@@ -19,6 +20,7 @@ decision, it does not make it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -124,13 +126,16 @@ def sweep(
         dtype = DTYPES[dname]
         current = launch.launch_config(family, n, n, d, dtype, float32_precision(dname))
         tiles = [current]
-        tiles += [launch.LaunchConfig(*c) for c in candidates if launch.LaunchConfig(*c) != current]
+        for bn, bm, warps, stages in candidates:
+            tile = replace(current, block_n=bn, block_m=bm, num_warps=warps, num_stages=stages)
+            tiles += [tile] if tile != current else []
         for tile in tiles:
             ms, error = time_tile(dname, n, d, family, tile)
             rows.append(
                 dict(device_name=device, dtype=dname, n=n, d=d, family=family)
                 | dict(block_n=tile.block_n, block_m=tile.block_m, warps=tile.num_warps)
-                | dict(stages=tile.num_stages, in_use=tile == current, ms=ms, error=error)
+                | dict(stages=tile.num_stages, atomic_rows=tile.atomic_rows)
+                | dict(in_use=tile == current, ms=ms, error=error)
             )
         print(_summary(pd.DataFrame(rows[-len(tiles) :])), flush=True)
         if csv is not None:  # replaced whole: never half a table

@@ -24,7 +24,8 @@ def test_tile_sweep_tries_every_candidate_after_the_tile_in_use(monkeypatch, tmp
     back = pd.read_csv(tmp_path / "tiles.csv")  # written as each cell ends
     assert list(back.columns) == list(df.columns) and back.ms.equals(df.ms)
     assert capsys.readouterr().out.startswith("bf16 N=2048 D=64 bwd: in use 64x64 w4 s3")
-    candidates = {launch.LaunchConfig(*c) for c in tiles.CANDIDATES}
+    # Candidates keep the structure in use (the backward sums dQ with atomics at D = 64).
+    candidates = {launch.LaunchConfig(*c, atomic_rows=True) for c in tiles.CANDIDATES}
     assert seen[0] == in_use and set(seen) == candidates | {in_use} and len(df) == len(seen)
     assert df.in_use.tolist() == [True] + [False] * (len(df) - 1)
     assert df.ms.isna().sum() == (df.block_n * df.block_m > 64 * 64).sum()
@@ -35,7 +36,12 @@ def test_tile_sweep_tries_every_candidate_after_the_tile_in_use(monkeypatch, tmp
     assert chosen == [(32, 32, 4, 1), (16, 32, 4, 2)]
     seen.clear()
     tiles.sweep(tiles.parse_cells("bf16:2048:64:bwd"), candidates=chosen)
-    assert seen == [in_use, launch.LaunchConfig(32, 32, 4, 1), launch.LaunchConfig(16, 32, 4, 2)]
+    assert in_use.atomic_rows and df.atomic_rows.all()
+    assert seen == [
+        in_use,
+        launch.LaunchConfig(32, 32, 4, 1, atomic_rows=True),
+        launch.LaunchConfig(16, 32, 4, 2, atomic_rows=True),
+    ]
 
 
 @pytest.mark.usefixtures("interpreter")

@@ -49,20 +49,21 @@ def assert_all_close(xs, ys, tol):
 
 
 def check_three_orders(n, m, d, dv, causal):
-    """Forward, backward and double backward of the fused op equal the reference."""
+    """Forward, backward and double backward (all four gradients: q, k, v and dO) of the
+    fused op equal the reference."""
     q, k, v = qkv(n, m, d, dv)
     out = fused_attention(q, k, v, causal)
     ref = attention_reference(q, k, v, causal)
     assert rel_err(out, ref) < 1e-12
 
-    do = torch.randn_like(ref)
+    do = torch.randn_like(ref).requires_grad_()
     g = torch.autograd.grad(out, (q, k, v), do, create_graph=True)
     g_ref = torch.autograd.grad(ref, (q, k, v), do, create_graph=True)
     assert_all_close(g, g_ref, 1e-12)
 
     us = [torch.randn_like(t) for t in g]
-    h = torch.autograd.grad(g, (q, k, v), us)
-    h_ref = torch.autograd.grad(g_ref, (q, k, v), us)
+    h = torch.autograd.grad(g, (q, k, v, do), us)
+    h_ref = torch.autograd.grad(g_ref, (q, k, v, do), us)
     assert_all_close(h, h_ref, 1e-11)
 
 
@@ -326,16 +327,48 @@ def _gpu_tile_shapes() -> list[tuple[int, int]]:
     return sorted({(t.block_n, t.block_m) for t in launch._TILES.values()})
 
 
+@pytest.mark.parametrize("atomic_rows", [False, True], ids=["row_pass", "atomic_rows"])
 @pytest.mark.parametrize("block_n,block_m", _gpu_tile_shapes())
-def test_every_gpu_tile_shape_is_exact(block_n, block_m, monkeypatch):
-    """The GPU tile shapes (the interpreter otherwise runs 16 x 16), with tails in both
-    directions and causal masking, in float64. Warps and stages do not exist here."""
+def test_every_gpu_tile_shape_is_exact(block_n, block_m, atomic_rows, monkeypatch):
+    """The GPU tile shapes (the interpreter otherwise runs 16 x 16) in both structures of
+    the backward passes (row-side gradients by a row pass or by atomics), with tails in
+    both directions and causal masking, in float64. Warps and stages do not exist here."""
     from kernels import launch
 
-    tile = launch.LaunchConfig(block_n, block_m, num_warps=1, num_stages=1)
+    tile = launch.LaunchConfig(block_n, block_m, 1, 1, atomic_rows=atomic_rows)
     monkeypatch.setattr(launch, "launch_config", lambda *_: tile)
     check_three_orders(block_n + 5, block_m + 3, 8, 4, causal=True)
     check_three_orders(block_n // 2 + 1, 2 * block_m + 1, 8, 8, causal=False)
+
+
+@pytest.mark.parametrize("atomic_rows", [False, True], ids=["row_pass", "atomic_rows"])
+def test_every_launch_passes_exactly_the_kernels_parameters(atomic_rows, monkeypatch):
+    """The interpreter ignores a keyword its kernel does not take, where a GPU launch
+    refuses it: every launch (tiled in both structures, and one-query) passes each of the
+    kernel's parameters once, and nothing else but launch options."""
+    from kernels import launch
+
+    class Checked:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                names = self.kernel.arg_names
+                keywords = set(kwargs) - {"num_warps", "num_stages"}
+                assert keywords <= set(names), f"{self.kernel.fn.__name__}: {keywords - set(names)}"
+                assert sorted(names[: len(args)] + sorted(keywords)) == sorted(names)
+                return self.kernel[grid](*args, **kwargs)
+
+            return run
+
+    for name in dir(launch):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(launch, name, Checked(getattr(launch, name)))
+    tile = launch.LaunchConfig(16, 16, 1, 1, atomic_rows=atomic_rows)
+    monkeypatch.setattr(launch, "launch_config", lambda *_: tile)
+    for n in (1, 9):
+        check_three_orders(n, 7, 8, 4, causal=False)
 
 
 def test_the_reference_computes_half_inputs_in_float32_under_autocast_too():

@@ -91,6 +91,20 @@ def test_every_backend_applies_the_policy_exactly(backend, curvature, n, causal)
     close(first, attention_backward_reference(q, k, v, do, causal))
 
 
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("atomic_rows", [False, True], ids=["row_pass", "atomic_rows"])
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_both_tiled_structures_apply_the_policy_exactly(curvature, atomic_rows, monkeypatch):
+    """The row-side gradients by a row pass or by atomics (kernels.launch.LaunchConfig)."""
+    from kernels import launch
+
+    tile = launch.LaunchConfig(16, 16, 1, 1, atomic_rows=atomic_rows)
+    monkeypatch.setattr(launch, "launch_config", lambda *_: tile)
+    q, k, v, do, uq, uk, uv = inputs(19, 21)
+    got = second_order("triton_fused", curvature, q, k, v, do, (uq, uk, uv), True)
+    close(got, attention_double_backward_formula(q, k, v, do, uq, uk, uv, True, None, curvature))
+
+
 def third_order(backward, q, k, v, do, u, w):
     """<w, grad of <u, backward(q, k, v, do)>> in (q, k, v, do): the third derivative."""
     q, k, v, do = (t.clone().requires_grad_() for t in (q, k, v, do))
