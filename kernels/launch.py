@@ -115,7 +115,7 @@ def launch_config(
     tile = _TILES[kind, operand_class(dtype, precision), d > 64]
     if interpreter_enabled():
         # The interpreter runs one program at a time in numpy: small tiles keep the
-        # tests fast and exercise the tail masks.
+        # tests fast and exercise the tail masks (in the table's structure).
         return replace(tile, block_n=16, block_m=16, num_warps=1, num_stages=1)
     block_n = min(tile.block_n, pow2(n, 16))
     block_m = min(tile.block_m, pow2(m, 16))
@@ -153,20 +153,22 @@ def _flat_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
+def _tile(
+    q: torch.Tensor, v: torch.Tensor, kind: str, precision: str, tile: LaunchConfig | None
+) -> LaunchConfig:
+    """`tile`, or the table's choice for kernel family `kind` at this shape."""
+    (n, d), m = q.shape[-2:], v.shape[-2]
+    return tile or launch_config(kind, n, m, d, q.dtype, precision)
+
+
 def _meta(
-    q: torch.Tensor,
-    v: torch.Tensor,
-    kind: str,
-    causal: bool,
-    precision: str,
-    tile: LaunchConfig | None = None,
+    q: torch.Tensor, v: torch.Tensor, cfg: LaunchConfig, causal: bool, precision: str
 ) -> dict:
-    n, d = q.shape[-2:]
-    m, dv = v.shape[-2:]
-    cfg = tile or launch_config(kind, n, m, d, q.dtype, precision)
+    """The tiled kernels' shared meta-parameters and launch options (the structure,
+    `cfg.atomic_rows`, is passed by the launchers to the kernels that take it)."""
+    d, dv = q.shape[-1], v.shape[-1]
     float32 = q.dtype == torch.float32
-    atomic = {} if kind == "fwd" else dict(ATOMIC_ROWS=cfg.atomic_rows)  # see LaunchConfig
-    return atomic | dict(
+    return dict(
         CAUSAL=causal,
         BLOCK_N=cfg.block_n,
         BLOCK_M=cfg.block_m,
@@ -212,7 +214,7 @@ def attention_forward(
             q3, k3, v3, o, lse, m, d, dv, scale, **_row_meta(q, m, dv, causal)
         )
     else:
-        meta = _meta(q, v, "fwd", causal, precision, tile)
+        meta = _meta(q, v, _tile(q, v, "fwd", precision, tile), causal, precision)
         attention_fwd_kernel[_grid(bh, n, meta["BLOCK_N"])](
             q3, k3, v3, o, lse, n, m, d, dv, scale, **meta
         )
@@ -253,15 +255,16 @@ def attention_backward(
         )
     else:
         delta = _delta(o, do)
-        meta = _meta(q, v, "bwd", causal, precision, tile)
-        atomic = meta.pop("ATOMIC_ROWS")  # the dQ kernel has no such switch
-        args = (n, m, d, dv, scale)
-        dq_sum = _accumulator(q3) if atomic else dq
+        cfg = _tile(q, v, "bwd", precision, tile)
+        meta, args = _meta(q, v, cfg, causal, precision), (n, m, d, dv, scale)
+        if cfg.atomic_rows:
+            dq = _accumulator(q3)
         attention_bwd_dkdv_kernel[_grid(bh, m, meta["BLOCK_M"])](
-            q3, k3, v3, do3, lse2, delta, dk, dvv, dq_sum, *args, **meta, ATOMIC_ROWS=atomic
-        )
-        if atomic:
-            dq = dq_sum.to(q.dtype)
+            q3, k3, v3, do3, lse2, delta, dk, dvv, dq, *args, **meta,
+            ATOMIC_ROWS=cfg.atomic_rows,
+        )  # fmt: skip
+        if cfg.atomic_rows:
+            dq = dq.to(q.dtype)
         else:
             attention_bwd_dq_kernel[_grid(bh, n, meta["BLOCK_N"])](
                 q3, k3, v3, do3, lse2, delta, dq, *args, **meta
@@ -308,17 +311,18 @@ def attention_double_backward(
     else:
         delta = _delta(o, do)
         rho_w, rho_g = torch.empty_like(lse2), torch.empty_like(lse2)
-        meta = _meta(q, v, "dbwd", causal, precision, tile)
-        args = (n, m, d, dv, scale)
-        if meta["ATOMIC_ROWS"]:
+        cfg = _tile(q, v, "dbwd", precision, tile)
+        meta, args = _meta(q, v, cfg, causal, precision), (n, m, d, dv, scale)
+        if cfg.atomic_rows:
             gq, gdo = _accumulator(q3), _accumulator(do3)
         attention_dbwd_rows_kernel[_grid(bh, n, meta["BLOCK_N"])](
             q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, gq, gdo, rho_w, rho_g, *args,
-            **meta, **switches,
+            **meta, **switches, ATOMIC_ROWS=cfg.atomic_rows,
         )  # fmt: skip
         attention_dbwd_cols_kernel[_grid(bh, m, meta["BLOCK_M"])](
             q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, rho_w, rho_g, gk, gv, gq, gdo, *args,
-            **meta, **switches,
+            **meta, **switches, ATOMIC_ROWS=cfg.atomic_rows,
         )  # fmt: skip
-        gq, gdo = gq.to(dt), gdo.to(dt)
+        if cfg.atomic_rows:
+            gq, gdo = gq.to(dt), gdo.to(dt)
     return gq.view(q.shape), gk.view(k.shape), gv.view(v.shape), gdo.view(q.shape[:-1] + (dv,))

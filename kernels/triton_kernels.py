@@ -10,15 +10,16 @@ below follow it. One (batch*head) slice, scale s:
                       G_dP = P * (W - rho_W)
                       G_P  = R + (dP - Delta) * W - rho_W * dP,  rho_G = rowsum(P * G_P)
                       G_S  = P * (G_P - rho_G)
-                      gQ = s G_S K + s dS uK     gdO = G_dP V + P uV     (row-parallel)
-                      gK = s G_S^T Q + s dS^T uQ gV  = G_dP^T dO          (column-parallel)
+                      gQ = s G_S K + s dS uK     gdO = G_dP V + P uV     (row side)
+                      gK = s G_S^T Q + s dS^T uQ gV  = G_dP^T dO          (column side)
 
-The row-side gradients (dQ; gQ, gdO) are sums over key tiles. Either a row-parallel
-pass computes them (deterministic: each row's sum in a fixed order), or, with
-ATOMIC_ROWS, the column-parallel kernel, which already holds every tile they need,
+The column-side gradients (dK, dV; gK, gV) are computed by column-parallel kernels, one
+program per key tile. The row-side ones (dQ; gQ, gdO) are sums over key tiles: either a
+row-parallel pass computes them (deterministic: each row's sum in a fixed order), or,
+with ATOMIC_ROWS, the column-parallel kernel, which already holds every tile they need,
 adds its part into a zeroed float32 (float64) accumulator with atomics: one pass over
 the N x M tiles fewer, in an order that varies from run to run (so do the last bits of
-the float32 sums). The launchers' tile table chooses per kernel family, operands and D.
+the sums). The launchers' tile table chooses per kernel family, operands and D.
 
 Nothing of size N x M is ever written to memory: every N x M tile is rebuilt from
 Q, K (and V, dO, uQ, uK, uV) and the per-row statistics LSE, Delta, rho_W, rho_G.

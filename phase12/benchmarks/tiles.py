@@ -128,7 +128,8 @@ def sweep(
         tiles = [current]
         for bn, bm, warps, stages in candidates:
             tile = replace(current, block_n=bn, block_m=bm, num_warps=warps, num_stages=stages)
-            tiles += [tile] if tile != current else []
+            if tile != current:
+                tiles.append(tile)
         for tile in tiles:
             ms, error = time_tile(dname, n, d, family, tile)
             rows.append(
@@ -145,7 +146,8 @@ def sweep(
 
 def _summary(cell: pd.DataFrame) -> str:
     def name(r) -> str:
-        return f"{r.block_n}x{r.block_m} w{r.warps} s{r.stages}: {r.ms:.3f} ms"
+        atomic = " atomic rows" if r.atomic_rows else ""
+        return f"{r.block_n}x{r.block_m} w{r.warps} s{r.stages}{atomic}: {r.ms:.3f} ms"
 
     first = cell.iloc[0]
     best = cell.dropna(subset=["ms"]).sort_values("ms").head(3)

@@ -23,7 +23,9 @@ def test_tile_sweep_tries_every_candidate_after_the_tile_in_use(monkeypatch, tmp
     df = tiles.sweep(tiles.parse_cells("bf16:2048:64:bwd"), tmp_path / "tiles.csv")
     back = pd.read_csv(tmp_path / "tiles.csv")  # written as each cell ends
     assert list(back.columns) == list(df.columns) and back.ms.equals(df.ms)
-    assert capsys.readouterr().out.startswith("bf16 N=2048 D=64 bwd: in use 64x64 w4 s3")
+    assert capsys.readouterr().out.startswith(
+        "bf16 N=2048 D=64 bwd: in use 64x64 w4 s3 atomic rows:"
+    )
     # Candidates keep the structure in use (the backward sums dQ with atomics at D = 64).
     candidates = {launch.LaunchConfig(*c, atomic_rows=True) for c in tiles.CANDIDATES}
     assert seen[0] == in_use and set(seen) == candidates | {in_use} and len(df) == len(seen)

@@ -312,7 +312,7 @@ def test_compiled_tiles_fit_the_problem_and_the_dtype(kind, monkeypatch):
         assert fp32.block_n * fp32.block_m <= bf16.block_n * bf16.block_m
         # The launchers' meta-parameters follow the precision: its dots and its tiles.
         q = torch.empty(2, 4096, 128)
-        meta = launch._meta(q, q, kind, False, precision)
+        meta = launch._meta(q, q, launch._tile(q, q, kind, precision, None), False, precision)
         tile = launch._TILES[kind, precision, True]
         assert (meta["PRECISION"], meta["BLOCK_N"], meta["BLOCK_M"]) == (
             precision,

@@ -94,15 +94,19 @@ def test_every_backend_applies_the_policy_exactly(backend, curvature, n, causal)
 @pytest.mark.usefixtures("interpreter")
 @pytest.mark.parametrize("atomic_rows", [False, True], ids=["row_pass", "atomic_rows"])
 @pytest.mark.parametrize("curvature", CURVATURES)
-def test_both_tiled_structures_apply_the_policy_exactly(curvature, atomic_rows, monkeypatch):
+@pytest.mark.parametrize("causal", [False, True])
+def test_both_tiled_structures_apply_the_policy_exactly(
+    curvature, atomic_rows, causal, monkeypatch
+):
     """The row-side gradients by a row pass or by atomics (kernels.launch.LaunchConfig)."""
     from kernels import launch
 
     tile = launch.LaunchConfig(16, 16, 1, 1, atomic_rows=atomic_rows)
     monkeypatch.setattr(launch, "launch_config", lambda *_: tile)
     q, k, v, do, uq, uk, uv = inputs(19, 21)
-    got = second_order("triton_fused", curvature, q, k, v, do, (uq, uk, uv), True)
-    close(got, attention_double_backward_formula(q, k, v, do, uq, uk, uv, True, None, curvature))
+    got = second_order("triton_fused", curvature, q, k, v, do, (uq, uk, uv), causal)
+    want = attention_double_backward_formula(q, k, v, do, uq, uk, uv, causal, None, curvature)
+    close(got, want)
 
 
 def third_order(backward, q, k, v, do, u, w):
