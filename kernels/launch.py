@@ -16,7 +16,9 @@ exact): "tf32x3", the default, has float32 accuracy on the tensor cores; "ieee" 
 plain float32 FMA arithmetic, several times slower (measurements in docs/benchmarks.md).
 
 The tiled launchers also take `tile`, a LaunchConfig that replaces the table's choice
-for their kernel family (the block-size sweep, `run.py bench tiles`, passes it).
+for their kernel family (the block-size sweep, `run.py bench tiles`, passes it). Where
+its `atomic_rows` is set, the backward passes sum the row-side gradients into zeroed
+accumulators (accumulator dtype) with atomics and cast them to the input dtype after.
 """
 
 from __future__ import annotations
