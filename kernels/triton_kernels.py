@@ -134,6 +134,17 @@ def _second_order_grads(p, dp, w, r, delta, rho_w, rho_g, SCORE: tl.constexpr, V
     return ds, g_dp, p * g_p
 
 
+@triton.jit
+def _add_row_side(gq, gdo, p, ds, g_dp, g_s, k, v, uk, uv,
+                  SCORE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """gQ / s += G_S K (+ dS uK if SCORE) and gdO += G_dP V + P uV, one key tile's parts."""
+    gq += dot(g_s.to(k.dtype), k, PRECISION, ACC)
+    if SCORE:
+        gq += dot(ds.to(uk.dtype), uk, PRECISION, ACC)
+    gdo += dot(g_dp.to(v.dtype), v, PRECISION, ACC) + dot(p.to(uv.dtype), uv, PRECISION, ACC)
+    return gq, gdo
+
+
 # ---------------------------------------------------------------------------
 # Forward: O and LSE, online softmax over key tiles (row-parallel)
 # ---------------------------------------------------------------------------
@@ -309,10 +320,7 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
             p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
                                              CAUSAL, PRECISION, ACC)
             ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g, SCORE, VALUE)
-            gq += dot(g_s.to(k.dtype), k, PRECISION, ACC)
-            if SCORE:
-                gq += dot(ds.to(uk.dtype), uk, PRECISION, ACC)
-            gdo += dot(g_dp.to(v.dtype), v, PRECISION, ACC) + dot(p.to(uv.dtype), uv, PRECISION, ACC)
+            gq, gdo = _add_row_side(gq, gdo, p, ds, g_dp, g_s, k, v, uk, uv, SCORE, PRECISION, ACC)
         _store(GQ, gq * scale, bh, offs_n, offs_d, N, D)
         _store(GDO, gdo, bh, offs_n, offs_dv, N, DV)
 
@@ -358,11 +366,9 @@ def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G
             gk += dot(tl.trans(ds).to(uq.dtype), uq, PRECISION, ACC)
         if VALUE:
             gv += dot(tl.trans(g_dp).to(do.dtype), do, PRECISION, ACC)
-        if ATOMIC_ROWS:  # gQ = s G_S K + s dS uK and gdO = G_dP V + P uV, this key tile's parts
-            gq = dot(g_s.to(k.dtype), k, PRECISION, ACC)
-            if SCORE:
-                gq += dot(ds.to(uk.dtype), uk, PRECISION, ACC)
-            gdo = dot(g_dp.to(v.dtype), v, PRECISION, ACC) + dot(p.to(uv.dtype), uv, PRECISION, ACC)
+        if ATOMIC_ROWS:  # this key tile's parts of gQ and gdO
+            gq, gdo = _add_row_side(tl.zeros([BLOCK_N, BLOCK_D], ACC), tl.zeros([BLOCK_N, BLOCK_DV], ACC),
+                                    p, ds, g_dp, g_s, k, v, uk, uv, SCORE, PRECISION, ACC)
             _accumulate(GQ, gq * scale, bh, offs_n, offs_d, N, D)
             _accumulate(GDO, gdo, bh, offs_n, offs_dv, N, DV)
 
