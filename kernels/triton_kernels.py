@@ -24,6 +24,12 @@ the sums). The launchers' tile table chooses per kernel family, operands and D.
 Nothing of size N x M is ever written to memory: every N x M tile is rebuilt from
 Q, K (and V, dO, uQ, uK, uV) and the per-row statistics LSE, Delta, rho_W, rho_G.
 
+Two savings per tile element, as in Triton's fused-attention tutorial: exponents are base
+2 in float32, with log2(e) folded into the scale (_log2e), and only the tiles that hold a
+masked key (the partial last key tile; causal, the tiles across the diagonal) apply the
+key mask: each kernel walks its tiles in two loops, with and without it (MASK). Padding
+rows need no mask: their LSE loads as +inf, so their P is 0.
+
 Layout: every tensor is a contiguous (BH, rows, cols) array (the launchers make it
 so). Programs are numbered along one grid axis, tile-major within a (batch*head)
 slice, so neighbouring programs share K/V in L2 and BH is not limited to 65535.
@@ -93,6 +99,32 @@ def _store_row(ptr, value, bh, offs, n):
 
 
 @triton.jit
+def _log2e(ACC: tl.constexpr):
+    """The unit of the tiled kernels' exponents, per natural-log unit: log2(e) in float32,
+    where an exponential is then one ex2 with log2(e) folded into the scale (tl.exp is a
+    multiply by log2(e) and an ex2), and 1 in float64, which keeps e^x (a float32 log2(e)
+    would spoil its accuracy)."""
+    if ACC == tl.float64:
+        return tl.full([], 1.0, ACC)
+    return tl.full([], 1.4426950408889634, ACC)
+
+
+@triton.jit
+def _exp(x, ACC: tl.constexpr):
+    """e^(x / _log2e(ACC)): 2^x in float32, e^x in float64."""
+    if ACC == tl.float64:
+        return tl.exp(x)
+    return tl.exp2(x)
+
+
+@triton.jit
+def _load_lse(ptr, bh, offs, n, ACC: tl.constexpr):
+    """LSE of rows offs in exponent units (times _log2e); +inf past n, so that P = 0 there."""
+    lse = tl.load(ptr + bh.to(tl.int64) * n + offs, mask=offs < n, other=float("inf"))
+    return lse * _log2e(ACC)
+
+
+@triton.jit
 def _key_mask(offs_n, offs_m, M, CAUSAL: tl.constexpr):
     mask = offs_m[None, :] < M
     if CAUSAL:
@@ -101,18 +133,49 @@ def _key_mask(offs_n, offs_m, M, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """P tile = exp(s q k^T - LSE), exactly zero for padding rows/cols and masked keys."""
-    s = dot(q, tl.trans(k), PRECISION, ACC) * scale
-    valid = _key_mask(offs_n, offs_m, M, CAUSAL) & (offs_n[:, None] < N)
-    return tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+def _key_tiles(start_n, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """The key tiles the query tile at start_n sees: (end of the tiles no row of it has a
+    masked key in, end of all). Tiles from the first end on need the key mask (the
+    partial last tile; causal, the tiles across the diagonal)."""
+    unmasked_end = (M // BLOCK_M) * BLOCK_M
+    key_end = M
+    if CAUSAL:  # query i sees keys j <= i
+        unmasked_end = tl.minimum(unmasked_end, ((start_n + 1) // BLOCK_M) * BLOCK_M)
+        key_end = tl.minimum(M, start_n + BLOCK_N)
+    return unmasked_end, key_end
 
 
 @triton.jit
-def _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
-                       CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+def _query_tiles(start_m, N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """The query tiles that see the key tile at start_m: (first, end of those that need the
+    key mask). Every tile does if this key tile is the partial last one; causal, the
+    tiles across its diagonal do; the rest, up to N, do not."""
+    query_start = 0
+    masked_end = 0
+    if CAUSAL:  # rows above this key tile's diagonal see none of its keys
+        query_start = (start_m // BLOCK_N) * BLOCK_N
+        masked_end = tl.cdiv(start_m + BLOCK_M - 1, BLOCK_N) * BLOCK_N
+    masked_end = tl.where(start_m + BLOCK_M > M, N, tl.minimum(masked_end, N))
+    return query_start, masked_end
+
+
+@triton.jit
+def _probs(q, k, lse, offs_n, offs_m, M, qk_scale,
+           MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """P tile = exp(s q k^T - LSE), from qk_scale = s * _log2e and lse in exponent units
+    (_load_lse: +inf on padding rows, whose P is then 0). With MASK, masked keys (padding;
+    causal, j > i) get P = 0; tiles without any (_key_tiles, _query_tiles) skip it."""
+    x = dot(q, tl.trans(k), PRECISION, ACC) * qk_scale - lse[:, None]
+    if MASK:
+        x = tl.where(_key_mask(offs_n, offs_m, M, CAUSAL), x, float("-inf"))
+    return _exp(x, ACC)
+
+
+@triton.jit
+def _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, M, scale, qk_scale,
+                       MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """P, dP, W and R for one (query tile, key tile) pair of the double backward."""
-    p = _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC)
+    p = _probs(q, k, lse, offs_n, offs_m, M, qk_scale, MASK, CAUSAL, PRECISION, ACC)
     dp = dot(do, tl.trans(v), PRECISION, ACC)
     w = (dot(uq, tl.trans(k), PRECISION, ACC) + dot(q, tl.trans(uk), PRECISION, ACC)) * scale
     r = dot(do, tl.trans(uv), PRECISION, ACC)
@@ -151,6 +214,25 @@ def _add_row_side(gq, gdo, p, ds, g_dp, g_s, k, v, uk, uv,
 
 
 @triton.jit
+def _fwd_tile(m_i, l_i, acc, q, K, V, bh, offs_n, start_m, offs_d, offs_dv, M, D, DV, qk_scale,
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+              PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """The online-softmax update of (running max, running sum, unnormalised P V) by one key tile."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    k = _load(K, bh, offs_m, offs_d, M, D)
+    v = _load(V, bh, offs_m, offs_dv, M, DV)
+    s = dot(q, tl.trans(k), PRECISION, ACC) * qk_scale
+    if MASK:
+        s = tl.where(_key_mask(offs_n, offs_m, M, CAUSAL), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = _exp(m_i - m_new, ACC)
+    p = _exp(s - m_new[:, None], ACC)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, ACC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def attention_fwd_kernel(Q, K, V, O, LSE, N, M, D, DV, scale,
                          CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -160,35 +242,49 @@ def attention_fwd_kernel(Q, K, V, O, LSE, N, M, D, DV, scale,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load(Q, bh, offs_n, offs_d, N, D)
+    qk_scale = scale * _log2e(ACC)
 
-    m_i = tl.full([BLOCK_N], float("-inf"), ACC)  # running row max of S
+    m_i = tl.full([BLOCK_N], float("-inf"), ACC)  # running row max of S (exponent units)
     l_i = tl.zeros([BLOCK_N], ACC)                # running sum of exp(S - m_i)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], ACC)      # running (unnormalised) P V
-    key_end = M
-    if CAUSAL:  # query i sees keys j <= i: stop after this tile's diagonal
-        key_end = tl.minimum(M, start_n + BLOCK_N)
-    for start_m in range(0, key_end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        k = _load(K, bh, offs_m, offs_d, M, D)
-        v = _load(V, bh, offs_m, offs_dv, M, DV)
-        s = dot(q, tl.trans(k), PRECISION, ACC) * scale
-        # Key 0 is visible to every row (also under the causal mask), so the first
-        # tile makes m_i finite and exp(m_i - m_new) never sees -inf - -inf.
-        s = tl.where(_key_mask(offs_n, offs_m, M, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, ACC)
-        m_i = m_new
+    # The first tile makes m_i finite, so exp(m_i - m_new) never sees -inf - -inf: an
+    # unmasked tile has no masked key, and key 0 is visible to every row (also causal).
+    unmasked_end, key_end = _key_tiles(start_n, M, BLOCK_N, BLOCK_M, CAUSAL)
+    for start_m in range(0, unmasked_end, BLOCK_M):
+        m_i, l_i, acc = _fwd_tile(m_i, l_i, acc, q, K, V, bh, offs_n, start_m, offs_d, offs_dv,
+                                  M, D, DV, qk_scale, False, CAUSAL, BLOCK_M, PRECISION, ACC)
+    for start_m in range(unmasked_end, key_end, BLOCK_M):
+        m_i, l_i, acc = _fwd_tile(m_i, l_i, acc, q, K, V, bh, offs_n, start_m, offs_d, offs_dv,
+                                  M, D, DV, qk_scale, True, CAUSAL, BLOCK_M, PRECISION, ACC)
 
     _store(O, acc / l_i[:, None], bh, offs_n, offs_dv, N, DV)
-    _store_row(LSE, m_i + tl.log(l_i), bh, offs_n, N)
+    _store_row(LSE, m_i / _log2e(ACC) + tl.log(l_i), bh, offs_n, N)
 
 
 # ---------------------------------------------------------------------------
 # Backward: dK, dV (column-parallel) and dQ (row-parallel, or summed by atomics)
 # ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, bh, start_n, offs_m, offs_d, offs_dv,
+               N, M, D, DV, scale, qk_scale,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISION: tl.constexpr, ACC: tl.constexpr, ATOMIC_ROWS: tl.constexpr):
+    """dK / s += dS^T Q and dV += P^T dO over one query tile; with ATOMIC_ROWS, DQ += s dS K."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    q = _load(Q, bh, offs_n, offs_d, N, D)
+    do = _load(DO, bh, offs_n, offs_dv, N, DV)
+    lse = _load_lse(LSE, bh, offs_n, N, ACC)
+    delta = _load_row(DELTA, bh, offs_n, N)
+    p = _probs(q, k, lse, offs_n, offs_m, M, qk_scale, MASK, CAUSAL, PRECISION, ACC)
+    dp = dot(do, tl.trans(v), PRECISION, ACC)
+    ds = p * (dp - delta[:, None])
+    dv += dot(tl.trans(p).to(do.dtype), do, PRECISION, ACC)
+    dk += dot(tl.trans(ds).to(q.dtype), q, PRECISION, ACC)
+    if ATOMIC_ROWS:
+        _accumulate(DQ, dot(ds.to(k.dtype), k, PRECISION, ACC) * scale, bh, offs_n, offs_d, N, D)
+    return dk, dv
 
 
 @triton.jit
@@ -204,27 +300,33 @@ def attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVo, DQ, N, M, D, DV,
     offs_dv = tl.arange(0, BLOCK_DV)
     k = _load(K, bh, offs_m, offs_d, M, D)
     v = _load(V, bh, offs_m, offs_dv, M, DV)
+    qk_scale = scale * _log2e(ACC)
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
-    query_start = 0
-    if CAUSAL:  # rows above this key tile's diagonal see none of its keys
-        query_start = (start_m // BLOCK_N) * BLOCK_N
-    for start_n in range(query_start, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        q = _load(Q, bh, offs_n, offs_d, N, D)
-        do = _load(DO, bh, offs_n, offs_dv, N, DV)
-        lse = _load_row(LSE, bh, offs_n, N)
-        delta = _load_row(DELTA, bh, offs_n, N)
-        p = _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC)
-        dp = dot(do, tl.trans(v), PRECISION, ACC)
-        ds = p * (dp - delta[:, None])
-        dv += dot(tl.trans(p).to(do.dtype), do, PRECISION, ACC)     # dV = P^T dO
-        dk += dot(tl.trans(ds).to(q.dtype), q, PRECISION, ACC)      # dK = s dS^T Q
-        if ATOMIC_ROWS:                                              # dQ = s dS K
-            _accumulate(DQ, dot(ds.to(k.dtype), k, PRECISION, ACC) * scale, bh, offs_n, offs_d, N, D)
+    query_start, masked_end = _query_tiles(start_m, N, M, BLOCK_N, BLOCK_M, CAUSAL)
+    for start_n in range(query_start, masked_end, BLOCK_N):
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, bh, start_n, offs_m, offs_d, offs_dv,
+                            N, M, D, DV, scale, qk_scale, True, CAUSAL, BLOCK_N, PRECISION, ACC, ATOMIC_ROWS)
+    for start_n in range(masked_end, N, BLOCK_N):
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, bh, start_n, offs_m, offs_d, offs_dv,
+                            N, M, D, DV, scale, qk_scale, False, CAUSAL, BLOCK_N, PRECISION, ACC, ATOMIC_ROWS)
     _store(DK, dk * scale, bh, offs_m, offs_d, M, D)
     _store(DVo, dv, bh, offs_m, offs_dv, M, DV)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, K, V, bh, offs_n, start_m, offs_d, offs_dv, M, D, DV, qk_scale,
+             MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+             PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """dQ / s += dS K over one key tile."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    k = _load(K, bh, offs_m, offs_d, M, D)
+    v = _load(V, bh, offs_m, offs_dv, M, DV)
+    p = _probs(q, k, lse, offs_n, offs_m, M, qk_scale, MASK, CAUSAL, PRECISION, ACC)
+    dp = dot(do, tl.trans(v), PRECISION, ACC)
+    ds = p * (dp - delta[:, None])
+    return dq + dot(ds.to(k.dtype), k, PRECISION, ACC)
 
 
 @triton.jit
@@ -238,21 +340,18 @@ def attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, N, M, D, DV, scale,
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load(Q, bh, offs_n, offs_d, N, D)
     do = _load(DO, bh, offs_n, offs_dv, N, DV)
-    lse = _load_row(LSE, bh, offs_n, N)
+    lse = _load_lse(LSE, bh, offs_n, N, ACC)
     delta = _load_row(DELTA, bh, offs_n, N)
+    qk_scale = scale * _log2e(ACC)
 
     dq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    key_end = M
-    if CAUSAL:  # query i sees keys j <= i: stop after this tile's diagonal
-        key_end = tl.minimum(M, start_n + BLOCK_N)
-    for start_m in range(0, key_end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        k = _load(K, bh, offs_m, offs_d, M, D)
-        v = _load(V, bh, offs_m, offs_dv, M, DV)
-        p = _probs(q, k, lse, offs_n, offs_m, N, M, scale, CAUSAL, PRECISION, ACC)
-        dp = dot(do, tl.trans(v), PRECISION, ACC)
-        ds = p * (dp - delta[:, None])
-        dq += dot(ds.to(k.dtype), k, PRECISION, ACC)                # dQ = s dS K
+    unmasked_end, key_end = _key_tiles(start_n, M, BLOCK_N, BLOCK_M, CAUSAL)
+    for start_m in range(0, unmasked_end, BLOCK_M):
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, bh, offs_n, start_m, offs_d, offs_dv, M, D, DV,
+                      qk_scale, False, CAUSAL, BLOCK_M, PRECISION, ACC)
+    for start_m in range(unmasked_end, key_end, BLOCK_M):
+        dq = _dq_tile(dq, q, do, lse, delta, K, V, bh, offs_n, start_m, offs_d, offs_dv, M, D, DV,
+                      qk_scale, True, CAUSAL, BLOCK_M, PRECISION, ACC)
     _store(DQ, dq * scale, bh, offs_n, offs_d, N, D)
 
 
@@ -260,6 +359,49 @@ def attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, N, M, D, DV, scale,
 # Double backward: row statistics + gQ, gdO (row-parallel), then gK, gV (column-parallel);
 # or row statistics alone, then gK, gV with gQ, gdO summed by atomics (ATOMIC_ROWS)
 # ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _key_side(K, V, UK, UV, bh, offs_m, offs_d, offs_dv, M, D, DV):
+    """k, v, uk, uv of one key tile."""
+    k = _load(K, bh, offs_m, offs_d, M, D)
+    v = _load(V, bh, offs_m, offs_dv, M, DV)
+    uk = _load(UK, bh, offs_m, offs_d, M, D)
+    uv = _load(UV, bh, offs_m, offs_dv, M, DV)
+    return k, v, uk, uv
+
+
+@triton.jit
+def _row_stats_tile(rho_w, rho_g, q, do, uq, lse, delta, K, V, UK, UV, bh, offs_n, start_m, offs_d,
+                    offs_dv, M, D, DV, scale, qk_scale,
+                    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                    PRECISION: tl.constexpr, ACC: tl.constexpr, SCORE: tl.constexpr, VALUE: tl.constexpr):
+    """rho_W += rowsum(P W) and rho_G += rowsum(P R) (if VALUE) + rowsum(P (dP - Delta) W)
+    (if SCORE) over one key tile."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    k, v, uk, uv = _key_side(K, V, UK, UV, bh, offs_m, offs_d, offs_dv, M, D, DV)
+    p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, M, scale, qk_scale,
+                                     MASK, CAUSAL, PRECISION, ACC)
+    rho_w += tl.sum(p * w, 1)
+    if VALUE:
+        rho_g += tl.sum(p * r, 1)
+    if SCORE:
+        rho_g += tl.sum(p * (dp - delta[:, None]) * w, 1)
+    return rho_w, rho_g
+
+
+@triton.jit
+def _row_grads_tile(gq, gdo, q, do, uq, lse, delta, rho_w, rho_g, K, V, UK, UV, bh, offs_n, start_m,
+                    offs_d, offs_dv, M, D, DV, scale, qk_scale,
+                    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                    PRECISION: tl.constexpr, ACC: tl.constexpr, SCORE: tl.constexpr, VALUE: tl.constexpr):
+    """gQ / s and gdO over one key tile (_add_row_side)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    k, v, uk, uv = _key_side(K, V, UK, UV, bh, offs_m, offs_d, offs_dv, M, D, DV)
+    p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, M, scale, qk_scale,
+                                     MASK, CAUSAL, PRECISION, ACC)
+    ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g, SCORE, VALUE)
+    return _add_row_side(gq, gdo, p, ds, g_dp, g_s, k, v, uk, uv, SCORE, PRECISION, ACC)
 
 
 @triton.jit
@@ -279,29 +421,23 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
     q = _load(Q, bh, offs_n, offs_d, N, D)
     uq = _load(UQ, bh, offs_n, offs_d, N, D)
     do = _load(DO, bh, offs_n, offs_dv, N, DV)
-    lse = _load_row(LSE, bh, offs_n, N)
+    lse = _load_lse(LSE, bh, offs_n, N, ACC)
     delta = _load_row(DELTA, bh, offs_n, N)
-    key_end = M
-    if CAUSAL:  # query i sees keys j <= i: stop after this tile's diagonal
-        key_end = tl.minimum(M, start_n + BLOCK_N)
+    qk_scale = scale * _log2e(ACC)
+    unmasked_end, key_end = _key_tiles(start_n, M, BLOCK_N, BLOCK_M, CAUSAL)
 
     # Pass 1 over keys: rho_W = rowsum(P W) and
     # rho_G = rowsum(P R) + rowsum(P (dP - Delta) W) - rho_W Delta.
     rho_w = tl.zeros([BLOCK_N], ACC)
     rho_g = tl.zeros([BLOCK_N], ACC)
-    for start_m in range(0, key_end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        k = _load(K, bh, offs_m, offs_d, M, D)
-        v = _load(V, bh, offs_m, offs_dv, M, DV)
-        uk = _load(UK, bh, offs_m, offs_d, M, D)
-        uv = _load(UV, bh, offs_m, offs_dv, M, DV)
-        p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
-                                         CAUSAL, PRECISION, ACC)
-        rho_w += tl.sum(p * w, 1)
-        if VALUE:
-            rho_g += tl.sum(p * r, 1)
-        if SCORE:
-            rho_g += tl.sum(p * (dp - delta[:, None]) * w, 1)
+    for start_m in range(0, unmasked_end, BLOCK_M):
+        rho_w, rho_g = _row_stats_tile(rho_w, rho_g, q, do, uq, lse, delta, K, V, UK, UV, bh, offs_n,
+                                       start_m, offs_d, offs_dv, M, D, DV, scale, qk_scale,
+                                       False, CAUSAL, BLOCK_M, PRECISION, ACC, SCORE, VALUE)
+    for start_m in range(unmasked_end, key_end, BLOCK_M):
+        rho_w, rho_g = _row_stats_tile(rho_w, rho_g, q, do, uq, lse, delta, K, V, UK, UV, bh, offs_n,
+                                       start_m, offs_d, offs_dv, M, D, DV, scale, qk_scale,
+                                       True, CAUSAL, BLOCK_M, PRECISION, ACC, SCORE, VALUE)
     if SCORE:
         rho_g -= rho_w * delta
     if FROZEN_STATS:  # the log-sum-exp is a constant: no rho_G term
@@ -311,18 +447,48 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
     if not ATOMIC_ROWS:  # Pass 2 over keys: gQ = s G_S K + s dS uK and gdO = G_dP V + P uV.
         gq = tl.zeros([BLOCK_N, BLOCK_D], ACC)
         gdo = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
-        for start_m in range(0, key_end, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            k = _load(K, bh, offs_m, offs_d, M, D)
-            v = _load(V, bh, offs_m, offs_dv, M, DV)
-            uk = _load(UK, bh, offs_m, offs_d, M, D)
-            uv = _load(UV, bh, offs_m, offs_dv, M, DV)
-            p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
-                                             CAUSAL, PRECISION, ACC)
-            ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g, SCORE, VALUE)
-            gq, gdo = _add_row_side(gq, gdo, p, ds, g_dp, g_s, k, v, uk, uv, SCORE, PRECISION, ACC)
+        for start_m in range(0, unmasked_end, BLOCK_M):
+            gq, gdo = _row_grads_tile(gq, gdo, q, do, uq, lse, delta, rho_w, rho_g, K, V, UK, UV, bh,
+                                      offs_n, start_m, offs_d, offs_dv, M, D, DV, scale, qk_scale,
+                                      False, CAUSAL, BLOCK_M, PRECISION, ACC, SCORE, VALUE)
+        for start_m in range(unmasked_end, key_end, BLOCK_M):
+            gq, gdo = _row_grads_tile(gq, gdo, q, do, uq, lse, delta, rho_w, rho_g, K, V, UK, UV, bh,
+                                      offs_n, start_m, offs_d, offs_dv, M, D, DV, scale, qk_scale,
+                                      True, CAUSAL, BLOCK_M, PRECISION, ACC, SCORE, VALUE)
         _store(GQ, gq * scale, bh, offs_n, offs_d, N, D)
         _store(GDO, gdo, bh, offs_n, offs_dv, N, DV)
+
+
+@triton.jit
+def _col_grads_tile(gk, gv, k, v, uk, uv, Q, DO, UQ, LSE, DELTA, RHO_W, RHO_G, GQ, GDO, bh, start_n,
+                    offs_m, offs_d, offs_dv, N, M, D, DV, scale, qk_scale,
+                    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+                    ACC: tl.constexpr, SCORE: tl.constexpr, VALUE: tl.constexpr, ATOMIC_ROWS: tl.constexpr):
+    """gK / s += G_S^T Q (+ dS^T uQ if SCORE) and gV += G_dP^T dO (if VALUE) over one query
+    tile; with ATOMIC_ROWS, GQ and GDO += this tile pair's parts of gQ and gdO."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    q = _load(Q, bh, offs_n, offs_d, N, D)
+    uq = _load(UQ, bh, offs_n, offs_d, N, D)
+    do = _load(DO, bh, offs_n, offs_dv, N, DV)
+    lse = _load_lse(LSE, bh, offs_n, N, ACC)
+    delta = _load_row(DELTA, bh, offs_n, N)
+    rho_w = _load_row(RHO_W, bh, offs_n, N)
+    rho_g = _load_row(RHO_G, bh, offs_n, N)
+    p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, M, scale, qk_scale,
+                                     MASK, CAUSAL, PRECISION, ACC)
+    ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g, SCORE, VALUE)
+    gk += dot(tl.trans(g_s).to(q.dtype), q, PRECISION, ACC)
+    if SCORE:
+        gk += dot(tl.trans(ds).to(uq.dtype), uq, PRECISION, ACC)
+    if VALUE:
+        gv += dot(tl.trans(g_dp).to(do.dtype), do, PRECISION, ACC)
+    if ATOMIC_ROWS:
+        gq, gdo = _add_row_side(tl.zeros([BLOCK_N, BLOCK_D], ACC), tl.zeros([BLOCK_N, BLOCK_DV], ACC),
+                                p, ds, g_dp, g_s, k, v, uk, uv, SCORE, PRECISION, ACC)
+        _accumulate(GQ, gq * scale, bh, offs_n, offs_d, N, D)
+        _accumulate(GDO, gdo, bh, offs_n, offs_dv, N, DV)
+    return gk, gv
 
 
 @triton.jit
@@ -339,39 +505,20 @@ def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load(K, bh, offs_m, offs_d, M, D)
-    v = _load(V, bh, offs_m, offs_dv, M, DV)
-    uk = _load(UK, bh, offs_m, offs_d, M, D)
-    uv = _load(UV, bh, offs_m, offs_dv, M, DV)
+    k, v, uk, uv = _key_side(K, V, UK, UV, bh, offs_m, offs_d, offs_dv, M, D, DV)
+    qk_scale = scale * _log2e(ACC)
 
     gk = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     gv = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
-    query_start = 0
-    if CAUSAL:  # rows above this key tile's diagonal see none of its keys
-        query_start = (start_m // BLOCK_N) * BLOCK_N
-    for start_n in range(query_start, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        q = _load(Q, bh, offs_n, offs_d, N, D)
-        uq = _load(UQ, bh, offs_n, offs_d, N, D)
-        do = _load(DO, bh, offs_n, offs_dv, N, DV)
-        lse = _load_row(LSE, bh, offs_n, N)
-        delta = _load_row(DELTA, bh, offs_n, N)
-        rho_w = _load_row(RHO_W, bh, offs_n, N)
-        rho_g = _load_row(RHO_G, bh, offs_n, N)
-        p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, N, M, scale,
-                                         CAUSAL, PRECISION, ACC)
-        ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g, SCORE, VALUE)
-        gk += dot(tl.trans(g_s).to(q.dtype), q, PRECISION, ACC)
-        if SCORE:
-            gk += dot(tl.trans(ds).to(uq.dtype), uq, PRECISION, ACC)
-        if VALUE:
-            gv += dot(tl.trans(g_dp).to(do.dtype), do, PRECISION, ACC)
-        if ATOMIC_ROWS:  # this key tile's parts of gQ and gdO
-            gq, gdo = _add_row_side(tl.zeros([BLOCK_N, BLOCK_D], ACC), tl.zeros([BLOCK_N, BLOCK_DV], ACC),
-                                    p, ds, g_dp, g_s, k, v, uk, uv, SCORE, PRECISION, ACC)
-            _accumulate(GQ, gq * scale, bh, offs_n, offs_d, N, D)
-            _accumulate(GDO, gdo, bh, offs_n, offs_dv, N, DV)
-
+    query_start, masked_end = _query_tiles(start_m, N, M, BLOCK_N, BLOCK_M, CAUSAL)
+    for start_n in range(query_start, masked_end, BLOCK_N):
+        gk, gv = _col_grads_tile(gk, gv, k, v, uk, uv, Q, DO, UQ, LSE, DELTA, RHO_W, RHO_G, GQ, GDO, bh,
+                                 start_n, offs_m, offs_d, offs_dv, N, M, D, DV, scale, qk_scale, True,
+                                 CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ACC, SCORE, VALUE, ATOMIC_ROWS)
+    for start_n in range(masked_end, N, BLOCK_N):
+        gk, gv = _col_grads_tile(gk, gv, k, v, uk, uv, Q, DO, UQ, LSE, DELTA, RHO_W, RHO_G, GQ, GDO, bh,
+                                 start_n, offs_m, offs_d, offs_dv, N, M, D, DV, scale, qk_scale, False,
+                                 CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ACC, SCORE, VALUE, ATOMIC_ROWS)
     _store(GK, gk * scale, bh, offs_m, offs_d, M, D)
     _store(GV, gv, bh, offs_m, offs_dv, M, DV)
 
