@@ -74,24 +74,25 @@ class LaunchConfig:
 # 16-bit in the backward passes; 16-bit at D <= 64 gains from a third pipeline stage. At
 # D = 128 one stage (no software pipelining) keeps the float32 double backward in
 # shared memory and registers; 64 x 64 float32 double-backward tiles do not fit there.
+# The ieee double backward takes 16-row tiles: at 32 x 32 its column kernel spills.
 # Atomic row gradients pay off where the column kernel has registers to spare for them:
 # the backward at D <= 64, the double backward at D <= 64 except with tf32x3.
 _TILES = {
-    ("fwd", "16bit", False): LaunchConfig(128, 64, 8, 2),
+    ("fwd", "16bit", False): LaunchConfig(128, 64, 8, 3),
     ("bwd", "16bit", False): LaunchConfig(64, 64, 4, 3, atomic_rows=True),
     ("dbwd", "16bit", False): LaunchConfig(64, 64, 4, 2, atomic_rows=True),
     ("fwd", "16bit", True): LaunchConfig(64, 32, 4, 2),
     ("bwd", "16bit", True): LaunchConfig(64, 64, 4, 2),
     ("dbwd", "16bit", True): LaunchConfig(64, 64, 4, 1),
     ("fwd", "tf32x3", False): LaunchConfig(128, 64, 8, 2),
-    ("bwd", "tf32x3", False): LaunchConfig(64, 32, 4, 2, atomic_rows=True),
+    ("bwd", "tf32x3", False): LaunchConfig(64, 32, 4, 1, atomic_rows=True),
     ("dbwd", "tf32x3", False): LaunchConfig(64, 32, 4, 2),
     ("fwd", "tf32x3", True): LaunchConfig(128, 64, 8, 1),
     ("bwd", "tf32x3", True): LaunchConfig(32, 32, 4, 1),
     ("dbwd", "tf32x3", True): LaunchConfig(16, 32, 4, 1),
     ("fwd", "ieee", False): LaunchConfig(64, 64, 4, 1),
-    ("bwd", "ieee", False): LaunchConfig(32, 32, 4, 1, atomic_rows=True),
-    ("dbwd", "ieee", False): LaunchConfig(32, 32, 4, 1, atomic_rows=True),
+    ("bwd", "ieee", False): LaunchConfig(64, 32, 4, 1, atomic_rows=True),
+    ("dbwd", "ieee", False): LaunchConfig(16, 32, 4, 1, atomic_rows=True),
     ("fwd", "ieee", True): LaunchConfig(32, 64, 4, 2),
     ("bwd", "ieee", True): LaunchConfig(32, 32, 4, 1),
     ("dbwd", "ieee", True): LaunchConfig(16, 16, 4, 1),
