@@ -1,11 +1,14 @@
 """Block-size sweep of the tiled attention kernels: `python run.py bench tiles`.
 
     python run.py bench tiles [--cells fp32:4096:64:bwd,bf16:4096:128:dbwd]
-                              [--candidates 32x32x4x1,16x32x4x1] [--out DIR]
+                              [--candidates 32x32x4x1,16x32x4x1] [--both-structures]
+                              [--out DIR]
 
 A cell is DTYPE:N:D:FAMILY (N = M, B*H = 32, no mask). For each cell, the tile in use
 (`kernels.launch.launch_config`) and every candidate tile (block_n x block_m, warps,
-stages; the structure, `atomic_rows`, stays the one in use) are handed to the family's
+stages; the structure, `atomic_rows`, stays the one in use unless `--both-structures`,
+which tries the tile in use and every candidate in both structures of the backward
+families) are handed to the family's
 launcher (its `tile` argument) and the launch is timed alone (median of
 `triton.testing.do_bench`): the forward kernel for `fwd`, the backward kernels for
 `bwd`, the double-backward kernels for `dbwd`. A candidate
@@ -112,24 +115,42 @@ def time_tile(dtype_name: str, n: int, d: int, family: str, tile) -> tuple[float
         return float("nan"), str(e).splitlines()[0][:200]
 
 
+def cell_tiles(
+    current: launch.LaunchConfig,
+    family: str,
+    candidates: list[tuple[int, int, int, int]],
+    both_structures: bool = False,
+) -> list[launch.LaunchConfig]:
+    """The tile in use first, then every candidate in the structure in use or, with
+    `both_structures` and a backward family, in both (the forward has one structure);
+    each tile once."""
+    structures = [current.atomic_rows]
+    if both_structures and family != "fwd":
+        structures.append(not current.atomic_rows)
+    shapes = [(current.block_n, current.block_m, current.num_warps, current.num_stages)]
+    tiles = [
+        replace(current, block_n=bn, block_m=bm, num_warps=w, num_stages=st, atomic_rows=atomic)
+        for bn, bm, w, st in shapes + list(candidates)
+        for atomic in structures
+    ]
+    return list(dict.fromkeys(tiles))
+
+
 def sweep(
     cells: list[tuple[str, int, int, str]],
     csv: Path | None = None,
     candidates: list[tuple[int, int, int, int]] = CANDIDATES,
+    both_structures: bool = False,
 ) -> pd.DataFrame:
-    """The tile in use and every candidate, for every cell; with `csv`, the rows so far
-    are (re)written there after each cell, so a sweep stopped part-way keeps the cells
-    it finished."""
+    """The tiles of `cell_tiles`, for every cell; with `csv`, the rows so far are
+    (re)written there after each cell, so a sweep stopped part-way keeps the cells it
+    finished."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = []
     for dname, n, d, family in cells:
         dtype = DTYPES[dname]
         current = launch.launch_config(family, n, n, d, dtype, float32_precision(dname))
-        tiles = [current]
-        for bn, bm, warps, stages in candidates:
-            tile = replace(current, block_n=bn, block_m=bm, num_warps=warps, num_stages=stages)
-            if tile != current:
-                tiles.append(tile)
+        tiles = cell_tiles(current, family, candidates, both_structures)
         for tile in tiles:
             ms, error = time_tile(dname, n, d, family, tile)
             rows.append(

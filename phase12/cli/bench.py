@@ -205,6 +205,11 @@ def _tiles_parser() -> ArgumentParser:
         default=None,
         help="comma-separated BNxBMxWARPSxSTAGES tiles instead of the built-in list",
     )
+    p.add_argument(
+        "--both-structures",
+        action="store_true",
+        help="also time every tile of bwd/dbwd cells in the other structure (atomic_rows)",
+    )
     _out(p, "tiles")
     return p
 
@@ -222,7 +227,7 @@ def bench_tiles(argv: list[str]) -> int:
     except ValueError as e:
         return p.bad_input(e)
     args.out.mkdir(parents=True, exist_ok=True)
-    sweep(cells, args.out / "tiles.csv", candidates)
+    sweep(cells, args.out / "tiles.csv", candidates, args.both_structures)
     print(f"written to {args.out / 'tiles.csv'}")
     return 0
 

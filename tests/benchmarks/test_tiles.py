@@ -46,6 +46,27 @@ def test_tile_sweep_tries_every_candidate_after_the_tile_in_use(monkeypatch, tmp
     ]
 
 
+def test_both_structures_puts_every_backward_tile_in_each_structure():
+    in_use = launch.LaunchConfig(64, 64, 4, 3, atomic_rows=True)
+    candidates = [(32, 32, 4, 1), (64, 64, 4, 3)]  # the second is the tile in use
+    assert tiles.cell_tiles(in_use, "dbwd", candidates, both_structures=True) == [
+        in_use,
+        launch.LaunchConfig(64, 64, 4, 3, atomic_rows=False),
+        launch.LaunchConfig(32, 32, 4, 1, atomic_rows=True),
+        launch.LaunchConfig(32, 32, 4, 1, atomic_rows=False),
+    ]
+    assert tiles.cell_tiles(in_use, "dbwd", candidates) == [
+        in_use,
+        launch.LaunchConfig(32, 32, 4, 1, atomic_rows=True),
+    ]
+    forward = launch.LaunchConfig(128, 64, 8, 3)  # one structure: nothing to flip
+    assert tiles.cell_tiles(forward, "fwd", candidates, both_structures=True) == [
+        forward,
+        launch.LaunchConfig(32, 32, 4, 1),
+        launch.LaunchConfig(64, 64, 4, 3),
+    ]
+
+
 @pytest.mark.usefixtures("interpreter")
 @pytest.mark.parametrize("family", tiles.FAMILIES)
 def test_the_family_launch_runs_the_given_tile(family, monkeypatch):

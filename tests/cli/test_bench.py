@@ -145,3 +145,18 @@ def test_bench_step_breakdown_splits_the_graph_step(tmp_path):
     # an eager step is mostly host time (GPU work is profiled on eager steps).
     assert (parts.host_ms > 0).all() and (parts.gpu_ms > 0).all() and (parts.gpu_ops > 10).all()
     assert (parts.gpu_ms < parts.eager_ms).all()
+
+
+def test_bench_tiles_hands_its_flags_to_the_sweep(monkeypatch, tmp_path):
+    from phase12.benchmarks import tiles
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tiles, "sweep", lambda *a: seen.setdefault("args", a))
+    out = tmp_path / "t"
+    argv = ["bench", "tiles", "--cells", "bf16:1024:64:dbwd", "--candidates", "32x32x4x1"]
+    assert cli.main([*argv, "--both-structures", "--out", str(out)]) == 0
+    cells, csv = [("bf16", 1024, 64, "dbwd")], out / "tiles.csv"
+    assert seen.pop("args") == (cells, csv, [(32, 32, 4, 1)], True)
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    assert seen["args"][3] is False
