@@ -27,8 +27,9 @@ Q, K (and V, dO, uQ, uK, uV) and the per-row statistics LSE, Delta, rho_W, rho_G
 Two savings per tile element, as in Triton's fused-attention tutorial: exponents are base
 2 in float32, with log2(e) folded into the scale (_log2e), and only the tiles that hold a
 masked key (the partial last key tile; causal, the tiles across the diagonal) apply the
-key mask: each kernel walks its tiles in two loops, with and without it (MASK). Padding
-rows need no mask: their LSE loads as +inf, so their P is 0.
+key mask: each kernel walks its tiles in two loops, with and without it (MASK). The
+backward passes need no mask for padding rows: their LSE loads as +inf, so their P is 0
+(the forward computes those rows and does not store them).
 
 Layout: every tensor is a contiguous (BH, rows, cols) array (the launchers make it
 so). Programs are numbered along one grid axis, tile-major within a (batch*head)
@@ -100,10 +101,9 @@ def _store_row(ptr, value, bh, offs, n):
 
 @triton.jit
 def _log2e(ACC: tl.constexpr):
-    """The unit of the tiled kernels' exponents, per natural-log unit: log2(e) in float32,
-    where an exponential is then one ex2 with log2(e) folded into the scale (tl.exp is a
-    multiply by log2(e) and an ex2), and 1 in float64, which keeps e^x (a float32 log2(e)
-    would spoil its accuracy)."""
+    """Exponent units per natural-log unit: log2(e) in float32, where an exponential is
+    then one ex2 (tl.exp multiplies by log2(e) per element itself); 1 in float64, which
+    has no fast ex2, so its exponents stay those of the float64 reference."""
     if ACC == tl.float64:
         return tl.full([], 1.0, ACC)
     return tl.full([], 1.4426950408889634, ACC)
@@ -119,7 +119,11 @@ def _exp(x, ACC: tl.constexpr):
 
 @triton.jit
 def _load_lse(ptr, bh, offs, n, ACC: tl.constexpr):
-    """LSE of rows offs in exponent units (times _log2e); +inf past n, so that P = 0 there."""
+    """LSE of rows offs in exponent units (times _log2e); +inf past n, so that P = 0 there.
+
+    LSE stays in natural units in memory, as the one-query kernels and the
+    frozen-statistics formula (kernels.fused) read it; the conversion back costs the
+    float32 backward passes a rounding of the exponent (docs/benchmarks.md)."""
     lse = tl.load(ptr + bh.to(tl.int64) * n + offs, mask=offs < n, other=float("inf"))
     return lse * _log2e(ACC)
 
@@ -134,12 +138,13 @@ def _key_mask(offs_n, offs_m, M, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _key_tiles(start_n, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """The key tiles the query tile at start_n sees: (end of the tiles no row of it has a
-    masked key in, end of all). Tiles from the first end on need the key mask (the
-    partial last tile; causal, the tiles across the diagonal)."""
+    """(unmasked_end, key_end) for the query tile at start_n: keys [0, unmasked_end) are
+    whole tiles every row of it sees (no mask); [unmasked_end, key_end) need the mask;
+    keys from key_end on are hidden from every row."""
     unmasked_end = (M // BLOCK_M) * BLOCK_M
     key_end = M
     if CAUSAL:  # query i sees keys j <= i
+        # a key tile needs no mask iff its last key, start_m + BLOCK_M - 1, is <= start_n
         unmasked_end = tl.minimum(unmasked_end, ((start_n + 1) // BLOCK_M) * BLOCK_M)
         key_end = tl.minimum(M, start_n + BLOCK_N)
     return unmasked_end, key_end
@@ -147,35 +152,45 @@ def _key_tiles(start_n, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL:
 
 @triton.jit
 def _query_tiles(start_m, N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """The query tiles that see the key tile at start_m: (first, end of those that need the
-    key mask). Every tile does if this key tile is the partial last one; causal, the
-    tiles across its diagonal do; the rest, up to N, do not."""
+    """(query_start, masked_end) for the key tile at start_m: query tiles before
+    query_start see none of its keys; [query_start, masked_end) need the mask (all of
+    them if this key tile is the partial last one; causal, those across its diagonal);
+    [masked_end, N) do not."""
     query_start = 0
     masked_end = 0
     if CAUSAL:  # rows above this key tile's diagonal see none of its keys
         query_start = (start_m // BLOCK_N) * BLOCK_N
-        masked_end = tl.cdiv(start_m + BLOCK_M - 1, BLOCK_N) * BLOCK_N
-    masked_end = tl.where(start_m + BLOCK_M > M, N, tl.minimum(masked_end, N))
+        # the first query tile whose first row sees this tile's last key, start_m + BLOCK_M - 1
+        masked_end = tl.minimum(tl.cdiv(start_m + BLOCK_M - 1, BLOCK_N) * BLOCK_N, N)
+    masked_end = tl.where(start_m + BLOCK_M > M, N, masked_end)
     return query_start, masked_end
 
 
 @triton.jit
-def _probs(q, k, lse, offs_n, offs_m, M, qk_scale,
-           MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """P tile = exp(s q k^T - LSE), from qk_scale = s * _log2e and lse in exponent units
-    (_load_lse: +inf on padding rows, whose P is then 0). With MASK, masked keys (padding;
-    causal, j > i) get P = 0; tiles without any (_key_tiles, _query_tiles) skip it."""
-    x = dot(q, tl.trans(k), PRECISION, ACC) * qk_scale - lse[:, None]
+def _scores(q, k, offs_n, offs_m, M, qk_scale,
+            CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, MASK: tl.constexpr):
+    """S tile in exponent units (qk_scale = s * _log2e); with MASK, -inf at masked keys
+    (padding; causal, j > i). Tiles without any (_key_tiles, _query_tiles) skip it."""
+    s = dot(q, tl.trans(k), PRECISION, ACC) * qk_scale
     if MASK:
-        x = tl.where(_key_mask(offs_n, offs_m, M, CAUSAL), x, float("-inf"))
-    return _exp(x, ACC)
+        s = tl.where(_key_mask(offs_n, offs_m, M, CAUSAL), s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _probs(q, k, lse, offs_n, offs_m, M, qk_scale,
+           CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, MASK: tl.constexpr):
+    """P tile = exp(S - LSE), lse in exponent units (_load_lse: +inf on padding rows,
+    whose P is then 0); P = 0 at masked keys."""
+    s = _scores(q, k, offs_n, offs_m, M, qk_scale, CAUSAL, PRECISION, ACC, MASK=MASK)
+    return _exp(s - lse[:, None], ACC)
 
 
 @triton.jit
 def _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, M, scale, qk_scale,
-                       MASK: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                       CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, MASK: tl.constexpr):
     """P, dP, W and R for one (query tile, key tile) pair of the double backward."""
-    p = _probs(q, k, lse, offs_n, offs_m, M, qk_scale, MASK, CAUSAL, PRECISION, ACC)
+    p = _probs(q, k, lse, offs_n, offs_m, M, qk_scale, CAUSAL, PRECISION, ACC, MASK=MASK)
     dp = dot(do, tl.trans(v), PRECISION, ACC)
     w = (dot(uq, tl.trans(k), PRECISION, ACC) + dot(q, tl.trans(uk), PRECISION, ACC)) * scale
     r = dot(do, tl.trans(uv), PRECISION, ACC)
@@ -215,15 +230,13 @@ def _add_row_side(gq, gdo, p, ds, g_dp, g_s, k, v, uk, uv,
 
 @triton.jit
 def _fwd_tile(m_i, l_i, acc, q, K, V, bh, offs_n, start_m, offs_d, offs_dv, M, D, DV, qk_scale,
-              MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-              PRECISION: tl.constexpr, ACC: tl.constexpr):
+              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+              PRECISION: tl.constexpr, ACC: tl.constexpr, MASK: tl.constexpr):
     """The online-softmax update of (running max, running sum, unnormalised P V) by one key tile."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     k = _load(K, bh, offs_m, offs_d, M, D)
     v = _load(V, bh, offs_m, offs_dv, M, DV)
-    s = dot(q, tl.trans(k), PRECISION, ACC) * qk_scale
-    if MASK:
-        s = tl.where(_key_mask(offs_n, offs_m, M, CAUSAL), s, float("-inf"))
+    s = _scores(q, k, offs_n, offs_m, M, qk_scale, CAUSAL, PRECISION, ACC, MASK=MASK)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = _exp(m_i - m_new, ACC)
     p = _exp(s - m_new[:, None], ACC)
@@ -245,17 +258,17 @@ def attention_fwd_kernel(Q, K, V, O, LSE, N, M, D, DV, scale,
     qk_scale = scale * _log2e(ACC)
 
     m_i = tl.full([BLOCK_N], float("-inf"), ACC)  # running row max of S (exponent units)
-    l_i = tl.zeros([BLOCK_N], ACC)                # running sum of exp(S - m_i)
+    l_i = tl.zeros([BLOCK_N], ACC)                # running sum of _exp(S - m_i)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], ACC)      # running (unnormalised) P V
     # The first tile makes m_i finite, so exp(m_i - m_new) never sees -inf - -inf: an
     # unmasked tile has no masked key, and key 0 is visible to every row (also causal).
     unmasked_end, key_end = _key_tiles(start_n, M, BLOCK_N, BLOCK_M, CAUSAL)
     for start_m in range(0, unmasked_end, BLOCK_M):
         m_i, l_i, acc = _fwd_tile(m_i, l_i, acc, q, K, V, bh, offs_n, start_m, offs_d, offs_dv,
-                                  M, D, DV, qk_scale, False, CAUSAL, BLOCK_M, PRECISION, ACC)
+                                  M, D, DV, qk_scale, CAUSAL, BLOCK_M, PRECISION, ACC, MASK=False)
     for start_m in range(unmasked_end, key_end, BLOCK_M):
         m_i, l_i, acc = _fwd_tile(m_i, l_i, acc, q, K, V, bh, offs_n, start_m, offs_d, offs_dv,
-                                  M, D, DV, qk_scale, True, CAUSAL, BLOCK_M, PRECISION, ACC)
+                                  M, D, DV, qk_scale, CAUSAL, BLOCK_M, PRECISION, ACC, MASK=True)
 
     _store(O, acc / l_i[:, None], bh, offs_n, offs_dv, N, DV)
     _store_row(LSE, m_i / _log2e(ACC) + tl.log(l_i), bh, offs_n, N)
@@ -269,15 +282,15 @@ def attention_fwd_kernel(Q, K, V, O, LSE, N, M, D, DV, scale,
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, bh, start_n, offs_m, offs_d, offs_dv,
                N, M, D, DV, scale, qk_scale,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISION: tl.constexpr, ACC: tl.constexpr, ATOMIC_ROWS: tl.constexpr):
+               CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISION: tl.constexpr, ACC: tl.constexpr, ATOMIC_ROWS: tl.constexpr, MASK: tl.constexpr):
     """dK / s += dS^T Q and dV += P^T dO over one query tile; with ATOMIC_ROWS, DQ += s dS K."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     q = _load(Q, bh, offs_n, offs_d, N, D)
     do = _load(DO, bh, offs_n, offs_dv, N, DV)
     lse = _load_lse(LSE, bh, offs_n, N, ACC)
     delta = _load_row(DELTA, bh, offs_n, N)
-    p = _probs(q, k, lse, offs_n, offs_m, M, qk_scale, MASK, CAUSAL, PRECISION, ACC)
+    p = _probs(q, k, lse, offs_n, offs_m, M, qk_scale, CAUSAL, PRECISION, ACC, MASK=MASK)
     dp = dot(do, tl.trans(v), PRECISION, ACC)
     ds = p * (dp - delta[:, None])
     dv += dot(tl.trans(p).to(do.dtype), do, PRECISION, ACC)
@@ -307,23 +320,23 @@ def attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVo, DQ, N, M, D, DV,
     query_start, masked_end = _query_tiles(start_m, N, M, BLOCK_N, BLOCK_M, CAUSAL)
     for start_n in range(query_start, masked_end, BLOCK_N):
         dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, bh, start_n, offs_m, offs_d, offs_dv,
-                            N, M, D, DV, scale, qk_scale, True, CAUSAL, BLOCK_N, PRECISION, ACC, ATOMIC_ROWS)
+                            N, M, D, DV, scale, qk_scale, CAUSAL, BLOCK_N, PRECISION, ACC, ATOMIC_ROWS, MASK=True)
     for start_n in range(masked_end, N, BLOCK_N):
         dk, dv = _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, bh, start_n, offs_m, offs_d, offs_dv,
-                            N, M, D, DV, scale, qk_scale, False, CAUSAL, BLOCK_N, PRECISION, ACC, ATOMIC_ROWS)
+                            N, M, D, DV, scale, qk_scale, CAUSAL, BLOCK_N, PRECISION, ACC, ATOMIC_ROWS, MASK=False)
     _store(DK, dk * scale, bh, offs_m, offs_d, M, D)
     _store(DVo, dv, bh, offs_m, offs_dv, M, DV)
 
 
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, K, V, bh, offs_n, start_m, offs_d, offs_dv, M, D, DV, qk_scale,
-             MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-             PRECISION: tl.constexpr, ACC: tl.constexpr):
+             CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+             PRECISION: tl.constexpr, ACC: tl.constexpr, MASK: tl.constexpr):
     """dQ / s += dS K over one key tile."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     k = _load(K, bh, offs_m, offs_d, M, D)
     v = _load(V, bh, offs_m, offs_dv, M, DV)
-    p = _probs(q, k, lse, offs_n, offs_m, M, qk_scale, MASK, CAUSAL, PRECISION, ACC)
+    p = _probs(q, k, lse, offs_n, offs_m, M, qk_scale, CAUSAL, PRECISION, ACC, MASK=MASK)
     dp = dot(do, tl.trans(v), PRECISION, ACC)
     ds = p * (dp - delta[:, None])
     return dq + dot(ds.to(k.dtype), k, PRECISION, ACC)
@@ -348,10 +361,10 @@ def attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, N, M, D, DV, scale,
     unmasked_end, key_end = _key_tiles(start_n, M, BLOCK_N, BLOCK_M, CAUSAL)
     for start_m in range(0, unmasked_end, BLOCK_M):
         dq = _dq_tile(dq, q, do, lse, delta, K, V, bh, offs_n, start_m, offs_d, offs_dv, M, D, DV,
-                      qk_scale, False, CAUSAL, BLOCK_M, PRECISION, ACC)
+                      qk_scale, CAUSAL, BLOCK_M, PRECISION, ACC, MASK=False)
     for start_m in range(unmasked_end, key_end, BLOCK_M):
         dq = _dq_tile(dq, q, do, lse, delta, K, V, bh, offs_n, start_m, offs_d, offs_dv, M, D, DV,
-                      qk_scale, True, CAUSAL, BLOCK_M, PRECISION, ACC)
+                      qk_scale, CAUSAL, BLOCK_M, PRECISION, ACC, MASK=True)
     _store(DQ, dq * scale, bh, offs_n, offs_d, N, D)
 
 
@@ -374,14 +387,14 @@ def _key_side(K, V, UK, UV, bh, offs_m, offs_d, offs_dv, M, D, DV):
 @triton.jit
 def _row_stats_tile(rho_w, rho_g, q, do, uq, lse, delta, K, V, UK, UV, bh, offs_n, start_m, offs_d,
                     offs_dv, M, D, DV, scale, qk_scale,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                    PRECISION: tl.constexpr, ACC: tl.constexpr, SCORE: tl.constexpr, VALUE: tl.constexpr):
+                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                    PRECISION: tl.constexpr, ACC: tl.constexpr, SCORE: tl.constexpr, VALUE: tl.constexpr, MASK: tl.constexpr):
     """rho_W += rowsum(P W) and rho_G += rowsum(P R) (if VALUE) + rowsum(P (dP - Delta) W)
     (if SCORE) over one key tile."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     k, v, uk, uv = _key_side(K, V, UK, UV, bh, offs_m, offs_d, offs_dv, M, D, DV)
     p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, M, scale, qk_scale,
-                                     MASK, CAUSAL, PRECISION, ACC)
+                                     CAUSAL, PRECISION, ACC, MASK=MASK)
     rho_w += tl.sum(p * w, 1)
     if VALUE:
         rho_g += tl.sum(p * r, 1)
@@ -393,13 +406,13 @@ def _row_stats_tile(rho_w, rho_g, q, do, uq, lse, delta, K, V, UK, UV, bh, offs_
 @triton.jit
 def _row_grads_tile(gq, gdo, q, do, uq, lse, delta, rho_w, rho_g, K, V, UK, UV, bh, offs_n, start_m,
                     offs_d, offs_dv, M, D, DV, scale, qk_scale,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                    PRECISION: tl.constexpr, ACC: tl.constexpr, SCORE: tl.constexpr, VALUE: tl.constexpr):
+                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                    PRECISION: tl.constexpr, ACC: tl.constexpr, SCORE: tl.constexpr, VALUE: tl.constexpr, MASK: tl.constexpr):
     """gQ / s and gdO over one key tile (_add_row_side)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     k, v, uk, uv = _key_side(K, V, UK, UV, bh, offs_m, offs_d, offs_dv, M, D, DV)
     p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, M, scale, qk_scale,
-                                     MASK, CAUSAL, PRECISION, ACC)
+                                     CAUSAL, PRECISION, ACC, MASK=MASK)
     ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g, SCORE, VALUE)
     return _add_row_side(gq, gdo, p, ds, g_dp, g_s, k, v, uk, uv, SCORE, PRECISION, ACC)
 
@@ -433,11 +446,11 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
     for start_m in range(0, unmasked_end, BLOCK_M):
         rho_w, rho_g = _row_stats_tile(rho_w, rho_g, q, do, uq, lse, delta, K, V, UK, UV, bh, offs_n,
                                        start_m, offs_d, offs_dv, M, D, DV, scale, qk_scale,
-                                       False, CAUSAL, BLOCK_M, PRECISION, ACC, SCORE, VALUE)
+                                       CAUSAL, BLOCK_M, PRECISION, ACC, SCORE, VALUE, MASK=False)
     for start_m in range(unmasked_end, key_end, BLOCK_M):
         rho_w, rho_g = _row_stats_tile(rho_w, rho_g, q, do, uq, lse, delta, K, V, UK, UV, bh, offs_n,
                                        start_m, offs_d, offs_dv, M, D, DV, scale, qk_scale,
-                                       True, CAUSAL, BLOCK_M, PRECISION, ACC, SCORE, VALUE)
+                                       CAUSAL, BLOCK_M, PRECISION, ACC, SCORE, VALUE, MASK=True)
     if SCORE:
         rho_g -= rho_w * delta
     if FROZEN_STATS:  # the log-sum-exp is a constant: no rho_G term
@@ -450,11 +463,11 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
         for start_m in range(0, unmasked_end, BLOCK_M):
             gq, gdo = _row_grads_tile(gq, gdo, q, do, uq, lse, delta, rho_w, rho_g, K, V, UK, UV, bh,
                                       offs_n, start_m, offs_d, offs_dv, M, D, DV, scale, qk_scale,
-                                      False, CAUSAL, BLOCK_M, PRECISION, ACC, SCORE, VALUE)
+                                      CAUSAL, BLOCK_M, PRECISION, ACC, SCORE, VALUE, MASK=False)
         for start_m in range(unmasked_end, key_end, BLOCK_M):
             gq, gdo = _row_grads_tile(gq, gdo, q, do, uq, lse, delta, rho_w, rho_g, K, V, UK, UV, bh,
                                       offs_n, start_m, offs_d, offs_dv, M, D, DV, scale, qk_scale,
-                                      True, CAUSAL, BLOCK_M, PRECISION, ACC, SCORE, VALUE)
+                                      CAUSAL, BLOCK_M, PRECISION, ACC, SCORE, VALUE, MASK=True)
         _store(GQ, gq * scale, bh, offs_n, offs_d, N, D)
         _store(GDO, gdo, bh, offs_n, offs_dv, N, DV)
 
@@ -462,9 +475,9 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
 @triton.jit
 def _col_grads_tile(gk, gv, k, v, uk, uv, Q, DO, UQ, LSE, DELTA, RHO_W, RHO_G, GQ, GDO, bh, start_n,
                     offs_m, offs_d, offs_dv, N, M, D, DV, scale, qk_scale,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
-                    ACC: tl.constexpr, SCORE: tl.constexpr, VALUE: tl.constexpr, ATOMIC_ROWS: tl.constexpr):
+                    ACC: tl.constexpr, SCORE: tl.constexpr, VALUE: tl.constexpr, ATOMIC_ROWS: tl.constexpr, MASK: tl.constexpr):
     """gK / s += G_S^T Q (+ dS^T uQ if SCORE) and gV += G_dP^T dO (if VALUE) over one query
     tile; with ATOMIC_ROWS, GQ and GDO += this tile pair's parts of gQ and gdO."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -476,7 +489,7 @@ def _col_grads_tile(gk, gv, k, v, uk, uv, Q, DO, UQ, LSE, DELTA, RHO_W, RHO_G, G
     rho_w = _load_row(RHO_W, bh, offs_n, N)
     rho_g = _load_row(RHO_G, bh, offs_n, N)
     p, dp, w, r = _second_order_tile(q, k, v, do, uq, uk, uv, lse, offs_n, offs_m, M, scale, qk_scale,
-                                     MASK, CAUSAL, PRECISION, ACC)
+                                     CAUSAL, PRECISION, ACC, MASK=MASK)
     ds, g_dp, g_s = _second_order_grads(p, dp, w, r, delta, rho_w, rho_g, SCORE, VALUE)
     gk += dot(tl.trans(g_s).to(q.dtype), q, PRECISION, ACC)
     if SCORE:
@@ -513,12 +526,14 @@ def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G
     query_start, masked_end = _query_tiles(start_m, N, M, BLOCK_N, BLOCK_M, CAUSAL)
     for start_n in range(query_start, masked_end, BLOCK_N):
         gk, gv = _col_grads_tile(gk, gv, k, v, uk, uv, Q, DO, UQ, LSE, DELTA, RHO_W, RHO_G, GQ, GDO, bh,
-                                 start_n, offs_m, offs_d, offs_dv, N, M, D, DV, scale, qk_scale, True,
-                                 CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ACC, SCORE, VALUE, ATOMIC_ROWS)
+                                 start_n, offs_m, offs_d, offs_dv, N, M, D, DV, scale, qk_scale,
+                                 CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ACC, SCORE, VALUE, ATOMIC_ROWS,
+                                 MASK=True)
     for start_n in range(masked_end, N, BLOCK_N):
         gk, gv = _col_grads_tile(gk, gv, k, v, uk, uv, Q, DO, UQ, LSE, DELTA, RHO_W, RHO_G, GQ, GDO, bh,
-                                 start_n, offs_m, offs_d, offs_dv, N, M, D, DV, scale, qk_scale, False,
-                                 CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ACC, SCORE, VALUE, ATOMIC_ROWS)
+                                 start_n, offs_m, offs_d, offs_dv, N, M, D, DV, scale, qk_scale,
+                                 CAUSAL, BLOCK_N, BLOCK_D, BLOCK_DV, PRECISION, ACC, SCORE, VALUE, ATOMIC_ROWS,
+                                 MASK=False)
     _store(GK, gk * scale, bh, offs_m, offs_d, M, D)
     _store(GV, gv, bh, offs_m, offs_dv, M, DV)
 

@@ -119,12 +119,26 @@ def test_gradcheck_and_gradgradcheck(n):
         assert torch.autograd.gradgradcheck(fn, (q, k, v))
 
 
-def test_float32_matches_float64_reference():
-    q, k, v = qkv(19, 33, 16, 16, dtype=torch.float32, grad=True)
-    out = fused_attention(q, k, v)
-    ref = attention_reference(*(t.double() for t in (q, k, v)))
-    assert rel_err(out.double(), ref) < 1e-5
-    assert out.dtype == torch.float32
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_matches_float64_reference_in_three_orders(causal, monkeypatch):
+    """float32 runs the kernels' base-2 exponents (float64 keeps e^x): forward, backward
+    and double backward against the float64 reference, on 16 x 32 tiles with tails."""
+    from kernels import launch
+
+    monkeypatch.setattr(launch, "launch_config", lambda *_: launch.LaunchConfig(16, 32, 1, 1))
+    q, k, v = qkv(37, 45, 16, 16, dtype=torch.float32)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = fused_attention(q, k, v, causal, float32_precision="ieee")
+    ref = attention_reference(q64, k64, v64, causal)
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-5
+    do = torch.randn_like(ref)
+    g = torch.autograd.grad(out, (q, k, v), do.float(), create_graph=True)
+    g_ref = torch.autograd.grad(ref, (q64, k64, v64), do, create_graph=True)
+    assert_all_close(g, g_ref, 1e-5)
+    us = [torch.randn_like(t) for t in g_ref]
+    h = torch.autograd.grad(g, (q, k, v), [u.float() for u in us])
+    h_ref = torch.autograd.grad(g_ref, (q64, k64, v64), us)
+    assert_all_close(h, h_ref, 1e-5)
 
 
 def test_float32_precision_reaches_every_pass_under_vmap(monkeypatch):
@@ -339,6 +353,9 @@ def test_every_gpu_tile_shape_is_exact(block_n, block_m, atomic_rows, monkeypatc
     monkeypatch.setattr(launch, "launch_config", lambda *_: tile)
     check_three_orders(block_n + 5, block_m + 3, 8, 4, causal=True)
     check_three_orders(block_n // 2 + 1, 2 * block_m + 1, 8, 8, causal=False)
+    # Tile multiples (one loop of each pair empty) and, causal, keys past every query.
+    check_three_orders(2 * block_n, 2 * block_m, 8, 4, causal=False)
+    check_three_orders(block_n // 2 + 1, 2 * block_m + 1, 8, 4, causal=True)
 
 
 @pytest.mark.parametrize("atomic_rows", [False, True], ids=["row_pass", "atomic_rows"])
