@@ -23,6 +23,7 @@ accumulators (accumulator dtype) with atomics and cast them to the input dtype a
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, replace
 
 import torch
@@ -186,6 +187,14 @@ def _meta(
     )
 
 
+def _scale_parts(scale: float) -> tuple[float, float]:
+    """`scale` as (hi, lo): hi is float32, and hi + lo is `scale` to 2^-48 even once lo
+    is rounded to float32. Triton passes Python floats to kernels as float32; the
+    kernels add the two in their accumulator dtype (exact in float64)."""
+    hi = struct.unpack("f", struct.pack("f", scale))[0]
+    return hi, scale - hi
+
+
 def _accumulator(x: torch.Tensor) -> torch.Tensor:
     """Zeros shaped like x in the accumulator dtype, for the kernels' atomic sums."""
     return torch.zeros(x.shape, dtype=accumulator_dtype(x.dtype), device=x.device)
@@ -214,12 +223,12 @@ def attention_forward(
         pass
     elif uses_row_kernels(n):
         attention_fwd_row_kernel[(bh,)](
-            q3, k3, v3, o, lse, m, d, dv, scale, **_row_meta(q, m, dv, causal)
+            q3, k3, v3, o, lse, m, d, dv, *_scale_parts(scale), **_row_meta(q, m, dv, causal)
         )
     else:
         meta = _meta(q, v, _tile(q, v, "fwd", precision, tile), causal, precision)
         attention_fwd_kernel[_grid(bh, n, meta["BLOCK_N"])](
-            q3, k3, v3, o, lse, n, m, d, dv, scale, **meta
+            q3, k3, v3, o, lse, n, m, d, dv, *_scale_parts(scale), **meta
         )
     return o.view(*lead, n, dv), lse.view(*lead, n)
 
@@ -253,13 +262,13 @@ def attention_backward(
     elif uses_row_kernels(n):
         attention_bwd_row_kernel[(bh,)](
             *(q3, k3, v3, _flat(o), do3, lse2, dq, dk, dvv),
-            *(m, d, dv, scale),
+            *(m, d, dv, *_scale_parts(scale)),
             **_row_meta(q, m, dv, causal),
         )
     else:
         delta = _delta(o, do)
         cfg = _tile(q, v, "bwd", precision, tile)
-        meta, args = _meta(q, v, cfg, causal, precision), (n, m, d, dv, scale)
+        meta, args = _meta(q, v, cfg, causal, precision), (n, m, d, dv, *_scale_parts(scale))
         if cfg.atomic_rows:
             dq = _accumulator(q3)
         attention_bwd_dkdv_kernel[_grid(bh, m, meta["BLOCK_M"])](
@@ -307,7 +316,7 @@ def attention_double_backward(
     elif uses_row_kernels(n):
         attention_dbwd_row_kernel[(bh,)](
             *(q3, k3, v3, _flat(o), do3, uq3, uk3, uv3, lse2, gq, gk, gv, gdo),
-            *(m, d, dv, scale),
+            *(m, d, dv, *_scale_parts(scale)),
             **_row_meta(q, m, dv, causal),
             **switches,
         )
@@ -315,7 +324,7 @@ def attention_double_backward(
         delta = _delta(o, do)
         rho_w, rho_g = torch.empty_like(lse2), torch.empty_like(lse2)
         cfg = _tile(q, v, "dbwd", precision, tile)
-        meta, args = _meta(q, v, cfg, causal, precision), (n, m, d, dv, scale)
+        meta, args = _meta(q, v, cfg, causal, precision), (n, m, d, dv, *_scale_parts(scale))
         if cfg.atomic_rows:
             gq, gdo = _accumulator(q3), _accumulator(do3)
         attention_dbwd_rows_kernel[_grid(bh, n, meta["BLOCK_N"])](

@@ -100,6 +100,14 @@ def _store_row(ptr, value, bh, offs, n):
 
 
 @triton.jit
+def _scale(scale_hi, scale_lo, ACC: tl.constexpr):
+    """The softmax scale in the accumulator dtype, from the float32 pair the launchers
+    split it into (Triton passes Python floats as float32: a float64 kernel would
+    otherwise compute with a rounded scale)."""
+    return tl.full([], scale_hi, ACC) + tl.full([], scale_lo, ACC)
+
+
+@triton.jit
 def _log2e(ACC: tl.constexpr):
     """Exponent units per natural-log unit: log2(e) in float32, where an exponential is
     then one ex2 (tl.exp multiplies by log2(e) per element itself); 1 in float64, which
@@ -246,10 +254,11 @@ def _fwd_tile(m_i, l_i, acc, q, K, V, bh, offs_n, start_m, offs_d, offs_dv, M, D
 
 
 @triton.jit
-def attention_fwd_kernel(Q, K, V, O, LSE, N, M, D, DV, scale,
+def attention_fwd_kernel(Q, K, V, O, LSE, N, M, D, DV, scale_hi, scale_lo,
                          CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          PRECISION: tl.constexpr, ACC: tl.constexpr):
+    scale = _scale(scale_hi, scale_lo, ACC)
     bh, start_n = _program_tile(N, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -301,12 +310,13 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, bh, start_n, offs_m, offs_d,
 
 
 @triton.jit
-def attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVo, DQ, N, M, D, DV, scale,
+def attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVo, DQ, N, M, D, DV, scale_hi, scale_lo,
                               CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                               PRECISION: tl.constexpr, ACC: tl.constexpr, ATOMIC_ROWS: tl.constexpr):
     """dK and dV of one key tile; with ATOMIC_ROWS also this key tile's part of dQ, added
     into the zeroed accumulator DQ (otherwise DQ is not touched)."""
+    scale = _scale(scale_hi, scale_lo, ACC)
     bh, start_m = _program_tile(M, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -343,10 +353,11 @@ def _dq_tile(dq, q, do, lse, delta, K, V, bh, offs_n, start_m, offs_d, offs_dv, 
 
 
 @triton.jit
-def attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, N, M, D, DV, scale,
+def attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, N, M, D, DV, scale_hi, scale_lo,
                             CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                             PRECISION: tl.constexpr, ACC: tl.constexpr):
+    scale = _scale(scale_hi, scale_lo, ACC)
     bh, start_n = _program_tile(N, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -419,7 +430,7 @@ def _row_grads_tile(gq, gdo, q, do, uq, lse, delta, rho_w, rho_g, K, V, UK, UV, 
 
 @triton.jit
 def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO_W, RHO_G,
-                               N, M, D, DV, scale,
+                               N, M, D, DV, scale_hi, scale_lo,
                                CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                                PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -427,6 +438,7 @@ def attention_dbwd_rows_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, GQ, GDO, RHO
                                ATOMIC_ROWS: tl.constexpr):
     """rho_W, rho_G and (unless ATOMIC_ROWS: the column kernel sums them) gQ, gdO of one
     query tile."""
+    scale = _scale(scale_hi, scale_lo, ACC)
     bh, start_n = _program_tile(N, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -506,7 +518,7 @@ def _col_grads_tile(gk, gv, k, v, uk, uv, Q, DO, UQ, LSE, DELTA, RHO_W, RHO_G, G
 
 @triton.jit
 def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G, GK, GV, GQ, GDO,
-                               N, M, D, DV, scale,
+                               N, M, D, DV, scale_hi, scale_lo,
                                CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                                PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -514,6 +526,7 @@ def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G
                                ATOMIC_ROWS: tl.constexpr):
     """gK and gV of one key tile; with ATOMIC_ROWS also this key tile's parts of gQ and gdO,
     added into the zeroed accumulators GQ and GDO (otherwise they are not touched)."""
+    scale = _scale(scale_hi, scale_lo, ACC)
     bh, start_m = _program_tile(M, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -571,9 +584,10 @@ def _row_block(q, do, uq, K, V, UK, UV, bh, lse, offs_m, offs_d, offs_dv, M, D, 
 
 
 @triton.jit
-def attention_fwd_row_kernel(Q, K, V, O, LSE, M, D, DV, scale,
+def attention_fwd_row_kernel(Q, K, V, O, LSE, M, D, DV, scale_hi, scale_lo,
                              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
+    scale = _scale(scale_hi, scale_lo, ACC)
     bh = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -598,9 +612,10 @@ def attention_fwd_row_kernel(Q, K, V, O, LSE, M, D, DV, scale,
 
 
 @triton.jit
-def attention_bwd_row_kernel(Q, K, V, O, DO, LSE, DQ, DK, DVo, M, D, DV, scale,
+def attention_bwd_row_kernel(Q, K, V, O, DO, LSE, DQ, DK, DVo, M, D, DV, scale_hi, scale_lo,
                              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
+    scale = _scale(scale_hi, scale_lo, ACC)
     bh = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -623,10 +638,11 @@ def attention_bwd_row_kernel(Q, K, V, O, DO, LSE, DQ, DK, DVo, M, D, DV, scale,
 
 
 @triton.jit
-def attention_dbwd_row_kernel(Q, K, V, O, DO, UQ, UK, UV, LSE, GQ, GK, GV, GDO, M, D, DV, scale,
+def attention_dbwd_row_kernel(Q, K, V, O, DO, UQ, UK, UV, LSE, GQ, GK, GV, GDO, M, D, DV, scale_hi, scale_lo,
                               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                               BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
                               SCORE: tl.constexpr, VALUE: tl.constexpr, FROZEN_STATS: tl.constexpr):
+    scale = _scale(scale_hi, scale_lo, ACC)
     bh = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)

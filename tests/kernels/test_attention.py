@@ -394,3 +394,17 @@ def test_the_reference_computes_half_inputs_in_float32_under_autocast_too():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = attention(q, k, v, backend="reference")
     assert autocast.dtype == torch.bfloat16 and torch.equal(autocast, plain)
+
+
+@pytest.mark.parametrize("scale", [8**-0.5, 0.125, 1 / 3, 7.3e-3, 2.0**-60 * 3**0.5])
+def test_the_scale_reaches_kernels_as_an_exact_float32_pair(scale):
+    """Triton passes Python floats to kernels as float32 (the interpreter does not, so
+    the GPU test test_float64_uses_the_exact_scale checks the kernels' side): the
+    launchers pass (hi, lo), hi a float32 and hi + lo the scale to 2^-48 even with lo
+    rounded to float32."""
+    from kernels.launch import _scale_parts
+
+    hi, lo = _scale_parts(scale)
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32).item()  # noqa: E731
+    assert f32(hi) == hi
+    assert abs(hi + f32(lo) - scale) <= 2.0**-48 * scale

@@ -79,6 +79,25 @@ def test_fused_matches_float64_reference(b, h, n, m, d, dv, causal, dtype, preci
     assert max(errors.values()) < TOL[dtype], errors
 
 
+@pytest.mark.parametrize("n", [1, 40], ids=["one-query", "tiled"])
+def test_float64_uses_the_exact_scale(n):
+    """Triton passes Python floats as float32; at D = 8 the scale 8 ** -0.5 is not a
+    float32, so float64 matches its reference to 1e-12 only with the scale the launchers
+    split in two (kernels.launch._scale_parts)."""
+    gen = torch.Generator("cuda").manual_seed(torch.randint(0, 2**31, ()).item())
+    shapes = [(2, 3, n, 8), (2, 3, 50, 8), (2, 3, 50, 8)]
+    q, k, v = (
+        torch.randn(s, device="cuda", dtype=torch.float64, generator=gen).requires_grad_()
+        for s in shapes
+    )
+    do = torch.randn(2, 3, n, 8, device="cuda", dtype=torch.float64, generator=gen)
+    us = [torch.randn(s, device="cuda", dtype=torch.float64, generator=gen) for s in shapes]
+    got = first_and_second_order(lambda *a: fused_attention(*a, True), q, k, v, do, us)
+    want = first_and_second_order(lambda *a: attention_reference(*a, True), q, k, v, do, us)
+    errors = [rel_err(x, y) for x, y in zip(got, want, strict=True)]
+    assert max(errors) < 1e-12, errors
+
+
 @pytest.mark.parametrize("backend", ["triton_fused", "triton_step"])
 def test_engine_full_meta_gradient_on_cuda(backend):
     from phase12.config import RunConfig
