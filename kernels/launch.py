@@ -70,9 +70,10 @@ class LaunchConfig:
 
 # Tiles (block_n x block_m, warps, stages) by (kernel family, operands, D > 64), picked
 # by block-size sweeps (the measurements behind each entry: docs/benchmarks.md, "Block
-# sizes"). Operands are "16bit" (fp16, bf16), "tf32x3" (float32 with tf32x3 dots) or
-# "ieee" (float32 FMA dots). tf32x3 (three products per tile) wants narrower tiles than
-# 16-bit in the backward passes; 16-bit at D <= 64 gains from a third pipeline stage. At
+# sizes" and the twelfth and thirteenth sessions). Operands are "16bit" (fp16, bf16),
+# "tf32x3" (float32 with tf32x3 dots) or "ieee" (float32 FMA dots). tf32x3 (three
+# products per tile) wants narrower tiles than 16-bit in the backward passes; 16-bit at
+# D <= 64 gains from a third pipeline stage in the forward and backward. At
 # D = 128 one stage (no software pipelining) keeps the float32 double backward in
 # shared memory and registers; 64 x 64 float32 double-backward tiles do not fit there.
 # The ieee double backward takes 16-row tiles: at 32 x 32 its column kernel spills.
