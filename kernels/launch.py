@@ -334,7 +334,7 @@ def attention_double_backward(
         )  # fmt: skip
         attention_dbwd_cols_kernel[_grid(bh, m, meta["BLOCK_M"])](
             q3, k3, v3, do3, uq3, uk3, uv3, lse2, delta, rho_w, rho_g, gk, gv, gq, gdo, *args,
-            **meta, **switches, ATOMIC_ROWS=cfg.atomic_rows,
+            **meta, SCORE=switches["SCORE"], VALUE=switches["VALUE"], ATOMIC_ROWS=cfg.atomic_rows,
         )  # fmt: skip
         if cfg.atomic_rows:
             gq, gdo = gq.to(dt), gdo.to(dt)

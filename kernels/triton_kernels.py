@@ -522,7 +522,7 @@ def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G
                                CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                                PRECISION: tl.constexpr, ACC: tl.constexpr,
-                               SCORE: tl.constexpr, VALUE: tl.constexpr, FROZEN_STATS: tl.constexpr,
+                               SCORE: tl.constexpr, VALUE: tl.constexpr,
                                ATOMIC_ROWS: tl.constexpr):
     """gK and gV of one key tile; with ATOMIC_ROWS also this key tile's parts of gQ and gdO,
     added into the zeroed accumulators GQ and GDO (otherwise they are not touched)."""
