@@ -106,6 +106,8 @@ def results_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def timing_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Step time and peak memory per cell, and the speed-up over the seed's step where it
+    was timed; none for a cell timed on a device that several sweep runners shared."""
     t = summary[
         [
             "backend",
@@ -113,16 +115,34 @@ def timing_table(summary: pd.DataFrame) -> pd.DataFrame:
             "inner_steps",
             "mean_outer_step_time_s_mean",
             "peak_cuda_mem_bytes_mean",
+            "device_runners",
         ]
     ].copy()
     t["step ms"] = t.pop("mean_outer_step_time_s_mean") * 1e3
     t["peak MiB"] = t.pop("peak_cuda_mem_bytes_mean") / 2**20
+    runners = t.pop("device_runners")  # NaN in runs.csv of older versions
+    t["runners on device"] = runners.map(lambda n: "" if n != n else str(int(n)))
     t["seed step ms (k=20)"] = [
         SEED_STEP_S.get(("cuda", b, m), float("nan")) * 1e3 if k == 20 else float("nan")
         for b, m, k in zip(t["backend"], t["mode"], t["inner_steps"], strict=True)
     ]
-    t["speed-up vs seed"] = t["seed step ms (k=20)"] / t["step ms"]
+    t["speed-up vs seed"] = (t["seed step ms (k=20)"] / t["step ms"]).where(~(runners > 1))
     return t.rename(columns={"inner_steps": "k"})
+
+
+def shared_device_lines(summary: pd.DataFrame) -> list[str]:
+    """A paragraph on the cells timed while other sweep runners shared the device."""
+    shared = summary[summary["device_runners"] > 1]
+    if shared.empty:
+        return []
+    most = int(shared["device_runners"].max())
+    return [
+        f"{len(shared)} of {len(summary)} cells were timed on a device that up to {most} "
+        "sweep runners shared (`--devices` named it more than once): their step times "
+        "include the other runners' turns on the device, so they say how fast the sweep "
+        "went, not how fast the backend is, and are not compared with the seed.",
+        "",
+    ]
 
 
 def _gap_sentences(ok: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
@@ -458,6 +478,7 @@ def build_report(folder: str | Path) -> Path:
         "",
         markdown_table(timing_table(summary), ".2f"),
         "",
+        *shared_device_lines(summary),
         "Step time: mean over a run's outer steps after the first. Peak memory: the run's "
         "peak CUDA allocation above what was allocated when it started (the first runs of a "
         "process also pay for cuBLAS workspaces).",

@@ -48,6 +48,8 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
         runs["ablation"] = "none"
     runs["ablation"] = runs["ablation"].astype(object).where(runs["ablation"].notna(), "none")
     runs["mode"] = runs["mode"].where(runs["ablation"] == "none", runs["ablation"])
+    if "device_runners" not in runs:  # older versions did not record it
+        runs["device_runners"] = float("nan")
     if "attn_grad_norm" not in runs:
         runs["attn_grad_norm"] = (
             runs[["attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v"]] ** 2
@@ -58,13 +60,16 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds per (backend, mode, inner_steps) of the OK runs.
 
-    Columns: backend, mode, inner_steps, n_seeds, then METRIC_mean and METRIC_std for
-    every metric in SUMMARY_METRICS (std is the sample std, NaN for one seed).
+    Columns: backend, mode, inner_steps, n_seeds, device_runners (the most sweep runners
+    a seed's device had: above 1, its times include the others'), then METRIC_mean and
+    METRIC_std for every metric in SUMMARY_METRICS (std is the sample std, NaN for one
+    seed).
     """
     ok = runs[runs["status"] == "OK"]
     grouped = ok.groupby(CELL)
     out = grouped[SUMMARY_METRICS].agg(["mean", "std"])
     out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
+    out.insert(0, "device_runners", grouped["device_runners"].max())
     out.insert(0, "n_seeds", grouped["seed"].nunique())
     return out.reset_index()
 

@@ -102,6 +102,9 @@ RUN_COLUMNS = SEED_COLUMNS + [
     "cuda_graph",
     "seeds_batched",
     "world_size",
+    # sweep runners given this run's device (--devices naming it more than once): above 1,
+    # the step and wall times include the other runners' turns on the device
+    "device_runners",
     "device",
     "device_name",
     "torch_version",

@@ -24,6 +24,12 @@ sweep resumes: cells with a row are skipped, a run that was interrupted has no r
 is redone, and runs.csv always parses. A cell that fails records status ERROR and its
 error, and the sweep goes on; the next run of the same sweep retries it.
 
+A device named more than once (`--devices cuda:0,cuda:0`) gets a runner for each: one
+runner's host work (set-up, probes) then overlaps another's steps, so a sweep of small
+models finishes sooner, but each run's step times include the other runners' turns on
+the device. Its row says how many runners the device had (device_runners), and the
+report does not read those step times as the backend's speed.
+
 A cell beyond a backend's limits (phase12.backends.Backend.limit: a width its kernels
 cannot hold, an ablation it has no switch for) is not run: it is recorded with status
 UNSUPPORTED and the limit, so that a map over backends shows where each one stops. Every
@@ -154,8 +160,9 @@ def _with_metadata(results: list[RunResult], configs: list[RunConfig]):
     ]
 
 
-def _serve(runner: int, device: str, tasks, results, keep_going=lambda: True) -> None:
-    """Run groups from `tasks` on `device` until a None; report ("start"/"done", index, ...)."""
+def _serve(runner: int, device: str, runners: int, tasks, results, keep_going=lambda: True) -> None:
+    """Run groups from `tasks` on `device`, which `runners` runners share, until a None;
+    report ("start"/"done", index, ...)."""
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(device)  # allocations and graph captures default to it
     while keep_going():
@@ -164,14 +171,31 @@ def _serve(runner: int, device: str, tasks, results, keep_going=lambda: True) ->
             return
         index, configs = item
         results.put(("start", index, runner))
-        results.put(("done", index, _run_group([c.replace(device=device) for c in configs])))
+        done = _run_group([c.replace(device=device) for c in configs])
+        for result, _ in done:
+            result.row["device_runners"] = runners
+        results.put(("done", index, done))
 
 
-def _worker(runner: int, device: str, parent: int, tasks, results) -> None:
+def _runners_per_device(devices: Sequence[str]) -> list[int]:
+    """For each runner of `devices`, how many runners its device has: every CPU runner
+    shares the host's cores, and 'cuda' is the current CUDA device."""
+
+    def key(device: str) -> tuple[str, int | None]:
+        d = torch.device(device)
+        if d.type == "cuda" and d.index is None:
+            return d.type, torch.cuda.current_device()
+        return d.type, None if d.type == "cpu" else d.index
+
+    keys = [key(d) for d in devices]
+    return [keys.count(k) for k in keys]
+
+
+def _worker(runner: int, device: str, runners: int, parent: int, tasks, results) -> None:
     """A worker process: serves until the queue ends or its parent is gone. Ctrl-C
     reaches it with the parent; the parent says so, the worker just stops."""
     try:
-        _serve(runner, device, tasks, results, keep_going=lambda: os.getppid() == parent)
+        _serve(runner, device, runners, tasks, results, keep_going=lambda: os.getppid() == parent)
     except KeyboardInterrupt:
         pass
 
@@ -182,9 +206,10 @@ def _run_groups_on_workers(groups: list[list[RunConfig]], devices: Sequence[str]
     The first device is served by a thread of this process, which has imported
     everything already and starts at once (a worker process spends seconds importing
     torch and initialising CUDA); every other device gets a worker process. All take
-    groups from one queue, so a late starter simply takes fewer. The calling thread only
-    writes files: it makes no CUDA calls that could disturb the serving thread's graph
-    captures. Groups of a runner that dies are recorded as failed.
+    groups from one queue, so a late starter simply takes fewer. A device named more than
+    once gets a runner for each; their runs' rows say how many (device_runners). The
+    calling thread only writes files: it makes no CUDA calls that could disturb the serving
+    thread's graph captures. Groups of a runner that dies are recorded as failed.
     """
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
@@ -192,9 +217,16 @@ def _run_groups_on_workers(groups: list[list[RunConfig]], devices: Sequence[str]
         tasks.put(item)
     for _ in devices:
         tasks.put(None)
-    runners = [threading.Thread(target=_serve, args=(0, devices[0], tasks, results), daemon=True)]
+    sharing = _runners_per_device(devices)
+    runners = [
+        threading.Thread(
+            target=_serve, args=(0, devices[0], sharing[0], tasks, results), daemon=True
+        )
+    ]
     runners += [
-        ctx.Process(target=_worker, args=(i, d, os.getpid(), tasks, results), daemon=True)
+        ctx.Process(
+            target=_worker, args=(i, d, sharing[i], os.getpid(), tasks, results), daemon=True
+        )
         for i, d in enumerate(devices[1:], start=1)
     ]
     for r in runners:

@@ -83,7 +83,8 @@ def parser(name: str) -> ArgumentParser:
         type=csv_list(str),
         default=None,
         help="comma-separated devices, one sweep worker each (default: every visible GPU, "
-        "else the --device); e.g. cuda:0,cuda:1 or cpu,cpu",
+        "else the --device); e.g. cuda:0,cuda:1, or cuda:0,cuda:0 for two workers on one GPU "
+        "(sooner done; their step times then include each other's, as device_runners says)",
     )
     p.add_argument(
         "--no-batch-seeds",

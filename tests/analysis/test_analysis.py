@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from analysis.figures import mean_curves
-from analysis.report import build_report, load_histories
+from analysis.report import build_report, load_histories, shared_device_lines, timing_table
 from analysis.summary import full_minus_fo, summarize
 from phase12.schema import RUN_COLUMNS
 
@@ -47,6 +47,7 @@ def hand_made_runs() -> pd.DataFrame:
                         mean_outer_step_time_s=0.001 * k,
                         peak_cuda_mem_bytes=2**20 * k,
                         wall_time_total_s=1.0,
+                        device_runners=1,
                         status="OK",
                         device_name="test",
                         torch_version="x",
@@ -64,6 +65,25 @@ def test_summary_means_and_stds():
     assert cell["final_acc_std"] == pytest.approx(np.std([0.80, 0.82], ddof=1))
     assert cell["mean_outer_step_time_s_mean"] == pytest.approx(0.001)
     assert s.loc[("triton_fused", "FO", 5), "final_acc_mean"] == pytest.approx(0.9025)
+
+
+def test_step_times_of_a_shared_device_are_flagged_and_not_compared_with_the_seed():
+    runs = hand_made_runs()
+    runs["inner_steps"] = runs["inner_steps"].replace(5, 20)  # the seed timed k = 20
+    alone = timing_table(summarize(runs)).set_index(["backend", "mode", "k"])
+    assert alone.loc[("reference", "FULL", 20), "speed-up vs seed"] > 0
+    assert set(alone["runners on device"]) == {"1"}
+    assert shared_device_lines(summarize(runs)) == []
+
+    shared_seed = (runs["backend"] == "reference") & (runs["seed"] == 1)
+    runs.loc[shared_seed, "device_runners"] = 2  # one seed of the cell is enough
+    summary = summarize(runs)
+    t = timing_table(summary).set_index(["backend", "mode", "k"])
+    assert t.loc[("reference", "FULL", 20), "runners on device"] == "2"
+    assert np.isnan(t.loc[("reference", "FULL", 20), "speed-up vs seed"])
+    assert t.loc[("triton_fused", "FULL", 20), "speed-up vs seed"] > 0
+    (line, _) = shared_device_lines(summary)
+    assert line.startswith("6 of 12 cells were timed on a device that up to 2 sweep runners")
 
 
 def test_full_minus_fo_pairs_seeds():

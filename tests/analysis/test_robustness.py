@@ -34,6 +34,7 @@ def runs() -> pd.DataFrame:
                         float64_meta_grad_error=error,
                         mean_outer_step_time_s=0.002 if dtype == "float32" else 0.003,
                         peak_cuda_mem_bytes=2**20,
+                        device_runners=1,
                     )
                 )
     return pd.DataFrame(rows)
@@ -50,6 +51,15 @@ def test_each_regime_says_whether_full_works_and_what_it_gains():
     assert table.loc["float32", "needs attention's curvature"].startswith("+0.0210")
     assert table.loc["bfloat16", "step ms"] == "3.00 (1.50x fp32)"
     assert table.loc["float16", "non-finite runs"] == "9 of 9"
+
+
+def test_step_times_from_a_shared_device_are_not_compared_with_float32():
+    shared = runs()
+    shared.loc[shared["dtype"] == "bfloat16", "device_runners"] = 2
+    table = robustness_table(shared).set_index("precision")
+    assert table.loc["bfloat16", "step ms"] == "3.00 (device shared by 2 runners)"
+    assert table.loc["float16", "step ms"] == "n/a"  # no OK run, as before
+    assert table.loc["bfloat16", "peak MiB"] == "1.00 (1.00x fp32)"  # memory is per process
 
 
 def test_findings_name_where_full_works_and_where_its_gain_holds():

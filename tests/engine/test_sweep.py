@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from support import TINY
 
 import phase12.sweep as sweep_module
@@ -40,7 +41,7 @@ def test_sweep_writes_one_row_per_cell_and_resume_skips(tmp_path):
     counts = run_sweep(SPEC, tmp_path, progress=False)
     assert counts == {"skipped": 0, "OK": 12}
     runs = check_complete(tmp_path, SPEC)
-    assert (runs["status"] == "OK").all()
+    assert (runs["status"] == "OK").all() and (runs["device_runners"] == 1).all()
     assert run_sweep(SPEC, tmp_path, progress=False) == {"skipped": 12}
     assert len(pd.read_csv(tmp_path / "runs.csv")) == 12
 
@@ -75,7 +76,16 @@ def test_resume_after_kill(tmp_path, devices):
 def test_two_workers_write_a_complete_csv(tmp_path):
     counts = run_sweep(SPEC, tmp_path, progress=False, devices=("cpu", "cpu"))
     assert counts == {"skipped": 0, "OK": 12}
-    check_complete(tmp_path, SPEC)
+    runs = check_complete(tmp_path, SPEC)
+    assert (runs["device_runners"] == 2).all()  # both on the host's cores: timed together
+
+
+def test_runners_per_device_counts_every_name_of_a_device(monkeypatch):
+    from phase12.sweep import _runners_per_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    devices = ["cpu", "cuda:0", "cuda", "cuda:1", "cpu:0", "cuda:2"]
+    assert _runners_per_device(devices) == [2, 1, 2, 2, 2, 1]
 
 
 def test_failing_cell_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
