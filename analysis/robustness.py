@@ -61,7 +61,7 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (backend, k, T, D, precision) with FULL runs; see the module docstring.
     Step time and peak memory are FULL's, with their ratio to float32's in the same
     (backend, k, T, D) where that was run; where several sweep runners shared the device
-    in that (backend, k, T, D), the step time says so instead."""
+    of the cell's or of float32's FULL runs, the step time says so instead."""
     costs = {
         "step ms": ("mean_outer_step_time_s", 1e3),
         "peak MiB": ("peak_cuda_mem_bytes", 2.0**-20),
@@ -70,9 +70,9 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
     float32 = runs[
         (runs["dtype"] == "float32") & (runs["mode"] == "FULL") & (runs["status"] == "OK")
     ]
+    shared_float32 = float32[float32["device_runners"] > 1].groupby(KEYS[:-1]).size().index
     float32 = float32[KEYS[:-1]].join(float32[columns].apply(pd.to_numeric, errors="coerce"))
     float32 = float32.groupby(KEYS[:-1])[columns].mean()
-    shared = runs[runs["device_runners"] > 1].groupby(KEYS[:-1]).size().index
     rows = []
     for key, cell in runs.groupby(KEYS):
         full = cell[cell["mode"] == "FULL"]
@@ -94,9 +94,12 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
             at = key[:-1]
             base = float32.at[at, column] * unit if at in float32.index else float("nan")
             ratio = f" ({value / base:.2f}x fp32)" if base > 0 and value == value else ""
-            if label == "step ms" and at in shared:  # not a speed: other runners' time is in it
-                most = int(cell["device_runners"].max())
-                ratio = f" (device shared by {most} runners)" if most > 1 else ""
+            if label == "step ms":  # a shared device's step time is not the backend's speed
+                most = ok["device_runners"].max()
+                if most > 1:
+                    ratio = f" (device shared by {int(most)} runners)"
+                elif at in shared_float32:
+                    ratio = " (fp32 timed on a shared device)"
             row[label] = f"{value:.2f}{ratio}" if value == value else "n/a"
         gain = paired(cell, "FULL", "FO")
         row["FULL − FO"] = _difference(cell, gain, "FO")

@@ -103,7 +103,8 @@ RUN_COLUMNS = SEED_COLUMNS + [
     "seeds_batched",
     "world_size",
     # sweep runners given this run's device (--devices naming it more than once): above 1,
-    # the step and wall times include the other runners' turns on the device
+    # the step and wall times include the other runners' turns on the device; blank for
+    # a run no runner took (UNSUPPORTED, or left when every runner had died)
     "device_runners",
     "device",
     "device_name",

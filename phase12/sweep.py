@@ -160,9 +160,11 @@ def _with_metadata(results: list[RunResult], configs: list[RunConfig]):
     ]
 
 
-def _serve(runner: int, device: str, runners: int, tasks, results, keep_going=lambda: True) -> None:
-    """Run groups from `tasks` on `device`, which `runners` runners share, until a None;
-    report ("start"/"done", index, ...)."""
+def _serve(
+    runner: int, device: str, device_runners: int, tasks, results, keep_going=lambda: True
+) -> None:
+    """Run groups from `tasks` on `device`, which `device_runners` runners share, until a
+    None; report ("start"/"done", index, ...)."""
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(device)  # allocations and graph captures default to it
     while keep_going():
@@ -172,30 +174,44 @@ def _serve(runner: int, device: str, runners: int, tasks, results, keep_going=la
         index, configs = item
         results.put(("start", index, runner))
         done = _run_group([c.replace(device=device) for c in configs])
-        for result, _ in done:
-            result.row["device_runners"] = runners
-        results.put(("done", index, done))
+        results.put(("done", index, _shared_by(done, device_runners)))
+
+
+def _shared_by(outcome: list[tuple[RunResult, dict]], device_runners: int):
+    """`outcome` with each row's device_runners set."""
+    for result, _ in outcome:
+        result.row["device_runners"] = device_runners
+    return outcome
+
+
+def _device_name(device: str) -> str:
+    """A checked device as a runner needs it: with its index ('cuda' is the current CUDA
+    device; torch.cuda.set_device takes no bare 'cuda'), 'auto' resolved."""
+    d = resolve_device(device)
+    if d.type == "cuda" and d.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(d)
 
 
 def _runners_per_device(devices: Sequence[str]) -> list[int]:
-    """For each runner of `devices`, how many runners its device has: every CPU runner
-    shares the host's cores, and 'cuda' is the current CUDA device."""
-
-    def key(device: str) -> tuple[str, int | None]:
-        d = torch.device(device)
-        if d.type == "cuda" and d.index is None:
-            return d.type, torch.cuda.current_device()
-        return d.type, None if d.type == "cpu" else d.index
-
-    keys = [key(d) for d in devices]
+    """For each runner of `devices` (names from _device_name), how many runners its
+    device has; every CPU runner shares the host's cores."""
+    keys = [(d.type, d.index if d.type == "cuda" else None) for d in map(torch.device, devices)]
     return [keys.count(k) for k in keys]
 
 
-def _worker(runner: int, device: str, runners: int, parent: int, tasks, results) -> None:
+def _worker(runner: int, device: str, device_runners: int, parent: int, tasks, results) -> None:
     """A worker process: serves until the queue ends or its parent is gone. Ctrl-C
     reaches it with the parent; the parent says so, the worker just stops."""
     try:
-        _serve(runner, device, runners, tasks, results, keep_going=lambda: os.getppid() == parent)
+        _serve(
+            runner,
+            device,
+            device_runners,
+            tasks,
+            results,
+            keep_going=lambda: os.getppid() == parent,
+        )
     except KeyboardInterrupt:
         pass
 
@@ -244,7 +260,10 @@ def _run_groups_on_workers(groups: list[list[RunConfig]], devices: Sequence[str]
                         code = getattr(r, "exitcode", None)  # threads have none
                         error = RuntimeError(f"sweep worker on {devices[i]} died (exit {code})")
                         pending.discard(index)
-                        yield groups[index], _failed_group(groups[index], error)
+                        yield (
+                            groups[index],
+                            _shared_by(_failed_group(groups[index], error), sharing[i]),
+                        )
                 if not any(r.is_alive() for r in runners):  # nobody left to take the rest
                     error = RuntimeError(f"every sweep worker ({', '.join(devices)}) has exited")
                     for index in sorted(pending):
@@ -353,6 +372,7 @@ def run_sweep(
     beyond = unsupported_cells(spec)
     for device in devices or ():
         device_for(spec.base.replace(device=device))
+    devices = [_device_name(d) for d in devices] if devices else devices
     with FolderLock(folder):
         done, retried = _open_folder(folder, spec, restart)
         finished = [c for c in configs if c.run_id in done]

@@ -6,7 +6,7 @@ import pytest
 
 from analysis.figures import mean_curves
 from analysis.report import build_report, load_histories, shared_device_lines, timing_table
-from analysis.summary import full_minus_fo, summarize
+from analysis.summary import full_minus_fo, load_runs, summarize
 from phase12.schema import RUN_COLUMNS
 
 
@@ -84,6 +84,17 @@ def test_step_times_of_a_shared_device_are_flagged_and_not_compared_with_the_see
     assert t.loc[("triton_fused", "FULL", 20), "speed-up vs seed"] > 0
     (line, _) = shared_device_lines(summary)
     assert line.startswith("6 of 12 cells were timed on a device that up to 2 sweep runners")
+
+
+def test_runs_of_older_versions_have_no_runner_count_and_keep_their_speed_up(tmp_path):
+    runs = hand_made_runs().drop(columns="device_runners")
+    runs["inner_steps"] = runs["inner_steps"].replace(5, 20)
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    summary = summarize(load_runs(tmp_path))
+    t = timing_table(summary).set_index(["backend", "mode", "k"])
+    assert set(t["runners on device"]) == {""}
+    assert t.loc[("reference", "FULL", 20), "speed-up vs seed"] > 0
+    assert shared_device_lines(summary) == []
 
 
 def test_full_minus_fo_pairs_seeds():

@@ -56,10 +56,22 @@ def test_each_regime_says_whether_full_works_and_what_it_gains():
 def test_step_times_from_a_shared_device_are_not_compared_with_float32():
     shared = runs()
     shared.loc[shared["dtype"] == "bfloat16", "device_runners"] = 2
+    shared.loc[shared["dtype"] == "float16", "device_runners"] = float("nan")  # never ran
     table = robustness_table(shared).set_index("precision")
     assert table.loc["bfloat16", "step ms"] == "3.00 (device shared by 2 runners)"
+    assert table.loc["autocast_bfloat16", "step ms"] == "3.00 (1.50x fp32)"  # not shared
     assert table.loc["float16", "step ms"] == "n/a"  # no OK run, as before
     assert table.loc["bfloat16", "peak MiB"] == "1.00 (1.00x fp32)"  # memory is per process
+
+    float32_shared = runs()
+    float32_shared.loc[float32_shared["dtype"] == "float32", "device_runners"] = 2
+    table = robustness_table(float32_shared).set_index("precision")
+    assert table.loc["bfloat16", "step ms"] == "3.00 (fp32 timed on a shared device)"
+
+    fo_shared = runs()
+    fo_shared.loc[fo_shared["mode"] != "FULL", "device_runners"] = 3  # FULL's times are its own
+    table = robustness_table(fo_shared).set_index("precision")
+    assert table.loc["bfloat16", "step ms"] == "3.00 (1.50x fp32)"
 
 
 def test_findings_name_where_full_works_and_where_its_gain_holds():

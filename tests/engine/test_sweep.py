@@ -81,11 +81,14 @@ def test_two_workers_write_a_complete_csv(tmp_path):
 
 
 def test_runners_per_device_counts_every_name_of_a_device(monkeypatch):
-    from phase12.sweep import _runners_per_device
+    from phase12.sweep import _device_name, _runners_per_device
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    devices = ["cpu", "cuda:0", "cuda", "cuda:1", "cpu:0", "cuda:2"]
-    assert _runners_per_device(devices) == [2, 1, 2, 2, 2, 1]
+    names = [_device_name(d) for d in ["cpu", "cuda:0", "cuda", "cuda:1", "cpu:0", "cuda:2"]]
+    assert names[2] == "cuda:1"  # torch.cuda.set_device needs the index
+    assert _runners_per_device(names) == [2, 1, 2, 2, 2, 1]
 
 
 def test_failing_cell_is_recorded_and_sweep_goes_on(tmp_path, monkeypatch):
@@ -158,6 +161,24 @@ def test_groups_are_recorded_as_failed_when_every_runner_is_gone(monkeypatch):
         for result, metadata in results:
             assert result.status == "ERROR" and "has exited" in result.row["error"]
             assert metadata["device"] == "cpu"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_group_whose_runner_dies_is_failed_with_the_runners_of_its_device(monkeypatch):
+    def dies_mid_group(runner, device, device_runners, tasks, results, keep_going=None):
+        index, _ = tasks.get()
+        results.put(("start", index, runner))
+        raise RuntimeError("device lost")  # the serving thread; the worker process serves on
+
+    monkeypatch.setattr(sweep_module, "_serve", dies_mid_group)
+    groups = [[c] for c in SPEC.configs()[:3]]
+    finished = dict(
+        (group[0].run_id, results)
+        for group, results in sweep_module._run_groups_on_workers(groups, ["cpu", "cpu"])
+    )
+    (died,) = [r for results in finished.values() for r, _ in results if r.status == "ERROR"]
+    assert "died" in died.row["error"] and died.row["device_runners"] == 2
+    assert len(finished) == 3
 
 
 def test_unsupported_cells_are_checked_again_on_resume_and_counted_once(tmp_path, monkeypatch):
