@@ -8,11 +8,10 @@ A cell is DTYPE:N:D:FAMILY (N = M, B*H = 32, no mask). For each cell, the tile i
 (`kernels.launch.launch_config`) and every candidate tile (block_n x block_m, warps,
 stages; the structure, `atomic_rows`, stays the one in use unless `--both-structures`,
 which tries the tile in use and every candidate in both structures of the backward
-families) are handed to the family's
-launcher (its `tile` argument) and the launch is timed alone (median of
-`triton.testing.do_bench`): the forward kernel for `fwd`, the backward kernels for
-`bwd`, the double-backward kernels for `dbwd`. A candidate
-that does not fit (shared memory, registers) is recorded with its error. Prints, per
+families) are handed to the family's launcher (its `tile` argument) and the launch is
+timed alone (median of `triton.testing.do_bench`): the forward kernel for `fwd`, the
+backward kernels for `bwd`, the double-backward kernels for `dbwd`. A candidate that
+does not fit (shared memory, registers) is recorded with its error. Prints, per
 cell, the tile in use and the best three; writes every measurement to tiles.csv (after
 each cell, so an interrupted sweep keeps its finished cells). `--candidates`
 (BNxBMxWARPSxSTAGES) replaces the list of CANDIDATES, e.g. to fit a slow cell (float32

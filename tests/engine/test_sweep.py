@@ -172,10 +172,10 @@ def test_a_group_whose_runner_dies_is_failed_with_the_runners_of_its_device(monk
 
     monkeypatch.setattr(sweep_module, "_serve", dies_mid_group)
     groups = [[c] for c in SPEC.configs()[:3]]
-    finished = dict(
-        (group[0].run_id, results)
+    finished = {
+        group[0].run_id: results
         for group, results in sweep_module._run_groups_on_workers(groups, ["cpu", "cpu"])
-    )
+    }
     (died,) = [r for results in finished.values() for r, _ in results if r.status == "ERROR"]
     assert "died" in died.row["error"] and died.row["device_runners"] == 2
     assert len(finished) == 3
