@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from phase12.schema import RUNS_CSV
+from phase12.schema import RUNS_CSV, SETTING_COLUMNS
 
 CELL = ["backend", "mode", "inner_steps"]
 SUMMARY_METRICS = [
@@ -42,6 +42,7 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
     if runs["run_id"].duplicated().any():
         twice = ", ".join(sorted(runs.loc[runs["run_id"].duplicated(), "run_id"].unique())[:3])
         raise ValueError(f"{path} holds runs more than once ({twice}); keep one row each")
+    _check_values(runs, path)
     # A curvature ablation of FULL is a policy of its own: in the tables and figures it
     # stands where a mode stands (runs.csv of older versions have no ablation column).
     if "ablation" not in runs:
@@ -55,6 +56,30 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
             runs[["attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v"]] ** 2
         ).sum(axis=1) ** 0.5
     return runs
+
+
+def _check_values(runs: pd.DataFrame, path: Path) -> None:
+    """ValueError, naming the file and the column, for a runs.csv the analysis would
+    misread: a column it needs missing, text in a numeric column, or rows of several
+    settings (SETTING_COLUMNS), which it would average together as seeds of one cell."""
+    numeric = ["inner_steps", "seed", *SETTING_COLUMNS]
+    missing = [c for c in [*CELL, *numeric, "final_acc", "final_loss"] if c not in runs]
+    if missing:
+        raise ValueError(
+            f"{path} has no {', '.join(missing)} column; it is not a runs.csv of a run"
+        )
+    for column in numeric + [m for m in SUMMARY_METRICS if m in runs]:
+        if not pd.api.types.is_numeric_dtype(runs[column]):
+            raise ValueError(
+                f"{path} has text in its numeric column {column}; fix or drop that row"
+            )
+    for column in SETTING_COLUMNS:
+        values = runs[column].dropna().unique()
+        if len(values) > 1:
+            raise ValueError(
+                f"{path} holds runs of several {column} ({', '.join(map(str, sorted(values)))}); "
+                "keep one setting a folder"
+            )
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:

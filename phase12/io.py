@@ -38,6 +38,8 @@ from phase12.schema import (
     HISTORY_SUFFIX,
     RUN_COLUMNS,
     RUNS_CSV,
+    SETTING_COLUMNS,
+    STATUSES,
     RunResult,
 )
 
@@ -176,6 +178,18 @@ def read_rows(path: str | Path) -> list[dict]:
         )
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
+    for number, row in enumerate(rows, start=1):
+        # A short row reads None in its missing fields, a long one gets a None key.
+        if (
+            None in row
+            or None in row.values()
+            or not row["run_id"]
+            or row["status"] not in STATUSES
+        ):
+            raise ValueError(
+                f"row {number} of {path} is not a row this program wrote (fields missing or "
+                "extra, no run_id, or an unknown status); delete it to run that cell again"
+            )
     ids = [r["run_id"] for r in rows]
     if len(set(ids)) != len(ids):
         twice = sorted({i for i in ids if ids.count(i) > 1})
@@ -183,6 +197,21 @@ def read_rows(path: str | Path) -> list[dict]:
             f"{path} holds runs more than once ({', '.join(twice[:3])}); keep one row each"
         )
     return rows
+
+
+def other_settings(rows: list[Mapping], config) -> str | None:
+    """How the first row of `rows` (read_rows) whose settings (SETTING_COLUMNS) differ
+    from RunConfig `config`'s differs, e.g. "outer_steps 3 there, 2 now"; None if none
+    does."""
+    for row in rows:
+        changed = [
+            f"{c} {row[c]} there, {getattr(config, c)} now"
+            for c in SETTING_COLUMNS
+            if row[c] != "" and float(row[c]) != float(getattr(config, c))
+        ]
+        if changed:
+            return "; ".join(changed)
+    return None
 
 
 def rewrite_rows(path: str | Path, rows: list[Mapping], columns: list[str] = RUN_COLUMNS) -> None:

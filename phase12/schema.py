@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 STATUS_OK, STATUS_NONFINITE, STATUS_ERROR = "OK", "NONFINITE", "ERROR"
 STATUS_UNSUPPORTED = "UNSUPPORTED"  # not run: beyond its backend's limits (phase12.sweep)
+STATUSES = (STATUS_OK, STATUS_NONFINITE, STATUS_ERROR, STATUS_UNSUPPORTED)
 
 # Per outer step, per seed: written by the outer step into its history tensor.
 METRICS = ("loss", "acc", "attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v")
@@ -91,6 +92,9 @@ SEED_COLUMNS = [
     "error",
     "convergence_delta",
 ]
+# Settings every run of one folder shares (the grid axes aside): rows that differ in one
+# would be averaged together by the analysis as if they were seeds of one cell.
+SETTING_COLUMNS = ("meta_batch", "outer_lr", "outer_steps", "inner_lr")
 RUN_COLUMNS = SEED_COLUMNS + [
     "run_id",
     "dim",

@@ -59,6 +59,7 @@ from phase12.config import ConfigError, Mode, RunConfig, resolve_device
 from phase12.io import (
     FolderLock,
     append_row,
+    other_settings,
     read_rows,
     repair_torn_tail,
     rewrite_rows,
@@ -332,7 +333,16 @@ def _open_folder(folder: Path, spec: SweepSpec, restart: bool) -> tuple[set[str]
             )
     runs_csv = folder / RUNS_CSV
     repair_torn_tail(runs_csv)
-    rows = read_rows(runs_csv)
+    try:
+        rows = read_rows(runs_csv)
+    except ValueError as e:  # a damaged runs.csv: before any work, like other bad input
+        raise ConfigError(str(e)) from e
+    changed = other_settings(rows, spec.base)  # also where no sweep.json says what they are
+    if changed:
+        raise ConfigError(
+            f"{folder} holds runs with other settings ({changed}); use a new tag, or "
+            "restart the sweep, which moves the old results aside"
+        )
     grid = {c.run_id for c in spec.configs()}
     errors = [r for r in rows if r["status"] == STATUS_ERROR and r["run_id"] in grid]
     recheck = [r for r in rows if r["status"] == STATUS_UNSUPPORTED and r["run_id"] in grid]

@@ -105,6 +105,8 @@ def bench_step(argv: list[str]) -> int:
         for k in args.k:
             base.replace(inner_steps=k)
         cuda = device_for(base).type == "cuda"
+        if "graph" in (args.execution or ()) and not cuda:
+            raise ConfigError("--execution graph replays CUDA graphs; it needs --device cuda")
         if args.breakdown and not cuda:
             raise ConfigError("--breakdown profiles GPU kernels; it needs --device cuda")
         if args.breakdown and args.execution and set(args.execution) != {"eager", "graph"}:

@@ -25,7 +25,14 @@ from phase12.cli.parsing import (
 )
 from phase12.config import ConfigError
 from phase12.distributed import init_world, local_device
-from phase12.io import FolderBusy, FolderLock, read_rows, repair_torn_tail, save_run
+from phase12.io import (
+    FolderBusy,
+    FolderLock,
+    other_settings,
+    read_rows,
+    repair_torn_tail,
+    save_run,
+)
 from phase12.provenance import run_metadata
 from phase12.schema import RUNS_CSV, STATUS_NONFINITE, STATUS_OK, RunResult
 from phase12.train import run_experiment
@@ -148,8 +155,14 @@ def _check_new_run(out: Path, config) -> None:
     """With the folder locked: its runs.csv made whole (a torn last line moved aside)
     and without this run yet. Raises ConfigError."""
     repair_torn_tail(out / RUNS_CSV)
-    if config.run_id in {r["run_id"] for r in read_rows(out / RUNS_CSV)}:
+    rows = read_rows(out / RUNS_CSV)
+    if config.run_id in {r["run_id"] for r in rows}:
         raise ConfigError(f"--out {out} already holds run {config.run_id}; use another folder")
+    changed = other_settings(rows, config)
+    if changed:
+        raise ConfigError(
+            f"--out {out} holds runs with other settings ({changed}); use another folder"
+        )
 
 
 def _train(config, device, progress: bool) -> RunResult:

@@ -97,6 +97,25 @@ def test_runs_of_older_versions_have_no_runner_count_and_keep_their_speed_up(tmp
     assert shared_device_lines(summary) == []
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda r: r.drop(columns="final_acc"), "has no final_acc column"),
+        (
+            lambda r: r.assign(inner_steps=["abc"] + list(r["inner_steps"][1:])),
+            "column inner_steps",
+        ),
+        (lambda r: r.assign(final_acc=["x"] + list(r["final_acc"][1:])), "column final_acc"),
+        (lambda r: r.assign(outer_steps=[999] + list(r["outer_steps"][1:])), "several outer_steps"),
+        (lambda r: r.assign(outer_lr=[1.0] + list(r["outer_lr"][1:])), "several outer_lr"),
+    ],
+)
+def test_a_runs_csv_the_analysis_would_misread_is_refused(tmp_path, damage, message):
+    damage(hand_made_runs()).to_csv(tmp_path / "runs.csv", index=False)
+    with pytest.raises(ValueError, match=message):
+        load_runs(tmp_path)
+
+
 def test_full_minus_fo_pairs_seeds():
     g = full_minus_fo(hand_made_runs()).set_index(["backend", "inner_steps"])
     k1 = g.loc[("reference", 1)]

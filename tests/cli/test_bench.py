@@ -84,6 +84,10 @@ def test_bench_step_refuses_bad_grids_before_any_work(tmp_path, capsys):
     assert "invalid choice 'fast'" in capsys.readouterr().err
     assert exit_code("bench", "step", "--breakdown", *out) == 2
     assert "--breakdown profiles GPU kernels; it needs --device cuda" in capsys.readouterr().err
+    assert exit_code("bench", "step", "--execution", "eager,graph", *out) == 2
+    assert (
+        "--execution graph replays CUDA graphs; it needs --device cuda" in capsys.readouterr().err
+    )
     assert not (tmp_path / "b").exists()
 
 

@@ -254,6 +254,36 @@ def test_a_single_run_does_not_write_into_a_sweep_or_repeat_a_run(tmp_path, caps
     assert len(pd.read_csv(runs_csv)) == 2 and "partial line" in capsys.readouterr().err
 
 
+def test_runs_of_other_settings_are_refused_where_no_sweep_record_says_so(tmp_path, capsys):
+    folder = tmp_path / "t"
+    run = ["--k", "1", *SIZES, "--out", str(folder)]
+    assert exit_code(*run, "--outer-steps", "3") == 0  # a single run's folder: no sweep.json
+    capsys.readouterr()
+    assert exit_code(*run, "--outer-steps", "2", "--seed", "1") == 2
+    assert "outer_steps 3 there, 2 now" in one_error_line(capsys)
+    assert sweep(tmp_path, "--outer-steps", "2") == 2
+    assert "holds runs with other settings (outer_steps 3 there, 2 now)" in one_error_line(capsys)
+    assert list(rows(tmp_path)["outer_steps"]) == [3]  # untouched
+    assert sweep(tmp_path) == 0 and set(rows(tmp_path)["outer_steps"]) == {3}  # same settings
+
+
+def test_a_damaged_runs_csv_stops_a_resumed_sweep_before_any_work(tmp_path, capsys):
+    assert sweep(tmp_path) == 0
+    runs_csv = tmp_path / "t" / "runs.csv"
+    header, first, second = runs_csv.read_text().splitlines(keepends=True)
+    damaged = {
+        "holds runs more than once": header + first + first + second,
+        "row 2 of": header + first + "reference,FO,1\n",  # fields missing
+        "row 1 of": header + first.replace(",OK,", ",,", 1) + second,  # no status
+    }
+    for message, text in damaged.items():
+        runs_csv.write_text(text)
+        capsys.readouterr()
+        assert sweep(tmp_path) == 2
+        assert message in one_error_line(capsys)
+        assert runs_csv.read_text() == text  # nothing run, nothing written
+
+
 def test_error_rows_outside_the_grid_stay_and_restart_takes_an_older_folder(
     tmp_path, monkeypatch, capsys
 ):
