@@ -295,6 +295,58 @@ def settings(base: RunConfig) -> dict:
     return json.loads(json.dumps(fields))
 
 
+def _record(folder: Path) -> dict | None:
+    """The folder's sweep.json as {"settings": ..., "grid": ...} (None without one), or
+    ConfigError if it cannot be read."""
+    record = folder / "sweep.json"
+    if not record.exists():
+        return None
+    try:  # sweep.json of earlier versions: {"base": {...}, "modes": [...], ...}
+        old = json.loads(record.read_text())
+        before = old.get("settings") or settings(RunConfig(**old["base"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(
+            f"{record} is not a sweep record this program can read ({type(e).__name__}); "
+            "restart the sweep to move the folder's results aside"
+        ) from e
+    return {"settings": before, "grid": old.get("grid", {})}
+
+
+def _changed_settings(record: dict | None, base: RunConfig) -> str | None:
+    """How `base`'s settings differ from a sweep record's, e.g. "outer_steps 2 there, 3
+    now"; None if they do not (or there is no record)."""
+    if record is None:
+        return None
+    before = record["settings"]
+    changed = [
+        f"{k} {before.get(k)!r} there, {v!r} now"
+        for k, v in settings(base).items()
+        if before.get(k) != v
+    ]
+    return "; ".join(changed) or None
+
+
+def check_risk_folder(folder: Path, base: RunConfig) -> None:
+    """ConfigError if risk checks at `base` do not belong in `folder`: its sweep ran with
+    other settings, or at no point of `base`'s shape and precision."""
+    record = _record(folder)
+    changed = _changed_settings(record, base)
+    if changed:
+        raise ConfigError(
+            f"{folder} holds a sweep with other settings ({changed}); give the risk command "
+            "the sweep's settings, or another tag"
+        )
+    grid = (record or {}).get("grid", {})
+    for field_name in ("seq_len", "dim", "dtype"):
+        values = grid.get(AXES[field_name])
+        if values and getattr(base, field_name) not in values:
+            raise ConfigError(
+                f"{folder} holds a sweep of {AXES[field_name]} {', '.join(map(str, values))}, "
+                f"not {getattr(base, field_name)}; give the risk command the sweep's grid, "
+                "or another tag"
+            )
+
+
 def _open_folder(folder: Path, spec: SweepSpec, restart: bool) -> tuple[set[str], int]:
     """Make `folder` ready for `spec` (the caller holds its lock): refuse other settings
     unless `restart` (then move the old results aside), repair a torn runs.csv, move
@@ -312,25 +364,13 @@ def _open_folder(folder: Path, spec: SweepSpec, restart: bool) -> tuple[set[str]
             if p.name not in (".writer.lock", ".writer.json"):
                 p.rename(aside / p.name)
         print(f"moved the earlier results of {folder} to {aside}", file=sys.stderr)
-    old = None
-    if record.exists():
-        try:  # sweep.json of earlier versions: {"base": {...}, "modes": [...], ...}
-            old = json.loads(record.read_text())
-            before = old.get("settings") or settings(RunConfig(**old["base"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ConfigError(
-                f"{record} is not a sweep record this program can read ({type(e).__name__}); "
-                "restart the sweep to move the folder's results aside"
-            ) from e
-        now = settings(spec.base)
-        changed = [
-            f"{k} {before.get(k)!r} there, {v!r} now" for k, v in now.items() if before.get(k) != v
-        ]
-        if changed:
-            raise ConfigError(
-                f"{folder} holds results with other settings ({'; '.join(changed)}); use a "
-                "new tag, or restart the sweep, which moves the old results aside"
-            )
+    old = _record(folder)
+    changed = _changed_settings(old, spec.base)
+    if changed:
+        raise ConfigError(
+            f"{folder} holds results with other settings ({changed}); use a new tag, or "
+            "restart the sweep, which moves the old results aside"
+        )
     runs_csv = folder / RUNS_CSV
     repair_torn_tail(runs_csv)
     try:

@@ -26,7 +26,7 @@ from phase12.cli.parsing import (
 from phase12.config import MODES, ConfigError, RunConfig, resolve_device
 from phase12.io import FolderBusy, check_columns, write_atomic
 from phase12.schema import RISK_CSV, RUNS_CSV
-from phase12.sweep import SweepSpec, run_sweep, unsupported_cells
+from phase12.sweep import SweepSpec, check_risk_folder, run_sweep, unsupported_cells
 
 DESCRIPTIONS = {
     "sweep": "Run a resumable grid of modes x backends x k x seeds (x T x D x precisions) "
@@ -217,6 +217,7 @@ def main(name: str, argv: list[str]) -> int:
         if name == "report":
             return _report(args)  # a CSV it cannot read: ValueError, nothing written
         if name == "risk":
+            check_risk_folder(args.root / args.tag, spec.base)
             return _risk(args, spec)
         start = time.perf_counter()
         status = _sweep(args, spec)

@@ -267,6 +267,21 @@ def test_runs_of_other_settings_are_refused_where_no_sweep_record_says_so(tmp_pa
     assert sweep(tmp_path) == 0 and set(rows(tmp_path)["outer_steps"]) == {3}  # same settings
 
 
+def test_risk_checks_of_other_settings_or_shapes_stay_out_of_a_sweeps_folder(tmp_path, capsys):
+    assert sweep(tmp_path) == 0
+    risk = ["--no-gradgradcheck", "--backends", "reference"]
+    capsys.readouterr()
+    assert sweep(tmp_path, "--outer-steps", "2", *risk, command="risk") == 2
+    assert "holds a sweep with other settings (outer_steps 3 there, 2 now)" in one_error_line(
+        capsys
+    )
+    assert sweep(tmp_path, "--seq-len", "16", *risk, command="risk") == 2
+    assert "holds a sweep of seq_lens 8, not 16" in one_error_line(capsys)
+    assert not (tmp_path / "t" / "risk_checks.csv").exists()
+    assert sweep(tmp_path, *risk, command="risk") == 0
+    assert (tmp_path / "t" / "risk_checks.csv").exists()
+
+
 def test_a_damaged_runs_csv_stops_a_resumed_sweep_before_any_work(tmp_path, capsys):
     assert sweep(tmp_path) == 0
     runs_csv = tmp_path / "t" / "runs.csv"
