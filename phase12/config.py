@@ -277,6 +277,12 @@ def _check_fields(c: RunConfig) -> None:
         value = getattr(c, name)
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{name} must be a positive finite number; got {value}", name)
+        if c.dtype in DTYPES and value > torch.finfo(c.torch_dtype).max:
+            raise ConfigError(
+                f"{name} {value} is beyond the largest {c.dtype} number, which the step "
+                "multiplies it into; use a smaller rate",
+                name,
+            )
     if not (c.noise_std >= 0 and math.isfinite(c.noise_std)):
         raise ConfigError(f"noise_std must be a finite number >= 0; got {c.noise_std}", "noise_std")
     if c.seq_len < 2:

@@ -186,11 +186,14 @@ def step_cells(
     ]
 
 
+SCALING_FIELDS = {"k": "inner_steps", "meta_batch": "meta_batch", "seq_len": "seq_len"}
+
+
 def scaling_cells(base: RunConfig, backends, execution: str, axes: dict[str, list[int]]) -> list:
-    """How cost grows: FULL and FO_STRICT with one of k, meta-batch, T varied at a time."""
-    field = {"k": "inner_steps", "meta_batch": "meta_batch", "seq_len": "seq_len"}
+    """How cost grows: FULL and FO_STRICT with one of k, meta-batch, T (SCALING_FIELDS'
+    keys) varied at a time."""
     return [
-        (base.replace(backend=b, mode=m, **{field[axis]: v}), execution)
+        (base.replace(backend=b, mode=m, **{SCALING_FIELDS[axis]: v}), execution)
         for axis, values in axes.items()
         for v in values
         for b in backends

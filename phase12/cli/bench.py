@@ -91,7 +91,13 @@ def _step_parser() -> ArgumentParser:
 
 
 def bench_step(argv: list[str]) -> int:
-    from phase12.benchmarks.step import breakdown, measure, scaling_cells, step_cells
+    from phase12.benchmarks.step import (
+        SCALING_FIELDS,
+        breakdown,
+        measure,
+        scaling_cells,
+        step_cells,
+    )
 
     p = _step_parser()
     args = p.parse_args(argv)
@@ -111,6 +117,18 @@ def bench_step(argv: list[str]) -> int:
             raise ConfigError("--breakdown profiles GPU kernels; it needs --device cuda")
         if args.breakdown and args.execution and set(args.execution) != {"eager", "graph"}:
             raise ConfigError("--breakdown times every cell eager and in a graph; drop --execution")
+        scaling = []
+        if args.scaling:  # checked here, not after the main table has run
+            axes = {"k": args.scaling_k, "meta_batch": args.scaling_meta_batch}
+            axes["seq_len"] = args.scaling_seq_len
+            for axis, values in axes.items():
+                for v in values:
+                    try:
+                        device_for(base.replace(**{SCALING_FIELDS[axis]: v}))
+                    except ConfigError as e:
+                        flag = f"--scaling-{axis.replace('_', '-')}"
+                        raise ConfigError(f"{flag} {v}: {e}") from e
+            scaling = scaling_cells(base, args.backends, "graph" if cuda else "eager", axes)
     except ConfigError as e:
         return p.bad_input(e)
     executions = args.execution or (("eager", "graph") if cuda else ("eager",))
@@ -128,10 +146,7 @@ def bench_step(argv: list[str]) -> int:
     if args.scaling:
         from analysis.figures import scaling_plot
 
-        axes = {"k": args.scaling_k, "meta_batch": args.scaling_meta_batch}
-        axes["seq_len"] = args.scaling_seq_len
-        cells = scaling_cells(base, args.backends, "graph" if cuda else "eager", axes)
-        scaling = measure(cells, args.warmup, args.reps)
+        scaling = measure(scaling, args.warmup, args.reps)
         scaling.to_csv(args.out / "scaling.csv", index=False)
         at = {"k": base.inner_steps, "meta_batch": base.meta_batch, "seq_len": base.seq_len}
         scaling_plot(scaling, at, args.out / "scaling.png")
