@@ -357,6 +357,7 @@ def build_report(folder: str | Path) -> Path:
         return build_map_report(folder, runs)
     summary = summarize(runs)
     gaps = full_minus_fo(runs)
+    histories = load_histories(folder, runs)  # may refuse: before anything is written
     summary.to_csv(folder / "summary.csv", index=False)
     gaps.to_csv(folder / "full_minus_fo.csv", index=False)
 
@@ -377,7 +378,6 @@ def build_report(folder: str | Path) -> Path:
         ]
     if not gaps.empty:
         figures.append(full_minus_fo_gap(gaps, figdir / "full_minus_fo_gap.png"))
-    histories = load_histories(folder, runs)
     if len(histories):
         figures.append(training_curves(histories, figdir / "training_curves.png"))
     ablated = (runs["ablation"] != "none").any() and (runs["status"] == "OK").any()

@@ -206,6 +206,10 @@ def test_an_ok_run_without_a_history_is_named_not_left_out_of_the_curves(tmp_pat
         )
     with pytest.raises(ValueError, match=f"1 OK run.*{ok.run_id.iloc[0]}.csv.gz"):
         load_histories(tmp_path, runs)
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    with pytest.raises(ValueError, match="1 OK run"):
+        build_report(tmp_path)  # refused before anything is written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history", "runs.csv"]
 
 
 def test_a_compressed_history_wins_over_a_plain_one_of_the_same_run(tmp_path):
