@@ -6,6 +6,7 @@ analysis package's. Each benchmark's flags are listed by `run.py bench NAME --he
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -281,6 +282,17 @@ def _distributed_parser() -> ArgumentParser:
     return p
 
 
+def _checked(base: RunConfig, prefix: str, **fields) -> None:
+    """base.replace(**fields), its ConfigError named by the benchmark's flag (--k for
+    inner_steps, with `prefix` 'sweep-' the sweep's flags)."""
+    try:
+        base.replace(**fields)
+    except ConfigError as e:
+        lists = {"mode": "modes", "seed": "seeds"} if prefix else {}
+        flag = {"inner_steps": "k", **lists}.get(e.field, e.field)
+        raise ConfigError(f"--{prefix}{str(flag).replace('_', '-')}: {e}") from e
+
+
 def bench_distributed(argv: list[str]) -> int:
     import pandas as pd
 
@@ -305,6 +317,17 @@ def bench_distributed(argv: list[str]) -> int:
                 f"--processes {args.processes} needs as many GPUs; "
                 f"{torch.cuda.device_count()} visible"
             )
+        # Every run the benchmark launches, checked here rather than in a child process.
+        base = RunConfig(device=args.device)
+        for meta_batch in args.meta_batch:
+            _checked(base, "", mode=args.mode, inner_steps=args.k, outer_steps=args.outer_steps,
+                     meta_batch=meta_batch)  # fmt: skip
+        if not args.no_sweep:
+            for k, mode, seed in itertools.product(
+                args.sweep_k, args.sweep_modes, args.sweep_seeds
+            ):
+                _checked(base, "sweep-", mode=mode, inner_steps=k, seed=seed,
+                         outer_steps=args.sweep_outer_steps)  # fmt: skip
         for meta_batch in args.meta_batch:
             if meta_batch % args.processes:
                 raise ConfigError(

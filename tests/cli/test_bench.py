@@ -123,6 +123,13 @@ def test_distributed_benchmark_refuses_bad_input(capsys):
     assert "does not divide over 2 processes" in capsys.readouterr().err
     assert exit_code("bench", "distributed", "--device", "cpu", "--backends", "flash") == 2
     assert "invalid choice 'flash'" in capsys.readouterr().err
+    for flags, message in [
+        (["--k", "-1"], "--k: inner_steps must be >= 0"),
+        (["--sweep-outer-steps", "0"], "--sweep-outer-steps: outer_steps must be positive"),
+        (["--sweep-seeds", "-1"], "--sweep-seeds: seed must be in 0..2**62"),
+    ]:
+        assert exit_code("bench", "distributed", "--device", "cpu", *flags) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_bench_step_times_the_maps_shapes_and_precisions(tmp_path, capsys):
