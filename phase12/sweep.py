@@ -217,6 +217,15 @@ def _worker(runner: int, device: str, device_runners: int, parent: int, tasks, r
         pass
 
 
+RUNNER_THREAD = "sweep runner 0"
+
+
+def runner_thread_alive() -> bool:
+    """Whether the runner thread of a sweep (_run_groups_on_workers) is still running,
+    e.g. inside torch after Ctrl-C reached the main thread."""
+    return any(t.name == RUNNER_THREAD and t.is_alive() for t in threading.enumerate())
+
+
 def _run_groups_on_workers(groups: list[list[RunConfig]], devices: Sequence[str]):
     """Yield (group, [(result, metadata)]) as the devices finish groups.
 
@@ -237,7 +246,10 @@ def _run_groups_on_workers(groups: list[list[RunConfig]], devices: Sequence[str]
     sharing = _runners_per_device(devices)
     runners = [
         threading.Thread(
-            target=_serve, args=(0, devices[0], sharing[0], tasks, results), daemon=True
+            target=_serve,
+            args=(0, devices[0], sharing[0], tasks, results),
+            name=RUNNER_THREAD,
+            daemon=True,
         )
     ]
     runners += [

@@ -13,6 +13,7 @@ Run flags are generated from RunConfig's fields (phase12.config). Bad input ends
 
 from __future__ import annotations
 
+import os
 import sys
 
 SUBCOMMANDS = ("sweep", "risk", "report", "pipeline", "bench")
@@ -41,4 +42,11 @@ def main(argv: list[str] | None = None) -> int:
             "interrupted: finished runs are saved; a sweep resumes when run again with its --tag",
             file=sys.stderr,
         )
+        sweep = sys.modules.get("phase12.sweep")
+        if sweep is not None and sweep.runner_thread_alive():
+            # Its group is lost either way; finalizing the interpreter while that thread
+            # is inside torch aborts the process (SIGABRT instead of this exit code).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED

@@ -4,6 +4,10 @@ work, Ctrl-C, and the defaults of a CPU machine."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
@@ -228,6 +232,26 @@ def test_ctrl_c_keeps_a_sweeps_finished_rows_and_the_csv_valid(tmp_path, monkeyp
     assert list(rows(tmp_path)["run_id"]) == ["reference_FULL_k1_seed0_T8"]
     monkeypatch.setattr(sweep_module, "run_experiments", real)
     assert sweep(tmp_path) == 0 and len(rows(tmp_path)) == 2  # resumes
+
+
+def test_ctrl_c_during_a_sweep_with_a_runner_thread_and_a_worker_exits_130(tmp_path):
+    """A real SIGINT to the process group, as Ctrl-C sends, while the runner thread of
+    this process is inside torch (finalizing under it used to abort: SIGABRT)."""
+    grid = ["--modes", "FULL", "--k", "1,2", "--seeds", "0,1", "--outer-steps", "100000"]
+    command = [sys.executable, "-m", "phase12", "sweep", "--root", str(tmp_path), "--tag", "t"]
+    command += [*grid, "--meta-batch", "2", "--seq-len", "8", "--devices", "cpu,cpu"]
+    sweep = subprocess.Popen(
+        [*command, "--no-progress"],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(10)  # both runners inside their first group
+    os.killpg(sweep.pid, signal.SIGINT)
+    out, _ = sweep.communicate(timeout=60)
+    assert sweep.returncode == 130, out
+    assert "interrupted: finished runs are saved" in out and "terminate called" not in out
 
 
 def test_sweep_and_pipeline_default_to_what_runs_on_a_cpu(tmp_path, capsys, monkeypatch):
