@@ -26,10 +26,6 @@ class World:
     rank: int = 0
     size: int = 1
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def task_slice(self, meta_batch: int) -> slice:
         """This rank's contiguous share of a meta-batch (which must divide evenly)."""
         share = meta_batch // self.size

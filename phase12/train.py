@@ -6,11 +6,11 @@
 
 `run_experiments` trains several seeds of one configuration as one seed-batched
 computation. The outer step (phase12.step.OuterStep: the meta-batch, the k inner steps,
-the meta-gradient and Adam) is replayed from one CUDA graph per run on CUDA unless
-cuda_graph is 'off'. Per-step metrics stay on the device in one preallocated tensor
-and are read back in bulk every `check_every` steps, which is also when a non-finite
-loss or gradient is detected: the run then stops with status NONFINITE and the first
-bad step.
+the meta-gradient and Adam) is replayed from one CUDA graph per seed group (its seeds
+share it) on CUDA unless cuda_graph is 'off'. Per-step metrics stay on the device in one
+preallocated tensor and are read back in bulk every `check_every` steps, which is also
+when a non-finite loss or gradient is detected: the run then stops with status NONFINITE
+and the first bad step.
 """
 
 from __future__ import annotations

@@ -64,8 +64,9 @@ def parser() -> ArgumentParser:
 
 def summary_text(result: RunResult, window: int) -> str:
     """The few lines printed at the end of a run, in words a newcomer can read; `window`
-    is the number of outer steps the final metrics average."""
+    is the number of outer steps the final metrics average (fewer where fewer ran)."""
     r = result.row
+    window = min(window, len(result.history.get("step", ()))) or window  # a run cut short
     lines = [f"{r['run_id']}: status {r['status']}" + (f" ({r['error']})" if r["error"] else "")]
     if r.get("final_acc") is not None:
         lines.append(

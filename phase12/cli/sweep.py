@@ -32,7 +32,8 @@ DESCRIPTIONS = {
     "sweep": "Run a resumable grid of modes x backends x k x seeds (x T x D x precisions) "
     "into ROOT/TAG.",
     "risk": "Write ROOT/TAG/risk_checks.csv (the grid flags give the model setting).",
-    "report": "Rebuild summary.csv, figures/ and report.md of a sweep from its CSVs.",
+    "report": "Rebuild summary.csv, full_minus_fo.csv (robustness.csv for a map over shapes "
+    "and precisions), figures/ and report.md of a sweep from its CSVs.",
     "pipeline": "sweep, then risk checks, then the report, into ROOT/TAG.",
 }
 GRID_DEFAULTS = {

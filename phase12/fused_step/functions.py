@@ -34,10 +34,10 @@ from __future__ import annotations
 import torch
 
 from kernels.common import vmapped_to_front
+from phase12.config import PARAMS as PARAM_NAMES  # the kernels' argument order
 from phase12.fused_step.launch import support_hvp, support_loss_and_grad, support_step
 from phase12.model import Params, loss
 
-PARAM_NAMES = ("Wq", "Wk", "Wv", "Wc", "bc")
 NUM_PARAMS = len(PARAM_NAMES)
 
 

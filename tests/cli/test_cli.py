@@ -60,6 +60,7 @@ def test_single_run_json_and_outputs(tmp_path, capsys):
     row = json.loads(stdout[-1])
     assert row["status"] == "OK" and row["mode"] == "FO_STRICT" and row["inner_steps"] == 2
     assert "query accuracy" in "\n".join(stdout[:-1])
+    assert "means over the last 3 outer steps" in "\n".join(stdout[:-1])  # 3 ran, not 20
 
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 1 and runs.loc[0, "run_id"] == "reference_FO_STRICT_k2_seed0"
