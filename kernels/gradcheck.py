@@ -5,10 +5,10 @@
 
 `check(device)` runs torch.autograd.gradcheck and gradgradcheck of `fused_attention`
 (causal and not, shapes with uneven N, M, D, Dv; N = 1 too, the one-query kernels the
-Phase 12 model runs) on the kernels of `device`: the
-compiled kernels on CUDA, Triton's interpreter on the CPU (TRITON_INTERPRET=1 must be
-set before Triton is first imported, so a CUDA process checks its compiled kernels and
-the CPU check runs in a process of its own).
+Phase 12 model runs) on the kernels of `device`: the compiled kernels on CUDA, Triton's
+interpreter on the CPU (TRITON_INTERPRET=1 must be set before Triton is first imported,
+so a CUDA process checks its compiled kernels and the CPU check runs in a process of its
+own).
 """
 
 from __future__ import annotations

@@ -288,9 +288,11 @@ def _checked(base: RunConfig, prefix: str, **fields) -> None:
     try:
         base.replace(**fields)
     except ConfigError as e:
+        if e.field is None:  # not one field's fault: the message says what is
+            raise
         lists = {"mode": "modes", "seed": "seeds"} if prefix else {}
         flag = {"inner_steps": "k", **lists}.get(e.field, e.field)
-        raise ConfigError(f"--{prefix}{str(flag).replace('_', '-')}: {e}") from e
+        raise ConfigError(f"--{prefix}{flag.replace('_', '-')}: {e}") from e
 
 
 def bench_distributed(argv: list[str]) -> int:
@@ -320,14 +322,14 @@ def bench_distributed(argv: list[str]) -> int:
         # Every run the benchmark launches, checked here rather than in a child process.
         base = RunConfig(device=args.device)
         for meta_batch in args.meta_batch:
-            _checked(base, "", mode=args.mode, inner_steps=args.k, outer_steps=args.outer_steps,
-                     meta_batch=meta_batch)  # fmt: skip
+            run = dict(mode=args.mode, inner_steps=args.k, outer_steps=args.outer_steps)
+            _checked(base, "", meta_batch=meta_batch, **run)
         if not args.no_sweep:
             for k, mode, seed in itertools.product(
                 args.sweep_k, args.sweep_modes, args.sweep_seeds
             ):
-                _checked(base, "sweep-", mode=mode, inner_steps=k, seed=seed,
-                         outer_steps=args.sweep_outer_steps)  # fmt: skip
+                run = dict(mode=mode, inner_steps=k, seed=seed, outer_steps=args.sweep_outer_steps)
+                _checked(base, "sweep-", **run)
         for meta_batch in args.meta_batch:
             if meta_batch % args.processes:
                 raise ConfigError(
