@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import BackendUnavailable, check_backend
-from phase12.config import PARAMS, ConfigError, Curvature, RunConfig, resolve_device
+from phase12.config import PARAMS, ConfigError, Curvature, Mode, RunConfig, resolve_device
 from phase12.model import Params, apply, cross_entropy, loss
 
 _support_grad = torch.func.grad(
@@ -183,20 +183,26 @@ def device_for(config: RunConfig) -> torch.device:
 
 
 def _check_memory(config: RunConfig, device: torch.device) -> None:
-    """Refuse sizes whose inputs alone cannot fit (a lower bound, not an estimate): one
-    meta-batch of task tensors on the device, the per-step history on the host."""
+    """Refuse sizes whose inputs alone cannot fit (a lower bound, not an estimate): on the
+    device, one meta-batch of task tensors and the parameters' copies every run holds
+    (the meta-parameters, their gradient and Adam's two moments; each task's adapted
+    parameters, which FULL keeps for every inner step); the per-step history on the host."""
     itemsize = config.torch_dtype.itemsize
     examples = config.meta_batch * (config.shots + config.queries)
     tasks = examples * config.seq_len * config.dim * itemsize
+    d, c = config.dim, config.num_classes
+    copies = 4 + config.meta_batch * (config.inner_steps if config.mode == Mode.FULL else 1)
+    params = copies * (3 * d * d + c * d + c) * itemsize
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if tasks > memory:
+    if tasks + params > memory:
         raise ConfigError(
-            f"meta_batch {config.meta_batch} needs {tasks / 2**30:.0f} GiB for one meta-batch "
-            f"of task tensors alone; the {device.type} has {memory / 2**30:.0f} GiB",
-            "meta_batch",
+            f"this run needs at least {(tasks + params) / 2**30:.0f} GiB on the {device.type} "
+            f"({tasks / 2**30:.0f} GiB of task tensors, {params / 2**30:.0f} GiB for {copies} "
+            f"copies of the parameters), which has {memory / 2**30:.0f} GiB: make meta_batch, "
+            "dim, num_classes, seq_len or k smaller"
         )
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     history = config.outer_steps * 5 * 8 * 2  # device history and its float64 host copy

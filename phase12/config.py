@@ -285,6 +285,11 @@ def _check_fields(c: RunConfig) -> None:
             )
     if not (c.noise_std >= 0 and math.isfinite(c.noise_std)):
         raise ConfigError(f"noise_std must be a finite number >= 0; got {c.noise_std}", "noise_std")
+    if c.num_classes < 2:
+        raise ConfigError(
+            f"num_classes must be >= 2 (one class leaves nothing to learn); got {c.num_classes}",
+            "num_classes",
+        )
     if c.seq_len < 2:
         raise ConfigError(f"seq_len must be >= 2 (token 0 queries); got {c.seq_len}", "seq_len")
     if not 1 <= c.signal_positions <= c.seq_len - 1:
@@ -320,4 +325,6 @@ def resolve_device(device: str) -> torch.device:
             )
     elif dev.type != "cpu":
         raise ConfigError(f"device {device!r}: only cpu and cuda devices are supported", "device")
+    elif dev.index not in (None, 0):
+        raise ConfigError(f"device {device!r}: the CPU is one device; use cpu", "device")
     return dev

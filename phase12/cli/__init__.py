@@ -38,10 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         return single.main(argv)
     except KeyboardInterrupt:
         # Rows are appended whole and runs.csv parses at any moment: what finished is kept.
-        print(
-            "interrupted: finished runs are saved; a sweep resumes when run again with its --tag",
-            file=sys.stderr,
-        )
+        if argv and argv[0] in ("sweep", "pipeline"):
+            said = "finished runs are saved; the sweep resumes when run again with its --tag"
+        elif argv and argv[0] in SUBCOMMANDS:
+            said = "nothing more is written"
+        else:
+            said = "the run is not saved"
+        print(f"interrupted: {said}", file=sys.stderr)
         sweep = sys.modules.get("phase12.sweep")
         if sweep is not None and sweep.runner_thread_alive():
             # Its group is lost either way; finalizing the interpreter while that thread

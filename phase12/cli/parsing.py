@@ -61,17 +61,25 @@ class ArgumentParser(argparse.ArgumentParser):
         return EXIT_BAD_INPUT
 
 
-def csv_list(kind: Callable = str, choices: Iterable | None = None) -> Callable:
-    """An argparse type: 'a,b,c' -> a tuple of kind(a), kind(b), kind(c)."""
+def csv_list(
+    kind: Callable = str, choices: Iterable | None = None, *, repeats: bool = False
+) -> Callable:
+    """An argparse type: 'a,b,c' -> a tuple of kind(a), kind(b), kind(c). An empty item
+    ('a,,b', a trailing comma) is an error, and so is a value given twice unless
+    `repeats` (a list of workers, say, where each item is one more)."""
     allowed = None if choices is None else tuple(choices)
 
     def parse(text: str) -> tuple:
+        items = text.split(",")
+        if "" in items:
+            raise argparse.ArgumentTypeError(f"{text!r} has an empty item; give a,b,c")
         try:
-            values = tuple(kind(x) for x in text.split(",") if x != "")
+            values = tuple(kind(x) for x in items)
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list: {e}") from e
-        if not values:
-            raise argparse.ArgumentTypeError("expected at least one value")
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice and not repeats:
+            raise argparse.ArgumentTypeError(f"{', '.join(twice)} given twice; give each once")
         bad = [v for v in values if allowed is not None and v not in allowed]
         if bad:
             raise argparse.ArgumentTypeError(

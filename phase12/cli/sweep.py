@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from phase12.backends import NAMES, device_for
 from phase12.cli.parsing import (
+    EXIT_FAILED,
     FIELDS,
     GRID_FLAGS,
     ArgumentParser,
@@ -25,7 +27,7 @@ from phase12.cli.parsing import (
 )
 from phase12.config import MODES, ConfigError, RunConfig, resolve_device
 from phase12.io import FolderBusy, check_columns, write_atomic
-from phase12.schema import RISK_CSV, RUNS_CSV
+from phase12.schema import RISK_CSV, RUNS_CSV, STATUS_ERROR
 from phase12.sweep import SweepSpec, check_risk_folder, run_sweep, unsupported_cells
 
 DESCRIPTIONS = {
@@ -81,7 +83,7 @@ def parser(name: str) -> ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--devices",
-        type=csv_list(str),
+        type=csv_list(str, repeats=True),
         default=None,
         help="comma-separated devices, one sweep worker each (default: every visible GPU, "
         "else the --device); e.g. cuda:0,cuda:1, or cuda:0,cuda:0 for two workers on one GPU "
@@ -135,11 +137,11 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
     )
     if not spec.configs():
         raise ConfigError("the grid is empty: give at least one mode, backend, k and seed")
-    # Risk checks report a backend that cannot run here as SKIP instead of refusing.
     if check_cells:
         unsupported_cells(spec)
-    else:
-        device_for(spec.base)
+    else:  # risk checks: a backend asked for by name must run here; a default one may SKIP
+        for backend in args.backend or (spec.base.backend,):
+            device_for(spec.base.replace(backend=backend))
     for device in args.devices or ():
         try:
             device_for(spec.base.replace(device=device))
@@ -179,6 +181,14 @@ def _sweep(args, spec: SweepSpec) -> int:
         restart=args.restart,
     )
     print(f"sweep {folder}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    errors = counts.get(STATUS_ERROR, 0)
+    if errors:
+        print(
+            f"error: {errors} run(s) ended in ERROR (the error column of {folder / RUNS_CSV} "
+            "says why); the same command runs them again",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     return 0
 
 

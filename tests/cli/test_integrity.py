@@ -66,12 +66,11 @@ def test_a_second_writer_is_refused_at_once_and_told_who_holds_the_folder(tmp_pa
     assert sweep(tmp_path) == 0  # released
 
 
-def test_repeated_grid_values_count_once(tmp_path):
-    assert sweep(tmp_path, "--seeds", "0,0", "--k", "1,1") == 0
-    assert sorted(rows(tmp_path)["run_id"]) == [
-        "reference_FO_k1_seed0_T8",
-        "reference_FULL_k1_seed0_T8",
-    ]
+def test_repeated_grid_values_count_once_in_a_spec():
+    from phase12.config import RunConfig
+
+    spec = sweep_module.SweepSpec(RunConfig(), modes=("FULL",), inner_steps=(1, 1), seeds=(0, 0))
+    assert [c.run_id for c in spec.configs()] == ["reference_FULL_k1_seed0"]
 
 
 def sweep_with_full_failing(root, monkeypatch) -> None:
@@ -84,14 +83,14 @@ def sweep_with_full_failing(root, monkeypatch) -> None:
         return real(configs, **kw)
 
     monkeypatch.setattr(sweep_module, "run_experiments", failing)
-    assert sweep(root) == 0
+    assert sweep(root) == 1  # a sweep with a run in ERROR fails
     monkeypatch.setattr(sweep_module, "run_experiments", real)
 
 
 def test_error_cells_are_run_again_and_their_rows_kept_aside(tmp_path, monkeypatch, capsys):
     sweep_with_full_failing(tmp_path, monkeypatch)
     assert sorted(rows(tmp_path)["status"]) == ["ERROR", "OK"]
-    capsys.readouterr()
+    assert "error: 1 run(s) ended in ERROR" in capsys.readouterr().err
     assert sweep(tmp_path) == 0
     assert "1 that ended in ERROR run again" in capsys.readouterr().out
     assert sorted(rows(tmp_path)["status"]) == ["OK", "OK"]
@@ -168,6 +167,25 @@ def test_sweep_folders_are_checked_before_any_work(tmp_path, capsys, flags, mess
     assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())
 
 
+@pytest.mark.parametrize(
+    "command,flags,message",
+    [
+        ("sweep", ["--seeds", ",,1"], "',,1' has an empty item"),
+        ("sweep", ["--k", "1,"], "'1,' has an empty item"),
+        ("sweep", ["--seeds", "0,1,0"], "0 given twice"),
+        ("sweep", ["--modes", "FULL,FO,FULL"], "FULL given twice"),
+        ("bench", ["step", "--k", "5,5"], "5 given twice"),
+    ],
+)
+def test_comma_lists_refuse_empty_and_repeated_items(
+    tmp_path, monkeypatch, capsys, command, flags, message
+):
+    monkeypatch.chdir(tmp_path)
+    assert exit_code(command, *(GRID if command == "sweep" else ()), *flags) == 2
+    assert message in one_error_line(capsys)
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_unwritable_out_is_refused_before_training(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("")
     import phase12.cli.single as single
@@ -181,7 +199,12 @@ def test_an_unwritable_out_is_refused_before_training(tmp_path, capsys, monkeypa
     "flags,message",
     [
         (["--seed", "99999999999999999999"], "--seed must be in 0..2**62"),
-        (["--meta-batch", "1000000"], "GiB for one meta-batch"),
+        (["--meta-batch", "1000000"], "GiB of task tensors"),
+        (["--dim", "1000000"], "copies of the parameters"),
+        (["--num-classes", "10000000000"], "copies of the parameters"),
+        (["--k", "100000000", "--mode", "FULL"], "copies of the parameters"),
+        (["--num-classes", "1"], "--num-classes must be >= 2"),
+        (["--device", "cpu:1"], "the CPU is one device"),
         (["--outer-steps", "100000000000"], "GiB of per-step history"),
     ],
 )
@@ -215,7 +238,11 @@ def test_ctrl_c_stops_a_run_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(single, "run_experiment", interrupted)
     assert exit_code("--k", "1", *SIZES, "--out", str(tmp_path / "o")) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("interrupted")
+    assert err == ["interrupted: the run is not saved"]
+    assert not (tmp_path / "o").exists()  # the folder it made for the run is gone
+    (tmp_path / "kept").mkdir()  # a folder the user made stays
+    assert exit_code("--k", "1", *SIZES, "--out", str(tmp_path / "kept")) == 130
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_ctrl_c_keeps_a_sweeps_finished_rows_and_the_csv_valid(tmp_path, monkeypatch, capsys):
@@ -228,7 +255,7 @@ def test_ctrl_c_keeps_a_sweeps_finished_rows_and_the_csv_valid(tmp_path, monkeyp
 
     monkeypatch.setattr(sweep_module, "run_experiments", second_is_interrupted)
     assert sweep(tmp_path) == 130
-    assert capsys.readouterr().err.strip().startswith("interrupted")
+    assert capsys.readouterr().err.strip().startswith("interrupted: finished runs are saved")
     assert list(rows(tmp_path)["run_id"]) == ["reference_FULL_k1_seed0_T8"]
     monkeypatch.setattr(sweep_module, "run_experiments", real)
     assert sweep(tmp_path) == 0 and len(rows(tmp_path)) == 2  # resumes
@@ -304,6 +331,17 @@ def test_risk_checks_of_other_settings_or_shapes_stay_out_of_a_sweeps_folder(tmp
     assert not (tmp_path / "t" / "risk_checks.csv").exists()
     assert sweep(tmp_path, *risk, command="risk") == 0
     assert (tmp_path / "t" / "risk_checks.csv").exists()
+
+
+def test_risk_checks_refuse_a_backend_asked_for_that_cannot_run_here(tmp_path, capsys):
+    assert sweep(tmp_path, "--num-classes", "17") == 0
+    capsys.readouterr()
+    asked = ["--no-gradgradcheck", "--num-classes", "17", "--backends", "reference,triton_step"]
+    assert sweep(tmp_path, *asked, command="risk") == 2
+    assert "--backends triton_step cannot run here: the fused inner step supports up to 16" in (
+        one_error_line(capsys)
+    )
+    assert not (tmp_path / "t" / "risk_checks.csv").exists()
 
 
 def test_a_damaged_runs_csv_stops_a_resumed_sweep_before_any_work(tmp_path, capsys):
