@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from phase12.config import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -25,6 +27,15 @@ class World:
 
     rank: int = 0
     size: int = 1
+
+    def check_divides(self, meta_batch: int) -> None:
+        """ConfigError unless `meta_batch` splits into equal shares over the ranks."""
+        if meta_batch % self.size:
+            raise ConfigError(
+                f"meta_batch {meta_batch} does not divide over {self.size} ranks; "
+                f"use a multiple of {self.size}",
+                "meta_batch",
+            )
 
     def task_slice(self, meta_batch: int) -> slice:
         """This rank's contiguous share of a meta-batch (which must divide evenly)."""
@@ -35,8 +46,13 @@ class World:
 SINGLE_PROCESS = World()
 
 
+def torchrun_world_size() -> int:
+    """How many ranks torchrun launched (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return torchrun_world_size() > 1
 
 
 def local_device(device: str) -> str:

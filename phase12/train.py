@@ -300,12 +300,7 @@ def _check_seed_group(configs: Sequence[RunConfig], world: World) -> torch.devic
         raise ValueError("runs batched together must differ only in their seed")
     if len({c.seed for c in configs}) != len(configs):
         raise ValueError("runs batched together need distinct seeds")
-    if configs[0].meta_batch % world.size:
-        raise ConfigError(
-            f"meta_batch {configs[0].meta_batch} does not divide over {world.size} ranks; "
-            f"use a multiple of {world.size}",
-            "meta_batch",
-        )
+    world.check_divides(configs[0].meta_batch)
     return device_for(configs[0])
 
 

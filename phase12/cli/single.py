@@ -24,7 +24,7 @@ from phase12.cli.parsing import (
     config_from_args,
 )
 from phase12.config import ConfigError
-from phase12.distributed import init_world, local_device
+from phase12.distributed import World, init_world, local_device, torchrun_world_size
 from phase12.io import (
     FolderBusy,
     FolderLock,
@@ -103,13 +103,7 @@ def main(argv: list[str]) -> int:
         config = config_from_args(args)
         config = config.replace(device=local_device(config.device))
         device = device_for(config)
-        ranks = int(os.environ.get("WORLD_SIZE", "1"))
-        if config.meta_batch % ranks:
-            raise ConfigError(
-                f"meta_batch {config.meta_batch} does not divide over {ranks} ranks; "
-                f"use a multiple of {ranks}",
-                "meta_batch",
-            )
+        World(size=torchrun_world_size()).check_divides(config.meta_batch)
         out = _output_folder(args, config) if main_rank else None
         if out is not None:  # creates the folder: an unwritable one fails here, not after
             if not out.exists():  # a run that ends unsaved leaves no folder behind
