@@ -142,7 +142,7 @@ def test_the_report_of_a_grid_where_every_run_failed(tmp_path, monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(sweep_module, "run_experiments", failing)
-    assert sweep(tmp_path) == 0
+    assert sweep(tmp_path) == 1  # every run in ERROR
     assert exit_code("report", "--root", str(tmp_path), "--tag", "t") == 0
     report = (tmp_path / "t" / "report.md").read_text()
     assert "No run finished OK" in report and "ERROR 2" in report
