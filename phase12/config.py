@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -24,10 +25,12 @@ __all__ = [
     "ABLATIONS",
     "ConfigError",
     "Curvature",
+    "GRID_FIELDS",
     "Mode",
     "RunConfig",
     "option_help",
     "resolve_device",
+    "settings",
 ]
 
 
@@ -100,6 +103,9 @@ DTYPES = {
     "autocast_float16": (torch.float32, torch.float16),
 }
 CUDA_GRAPH = ("auto", "on", "off")
+# The fields a sweep's grid varies; every other field but the device is a setting that the
+# runs of one results folder share.
+GRID_FIELDS = ("mode", "backend", "inner_steps", "seed", "ablation", "seq_len", "dim", "dtype")
 MAX_SEED = 2**62  # torch.Generator takes 64 bits; the probes add offsets to the seed
 
 
@@ -328,3 +334,11 @@ def resolve_device(device: str) -> torch.device:
     elif dev.index not in (None, 0):
         raise ConfigError(f"device {device!r}: the CPU is one device; use cpu", "device")
     return dev
+
+
+def settings(config: RunConfig) -> dict:
+    """What the runs of one results folder share: every RunConfig field but the grid
+    axes (GRID_FIELDS) and the device, as JSON values."""
+    fields = dataclasses.asdict(config)
+    shared = {k: v for k, v in fields.items() if k not in (*GRID_FIELDS, "device")}
+    return json.loads(json.dumps(shared))

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import filelock
 
+from phase12.config import settings
 from phase12.schema import (
     HISTORY_COLUMNS,
     HISTORY_DIR,
@@ -199,19 +200,32 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def other_settings(rows: list[Mapping], config) -> str | None:
-    """How the first row of `rows` (read_rows) whose settings (SETTING_COLUMNS) differ
-    from RunConfig `config`'s differs, e.g. "outer_steps 3 there, 2 now"; None if none
-    does."""
+def other_settings(rows: list[Mapping], config, folder: str | Path) -> str | None:
+    """How the first run of `rows` (read_rows of `folder`'s runs.csv) whose settings
+    differ from RunConfig `config`'s differs, e.g. "outer_steps 3 there, 2 now"; None if
+    none does. Settings (phase12.config.settings) are read from the run's row
+    (SETTING_COLUMNS) and from its meta/RUN.json, which holds the rest (noise, shots,
+    classes, ...)."""
+    now = settings(config)
     for row in rows:
-        changed = [
-            f"{c} {row[c]} there, {getattr(config, c)} now"
+        changed = {
+            c: row[c]
             for c in SETTING_COLUMNS
             if row[c] != "" and float(row[c]) != float(getattr(config, c))
-        ]
+        }
+        before = _meta_config(Path(folder) / "meta" / f"{row['run_id']}.json")
+        changed |= {k: before[k] for k, v in now.items() if k in before and before[k] != v}
         if changed:
-            return "; ".join(changed)
+            return "; ".join(f"{k} {v} there, {now[k]} now" for k, v in changed.items())
     return None
+
+
+def _meta_config(path: Path) -> dict:
+    """The config a run's meta JSON records ({} where there is none to read)."""
+    try:
+        return dict(json.loads(path.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def rewrite_rows(path: str | Path, rows: list[Mapping], columns: list[str] = RUN_COLUMNS) -> None:

@@ -48,14 +48,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from phase12.backends import device_for, get
-from phase12.config import ConfigError, Mode, RunConfig, resolve_device
+from phase12.config import ConfigError, Mode, RunConfig, resolve_device, settings
 from phase12.io import (
     FolderLock,
     append_row,
@@ -70,7 +70,6 @@ from phase12.provenance import run_metadata
 from phase12.schema import RUNS_CSV, STATUS_ERROR, STATUS_UNSUPPORTED, RunResult
 from phase12.train import failed_result, run_experiments, unsupported_result
 
-GRID_FIELDS = ("mode", "backend", "inner_steps", "seed", "ablation", "seq_len", "dim", "dtype")
 AXES = {
     "mode": "modes",
     "backend": "backends",
@@ -300,13 +299,6 @@ def _failed_group(configs: list[RunConfig], error: BaseException) -> list[tuple[
     return _with_metadata([failed_result(c, error) for c in configs], configs)
 
 
-def settings(base: RunConfig) -> dict:
-    """What defines a sweep's results: every RunConfig field but the grid axes and the
-    device, as JSON values."""
-    fields = {k: v for k, v in asdict(base).items() if k not in (*GRID_FIELDS, "device")}
-    return json.loads(json.dumps(fields))
-
-
 def _record(folder: Path) -> dict | None:
     """The folder's sweep.json as {"settings": ..., "grid": ...} (None without one), or
     ConfigError if it cannot be read."""
@@ -389,7 +381,7 @@ def _open_folder(folder: Path, spec: SweepSpec, restart: bool) -> tuple[set[str]
         rows = read_rows(runs_csv)
     except ValueError as e:  # a damaged runs.csv: before any work, like other bad input
         raise ConfigError(str(e)) from e
-    changed = other_settings(rows, spec.base)  # also where no sweep.json says what they are
+    changed = other_settings(rows, spec.base, folder)  # also where no sweep.json says what they are
     if changed:
         raise ConfigError(
             f"{folder} holds runs with other settings ({changed}); use a new tag, or "

@@ -163,7 +163,7 @@ def _check_new_run(out: Path, config) -> None:
     rows = read_rows(out / RUNS_CSV)
     if config.run_id in {r["run_id"] for r in rows}:
         raise ConfigError(f"--out {out} already holds run {config.run_id}; use another folder")
-    changed = other_settings(rows, config)
+    changed = other_settings(rows, config, out)
     if changed:
         raise ConfigError(
             f"--out {out} holds runs with other settings ({changed}); use another folder"

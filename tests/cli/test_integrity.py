@@ -316,6 +316,18 @@ def test_runs_of_other_settings_are_refused_where_no_sweep_record_says_so(tmp_pa
     assert "holds runs with other settings (outer_steps 3 there, 2 now)" in one_error_line(capsys)
     assert list(rows(tmp_path)["outer_steps"]) == [3]  # untouched
     assert sweep(tmp_path) == 0 and set(rows(tmp_path)["outer_steps"]) == {3}  # same settings
+    # Settings the row does not hold (noise, shots, classes): from the runs' meta JSON.
+    root = tmp_path / "other"
+    single = ["--k", "1", *SIZES, "--outer-steps", "3", "--out", str(root / "t")]
+    assert exit_code(*single) == 0
+    capsys.readouterr()
+    for flag, value in (("--noise-std", "2.0"), ("--shots", "4"), ("--num-classes", "3")):
+        assert exit_code(*single, "--seed", "7", flag, value) == 2
+        name = flag[2:].replace("-", "_")
+        assert f"holds runs with other settings ({name} " in one_error_line(capsys)
+        assert sweep(root, flag, value) == 2
+        assert f"holds runs with other settings ({name} " in one_error_line(capsys)
+    assert len(rows(root)) == 1  # nothing added
 
 
 def test_risk_checks_of_other_settings_or_shapes_stay_out_of_a_sweeps_folder(tmp_path, capsys):
