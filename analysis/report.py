@@ -92,7 +92,7 @@ def results_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
         for mode in policies:
             if mode in by_mode.index:
                 m, s = by_mode.loc[mode, "final_acc_mean"], by_mode.loc[mode, "final_acc_std"]
-                row[f"{mode} acc"] = f"{m:.4f} ± {0 if s != s else s:.4f}"
+                row[f"{mode} acc"] = f"{m:.4f} ± {s:.4f}" if s == s else f"{m:.4f} (1 seed)"
             elif (backend, k, mode) in unsupported:
                 row[f"{mode} acc"] = "not supported"
         if {"FULL", "FO"} <= set(by_mode.index):

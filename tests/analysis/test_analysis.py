@@ -181,6 +181,16 @@ def test_the_results_table_says_not_supported_where_a_backend_could_not_run_a_po
     assert not table.loc["triton_step", "FULL acc"].eq("not supported").any()
 
 
+def test_the_results_table_claims_no_spread_from_one_seed():
+    from analysis.report import results_table
+
+    runs = hand_made_runs()
+    one = runs[runs["seed"] == runs["seed"].min()]
+    cells = results_table(summarize(one), one).filter(like=" acc").stack()
+    assert len(cells) and cells.str.endswith("(1 seed)").all(), cells.tolist()
+    assert not results_table(summarize(runs), runs)["FULL acc"].str.contains("seed").any()
+
+
 def test_histories_are_read_compressed_and_from_older_folders_plain(tmp_path):
     """The engine writes RUN.csv.gz; a folder written before that holds RUN.csv."""
     runs = hand_made_runs()
