@@ -213,14 +213,17 @@ def interpretation(runs: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame
             out.append(f"No cell finished OK on both reference and {backend}.")
             continue
         spread = summary["final_acc_std"].max()
-        against = (
-            "with one seed per cell there is no seed-to-seed spread to compare it with"
-            if spread != spread
-            else f"against a largest seed-to-seed std of {spread:.4f} "
-            f"({'within' if diff <= spread else 'OUTSIDE'} the spread)"
-        )
+        if spread != spread:
+            verdict = "Backends compared"
+            against = "with one seed per cell there is no seed-to-seed spread to compare it with"
+        else:
+            verdict = "Backends agree" if diff <= spread else "Backends DIFFER"
+            against = (
+                f"against a largest seed-to-seed std of {spread:.4f} "
+                f"({'within' if diff <= spread else 'OUTSIDE'} the spread)"
+            )
         out.append(
-            f"Backends agree: the largest |reference − {backend}| final accuracy over "
+            f"{verdict}: the largest |reference − {backend}| final accuracy over "
             f"the cells run on both is {diff:.2e}, {against}."
         )
     if len(wide.columns) == 1:
@@ -231,16 +234,25 @@ def interpretation(runs: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame
     if {"FO", "FO_STRICT"} <= set(fo.columns):
         d = (fo["FO"] - fo["FO_STRICT"]).abs().max()
         out.append(
-            f"FO_STRICT runs and matches FO: largest |FO − FO_STRICT| final accuracy "
-            f"{d:.2e} (same meta-gradient by construction)."
+            f"FO_STRICT against FO: largest |FO − FO_STRICT| final accuracy {d:.2e} (the "
+            "same meta-gradient by construction: only rounding can separate them)."
         )
     rd = summary[summary["mode"] == "FULL"]
     if len(rd):
-        out.append(
-            f"Second-order signal is present on every backend: rel_diff_probe "
-            f"(‖g_FULL − g_FO‖/‖g_FULL‖) ranges {rd['rel_diff_probe_mean'].min():.3f}–"
-            f"{rd['rel_diff_probe_mean'].max():.3f} over the FULL cells."
+        probe = rd["rel_diff_probe_mean"]
+        absent = rd[~(probe > 0)]  # zero, or not measured (NaN)
+        measured = (
+            f"rel_diff_probe (‖g_FULL − g_FO‖/‖g_FULL‖) ranges {probe.min():.3f}–"
+            f"{probe.max():.3f} over the FULL cells where it was measured"
         )
+        if absent.empty:
+            out.append(f"Second-order signal is present in every FULL cell: {measured}.")
+        else:
+            cells = ", ".join(f"{r.backend} k {r.inner_steps}" for r in absent.itertuples())
+            out.append(
+                f"Second-order signal is zero or unmeasured in {len(absent)} of {len(rd)} "
+                f"FULL cells ({cells})" + (f"; {measured}." if probe.notna().any() else ".")
+            )
     for (backend, k), (seed_full, seed_fo) in SEED_LONG_RUN_ACC.items():
         cell = summary[(summary["backend"] == backend) & (summary["inner_steps"] == k)]
         by_mode = cell.set_index("mode")

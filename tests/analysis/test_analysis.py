@@ -191,6 +191,23 @@ def test_the_results_table_claims_no_spread_from_one_seed():
     assert not results_table(summarize(runs), runs)["FULL acc"].str.contains("seed").any()
 
 
+def test_the_interpretation_claims_only_what_its_numbers_show():
+    from analysis.report import interpretation
+
+    def sentences(runs):
+        return " ".join(interpretation(runs, summarize(runs), full_minus_fo(runs)))
+
+    runs = hand_made_runs()
+    text = sentences(runs)
+    assert "Backends agree" in text and "present in every FULL cell" in text
+    fused = runs["backend"] == "triton_fused"
+    runs.loc[fused, "final_acc"] = 1 - runs.loc[fused, "final_acc"]
+    runs.loc[fused & (runs["mode"] == "FULL"), "rel_diff_probe"] = float("nan")
+    text = sentences(runs)
+    assert "Backends DIFFER" in text and "OUTSIDE the spread" in text
+    assert "zero or unmeasured in 2 of 4 FULL cells (triton_fused k 1, triton_fused k 5)" in text
+
+
 def test_histories_are_read_compressed_and_from_older_folders_plain(tmp_path):
     """The engine writes RUN.csv.gz; a folder written before that holds RUN.csv."""
     runs = hand_made_runs()
