@@ -17,8 +17,10 @@ from phase12.backends import NAMES, device_for
 from phase12.cli.parsing import (
     ArgumentParser,
     add_config_flags,
+    check_writable,
     config_from_args,
     csv_list,
+    default_backends,
 )
 from phase12.config import ABLATIONS, DTYPES, MODES, ConfigError, RunConfig, resolve_device
 
@@ -41,7 +43,12 @@ def _step_parser() -> ArgumentParser:
     p = ArgumentParser(prog="run.py bench step", description=step.__doc__)
     p.add_argument("--modes", type=csv_list(str, MODES), default=MODES, help="comma-separated")
     p.add_argument("--k", type=csv_list(int), default=(1, 5, 10, 20), help="comma-separated")
-    p.add_argument("--backends", type=csv_list(str, NAMES), default=NAMES, help="comma-separated")
+    p.add_argument(
+        "--backends",
+        type=csv_list(str, NAMES),
+        default=None,
+        help="comma-separated (default: every backend on CUDA, reference on the CPU)",
+    )
     p.add_argument(
         "--ablations",
         type=csv_list(str, ABLATIONS),
@@ -104,6 +111,7 @@ def bench_step(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         base = config_from_args(args)
+        args.backends = args.backends or default_backends(base.device)
         for backend in args.backends:
             for dtype in args.dtypes:
                 device_for(base.replace(backend=backend, dtype=dtype))
@@ -130,10 +138,10 @@ def bench_step(argv: list[str]) -> int:
                         flag = f"--scaling-{axis.replace('_', '-')}"
                         raise ConfigError(f"{flag} {v}: {e}") from e
             scaling = scaling_cells(base, args.backends, "graph" if cuda else "eager", axes)
+        check_writable(args.out)
     except ConfigError as e:
         return p.bad_input(e)
     executions = args.execution or (("eager", "graph") if cuda else ("eager",))
-    args.out.mkdir(parents=True, exist_ok=True)
     cells = step_cells(
         base, args.modes, args.k, args.backends, executions, args.ablations, args.dtypes
     )
@@ -197,11 +205,14 @@ def bench_attention(argv: list[str]) -> int:
 
     p = _attention_parser()
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        return p.bad_input(ConfigError("the attention benchmark needs a CUDA device"))
+    try:
+        if not torch.cuda.is_available():
+            raise ConfigError("the attention benchmark needs a CUDA device")
+        check_writable(args.out)
+    except ConfigError as e:
+        return p.bad_input(e)
     t0 = time.time()
     df = bench(args.n, args.d, args.dtypes, args.providers, args.passes, args.cuda_graph)
-    args.out.mkdir(parents=True, exist_ok=True)
     df.insert(0, "device_name", torch.cuda.get_device_name())
     df.to_csv(args.out / "attention.csv", index=False)
     attention_plot(df, args.out / "attention.png")
@@ -242,9 +253,9 @@ def bench_tiles(argv: list[str]) -> int:
         candidates = CANDIDATES if args.candidates is None else parse_candidates(args.candidates)
         if not torch.cuda.is_available():
             raise ConfigError("the tile sweep needs a CUDA device")
+        check_writable(args.out)
     except ValueError as e:
         return p.bad_input(e)
-    args.out.mkdir(parents=True, exist_ok=True)
     sweep(cells, args.out / "tiles.csv", candidates, args.both_structures)
     print(f"written to {args.out / 'tiles.csv'}")
     return 0
@@ -335,12 +346,12 @@ def bench_distributed(argv: list[str]) -> int:
                 raise ConfigError(
                     f"--meta-batch {meta_batch} does not divide over {args.processes} processes"
                 )
+        check_writable(args.out)
     except ConfigError as e:
         return p.bad_input(e)
     cuda = device.type == "cuda"
     devices = [f"cuda:{i}" for i in range(args.processes)] if cuda else ["cpu"] * args.processes
     run_flags = ["--mode", args.mode, "--k", str(args.k), "--outer-steps", str(args.outer_steps)]
-    args.out.mkdir(parents=True, exist_ok=True)
     rows = sharding_rows(args.processes, backends, args.meta_batch, run_flags, device.type)
     if not args.no_sweep:
         sweep_flags = [

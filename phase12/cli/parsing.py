@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from phase12.backends import NAMES
-from phase12.config import ConfigError, RunConfig, option_help
+from phase12.config import ConfigError, RunConfig, option_help, resolve_device
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NONFINITE = 2, 1, 3
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -142,6 +144,23 @@ def add_grid_flags(parser: ArgumentParser, defaults: dict[str, tuple | str]) -> 
         parser.flags[name] = flag
 
 
+def default_backends(device: str) -> tuple[str, ...]:
+    """Every backend on CUDA; reference on the CPU (the Triton backends need CUDA, or
+    TRITON_INTERPRET=1 and a lot of patience)."""
+    return NAMES if resolve_device(device).type == "cuda" else ("reference",)
+
+
+def check_writable(folder: Path) -> None:
+    """Make `folder` and write a file in it, or raise ConfigError (before any work)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to {e.filename or folder}: {e.strerror}") from e
+
+
 def config_from_args(args: argparse.Namespace, exclude: Iterable[str] = ()) -> RunConfig:
     """The RunConfig of the fields `args` has, but those in `exclude` (which keep their
     defaults). Raises ConfigError."""
@@ -157,6 +176,8 @@ __all__ = [
     "EXIT_NONFINITE",
     "add_config_flags",
     "add_grid_flags",
+    "check_writable",
     "config_from_args",
     "csv_list",
+    "default_backends",
 ]

@@ -6,7 +6,6 @@ All of them work in one folder per sweep, ROOT/TAG (default runs/<timestamp>).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from phase12.backends import NAMES, device_for
+from phase12.backends import device_for
 from phase12.cli.parsing import (
     EXIT_FAILED,
     FIELDS,
@@ -22,8 +21,10 @@ from phase12.cli.parsing import (
     ArgumentParser,
     add_config_flags,
     add_grid_flags,
+    check_writable,
     config_from_args,
     csv_list,
+    default_backends,
 )
 from phase12.config import MODES, ConfigError, RunConfig, resolve_device
 from phase12.io import FolderBusy, check_columns, write_atomic
@@ -49,12 +50,6 @@ GRID_DEFAULTS = {
     "dtype": (RunConfig.dtype,),
 }
 TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def default_backends(device: str) -> tuple[str, ...]:
-    """Every backend on CUDA; reference on the CPU (the Triton backends need CUDA, or
-    TRITON_INTERPRET=1 and a lot of patience)."""
-    return NAMES if resolve_device(device).type == "cuda" else ("reference",)
 
 
 def parser(name: str) -> ArgumentParser:
@@ -152,19 +147,8 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
             check_columns(args.root / args.tag / RUNS_CSV)
         except ValueError as e:
             raise ConfigError(f"{e} (or --restart, which moves it aside)") from e
-    _check_writable(args.root / args.tag)
+    check_writable(args.root / args.tag)
     return spec
-
-
-def _check_writable(folder: Path) -> None:
-    """Make `folder` and write a file in it, or raise ConfigError (before any work)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to {e.filename or folder}: {e.strerror}") from e
 
 
 def _sweep(args, spec: SweepSpec) -> int:

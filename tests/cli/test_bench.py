@@ -173,3 +173,12 @@ def test_bench_tiles_hands_its_flags_to_the_sweep(monkeypatch, tmp_path):
     assert seen.pop("args") == (cells, csv, [(32, 32, 4, 1)], True)
     assert cli.main([*argv, "--out", str(out)]) == 0
     assert seen["args"][3] is False
+
+
+@pytest.mark.parametrize("what", ["step", "distributed"])
+def test_benchmarks_refuse_an_out_they_cannot_write_before_any_work(tmp_path, capsys, what):
+    (tmp_path / "file").write_text("")
+    flags = ["--device", "cpu", "--backends", "reference", "--out", str(tmp_path / "file")]
+    assert exit_code("bench", what, *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write to")
