@@ -80,12 +80,14 @@ def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
 
 def results_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Accuracy per (backend, k): each mode and curvature ablation (mean ± std; "not
-    supported" where the runs were beyond the backend's limits) and FULL − FO."""
+    supported" where the runs were beyond the backend's limits) and FULL − FO, paired by
+    seed."""
     rows = []
     policies = [m for m in MODE_ORDER if m in set(summary["mode"])]
     policies += sorted(set(summary["mode"]) - set(MODE_ORDER))
     beyond = runs[runs["status"] == STATUS_UNSUPPORTED]
     unsupported = set(zip(beyond["backend"], beyond["inner_steps"], beyond["mode"], strict=True))
+    gaps = full_minus_fo(runs).set_index(["backend", "inner_steps"])
     for (backend, k), g in summary.groupby(["backend", "inner_steps"]):
         by_mode = g.set_index("mode")
         row = {"backend": backend, "k": k}
@@ -95,10 +97,10 @@ def results_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
                 row[f"{mode} acc"] = f"{m:.4f} ± {s:.4f}" if s == s else f"{m:.4f} (1 seed)"
             elif (backend, k, mode) in unsupported:
                 row[f"{mode} acc"] = "not supported"
-        if {"FULL", "FO"} <= set(by_mode.index):
-            row["FULL − FO"] = (
-                f"{by_mode.loc['FULL', 'final_acc_mean'] - by_mode.loc['FO', 'final_acc_mean']:+.4f}"  # noqa: E501
-            )
+        if (backend, k) in gaps.index:  # seed-paired: only seeds where both finished OK
+            gap = gaps.loc[(backend, k)]
+            one = " (1 seed)" if gap["n_seeds"] == 1 else ""
+            row["FULL − FO"] = f"{gap['gap_mean']:+.4f}{one}"
         seed = SEED_LONG_RUN_ACC.get((backend, k))
         row["seed FULL / FO (long run)"] = f"{seed[0]:.4f} / {seed[1]:.4f}" if seed else ""
         rows.append(row)

@@ -191,6 +191,18 @@ def test_the_results_table_claims_no_spread_from_one_seed():
     assert not results_table(summarize(runs), runs)["FULL acc"].str.contains("seed").any()
 
 
+def test_the_results_tables_full_minus_fo_is_paired_by_seed():
+    from analysis.report import results_table
+
+    runs = hand_made_runs()
+    failed = (runs["mode"] == "FULL") & (runs["inner_steps"] == 1) & (runs["seed"] == 1)
+    runs.loc[failed, ["status", "final_acc"]] = ["NONFINITE", float("nan")]
+    table = results_table(summarize(runs), runs).set_index(["backend", "k"])
+    # Seed 0 alone: FULL 0.80 - FO 0.70, not FULL's 0.80 against FO's two-seed 0.72.
+    assert (table.loc[(slice(None), 1), "FULL − FO"] == "+0.1000 (1 seed)").all()
+    assert (table.loc[(slice(None), 5), "FULL − FO"] == "+0.0025").all()
+
+
 def test_the_interpretation_claims_only_what_its_numbers_show():
     from analysis.report import interpretation
 
