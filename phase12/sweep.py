@@ -340,6 +340,15 @@ def check_risk_folder(folder: Path, base: RunConfig) -> None:
             f"{folder} holds a sweep with other settings ({changed}); give the risk command "
             "the sweep's settings, or another tag"
         )
+    try:
+        changed = other_settings(read_rows(folder / RUNS_CSV), base, folder)
+    except ValueError as e:  # a damaged runs.csv
+        raise ConfigError(str(e)) from e
+    if changed:
+        raise ConfigError(
+            f"{folder} holds runs with other settings ({changed}); give the risk command "
+            "their settings, or another tag"
+        )
     grid = (record or {}).get("grid", {})
     for field_name in ("seq_len", "dim", "dtype"):
         values = grid.get(AXES[field_name])

@@ -343,6 +343,14 @@ def test_risk_checks_of_other_settings_or_shapes_stay_out_of_a_sweeps_folder(tmp
     assert not (tmp_path / "t" / "risk_checks.csv").exists()
     assert sweep(tmp_path, *risk, command="risk") == 0
     assert (tmp_path / "t" / "risk_checks.csv").exists()
+    # A folder without a sweep record: its runs' rows and meta JSON say their settings.
+    single = ["--k", "1", *SIZES, "--outer-steps", "3", "--out", str(tmp_path / "u" / "t")]
+    assert exit_code(*single) == 0
+    capsys.readouterr()
+    for flag, value in (("--outer-steps", "7"), ("--noise-std", "2.0")):
+        assert sweep(tmp_path / "u", flag, value, *risk, command="risk") == 2
+        assert "holds runs with other settings" in one_error_line(capsys)
+    assert not (tmp_path / "u" / "t" / "risk_checks.csv").exists()
 
 
 def test_risk_checks_refuse_a_backend_asked_for_that_cannot_run_here(tmp_path, capsys):
