@@ -37,6 +37,7 @@ from phase12.schema import (
     CURVATURE_SHARES,
     HISTORY_DIR,
     HISTORY_SUFFIX,
+    METRICS,
     SEED_STEP_S,
     STATUS_UNSUPPORTED,
 )
@@ -71,7 +72,21 @@ def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
         )
     frames = []
     for row in ok.itertuples():
-        h = pd.read_csv(history_file(folder, row.run_id))
+        path = history_file(folder, row.run_id)
+        try:
+            h = pd.read_csv(path)
+        except (OSError, EOFError, ValueError) as e:  # cut short, not gzip, empty
+            raise ValueError(
+                f"the history {path} cannot be read ({type(e).__name__}: {e}); delete its "
+                "row from runs.csv and run the sweep again to redo the run"
+            ) from e
+        lacks = [c for c in ("step", *METRICS) if c not in h.columns]  # probes came later
+        if len(h) != row.outer_steps or lacks:
+            raise ValueError(
+                f"the history {path} holds {len(h)} of {row.outer_steps} steps"
+                + (f" and lacks {', '.join(lacks)}" if lacks else "")
+                + "; delete its row from runs.csv and run the sweep again to redo the run"
+            )
         h["backend"], h["mode"] = row.backend, row.mode
         h["inner_steps"], h["seed"] = row.inner_steps, row.seed
         frames.append(h)

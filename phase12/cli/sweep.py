@@ -226,7 +226,10 @@ def main(name: str, argv: list[str]) -> int:
         swept = time.perf_counter()
         status = max(status, _risk(args, spec))
         checked = time.perf_counter()
-        _report(args)
+        try:
+            _report(args)
+        except ValueError as e:  # a file the report cannot read; it wrote nothing
+            return p.bad_input(e)
         print(
             f"pipeline: sweep {swept - start:.1f} s, risk checks {checked - swept:.1f} s, "
             f"report {time.perf_counter() - checked:.1f} s"

@@ -7,7 +7,7 @@ import pytest
 from analysis.figures import mean_curves
 from analysis.report import build_report, load_histories, shared_device_lines, timing_table
 from analysis.summary import full_minus_fo, load_runs, summarize
-from phase12.schema import RUN_COLUMNS
+from phase12.schema import METRICS, RUN_COLUMNS
 
 
 def hand_made_runs() -> pd.DataFrame:
@@ -220,6 +220,11 @@ def test_the_interpretation_claims_only_what_its_numbers_show():
     assert "zero or unmeasured in 2 of 4 FULL cells (triton_fused k 1, triton_fused k 5)" in text
 
 
+def history(loss: float, steps: int = 10) -> pd.DataFrame:
+    """A whole history of a hand-made run (outer_steps 10), its loss constant."""
+    return pd.DataFrame({"step": range(steps), **dict.fromkeys(METRICS, 0.0), "loss": loss})
+
+
 def test_histories_are_read_compressed_and_from_older_folders_plain(tmp_path):
     """The engine writes RUN.csv.gz; a folder written before that holds RUN.csv."""
     runs = hand_made_runs()
@@ -227,11 +232,9 @@ def test_histories_are_read_compressed_and_from_older_folders_plain(tmp_path):
     (tmp_path / "history").mkdir()
     for i, r in enumerate(ok.itertuples()):
         name = f"{r.run_id}.csv.gz" if i % 2 else f"{r.run_id}.csv"
-        pd.DataFrame({"step": [0, 1], "loss": [1.0, float(i)]}).to_csv(
-            tmp_path / "history" / name, index=False
-        )
+        history(float(i)).to_csv(tmp_path / "history" / name, index=False)
     histories = load_histories(tmp_path, runs)
-    assert len(histories) == 2 * len(ok)
+    assert len(histories) == 10 * len(ok)
     assert sorted(histories.loc[histories.step == 1, "loss"]) == list(range(len(ok)))
 
 
@@ -255,11 +258,9 @@ def test_a_compressed_history_wins_over_a_plain_one_of_the_same_run(tmp_path):
     runs = hand_made_runs().iloc[:1]
     (tmp_path / "history").mkdir()
     run_id = runs.run_id.iloc[0]
-    pd.DataFrame({"step": [0], "loss": [2.0]}).to_csv(tmp_path / "history" / f"{run_id}.csv")
-    pd.DataFrame({"step": [0], "loss": [1.0]}).to_csv(
-        tmp_path / "history" / f"{run_id}.csv.gz", index=False
-    )
-    assert load_histories(tmp_path, runs)["loss"].tolist() == [1.0]
+    history(2.0).to_csv(tmp_path / "history" / f"{run_id}.csv")
+    history(1.0).to_csv(tmp_path / "history" / f"{run_id}.csv.gz", index=False)
+    assert load_histories(tmp_path, runs)["loss"].unique().tolist() == [1.0]
 
 
 def test_mean_curves_average_each_runs_rolling_mean_over_the_runs_that_reached_a_step():

@@ -137,6 +137,28 @@ def test_the_report_works_on_any_grid(tmp_path, modes, seeds, expected):
     assert "nan" not in report.lower().replace("nanmean", "") and "wins by 0.0000" not in report
 
 
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda b: b[:40], "cannot be read (EOFError"),  # a gzip cut short
+        (lambda b: b"not gzip", "cannot be read (BadGzipFile"),
+        (lambda b: __import__("gzip").compress(b"step,loss\n0,1.0\n"), "holds 1 of 3 steps"),
+    ],
+)
+def test_a_damaged_history_stops_the_report_and_pipeline_in_one_line(
+    tmp_path, capsys, damage, message
+):
+    assert sweep(tmp_path, "--modes", "FULL") == 0
+    (history,) = (tmp_path / "t" / "history").iterdir()
+    history.write_bytes(damage(history.read_bytes()))
+    capsys.readouterr()
+    assert exit_code("report", "--root", str(tmp_path), "--tag", "t") == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "t" / "report.md").exists()
+    assert sweep(tmp_path, "--modes", "FULL", "--no-gradgradcheck", command="pipeline") == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_the_report_of_a_grid_where_every_run_failed(tmp_path, monkeypatch):
     def failing(configs, **kw):
         raise RuntimeError("boom")
