@@ -117,6 +117,10 @@ def bench_step(argv: list[str]) -> int:
                 device_for(base.replace(backend=backend, dtype=dtype))
         if args.warmup < 0 or args.reps < 1:
             raise ConfigError("--warmup must be >= 0 and --reps >= 1")
+        try:  # each timed step (twice with --breakdown) writes a row of the run's history
+            device_for(base.replace(outer_steps=args.warmup + 2 * args.reps))
+        except ConfigError as e:
+            raise ConfigError(f"--warmup and --reps: {e}") from e
         for k in args.k:
             base.replace(inner_steps=k)
         cuda = device_for(base).type == "cuda"

@@ -88,6 +88,8 @@ def test_bench_step_refuses_bad_grids_before_any_work(tmp_path, capsys):
     assert (
         "--execution graph replays CUDA graphs; it needs --device cuda" in capsys.readouterr().err
     )
+    assert exit_code("bench", "step", "--reps", "1000000000", "--warmup", "1000000000", *out) == 2
+    assert "--warmup and --reps: outer_steps 3000000000 needs" in capsys.readouterr().err
     assert exit_code("bench", "step", "--scaling", "--scaling-k", "-1", *out) == 2
     assert "--scaling-k -1: inner_steps must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
