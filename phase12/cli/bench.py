@@ -318,13 +318,13 @@ def bench_distributed(argv: list[str]) -> int:
 
     p = _distributed_parser()
     args = p.parse_args(argv)
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    backends = args.backends or (NAMES if cuda else ("reference",))
-    sweep_backends = args.sweep_backends or (
-        ("reference", "triton_fused") if cuda else ("reference",)
-    )
     try:
         device = resolve_device(args.device)
+        backends = args.backends or default_backends(args.device)
+        cuda = device.type == "cuda"
+        sweep_backends = args.sweep_backends or (
+            ("reference", "triton_fused") if cuda else ("reference",)
+        )
         for backend in dict.fromkeys([*backends, *sweep_backends]):
             device_for(RunConfig(device=args.device, backend=backend))
         if args.processes < 2:
@@ -353,7 +353,6 @@ def bench_distributed(argv: list[str]) -> int:
         check_writable(args.out)
     except ConfigError as e:
         return p.bad_input(e)
-    cuda = device.type == "cuda"
     devices = [f"cuda:{i}" for i in range(args.processes)] if cuda else ["cpu"] * args.processes
     run_flags = ["--mode", args.mode, "--k", str(args.k), "--outer-steps", str(args.outer_steps)]
     rows = sharding_rows(args.processes, backends, args.meta_batch, run_flags, device.type)
