@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from phase12.schema import RUNS_CSV, SETTING_COLUMNS
+from phase12.schema import RUNS_CSV, SETTING_COLUMNS, STATUS_OK, STATUSES
 
 CELL = ["backend", "mode", "inner_steps"]
+REGIME = ["seq_len", "dim", "dtype"]  # the shape and precision a robustness map varies
+# What a run spent: never negative.
+COSTS = [
+    "wall_time_total_s",
+    "mean_outer_step_time_s",
+    "setup_time_s",
+    "probe_time_s",
+    "peak_cuda_mem_bytes",
+]
 SUMMARY_METRICS = [
     "final_acc",
     "final_loss",
@@ -59,21 +69,45 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
 
 
 def _check_values(runs: pd.DataFrame, path: Path) -> None:
-    """ValueError, naming the file and the column, for a runs.csv the analysis would
-    misread: a column it needs missing, text in a numeric column, or rows of several
-    settings (SETTING_COLUMNS), which it would average together as seeds of one cell."""
-    numeric = ["inner_steps", "seed", *SETTING_COLUMNS]
+    """ValueError, naming the file, the column and the fix, for a runs.csv the analysis
+    would misread: a column it needs missing, text in a numeric column, a status it does
+    not know, an OK run without a final accuracy and loss (or an accuracy outside 0..1),
+    a negative time or memory, one grid cell run twice under two run_ids, or rows of
+    several settings (SETTING_COLUMNS and the signal positions), which it would average
+    together as seeds of one cell."""
+    settings = [*SETTING_COLUMNS, "num_signal_positions"]
+    numeric = ["inner_steps", "seed", *settings]
     missing = [c for c in [*CELL, *numeric, "final_acc", "final_loss"] if c not in runs]
     if missing:
         raise ValueError(
             f"{path} has no {', '.join(missing)} column; it is not a runs.csv of a run"
         )
-    for column in numeric + [m for m in SUMMARY_METRICS if m in runs]:
+    for column in numeric + [m for m in [*SUMMARY_METRICS, *COSTS] if m in runs]:
         if not pd.api.types.is_numeric_dtype(runs[column]):
             raise ValueError(
                 f"{path} has text in its numeric column {column}; fix or drop that row"
             )
-    for column in SETTING_COLUMNS:
+
+    def refuse(rows: pd.Series, what: str) -> None:
+        if rows.any():
+            first = runs.loc[rows, "run_id"].iloc[0]
+            raise ValueError(f"{path}: run {first} {what}; fix or drop that row")
+
+    refuse(~runs["status"].isin(STATUSES), f"has a status not one of {', '.join(STATUSES)}")
+    ok = runs["status"] == STATUS_OK
+    for column in ("final_acc", "final_loss"):
+        refuse(ok & ~np.isfinite(runs[column]), f"is OK but its {column} is not a number")
+    refuse(
+        ~runs["final_acc"].between(0, 1) & runs["final_acc"].notna(), "has final_acc outside 0..1"
+    )
+    for column in [c for c in COSTS if c in runs]:
+        refuse(runs[column] < 0, f"has a negative {column}")
+    cell = [c for c in ["backend", "mode", "ablation", "inner_steps", "seed", *REGIME] if c in runs]
+    refuse(
+        runs.duplicated(cell, keep="first") & runs["run_id"].notna(),
+        f"repeats the ({', '.join(cell)}) of another row",
+    )
+    for column in settings:
         values = runs[column].dropna().unique()
         if len(values) > 1:
             raise ValueError(

@@ -40,6 +40,12 @@ def runs() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def test_regimes_are_counted_over_the_columns_a_runs_csv_has():
+    assert regimes(runs().drop(columns="dim")) == 4  # an older runs.csv: no dim
+    assert regimes(runs()[runs()["dtype"] == "float32"].drop(columns="dim")) == 1
+    assert regimes(runs().drop(columns=["seq_len", "dim", "dtype"])) == 1
+
+
 def test_each_regime_says_whether_full_works_and_what_it_gains():
     assert regimes(runs()) == 4
     table = robustness_table(runs()).set_index("precision")
