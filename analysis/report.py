@@ -2,12 +2,16 @@
 
     build_report(Path("results/phase12_long_k10k20"))
 
-writes summary.csv, full_minus_fo.csv, figures/*.png and report.md into the folder.
+writes summary.csv, full_minus_fo.csv, figures/*.png and report.md into the folder
+(robustness.csv, figures/ and report.md for a map over several shapes and precisions).
 Every statement in the interpretation section is computed from the numbers.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -29,9 +33,9 @@ from analysis.figures import (
     share_curves,
     training_curves,
 )
-from analysis.robustness import REGIME, regimes, robustness_table
 from analysis.robustness import findings as map_findings
-from analysis.summary import full_minus_fo, gains_over_fo, load_runs, summarize
+from analysis.robustness import regimes, robustness_table
+from analysis.summary import REGIME, full_minus_fo, gains_over_fo, load_runs, summarize
 from analysis.tables import markdown_table
 from phase12.schema import (
     CURVATURE_SHARES,
@@ -41,6 +45,11 @@ from phase12.schema import (
     SEED_STEP_S,
     STATUS_UNSUPPORTED,
 )
+
+# What a report writes into its folder, all of it the report's own: each build replaces
+# every one of them, so that nothing of an earlier grid's report (a map's robustness.csv
+# beside a plain report, a figure of a k no longer run) stays behind.
+OUTPUTS = ("report.md", "summary.csv", "full_minus_fo.csv", "robustness.csv", "figures")
 
 # The seed project's long confirmation run (docs/seed-phase12-README.md):
 # mean final accuracy over seeds 0 and 1, 1000 outer steps, as (FULL, FO).
@@ -94,24 +103,27 @@ def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def results_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy per (backend, k): each mode and curvature ablation (mean ± std; "not
-    supported" where the runs were beyond the backend's limits) and FULL − FO, paired by
-    seed."""
+    """Accuracy per (backend, k) of every run in the folder: each mode and curvature
+    ablation (mean ± std over its OK seeds; "not supported" where the runs were beyond the
+    backend's limits; "no seed finished" and the statuses where none finished OK) and
+    FULL − FO, paired by seed."""
     rows = []
-    policies = [m for m in MODE_ORDER if m in set(summary["mode"])]
-    policies += sorted(set(summary["mode"]) - set(MODE_ORDER))
-    beyond = runs[runs["status"] == STATUS_UNSUPPORTED]
-    unsupported = set(zip(beyond["backend"], beyond["inner_steps"], beyond["mode"], strict=True))
+    policies = [m for m in MODE_ORDER if m in set(runs["mode"])]
+    policies += sorted(set(runs["mode"]) - set(MODE_ORDER))
+    stats = summary.set_index(["backend", "inner_steps", "mode"])
     gaps = full_minus_fo(runs).set_index(["backend", "inner_steps"])
-    for (backend, k), g in summary.groupby(["backend", "inner_steps"]):
-        by_mode = g.set_index("mode")
+    for (backend, k), cell in runs.groupby(["backend", "inner_steps"]):
         row = {"backend": backend, "k": k}
         for mode in policies:
-            if mode in by_mode.index:
-                m, s = by_mode.loc[mode, "final_acc_mean"], by_mode.loc[mode, "final_acc_std"]
+            statuses = cell.loc[cell["mode"] == mode, "status"]
+            if (backend, k, mode) in stats.index:
+                m, s = stats.loc[(backend, k, mode), ["final_acc_mean", "final_acc_std"]]
                 row[f"{mode} acc"] = f"{m:.4f} ± {s:.4f}" if s == s else f"{m:.4f} (1 seed)"
-            elif (backend, k, mode) in unsupported:
+            elif len(statuses) and (statuses == STATUS_UNSUPPORTED).all():
                 row[f"{mode} acc"] = "not supported"
+            elif len(statuses):
+                counts = ", ".join(f"{s} {n}" for s, n in statuses.value_counts().items())
+                row[f"{mode} acc"] = f"no seed finished ({counts})"
         if (backend, k) in gaps.index:  # seed-paired: only seeds where both finished OK
             gap = gaps.loc[(backend, k)]
             one = " (1 seed)" if gap["n_seeds"] == 1 else ""
@@ -312,13 +324,14 @@ def _loss_scales(runs: pd.DataFrame) -> str:
     return "; ".join(f"{d} {', '.join(f'{v:g}' for v in s)}" for d, s in scales.items())
 
 
-def build_map_report(folder: Path, runs: pd.DataFrame) -> Path:
-    """The report of a sweep over several (T, D, precision) regimes: the robustness table,
-    its findings and the heat map of FULL's gain (analysis.robustness)."""
+def _map_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
+    """The report of a sweep over several (T, D, precision) regimes, written into `out`:
+    the robustness table, its findings and the heat map of FULL's gain
+    (analysis.robustness)."""
     table = robustness_table(runs)
-    table.to_csv(folder / "robustness.csv", index=False)
-    figdir = folder / "figures"
-    figdir.mkdir(exist_ok=True)
+    table.to_csv(out / "robustness.csv", index=False)
+    figdir = out / "figures"
+    figdir.mkdir()
     figures = [gain_heatmap(table, figdir / "gain_heatmap.png")] if len(table) else []
     values = lambda c: ", ".join(map(str, dict.fromkeys(sorted(runs[c].unique()))))  # noqa: E731
     seeds = int(runs.groupby([*REGIME, "backend", "mode", "inner_steps"])["seed"].nunique().min())
@@ -372,26 +385,20 @@ def build_map_report(folder: Path, runs: pd.DataFrame) -> Path:
         *[f"![{p.stem}](figures/{p.name})" for p in figures],
         "",
     ]
-    path = folder / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def build_report(folder: str | Path) -> Path:
-    folder = Path(folder)
-    runs = load_runs(folder)
-    if runs.empty:
-        raise ValueError(f"{folder / 'runs.csv'} holds no runs yet: run the sweep first")
-    if regimes(runs) > 1:
-        return build_map_report(folder, runs)
+def _plain_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
+    """The report of a sweep of one (T, D, precision), written into `out`: results,
+    interpretation, curvature ablations, speed, risk checks and figures."""
     summary = summarize(runs)
     gaps = full_minus_fo(runs)
-    histories = load_histories(folder, runs)  # may refuse: before anything is written
-    summary.to_csv(folder / "summary.csv", index=False)
-    gaps.to_csv(folder / "full_minus_fo.csv", index=False)
+    histories = load_histories(folder, runs)
+    summary.to_csv(out / "summary.csv", index=False)
+    gaps.to_csv(out / "full_minus_fo.csv", index=False)
 
-    figdir = folder / "figures"
-    figdir.mkdir(exist_ok=True)
+    figdir = out / "figures"
+    figdir.mkdir()
     figures = []
     if (runs["status"] == "OK").any():
         figures += [
@@ -515,6 +522,39 @@ def build_report(folder: str | Path) -> Path:
     ]
     lines += _risk_lines(folder)
     lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
-    path = folder / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def build_report(folder: str | Path) -> Path:
+    """Write the report of the sweep folder `folder` (OUTPUTS, replacing the last
+    report's) and return the path of its report.md.
+
+    Everything is built aside first and moved in at the end: ValueError, naming the file
+    and the fix, for a runs.csv or history the report cannot read or a folder it cannot
+    write, and the folder's last report stays as it was."""
+    folder = Path(folder)
+    runs = load_runs(folder)
+    if runs.empty:
+        raise ValueError(f"{folder / 'runs.csv'} holds no runs yet: run the sweep first")
+    try:
+        staging = tempfile.TemporaryDirectory(prefix=".report-", dir=folder)
+    except OSError as e:
+        raise ValueError(f"{folder} cannot be written ({e.strerror}); fix its permissions") from e
+    with staging as out:
+        if regimes(runs) > 1:
+            _map_report(folder, runs, Path(out))
+        else:
+            _plain_report(folder, runs, Path(out))
+        for name in OUTPUTS:
+            _replace(Path(out) / name, folder / name)
+    return folder / "report.md"
+
+
+def _replace(new: Path, old: Path) -> None:
+    """Put `new` where `old` is (removing `old`, file or folder; and `new` may be absent)."""
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    elif old.exists() or old.is_symlink():
+        old.unlink()
+    if new.exists():
+        os.replace(new, old)

@@ -1,9 +1,13 @@
 """Summary math on a hand-made CSV; figures and report produced from CSVs alone."""
 
+import os
+import tempfile
+
 import numpy as np
 import pandas as pd
 import pytest
 
+import analysis.report as report_module
 from analysis.figures import mean_curves
 from analysis.report import build_report, load_histories, shared_device_lines, timing_table
 from analysis.summary import full_minus_fo, load_runs, summarize
@@ -57,6 +61,15 @@ def hand_made_runs() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
+def edit_first(runs: pd.DataFrame, **values) -> pd.DataFrame:
+    """`runs` with the first row's `values` replaced (a hand edit)."""
+    runs = runs.copy()
+    for column, value in values.items():
+        runs[column] = runs[column].astype(object)
+        runs.loc[0, column] = value
+    return runs
+
+
 def test_summary_means_and_stds():
     s = summarize(hand_made_runs()).set_index(["backend", "mode", "inner_steps"])
     cell = s.loc[("reference", "FULL", 1)]
@@ -108,6 +121,14 @@ def test_runs_of_older_versions_have_no_runner_count_and_keep_their_speed_up(tmp
         (lambda r: r.assign(final_acc=["x"] + list(r["final_acc"][1:])), "column final_acc"),
         (lambda r: r.assign(outer_steps=[999] + list(r["outer_steps"][1:])), "several outer_steps"),
         (lambda r: r.assign(outer_lr=[1.0] + list(r["outer_lr"][1:])), "several outer_lr"),
+        (lambda r: edit_first(r, num_signal_positions=8), "several num_signal_positions"),
+        (lambda r: edit_first(r, status="DONE"), "has a status not one of OK, NONFINITE"),
+        (lambda r: edit_first(r, final_acc=float("nan")), "is OK but its final_acc is not"),
+        (lambda r: edit_first(r, final_loss=float("inf")), "is OK but its final_loss is not"),
+        (lambda r: edit_first(r, final_acc=1.5), "final_acc outside 0..1"),
+        (lambda r: edit_first(r, wall_time_total_s=-1.0), "negative wall_time_total_s"),
+        (lambda r: edit_first(r, peak_cuda_mem_bytes=-1), "negative peak_cuda_mem_bytes"),
+        (lambda r: edit_first(r, run_id="renamed", seed=1), "repeats the .backend, mode"),
     ],
 )
 def test_a_runs_csv_the_analysis_would_misread_is_refused(tmp_path, damage, message):
@@ -179,6 +200,12 @@ def test_the_results_table_says_not_supported_where_a_backend_could_not_run_a_po
     table = results_table(summarize(both), both).set_index("backend")
     assert (table.loc["triton_step", "FO_STRICT acc"] == "not supported").all()
     assert not table.loc["triton_step", "FULL acc"].eq("not supported").any()
+    none = both.assign(status="UNSUPPORTED")  # no OK run at all: every cell says why
+    table = results_table(summarize(none), none).set_index(["backend", "k"])
+    assert (table.filter(like=" acc") == "not supported").all().all() and len(table) == 6
+    failed = runs.assign(status=["ERROR", "NONFINITE"] * (len(runs) // 2) + ["ERROR"])
+    table = results_table(summarize(failed), failed).set_index(["backend", "k"])
+    assert table.loc[("reference", 1), "FULL acc"] == "no seed finished (ERROR 2, NONFINITE 1)"
 
 
 def test_the_results_table_claims_no_spread_from_one_seed():
@@ -252,6 +279,44 @@ def test_an_ok_run_without_a_history_is_named_not_left_out_of_the_curves(tmp_pat
     with pytest.raises(ValueError, match="1 OK run"):
         build_report(tmp_path)  # refused before anything is written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history", "runs.csv"]
+
+
+def test_a_report_replaces_the_last_one_whole_or_leaves_it_as_it_was(tmp_path, monkeypatch):
+    runs = hand_made_runs()
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    (tmp_path / "history").mkdir()
+    for r in runs[runs.status == "OK"].itertuples():
+        history(1.0).to_csv(tmp_path / "history" / f"{r.run_id}.csv.gz", index=False)
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "training_curves_k9_ablation.png").write_bytes(b"old")
+    (tmp_path / "robustness.csv").write_text("a map's table\n")  # of an earlier grid
+    build_report(tmp_path)
+    outputs = ["figures", "full_minus_fo.csv", "history", "report.md", "runs.csv", "summary.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == outputs
+    assert "training_curves_k9_ablation.png" not in os.listdir(tmp_path / "figures")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    first = next((tmp_path / "history").iterdir())
+    history(1.0, steps=3).to_csv(first, index=False)
+    with pytest.raises(ValueError, match="holds 3 of 10 steps"):
+        build_report(tmp_path)
+    first.write_bytes(before[first])
+    monkeypatch.setattr(report_module, "training_curves", lambda *a: 1 / 0)  # the last figure
+    with pytest.raises(ZeroDivisionError):
+        build_report(tmp_path)
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # and no staging folder left
+
+
+def test_a_report_into_a_folder_it_cannot_write_is_one_line(tmp_path, monkeypatch):
+    hand_made_runs().to_csv(tmp_path / "runs.csv", index=False)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")  # root passes chmod; the OS's answer
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", denied)
+    with pytest.raises(ValueError, match=f"{tmp_path} cannot be written .Permission denied."):
+        build_report(tmp_path)
 
 
 def test_a_compressed_history_wins_over_a_plain_one_of_the_same_run(tmp_path):
