@@ -191,6 +191,22 @@ def _risk(args, spec: SweepSpec) -> int:
     return 1 if (df["status"] == "FAIL").any() else 0
 
 
+def _check_earlier_runs(folder: Path) -> None:
+    """What the pipeline's report would refuse in the runs already in `folder` (a row or
+    history it cannot read), raised as ConfigError before the sweep: the sweep keeps
+    those runs, so the report would refuse them only after all the work. A torn last
+    line is left to the sweep, which moves it aside."""
+    from analysis.report import load_histories
+    from analysis.summary import load_runs
+
+    path = folder / RUNS_CSV
+    if path.exists() and path.read_bytes().endswith(b"\n"):
+        try:
+            load_histories(folder, load_runs(folder))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+
 def _report(args) -> int:
     from analysis.report import build_report
 
@@ -209,6 +225,8 @@ def main(name: str, argv: list[str]) -> int:
                 raise ConfigError(f"no runs.csv in {folder}: run the sweep first")
         else:
             spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
+        if name == "pipeline" and not args.restart:
+            _check_earlier_runs(args.root / args.tag)
         if name == "report":
             return _report(args)  # a CSV it cannot read: ValueError, nothing written
         if name == "risk":

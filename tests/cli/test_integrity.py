@@ -155,8 +155,9 @@ def test_a_damaged_history_stops_the_report_and_pipeline_in_one_line(
     assert exit_code("report", "--root", str(tmp_path), "--tag", "t") == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "t" / "report.md").exists()
-    assert sweep(tmp_path, "--modes", "FULL", "--no-gradgradcheck", command="pipeline") == 2
-    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert sweep(tmp_path, "--modes", "FULL,FO", "--no-gradgradcheck", command="pipeline") == 2
+    assert message in one_error_line(capsys)  # before the sweep ran FO or the risk checks
+    assert len(rows(tmp_path)) == 1 and not (tmp_path / "t" / "risk_checks.csv").exists()
 
 
 def test_the_report_of_a_grid_where_every_run_failed(tmp_path, monkeypatch):
