@@ -73,10 +73,11 @@ def parse_cells(spec: str) -> list[tuple[str, int, int, str]]:
             or parts[0] not in DTYPES
             or parts[3] not in FAMILIES
             or not (parts[1].isdigit() and parts[2].isdigit())
+            or 0 in (int(parts[1]), int(parts[2]))
         ):
             raise ValueError(
                 f"bad cell {cell!r}: want DTYPE:N:D:FAMILY with DTYPE in {sorted(DTYPES)} "
-                f"and FAMILY in {sorted(FAMILIES)}, e.g. fp32:4096:64:bwd"
+                f"and FAMILY in {sorted(FAMILIES)}, N and D positive, e.g. fp32:4096:64:bwd"
             )
         cells.append((parts[0], int(parts[1]), int(parts[2]), parts[3]))
     return cells

@@ -21,6 +21,7 @@ from phase12.cli.parsing import (
     config_from_args,
     csv_list,
     default_backends,
+    positive_int,
 )
 from phase12.config import ABLATIONS, DTYPES, MODES, ConfigError, RunConfig, resolve_device
 
@@ -80,7 +81,8 @@ def _step_parser() -> ArgumentParser:
     p.add_argument(
         "--scaling",
         action="store_true",
-        help="also the scaling table: FULL and FO_STRICT against k, meta-batch and T",
+        help="also the scaling table: FULL and FO_STRICT against k, meta-batch and T, one "
+        "varied at a time (the others at the largest --k, --meta-batch and --seq-len)",
     )
     scaling_axes = {
         "k": ((1, 5, 10, 20, 40), "inner steps"),
@@ -131,17 +133,18 @@ def bench_step(argv: list[str]) -> int:
         if args.breakdown and args.execution and set(args.execution) != {"eager", "graph"}:
             raise ConfigError("--breakdown times every cell eager and in a graph; drop --execution")
         scaling = []
+        anchor = base.replace(inner_steps=max(args.k))  # where the scaling axes cross
         if args.scaling:  # checked here, not after the main table has run
             axes = {"k": args.scaling_k, "meta_batch": args.scaling_meta_batch}
             axes["seq_len"] = args.scaling_seq_len
             for axis, values in axes.items():
                 for v in values:
                     try:
-                        device_for(base.replace(**{SCALING_FIELDS[axis]: v}))
+                        device_for(anchor.replace(**{SCALING_FIELDS[axis]: v}))
                     except ConfigError as e:
                         flag = f"--scaling-{axis.replace('_', '-')}"
                         raise ConfigError(f"{flag} {v}: {e}") from e
-            scaling = scaling_cells(base, args.backends, "graph" if cuda else "eager", axes)
+            scaling = scaling_cells(anchor, args.backends, "graph" if cuda else "eager", axes)
         check_writable(args.out)
     except ConfigError as e:
         return p.bad_input(e)
@@ -161,7 +164,7 @@ def bench_step(argv: list[str]) -> int:
 
         scaling = measure(scaling, args.warmup, args.reps)
         scaling.to_csv(args.out / "scaling.csv", index=False)
-        at = {"k": base.inner_steps, "meta_batch": base.meta_batch, "seq_len": base.seq_len}
+        at = {"k": anchor.inner_steps, "meta_batch": base.meta_batch, "seq_len": base.seq_len}
         scaling_plot(scaling, at, args.out / "scaling.png")
         _show(scaling)
     return 0
@@ -173,11 +176,13 @@ def _attention_parser() -> ArgumentParser:
     p = ArgumentParser(prog="run.py bench attention", description=attention.__doc__)
     p.add_argument(
         "--n",
-        type=csv_list(int),
+        type=csv_list(positive_int),
         default=(128, 512, 1024, 2048, 4096, 8192, 16384),
         help="comma-separated N = M",
     )
-    p.add_argument("--d", type=csv_list(int), default=(64, 128), help="comma-separated head dims")
+    p.add_argument(
+        "--d", type=csv_list(positive_int), default=(64, 128), help="comma-separated head dims"
+    )
     p.add_argument(
         "--dtypes",
         type=csv_list(str, attention.DTYPES),

@@ -63,6 +63,14 @@ class ArgumentParser(argparse.ArgumentParser):
         return EXIT_BAD_INPUT
 
 
+def positive_int(text: str) -> int:
+    """An argparse type (or csv_list kind): an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{value} is not a positive integer")
+    return value
+
+
 def csv_list(
     kind: Callable = str, choices: Iterable | None = None, *, repeats: bool = False
 ) -> Callable:
@@ -78,7 +86,7 @@ def csv_list(
         try:
             values = tuple(kind(x) for x in items)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list: {e}") from e
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from e
         twice = sorted({str(v) for v in values if values.count(v) > 1})
         if twice and not repeats:
             raise argparse.ArgumentTypeError(f"{', '.join(twice)} given twice; give each once")

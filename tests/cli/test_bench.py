@@ -44,12 +44,15 @@ def test_bench_step_writes_tables_and_plot(tmp_path):
     assert list(step["mode"]) == ["FO_STRICT"] and (step["median_step_ms"] > 0).all()
     scaling = pd.read_csv(out / "scaling.csv")
     assert len(scaling) == 2 * (2 + 2 + 2)  # FULL and FO_STRICT at every axis value
+    assert set(scaling.loc[scaling["meta_batch"] == 4, "k"]) == {1}  # at --k, not the default
     assert (out / "scaling.png").stat().st_size > 10_000
 
 
 def test_bench_tiles_refuses_bad_cells_and_needs_cuda(capsys):
     assert cli.main(["bench", "tiles", "--cells", "fp32:4096:64:backward"]) == 2
     assert "bad cell 'fp32:4096:64:backward'" in capsys.readouterr().err
+    assert cli.main(["bench", "tiles", "--cells", "fp32:0:64:bwd"]) == 2
+    assert "bad cell 'fp32:0:64:bwd'" in capsys.readouterr().err
     assert (
         cli.main(["bench", "tiles", "--cells", "bf16:1024:64:bwd", "--candidates", "32x32x4"]) == 2
     )
@@ -67,11 +70,15 @@ def test_bench_attention_needs_cuda(capsys):
     assert "error: the attention benchmark needs a CUDA device" in capsys.readouterr().err
 
 
-def test_bench_attention_refuses_unknown_names(capsys):
+def test_bench_attention_refuses_unknown_names_and_empty_sizes(capsys):
     assert exit_code("bench", "attention", "--passes", "fwd,backward") == 2
     assert "invalid choice 'backward'" in capsys.readouterr().err
     assert exit_code("bench", "attention", "--providers", "fused,flash") == 2
     assert "invalid choice 'flash'" in capsys.readouterr().err
+    assert exit_code("bench", "attention", "--n", "128,0") == 2
+    assert "--n: '128,0': 0 is not a positive integer" in capsys.readouterr().err
+    assert exit_code("bench", "attention", "--d", "-1") == 2
+    assert "--d: '-1': -1 is not a positive integer" in capsys.readouterr().err
 
 
 def test_bench_step_refuses_bad_grids_before_any_work(tmp_path, capsys):
