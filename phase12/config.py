@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -28,6 +29,7 @@ __all__ = [
     "GRID_FIELDS",
     "Mode",
     "RunConfig",
+    "changed_settings",
     "option_help",
     "resolve_device",
     "settings",
@@ -342,3 +344,16 @@ def settings(config: RunConfig) -> dict:
     fields = dataclasses.asdict(config)
     shared = {k: v for k, v in fields.items() if k not in (*GRID_FIELDS, "device")}
     return json.loads(json.dumps(shared))
+
+
+def changed_settings(before: Mapping, config: RunConfig, *, absent_differs: bool) -> str | None:
+    """How `config`'s settings differ from the recorded settings `before`, e.g.
+    "outer_steps 3 there, 2 now"; None if they do not. A setting `before` lacks differs
+    with `absent_differs` (a sweep's record holds them all) and is let pass without (a
+    run's meta JSON from a version older than that setting)."""
+    changed = [
+        f"{k} {before.get(k, 'absent')} there, {v} now"
+        for k, v in settings(config).items()
+        if (k in before or absent_differs) and before.get(k) != v
+    ]
+    return "; ".join(changed) or None

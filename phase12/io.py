@@ -32,7 +32,7 @@ from pathlib import Path
 
 import filelock
 
-from phase12.config import settings
+from phase12.config import changed_settings
 from phase12.schema import (
     HISTORY_COLUMNS,
     HISTORY_DIR,
@@ -206,17 +206,12 @@ def other_settings(rows: list[Mapping], config, folder: str | Path) -> str | Non
     none does. Settings (phase12.config.settings) are read from the run's row
     (SETTING_COLUMNS) and from its meta/RUN.json, which holds the rest (noise, shots,
     classes, ...)."""
-    now = settings(config)
     for row in rows:
-        changed = {
-            c: row[c]
-            for c in SETTING_COLUMNS
-            if row[c] != "" and float(row[c]) != float(getattr(config, c))
-        }
         before = _meta_config(Path(folder) / "meta" / f"{row['run_id']}.json")
-        changed |= {k: before[k] for k, v in now.items() if k in before and before[k] != v}
+        before |= {c: json.loads(row[c]) for c in SETTING_COLUMNS if row[c] != ""}
+        changed = changed_settings(before, config, absent_differs=False)
         if changed:
-            return "; ".join(f"{k} {v} there, {now[k]} now" for k, v in changed.items())
+            return changed
     return None
 
 

@@ -55,7 +55,7 @@ import torch
 from tqdm import tqdm
 
 from phase12.backends import device_for, get
-from phase12.config import ConfigError, Mode, RunConfig, resolve_device, settings
+from phase12.config import ConfigError, Mode, RunConfig, changed_settings, resolve_device, settings
 from phase12.io import (
     FolderLock,
     append_row,
@@ -317,17 +317,11 @@ def _record(folder: Path) -> dict | None:
 
 
 def _changed_settings(record: dict | None, base: RunConfig) -> str | None:
-    """How `base`'s settings differ from a sweep record's, e.g. "outer_steps 2 there, 3
-    now"; None if they do not (or there is no record)."""
+    """How `base`'s settings differ from a sweep record's; None if they do not (or there
+    is no record)."""
     if record is None:
         return None
-    before = record["settings"]
-    changed = [
-        f"{k} {before.get(k)!r} there, {v!r} now"
-        for k, v in settings(base).items()
-        if before.get(k) != v
-    ]
-    return "; ".join(changed) or None
+    return changed_settings(record["settings"], base, absent_differs=True)
 
 
 def check_risk_folder(folder: Path, base: RunConfig) -> None:

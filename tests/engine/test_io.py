@@ -73,3 +73,19 @@ def test_folder_lock_is_exclusive_and_released(tmp_path):
             pass
     with FolderLock(tmp_path / "f"):  # free again
         pass
+
+
+def test_settings_are_compared_field_by_field_and_absent_ones_as_told():
+    from phase12.config import RunConfig, changed_settings, settings
+
+    config = RunConfig(outer_steps=2, shots=4)
+    recorded = settings(config)
+    assert changed_settings(recorded, config, absent_differs=True) is None
+    assert changed_settings(recorded | {"outer_steps": 3}, config, absent_differs=False) == (
+        "outer_steps 3 there, 2 now"
+    )
+    older = {k: v for k, v in recorded.items() if k != "shots"}  # a version before shots
+    assert changed_settings(older, config, absent_differs=False) is None
+    assert changed_settings(older, config, absent_differs=True) == "shots absent there, 4 now"
+    grid = config.replace(seed=5, backend="triton_step", seq_len=16)  # grid axes: not settings
+    assert changed_settings(recorded, grid, absent_differs=True) is None
