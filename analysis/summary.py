@@ -82,6 +82,8 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
         raise ValueError(
             f"{path} has no {', '.join(missing)} column; it is not a runs.csv of a run"
         )
+    if runs.empty:  # a header alone: columns of no type, and nothing to misread
+        return
     for column in numeric + [m for m in [*SUMMARY_METRICS, *COSTS] if m in runs]:
         if not pd.api.types.is_numeric_dtype(runs[column]):
             raise ValueError(

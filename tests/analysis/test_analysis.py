@@ -137,6 +137,13 @@ def test_a_runs_csv_the_analysis_would_misread_is_refused(tmp_path, damage, mess
         load_runs(tmp_path)
 
 
+def test_a_runs_csv_of_a_header_alone_holds_no_runs_yet(tmp_path):
+    hand_made_runs().iloc[:0].to_csv(tmp_path / "runs.csv", index=False)
+    assert load_runs(tmp_path).empty
+    with pytest.raises(ValueError, match="holds no runs yet: run the sweep first"):
+        build_report(tmp_path)
+
+
 def test_full_minus_fo_pairs_seeds():
     g = full_minus_fo(hand_made_runs()).set_index(["backend", "inner_steps"])
     k1 = g.loc[("reference", 1)]
