@@ -13,19 +13,18 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.ablations import ATTENTION_TERM, _beyond, _fmt, paired
-from analysis.summary import REGIME
-from phase12.schema import FLOAT64_TOLERANCE, STATUS_UNSUPPORTED
+from phase12.schema import FLOAT64_TOLERANCE, REGIME_FIELDS, STATUS_UNSUPPORTED
 
 NOT_SUPPORTED = "not supported"  # beyond the backend's limits: the sweep ran nothing
 RUN_ERROR = "run error"  # a cell whose runs raised: no verdict on FULL
-KEYS = ["backend", "inner_steps", *REGIME]
+KEYS = ["backend", "inner_steps", *REGIME_FIELDS]
 COLUMNS = ["backend", "k", "T", "D", "precision"]  # KEYS as the table names them
 
 
 def regimes(runs: pd.DataFrame) -> int:
     """How many (T, D, precision) regimes the runs hold (by the columns present: runs.csv
     of older versions have no dim)."""
-    present = [c for c in REGIME if c in runs]
+    present = [c for c in REGIME_FIELDS if c in runs]
     return len(runs.groupby(present)) if present else 1
 
 

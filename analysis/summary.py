@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from phase12.schema import RUNS_CSV, SETTING_COLUMNS, STATUS_OK, STATUSES
+from phase12.schema import GRID_FIELDS, RUNS_CSV, SETTING_COLUMNS, STATUS_OK, STATUSES
 
 CELL = ["backend", "mode", "inner_steps"]
-REGIME = ["seq_len", "dim", "dtype"]  # the shape and precision a robustness map varies
 # What a run spent: never negative.
 COSTS = [
     "wall_time_total_s",
@@ -33,11 +33,15 @@ SUMMARY_METRICS = [
 
 
 def load_runs(folder: str | Path) -> pd.DataFrame:
-    """The sweep's runs.csv; the combined attention grad norm is derived if absent.
+    """The sweep's runs.csv, completed where older versions wrote less: ablation "none"
+    where blank or absent, D from each run's meta JSON where the row has no dim, the
+    combined attention grad norm derived if absent.
 
-    ValueError, naming the file and the fix, for a file that does not parse or ends in a
-    partial line (pandas would read the fragment as a row of blanks)."""
-    path = Path(folder) / RUNS_CSV
+    ValueError, naming the file (and the line) and the fix, for a file that does not
+    parse, ends in a partial line (pandas would read the fragment as a row of blanks) or
+    holds rows the analysis would misread (_check_values)."""
+    folder = Path(folder)
+    path = folder / RUNS_CSV
     if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
         raise ValueError(
             f"{path} ends in a partial line (a write cut short); the next sweep or run into "
@@ -49,15 +53,14 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path} is not a runs.csv this program wrote ({type(e).__name__})") from e
     if "status" not in runs or "run_id" not in runs:
         raise ValueError(f"{path} is not a runs.csv this program wrote (no status/run_id column)")
-    if runs["run_id"].duplicated().any():
-        twice = ", ".join(sorted(runs.loc[runs["run_id"].duplicated(), "run_id"].unique())[:3])
-        raise ValueError(f"{path} holds runs more than once ({twice}); keep one row each")
-    _check_values(runs, path)
     # A curvature ablation of FULL is a policy of its own: in the tables and figures it
     # stands where a mode stands (runs.csv of older versions have no ablation column).
     if "ablation" not in runs:
         runs["ablation"] = "none"
     runs["ablation"] = runs["ablation"].astype(object).where(runs["ablation"].notna(), "none")
+    if "dim" not in runs and len(runs):  # older versions kept D in the meta JSON alone
+        runs["dim"] = [_meta_dim(folder, run_id) for run_id in runs["run_id"]]
+    _check_values(runs, path)
     runs["mode"] = runs["mode"].where(runs["ablation"] == "none", runs["ablation"])
     if "device_runners" not in runs:  # older versions did not record it
         runs["device_runners"] = float("nan")
@@ -68,13 +71,25 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
     return runs
 
 
+def _meta_dim(folder: Path, run_id) -> int:
+    """The width D a run's meta JSON records; ValueError if it cannot be read."""
+    path = folder / "meta" / f"{run_id}.json"
+    try:
+        return int(json.loads(path.read_text())["config"]["dim"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{folder / RUNS_CSV} has no dim column and {path} cannot tell the run's width "
+            f"D ({type(e).__name__}); add the dim column"
+        ) from e
+
+
 def _check_values(runs: pd.DataFrame, path: Path) -> None:
-    """ValueError, naming the file, the column and the fix, for a runs.csv the analysis
-    would misread: a column it needs missing, text in a numeric column, a status it does
-    not know, an OK run without a final accuracy and loss (or an accuracy outside 0..1),
-    a negative time or memory, one grid cell run twice under two run_ids, or rows of
-    several settings (SETTING_COLUMNS and the signal positions), which it would average
-    together as seeds of one cell."""
+    """ValueError, naming the file, the line or column, and the fix, for a runs.csv the
+    analysis would misread: a column it needs missing, a row without a run_id, text in a
+    numeric column, a status it does not know, an OK run without a final accuracy and
+    loss (or an accuracy outside 0..1), a negative time or memory, one run or one grid
+    cell (GRID_FIELDS) twice, or rows of several settings (SETTING_COLUMNS and the signal
+    positions), which it would average together as seeds of one cell."""
     settings = [*SETTING_COLUMNS, "num_signal_positions"]
     numeric = ["inner_steps", "seed", *settings]
     missing = [c for c in [*CELL, *numeric, "final_acc", "final_loss"] if c not in runs]
@@ -84,31 +99,37 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
         )
     if runs.empty:  # a header alone: columns of no type, and nothing to misread
         return
-    for column in numeric + [m for m in [*SUMMARY_METRICS, *COSTS] if m in runs]:
+
+    def refuse(rows: pd.Series, what: str) -> None:
+        if rows.any():
+            line = rows.to_numpy().nonzero()[0][0] + 2  # the header is line 1
+            raise ValueError(f"{path}, line {line}: the run {what}; fix or drop that row")
+
+    def refuse_repeats(columns: list[str], what: str) -> None:
+        twice = runs[runs.duplicated(columns, keep=False)]
+        if len(twice):
+            group = twice.groupby(columns, dropna=False, sort=False).ngroup()
+            lines = ", ".join(str(i + 2) for i in twice.index[group == group.iloc[0]])
+            raise ValueError(f"{path}, lines {lines}: {what}; keep one of them")
+
+    refuse(runs["run_id"].isna(), "has no run_id")
+    for column in dict.fromkeys(numeric + [m for m in [*SUMMARY_METRICS, *COSTS] if m in runs]):
         if not pd.api.types.is_numeric_dtype(runs[column]):
             raise ValueError(
                 f"{path} has text in its numeric column {column}; fix or drop that row"
             )
-
-    def refuse(rows: pd.Series, what: str) -> None:
-        if rows.any():
-            first = runs.loc[rows, "run_id"].iloc[0]
-            raise ValueError(f"{path}: run {first} {what}; fix or drop that row")
-
+    refuse_repeats(["run_id"], "one run twice")
     refuse(~runs["status"].isin(STATUSES), f"has a status not one of {', '.join(STATUSES)}")
     ok = runs["status"] == STATUS_OK
     for column in ("final_acc", "final_loss"):
         refuse(ok & ~np.isfinite(runs[column]), f"is OK but its {column} is not a number")
     refuse(
-        ~runs["final_acc"].between(0, 1) & runs["final_acc"].notna(), "has final_acc outside 0..1"
+        runs["final_acc"].notna() & ~runs["final_acc"].between(0, 1), "has final_acc outside 0..1"
     )
     for column in [c for c in COSTS if c in runs]:
         refuse(runs[column] < 0, f"has a negative {column}")
-    cell = [c for c in ["backend", "mode", "ablation", "inner_steps", "seed", *REGIME] if c in runs]
-    refuse(
-        runs.duplicated(cell, keep="first") & runs["run_id"].notna(),
-        f"repeats the ({', '.join(cell)}) of another row",
-    )
+    cell = [c for c in GRID_FIELDS if c in runs]
+    refuse_repeats(cell, f"runs of one ({', '.join(cell)})")
     for column in settings:
         values = runs[column].dropna().unique()
         if len(values) > 1:

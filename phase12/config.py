@@ -22,11 +22,12 @@ from enum import Enum
 
 import torch
 
+from phase12.schema import GRID_FIELDS
+
 __all__ = [
     "ABLATIONS",
     "ConfigError",
     "Curvature",
-    "GRID_FIELDS",
     "Mode",
     "RunConfig",
     "changed_settings",
@@ -105,9 +106,6 @@ DTYPES = {
     "autocast_float16": (torch.float32, torch.float16),
 }
 CUDA_GRAPH = ("auto", "on", "off")
-# The fields a sweep's grid varies; every other field but the device is a setting that the
-# runs of one results folder share.
-GRID_FIELDS = ("mode", "backend", "inner_steps", "seed", "ablation", "seq_len", "dim", "dtype")
 MAX_SEED = 2**62  # torch.Generator takes 64 bits; the probes add offsets to the seed
 
 
@@ -340,7 +338,7 @@ def resolve_device(device: str) -> torch.device:
 
 def settings(config: RunConfig) -> dict:
     """What the runs of one results folder share: every RunConfig field but the grid
-    axes (GRID_FIELDS) and the device, as JSON values."""
+    axes (phase12.schema.GRID_FIELDS) and the device, as JSON values."""
     fields = dataclasses.asdict(config)
     shared = {k: v for k, v in fields.items() if k not in (*GRID_FIELDS, "device")}
     return json.loads(json.dumps(shared))

@@ -92,6 +92,10 @@ SEED_COLUMNS = [
     "error",
     "convergence_delta",
 ]
+# The fields a sweep's grid varies, by their RunConfig and runs.csv name: a run is one
+# point of the grid. The last three, a regime, are what a robustness map varies.
+GRID_FIELDS = ("mode", "backend", "inner_steps", "seed", "ablation", "seq_len", "dim", "dtype")
+REGIME_FIELDS = GRID_FIELDS[-3:]
 # Settings every run of one folder shares (the grid axes aside): rows that differ in one
 # would be averaged together by the analysis as if they were seeds of one cell.
 SETTING_COLUMNS = ("meta_batch", "outer_lr", "outer_steps", "inner_lr")

@@ -22,6 +22,10 @@ def test_a_sweep_over_shapes_and_precisions_and_its_map_report(tmp_path):
     assert report.startswith("# Phase 12 robustness map: m")
     assert report.count("| reference | 1 |") == 4  # one row per regime
     assert (tmp_path / "m" / "figures" / "gain_heatmap.png").exists()
+    # A runs.csv of a version that kept D in the meta JSON alone: the same map.
+    runs.drop(columns="dim").to_csv(tmp_path / "m" / "runs.csv", index=False)
+    assert exit_code("report", "--root", str(tmp_path), "--tag", "m") == 0
+    assert (tmp_path / "m" / "report.md").read_text() == report
 
 
 def test_cells_beyond_a_backends_limits_are_recorded_as_unsupported_and_mapped(tmp_path):
