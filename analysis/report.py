@@ -10,8 +10,9 @@ Every statement in the interpretation section is computed from the numbers.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -35,21 +36,26 @@ from analysis.figures import (
 )
 from analysis.robustness import findings as map_findings
 from analysis.robustness import regimes, robustness_table
-from analysis.summary import REGIME, full_minus_fo, gains_over_fo, load_runs, summarize
+from analysis.summary import full_minus_fo, gains_over_fo, load_runs, summarize
 from analysis.tables import markdown_table
 from phase12.schema import (
     CURVATURE_SHARES,
     HISTORY_DIR,
     HISTORY_SUFFIX,
     METRICS,
+    REGIME_FIELDS,
+    RUNS_CSV,
     SEED_STEP_S,
+    STATUS_OK,
     STATUS_UNSUPPORTED,
+    STATUSES,
 )
 
 # What a report writes into its folder, all of it the report's own: each build replaces
 # every one of them, so that nothing of an earlier grid's report (a map's robustness.csv
-# beside a plain report, a figure of a k no longer run) stays behind.
-OUTPUTS = ("report.md", "summary.csv", "full_minus_fo.csv", "robustness.csv", "figures")
+# beside a plain report, a figure of a k no longer run) stays behind. report.md last: it
+# names the others.
+OUTPUTS = ("summary.csv", "full_minus_fo.csv", "robustness.csv", "figures", "report.md")
 
 # The seed project's long confirmation run (docs/seed-phase12-README.md):
 # mean final accuracy over seeds 0 and 1, 1000 outer steps, as (FULL, FO).
@@ -84,7 +90,7 @@ def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
         path = history_file(folder, row.run_id)
         try:
             h = pd.read_csv(path)
-        except (OSError, EOFError, ValueError) as e:  # cut short, not gzip, empty
+        except (OSError, EOFError, ValueError, zlib.error) as e:  # cut short, not gzip, empty
             raise ValueError(
                 f"the history {path} cannot be read ({type(e).__name__}: {e}); delete its "
                 "row from runs.csv and run the sweep again to redo the run"
@@ -104,7 +110,8 @@ def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
 
 def results_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Accuracy per (backend, k) of every run in the folder: each mode and curvature
-    ablation (mean ± std over its OK seeds; "not supported" where the runs were beyond the
+    ablation (mean ± std over its OK seeds, with how many of how many and the others'
+    statuses where some did not finish; "not supported" where the runs were beyond the
     backend's limits; "no seed finished" and the statuses where none finished OK) and
     FULL − FO, paired by seed."""
     rows = []
@@ -116,14 +123,20 @@ def results_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
         row = {"backend": backend, "k": k}
         for mode in policies:
             statuses = cell.loc[cell["mode"] == mode, "status"]
+            counts = statuses[statuses != STATUS_OK].value_counts()
+            failed = ", ".join(f"{s} {counts[s]}" for s in STATUSES if s in counts)
             if (backend, k, mode) in stats.index:
                 m, s = stats.loc[(backend, k, mode), ["final_acc_mean", "final_acc_std"]]
-                row[f"{mode} acc"] = f"{m:.4f} ± {s:.4f}" if s == s else f"{m:.4f} (1 seed)"
+                ok = (statuses == STATUS_OK).sum()
+                seeds = f"{ok} of {len(statuses)} seeds; {failed}" if failed else "1 seed"
+                spread = f" ± {s:.4f}" if s == s else ""
+                row[f"{mode} acc"] = f"{m:.4f}{spread}" + (
+                    f" ({seeds})" if failed or ok == 1 else ""
+                )
             elif len(statuses) and (statuses == STATUS_UNSUPPORTED).all():
                 row[f"{mode} acc"] = "not supported"
             elif len(statuses):
-                counts = ", ".join(f"{s} {n}" for s, n in statuses.value_counts().items())
-                row[f"{mode} acc"] = f"no seed finished ({counts})"
+                row[f"{mode} acc"] = f"no seed finished ({failed})"
         if (backend, k) in gaps.index:  # seed-paired: only seeds where both finished OK
             gap = gaps.loc[(backend, k)]
             one = " (1 seed)" if gap["n_seeds"] == 1 else ""
@@ -334,7 +347,9 @@ def _map_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
     figdir.mkdir()
     figures = [gain_heatmap(table, figdir / "gain_heatmap.png")] if len(table) else []
     values = lambda c: ", ".join(map(str, dict.fromkeys(sorted(runs[c].unique()))))  # noqa: E731
-    seeds = int(runs.groupby([*REGIME, "backend", "mode", "inner_steps"])["seed"].nunique().min())
+    seeds = int(
+        runs.groupby([*REGIME_FIELDS, "backend", "mode", "inner_steps"])["seed"].nunique().min()
+    )
     shown = table.drop(columns=["gain"]) if len(table) else table
     lines = [
         f"# Phase 12 robustness map: {folder.name}",
@@ -525,13 +540,28 @@ def _plain_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def check_inputs(folder: str | Path, regimes_to_come: Iterable[tuple] = ()) -> None:
+    """ValueError, as build_report raises it, for what the report would refuse in the
+    runs now in `folder`: its runs.csv and, for a report of one regime, the OK runs'
+    histories; the regimes counted with `regimes_to_come` ((T, D, precision) of the runs
+    a sweep is about to add) among them."""
+    if not (Path(folder) / RUNS_CSV).exists():
+        return
+    runs = load_runs(folder)
+    if runs.empty:
+        return
+    to_come = pd.DataFrame(list(regimes_to_come), columns=list(REGIME_FIELDS))
+    if regimes(pd.concat([runs[list(REGIME_FIELDS)], to_come])) == 1:
+        load_histories(Path(folder), runs)
+
+
 def build_report(folder: str | Path) -> Path:
     """Write the report of the sweep folder `folder` (OUTPUTS, replacing the last
     report's) and return the path of its report.md.
 
-    Everything is built aside first and moved in at the end: ValueError, naming the file
-    and the fix, for a runs.csv or history the report cannot read or a folder it cannot
-    write, and the folder's last report stays as it was."""
+    Everything is built aside and then moved in, all or nothing: ValueError, naming the
+    file and the fix, for a runs.csv or history the report cannot read or a folder it
+    cannot write, and the folder's last report stays as it was."""
     folder = Path(folder)
     runs = load_runs(folder)
     if runs.empty:
@@ -539,22 +569,37 @@ def build_report(folder: str | Path) -> Path:
     try:
         staging = tempfile.TemporaryDirectory(prefix=".report-", dir=folder)
     except OSError as e:
-        raise ValueError(f"{folder} cannot be written ({e.strerror}); fix its permissions") from e
+        raise ValueError(f"cannot write the report into {folder} ({e.strerror})") from e
     with staging as out:
         if regimes(runs) > 1:
             _map_report(folder, runs, Path(out))
         else:
             _plain_report(folder, runs, Path(out))
-        for name in OUTPUTS:
-            _replace(Path(out) / name, folder / name)
+        _move_in(Path(out), folder)
     return folder / "report.md"
 
 
-def _replace(new: Path, old: Path) -> None:
-    """Put `new` where `old` is (removing `old`, file or folder; and `new` may be absent)."""
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    elif old.exists() or old.is_symlink():
-        old.unlink()
-    if new.exists():
-        os.replace(new, old)
+def _move_in(built: Path, folder: Path) -> None:
+    """Replace the OUTPUTS in `folder` with those in `built` (one absent there is removed),
+    all or none: the old ones are moved into `built` first (renames within the folder),
+    then the new ones out, and on any failure every move is undone. ValueError naming
+    the file for an OSError."""
+    old = built / "last report"
+    old.mkdir()
+    moves = [(folder / n, old / n) for n in OUTPUTS if os.path.lexists(folder / n)]
+    moves += [(built / n, folder / n) for n in OUTPUTS if (built / n).exists()]
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for source, target in moves:
+            os.replace(source, target)
+            moved.append((source, target))
+    except BaseException as e:  # Ctrl-C too: no half-replaced report
+        for source, target in reversed(moved):
+            os.replace(target, source)
+        if isinstance(e, OSError):
+            failed = moves[len(moved)][0].name
+            raise ValueError(
+                f"the report could not move {failed} into {folder} ({e.strerror}); "
+                "the last report stays as it was"
+            ) from e
+        raise

@@ -1,7 +1,9 @@
 """Summary math on a hand-made CSV; figures and report produced from CSVs alone."""
 
+import json
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -128,7 +130,16 @@ def test_runs_of_older_versions_have_no_runner_count_and_keep_their_speed_up(tmp
         (lambda r: edit_first(r, final_acc=1.5), "final_acc outside 0..1"),
         (lambda r: edit_first(r, wall_time_total_s=-1.0), "negative wall_time_total_s"),
         (lambda r: edit_first(r, peak_cuda_mem_bytes=-1), "negative peak_cuda_mem_bytes"),
-        (lambda r: edit_first(r, run_id="renamed", seed=1), "repeats the .backend, mode"),
+        (lambda r: edit_first(r, run_id="renamed", seed=1), "lines 2, 3: runs of one .mode, "),
+        (lambda r: edit_first(r, run_id=float("nan")), "line 2: the run has no run_id"),
+        (
+            lambda r: edit_first(r, run_id="reference_FULL_k1_seed1"),
+            "lines 2, 3: one run twice; keep one",
+        ),
+        (  # a blank ablation is "none": the same cell as the row after it
+            lambda r: edit_first(r, run_id="blank", seed=1, ablation=float("nan")),
+            "lines 2, 3: runs of one .mode, backend, inner_steps, seed, ablation",
+        ),
     ],
 )
 def test_a_runs_csv_the_analysis_would_misread_is_refused(tmp_path, damage, message):
@@ -142,6 +153,22 @@ def test_a_runs_csv_of_a_header_alone_holds_no_runs_yet(tmp_path):
     assert load_runs(tmp_path).empty
     with pytest.raises(ValueError, match="holds no runs yet: run the sweep first"):
         build_report(tmp_path)
+
+
+def test_a_runs_csv_without_dim_takes_each_runs_width_from_its_meta_json(tmp_path):
+    from analysis.robustness import regimes
+
+    runs = hand_made_runs().drop(columns="dim")  # as versions before D was in the row
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    (tmp_path / "meta").mkdir()
+    for i, run_id in enumerate(runs["run_id"]):
+        config = {"config": {"dim": 64 if i % 2 else 32}}
+        (tmp_path / "meta" / f"{run_id}.json").write_text(json.dumps(config))
+    assert sorted(load_runs(tmp_path)["dim"].unique()) == [32, 64]
+    assert regimes(load_runs(tmp_path)) == 2  # a map, not one regime averaged over D
+    (tmp_path / "meta" / f"{runs.run_id[3]}.json").unlink()
+    with pytest.raises(ValueError, match=f"no dim column and .*{runs.run_id[3]}.json cannot"):
+        load_runs(tmp_path)
 
 
 def test_full_minus_fo_pairs_seeds():
@@ -176,7 +203,7 @@ def test_report_and_figures_from_csvs(tmp_path):
     ).to_csv(tmp_path / "risk_checks.csv", index=False)
     path = build_report(tmp_path)
     text = path.read_text()
-    assert "| reference | 1 | 0.8100 ± 0.0141 | 0.7200 ± 0.0283 |" in text
+    assert "| reference | 1 | 0.8100 ± 0.0141 (2 of 3 seeds; ERROR 1) | 0.7200 ± 0.0283 |" in text
     k1 = "reference, k=1: FULL wins by 0.0900 accuracy (mean of 2 seed-paired differences"
     k5 = "reference, k=5: FULL wins by 0.0025 accuracy (mean of 2 seed-paired differences"
     assert k1 in text and k5 in text
@@ -212,7 +239,12 @@ def test_the_results_table_says_not_supported_where_a_backend_could_not_run_a_po
     assert (table.filter(like=" acc") == "not supported").all().all() and len(table) == 6
     failed = runs.assign(status=["ERROR", "NONFINITE"] * (len(runs) // 2) + ["ERROR"])
     table = results_table(summarize(failed), failed).set_index(["backend", "k"])
-    assert table.loc[("reference", 1), "FULL acc"] == "no seed finished (ERROR 2, NONFINITE 1)"
+    assert table.loc[("reference", 1), "FULL acc"] == "no seed finished (NONFINITE 1, ERROR 2)"
+    some = runs.copy()  # reference FULL k1: seeds 0 and 1 OK, seed 9 ERROR
+    some.loc[(some["run_id"] == "reference_FULL_k1_seed1"), "status"] = "NONFINITE"
+    table = results_table(summarize(some), some).set_index(["backend", "k"])
+    assert table.loc[("reference", 1), "FULL acc"] == "0.8000 (1 of 3 seeds; NONFINITE 1, ERROR 1)"
+    assert table.loc[("reference", 5), "FULL acc"] == "0.9050 ± 0.0071"  # every seed OK
 
 
 def test_the_results_table_claims_no_spread_from_one_seed():
@@ -222,7 +254,8 @@ def test_the_results_table_claims_no_spread_from_one_seed():
     one = runs[runs["seed"] == runs["seed"].min()]
     cells = results_table(summarize(one), one).filter(like=" acc").stack()
     assert len(cells) and cells.str.endswith("(1 seed)").all(), cells.tolist()
-    assert not results_table(summarize(runs), runs)["FULL acc"].str.contains("seed").any()
+    finished = runs[runs["status"] == "OK"]
+    assert not results_table(summarize(finished), finished)["FULL acc"].str.contains("seed").any()
 
 
 def test_the_results_tables_full_minus_fo_is_paired_by_seed():
@@ -311,18 +344,29 @@ def test_a_report_replaces_the_last_one_whole_or_leaves_it_as_it_was(tmp_path, m
     monkeypatch.setattr(report_module, "training_curves", lambda *a: 1 / 0)  # the last figure
     with pytest.raises(ZeroDivisionError):
         build_report(tmp_path)
+    monkeypatch.undo()
+    replace = os.replace
+
+    def figures_cannot_move_in(source, target):
+        if Path(target) == tmp_path / "figures" and Path(source).parent.name.startswith(".report-"):
+            raise OSError(28, "No space left on device")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", figures_cannot_move_in)  # after 3 outputs moved in
+    with pytest.raises(ValueError, match="could not move figures into .*No space left"):
+        build_report(tmp_path)
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    assert after == before  # and no staging folder left
+    assert after == before and not list(tmp_path.glob(".report-*"))
 
 
-def test_a_report_into_a_folder_it_cannot_write_is_one_line(tmp_path, monkeypatch):
+def test_a_folder_the_report_cannot_write_is_a_value_error_naming_it(tmp_path, monkeypatch):
     hand_made_runs().to_csv(tmp_path / "runs.csv", index=False)
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")  # root passes chmod; the OS's answer
 
     monkeypatch.setattr(tempfile, "TemporaryDirectory", denied)
-    with pytest.raises(ValueError, match=f"{tmp_path} cannot be written .Permission denied."):
+    with pytest.raises(ValueError, match=f"cannot write the report into {tmp_path} .Permission"):
         build_report(tmp_path)
 
 
