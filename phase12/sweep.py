@@ -413,6 +413,7 @@ def run_sweep(
     devices: Sequence[str] | None = None,
     restart: bool = False,
     announce: Callable[[str], None] = print,
+    check_folder: Callable[[Path], None] | None = None,
 ) -> dict[str, int]:
     """Run every unfinished cell of `spec` into `folder`; returns counts by status.
 
@@ -422,8 +423,9 @@ def run_sweep(
     process for each other); this process alone writes. Before any work: every cell is
     checked (ConfigError; the cells beyond a backend's limits are recorded as UNSUPPORTED
     instead of run), the folder is locked (FolderBusy if another process writes it), and
-    its settings must be `spec`'s unless `restart` (ConfigError). `announce` gets one
-    line saying what will run.
+    its settings must be `spec`'s unless `restart` (ConfigError), and `check_folder`
+    (if given) may refuse the runs it then holds (ConfigError). `announce` gets one line
+    saying what will run.
     """
     configs = spec.configs()
     beyond = unsupported_cells(spec)
@@ -432,6 +434,8 @@ def run_sweep(
     devices = [_device_name(d) for d in devices] if devices else devices
     with FolderLock(folder):
         done, retried = _open_folder(folder, spec, restart)
+        if check_folder is not None:
+            check_folder(folder)
         finished = [c for c in configs if c.run_id in done]
         todo = [c for c in configs if c.run_id not in done and c.run_id not in beyond]
         unsupported = [c for c in configs if c.run_id in beyond]

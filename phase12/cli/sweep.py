@@ -9,6 +9,7 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -151,7 +152,7 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
     return spec
 
 
-def _sweep(args, spec: SweepSpec) -> int:
+def _sweep(args, spec: SweepSpec, check_folder: Callable[[Path], None] | None = None) -> int:
     folder = args.root / args.tag
     devices = args.devices
     if devices is None and resolve_device(spec.base.device).type == "cuda":
@@ -163,6 +164,7 @@ def _sweep(args, spec: SweepSpec) -> int:
         batch_seeds=not args.no_batch_seeds,
         devices=devices,
         restart=args.restart,
+        check_folder=check_folder,
     )
     print(f"sweep {folder}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     errors = counts.get(STATUS_ERROR, 0)
@@ -191,20 +193,21 @@ def _risk(args, spec: SweepSpec) -> int:
     return 1 if (df["status"] == "FAIL").any() else 0
 
 
-def _check_earlier_runs(folder: Path) -> None:
-    """What the pipeline's report would refuse in the runs already in `folder` (a row or
-    history it cannot read), raised as ConfigError before the sweep: the sweep keeps
-    those runs, so the report would refuse them only after all the work. A torn last
-    line is left to the sweep, which moves it aside."""
-    from analysis.report import load_histories
-    from analysis.summary import load_runs
+def _report_can_read(spec: SweepSpec) -> Callable[[Path], None]:
+    """The pipeline's check of its folder before the sweep runs: what the report would
+    refuse in the runs the sweep keeps (analysis.report.check_inputs), as ConfigError,
+    rather than after all the work."""
+    from analysis.report import check_inputs
 
-    path = folder / RUNS_CSV
-    if path.exists() and path.read_bytes().endswith(b"\n"):
+    to_come = {(c.seq_len, c.dim, c.dtype) for c in spec.configs()}
+
+    def check(folder: Path) -> None:
         try:
-            load_histories(folder, load_runs(folder))
+            check_inputs(folder, to_come)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+
+    return check
 
 
 def _report(args) -> int:
@@ -225,15 +228,13 @@ def main(name: str, argv: list[str]) -> int:
                 raise ConfigError(f"no runs.csv in {folder}: run the sweep first")
         else:
             spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
-        if name == "pipeline" and not args.restart:
-            _check_earlier_runs(args.root / args.tag)
         if name == "report":
             return _report(args)  # a CSV it cannot read: ValueError, nothing written
         if name == "risk":
             check_risk_folder(args.root / args.tag, spec.base)
             return _risk(args, spec)
         start = time.perf_counter()
-        status = _sweep(args, spec)
+        status = _sweep(args, spec, _report_can_read(spec) if name == "pipeline" else None)
     except (ConfigError, FolderBusy) as e:  # raised before any work
         return p.bad_input(e)
     except ValueError as e:

@@ -142,6 +142,7 @@ def test_the_report_works_on_any_grid(tmp_path, modes, seeds, expected):
     [
         (lambda b: b[:40], "cannot be read (EOFError"),  # a gzip cut short
         (lambda b: b"not gzip", "cannot be read (BadGzipFile"),
+        (lambda b: b[:12] + bytes(x ^ 0xFF for x in b[12:20]) + b[20:], "cannot be read (error"),
         (lambda b: __import__("gzip").compress(b"step,loss\n0,1.0\n"), "holds 1 of 3 steps"),
     ],
 )
@@ -155,9 +156,26 @@ def test_a_damaged_history_stops_the_report_and_pipeline_in_one_line(
     assert exit_code("report", "--root", str(tmp_path), "--tag", "t") == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "t" / "report.md").exists()
+    with open(tmp_path / "t" / "runs.csv", "a") as f:
+        f.write("reference,FO,1")  # and a torn last line, which the sweep moves aside
     assert sweep(tmp_path, "--modes", "FULL,FO", "--no-gradgradcheck", command="pipeline") == 2
-    assert message in one_error_line(capsys)  # before the sweep ran FO or the risk checks
+    assert message in capsys.readouterr().err.splitlines()[-1]  # after the torn line's note
     assert len(rows(tmp_path)) == 1 and not (tmp_path / "t" / "risk_checks.csv").exists()
+
+
+def test_a_pipeline_refuses_only_what_its_report_would(tmp_path, capsys):
+    assert sweep(tmp_path, "--modes", "FULL") == 0
+    (history,) = (tmp_path / "t" / "history").iterdir()
+    history.write_bytes(b"not gzip")
+    # A map over two T reads no histories: its pipeline runs and reports.
+    assert sweep(tmp_path, "--seq-lens", "8,6", "--no-gradgradcheck", command="pipeline") == 0
+    assert (tmp_path / "t" / "report.md").read_text().startswith("# Phase 12 robustness map")
+    # A runs.csv of a header alone (a sweep whose every run failed, then stopped).
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "runs.csv").write_text(",".join(RUN_COLUMNS) + "\n")
+    args = ["--tag", "u", "--no-gradgradcheck"]
+    assert exit_code("pipeline", "--root", str(tmp_path), *GRID, *args) == 0
+    assert len(rows(tmp_path, "u")) == 2
 
 
 def test_the_report_of_a_grid_where_every_run_failed(tmp_path, monkeypatch):
