@@ -52,7 +52,7 @@ def parse_candidates(spec: str) -> list[tuple[int, int, int, int]]:
     tiles = []
     for tile in spec.split(","):
         parts = tile.split("x")
-        if len(parts) != 4 or not all(x.isdigit() and int(x) > 0 for x in parts):
+        if len(parts) != 4 or not all(x.isdecimal() and int(x) > 0 for x in parts):
             raise ValueError(
                 f"bad candidate {tile!r}: want BLOCK_NxBLOCK_MxWARPSxSTAGES, e.g. 32x32x4x1"
             )
@@ -72,8 +72,7 @@ def parse_cells(spec: str) -> list[tuple[str, int, int, str]]:
             len(parts) != 4
             or parts[0] not in DTYPES
             or parts[3] not in FAMILIES
-            or not (parts[1].isdigit() and parts[2].isdigit())
-            or 0 in (int(parts[1]), int(parts[2]))
+            or not all(x.isdecimal() and int(x) > 0 for x in parts[1:3])
         ):
             raise ValueError(
                 f"bad cell {cell!r}: want DTYPE:N:D:FAMILY with DTYPE in {sorted(DTYPES)} "

@@ -82,7 +82,7 @@ def _step_parser() -> ArgumentParser:
         "--scaling",
         action="store_true",
         help="also the scaling table: FULL and FO_STRICT against k, meta-batch and T, one "
-        "varied at a time (the others at the largest --k, --meta-batch and --seq-len)",
+        "varied at a time (the others at the largest --k and at --meta-batch, --seq-len)",
     )
     scaling_axes = {
         "k": ((1, 5, 10, 20, 40), "inner steps"),
@@ -164,7 +164,7 @@ def bench_step(argv: list[str]) -> int:
 
         scaling = measure(scaling, args.warmup, args.reps)
         scaling.to_csv(args.out / "scaling.csv", index=False)
-        at = {"k": anchor.inner_steps, "meta_batch": base.meta_batch, "seq_len": base.seq_len}
+        at = {"k": anchor.inner_steps, "meta_batch": anchor.meta_batch, "seq_len": anchor.seq_len}
         scaling_plot(scaling, at, args.out / "scaling.png")
         _show(scaling)
     return 0

@@ -64,8 +64,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def positive_int(text: str) -> int:
-    """An argparse type (or csv_list kind): an int >= 1."""
-    value = int(text)
+    """A csv_list kind: an int >= 1 (ValueError naming the item otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise ValueError(f"{value} is not a positive integer")
     return value
@@ -188,4 +191,5 @@ __all__ = [
     "config_from_args",
     "csv_list",
     "default_backends",
+    "positive_int",
 ]

@@ -18,7 +18,7 @@ def test_bench_step_writes_tables_and_plot(tmp_path):
         "--modes",
         "FO_STRICT",
         "--k",
-        "1",
+        "1,2",
         "--backends",
         "reference",
         "--meta-batch",
@@ -41,10 +41,10 @@ def test_bench_step_writes_tables_and_plot(tmp_path):
     ]
     assert cli.main(args) == 0
     step = pd.read_csv(out / "step.csv")
-    assert list(step["mode"]) == ["FO_STRICT"] and (step["median_step_ms"] > 0).all()
+    assert list(step["mode"]) == ["FO_STRICT"] * 2 and (step["median_step_ms"] > 0).all()
     scaling = pd.read_csv(out / "scaling.csv")
     assert len(scaling) == 2 * (2 + 2 + 2)  # FULL and FO_STRICT at every axis value
-    assert set(scaling.loc[scaling["meta_batch"] == 4, "k"]) == {1}  # at --k, not the default
+    assert set(scaling.loc[scaling["meta_batch"] == 4, "k"]) == {2}  # the largest --k, not 20
     assert (out / "scaling.png").stat().st_size > 10_000
 
 
