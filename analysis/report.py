@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis.ablations import (
@@ -44,6 +45,8 @@ from phase12.schema import (
     HISTORY_SUFFIX,
     METRICS,
     REGIME_FIELDS,
+    RISK_COLUMNS,
+    RISK_CSV,
     RUNS_CSV,
     SEED_STEP_S,
     STATUS_OK,
@@ -102,10 +105,31 @@ def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
                 + (f" and lacks {', '.join(lacks)}" if lacks else "")
                 + "; delete its row from runs.csv and run the sweep again to redo the run"
             )
+        wrong = _wrong_history_values(h)
+        if wrong:
+            raise ValueError(
+                f"the history {path} of an OK run {wrong}; delete its row from runs.csv and "
+                "run the sweep again to redo the run"
+            )
         h["backend"], h["mode"] = row.backend, row.mode
         h["inner_steps"], h["seed"] = row.inner_steps, row.seed
         frames.append(h)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _wrong_history_values(history: pd.DataFrame) -> str | None:
+    """What is wrong with the values of an OK run's whole history, or None: its steps
+    must be 0, 1, ..., its metrics finite numbers and its accuracy in 0..1."""
+    values = history[["step", *METRICS]]
+    if not all(pd.api.types.is_numeric_dtype(t) for t in values.dtypes):
+        return "has text where numbers belong"
+    if not (history["step"].to_numpy() == np.arange(len(history))).all():
+        return "does not count its steps 0, 1, 2, ..."
+    if not np.isfinite(values.to_numpy(float)).all():
+        return "has a metric that is not a finite number"
+    if not history["acc"].between(0, 1).all():
+        return "has an accuracy outside 0..1"
+    return None
 
 
 def results_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -322,10 +346,22 @@ def interpretation(runs: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame
 
 
 def _risk_lines(folder: Path) -> list[str]:
-    risk = folder / "risk_checks.csv"
+    """The report's risk-check section: the folder's RISK_CSV as a table (ValueError
+    naming it if it is not one the risk command wrote), or how to write one."""
+    risk = folder / RISK_CSV
     lines = ["## Risk checks", ""]
-    if risk.exists():
-        return lines + [markdown_table(pd.read_csv(risk), ".3e"), ""]
+    if os.path.lexists(risk):
+        try:
+            table = pd.read_csv(risk)
+            wrong = list(table.columns) != RISK_COLUMNS
+        except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError):
+            wrong = True
+        if wrong:
+            raise ValueError(
+                f"{risk} is not a risk_checks.csv the risk command wrote; delete it, or "
+                f"write it again: python run.py risk --root {folder.parent} --tag {folder.name}"
+            )
+        return lines + [markdown_table(table, ".3e"), ""]
     hint = f"python run.py risk --root {folder.parent} --tag {folder.name}"
     return lines + [f"None in this folder: `{hint}` writes them.", ""]
 

@@ -8,7 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from phase12.schema import GRID_FIELDS, RUNS_CSV, SETTING_COLUMNS, STATUS_OK, STATUSES
+from phase12.schema import (
+    ABLATION_NAMES,
+    FLOAT64_TOLERANCE,
+    GRID_FIELDS,
+    MODES,
+    RUNS_CSV,
+    SEED_COLUMNS,
+    SETTING_COLUMNS,
+    STATUS_OK,
+    STATUSES,
+)
 
 CELL = ["backend", "mode", "inner_steps"]
 # What a run spent: never negative.
@@ -85,20 +95,33 @@ def _meta_dim(folder: Path, run_id) -> int:
 
 def _check_values(runs: pd.DataFrame, path: Path) -> None:
     """ValueError, naming the file, the line or column, and the fix, for a runs.csv the
-    analysis would misread: a column it needs missing, a row without a run_id, text in a
-    numeric column, a status it does not know, an OK run without a final accuracy and
-    loss (or an accuracy outside 0..1), a negative time or memory, one run or one grid
-    cell (GRID_FIELDS) twice, or rows of several settings (SETTING_COLUMNS and the signal
-    positions), which it would average together as seeds of one cell."""
+    analysis would misread:
+
+    * a column of the seed's row (SEED_COLUMNS), run_id or the device's and torch's names
+      missing, text in a numeric column;
+    * a row without its run_id, grid point (GRID_FIELDS) or settings (SETTING_COLUMNS and
+      the signal positions), or with a mode, ablation, dtype or status the engine does
+      not know, or an ablation of a mode other than FULL;
+    * k or seed not a whole number >= 0; a negative or infinite time, memory or loss; an
+      OK run without a final accuracy and loss, an accuracy outside 0..1;
+    * one run or one grid point twice, or rows of several settings, which the analysis
+      would average together as seeds of one cell."""
     settings = [*SETTING_COLUMNS, "num_signal_positions"]
-    numeric = ["inner_steps", "seed", *settings]
-    missing = [c for c in [*CELL, *numeric, "final_acc", "final_loss"] if c not in runs]
+    missing = [
+        c for c in ["run_id", *SEED_COLUMNS, "device_name", "torch_version"] if c not in runs
+    ]
     if missing:
         raise ValueError(
             f"{path} has no {', '.join(missing)} column; it is not a runs.csv of a run"
         )
     if runs.empty:  # a header alone: columns of no type, and nothing to misread
         return
+    numeric = ["inner_steps", "seed", *settings, *SUMMARY_METRICS, *COSTS]
+    for column in [c for c in dict.fromkeys(numeric) if c in runs]:
+        if not pd.api.types.is_numeric_dtype(runs[column]):
+            raise ValueError(
+                f"{path} has text in its numeric column {column}; fix or drop that row"
+            )
 
     def refuse(rows: pd.Series, what: str) -> None:
         if rows.any():
@@ -112,26 +135,33 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
             lines = ", ".join(str(i + 2) for i in twice.index[group == group.iloc[0]])
             raise ValueError(f"{path}, lines {lines}: {what}; keep one of them")
 
-    refuse(runs["run_id"].isna(), "has no run_id")
-    for column in dict.fromkeys(numeric + [m for m in [*SUMMARY_METRICS, *COSTS] if m in runs]):
-        if not pd.api.types.is_numeric_dtype(runs[column]):
-            raise ValueError(
-                f"{path} has text in its numeric column {column}; fix or drop that row"
-            )
-    refuse_repeats(["run_id"], "one run twice")
-    refuse(~runs["status"].isin(STATUSES), f"has a status not one of {', '.join(STATUSES)}")
+    cell = [c for c in GRID_FIELDS if c in runs]
+    for column in ["run_id", *cell, *settings]:
+        refuse(runs[column].isna(), f"has no {column}")
+    known = {"mode": MODES, "ablation": ABLATION_NAMES, "dtype": tuple(FLOAT64_TOLERANCE)}
+    known["status"] = STATUSES
+    for column, names in known.items():
+        refuse(~runs[column].isin(names), f"has a {column} not one of {', '.join(names)}")
+    refuse(
+        (runs["ablation"] != "none") & (runs["mode"] != "FULL"),
+        "is an ablation of FULL but not FULL",
+    )
+    for column in ("inner_steps", "seed"):
+        refuse(
+            (runs[column] < 0) | (runs[column] % 1 != 0), f"has a {column} not a whole number >= 0"
+        )
+    for column in [c for c in [*COSTS, "final_loss"] if c in runs]:
+        refuse((runs[column] < 0) | np.isinf(runs[column]), f"has a negative or infinite {column}")
     ok = runs["status"] == STATUS_OK
     for column in ("final_acc", "final_loss"):
-        refuse(ok & ~np.isfinite(runs[column]), f"is OK but its {column} is not a number")
+        refuse(ok & runs[column].isna(), f"is OK but has no {column}")
     refuse(
         runs["final_acc"].notna() & ~runs["final_acc"].between(0, 1), "has final_acc outside 0..1"
     )
-    for column in [c for c in COSTS if c in runs]:
-        refuse(runs[column] < 0, f"has a negative {column}")
-    cell = [c for c in GRID_FIELDS if c in runs]
+    refuse_repeats(["run_id"], "one run twice")
     refuse_repeats(cell, f"runs of one ({', '.join(cell)})")
     for column in settings:
-        values = runs[column].dropna().unique()
+        values = runs[column].unique()
         if len(values) > 1:
             raise ValueError(
                 f"{path} holds runs of several {column} ({', '.join(map(str, sorted(values)))}); "

@@ -22,7 +22,7 @@ from enum import Enum
 
 import torch
 
-from phase12.schema import GRID_FIELDS
+from phase12.schema import GRID_FIELDS, MODES
 
 __all__ = [
     "ABLATIONS",
@@ -62,7 +62,6 @@ class Mode(str, Enum):
     __format__ = str.__format__
 
 
-MODES = tuple(m.value for m in Mode)
 
 PARAMS = ("Wq", "Wk", "Wv", "Wc", "bc")
 ATTENTION_PARAMS = ("Wq", "Wk", "Wv")

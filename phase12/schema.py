@@ -13,6 +13,20 @@ STATUS_OK, STATUS_NONFINITE, STATUS_ERROR = "OK", "NONFINITE", "ERROR"
 STATUS_UNSUPPORTED = "UNSUPPORTED"  # not run: beyond its backend's limits (phase12.sweep)
 STATUSES = (STATUS_OK, STATUS_NONFINITE, STATUS_ERROR, STATUS_UNSUPPORTED)
 
+# The names a run row's mode and ablation columns take (phase12.config defines what
+# each means: Mode, ABLATIONS); its dtype column takes FLOAT64_TOLERANCE's keys.
+MODES = ("FULL", "FO", "FO_STRICT")
+ABLATION_NAMES = (
+    "none",
+    "no_attention_curvature",
+    "no_attention_score_curvature",
+    "no_attention_value_curvature",
+    "frozen_softmax_stats",
+    "once_differentiable_attention",
+    "no_attention_param_curvature",
+    "no_head_param_curvature",
+)
+
 # Per outer step, per seed: written by the outer step into its history tensor.
 METRICS = ("loss", "acc", "attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v")
 

@@ -41,6 +41,7 @@ def hand_made_runs() -> pd.DataFrame:
                         outer_steps=10,
                         inner_lr=0.4,
                         seq_len=32,
+                        dim=64,
                         num_signal_positions=4,
                         dtype="float32",
                         final_acc=a,
@@ -125,11 +126,29 @@ def test_runs_of_older_versions_have_no_runner_count_and_keep_their_speed_up(tmp
         (lambda r: r.assign(outer_lr=[1.0] + list(r["outer_lr"][1:])), "several outer_lr"),
         (lambda r: edit_first(r, num_signal_positions=8), "several num_signal_positions"),
         (lambda r: edit_first(r, status="DONE"), "has a status not one of OK, NONFINITE"),
-        (lambda r: edit_first(r, final_acc=float("nan")), "is OK but its final_acc is not"),
-        (lambda r: edit_first(r, final_loss=float("inf")), "is OK but its final_loss is not"),
+        (
+            lambda r: edit_first(r, final_acc=float("nan")),
+            "line 2: the run is OK but has no final_acc",
+        ),
+        (lambda r: edit_first(r, final_loss=float("inf")), "negative or infinite final_loss"),
+        (lambda r: edit_first(r, final_loss=-5.0), "negative or infinite final_loss"),
+        (lambda r: edit_first(r, mean_outer_step_time_s=float("inf")), "infinite mean_outer_st"),
+        (lambda r: edit_first(r, inner_steps=-1), "has a inner_steps not a whole number >= 0"),
+        (lambda r: edit_first(r, seed=0.5), "has a seed not a whole number >= 0"),
+        (lambda r: edit_first(r, mode="FULL "), "line 2: the run has a mode not one of FULL, FO,"),
+        (lambda r: edit_first(r, dtype="float8"), "has a dtype not one of float64, float32"),
+        (lambda r: edit_first(r, ablation="no_curvature"), "has a ablation not one of none,"),
+        (
+            lambda r: edit_first(r, mode="FO", ablation="no_attention_curvature"),
+            "line 2: the run is an ablation of FULL but not FULL",
+        ),
+        (lambda r: edit_first(r, dim=float("nan")), "line 2: the run has no dim"),
+        (lambda r: edit_first(r, seed=float("nan")), "line 2: the run has no seed"),
+        (lambda r: edit_first(r, meta_batch=float("nan")), "line 2: the run has no meta_batch"),
+        (lambda r: r.drop(columns="device_name"), "has no device_name column"),
         (lambda r: edit_first(r, final_acc=1.5), "final_acc outside 0..1"),
-        (lambda r: edit_first(r, wall_time_total_s=-1.0), "negative wall_time_total_s"),
-        (lambda r: edit_first(r, peak_cuda_mem_bytes=-1), "negative peak_cuda_mem_bytes"),
+        (lambda r: edit_first(r, wall_time_total_s=-1.0), "negative or infinite wall_time_total_s"),
+        (lambda r: edit_first(r, peak_cuda_mem_bytes=-1), "negative or infinite peak_cuda_mem"),
         (lambda r: edit_first(r, run_id="renamed", seed=1), "lines 2, 3: runs of one .mode, "),
         (lambda r: edit_first(r, run_id=float("nan")), "line 2: the run has no run_id"),
         (
@@ -305,6 +324,31 @@ def test_histories_are_read_compressed_and_from_older_folders_plain(tmp_path):
     assert sorted(histories.loc[histories.step == 1, "loss"]) == list(range(len(ok)))
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda h: h.assign(acc=["abc"] + [0.5] * 9), "has text where numbers belong"),
+        (lambda h: h.assign(step=5), "does not count its steps 0, 1, 2"),
+        (
+            lambda h: h.assign(loss=[float("nan")] + [1.0] * 9),
+            "has a metric that is not a finite number",
+        ),
+        (lambda h: h.assign(acc=7.0), "has an accuracy outside 0..1"),
+    ],
+)
+def test_an_ok_runs_history_of_wrong_values_is_named(tmp_path, edit, message):
+    runs = hand_made_runs()
+    ok = runs[runs.status == "OK"]
+    (tmp_path / "history").mkdir()
+    for r in ok.itertuples():
+        history(1.0).to_csv(tmp_path / "history" / f"{r.run_id}.csv.gz", index=False)
+    assert len(load_histories(tmp_path, runs)) == 10 * len(ok)
+    damaged = ok.run_id.iloc[2]
+    edit(history(1.0)).to_csv(tmp_path / "history" / f"{damaged}.csv.gz", index=False)
+    with pytest.raises(ValueError, match=f"{damaged}.csv.gz of an OK run {message}"):
+        load_histories(tmp_path, runs)
+
+
 def test_an_ok_run_without_a_history_is_named_not_left_out_of_the_curves(tmp_path):
     runs = hand_made_runs()
     ok = runs[runs.status == "OK"]
@@ -357,6 +401,21 @@ def test_a_report_replaces_the_last_one_whole_or_leaves_it_as_it_was(tmp_path, m
         build_report(tmp_path)
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before and not list(tmp_path.glob(".report-*"))
+
+
+@pytest.mark.parametrize("risk_csv", ["", "x,y\n1,2\n", None])
+def test_a_risk_checks_csv_the_risk_command_did_not_write_stops_the_report(tmp_path, risk_csv):
+    hand_made_runs().to_csv(tmp_path / "runs.csv", index=False)
+    (tmp_path / "history").mkdir()
+    for r in hand_made_runs().query("status == 'OK'").itertuples():
+        history(1.0).to_csv(tmp_path / "history" / f"{r.run_id}.csv.gz", index=False)
+    if risk_csv is None:
+        (tmp_path / "risk_checks.csv").mkdir()
+    else:
+        (tmp_path / "risk_checks.csv").write_text(risk_csv)
+    with pytest.raises(ValueError, match="risk_checks.csv is not a risk_checks.csv the risk"):
+        build_report(tmp_path)
+    assert not (tmp_path / "report.md").exists()
 
 
 def test_a_folder_the_report_cannot_write_is_a_value_error_naming_it(tmp_path, monkeypatch):

@@ -89,3 +89,14 @@ def test_settings_are_compared_field_by_field_and_absent_ones_as_told():
     assert changed_settings(older, config, absent_differs=True) == "shots absent there, 4 now"
     grid = config.replace(seed=5, backend="triton_step", seq_len=16)  # grid axes: not settings
     assert changed_settings(recorded, grid, absent_differs=True) is None
+
+
+def test_the_names_a_run_row_takes_are_the_configs():
+    """The analysis checks a row's mode, ablation and dtype against the schema's names:
+    they are the ones the engine runs."""
+    from phase12.config import ABLATIONS, DTYPES, Mode
+    from phase12.schema import ABLATION_NAMES, FLOAT64_TOLERANCE, MODES
+
+    assert tuple(m.value for m in Mode) == MODES
+    assert tuple(ABLATIONS) == ABLATION_NAMES
+    assert set(DTYPES) == set(FLOAT64_TOLERANCE)
