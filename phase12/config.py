@@ -62,7 +62,6 @@ class Mode(str, Enum):
     __format__ = str.__format__
 
 
-
 PARAMS = ("Wq", "Wk", "Wv", "Wc", "bc")
 ATTENTION_PARAMS = ("Wq", "Wk", "Wv")
 

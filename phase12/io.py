@@ -32,11 +32,12 @@ from pathlib import Path
 
 import filelock
 
-from phase12.config import changed_settings
+from phase12.config import ConfigError, changed_settings
 from phase12.schema import (
     HISTORY_COLUMNS,
     HISTORY_DIR,
     HISTORY_SUFFIX,
+    RISK_CSV,
     RUN_COLUMNS,
     RUNS_CSV,
     SETTING_COLUMNS,
@@ -64,7 +65,7 @@ def check_columns(path: str | Path, columns: list[str] = RUN_COLUMNS) -> None:
     """Raise ValueError if the CSV at `path` exists with a header other than `columns`
     (or is not a text CSV at all)."""
     path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
+    if not path.is_file() or path.stat().st_size == 0:  # FolderLock refuses a folder here
         return
     try:
         with open(path, newline="") as f:
@@ -86,7 +87,7 @@ def repair_torn_tail(path: str | Path) -> Path | None:
     fragment to a side file PATH.torn-TIME, cut it off, say so on stderr, and return
     the side file; None if the file is whole (or absent)."""
     path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
+    if not path.is_file() or path.stat().st_size == 0:  # FolderLock refuses a folder here
         return None
     with open(path, "rb+") as f:
         data = f.read()
@@ -216,11 +217,18 @@ def other_settings(rows: list[Mapping], config, folder: str | Path) -> str | Non
 
 
 def _meta_config(path: Path) -> dict:
-    """The config a run's meta JSON records ({} where there is none to read)."""
+    """The config a run's meta JSON records ({} where the run has none: older versions
+    wrote none for some runs). ConfigError for one that cannot be read: the settings of
+    its run are then unknown."""
+    if not path.exists():
+        return {}
     try:
         return dict(json.loads(path.read_text())["config"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{path} cannot be read ({type(e).__name__}), so its run's settings are unknown; "
+            "delete the run's row from runs.csv to redo it, or use another folder"
+        ) from e
 
 
 def rewrite_rows(path: str | Path, rows: list[Mapping], columns: list[str] = RUN_COLUMNS) -> None:
@@ -233,13 +241,34 @@ class FolderBusy(ValueError):
     """Another process is writing the results folder (the message names it)."""
 
 
+# What a results folder holds, by kind: a file where one of its folders belongs, or a
+# folder where one of its files does, would fail the first save, after the work.
+RESULT_FOLDERS = (HISTORY_DIR, "meta")
+RESULT_FILES = (
+    *(RUNS_CSV, f"{RUNS_CSV}.lock", "errors.csv", "sweep.json", RISK_CSV),
+    *(".writer.lock", ".writer.json"),
+)
+
+
+def _check_kinds(folder: Path) -> None:
+    """ConfigError if `folder` holds a file where RESULT_FOLDERS has a folder, or the
+    reverse."""
+    for path in (folder / name for name in RESULT_FOLDERS):
+        if os.path.lexists(path) and not path.is_dir():
+            raise ConfigError(f"{path} is a file where this program keeps a folder; move it away")
+    for path in (folder / name for name in RESULT_FILES):
+        if os.path.lexists(path) and not path.is_file():
+            raise ConfigError(f"{path} is a folder where this program keeps a file; move it away")
+
+
 class FolderLock:
     """The one writer of a results folder, for a `with` block: an OS-level lock on
     DIR/.writer.lock, the holder (pid, host, start, command) in DIR/.writer.json.
 
-    Creates the folder (so an unwritable one fails here, before any work). A second
-    writer raises FolderBusy at once instead of waiting. The OS drops the lock when the
-    holder dies, so a killed sweep never leaves the folder locked.
+    Creates the folder (so an unwritable one fails here, before any work) and checks
+    that what it holds is of the right kind (RESULT_FOLDERS, RESULT_FILES; ConfigError).
+    A second writer raises FolderBusy at once instead of waiting. The OS drops the lock
+    when the holder dies, so a killed sweep never leaves the folder locked.
     """
 
     def __init__(self, folder: str | Path):
@@ -248,6 +277,7 @@ class FolderLock:
 
     def __enter__(self) -> FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
+        _check_kinds(self.folder)
         info = self.folder / ".writer.json"
         try:
             self._lock.acquire(timeout=0)

@@ -28,7 +28,7 @@ from phase12.cli.parsing import (
     default_backends,
 )
 from phase12.config import MODES, ConfigError, RunConfig, resolve_device
-from phase12.io import FolderBusy, check_columns, write_atomic
+from phase12.io import FolderBusy, FolderLock, check_columns, write_atomic
 from phase12.schema import RISK_CSV, RUNS_CSV, STATUS_ERROR
 from phase12.sweep import SweepSpec, check_risk_folder, run_sweep, unsupported_cells
 
@@ -213,7 +213,8 @@ def _report_can_read(spec: SweepSpec) -> Callable[[Path], None]:
 def _report(args) -> int:
     from analysis.report import build_report
 
-    path = build_report(args.root / args.tag)
+    with FolderLock(args.root / args.tag):  # not while a sweep or run writes the folder
+        path = build_report(args.root / args.tag)
     print(f"report written to {path}")
     return 0
 
@@ -231,8 +232,9 @@ def main(name: str, argv: list[str]) -> int:
         if name == "report":
             return _report(args)  # a CSV it cannot read: ValueError, nothing written
         if name == "risk":
-            check_risk_folder(args.root / args.tag, spec.base)
-            return _risk(args, spec)
+            with FolderLock(args.root / args.tag):
+                check_risk_folder(args.root / args.tag, spec.base)
+                return _risk(args, spec)
         start = time.perf_counter()
         status = _sweep(args, spec, _report_can_read(spec) if name == "pipeline" else None)
     except (ConfigError, FolderBusy) as e:  # raised before any work

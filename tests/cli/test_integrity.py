@@ -64,6 +64,10 @@ def test_a_second_writer_is_refused_at_once_and_told_who_holds_the_folder(tmp_pa
         assert "being written" in one_error_line(capsys)
     assert not (tmp_path / "t" / "runs.csv").exists()
     assert sweep(tmp_path) == 0  # released
+    with FolderLock(tmp_path / "t"):  # nor is a report made of a sweep half done
+        assert exit_code("report", "--root", str(tmp_path), "--tag", "t") == 2
+        assert "being written" in one_error_line(capsys)
+    assert not (tmp_path / "t" / "report.md").exists()
 
 
 def test_repeated_grid_values_count_once_in_a_spec():
@@ -367,6 +371,11 @@ def test_runs_of_other_settings_are_refused_where_no_sweep_record_says_so(tmp_pa
         assert sweep(root, flag, value) == 2
         assert f"holds runs with other settings ({name} " in one_error_line(capsys)
     assert len(rows(root)) == 1  # nothing added
+    (meta,) = (root / "t" / "meta").iterdir()
+    meta.write_text(meta.read_text()[:40])  # cut short: the run's settings are unknown
+    assert exit_code(*single, "--seed", "7") == 2
+    assert f"{meta} cannot be read (JSONDecodeError)" in one_error_line(capsys)
+    assert sweep(root) == 2 and "cannot be read" in one_error_line(capsys)
 
 
 def test_risk_checks_of_other_settings_or_shapes_stay_out_of_a_sweeps_folder(tmp_path, capsys):
@@ -436,3 +445,32 @@ def test_error_rows_outside_the_grid_stay_and_restart_takes_an_older_folder(
     assert exit_code(*args) == 2 and "--restart" in one_error_line(capsys)
     assert exit_code(*args, "--restart") == 0 and len(rows(tmp_path, "old")) == 2
     assert (next(tmp_path.glob("old.replaced-*")) / "sweep.json").read_text() == "{not json"
+
+
+@pytest.mark.parametrize(
+    "name, make, kind",
+    [("history", "write_text", "file"), ("meta", "write_text", "file")]
+    + [(name, "mkdir", "folder") for name in ("runs.csv", "runs.csv.lock", "risk_checks.csv")],
+)
+def test_a_results_folder_holding_the_wrong_kind_of_entry_is_refused_before_work(
+    tmp_path, capsys, name, make, kind
+):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    path = folder / name
+    path.write_text("x") if make == "write_text" else path.mkdir()
+    message = f"{path} is a {kind} where this program keeps"
+    for command in (
+        lambda: sweep(tmp_path),
+        lambda: exit_code("--k", "1", "--outer-steps", "2", *SIZES, "--out", str(folder)),
+        lambda: exit_code(
+            "risk", "--root", str(tmp_path), "--tag", "t", "--no-gradgradcheck", *SIZES
+        ),
+        lambda: exit_code("report", "--root", str(tmp_path), "--tag", "t"),
+    ):
+        code = command()
+        err = capsys.readouterr().err
+        if code == 2 and "no runs.csv" in err:  # report: nothing to report on yet
+            continue
+        assert code == 2 and message in err, err
+    assert sorted(p.name for p in folder.iterdir()) == [name]  # nothing written
