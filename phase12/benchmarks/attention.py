@@ -15,7 +15,8 @@ Providers: `fused` (kernels.fused_attention; dtype `fp32-ieee` runs it with
 float32_precision="ieee"), `reference` (kernels.reference: PyTorch
 ops, float32 compute), `sdpa_math` (SDPA's math backend; the only SDPA backend with a
 double backward), `sdpa_flash`, `sdpa_cudnn` (first order only, bf16/fp16 only).
-Out-of-memory cells are recorded as OOM. B*H = 32 (B = 4, H = 8).
+Out-of-memory cells are recorded as OOM, and cells a provider has no kernel for (the
+fused op's D > 128, say) as ERROR with its message. B*H = 32 (B = 4, H = 8).
 
 Eager times include the host's cost of issuing the kernels: a pass that takes less GPU
 time than its Python and autograd overhead measures the host. `--cuda-graph` also times
@@ -126,12 +127,16 @@ def bench(
         dtype = DTYPES[dname]
         for d in ds:
             for n in ns:
-                q, k, v, do = (
-                    torch.randn(batch, heads, n, d, device="cuda", dtype=dtype, generator=gen)
-                    for _ in range(4)
-                )
+                try:
+                    q, k, v, do = (
+                        torch.randn(batch, heads, n, d, device="cuda", dtype=dtype, generator=gen)
+                        for _ in range(4)
+                    )
+                except torch.OutOfMemoryError:  # the inputs alone: every cell of the shape OOM
+                    q = k = v = do = None
                 for t in (q, k, v):
-                    t.requires_grad_()
+                    if t is not None:
+                        t.requires_grad_()
                 for name in providers:
                     fn = provider(name, dname)
                     for pass_name in passes:
@@ -143,11 +148,13 @@ def bench(
                         nan = float("nan")
                         row.update(ms=nan, peak_bytes=nan, ms_graph=nan)
                         try:
+                            if q is None:
+                                raise torch.OutOfMemoryError("the inputs do not fit")
                             row.update(measure(fn, pass_name, q, k, v, do, cuda_graph))
                             row.update(status="OK")
                         except torch.OutOfMemoryError:
                             row.update(status="OOM")
-                        except RuntimeError as e:  # e.g. no kernel for this shape/dtype
+                        except (RuntimeError, ValueError) as e:  # no kernel for this shape
                             row.update(status=f"ERROR: {str(e).splitlines()[0][:80]}")
                         torch.cuda.empty_cache()
                         rows.append(row)

@@ -191,11 +191,12 @@ SCALING_FIELDS = {"k": "inner_steps", "meta_batch": "meta_batch", "seq_len": "se
 
 def scaling_cells(base: RunConfig, backends, execution: str, axes: dict[str, list[int]]) -> list:
     """How cost grows: FULL and FO_STRICT with one of k, meta-batch, T (SCALING_FIELDS'
-    keys) varied at a time."""
-    return [
+    keys) varied at a time, each cell once (the axes cross at `base`)."""
+    cells = (
         (base.replace(backend=b, mode=m, **{SCALING_FIELDS[axis]: v}), execution)
         for axis, values in axes.items()
         for v in values
         for b in backends
         for m in ("FULL", "FO_STRICT")
-    ]
+    )
+    return list(dict.fromkeys(cells))

@@ -59,6 +59,8 @@ def parse_candidates(spec: str) -> list[tuple[int, int, int, int]]:
         block_n, block_m, warps, stages = map(int, parts)
         if block_n < 16 or block_m < 16 or block_n & (block_n - 1) or block_m & (block_m - 1):
             raise ValueError(f"bad candidate {tile!r}: blocks are powers of two >= 16")
+        if (block_n, block_m, warps, stages) in tiles:
+            raise ValueError(f"candidate {tile!r} given twice; give each once")
         tiles.append((block_n, block_m, warps, stages))
     return tiles
 
@@ -78,6 +80,8 @@ def parse_cells(spec: str) -> list[tuple[str, int, int, str]]:
                 f"bad cell {cell!r}: want DTYPE:N:D:FAMILY with DTYPE in {sorted(DTYPES)} "
                 f"and FAMILY in {sorted(FAMILIES)}, N and D positive, e.g. fp32:4096:64:bwd"
             )
+        if (parts[0], int(parts[1]), int(parts[2]), parts[3]) in cells:
+            raise ValueError(f"cell {cell!r} given twice; give each once")
         cells.append((parts[0], int(parts[1]), int(parts[2]), parts[3]))
     return cells
 

@@ -82,7 +82,8 @@ def _step_parser() -> ArgumentParser:
         "--scaling",
         action="store_true",
         help="also the scaling table: FULL and FO_STRICT against k, meta-batch and T, one "
-        "varied at a time (the others at the largest --k and at --meta-batch, --seq-len)",
+        "varied at a time (the others at the largest --k and at --meta-batch, --seq-len; "
+        "float32)",
     )
     scaling_axes = {
         "k": ((1, 5, 10, 20, 40), "inner steps"),

@@ -43,7 +43,9 @@ def test_bench_step_writes_tables_and_plot(tmp_path):
     step = pd.read_csv(out / "step.csv")
     assert list(step["mode"]) == ["FO_STRICT"] * 2 and (step["median_step_ms"] > 0).all()
     scaling = pd.read_csv(out / "scaling.csv")
-    assert len(scaling) == 2 * (2 + 2 + 2)  # FULL and FO_STRICT at every axis value
+    # FULL and FO_STRICT at every axis value; the axes cross at k 2, B 2, T 8, timed once.
+    assert len(scaling) == 2 * (1 + 1 + 1 + 1)
+    assert not scaling.duplicated(["mode", "k", "meta_batch", "seq_len"]).any()
     assert set(scaling.loc[scaling["meta_batch"] == 4, "k"]) == {2}  # the largest --k, not 20
     assert (out / "scaling.png").stat().st_size > 10_000
 
@@ -53,6 +55,10 @@ def test_bench_tiles_refuses_bad_cells_and_needs_cuda(capsys):
     assert "bad cell 'fp32:4096:64:backward'" in capsys.readouterr().err
     assert cli.main(["bench", "tiles", "--cells", "fp32:0:64:bwd"]) == 2
     assert "bad cell 'fp32:0:64:bwd'" in capsys.readouterr().err
+    assert cli.main(["bench", "tiles", "--cells", "fp32:64:64:bwd,fp32:064:64:bwd"]) == 2
+    assert "cell 'fp32:064:64:bwd' given twice" in capsys.readouterr().err
+    assert cli.main(["bench", "tiles", "--candidates", "32x32x4x1,32x32x4x1"]) == 2
+    assert "candidate '32x32x4x1' given twice" in capsys.readouterr().err
     assert (
         cli.main(["bench", "tiles", "--cells", "bf16:1024:64:bwd", "--candidates", "32x32x4"]) == 2
     )
@@ -167,6 +173,16 @@ def test_bench_step_breakdown_splits_the_graph_step(tmp_path):
     # an eager step is mostly host time (GPU work is profiled on eager steps).
     assert (parts.host_ms > 0).all() and (parts.gpu_ms > 0).all() and (parts.gpu_ops > 10).all()
     assert (parts.gpu_ms < parts.eager_ms).all()
+
+
+@pytest.mark.gpu
+def test_bench_attention_records_a_cell_a_provider_has_no_kernel_for(tmp_path):
+    args = ["bench", "attention", "--n", "128", "--d", "64,256", "--dtypes", "fp32"]
+    args += ["--providers", "fused,sdpa_math", "--passes", "fwd", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    cells = pd.read_csv(tmp_path / "attention.csv").set_index(["provider", "d"])["status"]
+    assert cells[("fused", 256)].startswith("ERROR: triton_fused supports head dims 1..128")
+    assert (cells.drop(("fused", 256)) == "OK").all() and len(cells) == 4
 
 
 def test_bench_tiles_hands_its_flags_to_the_sweep(monkeypatch, tmp_path):
