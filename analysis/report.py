@@ -603,7 +603,11 @@ def build_report(folder: str | Path) -> Path:
     if runs.empty:
         raise ValueError(f"{folder / 'runs.csv'} holds no runs yet: run the sweep first")
     try:
-        staging = tempfile.TemporaryDirectory(prefix=".report-", dir=folder)
+        # The last report's files end up in it: one that cannot be deleted (immutable,
+        # say) must not turn a report that was written into an error.
+        staging = tempfile.TemporaryDirectory(
+            prefix=".report-", dir=folder, ignore_cleanup_errors=True
+        )
     except OSError as e:
         raise ValueError(f"cannot write the report into {folder} ({e.strerror})") from e
     with staging as out:
