@@ -54,6 +54,8 @@ def _fmt(row) -> str:
 
 
 def _beyond(row) -> str:
+    if row["n"] < 2:  # one seed has no standard error to compare with
+        return "no SE from one seed"
     return "beyond 2 SE" if row["clear"] else "within 2 SE"
 
 

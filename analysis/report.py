@@ -10,6 +10,8 @@ Every statement in the interpretation section is computed from the numbers.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import tempfile
 import zlib
 from collections.abc import Iterable
@@ -593,7 +595,8 @@ def check_inputs(folder: str | Path, regimes_to_come: Iterable[tuple] = ()) -> N
 
 def build_report(folder: str | Path) -> Path:
     """Write the report of the sweep folder `folder` (OUTPUTS, replacing the last
-    report's) and return the path of its report.md.
+    report's) and return the path of its report.md. The caller holds the folder's lock
+    (phase12.io.FolderLock, as the command line does).
 
     Everything is built aside and then moved in, all or nothing: ValueError, naming the
     file and the fix, for a runs.csv or history the report cannot read or a folder it
@@ -603,30 +606,33 @@ def build_report(folder: str | Path) -> Path:
     if runs.empty:
         raise ValueError(f"{folder / 'runs.csv'} holds no runs yet: run the sweep first")
     try:
-        # The last report's files end up in it: one that cannot be deleted (immutable,
-        # say) must not turn a report that was written into an error.
-        staging = tempfile.TemporaryDirectory(
-            prefix=".report-", dir=folder, ignore_cleanup_errors=True
-        )
+        staging = Path(tempfile.mkdtemp(prefix=".report-", dir=folder))
     except OSError as e:
         raise ValueError(f"cannot write the report into {folder} ({e.strerror})") from e
-    with staging as out:
+    last = staging / "last report"  # where _move_in puts the last report's outputs
+    moved_in = False
+    try:
         if regimes(runs) > 1:
-            _map_report(folder, runs, Path(out))
+            _map_report(folder, runs, staging)
         else:
-            _plain_report(folder, runs, Path(out))
-        _move_in(Path(out), folder)
+            _plain_report(folder, runs, staging)
+        _move_in(staging, folder, last)
+        moved_in = True
+    finally:  # kept if the last report's files could not all be put back (the error says)
+        if moved_in or not (last.exists() and any(last.iterdir())):
+            shutil.rmtree(staging, ignore_errors=True)
+        if moved_in and staging.exists():
+            print(f"warning: {staging} could not be deleted; delete it", file=sys.stderr)
     return folder / "report.md"
 
 
-def _move_in(built: Path, folder: Path) -> None:
+def _move_in(built: Path, folder: Path, last: Path) -> None:
     """Replace the OUTPUTS in `folder` with those in `built` (one absent there is removed),
-    all or none: the old ones are moved into `built` first (renames within the folder),
-    then the new ones out, and on any failure every move is undone. ValueError naming
-    the file for an OSError."""
-    old = built / "last report"
-    old.mkdir()
-    moves = [(folder / n, old / n) for n in OUTPUTS if os.path.lexists(folder / n)]
+    all or none: the old ones are moved to `last` first (renames within the folder), then
+    the new ones in, report.md last, and on any failure every move is undone. ValueError
+    naming the move for an OSError (and what could not be put back, if anything)."""
+    last.mkdir()
+    moves = [(folder / n, last / n) for n in OUTPUTS if os.path.lexists(folder / n)]
     moves += [(built / n, folder / n) for n in OUTPUTS if (built / n).exists()]
     moved: list[tuple[Path, Path]] = []
     try:
@@ -634,12 +640,14 @@ def _move_in(built: Path, folder: Path) -> None:
             os.replace(source, target)
             moved.append((source, target))
     except BaseException as e:  # Ctrl-C too: no half-replaced report
+        stuck = []
         for source, target in reversed(moved):
-            os.replace(target, source)
-        if isinstance(e, OSError):
-            failed = moves[len(moved)][0].name
-            raise ValueError(
-                f"the report could not move {failed} into {folder} ({e.strerror}); "
-                "the last report stays as it was"
-            ) from e
+            try:
+                os.replace(target, source)
+            except OSError:
+                stuck.append(f"{source.name} is in {target.parent}")
+        if isinstance(e, OSError) or stuck:
+            source, target = moves[len(moved)]
+            kept = "; ".join(stuck) if stuck else "the last report stays as it was"
+            raise ValueError(f"the report could not move {source} to {target} ({e}); {kept}") from e
         raise

@@ -68,6 +68,8 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
     if "ablation" not in runs:
         runs["ablation"] = "none"
     runs["ablation"] = runs["ablation"].astype(object).where(runs["ablation"].notna(), "none")
+    if runs["run_id"].isna().any():  # before anything is looked up by it
+        _check_values(runs, path)
     if "dim" not in runs and len(runs):  # older versions kept D in the meta JSON alone
         runs["dim"] = [_meta_dim(folder, run_id) for run_id in runs["run_id"]]
     _check_values(runs, path)
@@ -117,16 +119,16 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
     if runs.empty:  # a header alone: columns of no type, and nothing to misread
         return
     numeric = ["inner_steps", "seed", *settings, *SUMMARY_METRICS, *COSTS]
-    for column in [c for c in dict.fromkeys(numeric) if c in runs]:
-        if not pd.api.types.is_numeric_dtype(runs[column]):
-            raise ValueError(
-                f"{path} has text in its numeric column {column}; fix or drop that row"
-            )
 
     def refuse(rows: pd.Series, what: str) -> None:
         if rows.any():
             line = rows.to_numpy().nonzero()[0][0] + 2  # the header is line 1
             raise ValueError(f"{path}, line {line}: the run {what}; fix or drop that row")
+
+    refuse(runs["run_id"].isna(), "has no run_id")
+    for column in [c for c in dict.fromkeys(numeric) if c in runs]:
+        text = pd.to_numeric(runs[column], errors="coerce").isna() & runs[column].notna()
+        refuse(text, f"has text in its numeric column {column}")
 
     def refuse_repeats(columns: list[str], what: str) -> None:
         twice = runs[runs.duplicated(columns, keep=False)]
@@ -136,7 +138,7 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
             raise ValueError(f"{path}, lines {lines}: {what}; keep one of them")
 
     cell = [c for c in GRID_FIELDS if c in runs]
-    for column in ["run_id", *cell, *settings]:
+    for column in [*cell, *settings]:
         refuse(runs[column].isna(), f"has no {column}")
     known = {"mode": MODES, "ablation": ABLATION_NAMES, "dtype": tuple(FLOAT64_TOLERANCE)}
     known["status"] = STATUSES

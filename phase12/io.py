@@ -209,7 +209,13 @@ def other_settings(rows: list[Mapping], config, folder: str | Path) -> str | Non
     classes, ...)."""
     for row in rows:
         before = _meta_config(Path(folder) / "meta" / f"{row['run_id']}.json")
-        before |= {c: json.loads(row[c]) for c in SETTING_COLUMNS if row[c] != ""}
+        try:
+            before |= {c: json.loads(row[c]) for c in SETTING_COLUMNS if row[c] != ""}
+        except ValueError as e:
+            raise ConfigError(
+                f"{Path(folder) / RUNS_CSV}: run {row['run_id']} has a setting that is not a "
+                "number; fix or drop that row"
+            ) from e
         changed = changed_settings(before, config, absent_differs=False)
         if changed:
             return changed
@@ -265,8 +271,9 @@ class FolderLock:
     """The one writer of a results folder, for a `with` block: an OS-level lock on
     DIR/.writer.lock, the holder (pid, host, start, command) in DIR/.writer.json.
 
-    Creates the folder (so an unwritable one fails here, before any work) and checks
-    that what it holds is of the right kind (RESULT_FOLDERS, RESULT_FILES; ConfigError).
+    Creates the folder (so an unwritable one fails here, before any work, as ConfigError)
+    and checks that what it holds is of the right kind (RESULT_FOLDERS, RESULT_FILES;
+    ConfigError).
     A second writer raises FolderBusy at once instead of waiting. The OS drops the lock
     when the holder dies, so a killed sweep never leaves the folder locked.
     """
@@ -276,12 +283,12 @@ class FolderLock:
         self._lock = filelock.FileLock(self.folder / ".writer.lock")
 
     def __enter__(self) -> FolderLock:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        _check_kinds(self.folder)
         info = self.folder / ".writer.json"
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _check_kinds(self.folder)
             self._lock.acquire(timeout=0)
-        except filelock.Timeout:
+        except filelock.Timeout:  # an OSError too: first
             try:
                 h = json.loads(info.read_text())
                 who = f"pid {h['pid']} on {h['host']} since {h['started']} ({h['command']})"
@@ -291,6 +298,8 @@ class FolderLock:
                 f"{self.folder} is being written by {who}; wait for it to finish, or use "
                 "another folder or tag"
             ) from None
+        except OSError as e:  # a read-only folder, say
+            raise ConfigError(f"cannot write to {e.filename or self.folder}: {e.strerror}") from e
         write_json(
             info,
             {

@@ -39,6 +39,7 @@ otherwise the sweep is refused before any work.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing as mp
@@ -354,12 +355,15 @@ def check_risk_folder(folder: Path, base: RunConfig) -> None:
             )
 
 
-def _open_folder(folder: Path, spec: SweepSpec, restart: bool) -> tuple[set[str], int]:
+def _open_folder(
+    folder: Path, spec: SweepSpec, restart: bool, check: Callable[[Path], None] | None
+) -> tuple[set[str], int]:
     """Make `folder` ready for `spec` (the caller holds its lock): refuse other settings
-    unless `restart` (then move the old results aside), repair a torn runs.csv, move
-    ERROR rows to errors.csv so their cells run again, drop the grid's UNSUPPORTED rows
-    (they record no run; their cells are checked against the limits again), record the
-    settings and grid. Returns (run_ids with a kept row, number of ERROR rows moved)."""
+    unless `restart` (then move the old results aside), repair a torn runs.csv, let
+    `check` refuse the runs the folder holds, move ERROR rows to errors.csv so their
+    cells run again, drop the grid's UNSUPPORTED rows (they record no run; their cells
+    are checked against the limits again), record the settings and grid. Returns
+    (run_ids with a kept row, number of ERROR rows moved)."""
     record = folder / "sweep.json"
     if restart and any(p.name not in (".writer.lock", ".writer.json") for p in folder.iterdir()):
         stamp = f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -390,6 +394,8 @@ def _open_folder(folder: Path, spec: SweepSpec, restart: bool) -> tuple[set[str]
             f"{folder} holds runs with other settings ({changed}); use a new tag, or "
             "restart the sweep, which moves the old results aside"
         )
+    if check is not None:  # ERROR and UNSUPPORTED rows are read as no run by the check
+        check(folder)
     grid = {c.run_id for c in spec.configs()}
     errors = [r for r in rows if r["status"] == STATUS_ERROR and r["run_id"] in grid]
     recheck = [r for r in rows if r["status"] == STATUS_UNSUPPORTED and r["run_id"] in grid]
@@ -414,6 +420,7 @@ def run_sweep(
     restart: bool = False,
     announce: Callable[[str], None] = print,
     check_folder: Callable[[Path], None] | None = None,
+    holding_lock: bool = False,
 ) -> dict[str, int]:
     """Run every unfinished cell of `spec` into `folder`; returns counts by status.
 
@@ -424,18 +431,17 @@ def run_sweep(
     checked (ConfigError; the cells beyond a backend's limits are recorded as UNSUPPORTED
     instead of run), the folder is locked (FolderBusy if another process writes it), and
     its settings must be `spec`'s unless `restart` (ConfigError), and `check_folder`
-    (if given) may refuse the runs it then holds (ConfigError). `announce` gets one line
-    saying what will run.
+    (if given) may refuse the runs it keeps (ConfigError), before anything in it changes.
+    With `holding_lock`, the caller holds the folder's FolderLock already (a pipeline,
+    across its steps). `announce` gets one line saying what will run.
     """
     configs = spec.configs()
     beyond = unsupported_cells(spec)
     for device in devices or ():
         device_for(spec.base.replace(device=device))
     devices = [_device_name(d) for d in devices] if devices else devices
-    with FolderLock(folder):
-        done, retried = _open_folder(folder, spec, restart)
-        if check_folder is not None:
-            check_folder(folder)
+    with contextlib.nullcontext() if holding_lock else FolderLock(folder):
+        done, retried = _open_folder(folder, spec, restart, check_folder)
         finished = [c for c in configs if c.run_id in done]
         todo = [c for c in configs if c.run_id not in done and c.run_id not in beyond]
         unsupported = [c for c in configs if c.run_id in beyond]

@@ -10,6 +10,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -165,6 +166,7 @@ def _sweep(args, spec: SweepSpec, check_folder: Callable[[Path], None] | None = 
         devices=devices,
         restart=args.restart,
         check_folder=check_folder,
+        holding_lock=True,
     )
     print(f"sweep {folder}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     errors = counts.get(STATUS_ERROR, 0)
@@ -213,8 +215,7 @@ def _report_can_read(spec: SweepSpec) -> Callable[[Path], None]:
 def _report(args) -> int:
     from analysis.report import build_report
 
-    with FolderLock(args.root / args.tag):  # not while a sweep or run writes the folder
-        path = build_report(args.root / args.tag)
+    path = build_report(args.root / args.tag)  # the caller holds the folder's lock
     print(f"report written to {path}")
     return 0
 
@@ -222,37 +223,41 @@ def _report(args) -> int:
 def main(name: str, argv: list[str]) -> int:
     p = parser(name)
     args = p.parse_args(argv)
-    try:
-        if name == "report":
-            folder = check_folder(args.root, args.tag)
-            if not (folder / RUNS_CSV).exists():
-                raise ConfigError(f"no runs.csv in {folder}: run the sweep first")
-        else:
-            spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
-        if name == "report":
-            return _report(args)  # a CSV it cannot read: ValueError, nothing written
-        if name == "risk":
-            with FolderLock(args.root / args.tag):
-                check_risk_folder(args.root / args.tag, spec.base)
-                return _risk(args, spec)
-        start = time.perf_counter()
-        status = _sweep(args, spec, _report_can_read(spec) if name == "pipeline" else None)
-    except (ConfigError, FolderBusy) as e:  # raised before any work
-        return p.bad_input(e)
-    except ValueError as e:
-        if name != "report":
-            raise
-        return p.bad_input(e)
-    if name == "pipeline":
-        swept = time.perf_counter()
-        status = max(status, _risk(args, spec))
-        checked = time.perf_counter()
+    folder = args.root / args.tag
+    # The folder's lock for the whole command: a pipeline's sweep, risk checks and report
+    # with no other writer between them, and no report of a sweep half done.
+    with ExitStack() as held:
         try:
-            _report(args)
-        except ValueError as e:  # a file the report cannot read; it wrote nothing
+            if name == "report":
+                check_folder(args.root, args.tag)
+                if not (folder / RUNS_CSV).exists():
+                    raise ConfigError(f"no runs.csv in {folder}: run the sweep first")
+            else:
+                spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
+            held.enter_context(FolderLock(folder))
+            if name == "report":
+                return _report(args)  # a CSV it cannot read: ValueError, nothing written
+            if name == "risk":
+                check_risk_folder(folder, spec.base)
+                return _risk(args, spec)
+            start = time.perf_counter()
+            status = _sweep(args, spec, _report_can_read(spec) if name == "pipeline" else None)
+        except (ConfigError, FolderBusy) as e:  # raised before any work
             return p.bad_input(e)
-        print(
-            f"pipeline: sweep {swept - start:.1f} s, risk checks {checked - swept:.1f} s, "
-            f"report {time.perf_counter() - checked:.1f} s"
-        )
-    return status
+        except ValueError as e:
+            if name != "report":
+                raise
+            return p.bad_input(e)
+        if name == "pipeline":
+            swept = time.perf_counter()
+            status = max(status, _risk(args, spec))
+            checked = time.perf_counter()
+            try:
+                _report(args)
+            except ValueError as e:  # a file the report cannot read; it wrote nothing
+                return p.bad_input(e)
+            print(
+                f"pipeline: sweep {swept - start:.1f} s, risk checks {checked - swept:.1f} s, "
+                f"report {time.perf_counter() - checked:.1f} s"
+            )
+        return status

@@ -110,3 +110,12 @@ def test_the_share_during_training_reads_the_first_and_last_probe_of_each_run():
     assert table["share there"] == "0.6000 ± 0.1414"
     assert table["share at the end"] == "0.2000 ± 0.1414"
     assert share_during_training(pd.DataFrame(rows).drop(columns="attn_curvature_share")).empty
+
+
+def test_one_seed_claims_no_standard_error():
+    from analysis.ablations import _beyond, _fmt
+
+    one = {"mean": 0.0, "std": float("nan"), "n": 1, "clear": False}
+    assert f"{_fmt(one)} ({_beyond(one)})" == "+0.0000 (one seed) (no SE from one seed)"
+    two = {"mean": 0.1, "std": 0.01, "n": 2, "clear": True}
+    assert _beyond(two) == "beyond 2 SE"

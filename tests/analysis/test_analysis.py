@@ -151,6 +151,10 @@ def test_runs_of_older_versions_have_no_runner_count_and_keep_their_speed_up(tmp
         (lambda r: edit_first(r, peak_cuda_mem_bytes=-1), "negative or infinite peak_cuda_mem"),
         (lambda r: edit_first(r, run_id="renamed", seed=1), "lines 2, 3: runs of one .mode, "),
         (lambda r: edit_first(r, run_id=float("nan")), "line 2: the run has no run_id"),
+        (  # before its meta JSON is looked for
+            lambda r: edit_first(r.drop(columns="dim"), run_id=float("nan")),
+            "line 2: the run has no run_id",
+        ),
         (
             lambda r: edit_first(r, run_id="reference_FULL_k1_seed1"),
             "lines 2, 3: one run twice; keep one",
@@ -397,10 +401,21 @@ def test_a_report_replaces_the_last_one_whole_or_leaves_it_as_it_was(tmp_path, m
         replace(source, target)
 
     monkeypatch.setattr(os, "replace", figures_cannot_move_in)  # after 3 outputs moved in
-    with pytest.raises(ValueError, match="could not move figures into .*No space left"):
+    with pytest.raises(ValueError, match="could not move .*figures to .*figures .*No space left"):
         build_report(tmp_path)
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before and not list(tmp_path.glob(".report-*"))
+
+    def and_summary_cannot_move_back(source, target):
+        if Path(target) == tmp_path / "summary.csv" and Path(source).parent.name == "last report":
+            raise OSError(5, "Input/output error")
+        figures_cannot_move_in(source, target)
+
+    monkeypatch.setattr(os, "replace", and_summary_cannot_move_back)
+    with pytest.raises(ValueError, match="No space left.*; summary.csv is in .*last report"):
+        build_report(tmp_path)
+    (kept,) = tmp_path.glob(".report-*/last report/summary.csv")  # not deleted with the rest
+    assert kept.read_bytes() == before[tmp_path / "summary.csv"]
 
 
 @pytest.mark.parametrize("risk_csv", ["", "x,y\n1,2\n", None])
@@ -424,7 +439,7 @@ def test_a_folder_the_report_cannot_write_is_a_value_error_naming_it(tmp_path, m
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")  # root passes chmod; the OS's answer
 
-    monkeypatch.setattr(tempfile, "TemporaryDirectory", denied)
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
     with pytest.raises(ValueError, match=f"cannot write the report into {tmp_path} .Permission"):
         build_report(tmp_path)
 

@@ -167,6 +167,66 @@ def test_a_damaged_history_stops_the_report_and_pipeline_in_one_line(
     assert len(rows(tmp_path)) == 1 and not (tmp_path / "t" / "risk_checks.csv").exists()
 
 
+def test_a_setting_edited_into_text_stops_a_resumed_sweep_in_one_line(tmp_path, capsys):
+    assert sweep(tmp_path) == 0
+    runs = rows(tmp_path).astype({"outer_lr": object})
+    runs.loc[0, "outer_lr"] = "abc"
+    runs.to_csv(tmp_path / "t" / "runs.csv", index=False)
+    capsys.readouterr()
+    assert sweep(tmp_path) == 2
+    assert "has a setting that is not a number" in one_error_line(capsys)
+
+
+def test_a_refused_pipeline_leaves_its_folder_as_it_was(tmp_path, capsys, monkeypatch):
+    def failing(configs, **kw):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as m:
+        m.setattr(sweep_module, "run_experiments", failing)
+        assert sweep(tmp_path, "--modes", "FO") == 1  # an ERROR row the next sweep would move
+    assert sweep(tmp_path, "--modes", "FULL") == 0
+    history = next((tmp_path / "t" / "history").iterdir())
+    history.write_bytes(b"not gzip")
+    before = {p: p.read_bytes() for p in (tmp_path / "t").iterdir() if p.is_file()}
+    assert sweep(tmp_path, "--seeds", "0,1", "--no-gradgradcheck", command="pipeline") == 2
+    assert "cannot be read (BadGzipFile" in capsys.readouterr().err.splitlines()[-1]
+    after = {p: p.read_bytes() for p in (tmp_path / "t").iterdir() if p.is_file()}
+    assert after == before  # sweep.json's grid, runs.csv's ERROR row, no errors.csv
+
+
+def test_a_pipeline_holds_its_folder_from_its_sweep_to_its_report(tmp_path, monkeypatch):
+    import phase12.cli.sweep as commands
+    from phase12.io import FolderBusy
+
+    risk, busy = commands._risk, []
+
+    def risk_while_another_writer_tries(args, spec):
+        with pytest.raises(FolderBusy):
+            FolderLock(tmp_path / "t").__enter__()
+        busy.append(True)
+        return risk(args, spec)
+
+    monkeypatch.setattr(commands, "_risk", risk_while_another_writer_tries)
+    assert sweep(tmp_path, "--modes", "FULL", "--no-gradgradcheck", command="pipeline") == 0
+    assert busy == [True] and (tmp_path / "t" / "report.md").exists()
+
+
+def test_a_report_into_a_folder_it_cannot_write_is_one_line(tmp_path, capsys, monkeypatch):
+    import filelock
+
+    assert sweep(tmp_path, "--modes", "FULL") == 0
+    capsys.readouterr()
+
+    def read_only(self, *args, **kwargs):  # root passes chmod: the OS's answer, by hand
+        raise OSError(30, "Read-only file system", str(tmp_path / "t" / ".writer.lock"))
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", read_only)
+    assert exit_code("report", "--root", str(tmp_path), "--tag", "t") == 2
+    line = one_error_line(capsys)
+    assert "cannot write to" in line and "Read-only file system" in line
+    assert not (tmp_path / "t" / "report.md").exists()
+
+
 def test_a_pipeline_refuses_only_what_its_report_would(tmp_path, capsys):
     assert sweep(tmp_path, "--modes", "FULL") == 0
     (history,) = (tmp_path / "t" / "history").iterdir()
