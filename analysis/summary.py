@@ -125,11 +125,6 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
             line = rows.to_numpy().nonzero()[0][0] + 2  # the header is line 1
             raise ValueError(f"{path}, line {line}: the run {what}; fix or drop that row")
 
-    refuse(runs["run_id"].isna(), "has no run_id")
-    for column in [c for c in dict.fromkeys(numeric) if c in runs]:
-        text = pd.to_numeric(runs[column], errors="coerce").isna() & runs[column].notna()
-        refuse(text, f"has text in its numeric column {column}")
-
     def refuse_repeats(columns: list[str], what: str) -> None:
         twice = runs[runs.duplicated(columns, keep=False)]
         if len(twice):
@@ -137,6 +132,10 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
             lines = ", ".join(str(i + 2) for i in twice.index[group == group.iloc[0]])
             raise ValueError(f"{path}, lines {lines}: {what}; keep one of them")
 
+    refuse(runs["run_id"].isna(), "has no run_id")
+    for column in [c for c in dict.fromkeys(numeric) if c in runs]:
+        text = pd.to_numeric(runs[column], errors="coerce").isna() & runs[column].notna()
+        refuse(text, f"has text in its numeric column {column}")
     cell = [c for c in GRID_FIELDS if c in runs]
     for column in [*cell, *settings]:
         refuse(runs[column].isna(), f"has no {column}")
