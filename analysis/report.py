@@ -351,6 +351,7 @@ def _risk_lines(folder: Path) -> list[str]:
     """The report's risk-check section: the folder's RISK_CSV as a table (ValueError
     naming it if it is not one the risk command wrote), or how to write one."""
     risk = folder / RISK_CSV
+    hint = f"python run.py risk --root {folder.parent} --tag {folder.name}"
     lines = ["## Risk checks", ""]
     if os.path.lexists(risk):
         try:
@@ -361,10 +362,9 @@ def _risk_lines(folder: Path) -> list[str]:
         if wrong:
             raise ValueError(
                 f"{risk} is not a risk_checks.csv the risk command wrote; delete it, or "
-                f"write it again: python run.py risk --root {folder.parent} --tag {folder.name}"
+                f"write it again: {hint}"
             )
         return lines + [markdown_table(table, ".3e"), ""]
-    hint = f"python run.py risk --root {folder.parent} --tag {folder.name}"
     return lines + [f"None in this folder: `{hint}` writes them.", ""]
 
 

@@ -68,7 +68,7 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
     if "ablation" not in runs:
         runs["ablation"] = "none"
     runs["ablation"] = runs["ablation"].astype(object).where(runs["ablation"].notna(), "none")
-    if runs["run_id"].isna().any():  # before anything is looked up by it
+    if runs["run_id"].isna().any():  # named before any meta JSON is looked up by run_id
         _check_values(runs, path)
     if "dim" not in runs and len(runs):  # older versions kept D in the meta JSON alone
         runs["dim"] = [_meta_dim(folder, run_id) for run_id in runs["run_id"]]
@@ -139,8 +139,12 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
     cell = [c for c in GRID_FIELDS if c in runs]
     for column in [*cell, *settings]:
         refuse(runs[column].isna(), f"has no {column}")
-    known = {"mode": MODES, "ablation": ABLATION_NAMES, "dtype": tuple(FLOAT64_TOLERANCE)}
-    known["status"] = STATUSES
+    known = {
+        "mode": MODES,
+        "ablation": ABLATION_NAMES,
+        "dtype": tuple(FLOAT64_TOLERANCE),
+        "status": STATUSES,
+    }
     for column, names in known.items():
         refuse(~runs[column].isin(names), f"has a {column} not one of {', '.join(names)}")
     refuse(

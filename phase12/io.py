@@ -251,8 +251,13 @@ class FolderBusy(ValueError):
 # folder where one of its files does, would fail the first save, after the work.
 RESULT_FOLDERS = (HISTORY_DIR, "meta")
 RESULT_FILES = (
-    *(RUNS_CSV, f"{RUNS_CSV}.lock", "errors.csv", "sweep.json", RISK_CSV),
-    *(".writer.lock", ".writer.json"),
+    RUNS_CSV,
+    f"{RUNS_CSV}.lock",
+    "errors.csv",
+    "sweep.json",
+    RISK_CSV,
+    ".writer.lock",
+    ".writer.json",
 )
 
 
