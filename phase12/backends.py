@@ -27,11 +27,16 @@ from kernels import BackendUnavailable, check_backend
 from phase12.config import PARAMS, ConfigError, Curvature, Mode, RunConfig, resolve_device
 from phase12.model import Params, apply, cross_entropy, loss
 
-_support_grad = torch.func.grad(
-    lambda params, x, y, attention, curvature, scale: (
-        scale * loss(params, x, y, attention, curvature)
-    )
-)
+
+def _scaled_loss(params, x, y, attention: str, curvature: str, scale: float) -> torch.Tensor:
+    """`scale` times the model's support loss. A scale of 1 (every run not computing in
+    float16) adds no multiply: it would be one more op in each inner step's forward,
+    backward and, in FULL, double backward (with a copy of the scalar to the device)."""
+    value = loss(params, x, y, attention, curvature)
+    return value if scale == 1.0 else scale * value
+
+
+_support_grad = torch.func.grad(_scaled_loss)
 
 
 @dataclass(frozen=True)

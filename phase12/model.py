@@ -65,8 +65,10 @@ def apply(
     # (..., 1, D); the leading dims act as batch
     h = attention(q, k, v, backend=attention_backend, curvature=curvature)
     # squeeze, not h[..., 0, :]: a select's backward allocates zeros and scatters into
-    # them (two kernels per use); squeeze's backward is a view.
-    return F.linear(h.squeeze(-2), params["Wc"], params["bc"])
+    # them (two kernels per use); squeeze's backward is a view. A matmul and an add, not
+    # F.linear: under vmap F.linear's bias goes through addmm's decomposition, which
+    # multiplies it by beta = 1 (one more op in the forward and in each backward).
+    return h.squeeze(-2) @ params["Wc"].mT + params["bc"]
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

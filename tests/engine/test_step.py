@@ -6,6 +6,7 @@ look for the ops that move a value to the host (`.item()`, `bool(tensor)`, `.tol
 The GPU test (test_step_gpu.py) then checks replay against eager.
 """
 
+import pytest
 import torch
 from support import TINY
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -18,12 +19,17 @@ HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal", "item", "_assert_asy
 
 
 class RecordOps(TorchDispatchMode):
+    """The names of the aten ops run inside, and how many of them do work (views and
+    detaches launch no kernel)."""
+
     def __init__(self):
         super().__init__()
-        self.ops = set()
+        self.ops, self.working = set(), 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.overloadpacket.__name__)
+        name = func.overloadpacket.__name__
+        self.ops.add(name)
+        self.working += not (func.is_view or name in ("_unsafe_view", "detach"))
         return func(*args, **(kwargs or {}))
 
 
@@ -79,3 +85,21 @@ def test_snapshot_restore_gives_the_same_run():
         step()
     assert torch.equal(step.history, first)
     assert all(torch.equal(step.params[n], params[n]) for n in params)
+
+
+# Ops (each a kernel on CUDA) one more inner step adds to an outer step of the autodiff
+# backends, as measured on torch 2.13 (docs/benchmarks.md, "Eighteenth session"). The
+# step is bound by its number of dependent kernels, so more is slower.
+INNER_STEP_OPS = {"FULL": 106, "FO": 37, "FO_STRICT": 37}
+
+
+@pytest.mark.parametrize("mode", INNER_STEP_OPS)
+def test_an_inner_step_stays_within_its_op_budget(mode):
+    def working_ops(k: int) -> int:
+        step = build_step([TINY.replace(mode=mode, inner_steps=k)], torch.device("cpu"))
+        step()  # Adam's lazy state
+        with RecordOps() as ops:
+            step()
+        return ops.working
+
+    assert working_ops(2) - working_ops(1) <= INNER_STEP_OPS[mode]
