@@ -126,13 +126,14 @@ class OuterStep:
         self.history.fill_(float("nan"))
 
 
-def capture(step: OuterStep, warmup: int = 2) -> torch.cuda.CUDAGraph:
+def capture(step: OuterStep, warmup: int = 1) -> torch.cuda.CUDAGraph:
     """Capture one call of `step` into a CUDA graph; the run's state is left as it was.
 
-    Warm-up calls (kernel compilation, Adam's lazy state, the .grad buffers) run on a
-    side stream first, as torch.cuda.graph requires; afterwards parameters, Adam,
-    the generators and the history are restored, so replaying the graph n times gives
-    the same run as n eager calls from the same seed.
+    Warm-up calls run on a side stream first, as torch.cuda.graph requires: one does
+    everything that happens on a first call only (Triton's compilation, Adam's lazy state,
+    cuBLAS's workspace for the stream), and each costs as much host time as an eager
+    step. Afterwards parameters, Adam, the generators and the history are restored, so
+    replaying the graph n times gives the same run as n eager calls from the same seed.
     """
     snap = step.snapshot()
     # Kernels go to the current device's streams: make it step's.

@@ -111,7 +111,7 @@ def test_failed_capture_falls_back_to_fresh_eager_state(monkeypatch):
     import phase12.train as train
     from phase12.distributed import SINGLE_PROCESS
 
-    def failing_capture(step, warmup=2):
+    def failing_capture(step, warmup=1):
         step()  # parameters, Adam and the task generators move on
         raise RuntimeError("capture refused")
 
