@@ -605,8 +605,9 @@ def build_report(folder: str | Path) -> Path:
     runs = load_runs(folder)
     if runs.empty:
         raise ValueError(f"{folder / 'runs.csv'} holds no runs yet: run the sweep first")
+    _remove_killed_builds(folder)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=".report-", dir=folder))
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
     except OSError as e:
         raise ValueError(f"cannot write the report into {folder} ({e.strerror})") from e
     last = staging / "last report"  # where _move_in puts the last report's outputs
@@ -624,6 +625,21 @@ def build_report(folder: str | Path) -> Path:
         if moved_in and staging.exists():
             print(f"warning: {staging} could not be deleted; delete it", file=sys.stderr)
     return folder / "report.md"
+
+
+STAGING_PREFIX = ".report-"
+
+
+def _remove_killed_builds(folder: Path) -> None:
+    """Delete the staging folders of reports killed while building (no report runs while
+    the caller holds the lock). One holding files of an earlier report that a failed
+    roll-back kept is left, and named."""
+    for stale in sorted(folder.glob(STAGING_PREFIX + "*")):
+        last = stale / "last report"
+        if last.is_dir() and any(last.iterdir()):
+            print(f"warning: {last} holds an earlier report's files; delete it", file=sys.stderr)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _move_in(built: Path, folder: Path, last: Path) -> None:

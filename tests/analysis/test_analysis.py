@@ -369,7 +369,7 @@ def test_an_ok_run_without_a_history_is_named_not_left_out_of_the_curves(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history", "runs.csv"]
 
 
-def test_a_report_replaces_the_last_one_whole_or_leaves_it_as_it_was(tmp_path, monkeypatch):
+def test_a_report_replaces_the_last_one_whole_or_leaves_it_as_it_was(tmp_path, monkeypatch, capsys):
     runs = hand_made_runs()
     runs.to_csv(tmp_path / "runs.csv", index=False)
     (tmp_path / "history").mkdir()
@@ -416,6 +416,25 @@ def test_a_report_replaces_the_last_one_whole_or_leaves_it_as_it_was(tmp_path, m
         build_report(tmp_path)
     (kept,) = tmp_path.glob(".report-*/last report/summary.csv")  # not deleted with the rest
     assert kept.read_bytes() == before[tmp_path / "summary.csv"]
+    monkeypatch.undo()
+
+    killed = tmp_path / ".report-killed"  # a report killed while building (SIGKILL)
+    (killed / "figures").mkdir(parents=True)
+    (killed / "figures" / "training_curves.png").write_bytes(b"half")
+    build_report(tmp_path)
+    assert not killed.exists() and kept.exists()
+    assert f"warning: {kept.parent} holds an earlier report's files" in capsys.readouterr().err
+
+
+def test_a_staging_folder_that_cannot_be_deleted_is_named(tmp_path, monkeypatch, capsys):
+    hand_made_runs().to_csv(tmp_path / "runs.csv", index=False)
+    (tmp_path / "history").mkdir()
+    for r in hand_made_runs().query("status == 'OK'").itertuples():
+        history(1.0).to_csv(tmp_path / "history" / f"{r.run_id}.csv.gz", index=False)
+    monkeypatch.setattr(report_module.shutil, "rmtree", lambda *a, **k: None)
+    assert build_report(tmp_path).exists()
+    (staging,) = tmp_path.glob(".report-*")
+    assert capsys.readouterr().err == f"warning: {staging} could not be deleted; delete it\n"
 
 
 @pytest.mark.parametrize("risk_csv", ["", "x,y\n1,2\n", None])
