@@ -48,8 +48,9 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
     combined attention grad norm derived if absent.
 
     ValueError, naming the file (and the line) and the fix, for a file that does not
-    parse, ends in a partial line (pandas would read the fragment as a row of blanks) or
-    holds rows the analysis would misread (_check_values)."""
+    parse, ends in a partial line (pandas would read the fragment as a row of blanks),
+    holds rows the analysis would misread (_check_values) or runs whose meta JSONs record
+    other settings (_check_recorded_settings)."""
     folder = Path(folder)
     path = folder / RUNS_CSV
     if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
@@ -73,6 +74,7 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
     if "dim" not in runs and len(runs):  # older versions kept D in the meta JSON alone
         runs["dim"] = [_meta_dim(folder, run_id) for run_id in runs["run_id"]]
     _check_values(runs, path)
+    _check_recorded_settings(folder, runs["run_id"])
     runs["mode"] = runs["mode"].where(runs["ablation"] == "none", runs["ablation"])
     if "device_runners" not in runs:  # older versions did not record it
         runs["device_runners"] = float("nan")
@@ -93,6 +95,35 @@ def _meta_dim(folder: Path, run_id) -> int:
             f"{folder / RUNS_CSV} has no dim column and {path} cannot tell the run's width "
             f"D ({type(e).__name__}); add the dim column"
         ) from e
+
+
+def _check_recorded_settings(folder: Path, run_ids: pd.Series) -> None:
+    """ValueError, naming two of their meta JSONs, for runs whose recorded settings (every
+    field of the config each meta/RUN.json holds but the grid axes and the device) differ:
+    the rest of a run's settings (noise, shots, classes, ...) are in no column, and the
+    analysis would average such runs together. Runs without a meta JSON (older versions
+    wrote none for some) and settings a JSON lacks (older versions) are let pass."""
+    seen: dict[str, tuple] = {}  # setting -> (its JSON value, the file it was read from)
+    for run_id in run_ids:
+        path = folder / "meta" / f"{run_id}.json"
+        if not path.exists():
+            continue
+        try:
+            config = dict(json.loads(path.read_text())["config"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path} cannot be read ({type(e).__name__}), so its run's settings are "
+                "unknown; fix it, or drop the run's row from runs.csv"
+            ) from e
+        for name, value in config.items():
+            if name in GRID_FIELDS or name == "device":
+                continue
+            first = seen.setdefault(name, (json.dumps(value), path))
+            if first[0] != json.dumps(value):
+                raise ValueError(
+                    f"{first[1]} and {path} record runs of several {name} ({first[0]}, "
+                    f"{json.dumps(value)}); keep one setting a folder"
+                )
 
 
 def _check_values(runs: pd.DataFrame, path: Path) -> None:

@@ -194,6 +194,28 @@ def test_a_runs_csv_without_dim_takes_each_runs_width_from_its_meta_json(tmp_pat
         load_runs(tmp_path)
 
 
+def test_runs_whose_meta_jsons_record_other_settings_are_refused(tmp_path):
+    """Settings that are in no column (noise, shots, ...) are compared in the meta JSONs."""
+    runs = hand_made_runs()
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    (tmp_path / "meta").mkdir()
+    meta = lambda run_id: tmp_path / "meta" / f"{run_id}.json"  # noqa: E731
+    for r in runs.itertuples():  # the grid axes and the device may differ
+        config = {"mode": r.mode, "seed": r.seed, "device": f"cuda:{r.seed}", "noise_std": 0.5}
+        meta(r.run_id).write_text(json.dumps({"config": config}))
+    meta(runs.run_id[5]).unlink()  # older versions wrote none for some runs
+    meta(runs.run_id[6]).write_text(json.dumps({"config": {"mode": "FO"}}))  # nor every key
+    assert len(load_runs(tmp_path)) == len(runs)
+    meta(runs.run_id[7]).write_text(json.dumps({"config": {"noise_std": 0.3}}))
+    first, seventh = meta(runs.run_id[0]), meta(runs.run_id[7])
+    with pytest.raises(ValueError, match=f"{first} and {seventh} record runs of several noise_std"):
+        build_report(tmp_path)
+    meta(runs.run_id[7]).write_text("{")
+    with pytest.raises(ValueError, match=f"{seventh} cannot be read .*settings are unknown"):
+        build_report(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta", "runs.csv"]
+
+
 def test_full_minus_fo_pairs_seeds():
     g = full_minus_fo(hand_made_runs()).set_index(["backend", "inner_steps"])
     k1 = g.loc[("reference", 1)]
