@@ -13,7 +13,8 @@
 |              | backward one Hessian-vector-product kernel  | plain forward: fused   |
 |              | (phase12.fused_step)                        |                        |
 
-All three compute the same numbers (exact to the rounding of their dtype).
+All three compute the same numbers (exact to the rounding of their dtype; under
+torch.autocast triton_step keeps its products in float32, README "Precision").
 """
 
 from __future__ import annotations
@@ -28,15 +29,19 @@ from phase12.config import PARAMS, ConfigError, Curvature, Mode, RunConfig, reso
 from phase12.model import Params, apply, cross_entropy, loss
 
 
-def _scaled_loss(params, x, y, attention: str, curvature: str, scale: float) -> torch.Tensor:
-    """`scale` times the model's support loss. A scale of 1 (every run not computing in
-    float16) adds no multiply: it would be one more op in each inner step's forward,
-    backward and, in FULL, double backward (with a copy of the scalar to the device)."""
-    value = loss(params, x, y, attention, curvature)
+def scaled(value: torch.Tensor, scale: float) -> torch.Tensor:
+    """`scale` times a loss whose gradient is taken (RunConfig.loss_scale). A scale of 1
+    (every run not computing in float16) adds no op: in an inner step a multiply would be
+    one more op in its forward, backward and, in FULL, double backward (with a copy of
+    the scalar to the device)."""
     return value if scale == 1.0 else scale * value
 
 
-_support_grad = torch.func.grad(_scaled_loss)
+_support_grad = torch.func.grad(
+    lambda params, x, y, attention_backend, attention_curvature, scale: scaled(
+        loss(params, x, y, attention_backend, attention_curvature), scale
+    )
+)
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,9 @@ class Curvature:
 
 
 # Curvature ablations of FULL (docs/attention-double-backward.md, "Curvature policies").
+# An ablation is named for what it drops; Curvature.attention names the part of
+# attention's own curvature that is kept (kernels.CURVATURES): dropping the score path
+# keeps "value", and "none" keeps none of it.
 ABLATIONS = {
     "none": Curvature(),
     "no_attention_curvature": Curvature(attention="none"),

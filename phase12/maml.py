@@ -14,8 +14,9 @@ FULL also takes a curvature ablation (phase12.config.ABLATIONS): its inner gradi
 keep all but one part of their second-order signal (attention's own curvature or a part
 of it, or the curvature of some parameters), exactly.
 
-The meta-gradient itself is taken by ordinary autograd (`.backward()` on the mean
-query loss), so torch.optim works on the meta-parameters unchanged. How an inner step
+The meta-gradient itself is taken by ordinary autograd (phase12.step.OuterStep calls
+`.backward()` on the mean query loss; `meta_gradient` takes torch.autograd.grad), so
+torch.optim works on the meta-parameters unchanged. How an inner step
 is taken is the backend's (phase12.backends): torch.func.grad of the model, or with
 `triton_step` one fused kernel whose backward is one Hessian-vector-product kernel
 (the three modes, the same numbers; it refuses the ablations).
@@ -27,7 +28,7 @@ import contextlib
 
 import torch
 
-from phase12.backends import get
+from phase12.backends import get, scaled
 from phase12.config import ABLATIONS, Curvature, Mode, inner_curvature
 from phase12.model import Params
 from phase12.tasks import Tasks
@@ -121,10 +122,10 @@ def meta_gradient(
     **policy,
 ) -> Params:
     """d(mean query loss)/d(meta_params) for a meta-batch, without touching .grad.
-    `policy`: mode, steps, lr, backend (and ablation) of task_query_metrics; `autocast`:
-    the context of the forward (RunConfig.autocast), as in a training step. With
-    `seed_batched`, every parameter and task tensor has a leading seed dim (S, ...) and
-    each seed gets the meta-gradient of its own tasks (one vmap over the seeds, as
+    `policy`: mode, steps, lr, backend (and ablation, loss_scale) of task_query_metrics;
+    `autocast`: the context of the forward (RunConfig.autocast), as in a training step.
+    With `seed_batched`, every parameter and task tensor has a leading seed dim (S, ...)
+    and each seed gets the meta-gradient of its own tasks (one vmap over the seeds, as
     phase12.step.OuterStep trains them)."""
     leaves = {n: p.detach().requires_grad_(True) for n, p in meta_params.items()}
     metrics = lambda p, *t: meta_batch_metrics(p, Tasks(*t), **policy)  # noqa: E731
@@ -132,8 +133,8 @@ def meta_gradient(
         losses, _ = (torch.func.vmap(metrics) if seed_batched else metrics)(leaves, *tasks)
     scale = policy.get("loss_scale", 1.0)
     # A seed's loss depends on its own parameters only: the sum's gradient is each one's.
-    grads = torch.autograd.grad(losses.mean(-1).sum() * scale, list(leaves.values()))
-    return {n: g / scale for n, g in zip(leaves, grads, strict=True)}
+    grads = torch.autograd.grad(scaled(losses.mean(-1).sum(), scale), list(leaves.values()))
+    return {n: g if scale == 1.0 else g / scale for n, g in zip(leaves, grads, strict=True)}
 
 
 def relative_difference(a: Params, b: Params, seed_batched: bool = False) -> torch.Tensor:

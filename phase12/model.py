@@ -67,8 +67,10 @@ def apply(
     # squeeze, not h[..., 0, :]: a select's backward allocates zeros and scatters into
     # them (two kernels per use); squeeze's backward is a view. A matmul and an add, not
     # F.linear: under vmap F.linear's bias goes through addmm's decomposition, which
-    # multiplies it by beta = 1 (one more op in the forward and in each backward).
-    return h.squeeze(-2) @ params["Wc"].mT + params["bc"]
+    # multiplies it by beta = 1 (one more op in the forward and in each backward). The
+    # bias in the matmul's dtype, as F.linear has it under autocast (a no-op otherwise).
+    logits = h.squeeze(-2) @ params["Wc"].mT
+    return logits + params["bc"].to(logits.dtype)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from phase12.backends import scaled
 from phase12.config import RunConfig
 from phase12.distributed import SINGLE_PROCESS, World, all_reduce_mean
 from phase12.maml import meta_batch_metrics
@@ -82,7 +83,7 @@ class OuterStep:
         self.optimizer.zero_grad(set_to_none=True)
         scale = self.config.loss_scale
         # Each seed's parameters get its own meta-gradient (of the scaled loss: unscaled).
-        (seed_losses.sum() * scale).backward()
+        scaled(seed_losses.sum(), scale).backward()
         stats = torch.stack([seed_losses.detach(), accs.mean(-1)])
         grads = [p.grad for p in self.params.values()]
         if scale != 1.0:

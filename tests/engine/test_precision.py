@@ -7,6 +7,7 @@ from support import SMALL, fresh
 
 from phase12.config import DTYPES, RunConfig
 from phase12.maml import meta_gradient, relative_difference
+from phase12.model import apply, init_params
 from phase12.schema import FLOAT64_TOLERANCE
 from phase12.train import run_experiment
 
@@ -91,6 +92,19 @@ def test_a_low_precision_run_trains_and_says_its_precision(dtype):
     assert row["autocast"] == dtype.startswith("autocast")
     assert row["loss_scale"] == {"autocast_float16": 2.0**10}.get(dtype, 1.0)
     assert 0 < row["float64_meta_grad_error"] < FLOAT64_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16])
+def test_under_autocast_the_logits_of_adapted_parameters_are_in_the_compute_dtype(compute):
+    """Linear layers in the compute dtype, as the README's precision table says: for the
+    adapted (per-task, batched) parameters of the query pass too, not only the meta-
+    parameters."""
+    params = init_params(8, 3, torch.Generator().manual_seed(0))
+    adapted = {n: torch.stack([p, 2 * p]) for n, p in params.items()}
+    x = torch.randn(2, 4, 5, 8)
+    with torch.autocast("cpu", dtype=compute):
+        assert apply(params, x[0]).dtype == compute
+        assert torch.func.vmap(apply)(adapted, x).dtype == compute
 
 
 def test_float16_parameters_throughout_go_non_finite_and_are_recorded():
