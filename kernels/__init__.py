@@ -26,7 +26,7 @@ import torch
 from kernels.reference import CURVATURES, attention_reference, default_scale
 
 __all__ = [
-    "BACKENDS",
+    "ATTENTION_BACKENDS",
     "CURVATURES",
     "BackendUnavailable",
     "attention",
@@ -34,7 +34,7 @@ __all__ = [
     "fused_attention",
 ]
 
-BACKENDS = ("reference", "triton_fused")
+ATTENTION_BACKENDS = ("reference", "triton_fused")
 
 
 class BackendUnavailable(RuntimeError):
@@ -43,8 +43,10 @@ class BackendUnavailable(RuntimeError):
 
 def check_backend(backend: str, device: torch.device | str) -> None:
     """Raise ValueError for an unknown backend, BackendUnavailable if it cannot run on `device`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}"
+        )
     if backend == "reference":
         return
     device = torch.device(device)
@@ -175,4 +177,4 @@ def attention(
         return FusedAttention.apply(q, k, v, *args)[0]
     if backend == "triton_fused":
         return fused_attention(q, k, v, causal, scale, float32_precision, curvature)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
