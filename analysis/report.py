@@ -39,7 +39,13 @@ from analysis.figures import (
 )
 from analysis.robustness import findings as map_findings
 from analysis.robustness import regimes, robustness_table
-from analysis.summary import full_minus_fo, gains_over_fo, load_runs, summarize
+from analysis.summary import (
+    at_seed_setting,
+    full_minus_fo,
+    gains_over_fo,
+    load_runs,
+    summarize,
+)
 from analysis.tables import markdown_table
 from phase12.schema import (
     CURVATURE_SHARES,
@@ -50,6 +56,8 @@ from phase12.schema import (
     RISK_COLUMNS,
     RISK_CSV,
     RUNS_CSV,
+    SEED_SETTING,
+    SEED_SHAPES,
     SEED_STEP_S,
     STATUS_OK,
     STATUS_UNSUPPORTED,
@@ -134,7 +142,7 @@ def _wrong_history_values(history: pd.DataFrame) -> str | None:
     return None
 
 
-def results_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+def results_table(summary: pd.DataFrame, runs: pd.DataFrame, at_seed: bool) -> pd.DataFrame:
     """Accuracy per (backend, k) of every run in the folder: each mode and curvature
     ablation (mean ± std over its OK seeds, with how many of how many and the others'
     statuses where some did not finish; "not supported" where the runs were beyond the
@@ -167,15 +175,17 @@ def results_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             gap = gaps.loc[(backend, k)]
             one = " (1 seed)" if gap["n_seeds"] == 1 else ""
             row["FULL − FO"] = f"{gap['gap_mean']:+.4f}{one}"
-        seed = SEED_LONG_RUN_ACC.get((backend, k))
+        seed = SEED_LONG_RUN_ACC.get((backend, k)) if at_seed else None
         row["seed FULL / FO (long run)"] = f"{seed[0]:.4f} / {seed[1]:.4f}" if seed else ""
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def timing_table(summary: pd.DataFrame) -> pd.DataFrame:
+def timing_table(summary: pd.DataFrame, seed_device: str | None) -> pd.DataFrame:
     """Step time and peak memory per cell, and the speed-up over the seed's step where it
-    was timed; none for a cell timed on a device that several sweep runners shared."""
+    was timed: at k = 20 on `seed_device` (the type of device every run used; None where
+    the runs are not at the seed's shapes or used several); none for a cell timed on a
+    device that several sweep runners shared."""
     t = summary[
         [
             "backend",
@@ -191,7 +201,7 @@ def timing_table(summary: pd.DataFrame) -> pd.DataFrame:
     runners = t.pop("device_runners")  # NaN in runs.csv of older versions
     t["runners on device"] = runners.map(lambda n: "" if n != n else str(int(n)))
     t["seed step ms (k=20)"] = [
-        SEED_STEP_S.get(("cuda", b, m), float("nan")) * 1e3 if k == 20 else float("nan")
+        SEED_STEP_S.get((seed_device, b, m), float("nan")) * 1e3 if k == 20 else float("nan")
         for b, m, k in zip(t["backend"], t["mode"], t["inner_steps"], strict=True)
     ]
     t["speed-up vs seed"] = (t["seed step ms (k=20)"] / t["step ms"]).where(~(runners > 1))
@@ -262,9 +272,12 @@ def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
     return table[columns].rename(columns={"inner_steps": "k", "n_seeds": "seeds"})
 
 
-def interpretation(runs: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
+def interpretation(
+    runs: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame, at_seed: bool
+) -> list[str]:
     """Sentences computed from the runs; comparisons the grid does not allow are named
-    as absent, and nothing is claimed about a spread from one seed."""
+    as absent, and nothing is claimed about a spread from one seed. The seed's long run
+    is compared with only `at_seed` (the runs are at SEED_SETTING)."""
     ok = runs[runs["status"] == "OK"]
     statuses = runs["status"].value_counts().to_dict()
     status_line = "Run statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
@@ -324,11 +337,7 @@ def interpretation(runs: pd.DataFrame, summary: pd.DataFrame, gaps: pd.DataFrame
     for (backend, k), (seed_full, seed_fo) in SEED_LONG_RUN_ACC.items():
         cell = summary[(summary["backend"] == backend) & (summary["inner_steps"] == k)]
         by_mode = cell.set_index("mode")
-        if (
-            {"FULL", "FO"} <= set(by_mode.index)
-            and runs["outer_steps"].iloc[0] == 1000
-            and by_mode["n_seeds"].min() >= 2
-        ):
+        if at_seed and {"FULL", "FO"} <= set(by_mode.index) and by_mode["n_seeds"].min() >= 2:
             d_full = by_mode.loc["FULL", "final_acc_mean"] - seed_full
             d_fo = by_mode.loc["FO", "final_acc_mean"] - seed_fo
             spread = by_mode["final_acc_std"].max()
@@ -447,6 +456,11 @@ def _plain_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
     summary = summarize(runs)
     gaps = full_minus_fo(runs)
     histories = load_histories(folder, runs)
+    at_seed = at_seed_setting(folder, runs, SEED_SETTING)
+    devices = runs["device"].dropna().unique()
+    seed_device = (
+        devices[0] if len(devices) == 1 and at_seed_setting(folder, runs, SEED_SHAPES) else None
+    )
     summary.to_csv(out / "summary.csv", index=False)
     gaps.to_csv(out / "full_minus_fo.csv", index=False)
 
@@ -510,14 +524,20 @@ def _plain_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
         "",
         "## Results (final query accuracy, mean ± std over seeds)",
         "",
-        markdown_table(results_table(summary, runs)),
+        markdown_table(results_table(summary, runs, at_seed)),
         "",
-        "The seed's column is its long confirmation run (1000 steps, k = 10, 20); its "
-        "`triton_fused` FULL silently dropped the second-order terms through attention.",
+        (
+            "The seed's column is its long confirmation run (1000 steps, k = 10, 20); its "
+            "`triton_fused` FULL silently dropped the second-order terms through attention."
+            if at_seed
+            else "The seed's column is blank: these runs are not at the seed's setting "
+            f"({', '.join(f'{k} {v}' for k, v in SEED_SETTING.items())}), or their meta "
+            "JSONs do not say, so its numbers do not compare."
+        ),
         "",
         "## Interpretation",
         "",
-        *[f"* {s}" for s in interpretation(runs, summary, gaps)],
+        *[f"* {s}" for s in interpretation(runs, summary, gaps, at_seed)],
         "",
         *(
             [
@@ -565,7 +585,7 @@ def _plain_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
         ),
         "## Speed and memory",
         "",
-        markdown_table(timing_table(summary), ".2f"),
+        markdown_table(timing_table(summary, seed_device), ".2f"),
         "",
         *shared_device_lines(summary),
         "Step time: mean over a run's outer steps after the first. Peak memory: the run's "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,10 @@ from phase12.schema import (
     FLOAT64_TOLERANCE,
     GRID_FIELDS,
     MODES,
+    REGIME_FIELDS,
     RUNS_CSV,
     SEED_COLUMNS,
+    SEED_SETTING,
     SETTING_COLUMNS,
     STATUS_OK,
     STATUSES,
@@ -50,7 +53,7 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
     ValueError, naming the file (and the line) and the fix, for a file that does not
     parse, ends in a partial line (pandas would read the fragment as a row of blanks),
     holds rows the analysis would misread (_check_values) or runs whose meta JSONs record
-    other settings (_check_recorded_settings)."""
+    other settings (recorded_settings)."""
     folder = Path(folder)
     path = folder / RUNS_CSV
     if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
@@ -74,7 +77,7 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
     if "dim" not in runs and len(runs):  # older versions kept D in the meta JSON alone
         runs["dim"] = [_meta_dim(folder, run_id) for run_id in runs["run_id"]]
     _check_values(runs, path)
-    _check_recorded_settings(folder, runs["run_id"])
+    recorded_settings(folder, runs["run_id"])
     runs["mode"] = runs["mode"].where(runs["ablation"] == "none", runs["ablation"])
     if "device_runners" not in runs:  # older versions did not record it
         runs["device_runners"] = float("nan")
@@ -97,12 +100,13 @@ def _meta_dim(folder: Path, run_id) -> int:
         ) from e
 
 
-def _check_recorded_settings(folder: Path, run_ids: pd.Series) -> None:
-    """ValueError, naming two of their meta JSONs, for runs whose recorded settings (every
-    field of the config each meta/RUN.json holds but the grid axes and the device) differ:
-    the rest of a run's settings (noise, shots, classes, ...) are in no column, and the
-    analysis would average such runs together. Runs without a meta JSON (older versions
-    wrote none for some) and settings a JSON lacks (older versions) are let pass."""
+def recorded_settings(folder: Path, run_ids: Iterable) -> dict:
+    """The settings the runs' meta JSONs record (every field of the config each
+    meta/RUN.json holds but the grid axes and the device), one value each. ValueError,
+    naming two of the files, for runs whose recorded settings differ: the rest of a run's
+    settings (noise, shots, classes, ...) are in no column, and the analysis would
+    average such runs together. Runs without a meta JSON (older versions wrote none for
+    some) and settings a JSON lacks (older versions) are let pass."""
     seen: dict[str, tuple] = {}  # setting -> (its JSON value, the file it was read from)
     for run_id in run_ids:
         path = folder / "meta" / f"{run_id}.json"
@@ -124,6 +128,19 @@ def _check_recorded_settings(folder: Path, run_ids: pd.Series) -> None:
                     f"{first[1]} and {path} record runs of several {name} ({first[0]}, "
                     f"{json.dumps(value)}); keep one setting a folder"
                 )
+    return {name: json.loads(value) for name, (value, _) in seen.items()}
+
+
+def at_seed_setting(folder: Path, runs: pd.DataFrame, names: Iterable[str]) -> bool:
+    """Whether the runs (one regime of a loaded runs.csv) ran at the seed's setting in
+    every one of `names` (keys of phase12.schema.SEED_SETTING), read from the rows and
+    the meta JSONs; a setting neither records (older versions) counts as not the seed's."""
+    first = runs.iloc[0]
+    known = recorded_settings(folder, runs["run_id"]) | {
+        "signal_positions": first["num_signal_positions"],
+        **{c: first[c] for c in [*SETTING_COLUMNS, *REGIME_FIELDS]},
+    }
+    return all(name in known and known[name] == SEED_SETTING[name] for name in names)
 
 
 def _check_values(runs: pd.DataFrame, path: Path) -> None:

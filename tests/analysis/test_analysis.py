@@ -86,7 +86,7 @@ def test_summary_means_and_stds():
 def test_step_times_of_a_shared_device_are_flagged_and_not_compared_with_the_seed():
     runs = hand_made_runs()
     runs["inner_steps"] = runs["inner_steps"].replace(5, 20)  # the seed timed k = 20
-    alone = timing_table(summarize(runs)).set_index(["backend", "mode", "k"])
+    alone = timing_table(summarize(runs), "cuda").set_index(["backend", "mode", "k"])
     assert alone.loc[("reference", "FULL", 20), "speed-up vs seed"] > 0
     assert set(alone["runners on device"]) == {"1"}
     assert shared_device_lines(summarize(runs)) == []
@@ -94,7 +94,7 @@ def test_step_times_of_a_shared_device_are_flagged_and_not_compared_with_the_see
     shared_seed = (runs["backend"] == "reference") & (runs["seed"] == 1)
     runs.loc[shared_seed, "device_runners"] = 2  # one seed of the cell is enough
     summary = summarize(runs)
-    t = timing_table(summary).set_index(["backend", "mode", "k"])
+    t = timing_table(summary, "cuda").set_index(["backend", "mode", "k"])
     assert t.loc[("reference", "FULL", 20), "runners on device"] == "2"
     assert np.isnan(t.loc[("reference", "FULL", 20), "speed-up vs seed"])
     assert t.loc[("triton_fused", "FULL", 20), "speed-up vs seed"] > 0
@@ -107,7 +107,7 @@ def test_runs_of_older_versions_have_no_runner_count_and_keep_their_speed_up(tmp
     runs["inner_steps"] = runs["inner_steps"].replace(5, 20)
     runs.to_csv(tmp_path / "runs.csv", index=False)
     summary = summarize(load_runs(tmp_path))
-    t = timing_table(summary).set_index(["backend", "mode", "k"])
+    t = timing_table(summary, "cuda").set_index(["backend", "mode", "k"])
     assert set(t["runners on device"]) == {""}
     assert t.loc[("reference", "FULL", 20), "speed-up vs seed"] > 0
     assert shared_device_lines(summary) == []
@@ -216,6 +216,51 @@ def test_runs_whose_meta_jsons_record_other_settings_are_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta", "runs.csv"]
 
 
+def seed_setting_folder(folder: Path, **changes) -> pd.DataFrame:
+    """hand_made_runs at the seed's setting (k 10 and 20, 1000 steps, on the CPU), with
+    meta JSONs and histories, `changes` applied to every meta JSON's config."""
+    from phase12.schema import SEED_SETTING
+
+    runs = hand_made_runs()
+    runs["inner_steps"] = runs["inner_steps"].replace({1: 10, 5: 20})
+    runs["outer_steps"], runs["device"] = 1000, "cpu"
+    runs.to_csv(folder / "runs.csv", index=False)
+    (folder / "meta").mkdir()
+    (folder / "history").mkdir()
+    for r in runs.itertuples():
+        config = {**SEED_SETTING, "device": "cpu", **changes}
+        (folder / "meta" / f"{r.run_id}.json").write_text(json.dumps({"config": config}))
+        if r.status == "OK":
+            history(1.0, steps=1000).to_csv(folder / "history" / f"{r.run_id}.csv.gz", index=False)
+    return runs
+
+
+@pytest.mark.parametrize(
+    "changes, at_seed, timed",
+    [
+        ({}, True, True),
+        ({"noise_std": 5.0}, False, True),  # a step time depends on the shapes alone
+        ({"num_classes": 3}, False, False),
+        ({"shots": None}, False, False),  # as if older versions had not recorded it
+    ],
+)
+def test_the_report_compares_with_the_seed_only_at_the_seeds_setting(
+    tmp_path, changes, at_seed, timed
+):
+    seed_setting_folder(tmp_path, **changes)
+    if changes.get("shots", 0) is None:
+        for meta in (tmp_path / "meta").iterdir():
+            config = json.loads(meta.read_text())["config"]
+            del config["shots"]
+            meta.write_text(json.dumps({"config": config}))
+    report = build_report(tmp_path).read_text()
+    assert ("Against the seed, reference k=10" in report) == at_seed
+    assert ("0.9385 / 0.9350" in report) == at_seed  # the seed's long-run column
+    assert ("The seed's column is blank" in report) != at_seed
+    # the seed's CPU step (1.34 s at k 20), not its CUDA one (0.974 s)
+    assert ("| 1340.00 |" in report) == timed and "| 974.00 |" not in report
+
+
 def test_full_minus_fo_pairs_seeds():
     g = full_minus_fo(hand_made_runs()).set_index(["backend", "inner_steps"])
     k1 = g.loc[("reference", 1)]
@@ -276,18 +321,18 @@ def test_the_results_table_says_not_supported_where_a_backend_could_not_run_a_po
     step = runs[runs["backend"] == runs["backend"].iloc[0]].assign(backend="triton_step")
     step.loc[step["mode"] == "FO_STRICT", "status"] = "UNSUPPORTED"
     both = pd.concat([runs, step])
-    table = results_table(summarize(both), both).set_index("backend")
+    table = results_table(summarize(both), both, at_seed=True).set_index("backend")
     assert (table.loc["triton_step", "FO_STRICT acc"] == "not supported").all()
     assert not table.loc["triton_step", "FULL acc"].eq("not supported").any()
     none = both.assign(status="UNSUPPORTED")  # no OK run at all: every cell says why
-    table = results_table(summarize(none), none).set_index(["backend", "k"])
+    table = results_table(summarize(none), none, at_seed=True).set_index(["backend", "k"])
     assert (table.filter(like=" acc") == "not supported").all().all() and len(table) == 6
     failed = runs.assign(status=["ERROR", "NONFINITE"] * (len(runs) // 2) + ["ERROR"])
-    table = results_table(summarize(failed), failed).set_index(["backend", "k"])
+    table = results_table(summarize(failed), failed, at_seed=True).set_index(["backend", "k"])
     assert table.loc[("reference", 1), "FULL acc"] == "no seed finished (NONFINITE 1, ERROR 2)"
     some = runs.copy()  # reference FULL k1: seeds 0 and 1 OK, seed 9 ERROR
     some.loc[(some["run_id"] == "reference_FULL_k1_seed1"), "status"] = "NONFINITE"
-    table = results_table(summarize(some), some).set_index(["backend", "k"])
+    table = results_table(summarize(some), some, at_seed=True).set_index(["backend", "k"])
     assert table.loc[("reference", 1), "FULL acc"] == "0.8000 (1 of 3 seeds; NONFINITE 1, ERROR 1)"
     assert table.loc[("reference", 5), "FULL acc"] == "0.9050 ± 0.0071"  # every seed OK
 
@@ -297,10 +342,14 @@ def test_the_results_table_claims_no_spread_from_one_seed():
 
     runs = hand_made_runs()
     one = runs[runs["seed"] == runs["seed"].min()]
-    cells = results_table(summarize(one), one).filter(like=" acc").stack()
+    cells = results_table(summarize(one), one, at_seed=True).filter(like=" acc").stack()
     assert len(cells) and cells.str.endswith("(1 seed)").all(), cells.tolist()
     finished = runs[runs["status"] == "OK"]
-    assert not results_table(summarize(finished), finished)["FULL acc"].str.contains("seed").any()
+    assert (
+        not results_table(summarize(finished), finished, at_seed=True)["FULL acc"]
+        .str.contains("seed")
+        .any()
+    )
 
 
 def test_the_results_tables_full_minus_fo_is_paired_by_seed():
@@ -309,7 +358,7 @@ def test_the_results_tables_full_minus_fo_is_paired_by_seed():
     runs = hand_made_runs()
     failed = (runs["mode"] == "FULL") & (runs["inner_steps"] == 1) & (runs["seed"] == 1)
     runs.loc[failed, ["status", "final_acc"]] = ["NONFINITE", float("nan")]
-    table = results_table(summarize(runs), runs).set_index(["backend", "k"])
+    table = results_table(summarize(runs), runs, at_seed=True).set_index(["backend", "k"])
     # Seed 0 alone: FULL 0.80 - FO 0.70, not FULL's 0.80 against FO's two-seed 0.72.
     assert (table.loc[(slice(None), 1), "FULL − FO"] == "+0.1000 (1 seed)").all()
     assert (table.loc[(slice(None), 5), "FULL − FO"] == "+0.0025").all()
@@ -319,7 +368,7 @@ def test_the_interpretation_claims_only_what_its_numbers_show():
     from analysis.report import interpretation
 
     def sentences(runs):
-        return " ".join(interpretation(runs, summarize(runs), full_minus_fo(runs)))
+        return " ".join(interpretation(runs, summarize(runs), full_minus_fo(runs), at_seed=True))
 
     runs = hand_made_runs()
     text = sentences(runs)

@@ -100,3 +100,11 @@ def test_the_names_a_run_row_takes_are_the_configs():
     assert tuple(m.value for m in Mode) == MODES
     assert tuple(ABLATIONS) == ABLATION_NAMES
     assert set(DTYPES) == set(FLOAT64_TOLERANCE)
+
+
+def test_the_seeds_setting_is_the_configs_defaults():
+    """The report compares with the seed's numbers only at SEED_SETTING."""
+    from phase12.config import RunConfig
+    from phase12.schema import SEED_SETTING
+
+    assert {k: getattr(RunConfig(), k) for k in SEED_SETTING} == SEED_SETTING
