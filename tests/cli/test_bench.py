@@ -141,7 +141,7 @@ def test_distributed_benchmark_refuses_bad_input(capsys):
     for flags, message in [
         (["--k", "-1"], "--k: inner_steps must be >= 0"),
         (["--sweep-outer-steps", "0"], "--sweep-outer-steps: outer_steps must be positive"),
-        (["--sweep-seeds", "-1"], "--sweep-seeds: seed must be in 0..2**62"),
+        (["--sweep-seeds", "-1"], "--sweep-seeds: seed must be in 0..2**32-1"),
     ]:
         assert exit_code("bench", "distributed", "--device", "cpu", *flags) == 2
         assert message in capsys.readouterr().err

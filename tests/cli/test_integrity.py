@@ -303,7 +303,8 @@ def test_an_unwritable_out_is_refused_before_training(tmp_path, capsys, monkeypa
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--seed", "99999999999999999999"], "--seed must be in 0..2**62"),
+        (["--seed", "99999999999999999999"], "--seed must be in 0..2**32-1"),
+        (["--seed", str(2**32)], "--seed must be in 0..2**32-1"),  # would be seed 0's run
         (["--meta-batch", "1000000"], "GiB of task tensors"),
         (["--dim", "1000000"], "copies of the parameters"),
         (["--num-classes", "10000000000"], "copies of the parameters"),
