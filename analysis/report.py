@@ -52,6 +52,7 @@ from phase12.schema import (
     HISTORY_DIR,
     HISTORY_SUFFIX,
     METRICS,
+    PROBES,
     REGIME_FIELDS,
     RISK_COLUMNS,
     RISK_CSV,
@@ -129,10 +130,14 @@ def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
 
 def _wrong_history_values(history: pd.DataFrame) -> str | None:
     """What is wrong with the values of an OK run's whole history, or None: its steps
-    must be 0, 1, ..., its metrics finite numbers and its accuracy in 0..1."""
+    must be 0, 1, ..., its metrics finite numbers, its accuracy in 0..1 and its probes
+    (blank at the steps not probed) finite numbers >= 0."""
     values = history[["step", *METRICS]]
-    if not all(pd.api.types.is_numeric_dtype(t) for t in values.dtypes):
+    probes = history[[c for c in PROBES if c in history]]
+    if not all(pd.api.types.is_numeric_dtype(t) for t in [*values.dtypes, *probes.dtypes]):
         return "has text where numbers belong"
+    if ((probes < 0) | np.isinf(probes)).any(axis=None):
+        return "has a probe that is negative or infinite"
     if not (history["step"].to_numpy() == np.arange(len(history))).all():
         return "does not count its steps 0, 1, 2, ..."
     if not np.isfinite(values.to_numpy(float)).all():

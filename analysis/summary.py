@@ -11,9 +11,11 @@ import pandas as pd
 
 from phase12.schema import (
     ABLATION_NAMES,
+    BACKEND_NAMES,
     FLOAT64_TOLERANCE,
     GRID_FIELDS,
     MODES,
+    PROBES,
     REGIME_FIELDS,
     RUNS_CSV,
     SEED_COLUMNS,
@@ -152,8 +154,10 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
     * a row without its run_id, grid point (GRID_FIELDS) or settings (SETTING_COLUMNS and
       the signal positions), or with a mode, ablation, dtype or status the engine does
       not know, or an ablation of a mode other than FULL;
-    * k or seed not a whole number >= 0; a negative or infinite time, memory or loss; an
-      OK run without a final accuracy and loss, an accuracy outside 0..1;
+    * a backend the engine does not know; k or seed not a whole number >= 0, T below 2,
+      D below 1; a negative or infinite time, memory, loss or probe, a runner count or
+      loss scale not above 0; an OK run without a final accuracy and loss, an accuracy
+      outside 0..1;
     * one run or one grid point twice, or rows of several settings, which the analysis
       would average together as seeds of one cell."""
     settings = [*SETTING_COLUMNS, "num_signal_positions"]
@@ -166,7 +170,8 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
         )
     if runs.empty:  # a header alone: columns of no type, and nothing to misread
         return
-    numeric = ["inner_steps", "seed", *settings, *SUMMARY_METRICS, *COSTS]
+    numeric = ["inner_steps", "seed", "seq_len", "dim", *settings, *SUMMARY_METRICS, *COSTS]
+    numeric += ["loss_scale", "device_runners", *PROBES]
 
     def refuse(rows: pd.Series, what: str) -> None:
         if rows.any():
@@ -188,6 +193,7 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
     for column in [*cell, *settings]:
         refuse(runs[column].isna(), f"has no {column}")
     known = {
+        "backend": BACKEND_NAMES,
         "mode": MODES,
         "ablation": ABLATION_NAMES,
         "dtype": tuple(FLOAT64_TOLERANCE),
@@ -199,10 +205,17 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
         (runs["ablation"] != "none") & (runs["mode"] != "FULL"),
         "is an ablation of FULL but not FULL",
     )
-    for column in ("inner_steps", "seed"):
+    for column, least in [("inner_steps", 0), ("seed", 0), ("seq_len", 2), ("dim", 1)]:
+        if column not in runs:  # older versions wrote no seq_len
+            continue
+        values = pd.to_numeric(runs[column])
         refuse(
-            (runs[column] < 0) | (runs[column] % 1 != 0), f"has a {column} not a whole number >= 0"
+            (values < least) | (values % 1 != 0), f"has a {column} not a whole number >= {least}"
         )
+    for column in [c for c in ["device_runners", "loss_scale"] if c in runs]:
+        refuse(runs[column] <= 0, f"has a {column} not > 0")
+    for column in [c for c in PROBES if c in runs]:  # blank: not measured
+        refuse((runs[column] < 0) | np.isinf(runs[column]), f"has a negative or infinite {column}")
     for column in [c for c in [*COSTS, "final_loss"] if c in runs]:
         refuse((runs[column] < 0) | np.isinf(runs[column]), f"has a negative or infinite {column}")
     ok = runs["status"] == STATUS_OK

@@ -13,8 +13,10 @@ STATUS_OK, STATUS_NONFINITE, STATUS_ERROR = "OK", "NONFINITE", "ERROR"
 STATUS_UNSUPPORTED = "UNSUPPORTED"  # not run: beyond its backend's limits (phase12.sweep)
 STATUSES = (STATUS_OK, STATUS_NONFINITE, STATUS_ERROR, STATUS_UNSUPPORTED)
 
-# The names a run row's mode and ablation columns take (phase12.config defines what
-# each means: Mode, ABLATIONS); its dtype column takes FLOAT64_TOLERANCE's keys.
+# The names a run row's backend, mode and ablation columns take (phase12.backends and
+# phase12.config define what each means: BACKENDS, Mode, ABLATIONS); its dtype column
+# takes FLOAT64_TOLERANCE's keys.
+BACKEND_NAMES = ("reference", "triton_fused", "triton_step")
 MODES = ("FULL", "FO", "FO_STRICT")
 ABLATION_NAMES = (
     "none",

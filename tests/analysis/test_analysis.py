@@ -143,6 +143,15 @@ def test_runs_of_older_versions_have_no_runner_count_and_keep_their_speed_up(tmp
             "line 2: the run is an ablation of FULL but not FULL",
         ),
         (lambda r: edit_first(r, dim=float("nan")), "line 2: the run has no dim"),
+        (lambda r: edit_first(r, seq_len=-8), "has a seq_len not a whole number >= 2"),
+        (lambda r: edit_first(r, dim="abc"), "line 2: the run has text in its numeric column dim"),
+        (lambda r: edit_first(r, backend="Reference"), "has a backend not one of reference,"),
+        (lambda r: edit_first(r, float64_meta_grad_error="abc"), "column float64_meta_grad"),
+        (lambda r: edit_first(r, float64_meta_grad_error=-1.0), "negative or infinite float64"),
+        (lambda r: edit_first(r, attn_curvature_share="abc"), "column attn_curvature_share"),
+        (lambda r: edit_first(r, device_runners="abc"), "column device_runners"),
+        (lambda r: edit_first(r, device_runners=0), "has a device_runners not > 0"),
+        (lambda r: edit_first(r, loss_scale="abc"), "column loss_scale"),
         (lambda r: edit_first(r, seed=float("nan")), "line 2: the run has no seed"),
         (lambda r: edit_first(r, meta_batch=float("nan")), "line 2: the run has no meta_batch"),
         (lambda r: r.drop(columns="device_name"), "has no device_name column"),
@@ -409,6 +418,14 @@ def test_histories_are_read_compressed_and_from_older_folders_plain(tmp_path):
             "has a metric that is not a finite number",
         ),
         (lambda h: h.assign(acc=7.0), "has an accuracy outside 0..1"),
+        (
+            lambda h: h.assign(attn_curvature_share=[float("nan")] * 9 + ["abc"]),
+            "has text where numbers belong",
+        ),
+        (
+            lambda h: h.assign(rel_diff_probe=[float("nan")] * 9 + [-0.5]),
+            "has a probe that is negative or infinite",
+        ),
     ],
 )
 def test_an_ok_runs_history_of_wrong_values_is_named(tmp_path, edit, message):

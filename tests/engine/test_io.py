@@ -92,11 +92,13 @@ def test_settings_are_compared_field_by_field_and_absent_ones_as_told():
 
 
 def test_the_names_a_run_row_takes_are_the_configs():
-    """The analysis checks a row's mode, ablation and dtype against the schema's names:
+    """The analysis checks a row's backend, mode, ablation and dtype against the schema's names:
     they are the ones the engine runs."""
+    from phase12.backends import NAMES
     from phase12.config import ABLATIONS, DTYPES, Mode
-    from phase12.schema import ABLATION_NAMES, FLOAT64_TOLERANCE, MODES
+    from phase12.schema import ABLATION_NAMES, BACKEND_NAMES, FLOAT64_TOLERANCE, MODES
 
+    assert NAMES == BACKEND_NAMES
     assert tuple(m.value for m in Mode) == MODES
     assert tuple(ABLATIONS) == ABLATION_NAMES
     assert set(DTYPES) == set(FLOAT64_TOLERANCE)
