@@ -282,14 +282,17 @@ def _check_fields(c: RunConfig) -> None:
             f"probe_every must be >= 0 (0: probes at the end only); got {c.probe_every}",
             "probe_every",
         )
-    for name in ("inner_lr", "outer_lr"):
+    # The most each rate is multiplied by before it meets the parameters' dtype: Adam's
+    # first step is outer_lr / (1 - beta1), beta1 = 0.9 (torch.optim.Adam's default).
+    for name, most, what in (("inner_lr", 1.0, ""), ("outer_lr", 10.0, " (Adam's first step)")):
         value = getattr(c, name)
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{name} must be a positive finite number; got {value}", name)
-        if c.dtype in DTYPES and value > torch.finfo(c.torch_dtype).max:
+        if c.dtype in DTYPES and value * most > torch.finfo(c.torch_dtype).max:
+            times = f" times {most:g}{what}" if most != 1 else ""
             raise ConfigError(
-                f"{name} {value} is beyond the largest {c.dtype} number, which the step "
-                "multiplies it into; use a smaller rate",
+                f"{name} {value}{times} is beyond the largest {c.dtype} number, which the "
+                "step multiplies it into; use a smaller rate",
                 name,
             )
     if not (c.noise_std >= 0 and math.isfinite(c.noise_std)):
@@ -352,8 +355,13 @@ def changed_settings(before: Mapping, config: RunConfig, *, absent_differs: bool
     "outer_steps 3 there, 2 now"; None if they do not. A setting `before` lacks differs
     with `absent_differs` (a sweep's record holds them all) and is let pass without (a
     run's meta JSON from a version older than that setting)."""
+
+    def shown(there, now) -> tuple[str, str]:  # as JSON where they would read the same
+        plain = (str(there), str(now))
+        return (json.dumps(there), json.dumps(now)) if plain[0] == plain[1] else plain
+
     changed = [
-        f"{k} {before.get(k, 'absent')} there, {v} now"
+        "{} {} there, {} now".format(k, *shown(before.get(k, "absent"), v))
         for k, v in settings(config).items()
         if (k in before or absent_differs) and before.get(k) != v
     ]

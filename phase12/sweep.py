@@ -309,12 +309,17 @@ def _record(folder: Path) -> dict | None:
     try:  # sweep.json of earlier versions: {"base": {...}, "modes": [...], ...}
         old = json.loads(record.read_text())
         before = old.get("settings") or settings(RunConfig(**old["base"]))
+        grid = old.get("grid", {})
+        if not isinstance(before, dict) or not isinstance(grid, dict):
+            raise TypeError("settings and grid are objects")
+        if not all(isinstance(axis, list) for axis in grid.values()):
+            raise TypeError("a grid axis is a list")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(
             f"{record} is not a sweep record this program can read ({type(e).__name__}); "
             "restart the sweep to move the folder's results aside"
         ) from e
-    return {"settings": before, "grid": old.get("grid", {})}
+    return {"settings": before, "grid": grid}
 
 
 def _changed_settings(record: dict | None, base: RunConfig) -> str | None:
@@ -353,6 +358,14 @@ def check_risk_folder(folder: Path, base: RunConfig) -> None:
                 f"not {getattr(base, field_name)}; give the risk command the sweep's grid, "
                 "or another tag"
             )
+
+
+def record_risk_settings(folder: Path, base: RunConfig) -> None:
+    """Record risk checks' settings `base` in a folder no sweep has recorded its settings
+    in (the caller holds its lock): a sweep into it at other settings is then refused,
+    as risk checks into a sweep of other settings are (check_risk_folder)."""
+    if _record(folder) is None:
+        write_json(folder / "sweep.json", {"settings": settings(base), "grid": {}})
 
 
 def _open_folder(

@@ -31,7 +31,13 @@ from phase12.cli.parsing import (
 from phase12.config import MODES, ConfigError, RunConfig, resolve_device
 from phase12.io import FolderBusy, FolderLock, check_columns, write_atomic
 from phase12.schema import RISK_CSV, RUNS_CSV, STATUS_ERROR
-from phase12.sweep import SweepSpec, check_risk_folder, run_sweep, unsupported_cells
+from phase12.sweep import (
+    SweepSpec,
+    check_risk_folder,
+    record_risk_settings,
+    run_sweep,
+    unsupported_cells,
+)
 
 DESCRIPTIONS = {
     "sweep": "Run a resumable grid of modes x backends x k x seeds (x T x D x precisions) "
@@ -239,6 +245,7 @@ def main(name: str, argv: list[str]) -> int:
                 return _report(args)  # a CSV it cannot read: ValueError, nothing written
             if name == "risk":
                 check_risk_folder(folder, spec.base)
+                record_risk_settings(folder, spec.base)
                 return _risk(args, spec)
             start = time.perf_counter()
             status = _sweep(args, spec, _report_can_read(spec) if name == "pipeline" else None)

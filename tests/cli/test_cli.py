@@ -24,6 +24,8 @@ FAST = ["--outer-steps", "3", "--meta-batch", "2", "--no-progress", "--device", 
         (["--outer-lr", "nan"], "--outer-lr must be a positive finite"),
         (["--inner-lr", "1e300"], "--inner-lr 1e+300 is beyond the largest float32 number"),
         (["--outer-lr", "1e39", "--dtype", "bfloat16"], "beyond the largest bfloat16 number"),
+        # Adam's first step is 10x the rate: 1e38 trained into an overflow traceback
+        (["--outer-lr", "1e38"], "--outer-lr 1e+38 times 10 (Adam's first step) is beyond"),
         (["--device", "cuda"], "no CUDA device is available"),
         (["--device", "tpu"], "not a device name"),
         (["--device", "cpu:1"], "the CPU is one device"),

@@ -53,6 +53,27 @@ def test_resuming_with_other_settings_is_refused_and_restart_moves_the_old_aside
     assert grid["seeds"] == [0, 1]
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r["settings"].update(outer_steps="2"), 'outer_steps "2" there, 2 now'),
+        (lambda r: r.update(grid=[]), "is not a sweep record this program can read"),
+        (lambda r: r["grid"].update(seq_lens=8), "is not a sweep record this program can read"),
+        (lambda r: r.update(settings=[1]), "is not a sweep record this program can read"),
+    ],
+)
+def test_a_sweep_record_edited_by_hand_is_named(tmp_path, capsys, edit, message):
+    assert sweep(tmp_path, "--outer-steps", "2") == 0
+    record = json.loads((tmp_path / "t" / "sweep.json").read_text())
+    edit(record)
+    (tmp_path / "t" / "sweep.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    risk = ["--no-gradgradcheck", "--backends", "reference"]
+    for command, flags in (("sweep", []), ("risk", risk)):
+        assert sweep(tmp_path, "--outer-steps", "2", *flags, command=command) == 2
+        assert message in one_error_line(capsys)
+
+
 def test_a_second_writer_is_refused_at_once_and_told_who_holds_the_folder(tmp_path, capsys):
     with FolderLock(tmp_path / "t"):
         assert sweep(tmp_path) == 2
@@ -460,6 +481,14 @@ def test_risk_checks_of_other_settings_or_shapes_stay_out_of_a_sweeps_folder(tmp
         assert sweep(tmp_path / "u", flag, value, *risk, command="risk") == 2
         assert "holds runs with other settings" in one_error_line(capsys)
     assert not (tmp_path / "u" / "t" / "risk_checks.csv").exists()
+    # Risk checks first: a sweep at other settings stays out of their folder.
+    assert sweep(tmp_path / "r", "--noise-std", "3.0", *risk, command="risk") == 0
+    capsys.readouterr()
+    assert sweep(tmp_path / "r") == 2
+    assert "holds results with other settings (noise_std 3.0 there, 0.5 now)" in (
+        one_error_line(capsys)
+    )
+    assert sweep(tmp_path / "r", "--noise-std", "3.0") == 0
 
 
 def test_risk_checks_refuse_a_backend_asked_for_that_cannot_run_here(tmp_path, capsys):
