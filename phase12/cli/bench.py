@@ -126,6 +126,11 @@ def bench_step(argv: list[str]) -> int:
             raise ConfigError(f"--warmup and --reps: {e}") from e
         for k in args.k:
             base.replace(inner_steps=k)
+        for k, mode in itertools.product(args.k, args.modes):  # the sizes: before any work
+            try:
+                device_for(base.replace(inner_steps=k, mode=mode))
+            except ConfigError as e:
+                raise ConfigError(f"--k {k}, {mode}: {e}") from e
         cuda = device_for(base).type == "cuda"
         if "graph" in (args.execution or ()) and not cuda:
             raise ConfigError("--execution graph replays CUDA graphs; it needs --device cuda")
@@ -304,10 +309,11 @@ def _distributed_parser() -> ArgumentParser:
 
 
 def _checked(base: RunConfig, prefix: str, **fields) -> None:
-    """base.replace(**fields), its ConfigError named by the benchmark's flag (--k for
-    inner_steps, with `prefix` 'sweep-' the sweep's flags)."""
+    """base.replace(**fields) checked as a run (device_for: its sizes too), its ConfigError
+    named by the benchmark's flag (--k for inner_steps, with `prefix` 'sweep-' the
+    sweep's flags)."""
     try:
-        base.replace(**fields)
+        device_for(base.replace(**fields))
     except ConfigError as e:
         if e.field is None:  # not one field's fault: the message says what is
             raise

@@ -105,6 +105,8 @@ def test_bench_step_refuses_bad_grids_before_any_work(tmp_path, capsys):
     assert "--warmup and --reps: outer_steps 3000000000 needs" in capsys.readouterr().err
     assert exit_code("bench", "step", "--scaling", "--scaling-k", "-1", *out) == 2
     assert "--scaling-k -1: inner_steps must be >= 0" in capsys.readouterr().err
+    assert exit_code("bench", "step", "--modes", "FULL", "--k", str(10**17), *out) == 2
+    assert f"--k {10**17}, FULL: this run needs at least" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 
@@ -142,6 +144,7 @@ def test_distributed_benchmark_refuses_bad_input(capsys):
         (["--k", "-1"], "--k: inner_steps must be >= 0"),
         (["--sweep-outer-steps", "0"], "--sweep-outer-steps: outer_steps must be positive"),
         (["--sweep-seeds", "-1"], "--sweep-seeds: seed must be in 0..2**32-1"),
+        (["--k", str(10**14), "--no-sweep"], "this run needs at least"),  # not a child's traceback
     ]:
         assert exit_code("bench", "distributed", "--device", "cpu", *flags) == 2
         assert message in capsys.readouterr().err
