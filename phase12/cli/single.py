@@ -7,6 +7,7 @@ or --no-save; the folder is locked and checked for writing before any training.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from contextlib import ExitStack
@@ -124,8 +125,12 @@ def main(argv: list[str]) -> int:
         print(summary_text(result, config.metric_window))
         if out is not None:
             print(f"saved to {out}")
-        if args.json:
-            print(json.dumps(result.row, default=str))
+        if args.json:  # JSON has no NaN: a value not measured (or not finite) is null
+            row = {
+                k: None if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in result.row.items()
+            }
+            print(json.dumps(row, default=str, allow_nan=False))
     if result.status == STATUS_OK:
         return 0
     return EXIT_NONFINITE if result.status == STATUS_NONFINITE else EXIT_FAILED

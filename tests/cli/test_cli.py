@@ -81,6 +81,8 @@ def test_nonfinite_run_stops_and_says_so(tmp_path, capsys):
     out = tmp_path / "out"
     code = cli.main(["--inner-lr", "1e30", *FAST, "--out", str(out), "--json"])
     assert code == 3
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    row = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert row["status"] == "NONFINITE" and row["nonfinite_step"] == 0
     assert "non-finite at outer step 0" in row["error"]
+    assert row["final_loss"] is None  # NaN has no JSON: null
