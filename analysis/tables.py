@@ -6,7 +6,10 @@ import pandas as pd
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
-    """A markdown table of `df` (floats with `floatfmt`, NaN as an empty cell)."""
+    """A markdown table of `df` (floats with `floatfmt`, NaN as an empty cell); a line
+    saying it is empty where it has no rows (markdown has no table without columns)."""
+    if df.empty:
+        return "*(no rows: the grid has no cell this table compares)*"
 
     def cell(x):
         if isinstance(x, float):

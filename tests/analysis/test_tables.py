@@ -20,3 +20,15 @@ def test_attention_table_puts_providers_side_by_side_with_ratios():
     assert cells["math/fused"] == "3.00x"
     assert cells["fused/flash"] == "4.00x"
     assert cells["fused/flash [graph]"] == "2.00x"
+
+
+def test_an_empty_table_is_a_line_saying_so_not_an_empty_grid():
+    from analysis.tables import markdown_table
+
+    for empty in (pd.DataFrame(), pd.DataFrame(columns=["policy", "gain"])):
+        assert markdown_table(empty) == "*(no rows: the grid has no cell this table compares)*"
+    assert markdown_table(pd.DataFrame({"a": [0.5]})).splitlines() == [
+        "| a |",
+        "|---|",
+        "| 0.5000 |",
+    ]
