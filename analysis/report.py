@@ -131,13 +131,13 @@ def load_histories(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
 def _wrong_history_values(history: pd.DataFrame) -> str | None:
     """What is wrong with the values of an OK run's whole history, or None: its steps
     must be 0, 1, ..., its metrics finite numbers, its accuracy in 0..1 and its probes
-    (blank at the steps not probed) finite numbers >= 0."""
+    (blank at the steps not probed) numbers >= 0."""
     values = history[["step", *METRICS]]
     probes = history[[c for c in PROBES if c in history]]
     if not all(pd.api.types.is_numeric_dtype(t) for t in [*values.dtypes, *probes.dtypes]):
         return "has text where numbers belong"
-    if ((probes < 0) | np.isinf(probes)).any(axis=None):
-        return "has a probe that is negative or infinite"
+    if (probes < 0).any(axis=None):  # infinite: overflowed in the run's precision
+        return "has a negative probe"
     if not (history["step"].to_numpy() == np.arange(len(history))).all():
         return "does not count its steps 0, 1, 2, ..."
     if not np.isfinite(values.to_numpy(float)).all():
@@ -462,7 +462,7 @@ def _plain_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
     gaps = full_minus_fo(runs)
     histories = load_histories(folder, runs)
     at_seed = at_seed_setting(folder, runs, SEED_SETTING)
-    devices = runs["device"].dropna().unique()
+    devices = runs["device"].dropna().unique() if "device" in runs else []
     seed_device = (
         devices[0] if len(devices) == 1 and at_seed_setting(folder, runs, SEED_SHAPES) else None
     )

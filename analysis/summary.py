@@ -128,7 +128,8 @@ def recorded_settings(folder: Path, run_ids: Iterable) -> dict:
             if first[0] != json.dumps(value):
                 raise ValueError(
                     f"{first[1]} and {path} record runs of several {name} ({first[0]}, "
-                    f"{json.dumps(value)}); keep one setting a folder"
+                    f"{json.dumps(value)}); keep one setting a folder: move the others' rows, "
+                    "meta JSONs and histories to a folder of their own"
                 )
     return {name: json.loads(value) for name, (value, _) in seen.items()}
 
@@ -155,8 +156,8 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
       the signal positions), or with a mode, ablation, dtype or status the engine does
       not know, or an ablation of a mode other than FULL;
     * a backend the engine does not know; k or seed not a whole number >= 0, T below 2,
-      D below 1; a negative or infinite time, memory, loss or probe, a runner count or
-      loss scale not above 0; an OK run without a final accuracy and loss, an accuracy
+      D below 1; a negative or infinite time, memory or loss, a negative probe, a runner
+      count or loss scale not above 0; an OK run without a final accuracy and loss, an accuracy
       outside 0..1;
     * one run or one grid point twice, or rows of several settings, which the analysis
       would average together as seeds of one cell."""
@@ -214,8 +215,9 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
         )
     for column in [c for c in ["device_runners", "loss_scale"] if c in runs]:
         refuse(runs[column] <= 0, f"has a {column} not > 0")
-    for column in [c for c in PROBES if c in runs]:  # blank: not measured
-        refuse((runs[column] < 0) | np.isinf(runs[column]), f"has a negative or infinite {column}")
+    # blank: not measured; infinite: overflowed in the run's precision (a value of its own)
+    for column in [c for c in PROBES if c in runs]:
+        refuse(runs[column] < 0, f"has a negative {column}")
     for column in [c for c in [*COSTS, "final_loss"] if c in runs]:
         refuse((runs[column] < 0) | np.isinf(runs[column]), f"has a negative or infinite {column}")
     ok = runs["status"] == STATUS_OK

@@ -360,14 +360,6 @@ def check_risk_folder(folder: Path, base: RunConfig) -> None:
             )
 
 
-def record_risk_settings(folder: Path, base: RunConfig) -> None:
-    """Record risk checks' settings `base` in a folder no sweep has recorded its settings
-    in (the caller holds its lock): a sweep into it at other settings is then refused,
-    as risk checks into a sweep of other settings are (check_risk_folder)."""
-    if _record(folder) is None:
-        write_json(folder / "sweep.json", {"settings": settings(base), "grid": {}})
-
-
 def _open_folder(
     folder: Path, spec: SweepSpec, restart: bool, check: Callable[[Path], None] | None
 ) -> tuple[set[str], int]:

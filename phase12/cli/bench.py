@@ -126,11 +126,12 @@ def bench_step(argv: list[str]) -> int:
             raise ConfigError(f"--warmup and --reps: {e}") from e
         for k in args.k:
             base.replace(inner_steps=k)
-        for k, mode in itertools.product(args.k, args.modes):  # the sizes: before any work
+        # the sizes of every cell: before any work
+        for k, mode, dtype in itertools.product(args.k, args.modes, args.dtypes):
             try:
-                device_for(base.replace(inner_steps=k, mode=mode))
+                device_for(base.replace(inner_steps=k, mode=mode, dtype=dtype))
             except ConfigError as e:
-                raise ConfigError(f"--k {k}, {mode}: {e}") from e
+                raise ConfigError(f"--k {k}, {mode}, {dtype}: {e}") from e
         cuda = device_for(base).type == "cuda"
         if "graph" in (args.execution or ()) and not cuda:
             raise ConfigError("--execution graph replays CUDA graphs; it needs --device cuda")

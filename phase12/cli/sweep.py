@@ -34,7 +34,6 @@ from phase12.schema import RISK_CSV, RUNS_CSV, STATUS_ERROR
 from phase12.sweep import (
     SweepSpec,
     check_risk_folder,
-    record_risk_settings,
     run_sweep,
     unsupported_cells,
 )
@@ -245,7 +244,6 @@ def main(name: str, argv: list[str]) -> int:
                 return _report(args)  # a CSV it cannot read: ValueError, nothing written
             if name == "risk":
                 check_risk_folder(folder, spec.base)
-                record_risk_settings(folder, spec.base)
                 return _risk(args, spec)
             start = time.perf_counter()
             status = _sweep(args, spec, _report_can_read(spec) if name == "pipeline" else None)

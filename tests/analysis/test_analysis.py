@@ -147,7 +147,9 @@ def test_runs_of_older_versions_have_no_runner_count_and_keep_their_speed_up(tmp
         (lambda r: edit_first(r, dim="abc"), "line 2: the run has text in its numeric column dim"),
         (lambda r: edit_first(r, backend="Reference"), "has a backend not one of reference,"),
         (lambda r: edit_first(r, float64_meta_grad_error="abc"), "column float64_meta_grad"),
-        (lambda r: edit_first(r, float64_meta_grad_error=-1.0), "negative or infinite float64"),
+        (lambda r: edit_first(r, float64_meta_grad_error=-1.0), "has a negative float64_meta"),
+        (lambda r: edit_first(r, dim=0), "has a dim not a whole number >= 1"),
+        (lambda r: edit_first(r, loss_scale=0.0), "has a loss_scale not > 0"),
         (lambda r: edit_first(r, attn_curvature_share="abc"), "column attn_curvature_share"),
         (lambda r: edit_first(r, device_runners="abc"), "column device_runners"),
         (lambda r: edit_first(r, device_runners=0), "has a device_runners not > 0"),
@@ -424,7 +426,7 @@ def test_histories_are_read_compressed_and_from_older_folders_plain(tmp_path):
         ),
         (
             lambda h: h.assign(rel_diff_probe=[float("nan")] * 9 + [-0.5]),
-            "has a probe that is negative or infinite",
+            "has a negative probe",
         ),
     ],
 )
@@ -439,6 +441,26 @@ def test_an_ok_runs_history_of_wrong_values_is_named(tmp_path, edit, message):
     edit(history(1.0)).to_csv(tmp_path / "history" / f"{damaged}.csv.gz", index=False)
     with pytest.raises(ValueError, match=f"{damaged}.csv.gz of an OK run {message}"):
         load_histories(tmp_path, runs)
+
+
+def test_a_probe_that_overflowed_in_the_runs_precision_is_read_not_refused(tmp_path):
+    """A bfloat16 run can stay finite while a relative norm of its probes overflows."""
+    runs = edit_first(hand_made_runs(), softmax_stats_curvature_share=float("inf"))
+    runs.to_csv(tmp_path / "runs.csv", index=False)
+    (tmp_path / "history").mkdir()
+    for r in runs[runs.status == "OK"].itertuples():
+        h = history(1.0).assign(softmax_stats_curvature_share=[float("nan")] * 9 + [float("inf")])
+        h.to_csv(tmp_path / "history" / f"{r.run_id}.csv.gz", index=False)
+    assert build_report(tmp_path).exists()
+
+
+def test_a_runs_csv_without_a_device_column_gets_no_seed_step_time(tmp_path):
+    seed_setting_folder(tmp_path)
+    pd.read_csv(tmp_path / "runs.csv").drop(columns="device").to_csv(
+        tmp_path / "runs.csv", index=False
+    )
+    report = build_report(tmp_path).read_text()
+    assert "Against the seed, reference k=10" in report and "| 1340.00 |" not in report
 
 
 def test_an_ok_run_without_a_history_is_named_not_left_out_of_the_curves(tmp_path):

@@ -106,7 +106,7 @@ def test_bench_step_refuses_bad_grids_before_any_work(tmp_path, capsys):
     assert exit_code("bench", "step", "--scaling", "--scaling-k", "-1", *out) == 2
     assert "--scaling-k -1: inner_steps must be >= 0" in capsys.readouterr().err
     assert exit_code("bench", "step", "--modes", "FULL", "--k", str(10**17), *out) == 2
-    assert f"--k {10**17}, FULL: this run needs at least" in capsys.readouterr().err
+    assert f"--k {10**17}, FULL, float32: this run needs at least" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 

@@ -481,14 +481,6 @@ def test_risk_checks_of_other_settings_or_shapes_stay_out_of_a_sweeps_folder(tmp
         assert sweep(tmp_path / "u", flag, value, *risk, command="risk") == 2
         assert "holds runs with other settings" in one_error_line(capsys)
     assert not (tmp_path / "u" / "t" / "risk_checks.csv").exists()
-    # Risk checks first: a sweep at other settings stays out of their folder.
-    assert sweep(tmp_path / "r", "--noise-std", "3.0", *risk, command="risk") == 0
-    capsys.readouterr()
-    assert sweep(tmp_path / "r") == 2
-    assert "holds results with other settings (noise_std 3.0 there, 0.5 now)" in (
-        one_error_line(capsys)
-    )
-    assert sweep(tmp_path / "r", "--noise-std", "3.0") == 0
 
 
 def test_risk_checks_refuse_a_backend_asked_for_that_cannot_run_here(tmp_path, capsys):
