@@ -44,6 +44,7 @@ from analysis.summary import (
     full_minus_fo,
     gains_over_fo,
     load_runs,
+    run_setting,
     summarize,
 )
 from analysis.tables import markdown_table
@@ -461,10 +462,11 @@ def _plain_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
     summary = summarize(runs)
     gaps = full_minus_fo(runs)
     histories = load_histories(folder, runs)
-    at_seed = at_seed_setting(folder, runs, SEED_SETTING)
+    setting = run_setting(folder, runs)
+    at_seed = at_seed_setting(setting, SEED_SETTING)
     devices = runs["device"].dropna().unique() if "device" in runs else []
     seed_device = (
-        devices[0] if len(devices) == 1 and at_seed_setting(folder, runs, SEED_SHAPES) else None
+        devices[0] if len(devices) == 1 and at_seed_setting(setting, SEED_SHAPES) else None
     )
     summary.to_csv(out / "summary.csv", index=False)
     gaps.to_csv(out / "full_minus_fo.csv", index=False)

@@ -134,16 +134,22 @@ def recorded_settings(folder: Path, run_ids: Iterable) -> dict:
     return {name: json.loads(value) for name, (value, _) in seen.items()}
 
 
-def at_seed_setting(folder: Path, runs: pd.DataFrame, names: Iterable[str]) -> bool:
-    """Whether the runs (one regime of a loaded runs.csv) ran at the seed's setting in
-    every one of `names` (keys of phase12.schema.SEED_SETTING), read from the rows and
-    the meta JSONs; a setting neither records (older versions) counts as not the seed's."""
+def run_setting(folder: Path, runs: pd.DataFrame) -> dict:
+    """The setting of the runs (one regime of a loaded runs.csv), by RunConfig field
+    name: what their rows hold (SETTING_COLUMNS, the regime, the signal positions) and
+    what their meta JSONs record (recorded_settings)."""
     first = runs.iloc[0]
-    known = recorded_settings(folder, runs["run_id"]) | {
+    return recorded_settings(folder, runs["run_id"]) | {
         "signal_positions": first["num_signal_positions"],
         **{c: first[c] for c in [*SETTING_COLUMNS, *REGIME_FIELDS]},
     }
-    return all(name in known and known[name] == SEED_SETTING[name] for name in names)
+
+
+def at_seed_setting(setting: dict, names: Iterable[str]) -> bool:
+    """Whether `setting` (run_setting) is the seed's in every one of `names` (keys of
+    phase12.schema.SEED_SETTING); a setting it lacks (older versions recorded less)
+    counts as not the seed's."""
+    return all(name in setting and setting[name] == SEED_SETTING[name] for name in names)
 
 
 def _check_values(runs: pd.DataFrame, path: Path) -> None:
@@ -157,8 +163,8 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
       not know, or an ablation of a mode other than FULL;
     * a backend the engine does not know; k or seed not a whole number >= 0, T below 2,
       D below 1; a negative or infinite time, memory or loss, a negative probe, a runner
-      count or loss scale not above 0; an OK run without a final accuracy and loss, an accuracy
-      outside 0..1;
+      count or loss scale not above 0; an OK run without a final accuracy and loss, an
+      accuracy outside 0..1;
     * one run or one grid point twice, or rows of several settings, which the analysis
       would average together as seeds of one cell."""
     settings = [*SETTING_COLUMNS, "num_signal_positions"]

@@ -284,12 +284,14 @@ def _check_fields(c: RunConfig) -> None:
         )
     # The most each rate is multiplied by before it meets the parameters' dtype: Adam's
     # first step is outer_lr / (1 - beta1), beta1 = 0.9 (torch.optim.Adam's default).
-    for name, most, what in (("inner_lr", 1.0, ""), ("outer_lr", 10.0, " (Adam's first step)")):
+    for name, most, times in (
+        ("inner_lr", 1.0, ""),
+        ("outer_lr", 10.0, " times 10 (Adam's first step)"),
+    ):
         value = getattr(c, name)
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{name} must be a positive finite number; got {value}", name)
         if c.dtype in DTYPES and value * most > torch.finfo(c.torch_dtype).max:
-            times = f" times {most:g}{what}" if most != 1 else ""
             raise ConfigError(
                 f"{name} {value}{times} is beyond the largest {c.dtype} number, which the "
                 "step multiplies it into; use a smaller rate",

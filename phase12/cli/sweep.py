@@ -31,12 +31,7 @@ from phase12.cli.parsing import (
 from phase12.config import MODES, ConfigError, RunConfig, resolve_device
 from phase12.io import FolderBusy, FolderLock, check_columns, write_atomic
 from phase12.schema import RISK_CSV, RUNS_CSV, STATUS_ERROR
-from phase12.sweep import (
-    SweepSpec,
-    check_risk_folder,
-    run_sweep,
-    unsupported_cells,
-)
+from phase12.sweep import SweepSpec, check_risk_folder, run_sweep, unsupported_cells
 
 DESCRIPTIONS = {
     "sweep": "Run a resumable grid of modes x backends x k x seeds (x T x D x precisions) "
