@@ -134,12 +134,12 @@ def test_sweep_on_two_gpus_uses_both_with_graphs_and_matches_one_gpu(tmp_path, m
 
     serve = sweep_module._serve
 
-    def serve_one_group(runner, device, tasks, results, keep_going=None):
+    def serve_one_group(runner, device, device_runners, tasks, results, keep_going=None):
         # This process's thread takes one group and stops, so the worker process must run
         # the rest (with tiny cells the thread could finish everything before the worker
         # has imported torch). The worker, a fresh process, runs the unpatched function.
         calls = iter((True, False))
-        serve(runner, device, tasks, results, keep_going=lambda: next(calls))
+        serve(runner, device, device_runners, tasks, results, keep_going=lambda: next(calls))
 
     monkeypatch.setattr(sweep_module, "_serve", serve_one_group)
     spec = sweep_module.SweepSpec(
@@ -152,7 +152,7 @@ def test_sweep_on_two_gpus_uses_both_with_graphs_and_matches_one_gpu(tmp_path, m
     for devices in (("cuda:0",), ("cuda:0", "cuda:1")):
         folder = tmp_path / str(len(devices))
         counts = sweep_module.run_sweep(spec, folder, progress=False, devices=devices)
-        assert counts == {"skipped": 0, "OK": 16}
+        assert counts == {"skipped": 0, "OK": 8}  # 2 modes x 2 k x 2 seeds
         df = pd.read_csv(folder / "runs.csv").set_index("run_id")
         assert df.cuda_graph.all() and not df.index.duplicated().any()
         used = {json.loads((folder / "meta" / f"{r}.json").read_text())["device"] for r in df.index}
