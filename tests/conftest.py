@@ -29,6 +29,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def bytecode_cached(monkeypatch):
+    """Commands say only what the tests expect, on an interpreter that caches no bytecode
+    too (the GPU machine's): the note about that (phase12.cli) is tested on its own."""
+    from phase12 import cli
+
+    monkeypatch.setattr(cli, "uncached_bytecode", lambda module: False)
+
+
 @pytest.fixture
 def interpreter():
     """Tests that run Triton kernels on the CPU need the interpreter."""

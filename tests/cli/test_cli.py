@@ -1,11 +1,17 @@
 """The command line: bad input is refused before any work, results are written whole."""
 
+import importlib
 import json
+import os
+import py_compile
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 
 from phase12 import cli
+from phase12.cli import UNCACHED_BYTECODE_NOTE, uncached_bytecode  # before conftest's patch
 
 FAST = ["--outer-steps", "3", "--meta-batch", "2", "--no-progress", "--device", "cpu"]
 
@@ -86,3 +92,26 @@ def test_nonfinite_run_stops_and_says_so(tmp_path, capsys):
     assert row["status"] == "NONFINITE" and row["nonfinite_step"] == 0
     assert "non-finite at outer step 0" in row["error"]
     assert row["final_loss"] is None  # NaN has no JSON: null
+
+
+def test_uncached_bytecode_is_a_module_compiled_with_none_left_behind(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    (tmp_path / "fresh_source.py").write_text("X = 1\n")
+    module = importlib.import_module("fresh_source")
+    assert uncached_bytecode(module)
+    py_compile.compile(module.__file__)  # what compileall does, whatever the flag
+    assert not uncached_bytecode(module)
+    assert not uncached_bytecode(sys) and not uncached_bytecode(importlib.import_module("math"))
+
+
+def test_a_command_says_once_that_torch_has_no_bytecode(tmp_path):
+    # The GPU machine's Python: PYTHONDONTWRITEBYTECODE=1 and no .pyc for torch (a cache
+    # prefix with nothing in it stands for site-packages without __pycache__).
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPYCACHEPREFIX=str(tmp_path))
+    command = [sys.executable, "-m", "phase12", "--mode", "SECOND"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0] == UNCACHED_BYTECODE_NOTE
+    assert proc.stderr.count("note:") == 1 and "error: argument --mode" in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written
