@@ -9,6 +9,7 @@ Every statement in the interpretation section is computed from the numbers.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -44,6 +45,7 @@ from analysis.summary import (
     full_minus_fo,
     gains_over_fo,
     load_runs,
+    recorded_settings,
     run_setting,
     summarize,
 )
@@ -362,25 +364,55 @@ def interpretation(
     return out
 
 
-def _risk_lines(folder: Path) -> list[str]:
-    """The report's risk-check section: the folder's RISK_CSV as a table (ValueError
-    naming it if it is not one the risk command wrote), or how to write one."""
+def _risk_lines(folder: Path, runs: pd.DataFrame, setting: dict) -> list[str]:
+    """The report's risk-check section: the folder's RISK_CSV as a table, or how to write
+    one. ValueError naming it if it is not one the risk command wrote, or if it records
+    checks at another setting than the runs' (`setting`: theirs by RunConfig field name,
+    as analysis.summary.recorded_settings or run_setting give it) or at a (T, D,
+    precision) none of them ran at."""
     risk = folder / RISK_CSV
     hint = f"python run.py risk --root {folder.parent} --tag {folder.name}"
     lines = ["## Risk checks", ""]
-    if os.path.lexists(risk):
-        try:
-            table = pd.read_csv(risk)
-            wrong = list(table.columns) != RISK_COLUMNS
-        except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError):
-            wrong = True
-        if wrong:
-            raise ValueError(
-                f"{risk} is not a risk_checks.csv the risk command wrote; delete it, or "
-                f"write it again: {hint}"
-            )
-        return lines + [markdown_table(table, ".3e"), ""]
-    return lines + [f"None in this folder: `{hint}` writes them.", ""]
+    if not os.path.lexists(risk):
+        return lines + [f"None in this folder: `{hint}` writes them.", ""]
+    try:
+        table = pd.read_csv(risk)
+        if list(table.columns) not in (RISK_COLUMNS, RISK_COLUMNS[:-1]):
+            raise ValueError("other columns")
+        checked = table["setting"].unique() if "setting" in table else []
+        if len(checked) > 1:
+            raise ValueError("several settings")
+        checked_at = json.loads(checked[0]) if len(checked) else None
+        if checked_at is not None and not isinstance(checked_at, dict):
+            raise ValueError("a setting is a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, pd.errors.EmptyDataError):
+        raise ValueError(
+            f"{risk} is not a risk_checks.csv the risk command wrote; delete it, or "
+            f"write it again: {hint}"
+        ) from None
+    shown = markdown_table(table[RISK_COLUMNS[:-1]], ".3e")
+    if checked_at is None:
+        return lines + [
+            shown,
+            "",
+            "Their setting is not recorded (risk checks of an earlier version): it may not "
+            "be the runs'.",
+            "",
+        ]
+    differ = [
+        f"{name} {checked_at[name]} there, {value} in the runs"
+        for name, value in setting.items()
+        if name in checked_at and name not in REGIME_FIELDS and checked_at[name] != value
+    ]
+    regime = tuple(checked_at.get(name) for name in REGIME_FIELDS)
+    if regime not in set(runs[list(REGIME_FIELDS)].itertuples(index=False, name=None)):
+        differ.append("T {}, D {}, {} there, at none of the runs".format(*regime))
+    if differ:
+        raise ValueError(
+            f"{risk} holds checks at another setting than the runs' ({'; '.join(differ)}); "
+            f"write them again with the sweep's flags: {hint} ..."
+        )
+    return lines + [shown, "", "At the runs' setting: T {}, D {}, {}.".format(*regime), ""]
 
 
 def _loss_scales(runs: pd.DataFrame) -> str:
@@ -447,7 +479,7 @@ def _map_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
         f"backends than {values('backend')}; a difference within 2 SE is not evidence "
         "either way.",
         "",
-        *_risk_lines(folder),
+        *_risk_lines(folder, runs, recorded_settings(folder, runs["run_id"])),
         "## Figures",
         "",
         *[f"![{p.stem}](figures/{p.name})" for p in figures],
@@ -600,7 +632,7 @@ def _plain_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
         "process also pay for cuBLAS workspaces).",
         "",
     ]
-    lines += _risk_lines(folder)
+    lines += _risk_lines(folder, runs, setting)
     lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 

@@ -19,6 +19,7 @@ Each check returns one row: check, status (PASS / WARN / FAIL / SKIP), value, de
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,9 +31,9 @@ import torch
 from kernels import attention
 from kernels.reference import attention_reference
 from phase12.backends import NAMES, device_for
-from phase12.config import ConfigError, RunConfig
+from phase12.config import ConfigError, RunConfig, settings
 from phase12.maml import meta_gradient, relative_difference
-from phase12.schema import RISK_COLUMNS, RUNS_CSV
+from phase12.schema import REGIME_FIELDS, RISK_COLUMNS, RUNS_CSV
 from phase12.tasks import sample_tasks, task_generator
 from phase12.train import build_step, initial_params
 
@@ -248,7 +249,9 @@ def run_risk_checks(
     gradgradcheck: bool = True,
     backends: tuple[str, ...] = ("reference", "triton_fused"),
 ) -> pd.DataFrame:
-    """All checks for the model setting `base`; Triton checks only if requested."""
+    """All checks for the model setting `base`; Triton checks only if requested. Each row
+    records the setting (RISK_COLUMNS' "setting"), so that a report can tell checks of
+    its runs' setting from others."""
     device = device_for(base)
     rows = [seed_determinism(base, device)]
     rows += attention_parity(base, device, backends)
@@ -258,4 +261,5 @@ def run_risk_checks(
     else:
         rows.append(triton_gradgradcheck(device))
     rows.append(nonfinite_guard(sweep_folder))
-    return pd.DataFrame(rows, columns=RISK_COLUMNS)
+    setting = settings(base) | {name: getattr(base, name) for name in REGIME_FIELDS}
+    return pd.DataFrame([{**r, "setting": json.dumps(setting)} for r in rows], columns=RISK_COLUMNS)

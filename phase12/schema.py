@@ -69,7 +69,10 @@ RUNS_CSV = "runs.csv"  # one row per run, in a run's --out folder or a sweep fol
 HISTORY_DIR = "history"
 HISTORY_SUFFIX = ".csv.gz"
 RISK_CSV = "risk_checks.csv"
-RISK_COLUMNS = ["check", "status", "value", "details"]
+# "setting": what the checks ran at, the same JSON object on every row: every RunConfig
+# field but the grid axes and the device (what runs' meta JSONs record, phase12.config's
+# `settings`) and the regime (REGIME_FIELDS). Risk checks of earlier versions lack it.
+RISK_COLUMNS = ["check", "status", "value", "details", "setting"]
 
 # ||g_FULL - g_ABLATION|| / ||g_FULL|| of the meta-gradient at a run's final parameters on
 # a held-out task (phase12.probes.curvature_shares): how much of the meta-gradient each

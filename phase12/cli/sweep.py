@@ -191,7 +191,7 @@ def _risk(args, spec: SweepSpec) -> int:
         backends=spec.backends,
     )
     write_atomic(folder / RISK_CSV, df.to_csv(index=False))
-    print(df.to_string(index=False))
+    print(df.drop(columns="setting").to_string(index=False))
     return 1 if (df["status"] == "FAIL").any() else 0
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -618,3 +619,48 @@ def test_scaling_plot_labels_each_panel_with_its_measured_values(tmp_path, monke
         low, high = ax.get_ylim()
         shown = [y for y in ax.get_yticks() if low <= y <= high]
         assert len(shown) >= 2, f"{axis} panel: y ticks {shown}"  # memory spans 13-52 MiB
+
+
+def risk_checks(setting: dict | None, other_row_setting: dict | None = None) -> pd.DataFrame:
+    rows = [{"check": c, "status": "PASS", "value": 0.0, "details": ""} for c in ("a", "b")]
+    if setting is not None:
+        for row, s in zip(rows, (setting, other_row_setting or setting), strict=True):
+            row["setting"] = json.dumps(s)
+    return pd.DataFrame(rows)
+
+
+HAND_MADE_SETTING = {
+    "outer_lr": 1e-3,
+    "noise_std": 0.5,
+    "seq_len": 32,
+    "dim": 64,
+    "dtype": "float32",
+}
+
+
+@pytest.mark.parametrize(
+    "setting,other_row,message",
+    [
+        (HAND_MADE_SETTING, None, None),
+        (None, None, None),  # an earlier version's: shown, and said to be unchecked
+        ({**HAND_MADE_SETTING, "outer_lr": 0.01}, None, "outer_lr 0.01 there, 0.001 in the runs"),
+        ({**HAND_MADE_SETTING, "seq_len": 64}, None, "T 64, D 64, float32 there, at none of"),
+        (HAND_MADE_SETTING, {**HAND_MADE_SETTING, "dim": 8}, "is not a risk_checks.csv the risk"),
+    ],
+)
+def test_risk_checks_are_reported_only_at_the_runs_setting(tmp_path, setting, other_row, message):
+    hand_made_runs().to_csv(tmp_path / "runs.csv", index=False)
+    (tmp_path / "history").mkdir()
+    for r in hand_made_runs().query("status == 'OK'").itertuples():
+        history(1.0).to_csv(tmp_path / "history" / f"{r.run_id}.csv.gz", index=False)
+    risk_checks(setting, other_row).to_csv(tmp_path / "risk_checks.csv", index=False)
+    if message is not None:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build_report(tmp_path)
+        assert not (tmp_path / "report.md").exists()
+        return
+    text = build_report(tmp_path).read_text()
+    risk = text.split("## Risk checks")[1]
+    assert "| a | PASS |" in risk and "| setting" not in risk and "details |\n" in risk
+    said = "At the runs' setting: T 32, D 64, float32." if setting else "is not recorded"
+    assert said in text

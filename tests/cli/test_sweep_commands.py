@@ -71,3 +71,23 @@ def test_pipeline_command_writes_everything(tmp_path, capsys):
     assert risk["seed_determinism"] == "PASS" and risk["nonfinite_guard"] == "PASS"
     assert "## Risk checks" in (folder / "report.md").read_text()
     assert cli.main(["report", "--root", str(tmp_path), "--tag", "p"]) == 0
+
+
+def test_risk_checks_at_another_setting_stop_the_report_until_written_again(tmp_path, capsys):
+    # The risk command first, into a new folder, at a noise the sweep then does not use:
+    # the report would have shown those checks beside the sweep's runs.
+    folder = ["--root", str(tmp_path), "--tag", "t", "--device", "cpu", "--no-progress"]
+    grid = ["--backends", "reference", "--k", "1", "--seeds", "0", "--seq-len", "8"]
+    small = [*grid, "--outer-steps", "2", "--meta-batch", "2"]
+    risk = ["risk", *folder, *small, "--no-gradgradcheck"]
+    assert cli.main([*risk, "--noise-std", "0.1"]) == 0
+    assert cli.main(["sweep", *folder, *small]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", "--root", str(tmp_path), "--tag", "t"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "risk_checks.csv holds checks at another setting" in err[0]
+    assert "noise_std 0.1 there, 0.5 in the runs" in err[0]
+    assert not (tmp_path / "t" / "report.md").exists()
+    assert cli.main(risk) == 0  # again, at the sweep's settings
+    assert cli.main(["report", "--root", str(tmp_path), "--tag", "t"]) == 0
+    assert "At the runs' setting: T 8, D 64, float32." in (tmp_path / "t" / "report.md").read_text()
