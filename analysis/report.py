@@ -45,7 +45,6 @@ from analysis.summary import (
     full_minus_fo,
     gains_over_fo,
     load_runs,
-    recorded_settings,
     run_setting,
     summarize,
 )
@@ -364,55 +363,98 @@ def interpretation(
     return out
 
 
+def _read_risk_checks(risk: Path, hint: str) -> tuple[pd.DataFrame, dict | None]:
+    """The table of a RISK_CSV and the setting its rows record (None in an earlier
+    version's, which has no setting column); ValueError naming the file and the fix for
+    one the risk command did not write."""
+    try:
+        table = pd.read_csv(risk)
+        if list(table.columns) not in (RISK_COLUMNS, RISK_COLUMNS[:-1]):
+            raise ValueError("other columns")
+        if table.empty:
+            raise ValueError("no checks")
+        settings = table["setting"].unique() if "setting" in table else []
+        if len(settings) > 1:
+            raise ValueError("rows of several settings")
+        checked_at = json.loads(settings[0]) if len(settings) else None
+        if checked_at is None:
+            return table, None
+        if not isinstance(checked_at, dict) or not all(
+            isinstance(v, (str, int, float)) for v in checked_at.values()
+        ):
+            raise ValueError("a setting is a JSON object of numbers and names")
+        if not all(type(checked_at.get(n)) is int for n in ("seq_len", "dim")) or not isinstance(
+            checked_at.get("dtype"), str
+        ):
+            raise ValueError("its T and D are whole numbers, its precision a name")
+    except (OSError, UnicodeDecodeError, TypeError, ValueError, RecursionError) as e:
+        why = str(e) if type(e) is ValueError else type(e).__name__
+        raise ValueError(
+            f"{risk} is not a risk_checks.csv the risk command wrote ({why}); delete it, or "
+            f"write it again: {hint}"
+        ) from None
+    return table, checked_at
+
+
+def _as_json(value) -> str:
+    return json.dumps(value.item() if isinstance(value, np.generic) else value)
+
+
 def _risk_lines(folder: Path, runs: pd.DataFrame, setting: dict) -> list[str]:
     """The report's risk-check section: the folder's RISK_CSV as a table, or how to write
     one. ValueError naming it if it is not one the risk command wrote, or if it records
-    checks at another setting than the runs' (`setting`: theirs by RunConfig field name,
-    as analysis.summary.recorded_settings or run_setting give it) or at a (T, D,
-    precision) none of them ran at."""
+    checks at another setting than the runs' (`setting`: analysis.summary.run_setting) or
+    at a (T, D, precision) none of them ran at. Says what was not checked: the runs' other
+    regimes, a device of another type, runs added since (the nonfinite_guard count)."""
     risk = folder / RISK_CSV
     hint = f"python run.py risk --root {folder.parent} --tag {folder.name}"
     lines = ["## Risk checks", ""]
     if not os.path.lexists(risk):
         return lines + [f"None in this folder: `{hint}` writes them.", ""]
-    try:
-        table = pd.read_csv(risk)
-        if list(table.columns) not in (RISK_COLUMNS, RISK_COLUMNS[:-1]):
-            raise ValueError("other columns")
-        checked = table["setting"].unique() if "setting" in table else []
-        if len(checked) > 1:
-            raise ValueError("several settings")
-        checked_at = json.loads(checked[0]) if len(checked) else None
-        if checked_at is not None and not isinstance(checked_at, dict):
-            raise ValueError("a setting is a JSON object")
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, pd.errors.EmptyDataError):
-        raise ValueError(
-            f"{risk} is not a risk_checks.csv the risk command wrote; delete it, or "
-            f"write it again: {hint}"
-        ) from None
-    shown = markdown_table(table[RISK_COLUMNS[:-1]], ".3e")
+    table, checked_at = _read_risk_checks(risk, hint)
+    lines += [markdown_table(table[RISK_COLUMNS[:-1]], ".3e"), ""]
     if checked_at is None:
-        return lines + [
-            shown,
-            "",
+        said = [
             "Their setting is not recorded (risk checks of an earlier version): it may not "
-            "be the runs'.",
-            "",
+            "be the runs'."
         ]
-    differ = [
-        f"{name} {checked_at[name]} there, {value} in the runs"
-        for name, value in setting.items()
-        if name in checked_at and name not in REGIME_FIELDS and checked_at[name] != value
-    ]
-    regime = tuple(checked_at.get(name) for name in REGIME_FIELDS)
-    if regime not in set(runs[list(REGIME_FIELDS)].itertuples(index=False, name=None)):
-        differ.append("T {}, D {}, {} there, at none of the runs".format(*regime))
-    if differ:
-        raise ValueError(
-            f"{risk} holds checks at another setting than the runs' ({'; '.join(differ)}); "
-            f"write them again with the sweep's flags: {hint} ..."
-        )
-    return lines + [shown, "", "At the runs' setting: T {}, D {}, {}.".format(*regime), ""]
+    else:
+        differ = [
+            f"{name} {_as_json(checked_at[name])} there, {_as_json(value)} in the runs"
+            for name, value in setting.items()
+            if name in checked_at and name not in REGIME_FIELDS and checked_at[name] != value
+        ]
+        regime = tuple(checked_at[name] for name in REGIME_FIELDS)
+        if regime not in set(runs[list(REGIME_FIELDS)].itertuples(index=False, name=None)):
+            differ.append("T {}, D {}, {} there, at none of the runs".format(*regime))
+        if differ:
+            raise ValueError(
+                f"{risk} holds checks at another setting than the runs' "
+                f"({'; '.join(differ)}); write them again with the sweep's flags: {hint} ..."
+            )
+        others = regimes(runs) - 1
+        said = [
+            "Checked at T {}, D {}, {}".format(*regime)
+            + (
+                f" (the runs' other {others} regime(s) of T, D and precision were not)"
+                if others
+                else ""
+            )
+            + ", with the other settings the runs record."
+        ]
+        ran_on = sorted(runs["device"].dropna().astype(str).unique()) if "device" in runs else []
+        if "device" in checked_at and ran_on and ran_on != [checked_at["device"]]:
+            said.append(f"They ran on {checked_at['device']}; the runs on {', '.join(ran_on)}.")
+    guard = table[table["check"] == "nonfinite_guard"]
+    if len(guard):
+        then = "no runs" if guard["status"].iloc[0] == "SKIP" else str(guard["details"].iloc[0])
+        now = ", ".join(f"{k}={v}" for k, v in sorted(runs["status"].value_counts().items()))
+        if then != now:
+            said.append(
+                f"nonfinite_guard counted the runs when the checks ran ({then}); the folder "
+                f"now holds {now}: run the risk command again to count them all."
+            )
+    return lines + [" ".join(said), ""]
 
 
 def _loss_scales(runs: pd.DataFrame) -> str:
@@ -479,7 +521,7 @@ def _map_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
         f"backends than {values('backend')}; a difference within 2 SE is not evidence "
         "either way.",
         "",
-        *_risk_lines(folder, runs, recorded_settings(folder, runs["run_id"])),
+        *_risk_lines(folder, runs, run_setting(folder, runs)),
         "## Figures",
         "",
         *[f"![{p.stem}](figures/{p.name})" for p in figures],

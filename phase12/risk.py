@@ -262,4 +262,5 @@ def run_risk_checks(
         rows.append(triton_gradgradcheck(device))
     rows.append(nonfinite_guard(sweep_folder))
     setting = settings(base) | {name: getattr(base, name) for name in REGIME_FIELDS}
+    setting["device"] = device.type  # not a setting runs share: the report names it
     return pd.DataFrame([{**r, "setting": json.dumps(setting)} for r in rows], columns=RISK_COLUMNS)

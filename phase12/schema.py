@@ -71,7 +71,8 @@ HISTORY_SUFFIX = ".csv.gz"
 RISK_CSV = "risk_checks.csv"
 # "setting": what the checks ran at, the same JSON object on every row: every RunConfig
 # field but the grid axes and the device (what runs' meta JSONs record, phase12.config's
-# `settings`) and the regime (REGIME_FIELDS). Risk checks of earlier versions lack it.
+# `settings`), the regime (REGIME_FIELDS) and the device type. Risk checks of earlier
+# versions lack it.
 RISK_COLUMNS = ["check", "status", "value", "details", "setting"]
 
 # ||g_FULL - g_ABLATION|| / ||g_FULL|| of the meta-gradient at a run's final parameters on

@@ -35,7 +35,7 @@ def bytecode_cached(monkeypatch):
     too (the GPU machine's): the note about that (phase12.cli) is tested on its own."""
     from phase12 import cli
 
-    monkeypatch.setattr(cli, "uncached_bytecode", lambda module: False)
+    monkeypatch.setattr(cli, "lacks_bytecode", lambda module: False)
 
 
 @pytest.fixture

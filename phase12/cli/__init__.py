@@ -23,29 +23,35 @@ SUBCOMMANDS = ("sweep", "risk", "report", "pipeline", "bench")
 
 EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
 
-UNCACHED_BYTECODE_NOTE = (
-    "note: this Python keeps no bytecode for torch (PYTHONDONTWRITEBYTECODE is set, or "
-    "site-packages cannot be written), so every process compiles torch's source, seconds "
-    "more per command (docs/benchmarks.md); to compile it once: python -m compileall -q "
-    "-j 0 $(python -c 'import sysconfig; print(sysconfig.get_path(\"purelib\"))')"
-)
 
-
-def uncached_bytecode(module: ModuleType) -> bool:
+def lacks_bytecode(module: ModuleType) -> bool:
     """Whether an imported `module` was compiled from its source with no bytecode left
     behind for the next process: after an import, a .py module's bytecode is on disk
-    unless this Python may not write it (sys.dont_write_bytecode, a read-only folder)."""
+    unless this Python may not write it (PYTHONDONTWRITEBYTECODE or -B, a folder it
+    cannot write)."""
     source = getattr(module, "__file__", None) or ""
     return source.endswith(".py") and not os.path.exists(importlib.util.cache_from_source(source))
 
 
+def bytecode_note(module: ModuleType) -> str:
+    """The note for a `module` that lacks_bytecode: the cause and the command that
+    compiles the folder it was installed into (torch's: sympy and the rest beside it)."""
+    folder = os.path.dirname(os.path.dirname(module.__file__))
+    return (
+        f"note: this Python keeps no bytecode for {module.__name__} (PYTHONDONTWRITEBYTECODE, "
+        "-B, or a folder it cannot write), so every process compiles its source, seconds more "
+        "per command (docs/benchmarks.md); to compile it once, as a user who can write "
+        f"there: python -m compileall -q -j 0 {folder}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    import torch  # every command imports it; without bytecode its import is several times slower
-
-    if uncached_bytecode(torch):
-        print(UNCACHED_BYTECODE_NOTE, file=sys.stderr)
     try:
+        import torch  # every command imports it; without bytecode that takes several times longer
+
+        if lacks_bytecode(torch):
+            print(bytecode_note(torch), file=sys.stderr)
         if argv and argv[0] == "bench":
             from phase12.cli import bench
 

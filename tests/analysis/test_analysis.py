@@ -621,46 +621,83 @@ def test_scaling_plot_labels_each_panel_with_its_measured_values(tmp_path, monke
         assert len(shown) >= 2, f"{axis} panel: y ticks {shown}"  # memory spans 13-52 MiB
 
 
-def risk_checks(setting: dict | None, other_row_setting: dict | None = None) -> pd.DataFrame:
-    rows = [{"check": c, "status": "PASS", "value": 0.0, "details": ""} for c in ("a", "b")]
-    if setting is not None:
-        for row, s in zip(rows, (setting, other_row_setting or setting), strict=True):
-            row["setting"] = json.dumps(s)
-    return pd.DataFrame(rows)
-
-
 HAND_MADE_SETTING = {
     "outer_lr": 1e-3,
     "noise_std": 0.5,
     "seq_len": 32,
     "dim": 64,
     "dtype": "float32",
+    "device": "cpu",
 }
 
 
+def risk_checks(*cells: str, guard: str = "ERROR=1, OK=24") -> pd.DataFrame:
+    """Two checks and a nonfinite_guard row (counting hand_made_runs' statuses), with
+    the setting cells given (one for all rows, or one per row; none: an earlier
+    version's file)."""
+    rows = [{"check": c, "status": "PASS", "value": 0.0, "details": ""} for c in ("a", "b")]
+    rows.append({"check": "nonfinite_guard", "status": "WARN", "value": 1.0, "details": guard})
+    table = pd.DataFrame(rows)
+    if cells:
+        table["setting"] = list(cells) * (len(rows) // len(cells))
+    return table
+
+
+def report_with_risk_checks(folder: Path, table: pd.DataFrame, runs=None) -> str:
+    runs = hand_made_runs() if runs is None else runs
+    runs.to_csv(folder / "runs.csv", index=False)
+    (folder / "history").mkdir()
+    for r in runs.query("status == 'OK'").itertuples():
+        history(1.0).to_csv(folder / "history" / f"{r.run_id}.csv.gz", index=False)
+    table.to_csv(folder / "risk_checks.csv", index=False)
+    return build_report(folder).read_text().split("## Risk checks")[1]
+
+
+def setting(**changes) -> str:
+    return json.dumps({**HAND_MADE_SETTING, **changes})
+
+
 @pytest.mark.parametrize(
-    "setting,other_row,message",
+    "cells,message",
     [
-        (HAND_MADE_SETTING, None, None),
-        (None, None, None),  # an earlier version's: shown, and said to be unchecked
-        ({**HAND_MADE_SETTING, "outer_lr": 0.01}, None, "outer_lr 0.01 there, 0.001 in the runs"),
-        ({**HAND_MADE_SETTING, "seq_len": 64}, None, "T 64, D 64, float32 there, at none of"),
-        (HAND_MADE_SETTING, {**HAND_MADE_SETTING, "dim": 8}, "is not a risk_checks.csv the risk"),
+        ((setting(outer_lr=0.01),), "outer_lr 0.01 there, 0.001 in the runs"),
+        ((setting(outer_lr="0.001"),), 'outer_lr "0.001" there, 0.001 in the runs'),
+        ((setting(seq_len=64),), "T 64, D 64, float32 there, at none of the runs"),
+        ((setting(seq_len="32"),), "its T and D are whole numbers"),
+        ((setting(seq_len=[32]),), "a setting is a JSON object of numbers and names"),
+        ((setting(outer_lr=[1, 2]),), "a setting is a JSON object of numbers and names"),
+        (("[" * 100_000 + "]" * 100_000,), "(RecursionError)"),
+        (("not json",), "is not a risk_checks.csv the risk command wrote (JSONDecodeError)"),
+        (("",), "is not a risk_checks.csv the risk command wrote"),
+        ((setting(), setting(dim=8), setting()), "(rows of several settings)"),
+        ((setting(), "", setting()), "is not a risk_checks.csv the risk command wrote"),
     ],
 )
-def test_risk_checks_are_reported_only_at_the_runs_setting(tmp_path, setting, other_row, message):
-    hand_made_runs().to_csv(tmp_path / "runs.csv", index=False)
-    (tmp_path / "history").mkdir()
-    for r in hand_made_runs().query("status == 'OK'").itertuples():
-        history(1.0).to_csv(tmp_path / "history" / f"{r.run_id}.csv.gz", index=False)
-    risk_checks(setting, other_row).to_csv(tmp_path / "risk_checks.csv", index=False)
-    if message is not None:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            build_report(tmp_path)
-        assert not (tmp_path / "report.md").exists()
-        return
-    text = build_report(tmp_path).read_text()
-    risk = text.split("## Risk checks")[1]
+def test_risk_checks_of_another_setting_or_unreadable_stop_the_report(tmp_path, cells, message):
+    (tmp_path / "report.md").write_text("the last report\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        report_with_risk_checks(tmp_path, risk_checks(*cells))
+    assert (tmp_path / "report.md").read_text() == "the last report\n"
+
+
+def test_risk_checks_without_a_row_stop_the_report(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("risk command wrote (no checks)")):
+        report_with_risk_checks(tmp_path, risk_checks(setting()).iloc[:0])
+
+
+def test_risk_checks_say_what_they_did_not_check(tmp_path):
+    risk = report_with_risk_checks(tmp_path, risk_checks(setting()))
     assert "| a | PASS |" in risk and "| setting" not in risk and "details |\n" in risk
-    said = "At the runs' setting: T 32, D 64, float32." if setting else "is not recorded"
-    assert said in text
+    assert "Checked at T 32, D 64, float32, with the other settings the runs record." in risk
+    assert "nonfinite_guard counted" not in risk and "They ran on" not in risk
+    runs = hand_made_runs().assign(device="cuda")
+    runs = pd.concat([runs, runs.assign(run_id=runs.run_id + "_T8", seq_len=8)])
+    (tmp_path / "later").mkdir()
+    risk = report_with_risk_checks(tmp_path / "later", risk_checks(setting()), runs)
+    assert "(the runs' other 1 regime(s) of T, D and precision were not)" in risk
+    assert "They ran on cpu; the runs on cuda." in risk
+    assert "counted the runs when the checks ran (ERROR=1, OK=24); the folder now holds " in risk
+    assert "ERROR=2, OK=48: run the risk command again to count them all." in risk
+    (tmp_path / "old").mkdir()
+    risk = report_with_risk_checks(tmp_path / "old", risk_checks())
+    assert "Their setting is not recorded (risk checks of an earlier version)" in risk

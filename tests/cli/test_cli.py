@@ -1,6 +1,7 @@
 """The command line: bad input is refused before any work, results are written whole."""
 
 import importlib
+import importlib.util
 import json
 import os
 import py_compile
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 
 from phase12 import cli
-from phase12.cli import UNCACHED_BYTECODE_NOTE, uncached_bytecode  # before conftest's patch
+from phase12.cli import bytecode_note, lacks_bytecode  # before conftest's patch
 
 FAST = ["--outer-steps", "3", "--meta-batch", "2", "--no-progress", "--device", "cpu"]
 
@@ -94,24 +95,30 @@ def test_nonfinite_run_stops_and_says_so(tmp_path, capsys):
     assert row["final_loss"] is None  # NaN has no JSON: null
 
 
-def test_uncached_bytecode_is_a_module_compiled_with_none_left_behind(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_a_module_lacks_bytecode_when_compiled_with_none_left_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    (tmp_path / "fresh_source.py").write_text("X = 1\n")
-    module = importlib.import_module("fresh_source")
-    assert uncached_bytecode(module)
-    py_compile.compile(module.__file__)  # what compileall does, whatever the flag
-    assert not uncached_bytecode(module)
-    assert not uncached_bytecode(sys) and not uncached_bytecode(importlib.import_module("math"))
+    source = tmp_path / "fresh_source.py"
+    source.write_text("X = 1\n")
+    spec = importlib.util.spec_from_file_location("fresh_source", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imported (not left in sys.modules)
+    assert module.X == 1 and lacks_bytecode(module)
+    py_compile.compile(str(source))  # what compileall does, whatever the flag
+    assert not lacks_bytecode(module)
+    assert not lacks_bytecode(sys) and not lacks_bytecode(importlib.import_module("math"))
 
 
 def test_a_command_says_once_that_torch_has_no_bytecode(tmp_path):
     # The GPU machine's Python: PYTHONDONTWRITEBYTECODE=1 and no .pyc for torch (a cache
     # prefix with nothing in it stands for site-packages without __pycache__).
+    import torch
+
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPYCACHEPREFIX=str(tmp_path))
     command = [sys.executable, "-m", "phase12", "--mode", "SECOND"]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.splitlines()[0] == UNCACHED_BYTECODE_NOTE
+    note = bytecode_note(torch)
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    assert proc.stderr.splitlines()[0] == note and note.endswith(f"compileall -q -j 0 {site}")
     assert proc.stderr.count("note:") == 1 and "error: argument --mode" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing was written

@@ -2,6 +2,7 @@
 writes everything."""
 
 import re
+import shutil
 
 import pandas as pd
 from support import exit_code
@@ -90,4 +91,24 @@ def test_risk_checks_at_another_setting_stop_the_report_until_written_again(tmp_
     assert not (tmp_path / "t" / "report.md").exists()
     assert cli.main(risk) == 0  # again, at the sweep's settings
     assert cli.main(["report", "--root", str(tmp_path), "--tag", "t"]) == 0
-    assert "At the runs' setting: T 8, D 64, float32." in (tmp_path / "t" / "report.md").read_text()
+    text = (tmp_path / "t" / "report.md").read_text()
+    assert "Checked at T 8, D 64, float32, with the other settings the runs record." in text
+
+
+def test_a_map_report_compares_risk_checks_with_its_runs_rows_too(tmp_path, capsys):
+    # Runs without meta JSONs (older versions wrote none for some): their rows still
+    # record the outer learning rate, which the risk checks must share.
+    folder = ["--root", str(tmp_path), "--tag", "m", "--device", "cpu", "--no-progress"]
+    small = ["--backends", "reference", "--k", "1", "--seeds", "0", "--outer-steps", "2"]
+    small += ["--meta-batch", "2", "--dims", "8", "--modes", "FULL,FO"]
+    risk = ["risk", *folder, *small, "--seq-lens", "8", "--no-gradgradcheck"]
+    assert cli.main([*risk, "--outer-lr", "0.002"]) == 0
+    assert cli.main(["sweep", *folder, *small, "--seq-lens", "8,16"]) == 0
+    shutil.rmtree(tmp_path / "m" / "meta")
+    capsys.readouterr()
+    assert cli.main(["report", "--root", str(tmp_path), "--tag", "m"]) == 2
+    assert "outer_lr 0.002 there, 0.001 in the runs" in capsys.readouterr().err
+    assert cli.main(risk) == 0
+    assert cli.main(["report", "--root", str(tmp_path), "--tag", "m"]) == 0
+    text = (tmp_path / "m" / "report.md").read_text()
+    assert "Checked at T 8, D 8, float32 (the runs' other 1 regime(s) of T, D and" in text
