@@ -396,6 +396,18 @@ def _read_risk_checks(risk: Path, hint: str) -> tuple[pd.DataFrame, dict | None]
     return table, checked_at
 
 
+def _number(text):
+    """int or float of a text cell that reads as one; any other cell as it is."""
+    if not isinstance(text, str):
+        return text
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
+
+
 def _as_json(value) -> str:
     return json.dumps(value.item() if isinstance(value, np.generic) else value)
 
@@ -412,7 +424,10 @@ def _risk_lines(folder: Path, runs: pd.DataFrame, setting: dict) -> list[str]:
     if not os.path.lexists(risk):
         return lines + [f"None in this folder: `{hint}` writes them.", ""]
     table, checked_at = _read_risk_checks(risk, hint)
-    lines += [markdown_table(table[RISK_COLUMNS[:-1]], ".3e"), ""]
+    # Values are numbers, counts and booleans in one column, read back as text: numbers
+    # shown as numbers, not with every digit.
+    shown = table[RISK_COLUMNS[:-1]].assign(value=[_number(v) for v in table["value"]])
+    lines += [markdown_table(shown, ".3e"), ""]
     if checked_at is None:
         said = [
             "Their setting is not recorded (risk checks of an earlier version): it may not "

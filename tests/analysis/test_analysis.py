@@ -635,8 +635,11 @@ def risk_checks(*cells: str, guard: str = "ERROR=1, OK=24") -> pd.DataFrame:
     """Two checks and a nonfinite_guard row (counting hand_made_runs' statuses), with
     the setting cells given (one for all rows, or one per row; none: an earlier
     version's file)."""
-    rows = [{"check": c, "status": "PASS", "value": 0.0, "details": ""} for c in ("a", "b")]
-    rows.append({"check": "nonfinite_guard", "status": "WARN", "value": 1.0, "details": guard})
+    rows = [
+        {"check": c, "status": "PASS", "value": v, "details": ""}
+        for c, v in [("a", True), ("b", 1.2345678e-7)]
+    ]
+    rows.append({"check": "nonfinite_guard", "status": "WARN", "value": 1, "details": guard})
     table = pd.DataFrame(rows)
     if cells:
         table["setting"] = list(cells) * (len(rows) // len(cells))
@@ -687,7 +690,9 @@ def test_risk_checks_without_a_row_stop_the_report(tmp_path):
 
 def test_risk_checks_say_what_they_did_not_check(tmp_path):
     risk = report_with_risk_checks(tmp_path, risk_checks(setting()))
-    assert "| a | PASS |" in risk and "| setting" not in risk and "details |\n" in risk
+    assert "| a | PASS | True |" in risk and "| b | PASS | 1.235e-07 |" in risk  # not every digit
+    assert "| nonfinite_guard | WARN | 1 |" in risk
+    assert "| setting" not in risk and "details |\n" in risk
     assert "Checked at T 32, D 64, float32, with the other settings the runs record." in risk
     assert "nonfinite_guard counted" not in risk and "They ran on" not in risk
     runs = hand_made_runs().assign(device="cuda")
