@@ -32,6 +32,14 @@ GRID_FLAGS = {
 }
 
 
+def _reads_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def program() -> str:
     """How the user called us: `run.py`, or `phase12` (the console script, python -m)."""
     return "run.py" if sys.argv[0].endswith("run.py") else "phase12"
@@ -49,8 +57,20 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs["prog"] = kwargs.get("prog", "run.py").replace("run.py", program())
         super().__init__(*args, **kwargs)
         self.flags: dict[str, str] = {}
+        self._argv: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
+        # argparse reads a negative number it cannot tell from a flag (-1e-3) as a flag,
+        # and says only that the flag before it lacks its value.
+        flag = message.split(":")[0].removeprefix("argument ")
+        if message.endswith("expected one argument") and flag in self._argv:
+            value = self._argv[self._argv.index(flag) + 1 :][:1]
+            if value and _reads_as_number(value[0]):
+                message += f" ({value[0]} reads as a flag there: write {flag}={value[0]})"
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
 
     def bad_input(self, error: Exception) -> int:

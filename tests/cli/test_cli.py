@@ -29,6 +29,9 @@ FAST = ["--outer-steps", "3", "--meta-batch", "2", "--no-progress", "--device", 
         (["--outer-steps", "-5"], "--outer-steps must be positive"),
         (["--inner-lr", "0"], "--inner-lr must be a positive finite"),
         (["--outer-lr", "nan"], "--outer-lr must be a positive finite"),
+        # argparse reads -1e-3 as a flag (it knows only -1 and -1.5 as negative numbers)
+        (["--outer-lr", "-1e-3"], "(-1e-3 reads as a flag there: write --outer-lr=-1e-3)"),
+        (["--outer-lr=-1e-3"], "--outer-lr must be a positive finite number; got -0.001"),
         (["--inner-lr", "1e300"], "--inner-lr 1e+300 is beyond the largest float32 number"),
         (["--outer-lr", "1e39", "--dtype", "bfloat16"], "beyond the largest bfloat16 number"),
         # Adam's first step is 10x the rate: 1e38 trained into an overflow traceback
