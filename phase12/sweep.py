@@ -68,7 +68,7 @@ from phase12.io import (
     write_json,
 )
 from phase12.provenance import run_metadata
-from phase12.schema import RUNS_CSV, STATUS_ERROR, STATUS_UNSUPPORTED, RunResult
+from phase12.schema import REGIME_FIELDS, RUNS_CSV, STATUS_ERROR, STATUS_UNSUPPORTED, RunResult
 from phase12.train import failed_result, run_experiments, unsupported_result
 
 AXES = {
@@ -328,6 +328,17 @@ def _changed_settings(record: dict | None, base: RunConfig) -> str | None:
     if record is None:
         return None
     return changed_settings(record["settings"], base, absent_differs=True)
+
+
+def recorded_flags(folder: Path) -> dict:
+    """What the sweep record of `folder` holds, by RunConfig field: its settings, and its
+    (T, D, precision) grid as tuples; {} without a record. ConfigError if it cannot be
+    read. The risk command's defaults on a sweep's folder."""
+    record = _record(folder)
+    if record is None:
+        return {}
+    grid = {n: tuple(record["grid"][AXES[n]]) for n in REGIME_FIELDS if AXES[n] in record["grid"]}
+    return record["settings"] | grid
 
 
 def check_risk_folder(folder: Path, base: RunConfig) -> None:

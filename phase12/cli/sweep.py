@@ -31,12 +31,19 @@ from phase12.cli.parsing import (
 from phase12.config import MODES, ConfigError, RunConfig, resolve_device
 from phase12.io import FolderBusy, FolderLock, check_columns, write_atomic
 from phase12.schema import RISK_CSV, RUNS_CSV, STATUS_ERROR
-from phase12.sweep import SweepSpec, check_risk_folder, run_sweep, unsupported_cells
+from phase12.sweep import (
+    SweepSpec,
+    check_risk_folder,
+    recorded_flags,
+    run_sweep,
+    unsupported_cells,
+)
 
 DESCRIPTIONS = {
     "sweep": "Run a resumable grid of modes x backends x k x seeds (x T x D x precisions) "
     "into ROOT/TAG.",
-    "risk": "Write ROOT/TAG/risk_checks.csv (the grid flags give the model setting).",
+    "risk": "Write ROOT/TAG/risk_checks.csv: the checks at the model setting of the sweep in "
+    "ROOT/TAG (its sweep.json; flags given must agree with it), or of the flags.",
     "report": "Rebuild summary.csv, full_minus_fo.csv (robustness.csv for a map over shapes "
     "and precisions), figures/ and report.md of a sweep from its CSVs.",
     "pipeline": "sweep, then risk checks, then the report, into ROOT/TAG.",
@@ -233,6 +240,9 @@ def main(name: str, argv: list[str]) -> int:
                 if not (folder / RUNS_CSV).exists():
                     raise ConfigError(f"no runs.csv in {folder}: run the sweep first")
             else:
+                if name == "risk":  # flags not given: what the folder's sweep recorded
+                    p.set_defaults(**recorded_flags(check_folder(args.root, args.tag)))
+                    args = p.parse_args(argv)
                 spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
             held.enter_context(FolderLock(folder))
             if name == "report":

@@ -1,6 +1,7 @@
 """`run.py sweep / report / pipeline`: bad grids refused before any work; the pipeline
 writes everything."""
 
+import json
 import re
 import shutil
 
@@ -112,3 +113,18 @@ def test_a_map_report_compares_risk_checks_with_its_runs_rows_too(tmp_path, caps
     assert cli.main(["report", "--root", str(tmp_path), "--tag", "m"]) == 0
     text = (tmp_path / "m" / "report.md").read_text()
     assert "Checked at T 8, D 8, float32 (the runs' other 1 regime(s) of T, D and" in text
+
+
+def test_risk_on_a_sweeps_folder_takes_its_recorded_settings_and_shape(tmp_path, capsys):
+    # The report's hint, `risk --root R --tag T`, works as it stands after any sweep.
+    folder = ["--root", str(tmp_path), "--tag", "t", "--device", "cpu", "--no-progress"]
+    grid = ["--backends", "reference", "--k", "1", "--seeds", "0", "--modes", "FULL"]
+    shape = ["--seq-lens", "8,16", "--dims", "8", "--outer-steps", "2", "--meta-batch", "2"]
+    assert cli.main(["sweep", *folder, *grid, *shape, "--noise-std", "0.25"]) == 0
+    assert cli.main(["risk", *folder, "--no-gradgradcheck"]) == 0
+    setting = json.loads(pd.read_csv(tmp_path / "t" / "risk_checks.csv")["setting"][0])
+    assert setting["noise_std"] == 0.25 and setting["outer_steps"] == 2
+    assert (setting["seq_len"], setting["dim"]) == (8, 8)  # the grid's first shape
+    capsys.readouterr()
+    assert cli.main(["risk", *folder, "--no-gradgradcheck", "--noise-std", "0.5"]) == 2
+    assert "other settings (noise_std 0.25 there, 0.5 now)" in capsys.readouterr().err
