@@ -308,13 +308,15 @@ def _record(folder: Path) -> dict | None:
         return None
     try:  # sweep.json of earlier versions: {"base": {...}, "modes": [...], ...}
         old = json.loads(record.read_text())
-        before = old.get("settings") or settings(RunConfig(**old["base"]))
+        before = old.get("settings") or settings(RunConfig(**old["base"])) | {
+            n: old["base"][n] for n in REGIME_FIELDS if n in old["base"]
+        }  # the shape too, as the records between the two formats hold it
         grid = old.get("grid", {})
         if not isinstance(before, dict) or not isinstance(grid, dict):
             raise TypeError("settings and grid are objects")
         if not all(isinstance(axis, list) for axis in grid.values()):
             raise TypeError("a grid axis is a list")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(
             f"{record} is not a sweep record this program can read ({type(e).__name__}); "
             "restart the sweep to move the folder's results aside"
@@ -331,14 +333,38 @@ def _changed_settings(record: dict | None, base: RunConfig) -> str | None:
 
 
 def recorded_flags(folder: Path) -> dict:
-    """What the sweep record of `folder` holds, by RunConfig field: its settings, and its
-    (T, D, precision) grid as tuples; {} without a record. ConfigError if it cannot be
-    read. The risk command's defaults on a sweep's folder."""
+    """The settings a sweep record of `folder` holds, by RunConfig field, and its first
+    (T, D, precision); {} without a record. The risk command's defaults on a sweep's
+    folder. ConfigError, naming the record, for one this program cannot read or values it
+    would not run (a hand edit)."""
     record = _record(folder)
     if record is None:
         return {}
-    grid = {n: tuple(record["grid"][AXES[n]]) for n in REGIME_FIELDS if AXES[n] in record["grid"]}
-    return record["settings"] | grid
+    path, grid = folder / "sweep.json", record["grid"]
+    defaults = RunConfig()
+    shared = {n: v for n, v in record["settings"].items() if n in settings(defaults)}
+    # The shape: the grid's axes, or the settings of records from before the grid had it.
+    shapes = {}
+    for name in REGIME_FIELDS:
+        if AXES[name] in grid:
+            shapes[name] = grid[AXES[name]]
+        elif name in record["settings"]:
+            shapes[name] = [record["settings"][name]]
+        if shapes.get(name) == []:
+            raise ConfigError(f"{path} records no {AXES[name]}; fix it, or restart the sweep")
+    for name, value in [*shared.items(), *((n, v) for n, vs in shapes.items() for v in vs)]:
+        like = getattr(defaults, name)
+        if not (type(value) is type(like) or type(like) is float and type(value) is int):
+            raise ConfigError(
+                f"{path} records {name} {json.dumps(value)}, not of type {type(like).__name__}; "
+                "fix it, or restart the sweep to move the folder's results aside"
+            )
+    shape = {name: values[0] for name, values in shapes.items()}
+    try:
+        RunConfig(**shared, **shape)
+    except ConfigError as e:
+        raise ConfigError(f"{path} records settings this program would not run: {e}") from e
+    return shared | {n: (v,) for n, v in shape.items()}
 
 
 def check_risk_folder(folder: Path, base: RunConfig) -> None:

@@ -67,10 +67,12 @@ class ArgumentParser(argparse.ArgumentParser):
         # argparse reads a negative number it cannot tell from a flag (-1e-3) as a flag,
         # and says only that the flag before it lacks its value.
         flag = message.split(":")[0].removeprefix("argument ")
-        if message.endswith("expected one argument") and flag in self._argv:
-            value = self._argv[self._argv.index(flag) + 1 :][:1]
-            if value and _reads_as_number(value[0]):
-                message += f" ({value[0]} reads as a flag there: write {flag}={value[0]})"
+        if message.endswith("expected one argument"):
+            for given, value in zip(self._argv, self._argv[1:], strict=False):
+                negative = value.startswith("-") and all(map(_reads_as_number, value.split(",")))
+                if given == flag and negative:
+                    message += f" ({value} reads as a flag there: write {flag}={value})"
+                    break
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
 
     def bad_input(self, error: Exception) -> int:

@@ -240,9 +240,12 @@ def main(name: str, argv: list[str]) -> int:
                 if not (folder / RUNS_CSV).exists():
                     raise ConfigError(f"no runs.csv in {folder}: run the sweep first")
             else:
-                if name == "risk":  # flags not given: what the folder's sweep recorded
-                    p.set_defaults(**recorded_flags(check_folder(args.root, args.tag)))
+                if name == "risk" and (
+                    recorded := recorded_flags(check_folder(args.root, args.tag))
+                ):
+                    p.set_defaults(**recorded)  # flags not given: what the folder's sweep recorded
                     args = p.parse_args(argv)
+                    print(f"risk: the settings of {folder / 'sweep.json'} where no flag is given")
                 spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
             held.enter_context(FolderLock(folder))
             if name == "report":

@@ -29,8 +29,6 @@ FAST = ["--outer-steps", "3", "--meta-batch", "2", "--no-progress", "--device", 
         (["--outer-steps", "-5"], "--outer-steps must be positive"),
         (["--inner-lr", "0"], "--inner-lr must be a positive finite"),
         (["--outer-lr", "nan"], "--outer-lr must be a positive finite"),
-        # argparse reads -1e-3 as a flag (it knows only -1 and -1.5 as negative numbers)
-        (["--outer-lr", "-1e-3"], "(-1e-3 reads as a flag there: write --outer-lr=-1e-3)"),
         (["--outer-lr=-1e-3"], "--outer-lr must be a positive finite number; got -0.001"),
         (["--inner-lr", "1e300"], "--inner-lr 1e+300 is beyond the largest float32 number"),
         (["--outer-lr", "1e39", "--dtype", "bfloat16"], "beyond the largest bfloat16 number"),
@@ -55,6 +53,26 @@ def test_bad_input_exits_2_before_writing(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv,value",
+    [
+        (["--outer-lr", "-1e-3"], "-1e-3"),
+        (["--outer-lr", "1e-3", "--outer-lr", "-1e-3"], "-1e-3"),  # the second one's
+        (["sweep", "--k", "-1,2"], "-1,2"),
+    ],
+)
+def test_a_negative_number_read_as_a_flag_gets_the_fix(capsys, argv, value):
+    # Python before 3.14 reads -1e-3 or -1,2 as a flag (it knows -1 and -1.5 as numbers):
+    # the error line then says how to write it; 3.14 reads the number, which is refused.
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(cli.main([*argv, "--device", "cpu"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    flag = argv[-2]
+    fix = f"({value} reads as a flag there: write {flag}={value})"
+    refused = f"{flag} must be" if "," not in value else "--k must be >= 0"
+    assert e.value.code == 2 and len(err) == 1 and (fix in err[0] or refused in err[0])
 
 
 @pytest.mark.parametrize("backend", ["triton_fused", "triton_step"])

@@ -56,7 +56,11 @@ def test_resuming_with_other_settings_is_refused_and_restart_moves_the_old_aside
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda r: r["settings"].update(outer_steps="2"), 'outer_steps "2" there, 2 now'),
+        # the sweep compares it with its flags; risk, which defaults to it, checks its type
+        (
+            lambda r: r["settings"].update(outer_steps="2"),
+            ('outer_steps "2" there, 2 now', 'records outer_steps "2", not of type int'),
+        ),
         (lambda r: r.update(grid=[]), "is not a sweep record this program can read"),
         (lambda r: r["grid"].update(seq_lens=8), "is not a sweep record this program can read"),
         (lambda r: r.update(settings=[1]), "is not a sweep record this program can read"),
@@ -69,9 +73,10 @@ def test_a_sweep_record_edited_by_hand_is_named(tmp_path, capsys, edit, message)
     (tmp_path / "t" / "sweep.json").write_text(json.dumps(record))
     capsys.readouterr()
     risk = ["--no-gradgradcheck", "--backends", "reference"]
-    for command, flags in (("sweep", []), ("risk", risk)):
+    messages = message if isinstance(message, tuple) else (message, message)
+    for (command, flags), said in zip((("sweep", []), ("risk", risk)), messages, strict=True):
         assert sweep(tmp_path, "--outer-steps", "2", *flags, command=command) == 2
-        assert message in one_error_line(capsys)
+        assert said in one_error_line(capsys)
 
 
 def test_a_second_writer_is_refused_at_once_and_told_who_holds_the_folder(tmp_path, capsys):
