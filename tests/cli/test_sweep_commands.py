@@ -75,12 +75,20 @@ def test_pipeline_command_writes_everything(tmp_path, capsys):
     assert cli.main(["report", "--root", str(tmp_path), "--tag", "p"]) == 0
 
 
+def in_folder(root, tag: str) -> list[str]:
+    """The flags of a sweep folder ROOT/TAG on the CPU."""
+    return ["--root", str(root), "--tag", tag, "--device", "cpu", "--no-progress"]
+
+
+# One seed of reference at k 1, two outer steps of meta-batch 2: a grid for the CPU.
+SMALL = ["--backends", "reference", "--k", "1", "--seeds", "0"]
+SMALL += ["--outer-steps", "2", "--meta-batch", "2"]
+
+
 def test_risk_checks_at_another_setting_stop_the_report_until_written_again(tmp_path, capsys):
     # The risk command first, into a new folder, at a noise the sweep then does not use:
     # the report would have shown those checks beside the sweep's runs.
-    folder = ["--root", str(tmp_path), "--tag", "t", "--device", "cpu", "--no-progress"]
-    grid = ["--backends", "reference", "--k", "1", "--seeds", "0", "--seq-len", "8"]
-    small = [*grid, "--outer-steps", "2", "--meta-batch", "2"]
+    folder, small = in_folder(tmp_path, "t"), [*SMALL, "--seq-lens", "8"]
     risk = ["risk", *folder, *small, "--no-gradgradcheck"]
     assert cli.main([*risk, "--noise-std", "0.1"]) == 0
     assert cli.main(["sweep", *folder, *small]) == 0
@@ -99,9 +107,7 @@ def test_risk_checks_at_another_setting_stop_the_report_until_written_again(tmp_
 def test_a_map_report_compares_risk_checks_with_its_runs_rows_too(tmp_path, capsys):
     # Runs without meta JSONs (older versions wrote none for some): their rows still
     # record the outer learning rate, which the risk checks must share.
-    folder = ["--root", str(tmp_path), "--tag", "m", "--device", "cpu", "--no-progress"]
-    small = ["--backends", "reference", "--k", "1", "--seeds", "0", "--outer-steps", "2"]
-    small += ["--meta-batch", "2", "--dims", "8", "--modes", "FULL,FO"]
+    folder, small = in_folder(tmp_path, "m"), [*SMALL, "--dims", "8", "--modes", "FULL,FO"]
     risk = ["risk", *folder, *small, "--seq-lens", "8", "--no-gradgradcheck"]
     assert cli.main([*risk, "--outer-lr", "0.002"]) == 0
     assert cli.main(["sweep", *folder, *small, "--seq-lens", "8,16"]) == 0
@@ -117,10 +123,10 @@ def test_a_map_report_compares_risk_checks_with_its_runs_rows_too(tmp_path, caps
 
 def test_risk_on_a_sweeps_folder_takes_its_recorded_settings_and_shape(tmp_path, capsys):
     # The report's hint, `risk --root R --tag T`, works as it stands after any sweep.
-    folder = ["--root", str(tmp_path), "--tag", "t", "--device", "cpu", "--no-progress"]
-    grid = ["--backends", "reference", "--k", "1", "--seeds", "0", "--modes", "FULL"]
-    shape = ["--seq-lens", "8,16", "--dims", "8", "--outer-steps", "2", "--meta-batch", "2"]
-    assert cli.main(["sweep", *folder, *grid, *shape, "--noise-std", "0.25"]) == 0
+    folder, shape = in_folder(tmp_path, "t"), ["--seq-lens", "8,16", "--dims", "8"]
+    assert (
+        cli.main(["sweep", *folder, *SMALL, "--modes", "FULL", *shape, "--noise-std", "0.25"]) == 0
+    )
     assert cli.main(["risk", *folder, "--no-gradgradcheck"]) == 0
     setting = json.loads(pd.read_csv(tmp_path / "t" / "risk_checks.csv")["setting"][0])
     assert setting["noise_std"] == 0.25 and setting["outer_steps"] == 2
