@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.common import interpreter_enabled
 from kernels.reference import CURVATURES, attention_reference, default_scale
 
 __all__ = [
@@ -51,8 +52,8 @@ def check_backend(backend: str, device: torch.device | str) -> None:
         return
     device = torch.device(device)
     try:
-        from kernels.common import interpreter_enabled
-    except ImportError as e:  # pragma: no cover - depends on the environment
+        import triton  # noqa: F401
+    except ImportError as e:
         raise BackendUnavailable(
             f"the Triton attention kernels need Triton, which failed to import ({e}); "
             "install triton or use the reference backend"

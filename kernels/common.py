@@ -1,9 +1,11 @@
-"""Small pieces shared by Triton kernels and their autograd.Functions.
+"""Small pieces shared by Triton kernels' launchers and their autograd.Functions.
 
-Used by this package's attention kernels and by any other fused kernel built beside
-them (the engine's fused inner step): interpreter detection, power-of-two block
-sizes, the accumulator dtype, a dot with explicit precision and accumulator, and the
-move of a vmapped dimension to the front that every `vmap` rule starts with.
+Used by this package's attention op and by any other fused kernel built beside it (the
+engine's fused inner step): interpreter detection, power-of-two block sizes, the
+accumulator dtype, and the move of a vmapped dimension to the front that every `vmap`
+rule starts with. Nothing here imports Triton: the reference backend's autograd.Functions
+use it on machines without Triton. (The kernels' shared `dot` is in
+kernels.triton_kernels.)
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import os
 from collections.abc import Sequence
 
 import torch
-import triton
-import triton.language as tl
 
 
 def interpreter_enabled() -> bool:
@@ -23,17 +23,12 @@ def interpreter_enabled() -> bool:
 
 def pow2(x: int, lo: int) -> int:
     """The smallest power of two >= x, and at least `lo` (tl.dot needs 16 on the GPU)."""
-    return max(lo, triton.next_power_of_2(x))
+    return max(lo, 1 << max(x - 1, 0).bit_length())
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels compute in for inputs of `dtype`: float64 stays, the rest float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@triton.jit
-def dot(a, b, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
 
 
 def vmapped_to_front(info, in_dims: Sequence[int | None], tensors: Sequence[torch.Tensor]):

@@ -28,6 +28,9 @@ Functions only as saved tensors: the closed-form gradients of kernels/triton_ker
 are total derivatives with respect to q, k, v and do, so they get no gradient of their
 own.
 
+Triton (kernels.launch) is imported where the kernels run, so the PyTorch-ops path (the
+reference backend's curvature policies) needs no Triton.
+
 Every Function has:
 * `setup_context` (required by torch.func),
 * a `vmap` rule that moves the vmapped dimension to the front, where the launchers
@@ -41,7 +44,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kernels import launch
 from kernels.common import vmapped_to_front
 from kernels.reference import (
     attention_backward_formula,
@@ -82,6 +84,8 @@ def _without_autocast(fn: Callable) -> Callable:
 @_without_autocast
 def _forward(q, k, v, causal, scale, precision, ops):
     if ops == "triton":
+        from kernels import launch
+
         return launch.attention_forward(q, k, v, causal, scale, precision)
     return attention_with_softmax_formula(q, k, v, causal, scale)
 
@@ -89,6 +93,8 @@ def _forward(q, k, v, causal, scale, precision, ops):
 @_without_autocast
 def _backward(q, k, v, o, stats, do, causal, scale, precision, ops):
     if ops == "triton":
+        from kernels import launch
+
         return launch.attention_backward(q, k, v, o, stats, do, causal, scale, precision)
     return attention_backward_formula(q, k, v, stats, do, scale)
 
@@ -96,6 +102,8 @@ def _backward(q, k, v, o, stats, do, causal, scale, precision, ops):
 @_without_autocast
 def _double_backward(q, k, v, o, stats, do, uq, uk, uv, causal, scale, precision, curvature, ops):
     if ops == "triton":
+        from kernels import launch
+
         return launch.attention_double_backward(
             q, k, v, o, stats, do, uq, uk, uv, causal, scale, precision, curvature=curvature
         )

@@ -51,11 +51,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common import dot
-
 # ---------------------------------------------------------------------------
 # Small building blocks shared by every kernel
 # ---------------------------------------------------------------------------
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """tl.dot with an explicit input precision and accumulator dtype (also used by the
+    engine's fused inner-step kernels)."""
+    return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
 
 
 @triton.jit

@@ -352,11 +352,19 @@ def settings(config: RunConfig) -> dict:
     return json.loads(json.dumps(shared))
 
 
+# Settings added after results were first recorded, with the value that does what runs
+# did before the setting existed: a record without one reads as that value (the
+# committed sweeps of before probe_every probed at the end only).
+ADDED_SETTINGS = {"probe_every": 0}
+
+
 def changed_settings(before: Mapping, config: RunConfig, *, absent_differs: bool) -> str | None:
     """How `config`'s settings differ from the recorded settings `before`, e.g.
-    "outer_steps 3 there, 2 now"; None if they do not. A setting `before` lacks differs
-    with `absent_differs` (a sweep's record holds them all) and is let pass without (a
-    run's meta JSON from a version older than that setting)."""
+    "outer_steps 3 there, 2 now"; None if they do not. A setting `before` lacks reads as
+    its ADDED_SETTINGS value where it has one; any other differs with `absent_differs` (a
+    sweep's record holds them all) and is let pass without (a run's meta JSON from a
+    version older than that setting)."""
+    before = ADDED_SETTINGS | dict(before)
 
     def shown(there, now) -> tuple[str, str]:  # as JSON where they would read the same
         plain = (str(there), str(now))

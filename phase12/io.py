@@ -208,18 +208,24 @@ def other_settings(rows: list[Mapping], config, folder: str | Path) -> str | Non
     (SETTING_COLUMNS) and from its meta/RUN.json, which holds the rest (noise, shots,
     classes, ...)."""
     for row in rows:
-        before = _meta_config(Path(folder) / "meta" / f"{row['run_id']}.json")
-        try:
-            before |= {c: json.loads(row[c]) for c in SETTING_COLUMNS if row[c] != ""}
-        except ValueError as e:
-            raise ConfigError(
-                f"{Path(folder) / RUNS_CSV}: run {row['run_id']} has a setting that is not a "
-                "number; fix or drop that row"
-            ) from e
-        changed = changed_settings(before, config, absent_differs=False)
+        changed = changed_settings(run_config(row, folder), config, absent_differs=False)
         if changed:
             return changed
     return None
+
+
+def run_config(row: Mapping, folder: str | Path) -> dict:
+    """The RunConfig fields the run of `row` (a row of `folder`'s runs.csv) recorded: its
+    meta JSON's config ({} where it has none), the row's SETTING_COLUMNS over it.
+    ConfigError for a meta JSON that cannot be read or a setting that is not a number."""
+    config = _meta_config(Path(folder) / "meta" / f"{row['run_id']}.json")
+    try:
+        return config | {c: json.loads(row[c]) for c in SETTING_COLUMNS if row[c] != ""}
+    except ValueError as e:
+        raise ConfigError(
+            f"{Path(folder) / RUNS_CSV}: run {row['run_id']} has a setting that is not a "
+            "number; fix or drop that row"
+        ) from e
 
 
 def _meta_config(path: Path) -> dict:

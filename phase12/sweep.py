@@ -64,6 +64,7 @@ from phase12.io import (
     read_rows,
     repair_torn_tail,
     rewrite_rows,
+    run_config,
     save_run,
     write_json,
 )
@@ -332,39 +333,51 @@ def _changed_settings(record: dict | None, base: RunConfig) -> str | None:
     return changed_settings(record["settings"], base, absent_differs=True)
 
 
-def recorded_flags(folder: Path) -> dict:
-    """The settings a sweep record of `folder` holds, by RunConfig field, and its first
-    (T, D, precision); {} without a record. The risk command's defaults on a sweep's
-    folder. ConfigError, naming the record, for one this program cannot read or values it
-    would not run (a hand edit)."""
+def recorded_flags(folder: Path) -> tuple[Path | None, dict]:
+    """The settings `folder`'s results were made with, by RunConfig field, and their first
+    (T, D, precision): the risk command's defaults on a results folder. From its sweep
+    record, or where it has none (runs of the single-run command) its first run's meta
+    JSON and row; (None, {}) without either. Returns (the file they come from, flags).
+    ConfigError, naming the file, for one this program cannot read or values it would not
+    run (a hand edit)."""
     record = _record(folder)
-    if record is None:
-        return {}
-    path, grid = folder / "sweep.json", record["grid"]
+    if record is not None:
+        path, recorded, grid = folder / "sweep.json", record["settings"], record["grid"]
+        fix = "fix it, or restart the sweep to move the folder's results aside"
+    else:
+        try:
+            rows = read_rows(folder / RUNS_CSV)
+        except ValueError as e:  # a damaged runs.csv
+            raise ConfigError(str(e)) from e
+        if not rows:
+            return None, {}
+        path, grid = folder / "meta" / f"{rows[0]['run_id']}.json", {}
+        recorded = run_config(rows[0], folder)
+        fix = "fix it, or give the risk command the run's settings as flags"
     defaults = RunConfig()
-    shared = {n: v for n, v in record["settings"].items() if n in settings(defaults)}
+    shared = {n: v for n, v in recorded.items() if n in settings(defaults)}
     # The shape: the grid's axes, or the settings of records from before the grid had it.
     shapes = {}
     for name in REGIME_FIELDS:
         if AXES[name] in grid:
             shapes[name] = grid[AXES[name]]
-        elif name in record["settings"]:
-            shapes[name] = [record["settings"][name]]
+        elif name in recorded:
+            shapes[name] = [recorded[name]]
         if shapes.get(name) == []:
-            raise ConfigError(f"{path} records no {AXES[name]}; fix it, or restart the sweep")
+            raise ConfigError(f"{path} records no {AXES[name]}; {fix}")
     for name, value in [*shared.items(), *((n, v) for n, vs in shapes.items() for v in vs)]:
         like = getattr(defaults, name)
         if not (type(value) is type(like) or type(like) is float and type(value) is int):
             raise ConfigError(
                 f"{path} records {name} {json.dumps(value)}, not of type {type(like).__name__}; "
-                "fix it, or restart the sweep to move the folder's results aside"
+                f"{fix}"
             )
     shape = {name: values[0] for name, values in shapes.items()}
     try:
         RunConfig(**shared, **shape)
     except ConfigError as e:
         raise ConfigError(f"{path} records settings this program would not run: {e}") from e
-    return shared | {n: (v,) for n, v in shape.items()}
+    return path, shared | {n: (v,) for n, v in shape.items()}
 
 
 def check_risk_folder(folder: Path, base: RunConfig) -> None:

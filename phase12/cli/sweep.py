@@ -42,8 +42,9 @@ from phase12.sweep import (
 DESCRIPTIONS = {
     "sweep": "Run a resumable grid of modes x backends x k x seeds (x T x D x precisions) "
     "into ROOT/TAG.",
-    "risk": "Write ROOT/TAG/risk_checks.csv: the checks at the model setting of the sweep in "
-    "ROOT/TAG (its sweep.json; flags given must agree with it), or of the flags.",
+    "risk": "Write ROOT/TAG/risk_checks.csv: the checks at the model setting of the results in "
+    "ROOT/TAG (its sweep.json, or its first run's meta JSON where single runs wrote it; flags "
+    "given must agree with it), or of the flags.",
     "report": "Rebuild summary.csv, full_minus_fo.csv (robustness.csv for a map over shapes "
     "and precisions), figures/ and report.md of a sweep from its CSVs.",
     "pipeline": "sweep, then risk checks, then the report, into ROOT/TAG.",
@@ -240,12 +241,12 @@ def main(name: str, argv: list[str]) -> int:
                 if not (folder / RUNS_CSV).exists():
                     raise ConfigError(f"no runs.csv in {folder}: run the sweep first")
             else:
-                if name == "risk" and (
-                    recorded := recorded_flags(check_folder(args.root, args.tag))
-                ):
-                    p.set_defaults(**recorded)  # flags not given: what the folder's sweep recorded
-                    args = p.parse_args(argv)
-                    print(f"risk: the settings of {folder / 'sweep.json'} where no flag is given")
+                if name == "risk":
+                    source, recorded = recorded_flags(check_folder(args.root, args.tag))
+                    if recorded:  # flags not given: what the folder's results were made with
+                        p.set_defaults(**recorded)
+                        args = p.parse_args(argv)
+                        print(f"risk: the settings of {source} where no flag is given")
                 spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
             held.enter_context(FolderLock(folder))
             if name == "report":

@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common import dot
+from kernels.triton_kernels import dot
 from phase12.fused_step.operands import load_matrix, load_vector, rounded, store_matrix
 
 WEIGHTS = tl.constexpr(4)  # Wq, Wk, Wv, Wc: gradients that are sums of outer products

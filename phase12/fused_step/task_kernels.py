@@ -65,7 +65,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common import dot
+from kernels.triton_kernels import dot
 from phase12.fused_step.operands import load_matrix, load_vector, rounded, store_matrix
 
 

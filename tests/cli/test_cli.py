@@ -143,3 +143,39 @@ def test_a_command_says_once_that_torch_has_no_bytecode(tmp_path):
     assert proc.stderr.splitlines()[0] == note and note.endswith(f"compileall -q -j 0 {site}")
     assert proc.stderr.count("note:") == 1 and "error: argument --mode" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+_NO_TRITON = """
+import sys
+
+class NoTriton:  # a machine without Triton's wheels (macOS, Windows)
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NoTriton())
+"""
+
+
+def test_without_triton_the_reference_backend_runs_and_the_others_say_why_not(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(_NO_TRITON)
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
+    env.pop("TRITON_INTERPRET", None)
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "phase12", "--k", "2", *FAST, "--no-save", *a],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    proc = run()  # its probes take the curvature ablations' autograd.Functions
+    assert proc.returncode == 0, proc.stderr
+    assert "status OK" in proc.stdout and "second-order part" in proc.stdout
+    for backend in ("triton_fused", "triton_step"):
+        proc = run("--backend", backend)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().endswith(
+            "need Triton, which failed to import (No module named 'triton'); install triton "
+            "or use the reference backend"
+        )

@@ -134,3 +134,18 @@ def test_risk_on_a_sweeps_folder_takes_its_recorded_settings_and_shape(tmp_path,
     capsys.readouterr()
     assert cli.main(["risk", *folder, "--no-gradgradcheck", "--noise-std", "0.5"]) == 2
     assert "other settings (noise_std 0.25 there, 0.5 now)" in capsys.readouterr().err
+
+
+def test_risk_on_a_folder_of_single_runs_takes_their_settings_and_shape(tmp_path, capsys):
+    run = ["--k", "1", "--outer-steps", "2", "--meta-batch", "2", "--seq-len", "8", "--dim", "8"]
+    run += ["--noise-std", "0.25", "--device", "cpu", "--no-progress", "--out"]
+    assert cli.main([*run, str(tmp_path / "runs")]) == 0
+    capsys.readouterr()
+    assert cli.main(["risk", *in_folder(tmp_path, "runs"), "--no-gradgradcheck"]) == 0
+    meta = tmp_path / "runs" / "meta" / "reference_FULL_k1_seed0_T8_D8.json"
+    assert f"risk: the settings of {meta} where no flag is given" in capsys.readouterr().out
+    setting = json.loads(pd.read_csv(tmp_path / "runs" / "risk_checks.csv")["setting"][0])
+    assert setting["noise_std"] == 0.25 and setting["outer_steps"] == 2
+    assert (setting["seq_len"], setting["dim"]) == (8, 8)
+    assert cli.main(["risk", *in_folder(tmp_path, "runs"), "--meta-batch", "4"]) == 2
+    assert "other settings (meta_batch 2 there, 4 now)" in capsys.readouterr().err

@@ -89,6 +89,13 @@ def test_settings_are_compared_field_by_field_and_absent_ones_as_told():
     assert changed_settings(older, config, absent_differs=True) == "shots absent there, 4 now"
     grid = config.replace(seed=5, backend="triton_step", seq_len=16)  # grid axes: not settings
     assert changed_settings(recorded, grid, absent_differs=True) is None
+    # A setting added later reads as what runs did before it (probes at the end only).
+    before_probe_every = {k: v for k, v in recorded.items() if k != "probe_every"}
+    for absent_differs in (True, False):
+        assert changed_settings(before_probe_every, config, absent_differs=absent_differs) is None
+        assert changed_settings(
+            before_probe_every, config.replace(probe_every=5), absent_differs=absent_differs
+        ) == ("probe_every 0 there, 5 now")
 
 
 def test_the_names_a_run_row_takes_are_the_configs():

@@ -209,7 +209,8 @@ RESULTS = Path(__file__).parents[2] / "results"
 @pytest.mark.parametrize("folder", sorted(p.parent.name for p in RESULTS.glob("*/sweep.json")))
 def test_the_risk_defaults_of_every_committed_sweep_record(folder):
     # Three formats: {"base": ...}, settings holding the shape, a grid holding it.
-    flags = sweep_module.recorded_flags(RESULTS / folder)
+    source, flags = sweep_module.recorded_flags(RESULTS / folder)
+    assert source == RESULTS / folder / "sweep.json"
     runs = pd.read_csv(RESULTS / folder / "runs.csv")
     assert flags["outer_steps"] == runs["outer_steps"].iloc[0]
     shape = (flags["seq_len"], flags["dim"], flags["dtype"])  # one of the runs' shapes
@@ -243,9 +244,9 @@ def test_a_hand_edited_sweep_record_is_named_not_used(tmp_path, edit, message):
 def test_only_settings_become_risk_defaults(tmp_path):
     record = {"settings": {"outer_steps": 2, "no_gradgradcheck": True, "root": "/"}, "grid": {}}
     (tmp_path / "sweep.json").write_text(json.dumps(record))
-    assert sweep_module.recorded_flags(tmp_path) == {"outer_steps": 2}
+    assert sweep_module.recorded_flags(tmp_path) == (tmp_path / "sweep.json", {"outer_steps": 2})
     (tmp_path / "sweep.json").unlink()
-    assert sweep_module.recorded_flags(tmp_path) == {}
+    assert sweep_module.recorded_flags(tmp_path) == (None, {})
     (tmp_path / "sweep.json").mkdir()
     with pytest.raises(ConfigError, match="not a sweep record this program can read"):
         sweep_module.recorded_flags(tmp_path)
