@@ -333,27 +333,37 @@ def _changed_settings(record: dict | None, base: RunConfig) -> str | None:
     return changed_settings(record["settings"], base, absent_differs=True)
 
 
-def recorded_flags(folder: Path) -> tuple[Path | None, dict]:
-    """The settings `folder`'s results were made with, by RunConfig field, and their first
-    (T, D, precision): the risk command's defaults on a results folder. From its sweep
-    record, or where it has none (runs of the single-run command) its first run's meta
-    JSON and row; (None, {}) without either. Returns (the file they come from, flags).
-    ConfigError, naming the file, for one this program cannot read or values it would not
-    run (a hand edit)."""
+def _made_with(folder: Path) -> tuple[Path, dict, dict, str] | None:
+    """What `folder` records of how its results were made: (the file, its settings, its
+    grid, how to fix a bad value there). The sweep record, or where it has none (runs of
+    the single-run command) the first run's config (meta JSON and row); None without
+    either."""
     record = _record(folder)
     if record is not None:
-        path, recorded, grid = folder / "sweep.json", record["settings"], record["grid"]
         fix = "fix it, or restart the sweep to move the folder's results aside"
-    else:
-        try:
-            rows = read_rows(folder / RUNS_CSV)
-        except ValueError as e:  # a damaged runs.csv
-            raise ConfigError(str(e)) from e
-        if not rows:
-            return None, {}
-        path, grid = folder / "meta" / f"{rows[0]['run_id']}.json", {}
-        recorded = run_config(rows[0], folder)
-        fix = "fix it, or give the risk command the run's settings as flags"
+        return folder / "sweep.json", record["settings"], record["grid"], fix
+    try:
+        rows = read_rows(folder / RUNS_CSV)
+    except ValueError as e:  # a damaged runs.csv
+        raise ConfigError(str(e)) from e
+    if not rows:
+        return None
+    meta = folder / "meta" / f"{rows[0]['run_id']}.json"
+    path = meta if meta.exists() else folder / RUNS_CSV  # older versions wrote no meta JSON
+    fix = "fix it, or give the risk command the run's settings as flags"
+    return path, run_config(rows[0], folder), {}, fix
+
+
+def recorded_flags(folder: Path) -> tuple[Path | None, dict]:
+    """The settings `folder`'s results were made with, by RunConfig field, and their first
+    (T, D, precision): the risk command's defaults on a results folder (_made_with).
+    Returns (the file they come from, flags); (None, {}) where nothing records them.
+    ConfigError, naming the file, for one this program cannot read or values it would not
+    run (a hand edit)."""
+    made_with = _made_with(folder)
+    if made_with is None:
+        return None, {}
+    path, recorded, grid, fix = made_with
     defaults = RunConfig()
     shared = {n: v for n, v in recorded.items() if n in settings(defaults)}
     # The shape: the grid's axes, or the settings of records from before the grid had it.

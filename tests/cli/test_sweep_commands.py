@@ -149,3 +149,7 @@ def test_risk_on_a_folder_of_single_runs_takes_their_settings_and_shape(tmp_path
     assert (setting["seq_len"], setting["dim"]) == (8, 8)
     assert cli.main(["risk", *in_folder(tmp_path, "runs"), "--meta-batch", "4"]) == 2
     assert "other settings (meta_batch 2 there, 4 now)" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "runs" / "meta")  # the row's settings alone (SETTING_COLUMNS)
+    assert cli.main(["risk", *in_folder(tmp_path, "runs"), "--seq-lens", "8", "--dims", "8"]) == 0
+    source = tmp_path / "runs" / "runs.csv"
+    assert f"risk: the settings of {source} where no flag is given" in capsys.readouterr().out
