@@ -153,8 +153,8 @@ def results_table(summary: pd.DataFrame, runs: pd.DataFrame, at_seed: bool) -> p
     """Accuracy per (backend, k) of every run in the folder: each mode and curvature
     ablation (mean ± std over its OK seeds, with how many of how many and the others'
     statuses where some did not finish; "not supported" where the runs were beyond the
-    backend's limits; "no seed finished" and the statuses where none finished OK) and
-    FULL − FO, paired by seed."""
+    backend's limits; "no seed finished" and the statuses where none finished OK; "not
+    run" where the cell has none) and FULL − FO, paired by seed (mean ± std)."""
     rows = []
     policies = [m for m in MODE_ORDER if m in set(runs["mode"])]
     policies += sorted(set(runs["mode"]) - set(MODE_ORDER))
@@ -178,14 +178,19 @@ def results_table(summary: pd.DataFrame, runs: pd.DataFrame, at_seed: bool) -> p
                 row[f"{mode} acc"] = "not supported"
             elif len(statuses):
                 row[f"{mode} acc"] = f"no seed finished ({failed})"
+            else:
+                row[f"{mode} acc"] = "not run"
         if (backend, k) in gaps.index:  # seed-paired: only seeds where both finished OK
             gap = gaps.loc[(backend, k)]
-            one = " (1 seed)" if gap["n_seeds"] == 1 else ""
-            row["FULL − FO"] = f"{gap['gap_mean']:+.4f}{one}"
+            spread = " (1 seed)" if gap["n_seeds"] == 1 else f" ± {gap['gap_std']:.4f}"
+            row["FULL − FO"] = f"{gap['gap_mean']:+.4f}{spread}"
         seed = SEED_LONG_RUN_ACC.get((backend, k)) if at_seed else None
         row["seed FULL / FO (long run)"] = f"{seed[0]:.4f} / {seed[1]:.4f}" if seed else ""
         rows.append(row)
-    return pd.DataFrame(rows)
+    # Columns in this order whatever the first cell holds (a cell without FO has no gap).
+    columns = ["backend", "k", *(f"{m} acc" for m in policies), "FULL − FO"]
+    columns += ["seed FULL / FO (long run)"]
+    return pd.DataFrame(rows, columns=[c for c in columns if any(c in r for r in rows)])
 
 
 def timing_table(summary: pd.DataFrame, seed_device: str | None) -> pd.DataFrame:
@@ -230,17 +235,30 @@ def shared_device_lines(summary: pd.DataFrame) -> list[str]:
     ]
 
 
-def _gap_sentences(ok: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
-    """FULL − FO per (backend, k), or why there is none."""
-    if gaps.empty:
-        missing = [m for m in ("FULL", "FO") if m not in set(ok["mode"])]
+def _gap_sentences(runs: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
+    """FULL − FO per (backend, k), or why a cell with FULL or FO runs has none. A gap is
+    judged twice: against two standard errors of its seed-paired mean (is it consistent
+    across seeds?) and against the seed-to-seed spread of the accuracies (is it large
+    beside the choice of seed?)."""
+    ok = runs[runs["status"] == STATUS_OK]
+    out = []
+    paired = set(zip(gaps["backend"], gaps["inner_steps"], strict=True))
+    for (backend, k), cell in runs[runs["mode"].isin(["FULL", "FO"])].groupby(
+        ["backend", "inner_steps"]
+    ):
+        if (backend, k) in paired:
+            continue
+        ran, finished = set(cell["mode"]), set(ok.loc[ok.index.isin(cell.index), "mode"])
+        missing = [m for m in ("FULL", "FO") if m not in ran]
         why = (
-            f"no {' and no '.join(missing)} run finished OK in this grid"
+            f"it has no {missing[0]} run"
             if missing
+            else f"no {' and no '.join(m for m in ('FULL', 'FO') if m not in finished)} "
+            "run finished OK"
+            if finished != {"FULL", "FO"}
             else "no seed has both a FULL and an FO run that finished OK"
         )
-        return [f"No FULL − FO comparison: {why}."]
-    out = []
+        out.append(f"{backend}, k={k}: no FULL − FO comparison, since {why}.")
     for g in gaps.itertuples():
         cell = f"{g.backend}, k={g.inner_steps}: "
         if g.n_seeds < 2:
@@ -252,13 +270,16 @@ def _gap_sentences(ok: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
             out.append(cell + f"FULL and FO tie exactly over {g.n_seeds} seeds.")
         else:
             winner = "FULL" if g.gap_mean > 0 else "FO"
+            two_se = 2 * g.gap_std / g.n_seeds**0.5
+            consistent = "beyond" if abs(g.gap_mean) > two_se else "within"
             verdict = "exceeds" if g.exceeds_spread else "is within"
             out.append(
                 cell + f"{winner} wins by {abs(g.gap_mean):.4f} accuracy (mean of {g.n_seeds} "
-                f"seed-paired differences, std {g.gap_std:.4f}), which {verdict} the "
-                f"seed-to-seed spread ({g.spread:.4f})."
+                f"seed-paired differences, std {g.gap_std:.4f}): {consistent} two standard "
+                f"errors of that mean ({two_se:.4f}), and it {verdict} the seed-to-seed "
+                f"spread of the accuracies ({g.spread:.4f})."
             )
-    return out
+    return out or ["No FULL − FO comparison: the folder has no FULL or FO run."]
 
 
 def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -290,7 +311,7 @@ def interpretation(
     status_line = "Run statuses: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
     if ok.empty:
         return [f"No run finished OK, so there is nothing to compare. {status_line}."]
-    out = _gap_sentences(ok, gaps)
+    out = _gap_sentences(runs, gaps)
     wide = ok.pivot_table(
         index=["mode", "inner_steps", "seed"], columns="backend", values="final_acc"
     )
@@ -332,6 +353,9 @@ def interpretation(
         measured = (
             f"rel_diff_probe (‖g_FULL − g_FO‖/‖g_FULL‖) ranges {probe.min():.3f}–"
             f"{probe.max():.3f} over the FULL cells where it was measured"
+            if probe.count() > 1
+            else f"rel_diff_probe (‖g_FULL − g_FO‖/‖g_FULL‖) is {probe.max():.3f} in the one "
+            "FULL cell where it was measured"
         )
         if absent.empty:
             out.append(f"Second-order signal is present in every FULL cell: {measured}.")
@@ -356,7 +380,8 @@ def interpretation(
     ran = runs[runs["status"] != STATUS_UNSUPPORTED]  # those rows record no run
     wall = ran["wall_time_total_s"].sum()
     out.append(
-        f"The {len(ran)} runs took {wall:.0f} s of run wall time in all "
+        f"The {len(ran)} run{'s' if len(ran) != 1 else ''} took {wall:.0f} s of run wall "
+        "time in all "
         f"({wall / 60:.1f} min, process start-up excluded)."
     )
     out.append(status_line + ".")
