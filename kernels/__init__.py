@@ -55,7 +55,7 @@ def check_backend(backend: str, device: torch.device | str) -> None:
         import triton  # noqa: F401
     except ImportError as e:
         raise BackendUnavailable(
-            f"the Triton attention kernels need Triton, which failed to import ({e}); "
+            f"the Triton kernels need Triton, which failed to import ({e}); "
             "install triton or use the reference backend"
         ) from e
     if device.type == "cuda":
@@ -77,6 +77,7 @@ def check_backend(backend: str, device: torch.device | str) -> None:
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    check_backend("triton_fused", q.device)  # before the launcher, which imports Triton
     from kernels.launch import MAX_HEAD_DIM, SUPPORTED_DTYPES
 
     if q.dim() < 2 or k.dim() != q.dim() or v.dim() != q.dim():
@@ -111,7 +112,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    check_backend("triton_fused", q.device)
 
 
 def fused_attention(

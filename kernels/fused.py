@@ -28,8 +28,8 @@ Functions only as saved tensors: the closed-form gradients of kernels/triton_ker
 are total derivatives with respect to q, k, v and do, so they get no gradient of their
 own.
 
-Triton (kernels.launch) is imported where the kernels run, so the PyTorch-ops path (the
-reference backend's curvature policies) needs no Triton.
+Triton (kernels.launch) is imported when a kernel first runs (`_launch`), so the
+PyTorch-ops path (the reference backend's curvature policies) needs no Triton.
 
 Every Function has:
 * `setup_context` (required by torch.func),
@@ -81,30 +81,31 @@ def _without_autocast(fn: Callable) -> Callable:
     return run
 
 
+def _launch():
+    """kernels.launch, imported when a kernel first runs (it imports Triton)."""
+    from kernels import launch
+
+    return launch
+
+
 @_without_autocast
 def _forward(q, k, v, causal, scale, precision, ops):
     if ops == "triton":
-        from kernels import launch
-
-        return launch.attention_forward(q, k, v, causal, scale, precision)
+        return _launch().attention_forward(q, k, v, causal, scale, precision)
     return attention_with_softmax_formula(q, k, v, causal, scale)
 
 
 @_without_autocast
 def _backward(q, k, v, o, stats, do, causal, scale, precision, ops):
     if ops == "triton":
-        from kernels import launch
-
-        return launch.attention_backward(q, k, v, o, stats, do, causal, scale, precision)
+        return _launch().attention_backward(q, k, v, o, stats, do, causal, scale, precision)
     return attention_backward_formula(q, k, v, stats, do, scale)
 
 
 @_without_autocast
 def _double_backward(q, k, v, o, stats, do, uq, uk, uv, causal, scale, precision, curvature, ops):
     if ops == "triton":
-        from kernels import launch
-
-        return launch.attention_double_backward(
+        return _launch().attention_double_backward(
             q, k, v, o, stats, do, uq, uk, uv, causal, scale, precision, curvature=curvature
         )
     return attention_double_backward_formula(

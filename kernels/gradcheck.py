@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from kernels import BackendUnavailable, fused_attention
+from kernels import BackendUnavailable, check_backend, fused_attention
 
 
 def check(device: torch.device | str) -> bool:
@@ -41,13 +41,14 @@ def main() -> int:
     from kernels.common import interpreter_enabled
 
     device = "cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu"
-    versions = " ".join(f"{name} {version(name)}" for name in ("torch", "triton", "numpy"))
-    print(f"{versions} {device}", flush=True)
     try:
-        ok = check(device)
+        check_backend("triton_fused", device)
     except BackendUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    versions = " ".join(f"{name} {version(name)}" for name in ("torch", "triton", "numpy"))
+    print(f"{versions} {device}", flush=True)
+    ok = check(device)
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 

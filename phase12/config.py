@@ -26,6 +26,7 @@ from phase12.schema import GRID_FIELDS, MODES
 
 __all__ = [
     "ABLATIONS",
+    "LATER_SETTINGS",
     "ConfigError",
     "Curvature",
     "Mode",
@@ -353,18 +354,16 @@ def settings(config: RunConfig) -> dict:
 
 
 # Settings added after results were first recorded, with the value that does what runs
-# did before the setting existed: a record without one reads as that value (the
-# committed sweeps of before probe_every probed at the end only).
-ADDED_SETTINGS = {"probe_every": 0}
+# did before each existed: a sweep record or run meta JSON without one reads as that value
+# (the committed sweeps from before probe_every probed at the end only).
+LATER_SETTINGS = {"probe_every": 0}
 
 
 def changed_settings(before: Mapping, config: RunConfig, *, absent_differs: bool) -> str | None:
     """How `config`'s settings differ from the recorded settings `before`, e.g.
-    "outer_steps 3 there, 2 now"; None if they do not. A setting `before` lacks reads as
-    its ADDED_SETTINGS value where it has one; any other differs with `absent_differs` (a
-    sweep's record holds them all) and is let pass without (a run's meta JSON from a
-    version older than that setting)."""
-    before = ADDED_SETTINGS | dict(before)
+    "outer_steps 3 there, 2 now"; None if they do not. A setting `before` lacks differs
+    with `absent_differs` (a sweep's record holds them all) and is let pass without (a
+    run's meta JSON from a version older than that setting)."""
 
     def shown(there, now) -> tuple[str, str]:  # as JSON where they would read the same
         plain = (str(there), str(now))

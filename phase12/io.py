@@ -32,7 +32,7 @@ from pathlib import Path
 
 import filelock
 
-from phase12.config import ConfigError, changed_settings
+from phase12.config import LATER_SETTINGS, ConfigError, changed_settings
 from phase12.schema import (
     HISTORY_COLUMNS,
     HISTORY_DIR,
@@ -216,11 +216,14 @@ def other_settings(rows: list[Mapping], config, folder: str | Path) -> str | Non
 
 def run_config(row: Mapping, folder: str | Path) -> dict:
     """The RunConfig fields the run of `row` (a row of `folder`'s runs.csv) recorded: its
-    meta JSON's config ({} where it has none), the row's SETTING_COLUMNS over it.
-    ConfigError for a meta JSON that cannot be read or a setting that is not a number."""
+    meta JSON's config ({} where it has none), the row's SETTING_COLUMNS, T, D and
+    precision over it. ConfigError for a meta JSON that cannot be read or a setting that
+    is not a number."""
     config = _meta_config(Path(folder) / "meta" / f"{row['run_id']}.json")
+    shape = {"dtype": row["dtype"]} if row["dtype"] else {}
     try:
-        return config | {c: json.loads(row[c]) for c in SETTING_COLUMNS if row[c] != ""}
+        numbers = (*SETTING_COLUMNS, "seq_len", "dim")
+        return config | shape | {c: json.loads(row[c]) for c in numbers if row[c] != ""}
     except ValueError as e:
         raise ConfigError(
             f"{Path(folder) / RUNS_CSV}: run {row['run_id']} has a setting that is not a "
@@ -229,13 +232,13 @@ def run_config(row: Mapping, folder: str | Path) -> dict:
 
 
 def _meta_config(path: Path) -> dict:
-    """The config a run's meta JSON records ({} where the run has none: older versions
-    wrote none for some runs). ConfigError for one that cannot be read: the settings of
-    its run are then unknown."""
+    """The config a run's meta JSON records, settings it predates as LATER_SETTINGS has
+    them ({} where the run has none: older versions wrote none for some runs). ConfigError
+    for one that cannot be read: the settings of its run are then unknown."""
     if not path.exists():
         return {}
     try:
-        return dict(json.loads(path.read_text())["config"])
+        return LATER_SETTINGS | dict(json.loads(path.read_text())["config"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(
             f"{path} cannot be read ({type(e).__name__}), so its run's settings are unknown; "

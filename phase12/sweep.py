@@ -56,7 +56,15 @@ import torch
 from tqdm import tqdm
 
 from phase12.backends import device_for, get
-from phase12.config import ConfigError, Mode, RunConfig, changed_settings, resolve_device, settings
+from phase12.config import (
+    LATER_SETTINGS,
+    ConfigError,
+    Mode,
+    RunConfig,
+    changed_settings,
+    resolve_device,
+    settings,
+)
 from phase12.io import (
     FolderLock,
     append_row,
@@ -69,7 +77,14 @@ from phase12.io import (
     write_json,
 )
 from phase12.provenance import run_metadata
-from phase12.schema import REGIME_FIELDS, RUNS_CSV, STATUS_ERROR, STATUS_UNSUPPORTED, RunResult
+from phase12.schema import (
+    REGIME_FIELDS,
+    RUNS_CSV,
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_UNSUPPORTED,
+    RunResult,
+)
 from phase12.train import failed_result, run_experiments, unsupported_result
 
 AXES = {
@@ -309,7 +324,8 @@ def _record(folder: Path) -> dict | None:
         return None
     try:  # sweep.json of earlier versions: {"base": {...}, "modes": [...], ...}
         old = json.loads(record.read_text())
-        before = old.get("settings") or settings(RunConfig(**old["base"])) | {
+        before = LATER_SETTINGS | old["settings"] if "settings" in old else None
+        before = before or settings(RunConfig(**old["base"])) | {
             n: old["base"][n] for n in REGIME_FIELDS if n in old["base"]
         }  # the shape too, as the records between the two formats hold it
         grid = old.get("grid", {})
@@ -333,31 +349,34 @@ def _changed_settings(record: dict | None, base: RunConfig) -> str | None:
     return changed_settings(record["settings"], base, absent_differs=True)
 
 
-def _made_with(folder: Path) -> tuple[Path, dict, dict, str] | None:
-    """What `folder` records of how its results were made: (the file, its settings, its
+def _made_with(folder: Path) -> tuple[str, dict, dict, str] | None:
+    """What `folder` records of how its results were made: (where, its settings, its
     grid, how to fix a bad value there). The sweep record, or where it has none (runs of
-    the single-run command) the first run's config (meta JSON and row); None without
-    either."""
+    the single-run command) the config of its first OK run (else its first run) from its
+    row and meta JSON; None without either (a runs.csv that is not a file is FolderLock's
+    to refuse)."""
     record = _record(folder)
     if record is not None:
         fix = "fix it, or restart the sweep to move the folder's results aside"
-        return folder / "sweep.json", record["settings"], record["grid"], fix
+        return str(folder / "sweep.json"), record["settings"], record["grid"], fix
+    if not (folder / RUNS_CSV).is_file():
+        return None
     try:
         rows = read_rows(folder / RUNS_CSV)
     except ValueError as e:  # a damaged runs.csv
         raise ConfigError(str(e)) from e
     if not rows:
         return None
-    meta = folder / "meta" / f"{rows[0]['run_id']}.json"
-    path = meta if meta.exists() else folder / RUNS_CSV  # older versions wrote no meta JSON
-    fix = "fix it, or give the risk command the run's settings as flags"
-    return path, run_config(rows[0], folder), {}, fix
+    row = next((r for r in rows if r["status"] == STATUS_OK), rows[0])
+    meta = folder / "meta" / f"{row['run_id']}.json"
+    where = f"{folder / RUNS_CSV} (run {row['run_id']}{', with its meta JSON' * meta.exists()})"
+    return where, run_config(row, folder), {}, "fix it, or delete that run's row from runs.csv"
 
 
-def recorded_flags(folder: Path) -> tuple[Path | None, dict]:
+def recorded_flags(folder: Path) -> tuple[str | None, dict]:
     """The settings `folder`'s results were made with, by RunConfig field, and their first
     (T, D, precision): the risk command's defaults on a results folder (_made_with).
-    Returns (the file they come from, flags); (None, {}) where nothing records them.
+    Returns (where they come from, flags); (None, {}) where nothing records them.
     ConfigError, naming the file, for one this program cannot read or values it would not
     run (a hand edit)."""
     made_with = _made_with(folder)
@@ -365,7 +384,12 @@ def recorded_flags(folder: Path) -> tuple[Path | None, dict]:
         return None, {}
     path, recorded, grid, fix = made_with
     defaults = RunConfig()
-    shared = {n: v for n, v in recorded.items() if n in settings(defaults)}
+
+    def typed(name: str, value):  # 2.0 for 2, as a program that rewrote a CSV may write it
+        integral = isinstance(getattr(defaults, name), int) and type(value) is float
+        return int(value) if integral and value.is_integer() else value
+
+    shared = {n: typed(n, v) for n, v in recorded.items() if n in settings(defaults)}
     # The shape: the grid's axes, or the settings of records from before the grid had it.
     shapes = {}
     for name in REGIME_FIELDS:
@@ -373,6 +397,8 @@ def recorded_flags(folder: Path) -> tuple[Path | None, dict]:
             shapes[name] = grid[AXES[name]]
         elif name in recorded:
             shapes[name] = [recorded[name]]
+        if isinstance(shapes.get(name), list):
+            shapes[name] = [typed(name, v) for v in shapes[name]]
         if shapes.get(name) == []:
             raise ConfigError(f"{path} records no {AXES[name]}; {fix}")
     for name, value in [*shared.items(), *((n, v) for n, vs in shapes.items() for v in vs)]:
@@ -401,7 +427,8 @@ def check_risk_folder(folder: Path, base: RunConfig) -> None:
             "the sweep's settings, or another tag"
         )
     try:
-        changed = other_settings(read_rows(folder / RUNS_CSV), base, folder)
+        rows = read_rows(folder / RUNS_CSV)
+        changed = other_settings(rows, base, folder)
     except ValueError as e:  # a damaged runs.csv
         raise ConfigError(str(e)) from e
     if changed:
@@ -409,6 +436,15 @@ def check_risk_folder(folder: Path, base: RunConfig) -> None:
             f"{folder} holds runs with other settings ({changed}); give the risk command "
             "their settings, or another tag"
         )
+    if record is None and rows:  # single runs: the checks' shape must be one of theirs
+        configs = [run_config(r, folder) for r in rows]
+        ran = {tuple(c.get(n) for n in REGIME_FIELDS) for c in configs}
+        if tuple(getattr(base, n) for n in REGIME_FIELDS) not in ran:
+            shapes = "; ".join(f"T {t}, D {d}, {dtype}" for t, d, dtype in sorted(ran, key=str))
+            raise ConfigError(
+                f"{folder} holds runs at {shapes}, not T {base.seq_len}, D {base.dim}, "
+                f"{base.dtype}; give the risk command one of those, or another tag"
+            )
     grid = (record or {}).get("grid", {})
     for field_name in ("seq_len", "dim", "dtype"):
         values = grid.get(AXES[field_name])

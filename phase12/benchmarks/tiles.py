@@ -24,14 +24,19 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 
-from kernels import launch
 from kernels.reference import default_scale
 from phase12.benchmarks.attention import DTYPES, float32_precision
 from phase12.io import write_atomic
+
+if (
+    TYPE_CHECKING
+):  # imported where the kernels run: Triton may be absent (run.py bench tiles --help)
+    from kernels import launch
 
 FAMILIES = ("fwd", "bwd", "dbwd")
 # (block_n, block_m, num_warps, num_stages)
@@ -89,6 +94,8 @@ def parse_cells(spec: str) -> list[tuple[str, int, int, str]]:
 def family_launch(family: str, q, k, v, do, precision: str, tile: launch.LaunchConfig):
     """A callable that launches the kernels of `family` once with `tile` (the inputs
     of the backward passes are computed here, with the tiles in use)."""
+    from kernels import launch
+
     scale, args = default_scale(q.shape[-1]), (False,)
     if family == "fwd":
         return lambda: launch.attention_forward(q, k, v, *args, scale, precision, tile)
@@ -148,6 +155,8 @@ def sweep(
     """The tiles of `cell_tiles`, for every cell; with `csv`, the rows so far are
     (re)written there after each cell, so a sweep stopped part-way keeps the cells it
     finished."""
+    from kernels import launch
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = []
     for dname, n, d, family in cells:

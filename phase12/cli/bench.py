@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import BackendUnavailable, check_backend
 from phase12.backends import NAMES, device_for
 from phase12.cli.parsing import (
     ArgumentParser,
@@ -214,6 +215,16 @@ def _attention_parser() -> ArgumentParser:
     return p
 
 
+def _check_kernels_run(benchmark: str) -> None:
+    """ConfigError unless the compiled Triton attention kernels can run here."""
+    if not torch.cuda.is_available():
+        raise ConfigError(f"the {benchmark} needs a CUDA device")
+    try:
+        check_backend("triton_fused", "cuda")
+    except BackendUnavailable as e:
+        raise ConfigError(f"the {benchmark} cannot run here: {e}") from e
+
+
 def bench_attention(argv: list[str]) -> int:
     from analysis.figures import attention_plot
     from analysis.tables import attention_table
@@ -222,8 +233,7 @@ def bench_attention(argv: list[str]) -> int:
     p = _attention_parser()
     args = p.parse_args(argv)
     try:
-        if not torch.cuda.is_available():
-            raise ConfigError("the attention benchmark needs a CUDA device")
+        _check_kernels_run("attention benchmark")
         check_writable(args.out)
     except ConfigError as e:
         return p.bad_input(e)
@@ -267,8 +277,7 @@ def bench_tiles(argv: list[str]) -> int:
     try:
         cells = parse_cells(args.cells)
         candidates = CANDIDATES if args.candidates is None else parse_candidates(args.candidates)
-        if not torch.cuda.is_available():
-            raise ConfigError("the tile sweep needs a CUDA device")
+        _check_kernels_run("tile sweep")
         check_writable(args.out)
     except ValueError as e:
         return p.bad_input(e)

@@ -1,5 +1,7 @@
 """`run.py bench ...`: flags checked before any work, tables and CSVs written."""
 
+import os
+
 import pandas as pd
 import pytest
 import torch
@@ -188,14 +190,21 @@ def test_bench_attention_records_a_cell_a_provider_has_no_kernel_for(tmp_path):
     assert (cells.drop(("fused", 256)) == "OK").all() and len(cells) == 4
 
 
-def test_bench_tiles_hands_its_flags_to_the_sweep(monkeypatch, tmp_path):
+def test_bench_tiles_hands_its_flags_to_the_sweep(monkeypatch, tmp_path, capsys):
     from phase12.benchmarks import tiles
+    from phase12.cli import bench
 
     seen = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(tiles, "sweep", lambda *a: seen.setdefault("args", a))
     out = tmp_path / "t"
     argv = ["bench", "tiles", "--cells", "bf16:1024:64:dbwd", "--candidates", "32x32x4x1"]
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels cannot run on this "CUDA"
+        assert cli.main([*argv, "--out", str(out)]) == 2
+        assert "the tile sweep cannot run here: the Triton kernels cannot run on CUDA with " in (
+            capsys.readouterr().err
+        )
+    monkeypatch.setattr(bench, "check_backend", lambda *a: None)
     assert cli.main([*argv, "--both-structures", "--out", str(out)]) == 0
     cells, csv = [("bf16", 1024, 64, "dbwd")], out / "tiles.csv"
     assert seen.pop("args") == (cells, csv, [(32, 32, 4, 1)], True)

@@ -162,20 +162,23 @@ def test_without_triton_the_reference_backend_runs_and_the_others_say_why_not(tm
     path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, PYTHONPATH=path)
     env.pop("TRITON_INTERPRET", None)
-    run = lambda *a: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "phase12", "--k", "2", *FAST, "--no-save", *a],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    python = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, *a], env=env, capture_output=True, text=True, timeout=300
     )
+    run = lambda *a: python("-m", "phase12", "--k", "2", *FAST, "--no-save", *a)  # noqa: E731
     proc = run()  # its probes take the curvature ablations' autograd.Functions
     assert proc.returncode == 0, proc.stderr
     assert "status OK" in proc.stdout and "second-order part" in proc.stdout
+    why = "need Triton, which failed to import (No module named 'triton')"
     for backend in ("triton_fused", "triton_step"):
         proc = run("--backend", backend)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
-        assert proc.stderr.strip().endswith(
-            "need Triton, which failed to import (No module named 'triton'); install triton "
-            "or use the reference backend"
-        )
+        assert proc.stderr.strip().endswith(f"{why}; install triton or use the reference backend")
+    proc = python("-m", "phase12", "bench", "tiles", "--help")
+    assert proc.returncode == 0 and "bench tiles [-h]" in proc.stdout
+    proc = python("-m", "kernels.gradcheck")  # documented: exit 2 where the kernels cannot run
+    assert proc.returncode == 2 and why in proc.stderr and "Traceback" not in proc.stderr
+    api = "import torch; from kernels import attention; q = torch.ones(1, 1, 2, 4); "
+    api += "attention(q, q, q, backend='triton_fused')"
+    proc = python("-c", api)
+    assert f"kernels.BackendUnavailable: the Triton kernels {why}" in proc.stderr

@@ -141,15 +141,35 @@ def test_risk_on_a_folder_of_single_runs_takes_their_settings_and_shape(tmp_path
     run += ["--noise-std", "0.25", "--device", "cpu", "--no-progress", "--out"]
     assert cli.main([*run, str(tmp_path / "runs")]) == 0
     capsys.readouterr()
-    assert cli.main(["risk", *in_folder(tmp_path, "runs"), "--no-gradgradcheck"]) == 0
-    meta = tmp_path / "runs" / "meta" / "reference_FULL_k1_seed0_T8_D8.json"
-    assert f"risk: the settings of {meta} where no flag is given" in capsys.readouterr().out
-    setting = json.loads(pd.read_csv(tmp_path / "runs" / "risk_checks.csv")["setting"][0])
-    assert setting["noise_std"] == 0.25 and setting["outer_steps"] == 2
-    assert (setting["seq_len"], setting["dim"]) == (8, 8)
-    assert cli.main(["risk", *in_folder(tmp_path, "runs"), "--meta-batch", "4"]) == 2
-    assert "other settings (meta_batch 2 there, 4 now)" in capsys.readouterr().err
-    shutil.rmtree(tmp_path / "runs" / "meta")  # the row's settings alone (SETTING_COLUMNS)
-    assert cli.main(["risk", *in_folder(tmp_path, "runs"), "--seq-lens", "8", "--dims", "8"]) == 0
-    source = tmp_path / "runs" / "runs.csv"
+    risk = ["risk", *in_folder(tmp_path, "runs"), "--no-gradgradcheck"]
+    assert cli.main(risk) == 0
+    runs_csv, run_id = tmp_path / "runs" / "runs.csv", "reference_FULL_k1_seed0_T8_D8"
+    source = f"{runs_csv} (run {run_id}, with its meta JSON)"
     assert f"risk: the settings of {source} where no flag is given" in capsys.readouterr().out
+
+    def checked() -> dict:
+        return json.loads(pd.read_csv(tmp_path / "runs" / "risk_checks.csv")["setting"][0])
+
+    assert checked()["noise_std"] == 0.25 and checked()["outer_steps"] == 2
+    assert (checked()["seq_len"], checked()["dim"]) == (8, 8)
+    assert cli.main([*risk, "--meta-batch", "4"]) == 2
+    assert "other settings (meta_batch 2 there, 4 now)" in capsys.readouterr().err
+    assert cli.main([*risk, "--seq-lens", "12"]) == 2  # a shape none of the runs has
+    assert "holds runs at T 8, D 8, float32, not T 12, D 8, float32" in capsys.readouterr().err
+    # Without the meta JSON: the row's settings and shape (the rest at their defaults).
+    shutil.rmtree(tmp_path / "runs" / "meta")
+    assert cli.main([*risk, "--noise-std", "0.25"]) == 0
+    assert f"the settings of {runs_csv} (run {run_id}) where" in capsys.readouterr().out
+    assert (checked()["seq_len"], checked()["dim"]) == (8, 8)
+    # An integer setting rewritten as 2.0 (a pandas round trip) is still 2.
+    runs = pd.read_csv(runs_csv)
+    runs.astype({"outer_steps": float}).to_csv(runs_csv, index=False)
+    assert cli.main([*risk, "--noise-std", "0.25"]) == 0
+    assert checked()["outer_steps"] == 2
+
+
+def test_risk_on_a_runs_csv_that_is_a_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "t" / "runs.csv").mkdir(parents=True)
+    assert cli.main(["risk", *in_folder(tmp_path, "t"), "--no-gradgradcheck"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a folder where this program keeps a file" in err[0]

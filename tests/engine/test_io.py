@@ -1,5 +1,7 @@
 """Result files: the write order of a run, the non-finite scan, torn lines, the lock."""
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -7,7 +9,7 @@ from tqdm import tqdm
 
 import phase12.io as io_module
 from phase12.io import FolderBusy, FolderLock, repair_torn_tail, save_run
-from phase12.schema import HISTORY_COLUMNS, METRICS, RunResult
+from phase12.schema import HISTORY_COLUMNS, METRICS, RUN_COLUMNS, RunResult
 from phase12.train import train_loop
 
 
@@ -89,13 +91,32 @@ def test_settings_are_compared_field_by_field_and_absent_ones_as_told():
     assert changed_settings(older, config, absent_differs=True) == "shots absent there, 4 now"
     grid = config.replace(seed=5, backend="triton_step", seq_len=16)  # grid axes: not settings
     assert changed_settings(recorded, grid, absent_differs=True) is None
-    # A setting added later reads as what runs did before it (probes at the end only).
-    before_probe_every = {k: v for k, v in recorded.items() if k != "probe_every"}
-    for absent_differs in (True, False):
-        assert changed_settings(before_probe_every, config, absent_differs=absent_differs) is None
-        assert changed_settings(
-            before_probe_every, config.replace(probe_every=5), absent_differs=absent_differs
-        ) == ("probe_every 0 there, 5 now")
+
+
+def test_records_from_before_a_setting_read_it_as_what_their_runs_did(tmp_path):
+    # probe_every came later; runs before it probed at the end only (probe_every 0).
+    from phase12 import sweep
+    from phase12.config import RunConfig, changed_settings, settings
+    from phase12.io import run_config
+
+    config = RunConfig(outer_steps=2)
+    older = {k: v for k, v in settings(config).items() if k != "probe_every"}
+    (tmp_path / "sweep.json").write_text(json.dumps({"settings": older, "grid": {}}))
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "r.json").write_text(json.dumps({"config": older}))
+    row = dict.fromkeys(RUN_COLUMNS, "") | {"run_id": "r", "outer_steps": "2"}
+    for before, absent_differs in [
+        (sweep._record(tmp_path)["settings"], True),
+        (run_config(row, tmp_path), False),
+    ]:
+        assert changed_settings(before, config, absent_differs=absent_differs) is None
+        assert changed_settings(before, config.replace(probe_every=5), absent_differs=False) == (
+            "probe_every 0 there, 5 now"
+        )
+    # A run without a meta JSON records nothing of it: any probe_every may join it.
+    (tmp_path / "meta" / "r.json").unlink()
+    lone = run_config(row, tmp_path)
+    assert changed_settings(lone, config.replace(probe_every=5), absent_differs=False) is None
 
 
 def test_the_names_a_run_row_takes_are_the_configs():

@@ -210,7 +210,7 @@ RESULTS = Path(__file__).parents[2] / "results"
 def test_the_risk_defaults_of_every_committed_sweep_record(folder):
     # Three formats: {"base": ...}, settings holding the shape, a grid holding it.
     source, flags = sweep_module.recorded_flags(RESULTS / folder)
-    assert source == RESULTS / folder / "sweep.json"
+    assert source == str(RESULTS / folder / "sweep.json")
     runs = pd.read_csv(RESULTS / folder / "runs.csv")
     assert flags["outer_steps"] == runs["outer_steps"].iloc[0]
     shape = (flags["seq_len"], flags["dim"], flags["dtype"])  # one of the runs' shapes
@@ -229,7 +229,7 @@ def test_the_risk_defaults_of_every_committed_sweep_record(folder):
         ({"settings": {"cuda_graph": "bogus"}}, "records settings this program would not run"),
         ({"grid": {"seq_lens": []}}, "records no seq_lens"),
         ({"grid": {"seq_lens": [8, "16"]}}, 'records seq_len "16", not of type int'),
-        ({"grid": {"dims": [8.0]}}, "records dim 8.0, not of type int"),
+        ({"grid": {"dims": [8.5]}}, "records dim 8.5, not of type int"),
     ],
 )
 def test_a_hand_edited_sweep_record_is_named_not_used(tmp_path, edit, message):
@@ -244,7 +244,8 @@ def test_a_hand_edited_sweep_record_is_named_not_used(tmp_path, edit, message):
 def test_only_settings_become_risk_defaults(tmp_path):
     record = {"settings": {"outer_steps": 2, "no_gradgradcheck": True, "root": "/"}, "grid": {}}
     (tmp_path / "sweep.json").write_text(json.dumps(record))
-    assert sweep_module.recorded_flags(tmp_path) == (tmp_path / "sweep.json", {"outer_steps": 2})
+    flags = {"outer_steps": 2, "probe_every": 0}  # a setting it predates, as runs then had it
+    assert sweep_module.recorded_flags(tmp_path) == (str(tmp_path / "sweep.json"), flags)
     (tmp_path / "sweep.json").unlink()
     assert sweep_module.recorded_flags(tmp_path) == (None, {})
     (tmp_path / "sweep.json").mkdir()
