@@ -651,9 +651,13 @@ def _plain_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
             "The seed's column is its long confirmation run (1000 steps, k = 10, 20); its "
             "`triton_fused` FULL silently dropped the second-order terms through attention."
             if at_seed
-            else "The seed's column is blank: these runs are not at the seed's setting "
-            f"({', '.join(f'{k} {v}' for k, v in SEED_SETTING.items())}), or their meta "
-            "JSONs do not say, so its numbers do not compare."
+            else "The seed's column is blank: these runs are not at the seed's setting ("
+            + ", ".join(
+                f"{k} {setting[k]} here, {v} there" if k in setting else f"{k} unrecorded here"
+                for k, v in SEED_SETTING.items()
+                if setting.get(k) != v
+            )
+            + "), so its numbers do not compare."
         ),
         "",
         "## Interpretation",
@@ -711,7 +715,8 @@ def _plain_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
         *shared_device_lines(summary),
         "Step time: mean over a run's outer steps after the first. Peak memory: the run's "
         "peak CUDA allocation above what was allocated when it started (the first runs of a "
-        "process also pay for cuBLAS workspaces).",
+        "process also pay for cuBLAS workspaces); blank for runs on the CPU, where it is not "
+        "measured.",
         "",
     ]
     lines += _risk_lines(folder, runs, setting)

@@ -128,11 +128,12 @@ def meta_gradient_checks(
     params = initial_params(cfg, device)
     tasks = sample_tasks(cfg, task_generator(cfg.seed + 17, device), device)
     kw = dict(steps=cfg.inner_steps, lr=cfg.inner_lr)
-    rows, full_by_backend = [], {}
+    rows, full_by_backend, skipped = [], {}, {}
     triton_backends = [b for b in NAMES if b != "reference"]
     for backend in ("reference", *triton_backends):
         why = _triton_available(cfg, backends, backend) if backend != "reference" else None
         if why:
+            skipped[backend] = why
             rows += [
                 _row(f"fo_vs_fo_strict_{backend}", "SKIP", details=why),
                 _row(f"full_vs_fo_{backend}", "SKIP", details=why),
@@ -164,7 +165,7 @@ def meta_gradient_checks(
     for backend in triton_backends:
         check = f"meta_grad_parity_{backend}"
         if backend not in full_by_backend:
-            rows.append(_row(check, "SKIP", details=f"{backend} not checked here"))
+            rows.append(_row(check, "SKIP", details=skipped[backend]))
             continue
         rel = relative_difference(full_by_backend["reference"], full_by_backend[backend]).item()
         rows.append(
@@ -256,8 +257,13 @@ def run_risk_checks(
     rows = [seed_determinism(base, device)]
     rows += attention_parity(base, device, backends)
     rows += meta_gradient_checks(base, device, backends)
-    if not gradgradcheck or "triton_fused" not in backends:
-        rows.append(_row("triton_gradgradcheck", "SKIP", details="not requested"))
+    if not gradgradcheck:
+        rows.append(
+            _row("triton_gradgradcheck", "SKIP", details="switched off (--no-gradgradcheck)")
+        )
+    elif "triton_fused" not in backends:
+        why = _triton_available(base, backends)
+        rows.append(_row("triton_gradgradcheck", "SKIP", details=why))
     else:
         rows.append(triton_gradgradcheck(device))
     rows.append(nonfinite_guard(sweep_folder))

@@ -336,7 +336,7 @@ def _record(folder: Path) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(
             f"{record} is not a sweep record this program can read ({type(e).__name__}); "
-            "restart the sweep to move the folder's results aside"
+            "run the sweep with --restart to move the folder's results aside"
         ) from e
     return {"settings": before, "grid": grid}
 
@@ -357,7 +357,7 @@ def _made_with(folder: Path) -> tuple[str, dict, dict, str] | None:
     to refuse)."""
     record = _record(folder)
     if record is not None:
-        fix = "fix it, or restart the sweep to move the folder's results aside"
+        fix = "fix it, or run the sweep with --restart to move the folder's results aside"
         return str(folder / "sweep.json"), record["settings"], record["grid"], fix
     if not (folder / RUNS_CSV).is_file():
         return None
@@ -481,7 +481,7 @@ def _open_folder(
     if changed:
         raise ConfigError(
             f"{folder} holds results with other settings ({changed}); use a new tag, or "
-            "restart the sweep, which moves the old results aside"
+            "run the sweep with --restart, which moves the old results aside"
         )
     runs_csv = folder / RUNS_CSV
     repair_torn_tail(runs_csv)
@@ -493,7 +493,7 @@ def _open_folder(
     if changed:
         raise ConfigError(
             f"{folder} holds runs with other settings ({changed}); use a new tag, or "
-            "restart the sweep, which moves the old results aside"
+            "run the sweep with --restart, which moves the old results aside"
         )
     if check is not None:  # ERROR and UNSUPPORTED rows are read as no run by the check
         check(folder)

@@ -67,13 +67,18 @@ def summary_text(result: RunResult, window: int) -> str:
     """The few lines printed at the end of a run, in words a newcomer can read; `window`
     is the number of outer steps the final metrics average (fewer where fewer ran)."""
     r = result.row
-    window = min(window, len(result.history.get("step", ()))) or window  # a run cut short
+    steps = len(result.history.get("step", ()))
+    window = min(window, steps) or window  # a run cut short
     lines = [f"{r['run_id']}: status {r['status']}" + (f" ({r['error']})" if r["error"] else "")]
     if r.get("final_acc") is not None:
+        change = (
+            f"the loss fell by {r['convergence_delta']:.4f} from the first {window}"
+            if steps > window
+            else "the run is no longer than that, so there is no earlier loss to compare"
+        )
         lines.append(
             f"  query accuracy {r['final_acc']:.4f}, loss {r['final_loss']:.4f} (means over "
-            f"the last {window} outer steps; the loss fell by {r['convergence_delta']:.4f} "
-            f"from the first {window})"
+            f"the last {window} outer steps; {change})"
         )
         probe = r.get("rel_diff_probe")
         lines.append(

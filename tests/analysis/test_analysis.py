@@ -269,6 +269,13 @@ def test_the_report_compares_with_the_seed_only_at_the_seeds_setting(
     assert ("Against the seed, reference k=10" in report) == at_seed
     assert ("0.9385 / 0.9350" in report) == at_seed  # the seed's long-run column
     assert ("The seed's column is blank" in report) != at_seed
+    why = {  # only what differs from the seed's setting
+        "noise_std": "(noise_std 5.0 here, 0.5 there)",
+        "num_classes": "(num_classes 3 here, 5 there)",
+        "shots": "(shots unrecorded here)",
+    }
+    for name in changes:
+        assert f"these runs are not at the seed's setting {why[name]}, so" in report
     # the seed's CPU step (1.34 s at k 20), not its CUDA one (0.974 s)
     assert ("| 1340.00 |" in report) == timed and "| 974.00 |" not in report
 

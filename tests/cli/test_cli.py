@@ -93,6 +93,9 @@ def test_single_run_json_and_outputs(tmp_path, capsys):
     assert row["status"] == "OK" and row["mode"] == "FO_STRICT" and row["inner_steps"] == 2
     assert "query accuracy" in "\n".join(stdout[:-1])
     assert "means over the last 3 outer steps" in "\n".join(stdout[:-1])  # 3 ran, not 20
+    assert "no earlier loss to compare" in "\n".join(stdout[:-1])  # not "fell by 0.0000"
+    assert cli.main(["--k", "1", *FAST, "--no-save", "--metric-window", "2"]) == 0
+    assert "last 2 outer steps; the loss fell by " in capsys.readouterr().out
 
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 1 and runs.loc[0, "run_id"] == "reference_FO_STRICT_k2_seed0"

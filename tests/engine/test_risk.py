@@ -52,4 +52,15 @@ def test_a_backend_the_setting_does_not_fit_is_skipped_with_the_reason():
     for check in ("fo_vs_fo_strict_triton_step", "meta_grad_parity_triton_step"):
         assert rows[check]["status"] == "SKIP"
     assert "classes" in rows["full_vs_fo_triton_step"]["details"]
+    assert "classes" in rows["meta_grad_parity_triton_step"]["details"]  # the same reason
     assert "not among the requested" in rows["full_vs_fo_triton_fused"]["details"]
+
+
+def test_a_gradgradcheck_not_run_says_why(tmp_path):
+    def why(**kw) -> str:
+        df = run_risk_checks(TINY, tmp_path, **kw).set_index("check")
+        assert df.loc["triton_gradgradcheck", "status"] == "SKIP"
+        return df.loc["triton_gradgradcheck", "details"]
+
+    assert why(backends=("reference",)) == "triton_fused not among the requested backends"
+    assert why(gradgradcheck=False) == "switched off (--no-gradgradcheck)"
