@@ -149,12 +149,30 @@ def _wrong_history_values(history: pd.DataFrame) -> str | None:
     return None
 
 
+def _failures(statuses: pd.Series) -> str:
+    """The statuses of a cell's runs that did not finish OK, counted: "NONFINITE 1, ERROR 2"."""
+    counts = statuses[statuses != STATUS_OK].value_counts()
+    return ", ".join(f"{s} {counts[s]}" for s in STATUSES if s in counts)
+
+
+def _no_result(statuses: pd.Series) -> str | None:
+    """Why a mode has no result in a cell, from the statuses of its runs there: "not run",
+    "not supported" (beyond the backend's limits) or "no seed finished (...)"; None where
+    some run finished OK."""
+    if (statuses == STATUS_OK).any():
+        return None
+    if statuses.empty:
+        return "not run"
+    if (statuses == STATUS_UNSUPPORTED).all():
+        return "not supported"
+    return f"no seed finished ({_failures(statuses)})"
+
+
 def results_table(summary: pd.DataFrame, runs: pd.DataFrame, at_seed: bool) -> pd.DataFrame:
     """Accuracy per (backend, k) of every run in the folder: each mode and curvature
     ablation (mean ± std over its OK seeds, with how many of how many and the others'
-    statuses where some did not finish; "not supported" where the runs were beyond the
-    backend's limits; "no seed finished" and the statuses where none finished OK; "not
-    run" where the cell has none) and FULL − FO, paired by seed (mean ± std)."""
+    statuses where some did not finish; otherwise why there is none, _no_result) and
+    FULL − FO, paired by seed (mean ± std)."""
     rows = []
     policies = [m for m in MODE_ORDER if m in set(runs["mode"])]
     policies += sorted(set(runs["mode"]) - set(MODE_ORDER))
@@ -164,22 +182,15 @@ def results_table(summary: pd.DataFrame, runs: pd.DataFrame, at_seed: bool) -> p
         row = {"backend": backend, "k": k}
         for mode in policies:
             statuses = cell.loc[cell["mode"] == mode, "status"]
-            counts = statuses[statuses != STATUS_OK].value_counts()
-            failed = ", ".join(f"{s} {counts[s]}" for s in STATUSES if s in counts)
-            if (backend, k, mode) in stats.index:
+            row[f"{mode} acc"] = _no_result(statuses)
+            if row[f"{mode} acc"] is None:
                 m, s = stats.loc[(backend, k, mode), ["final_acc_mean", "final_acc_std"]]
-                ok = (statuses == STATUS_OK).sum()
+                ok, failed = (statuses == STATUS_OK).sum(), _failures(statuses)
                 seeds = f"{ok} of {len(statuses)} seeds; {failed}" if failed else "1 seed"
                 spread = f" ± {s:.4f}" if s == s else ""
                 row[f"{mode} acc"] = f"{m:.4f}{spread}" + (
                     f" ({seeds})" if failed or ok == 1 else ""
                 )
-            elif len(statuses) and (statuses == STATUS_UNSUPPORTED).all():
-                row[f"{mode} acc"] = "not supported"
-            elif len(statuses):
-                row[f"{mode} acc"] = f"no seed finished ({failed})"
-            else:
-                row[f"{mode} acc"] = "not run"
         if (backend, k) in gaps.index:  # seed-paired: only seeds where both finished OK
             gap = gaps.loc[(backend, k)]
             spread = " (1 seed)" if gap["n_seeds"] == 1 else f" ± {gap['gap_std']:.4f}"
@@ -187,10 +198,8 @@ def results_table(summary: pd.DataFrame, runs: pd.DataFrame, at_seed: bool) -> p
         seed = SEED_LONG_RUN_ACC.get((backend, k)) if at_seed else None
         row["seed FULL / FO (long run)"] = f"{seed[0]:.4f} / {seed[1]:.4f}" if seed else ""
         rows.append(row)
-    # Columns in this order whatever the first cell holds (a cell without FO has no gap).
     columns = ["backend", "k", *(f"{m} acc" for m in policies), "FULL − FO"]
-    columns += ["seed FULL / FO (long run)"]
-    return pd.DataFrame(rows, columns=[c for c in columns if any(c in r for r in rows)])
+    return pd.DataFrame(rows, columns=[*columns, "seed FULL / FO (long run)"])
 
 
 def timing_table(summary: pd.DataFrame, seed_device: str | None) -> pd.DataFrame:
@@ -235,51 +244,65 @@ def shared_device_lines(summary: pd.DataFrame) -> list[str]:
     ]
 
 
-def _gap_sentences(runs: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
-    """FULL − FO per (backend, k), or why a cell with FULL or FO runs has none. A gap is
-    judged twice: against two standard errors of its seed-paired mean (is it consistent
-    across seeds?) and against the seed-to-seed spread of the accuracies (is it large
-    beside the choice of seed?)."""
-    ok = runs[runs["status"] == STATUS_OK]
-    out = []
-    paired = set(zip(gaps["backend"], gaps["inner_steps"], strict=True))
-    for (backend, k), cell in runs[runs["mode"].isin(["FULL", "FO"])].groupby(
-        ["backend", "inner_steps"]
-    ):
-        if (backend, k) in paired:
-            continue
-        ran, finished = set(cell["mode"]), set(ok.loc[ok.index.isin(cell.index), "mode"])
-        missing = [m for m in ("FULL", "FO") if m not in ran]
-        why = (
-            f"it has no {missing[0]} run"
-            if missing
-            else f"no {' and no '.join(m for m in ('FULL', 'FO') if m not in finished)} "
-            "run finished OK"
-            if finished != {"FULL", "FO"}
-            else "no seed has both a FULL and an FO run that finished OK"
+def _gap_sentence(g) -> str:
+    """FULL − FO of one cell (a row of full_minus_fo), judged against two standard errors
+    of its seed-paired mean (is it consistent across seeds?) and against the seed-to-seed
+    spread of the paired seeds' accuracies (is it large beside the choice of seed?)."""
+    cell = f"{g.backend}, k={g.inner_steps}: "
+    if g.n_seeds < 2:
+        return (
+            cell + f"FULL − FO = {g.gap_mean:+.4f} accuracy from one seed; one seed has no "
+            "seed-to-seed spread to judge it against."
         )
-        out.append(f"{backend}, k={k}: no FULL − FO comparison, since {why}.")
-    for g in gaps.itertuples():
-        cell = f"{g.backend}, k={g.inner_steps}: "
-        if g.n_seeds < 2:
-            out.append(
-                cell + f"FULL − FO = {g.gap_mean:+.4f} accuracy from one seed; one seed has "
-                "no seed-to-seed spread to judge it against."
-            )
-        elif g.gap_mean == 0:
-            out.append(cell + f"FULL and FO tie exactly over {g.n_seeds} seeds.")
-        else:
-            winner = "FULL" if g.gap_mean > 0 else "FO"
-            two_se = 2 * g.gap_std / g.n_seeds**0.5
-            consistent = "beyond" if abs(g.gap_mean) > two_se else "within"
-            verdict = "exceeds" if g.exceeds_spread else "is within"
-            out.append(
-                cell + f"{winner} wins by {abs(g.gap_mean):.4f} accuracy (mean of {g.n_seeds} "
-                f"seed-paired differences, std {g.gap_std:.4f}): {consistent} two standard "
-                f"errors of that mean ({two_se:.4f}), and it {verdict} the seed-to-seed "
-                f"spread of the accuracies ({g.spread:.4f})."
-            )
-    return out or ["No FULL − FO comparison: the folder has no FULL or FO run."]
+    if g.gap_mean == 0:
+        return cell + f"FULL and FO tie exactly over {g.n_seeds} seeds."
+    two_se = 2 * g.gap_std / g.n_seeds**0.5
+    paired = f"(mean of {g.n_seeds} seed-paired differences, std {g.gap_std:.4f})"
+    spread = (
+        f"{'exceeds' if g.exceeds_spread else 'is within'} the seed-to-seed spread of the "
+        f"accuracies ({g.spread:.4f})"
+    )
+    if abs(g.gap_mean) <= two_se:
+        return (
+            cell + f"FULL − FO = {g.gap_mean:+.4f} accuracy {paired}, within two standard "
+            f"errors of that mean ({two_se:.4f}): not distinguishable from zero with these "
+            f"seeds; it {spread}."
+        )
+    winner = "FULL" if g.gap_mean > 0 else "FO"
+    return (
+        cell + f"{winner} is ahead by {abs(g.gap_mean):.4f} accuracy {paired}, beyond two "
+        f"standard errors of that mean ({two_se:.4f}), and it {spread}."
+    )
+
+
+def _gap_sentences(runs: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
+    """FULL − FO per (backend, k) in that order (_gap_sentence), or why a cell has none;
+    a word on the bar two standard errors is with few seeds."""
+
+    def reason(backend: str, mode: str, no_result: str) -> str:
+        if no_result == "not run":
+            return f"it has no {mode} run"
+        if no_result == "not supported":
+            return f"{mode} is beyond {backend}'s limits (not supported)"
+        return f"no {mode} run finished OK"
+
+    sentences, by_cell = [], {(g.backend, g.inner_steps): g for g in gaps.itertuples()}
+    for (backend, k), cell in runs.groupby(["backend", "inner_steps"]):
+        if (backend, k) in by_cell:
+            sentences.append(_gap_sentence(by_cell[(backend, k)]))
+            continue
+        no_result = {m: _no_result(cell.loc[cell["mode"] == m, "status"]) for m in ("FULL", "FO")}
+        reasons = [reason(backend, m, why) for m, why in no_result.items() if why]
+        if set(no_result.values()) == {"not run"}:
+            reasons = ["it has no FULL or FO run"]
+        why = " and ".join(reasons) or "no seed has both a FULL and an FO run that finished OK"
+        sentences.append(f"{backend}, k={k}: no FULL − FO comparison, since {why}.")
+    if len(gaps) and (gaps["n_seeds"] >= 2).any():
+        sentences.append(
+            "Two standard errors is a loose bar with few seeds: for a seed-paired mean it "
+            "is about p < 0.3 two-sided with 2 seeds, p < 0.2 with 3 and p < 0.12 with 5."
+        )
+    return sentences
 
 
 def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -298,6 +321,35 @@ def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
     ]
     columns = ["backend", "inner_steps", "policy", "n_seeds", "gain over FO", *shares]
     return table[columns].rename(columns={"inner_steps": "k", "n_seeds": "seeds"})
+
+
+def _second_order_sentence(rd: pd.DataFrame, runs: pd.DataFrame) -> str:
+    """Whether the FULL cells that finished (`rd`, summary rows) measured second-order
+    signal on the held-out task; the FULL cells that did not finish are counted apart."""
+    probe = rd["rel_diff_probe_mean"]
+    absent = rd[~(probe > 0)]  # zero, or not measured (NaN)
+    unfinished = runs[runs["mode"] == "FULL"].groupby(["backend", "inner_steps"]).ngroups
+    unfinished -= len(rd)
+    finished = " that finished" if unfinished else ""
+    name = "rel_diff_probe (‖g_FULL − g_FO‖/‖g_FULL‖)"
+    measured = (
+        f"{name} ranges {probe.min():.3f}–{probe.max():.3f} over the FULL cells where it was "
+        "measured"
+        if probe.count() > 1
+        else f"{name} is {probe.max():.3f}"
+    )
+    if absent.empty:
+        where = "the one FULL cell" if len(rd) == 1 else "every FULL cell"
+        sentence = f"Second-order signal is present in {where}{finished}: {measured}."
+    else:
+        names = ", ".join(f"{r.backend} k {r.inner_steps}" for r in absent.itertuples())
+        of = f"{len(absent)} of {len(rd)} FULL cell" + ("s" if len(rd) > 1 else "")
+        sentence = f"Second-order signal is zero or unmeasured in {of}{finished} ({names})"
+        sentence += f"; {measured}." if probe.notna().any() else "."
+    if unfinished:
+        cells = "1 FULL cell has" if unfinished == 1 else f"{unfinished} FULL cells have"
+        sentence += f" {cells} no run that finished OK."
+    return sentence
 
 
 def interpretation(
@@ -346,25 +398,9 @@ def interpretation(
             f"FO_STRICT against FO: largest |FO − FO_STRICT| final accuracy {d:.2e} (the "
             "same meta-gradient by construction: only rounding can separate them)."
         )
-    rd = summary[summary["mode"] == "FULL"]
+    rd = summary[summary["mode"] == "FULL"]  # the FULL cells with an OK run
     if len(rd):
-        probe = rd["rel_diff_probe_mean"]
-        absent = rd[~(probe > 0)]  # zero, or not measured (NaN)
-        measured = (
-            f"rel_diff_probe (‖g_FULL − g_FO‖/‖g_FULL‖) ranges {probe.min():.3f}–"
-            f"{probe.max():.3f} over the FULL cells where it was measured"
-            if probe.count() > 1
-            else f"rel_diff_probe (‖g_FULL − g_FO‖/‖g_FULL‖) is {probe.max():.3f} in the one "
-            "FULL cell where it was measured"
-        )
-        if absent.empty:
-            out.append(f"Second-order signal is present in every FULL cell: {measured}.")
-        else:
-            cells = ", ".join(f"{r.backend} k {r.inner_steps}" for r in absent.itertuples())
-            out.append(
-                f"Second-order signal is zero or unmeasured in {len(absent)} of {len(rd)} "
-                f"FULL cells ({cells})" + (f"; {measured}." if probe.notna().any() else ".")
-            )
+        out.append(_second_order_sentence(rd, runs))
     for (backend, k), (seed_full, seed_fo) in SEED_LONG_RUN_ACC.items():
         cell = summary[(summary["backend"] == backend) & (summary["inner_steps"] == k)]
         by_mode = cell.set_index("mode")
@@ -570,6 +606,25 @@ def _map_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def _seed_column_note(setting: dict, at_seed: bool) -> str:
+    """What the results table's seed column is, or why it is blank: the settings of
+    `setting` (run_setting) that differ from the seed's."""
+    if at_seed:
+        return (
+            "The seed's column is its long confirmation run (1000 steps, k = 10, 20); its "
+            "`triton_fused` FULL silently dropped the second-order terms through attention."
+        )
+    differ = "; ".join(
+        f"{name} {setting[name] if name in setting else 'unrecorded'} here, {seed} there"
+        for name, seed in SEED_SETTING.items()
+        if setting.get(name) != seed
+    )
+    return (
+        f"The seed's column is blank: these runs are not at the seed's setting ({differ}), "
+        "so its numbers do not compare."
+    )
+
+
 def _plain_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
     """The report of a sweep of one (T, D, precision), written into `out`: results,
     interpretation, curvature ablations, speed, risk checks and figures."""
@@ -647,18 +702,7 @@ def _plain_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
         "",
         markdown_table(results_table(summary, runs, at_seed)),
         "",
-        (
-            "The seed's column is its long confirmation run (1000 steps, k = 10, 20); its "
-            "`triton_fused` FULL silently dropped the second-order terms through attention."
-            if at_seed
-            else "The seed's column is blank: these runs are not at the seed's setting ("
-            + ", ".join(
-                f"{k} {setting[k]} here, {v} there" if k in setting else f"{k} unrecorded here"
-                for k, v in SEED_SETTING.items()
-                if setting.get(k) != v
-            )
-            + "), so its numbers do not compare."
-        ),
+        _seed_column_note(setting, at_seed),
         "",
         "## Interpretation",
         "",

@@ -270,26 +270,21 @@ def full_minus_fo(
     inner_steps), paired by seed (seeds where both finished OK).
 
     Columns: backend, inner_steps, n_seeds (pairs), gap_mean, gap_std (over seeds of the
-    paired gap), spread (the larger seed-to-seed std of FULL and of FO), exceeds_spread
-    (NA with fewer than two seeds: no spread to compare with). No rows when the grid has
-    no such pair.
+    paired gap), spread (the larger seed-to-seed std of FULL and of FO over those seeds),
+    exceeds_spread (NA with fewer than two seeds: no spread to compare with). No rows when
+    the grid has no such pair.
     """
     ok = runs[runs["status"] == "OK"]
     wide = ok.pivot_table(index=["backend", "inner_steps", "seed"], columns="mode", values=metric)
     if not {policy, "FO"} <= set(wide.columns):
         return pd.DataFrame(columns=[*GAP_COLUMNS, "exceeds_spread"])
-    gap = (wide[policy] - wide["FO"]).dropna().rename("gap").reset_index()
+    pairs = wide[[policy, "FO"]].dropna()  # the seeds where both finished OK
+    gap = (pairs[policy] - pairs["FO"]).rename("gap").reset_index()
     stats = gap.groupby(["backend", "inner_steps"])["gap"].agg(
         n_seeds="count", gap_mean="mean", gap_std="std"
     )
-    spread = (
-        ok[ok["mode"].isin([policy, "FO"])]
-        .groupby(["backend", "inner_steps", "mode"])[metric]
-        .std()
-        .groupby(["backend", "inner_steps"])
-        .max()
-        .rename("spread")
-    )
+    cell = pairs.groupby(level=["backend", "inner_steps"])
+    spread = cell.std().max(axis=1).rename("spread")  # over the same seeds as the gap
     out = stats.join(spread).reset_index()
     exceeds = out["gap_mean"].abs() > out["spread"]
     out["exceeds_spread"] = exceeds.astype("boolean").where(out["n_seeds"] >= 2)

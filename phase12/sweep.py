@@ -324,10 +324,12 @@ def _record(folder: Path) -> dict | None:
         return None
     try:  # sweep.json of earlier versions: {"base": {...}, "modes": [...], ...}
         old = json.loads(record.read_text())
-        before = LATER_SETTINGS | old["settings"] if "settings" in old else None
-        before = before or settings(RunConfig(**old["base"])) | {
-            n: old["base"][n] for n in REGIME_FIELDS if n in old["base"]
-        }  # the shape too, as the records between the two formats hold it
+        if "settings" in old:
+            before = LATER_SETTINGS | old["settings"]
+        else:  # the oldest format: {"base": {...}, ...}
+            before = settings(RunConfig(**old["base"])) | {
+                n: old["base"][n] for n in REGIME_FIELDS if n in old["base"]
+            }  # the shape too, as the records between the two formats hold it
         grid = old.get("grid", {})
         if not isinstance(before, dict) or not isinstance(grid, dict):
             raise TypeError("settings and grid are objects")
@@ -369,7 +371,9 @@ def _made_with(folder: Path) -> tuple[str, dict, dict, str] | None:
         return None
     row = next((r for r in rows if r["status"] == STATUS_OK), rows[0])
     meta = folder / "meta" / f"{row['run_id']}.json"
-    where = f"{folder / RUNS_CSV} (run {row['run_id']}{', with its meta JSON' * meta.exists()})"
+    where = f"{folder / RUNS_CSV} (run {row['run_id']}, with its meta JSON)"
+    if not meta.exists():
+        where = f"{folder / RUNS_CSV} (run {row['run_id']})"
     return where, run_config(row, folder), {}, "fix it, or delete that run's row from runs.csv"
 
 

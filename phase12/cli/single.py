@@ -71,8 +71,10 @@ def summary_text(result: RunResult, window: int) -> str:
     window = min(window, steps) or window  # a run cut short
     lines = [f"{r['run_id']}: status {r['status']}" + (f" ({r['error']})" if r["error"] else "")]
     if r.get("final_acc") is not None:
+        delta = r["convergence_delta"]  # the first window's mean loss minus the last's
         change = (
-            f"the loss fell by {r['convergence_delta']:.4f} from the first {window}"
+            f"the loss {'fell' if delta >= 0 else 'rose'} by {abs(delta):.4f} from the first "
+            f"{window}"
             if steps > window
             else "the run is no longer than that, so there is no earlier loss to compare"
         )

@@ -272,7 +272,7 @@ def test_the_report_compares_with_the_seed_only_at_the_seeds_setting(
     why = {  # only what differs from the seed's setting
         "noise_std": "(noise_std 5.0 here, 0.5 there)",
         "num_classes": "(num_classes 3 here, 5 there)",
-        "shots": "(shots unrecorded here)",
+        "shots": "(shots unrecorded here, 16 there)",
     }
     for name in changes:
         assert f"these runs are not at the seed's setting {why[name]}, so" in report
@@ -289,6 +289,18 @@ def test_full_minus_fo_pairs_seeds():
     assert bool(k1["exceeds_spread"])
     k5 = g.loc[("reference", 5)]
     assert k5["gap_mean"] == pytest.approx(0.0025) and not bool(k5["exceeds_spread"])
+    # A seed that finished in one mode only is not in the pair, nor in its spread.
+    rows = [
+        dict(backend="reference", inner_steps=1, seed=seed, mode=mode, final_acc=acc)
+        for mode, accs in {"FULL": [0.90, 0.91, 0.70], "FO": [0.88, 0.89, None]}.items()
+        for seed, acc in enumerate(accs)
+    ]
+    runs = pd.DataFrame(rows).assign(status=lambda d: d["final_acc"].map(
+        lambda a: "OK" if a == a else "ERROR"
+    ))  # fmt: skip
+    (gap,) = full_minus_fo(runs).itertuples()
+    assert gap.n_seeds == 2 and gap.spread == pytest.approx(np.std([0.90, 0.91], ddof=1))
+    assert gap.exceeds_spread
 
 
 def test_report_and_figures_from_csvs(tmp_path):
@@ -313,18 +325,19 @@ def test_report_and_figures_from_csvs(tmp_path):
     path = build_report(tmp_path)
     text = path.read_text()
     assert "| reference | 1 | 0.8100 ± 0.0141 (2 of 3 seeds; ERROR 1) | 0.7200 ± 0.0283 |" in text
-    k1 = "reference, k=1: FULL wins by 0.0900 accuracy (mean of 2 seed-paired differences"
-    k5 = "reference, k=5: FULL wins by 0.0025 accuracy (mean of 2 seed-paired differences"
-    assert k1 in text and k5 in text
     # k 1: +0.08 and +0.10 against FO; k 5: -0.005 and +0.01.
+    k1, k5 = "reference, k=1: ", "reference, k=5: "
     assert text.split(k1)[1].split("\n")[0] == (
-        ", std 0.0141): beyond two standard errors of that mean (0.0200), and it exceeds the "
-        "seed-to-seed spread of the accuracies (0.0283)."
+        "FULL is ahead by 0.0900 accuracy (mean of 2 seed-paired differences, std 0.0141), "
+        "beyond two standard errors of that mean (0.0200), and it exceeds the seed-to-seed "
+        "spread of the accuracies (0.0283)."
     )
     assert text.split(k5)[1].split("\n")[0] == (
-        ", std 0.0106): within two standard errors of that mean (0.0150), and it is within the "
-        "seed-to-seed spread of the accuracies (0.0071)."
+        "FULL − FO = +0.0025 accuracy (mean of 2 seed-paired differences, std 0.0106), within "
+        "two standard errors of that mean (0.0150): not distinguishable from zero with these "
+        "seeds; it is within the seed-to-seed spread of the accuracies (0.0071)."
     )
+    assert "Two standard errors is a loose bar with few seeds" in text
     assert "seed_determinism" in text and "ERROR 1" in text
     for name in (
         "acc_vs_inner_steps",
@@ -425,10 +438,24 @@ def test_the_interpretation_says_why_a_cell_has_no_full_minus_fo():
         "that finished OK." in sentences(unpaired)
     )
     assert sentences(runs[runs["mode"] == "FO_STRICT"])[0] == (
-        "No FULL − FO comparison: the folder has no FULL or FO run."
+        "reference, k=1: no FULL − FO comparison, since it has no FULL or FO run."
     )
+    unsupported = k1.copy()  # the backend cannot hold FULL there: say so, not "failed"
+    unsupported.loc[unsupported["mode"] == "FULL", "status"] = "UNSUPPORTED"
+    assert (
+        "reference, k=1: no FULL − FO comparison, since FULL is beyond reference's limits "
+        "(not supported)." in sentences(unsupported)
+    )
+    # Cells in (backend, k) order, those without a comparison among them.
+    cells = [s.split(":")[0] for s in sentences(pd.concat([failed, k5])) if ", k=" in s[:20]]
+    assert cells == ["reference, k=1", "reference, k=5"]
     one = " ".join(sentences(k1[(k1["mode"] == "FULL") & (k1["seed"] == 0)]))
-    assert "is 0.500 in the one FULL cell where it was measured" in one
+    assert "Second-order signal is present in the one FULL cell: rel_diff_probe" in one
+    assert "‖g_FULL‖) is 0.500." in one
+    failed_full = k1.assign(status=lambda d: d["status"].where(d["mode"] != "FULL", "ERROR"))
+    text = " ".join(sentences(pd.concat([failed_full, k5])))
+    assert "present in the one FULL cell that finished: " in text
+    assert "1 FULL cell has no run that finished OK." in text
     assert "The 1 run took 1 s" in one
 
 

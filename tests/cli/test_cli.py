@@ -185,3 +185,17 @@ def test_without_triton_the_reference_backend_runs_and_the_others_say_why_not(tm
     api += "attention(q, q, q, backend='triton_fused')"
     proc = python("-c", api)
     assert f"kernels.BackendUnavailable: the Triton kernels {why}" in proc.stderr
+
+
+def test_the_run_summary_says_whether_the_loss_fell_or_rose():
+    from phase12.cli.single import summary_text
+    from phase12.schema import RunResult
+
+    row = dict(run_id="r", status="OK", error="", final_acc=0.5, final_loss=1.0)
+    row |= dict(rel_diff_probe=0.1, attn_grad_norm_q=1.0, attn_grad_norm_k=1.0)
+    row |= dict(attn_grad_norm_v=1.0, mean_outer_step_time_s=0.01, wall_time_total_s=1.0)
+    row |= dict(setup_time_s=0.5, probe_time_s=0.1, device_name="cpu")
+    history = {"step": list(range(10))}
+    for delta, words in ((0.25, "the loss fell by 0.2500 from the first 4"), (-0.25, "rose by")):
+        result = RunResult(row | {"convergence_delta": delta}, history)
+        assert words in summary_text(result, window=4)
