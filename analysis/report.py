@@ -192,8 +192,11 @@ def results_table(summary: pd.DataFrame, runs: pd.DataFrame, at_seed: bool) -> p
                     f" ({seeds})" if failed or ok == 1 else ""
                 )
         if (backend, k) in gaps.index:  # seed-paired: only seeds where both finished OK
-            gap = gaps.loc[(backend, k)]
-            spread = " (1 seed)" if gap["n_seeds"] == 1 else f" ± {gap['gap_std']:.4f}"
+            gap, n = gaps.loc[(backend, k)], int(gaps.loc[(backend, k), "n_seeds"])
+            finished = cell[cell["mode"].isin(["FULL", "FO"]) & (cell["status"] == STATUS_OK)]
+            spread = " (1 seed)" if n == 1 else f" ± {gap['gap_std']:.4f}"
+            if n < finished["mode"].value_counts().max() and n > 1:
+                spread += f" ({n} seeds paired)"
             row["FULL − FO"] = f"{gap['gap_mean']:+.4f}{spread}"
         seed = SEED_LONG_RUN_ACC.get((backend, k)) if at_seed else None
         row["seed FULL / FO (long run)"] = f"{seed[0]:.4f} / {seed[1]:.4f}" if seed else ""
@@ -254,13 +257,13 @@ def _gap_sentence(g) -> str:
             cell + f"FULL − FO = {g.gap_mean:+.4f} accuracy from one seed; one seed has no "
             "seed-to-seed spread to judge it against."
         )
-    if g.gap_mean == 0:
-        return cell + f"FULL and FO tie exactly over {g.n_seeds} seeds."
+    if g.gap_mean == 0 and g.gap_std == 0:
+        return cell + f"FULL and FO tie exactly in each of {g.n_seeds} seeds."
     two_se = 2 * g.gap_std / g.n_seeds**0.5
     paired = f"(mean of {g.n_seeds} seed-paired differences, std {g.gap_std:.4f})"
     spread = (
         f"{'exceeds' if g.exceeds_spread else 'is within'} the seed-to-seed spread of the "
-        f"accuracies ({g.spread:.4f})"
+        f"paired seeds' accuracies ({g.spread:.4f})"
     )
     if abs(g.gap_mean) <= two_se:
         return (
@@ -295,6 +298,8 @@ def _gap_sentences(runs: pd.DataFrame, gaps: pd.DataFrame) -> list[str]:
         reasons = [reason(backend, m, why) for m, why in no_result.items() if why]
         if set(no_result.values()) == {"not run"}:
             reasons = ["it has no FULL or FO run"]
+        if set(no_result.values()) == {"not supported"}:
+            reasons = [f"FULL and FO are beyond {backend}'s limits (not supported)"]
         why = " and ".join(reasons) or "no seed has both a FULL and an FO run that finished OK"
         sentences.append(f"{backend}, k={k}: no FULL − FO comparison, since {why}.")
     if len(gaps) and (gaps["n_seeds"] >= 2).any():
@@ -328,22 +333,21 @@ def _second_order_sentence(rd: pd.DataFrame, runs: pd.DataFrame) -> str:
     signal on the held-out task; the FULL cells that did not finish are counted apart."""
     probe = rd["rel_diff_probe_mean"]
     absent = rd[~(probe > 0)]  # zero, or not measured (NaN)
-    unfinished = runs[runs["mode"] == "FULL"].groupby(["backend", "inner_steps"]).ngroups
-    unfinished -= len(rd)
+    ran = runs[(runs["mode"] == "FULL") & (runs["status"] != STATUS_UNSUPPORTED)]
+    unfinished = ran.groupby(["backend", "inner_steps"]).ngroups - len(rd)
     finished = " that finished" if unfinished else ""
     name = "rel_diff_probe (‖g_FULL − g_FO‖/‖g_FULL‖)"
-    measured = (
-        f"{name} ranges {probe.min():.3f}–{probe.max():.3f} over the FULL cells where it was "
-        "measured"
-        if probe.count() > 1
-        else f"{name} is {probe.max():.3f}"
-    )
+    if probe.count() > 1:
+        measured = f"{name} ranges {probe.min():.3f}–{probe.max():.3f} over the FULL cells "
+        measured += "where it was measured"
+    else:
+        measured = f"{name} is {probe.max():.3f}" + (" in the other" if len(absent) else "")
     if absent.empty:
         where = "the one FULL cell" if len(rd) == 1 else "every FULL cell"
         sentence = f"Second-order signal is present in {where}{finished}: {measured}."
     else:
         names = ", ".join(f"{r.backend} k {r.inner_steps}" for r in absent.itertuples())
-        of = f"{len(absent)} of {len(rd)} FULL cell" + ("s" if len(rd) > 1 else "")
+        of = "the one FULL cell" if len(rd) == 1 else f"{len(absent)} of {len(rd)} FULL cells"
         sentence = f"Second-order signal is zero or unmeasured in {of}{finished} ({names})"
         sentence += f"; {measured}." if probe.notna().any() else "."
     if unfinished:

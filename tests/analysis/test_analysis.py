@@ -330,12 +330,12 @@ def test_report_and_figures_from_csvs(tmp_path):
     assert text.split(k1)[1].split("\n")[0] == (
         "FULL is ahead by 0.0900 accuracy (mean of 2 seed-paired differences, std 0.0141), "
         "beyond two standard errors of that mean (0.0200), and it exceeds the seed-to-seed "
-        "spread of the accuracies (0.0283)."
+        "spread of the paired seeds' accuracies (0.0283)."
     )
     assert text.split(k5)[1].split("\n")[0] == (
         "FULL − FO = +0.0025 accuracy (mean of 2 seed-paired differences, std 0.0106), within "
         "two standard errors of that mean (0.0150): not distinguishable from zero with these "
-        "seeds; it is within the seed-to-seed spread of the accuracies (0.0071)."
+        "seeds; it is within the seed-to-seed spread of the paired seeds' accuracies (0.0071)."
     )
     assert "Two standard errors is a loose bar with few seeds" in text
     assert "seed_determinism" in text and "ERROR 1" in text
@@ -399,6 +399,11 @@ def test_the_results_tables_full_minus_fo_is_paired_by_seed():
     # Seed 0 alone: FULL 0.80 - FO 0.70, not FULL's 0.80 against FO's two-seed 0.72.
     assert (table.loc[(slice(None), 1), "FULL − FO"] == "+0.1000 (1 seed)").all()
     assert (table.loc[(slice(None), 5), "FULL − FO"] == "+0.0025 ± 0.0106").all()  # -0.005, +0.01
+    full5 = runs[(runs["mode"] == "FULL") & (runs["inner_steps"] == 5) & (runs["seed"] == 0)]
+    extra = full5.assign(seed=7)
+    more = pd.concat([runs, extra.assign(run_id=extra["run_id"] + "_7")])  # FULL-only seed
+    table = results_table(summarize(more), more, at_seed=True).set_index(["backend", "k"])
+    assert (table.loc[(slice(None), 5), "FULL − FO"] == "+0.0025 ± 0.0106 (2 seeds paired)").all()
 
 
 def test_the_results_tables_columns_keep_their_order_where_a_cell_lacks_a_mode():
@@ -449,6 +454,21 @@ def test_the_interpretation_says_why_a_cell_has_no_full_minus_fo():
     # Cells in (backend, k) order, those without a comparison among them.
     cells = [s.split(":")[0] for s in sentences(pd.concat([failed, k5])) if ", k=" in s[:20]]
     assert cells == ["reference, k=1", "reference, k=5"]
+    # FULL beyond a backend's limits in one cell: not counted as a FULL cell that failed.
+    beyond = pd.concat([k1, unsupported.assign(inner_steps=5)])
+    text = " ".join(sentences(beyond))
+    assert "present in the one FULL cell:" in text and "no run that finished" not in text
+    both = k1.assign(
+        status=lambda d: d["status"].where(~d["mode"].isin(["FULL", "FO"]), "UNSUPPORTED")
+    )
+    assert "since FULL and FO are beyond reference's limits (not supported)." in sentences(both)[0]
+    # Differences that cancel are not a tie: only identical accuracies are.
+    cancel = k5.copy()
+    cancel.loc[cancel["mode"] == "FO", "final_acc"] = [0.91, 0.90]  # FULL 0.90, 0.91
+    assert "FULL − FO = +0.0000 accuracy (mean of 2" in sentences(cancel)[0]
+    same = k5.copy()
+    same.loc[same["mode"] == "FO", "final_acc"] = [0.90, 0.91]
+    assert sentences(same)[0] == "reference, k=5: FULL and FO tie exactly in each of 2 seeds."
     one = " ".join(sentences(k1[(k1["mode"] == "FULL") & (k1["seed"] == 0)]))
     assert "Second-order signal is present in the one FULL cell: rel_diff_probe" in one
     assert "‖g_FULL‖) is 0.500." in one
