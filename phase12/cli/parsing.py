@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from phase12.backends import NAMES
+from phase12.backends import NAMES, get
 from phase12.config import ConfigError, RunConfig, option_help, resolve_device
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NONFINITE = 2, 1, 3
@@ -178,9 +178,19 @@ def add_grid_flags(parser: ArgumentParser, defaults: dict[str, tuple | str]) -> 
 
 
 def default_backends(device: str) -> tuple[str, ...]:
-    """Every backend on CUDA; reference on the CPU (the Triton backends need CUDA, or
-    TRITON_INTERPRET=1 and a lot of patience)."""
-    return NAMES if resolve_device(device).type == "cuda" else ("reference",)
+    """Every backend that can run on CUDA; reference on the CPU (the Triton backends need
+    CUDA, or TRITON_INTERPRET=1 and a lot of patience). A backend left out on CUDA (Triton
+    missing or broken) is named on stderr, with the reason."""
+    where = resolve_device(device)
+    if where.type != "cuda":
+        return ("reference",)
+    why = {name: get(name).unavailable(where) for name in NAMES}
+    if left := [name for name, reason in why.items() if reason]:
+        reason = why[left[0]]
+        print(
+            f"note: {', '.join(left)} left out of the default backends: {reason}", file=sys.stderr
+        )
+    return tuple(name for name, reason in why.items() if not reason)
 
 
 def check_writable(folder: Path) -> None:

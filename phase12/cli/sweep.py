@@ -51,7 +51,7 @@ DESCRIPTIONS = {
 }
 GRID_DEFAULTS = {
     "mode": MODES,
-    "backend": "every backend on CUDA, reference on the CPU",  # see default_backends
+    "backend": "every backend that can run on CUDA, reference on the CPU",  # default_backends
     "inner_steps": (1, 5, 10, 20),
     "seed": (0, 1),
     "ablation": ("none",),

@@ -11,6 +11,7 @@ import sys
 import pandas as pd
 import pytest
 
+from kernels import BackendUnavailable
 from phase12 import cli
 from phase12.cli import bytecode_note, lacks_bytecode  # before conftest's patch
 
@@ -199,3 +200,22 @@ def test_the_run_summary_says_whether_the_loss_fell_or_rose():
     for delta, words in ((0.25, "the loss fell by 0.2500 from the first 4"), (-0.25, "rose by")):
         result = RunResult(row | {"convergence_delta": delta}, history)
         assert words in summary_text(result, window=4)
+
+
+def test_default_backends_leave_out_those_that_cannot_run_and_say_so(monkeypatch, capsys):
+    from phase12.cli.parsing import default_backends
+
+    assert default_backends("cpu") == ("reference",) and capsys.readouterr().err == ""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # CUDA, kernels that cannot run
+
+    def check_backend(name, device):
+        if name != "reference":
+            raise BackendUnavailable("no Triton here")
+
+    monkeypatch.setattr("phase12.backends.check_backend", check_backend)
+    assert default_backends("auto") == ("reference",)
+    err = capsys.readouterr().err.strip()
+    assert err == "note: triton_fused, triton_step left out of the default backends: no Triton here"
+    monkeypatch.setattr("phase12.backends.check_backend", lambda name, device: None)
+    assert default_backends("cuda") == ("reference", "triton_fused", "triton_step")
+    assert capsys.readouterr().err == ""
