@@ -401,10 +401,10 @@ def recorded_flags(folder: Path) -> tuple[str | None, dict]:
             shapes[name] = grid[AXES[name]]
         elif name in recorded:
             shapes[name] = [recorded[name]]
-        if isinstance(shapes.get(name), list):
+        if name in shapes:
+            if not shapes[name]:
+                raise ConfigError(f"{path} records no {AXES[name]}; {fix}")
             shapes[name] = [typed(name, v) for v in shapes[name]]
-        if shapes.get(name) == []:
-            raise ConfigError(f"{path} records no {AXES[name]}; {fix}")
     for name, value in [*shared.items(), *((n, v) for n, vs in shapes.items() for v in vs)]:
         like = getattr(defaults, name)
         if not (type(value) is type(like) or type(like) is float and type(value) is int):

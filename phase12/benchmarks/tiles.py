@@ -33,9 +33,8 @@ from kernels.reference import default_scale
 from phase12.benchmarks.attention import DTYPES, float32_precision
 from phase12.io import write_atomic
 
-if (
-    TYPE_CHECKING
-):  # imported where the kernels run: Triton may be absent (run.py bench tiles --help)
+# Imported where the kernels run: Triton may be absent (run.py bench tiles --help).
+if TYPE_CHECKING:
     from kernels import launch
 
 FAMILIES = ("fwd", "bwd", "dbwd")

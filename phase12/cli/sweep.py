@@ -43,8 +43,8 @@ DESCRIPTIONS = {
     "sweep": "Run a resumable grid of modes x backends x k x seeds (x T x D x precisions) "
     "into ROOT/TAG.",
     "risk": "Write ROOT/TAG/risk_checks.csv: the checks at the model setting of the results in "
-    "ROOT/TAG (its sweep.json, or its first run's meta JSON where single runs wrote it; flags "
-    "given must agree with it), or of the flags.",
+    "ROOT/TAG (its sweep.json, or where single runs wrote it its first OK run's row and meta "
+    "JSON; flags given must agree with it), or of the flags.",
     "report": "Rebuild summary.csv, full_minus_fo.csv (robustness.csv for a map over shapes "
     "and precisions), figures/ and report.md of a sweep from its CSVs.",
     "pipeline": "sweep, then risk checks, then the report, into ROOT/TAG.",
