@@ -2,11 +2,12 @@
 
 Each launcher takes tensors of shape (..., rows, cols) with identical leading
 dims, flattens the leading dims into one batch*head axis, makes every operand
-contiguous (so non-contiguous inputs are accepted at the cost of one copy) and
-launches a 1-D grid: tiles of the flash-style kernels, or, for one query per example
-(N = 1), one program per example on the one-query kernels (forward, backward and
-double backward one launch each). Nothing here is differentiable: `kernels.fused`
-wraps these functions in autograd.Functions.
+contiguous (so non-contiguous inputs are accepted at the cost of one copy; the
+one-query kernels read K and V through their strides instead, wherever their columns
+are adjacent) and launches a 1-D grid: tiles of the flash-style kernels, or, for one
+query per example (N = 1), one program per example on the one-query kernels (forward,
+backward and double backward one launch each). Nothing here is differentiable:
+`kernels.fused` wraps these functions in autograd.Functions.
 
 Accumulation is float32 for fp16/bf16/fp32 inputs and float64 for float64 inputs;
 the log-sum-exp and the other row statistics are returned in that dtype. Every
@@ -158,6 +159,21 @@ def _flat_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
+def _empty(bh: int, like: torch.Tensor) -> torch.Tensor:
+    """A contiguous (bh, rows, cols) output shaped like `like`'s last two dims."""
+    return torch.empty(bh, *like.shape[-2:], dtype=like.dtype, device=like.device)
+
+
+def _flat_keys(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """K or V for the one-query kernels, (BH, M, cols), with its slice and row strides:
+    a view where one exists with adjacent columns and 32-bit row offsets (a half of
+    one fused K|V projection, a broadcast batch), a contiguous copy otherwise."""
+    x3 = x.reshape(-1, x.shape[-2], x.shape[-1])
+    if x3.stride(-1) != 1 or x3.stride(-2) * x3.shape[-2] >= 2**31:
+        x3 = x3.contiguous()
+    return x3, x3.stride(0), x3.stride(1)
+
+
 def _tile(
     q: torch.Tensor, v: torch.Tensor, kind: str, precision: str, tile: LaunchConfig | None
 ) -> LaunchConfig:
@@ -216,17 +232,20 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """O (..., N, Dv) in q's dtype and LSE (..., N) in the accumulator dtype."""
     lead, (n, d), (m, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
-    q3, k3, v3 = _flat(q), _flat(k), _flat(v)
+    q3 = _flat(q)
     bh = q3.shape[0]
     o = torch.empty(bh, n, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(bh, n, dtype=accumulator_dtype(q.dtype), device=q.device)
     if not o.numel():  # an empty batch: nothing to launch
         pass
     elif uses_row_kernels(n):
+        (k3, *sk), (v3, *sv) = _flat_keys(k), _flat_keys(v)
         attention_fwd_row_kernel[(bh,)](
-            q3, k3, v3, o, lse, m, d, dv, *_scale_parts(scale), **_row_meta(q, m, dv, causal)
+            *(q3, k3, v3, o, lse, m, d, dv, *sk, *sv, *_scale_parts(scale)),
+            **_row_meta(q, m, dv, causal),
         )
     else:
+        k3, v3 = _flat(k), _flat(v)
         meta = _meta(q, v, _tile(q, v, "fwd", precision, tile), causal, precision)
         attention_fwd_kernel[_grid(bh, n, meta["BLOCK_N"])](
             q3, k3, v3, o, lse, n, m, d, dv, *_scale_parts(scale), **meta
@@ -255,18 +274,20 @@ def attention_backward(
     """(dQ, dK, dV) in the input dtype, from Q, K, V, O, LSE and dO."""
     (n, d), (m, dv) = q.shape[-2:], v.shape[-2:]
     do = do.to(q.dtype)
-    q3, k3, v3, do3, lse2 = _flat(q), _flat(k), _flat(v), _flat(do), _flat_rows(lse)
+    q3, do3, lse2 = _flat(q), _flat(do), _flat_rows(lse)
     bh = q3.shape[0]
-    dq, dk, dvv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
+    dq, dk, dvv = (_empty(bh, x) for x in (q, k, v))
     if not dq.numel():  # an empty batch: nothing to launch
         pass
     elif uses_row_kernels(n):
+        (k3, *sk), (v3, *sv) = _flat_keys(k), _flat_keys(v)
         attention_bwd_row_kernel[(bh,)](
             *(q3, k3, v3, _flat(o), do3, lse2, dq, dk, dvv),
-            *(m, d, dv, *_scale_parts(scale)),
+            *(m, d, dv, *sk, *sv, *_scale_parts(scale)),
             **_row_meta(q, m, dv, causal),
         )
     else:
+        k3, v3 = _flat(k), _flat(v)
         delta = _delta(o, do)
         cfg = _tile(q, v, "bwd", precision, tile)
         meta, args = _meta(q, v, cfg, causal, precision), (n, m, d, dv, *_scale_parts(scale))
@@ -308,20 +329,21 @@ def attention_double_backward(
     (n, d), (m, dv) = q.shape[-2:], v.shape[-2:]
     dt = q.dtype
     do, uq, uk, uv = do.to(dt), uq.to(dt), uk.to(dt), uv.to(dt)
-    q3, k3, v3, do3 = _flat(q), _flat(k), _flat(v), _flat(do)
-    uq3, uk3, uv3, lse2 = _flat(uq), _flat(uk), _flat(uv), _flat_rows(lse)
-    bh = q3.shape[0]
-    gq, gk, gv, gdo = (torch.empty_like(t) for t in (q3, k3, v3, do3))
+    q3, do3, uq3, uk3, uv3 = _flat(q), _flat(do), _flat(uq), _flat(uk), _flat(uv)
+    lse2, bh = _flat_rows(lse), q3.shape[0]
+    gq, gk, gv, gdo = (_empty(bh, x) for x in (q, k, v, do))
     if not gq.numel():  # an empty batch: nothing to launch
         pass
     elif uses_row_kernels(n):
+        (k3, *sk), (v3, *sv) = _flat_keys(k), _flat_keys(v)
         attention_dbwd_row_kernel[(bh,)](
             *(q3, k3, v3, _flat(o), do3, uq3, uk3, uv3, lse2, gq, gk, gv, gdo),
-            *(m, d, dv, *_scale_parts(scale)),
+            *(m, d, dv, *sk, *sv, *_scale_parts(scale)),
             **_row_meta(q, m, dv, causal),
             **switches,
         )
     else:
+        k3, v3 = _flat(k), _flat(v)
         delta = _delta(o, do)
         rho_w, rho_g = torch.empty_like(lse2), torch.empty_like(lse2)
         cfg = _tile(q, v, "dbwd", precision, tile)

@@ -74,9 +74,16 @@ def _program_tile(n, BLOCK: tl.constexpr):
 @triton.jit
 def _load(ptr, bh, offs_r, offs_c, n_r, n_c):
     """Tile [offs_r, offs_c] of slice bh of a contiguous (BH, n_r, n_c) array; zeros outside."""
-    base = ptr + bh.to(tl.int64) * n_r * n_c
+    return _load_strided(ptr, bh, offs_r, offs_c, n_r, n_c, n_r * n_c, n_c)
+
+
+@triton.jit
+def _load_strided(ptr, bh, offs_r, offs_c, n_r, n_c, stride_bh, stride_r):
+    """Tile [offs_r, offs_c] of slice bh of a (BH, n_r, n_c) array whose columns are
+    adjacent, with the given slice and row strides (in elements); zeros outside."""
+    base = ptr + bh.to(tl.int64) * stride_bh
     mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
-    return tl.load(base + offs_r[:, None] * n_c + offs_c[None, :], mask=mask, other=0.0)
+    return tl.load(base + offs_r[:, None] * stride_r + offs_c[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -563,7 +570,9 @@ def attention_dbwd_cols_kernel(Q, K, V, DO, UQ, UK, UV, LSE, DELTA, RHO_W, RHO_G
 # a block of keys, q-side operands are vectors over D, and every matrix product is a
 # broadcast multiply and a sum. A program walks its keys in BLOCK_M blocks; the row
 # statistics (LSE, Delta, rho_W, rho_G) are scalars it keeps in registers. Causal
-# (top-left aligned): the query sees key 0 only.
+# (top-left aligned): the query sees key 0 only. K and V are read through their slice and
+# row strides (SK, SV: a pair each), so views such as the halves of one fused K|V
+# projection need no copy.
 
 
 @triton.jit
@@ -574,12 +583,12 @@ def _row_scores(q, k, offs_m, key_end, scale):
 
 
 @triton.jit
-def _row_block(q, do, uq, K, V, UK, UV, bh, lse, offs_m, offs_d, offs_dv, M, D, DV, key_end,
-               scale, ACC: tl.constexpr):
+def _row_block(q, do, uq, K, V, UK, UV, bh, lse, offs_m, offs_d, offs_dv, M, D, DV, SK_B, SK_R,
+               SV_B, SV_R, key_end, scale, ACC: tl.constexpr):
     """k, uk and P, dP, W, R of one key block of the double backward."""
-    k = _load(K, bh, offs_m, offs_d, M, D).to(ACC)
+    k = _load_strided(K, bh, offs_m, offs_d, M, D, SK_B, SK_R).to(ACC)
     uk = _load(UK, bh, offs_m, offs_d, M, D).to(ACC)
-    v = _load(V, bh, offs_m, offs_dv, M, DV).to(ACC)
+    v = _load_strided(V, bh, offs_m, offs_dv, M, DV, SV_B, SV_R).to(ACC)
     uv = _load(UV, bh, offs_m, offs_dv, M, DV).to(ACC)
     p = tl.exp(_row_scores(q, k, offs_m, key_end, scale) - lse)
     dp = tl.sum(do[None, :] * v, 1)                                           # dP = dO V^T
@@ -589,7 +598,8 @@ def _row_block(q, do, uq, K, V, UK, UV, bh, lse, offs_m, offs_d, offs_dv, M, D, 
 
 
 @triton.jit
-def attention_fwd_row_kernel(Q, K, V, O, LSE, M, D, DV, scale_hi, scale_lo,
+def attention_fwd_row_kernel(Q, K, V, O, LSE, M, D, DV, SK_B, SK_R, SV_B, SV_R,
+                             scale_hi, scale_lo,
                              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
     scale = _scale(scale_hi, scale_lo, ACC)
@@ -603,8 +613,8 @@ def attention_fwd_row_kernel(Q, K, V, O, LSE, M, D, DV, scale_hi, scale_lo,
     acc = tl.zeros([BLOCK_DV], ACC)         # running (unnormalised) P V
     for start_m in range(0, key_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        k = _load(K, bh, offs_m, offs_d, M, D).to(ACC)
-        v = _load(V, bh, offs_m, offs_dv, M, DV).to(ACC)
+        k = _load_strided(K, bh, offs_m, offs_d, M, D, SK_B, SK_R).to(ACC)
+        v = _load_strided(V, bh, offs_m, offs_dv, M, DV, SV_B, SV_R).to(ACC)
         s = _row_scores(q, k, offs_m, key_end, scale)
         m_new = tl.maximum(m_i, tl.max(s, 0))  # finite from the first block (key 0)
         alpha = tl.exp(m_i - m_new)
@@ -617,7 +627,8 @@ def attention_fwd_row_kernel(Q, K, V, O, LSE, M, D, DV, scale_hi, scale_lo,
 
 
 @triton.jit
-def attention_bwd_row_kernel(Q, K, V, O, DO, LSE, DQ, DK, DVo, M, D, DV, scale_hi, scale_lo,
+def attention_bwd_row_kernel(Q, K, V, O, DO, LSE, DQ, DK, DVo, M, D, DV, SK_B, SK_R, SV_B, SV_R,
+                             scale_hi, scale_lo,
                              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_DV: tl.constexpr, ACC: tl.constexpr):
     scale = _scale(scale_hi, scale_lo, ACC)
@@ -632,8 +643,8 @@ def attention_bwd_row_kernel(Q, K, V, O, DO, LSE, DQ, DK, DVo, M, D, DV, scale_h
     dq = tl.zeros([BLOCK_D], ACC)
     for start_m in range(0, M, BLOCK_M):  # every key block: masked keys get dK = dV = 0
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        k = _load(K, bh, offs_m, offs_d, M, D).to(ACC)
-        v = _load(V, bh, offs_m, offs_dv, M, DV).to(ACC)
+        k = _load_strided(K, bh, offs_m, offs_d, M, D, SK_B, SK_R).to(ACC)
+        v = _load_strided(V, bh, offs_m, offs_dv, M, DV, SV_B, SV_R).to(ACC)
         p = tl.exp(_row_scores(q, k, offs_m, key_end, scale) - lse)
         ds = p * (tl.sum(do[None, :] * v, 1) - delta)                        # dS = P (dP - Delta)
         dq += tl.sum(ds[:, None] * k, 0)
@@ -643,7 +654,8 @@ def attention_bwd_row_kernel(Q, K, V, O, DO, LSE, DQ, DK, DVo, M, D, DV, scale_h
 
 
 @triton.jit
-def attention_dbwd_row_kernel(Q, K, V, O, DO, UQ, UK, UV, LSE, GQ, GK, GV, GDO, M, D, DV, scale_hi, scale_lo,
+def attention_dbwd_row_kernel(Q, K, V, O, DO, UQ, UK, UV, LSE, GQ, GK, GV, GDO, M, D, DV, SK_B, SK_R, SV_B, SV_R,
+                             scale_hi, scale_lo,
                               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                               BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
                               SCORE: tl.constexpr, VALUE: tl.constexpr, FROZEN_STATS: tl.constexpr):
@@ -666,7 +678,8 @@ def attention_dbwd_row_kernel(Q, K, V, O, DO, UQ, UK, UV, LSE, GQ, GK, GV, GDO, 
     for start_m in range(0, key_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         k, uk, v, uv, p, dp, w, r = _row_block(q, do, uq, K, V, UK, UV, bh, lse, offs_m, offs_d,
-                                               offs_dv, M, D, DV, key_end, scale, ACC)
+                                               offs_dv, M, D, DV, SK_B, SK_R, SV_B, SV_R,
+                                               key_end, scale, ACC)
         rho_w += tl.sum(p * w, 0)
         p_r += tl.sum(p * r, 0)
         p_dp_w += tl.sum(p * dp * w, 0)
@@ -685,7 +698,8 @@ def attention_dbwd_row_kernel(Q, K, V, O, DO, UQ, UK, UV, LSE, GQ, GK, GV, GDO, 
     for start_m in range(0, M, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         k, uk, v, uv, p, dp, w, r = _row_block(q, do, uq, K, V, UK, UV, bh, lse, offs_m, offs_d,
-                                               offs_dv, M, D, DV, key_end, scale, ACC)
+                                               offs_dv, M, D, DV, SK_B, SK_R, SV_B, SV_R,
+                                               key_end, scale, ACC)
         ds = p * (dp - delta)
         g_dp = p * (w - rho_w)
         g_p = -rho_g + tl.zeros_like(p)                                       # the kept parts of G_P

@@ -192,6 +192,65 @@ def test_non_contiguous_inputs():
     )
 
 
+def _key_layouts(m, d, lead=(3, 2)):
+    """(name, leaves, k, v, read in place) for layouts of K and V: the two halves of one
+    K|V projection and a batch broadcast from one example are read in place; a
+    transposed batch (no single batch stride) and keys whose columns are not adjacent
+    are copied."""
+    kv = torch.randn(*lead, m, 2 * d, dtype=F64, requires_grad=True)
+    yield "kv halves", [kv], *kv.chunk(2, dim=-1), True
+    kt, vt = (torch.randn(lead[1], lead[0], m, d, dtype=F64, requires_grad=True) for _ in "kv")
+    yield "transposed batch", [kt, vt], kt.transpose(0, 1), vt.transpose(0, 1), False
+    k1, v1 = (torch.randn(1, 1, m, d, dtype=F64, requires_grad=True) for _ in "kv")
+    yield "broadcast batch", [k1, v1], k1.expand(*lead, m, d), v1.expand(*lead, m, d), True
+    kc, vc = (torch.randn(*lead, d, m, dtype=F64, requires_grad=True) for _ in "kv")
+    yield "columns apart", [kc, vc], kc.mT, vc.mT, False
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_query_kernels_read_strided_keys_in_place(causal, monkeypatch):
+    """K and V views reach the one-query kernels without a copy where their columns are
+    adjacent; every layout gives the reference's three orders."""
+    from kernels import launch
+
+    seen = []
+    for name in (
+        "attention_fwd_row_kernel",
+        "attention_bwd_row_kernel",
+        "attention_dbwd_row_kernel",
+    ):
+        kernel = getattr(launch, name)
+
+        class Recorded:
+            def __getitem__(self, grid, _kernel=kernel):
+                def run(*args, **kwargs):
+                    seen.append((args[1].data_ptr(), args[2].data_ptr()))
+                    return _kernel[grid](*args, **kwargs)
+
+                return run
+
+        monkeypatch.setattr(launch, name, Recorded())
+    m, d = 19, 8
+    for layout, leaves, k, v, in_place in _key_layouts(m, d):
+        q = torch.randn(3, 2, 1, d, dtype=F64, requires_grad=True)
+        seen.clear()
+        out = fused_attention(q, k, v, causal)
+        ref = attention_reference(q, k, v, causal)
+        assert rel_err(out, ref) < 1e-12, layout
+        do = torch.randn_like(ref).requires_grad_()
+        g = torch.autograd.grad(out, (q, *leaves), do, create_graph=True)
+        g_ref = torch.autograd.grad(ref, (q, *leaves), do, create_graph=True)
+        assert_all_close(g, g_ref, 1e-12)
+        us = [torch.randn_like(t) for t in g]
+        assert_all_close(
+            torch.autograd.grad(g, (q, *leaves, do), us),
+            torch.autograd.grad(g_ref, (q, *leaves, do), us),
+            1e-11,
+        )
+        assert len(seen) == 3, layout
+        assert all((p == (k.data_ptr(), v.data_ptr())) == in_place for p in seen), layout
+
+
 def _loss(backend):
     def loss(q, k, v):
         return attention(q, k, v, backend=backend, causal=True).sin().sum()

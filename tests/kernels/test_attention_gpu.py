@@ -12,7 +12,7 @@ from kernels.reference import attention_reference
 
 pytestmark = pytest.mark.gpu
 
-SHAPES = [  # (B, H, N, M, D, Dv, causal); N = 1 with M <= 128 runs the one-query kernels
+SHAPES = [  # (B, H, N, M, D, Dv, causal); N = 1 runs the one-query kernels
     (2, 3, 1, 32, 64, 64, False),
     (1, 2, 1, 7, 16, 16, False),
     (4, 2, 1, 128, 64, 48, False),
@@ -76,6 +76,33 @@ def test_fused_matches_float64_reference(b, h, n, m, d, dv, causal, dtype, preci
     names = ["o", "dq", "dk", "dv", "gq", "gk", "gv"]
     errors = {nm: rel_err(x, y) for nm, x, y in zip(names, got, want, strict=True)}
     assert all(x.dtype == dtype for x in got)
+    assert max(errors.values()) < TOL[dtype], errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,h,n,m,d,dv,causal", [s for s in SHAPES if s[2] == 1 and s[5] == s[4]])
+def test_one_query_kernels_read_the_halves_of_one_kv_projection(b, h, n, m, d, dv, causal, dtype):
+    """K and V as the two halves of one (..., M, 2D) tensor (the model's fused K|V
+    projection), read in place by the one-query kernels: three orders against float64."""
+    gen = torch.Generator("cuda").manual_seed(torch.randint(0, 2**31, ()).item())
+    q = torch.randn(b, h, n, d, device="cuda", generator=gen)
+    kv = torch.randn(b, h, m, 2 * d, device="cuda", generator=gen)
+    do = torch.randn(b, h, n, d, device="cuda", generator=gen)
+    us = [torch.randn(b, h, r, d, device="cuda", generator=gen) for r in (n, m, m)]
+
+    def fn(dt, attend):
+        q_, kv_ = (t.to(dt).requires_grad_() for t in (q, kv))
+        out = attend(q_, *kv_.chunk(2, dim=-1))
+        g = torch.autograd.grad(out, (q_, kv_), do.to(dt), create_graph=True)
+        g_qkv = (g[0], *g[1].chunk(2, dim=-1))
+        h = torch.autograd.grad(g_qkv, (q_, kv_), [u.to(dt) for u in us])
+        return out, *g, *h
+
+    got = fn(dtype, lambda *a: fused_attention(*a, causal))
+    want = fn(torch.float64, lambda *a: attention_reference(*a, causal))
+    errors = {
+        nm: rel_err(x, y) for nm, x, y in zip("o dq dkv gq gkv".split(), got, want, strict=True)
+    }
     assert max(errors.values()) < TOL[dtype], errors
 
 
