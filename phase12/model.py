@@ -60,8 +60,9 @@ def apply(
     (kernels.attention's `backend`) with its second derivative under `curvature`
     (kernels.CURVATURES). Differentiable to any order."""
     q = F.linear(x[..., :1, :], params["Wq"])  # (..., 1, D): only token 0 queries
-    k = F.linear(x, params["Wk"])  # (..., T, D)
-    v = F.linear(x, params["Wv"])
+    # k and v (..., T, D) from one GEMM against [Wk; Wv]: two views of its output, which
+    # the fused kernels read through their strides.
+    k, v = F.linear(x, torch.cat([params["Wk"], params["Wv"]])).chunk(2, dim=-1)
     # (..., 1, D); the leading dims act as batch
     h = attention(q, k, v, backend=attention_backend, curvature=curvature)
     # squeeze, not h[..., 0, :]: a select's backward allocates zeros and scatters into

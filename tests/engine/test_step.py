@@ -91,7 +91,7 @@ def test_snapshot_restore_gives_the_same_run():
 # on torch 2.13 (docs/benchmarks.md, "Eighteenth session"); most are a kernel on CUDA,
 # and the step is bound by its number of dependent kernels, so more is slower. Another
 # torch may decompose some ops differently: recount there before raising a budget.
-INNER_STEP_OPS = {"FULL": 106, "FO": 37, "FO_STRICT": 37}
+INNER_STEP_OPS = {"FULL": 106, "FO": 36, "FO_STRICT": 36}
 
 
 @pytest.mark.parametrize("mode", INNER_STEP_OPS)
