@@ -85,7 +85,10 @@ def check_columns(path: str | Path, columns: list[str] = RUN_COLUMNS) -> None:
 def repair_torn_tail(path: str | Path) -> Path | None:
     """If the file at `path` ends in a partial line (no final newline), move that
     fragment to a side file PATH.torn-TIME, cut it off, say so on stderr, and return
-    the side file; None if the file is whole (or absent)."""
+    the side file; None if the file is whole (or absent). A last line with every field
+    of the header may be a whole row saved without its line end (an editor's save) as
+    well as a write cut short in its last field: ValueError, and the file is left as
+    it is, for the user to say which."""
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:  # FolderLock refuses a folder here
         return None
@@ -94,6 +97,12 @@ def repair_torn_tail(path: str | Path) -> Path | None:
         if data.endswith(b"\n"):
             return None
         cut = data.rfind(b"\n") + 1
+        if cut and _fields(data[:cut].split(b"\n", 1)[0]) == _fields(data[cut:]):
+            raise ValueError(
+                f"the last row of {path} has every field but no line end: if it was saved "
+                "so by hand, end the file with a newline; if a write was cut short, delete "
+                "that row (its run is then run again)"
+            )
         side = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
         side.write_bytes(data[cut:])
         f.truncate(cut)
@@ -101,6 +110,14 @@ def repair_torn_tail(path: str | Path) -> Path | None:
         os.fsync(f.fileno())
     print(f"warning: {path} ended in a partial line; moved it to {side}", file=sys.stderr)
     return side
+
+
+def _fields(line: bytes) -> int:
+    """How many CSV fields a line of bytes holds (0 if it is not text)."""
+    try:
+        return len(next(csv.reader([line.decode()]), []))
+    except (UnicodeDecodeError, csv.Error):
+        return 0
 
 
 def append_row(path: str | Path, row: Mapping, columns: list[str] = RUN_COLUMNS) -> None:
@@ -178,8 +195,14 @@ def read_rows(path: str | Path) -> list[dict]:
             f"{path} ends in a partial line (a write cut short); the next sweep or run into "
             "this folder moves it aside, or delete the last line"
         )
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(
+            f"{path} is not a CSV this program wrote ({type(e).__name__} past its header); "
+            "move it away or write to a new folder or tag"
+        ) from e
     for number, row in enumerate(rows, start=1):
         # A short row reads None in its missing fields, a long one gets a None key.
         if (

@@ -68,6 +68,7 @@ from phase12.config import (
 from phase12.io import (
     FolderLock,
     append_row,
+    check_columns,
     other_settings,
     read_rows,
     repair_torn_tail,
@@ -488,10 +489,11 @@ def _open_folder(
             "run the sweep with --restart, which moves the old results aside"
         )
     runs_csv = folder / RUNS_CSV
-    repair_torn_tail(runs_csv)
-    try:
+    try:  # a damaged runs.csv or errors.csv: before any work, like other bad input
+        repair_torn_tail(runs_csv)
         rows = read_rows(runs_csv)
-    except ValueError as e:  # a damaged runs.csv: before any work, like other bad input
+        check_columns(folder / "errors.csv")
+    except ValueError as e:
         raise ConfigError(str(e)) from e
     changed = other_settings(rows, spec.base, folder)  # also where no sweep.json says what they are
     if changed:

@@ -24,6 +24,15 @@ def test_old_runs_csv_is_refused_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "t" / "history").exists()
 
 
+def test_an_errors_csv_of_other_columns_is_one_line_before_any_work(tmp_path, capsys):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "errors.csv").write_text("a,b\n")
+    code = sweep_cli(tmp_path, "--k", "1", "--seeds", "0", "--outer-steps", "2")
+    err = capsys.readouterr().err
+    assert code == 2 and "errors.csv has other columns" in err and "Traceback" not in err
+    assert not (tmp_path / "t" / "runs.csv").exists()
+
+
 def test_sweep_cli_rejects_bad_grid(tmp_path, capsys):
     code = sweep_cli(tmp_path, "--k", "1,-2")
     assert code == 2 and "--k must be >= 0" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 import phase12.io as io_module
-from phase12.io import FolderBusy, FolderLock, repair_torn_tail, save_run
+from phase12.io import FolderBusy, FolderLock, read_rows, repair_torn_tail, save_run
 from phase12.schema import HISTORY_COLUMNS, METRICS, RUN_COLUMNS, RunResult
 from phase12.train import train_loop
 
@@ -63,10 +63,28 @@ def test_the_non_finite_scan_reads_every_metric(column):
 
 def test_torn_tail_is_cut_and_kept(tmp_path):
     path = tmp_path / "runs.csv"
-    path.write_bytes(b"a,b\n1,2\n3,")
+    path.write_bytes(b"a,b,c\n1,2,3\n4,5")
     side = repair_torn_tail(path)
-    assert path.read_bytes() == b"a,b\n1,2\n" and side.read_bytes() == b"3,"
+    assert path.read_bytes() == b"a,b,c\n1,2,3\n" and side.read_bytes() == b"4,5"
     assert repair_torn_tail(path) is None
+
+
+def test_a_last_row_with_every_field_but_no_line_end_is_left_for_the_user(tmp_path):
+    """A whole row saved without its newline (an editor) or a write cut in its last field:
+    which one cannot be told, so neither moving it aside nor keeping it is safe."""
+    path = tmp_path / "runs.csv"
+    path.write_bytes(b"a,b,c\n1,2,3\n4,5,6")
+    with pytest.raises(ValueError, match="every field but no line end"):
+        repair_torn_tail(path)
+    assert path.read_bytes() == b"a,b,c\n1,2,3\n4,5,6"
+    assert not list(tmp_path.glob("*.torn-*"))
+
+
+def test_bytes_that_are_not_text_past_the_header_are_one_error(tmp_path):
+    path = tmp_path / "runs.csv"
+    path.write_bytes(",".join(RUN_COLUMNS).encode() + b"\n" + b"x" * 9000 + b"\xff\n")
+    with pytest.raises(ValueError, match="is not a CSV this program wrote"):
+        read_rows(path)
 
 
 def test_folder_lock_is_exclusive_and_released(tmp_path):
