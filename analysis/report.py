@@ -47,6 +47,7 @@ from analysis.summary import (
     load_runs,
     run_setting,
     summarize,
+    timed_devices,
 )
 from analysis.tables import markdown_table
 from phase12.schema import (
@@ -230,6 +231,27 @@ def timing_table(summary: pd.DataFrame, seed_device: str | None) -> pd.DataFrame
     ]
     t["speed-up vs seed"] = (t["seed step ms (k=20)"] / t["step ms"]).where(~(runners > 1))
     return t.rename(columns={"inner_steps": "k"})
+
+
+def _speed_lines(runs: pd.DataFrame, summary: pd.DataFrame, seed_device: str | None) -> list[str]:
+    """The speed and memory table, or why there is none: runs of several devices (a
+    sweep resumed elsewhere), whose times no mean can join."""
+    devices = timed_devices(runs)
+    if len(devices) > 1:
+        return [
+            f"The runs ran on several devices ({', '.join(devices)}): their step times and "
+            "memory are not averaged together, so there is no speed table. Time each device's "
+            "runs in a folder of their own."
+        ]
+    return [
+        markdown_table(timing_table(summary, seed_device), ".2f"),
+        "",
+        *shared_device_lines(summary),
+        "Step time: mean over a run's outer steps after the first. Peak memory: the run's "
+        "peak CUDA allocation above what was allocated when it started (the first runs of a "
+        "process also pay for cuBLAS workspaces); blank for runs on the CPU, where it is not "
+        "measured.",
+    ]
 
 
 def shared_device_lines(summary: pd.DataFrame) -> list[str]:
@@ -771,13 +793,7 @@ def _plain_report(folder: Path, runs: pd.DataFrame, out: Path) -> None:
         *(_ablation_lines(runs, histories) if ablated else []),
         "## Speed and memory",
         "",
-        markdown_table(timing_table(summary, seed_device), ".2f"),
-        "",
-        *shared_device_lines(summary),
-        "Step time: mean over a run's outer steps after the first. Peak memory: the run's "
-        "peak CUDA allocation above what was allocated when it started (the first runs of a "
-        "process also pay for cuBLAS workspaces); blank for runs on the CPU, where it is not "
-        "measured.",
+        *_speed_lines(runs, summary, seed_device),
         "",
         *_risk_lines(folder, runs, setting),
         "## Figures",

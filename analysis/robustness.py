@@ -13,6 +13,7 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.ablations import ATTENTION_TERM, _beyond, _fmt, paired
+from analysis.summary import timed_devices
 from phase12.schema import FLOAT64_TOLERANCE, REGIME_FIELDS, STATUS_UNSUPPORTED
 
 NOT_SUPPORTED = "not supported"  # beyond the backend's limits: the sweep ran nothing
@@ -67,6 +68,7 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
         "step ms": ("mean_outer_step_time_s", 1e3),
         "peak MiB": ("peak_cuda_mem_bytes", 2.0**-20),
     }
+    several_devices = len(timed_devices(runs)) > 1  # no mean or ratio joins their times
     columns = [column for column, _ in costs.values()]
     float32 = runs[
         (runs["dtype"] == "float32") & (runs["mode"] == "FULL") & (runs["status"] == "OK")
@@ -102,6 +104,8 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
                 elif at in shared_float32:
                     ratio = " (fp32 timed on a shared device)"
             row[label] = f"{value:.2f}{ratio}" if value == value else "n/a"
+            if several_devices:
+                row[label] = "n/a (several devices)"
         gain = paired(cell, "FULL", "FO")
         row["FULL − FO"] = _difference(cell, gain, "FO")
         row["gain"] = gain.iloc[0]["mean"] if len(gain) else float("nan")

@@ -243,6 +243,12 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
             )
 
 
+def timed_devices(runs: pd.DataFrame) -> list[str]:
+    """The devices (by name) the OK runs were timed on, sorted."""
+    ok = runs[runs["status"] == STATUS_OK]
+    return sorted(ok["device_name"].dropna().astype(str).unique())
+
+
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds per (backend, mode, inner_steps) of the OK runs.
 

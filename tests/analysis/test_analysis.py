@@ -303,10 +303,19 @@ def test_full_minus_fo_pairs_seeds():
     assert gap.exceeds_spread
 
 
-def test_report_and_figures_from_csvs(tmp_path):
+def test_a_report_of_runs_on_several_devices_has_no_speed_table(tmp_path):
     runs = hand_made_runs()
-    runs.to_csv(tmp_path / "runs.csv", index=False)
-    (tmp_path / "history").mkdir()
+    runs.loc[runs["seed"] == 1, "device_name"] = "NVIDIA H200"
+    write_folder(tmp_path, runs)
+    text = build_report(tmp_path).read_text()
+    speed = text.split("## Speed and memory")[1].split("##")[0]
+    assert "ran on several devices (NVIDIA H200, test)" in speed and "step ms" not in speed
+
+
+def write_folder(folder, runs):
+    """`runs` as a results folder: runs.csv and a 10-step history for every OK run."""
+    runs.to_csv(folder / "runs.csv", index=False)
+    (folder / "history").mkdir()
     for r in runs[runs.status == "OK"].itertuples():
         steps = np.arange(10)
         pd.DataFrame(
@@ -318,7 +327,11 @@ def test_report_and_figures_from_csvs(tmp_path):
                 "attn_grad_norm_k": 1.0,
                 "attn_grad_norm_v": 1.0,
             }
-        ).to_csv(tmp_path / "history" / f"{r.run_id}.csv", index=False)
+        ).to_csv(folder / "history" / f"{r.run_id}.csv", index=False)
+
+
+def test_report_and_figures_from_csvs(tmp_path):
+    write_folder(tmp_path, hand_made_runs())
     pd.DataFrame(
         [{"check": "seed_determinism", "status": "PASS", "value": 0.0, "details": ""}]
     ).to_csv(tmp_path / "risk_checks.csv", index=False)

@@ -35,6 +35,7 @@ def runs() -> pd.DataFrame:
                         mean_outer_step_time_s=0.002 if dtype == "float32" else 0.003,
                         peak_cuda_mem_bytes=2**20,
                         device_runners=1,
+                        device_name="GPU",
                     )
                 )
     return pd.DataFrame(rows)
@@ -78,6 +79,13 @@ def test_step_times_from_a_shared_device_are_not_compared_with_float32():
     fo_shared.loc[fo_shared["mode"] != "FULL", "device_runners"] = 3  # FULL's times are its own
     table = robustness_table(fo_shared).set_index("precision")
     assert table.loc["bfloat16", "step ms"] == "3.00 (1.50x fp32)"
+
+
+def test_times_of_runs_on_several_devices_are_not_averaged():
+    mixed = runs()
+    mixed.loc[mixed["seed"] == 1, "device_name"] = "another device"
+    table = robustness_table(mixed)
+    assert set(table["step ms"]) == set(table["peak MiB"]) == {"n/a (several devices)"}
 
 
 def test_findings_name_where_full_works_and_where_its_gain_holds():
