@@ -378,6 +378,25 @@ def _made_with(folder: Path) -> tuple[str, dict, dict, str] | None:
     return where, run_config(row, folder), {}, "fix it, or delete that run's row from runs.csv"
 
 
+def recorded_grid(folder: Path) -> set[str] | None:
+    """The run_ids of every point of `folder`'s sweep record's grid (the product of its
+    axes); None where no record names a grid. ConfigError for a record this program
+    cannot read."""
+    record = _record(folder)
+    if record is None or not record["grid"]:
+        return None
+    shape = {n: record["settings"][n] for n in REGIME_FIELDS if n in record["settings"]}
+    try:
+        base = RunConfig().replace(**shape)
+        spec = SweepSpec(base, **{axis: tuple(v) for axis, v in record["grid"].items()})
+        return {c.run_id for c in spec.configs()}
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(
+            f"{folder / 'sweep.json'} records a grid this program cannot read ({e}); run the "
+            "sweep with --restart to move the folder's results aside"
+        ) from e
+
+
 def recorded_flags(folder: Path) -> tuple[str | None, dict]:
     """The settings `folder`'s results were made with, by RunConfig field, and their first
     (T, D, precision): the risk command's defaults on a results folder (_made_with).

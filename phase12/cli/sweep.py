@@ -35,6 +35,7 @@ from phase12.sweep import (
     SweepSpec,
     check_risk_folder,
     recorded_flags,
+    recorded_grid,
     run_sweep,
     unsupported_cells,
 )
@@ -223,7 +224,8 @@ def _report_can_read(spec: SweepSpec) -> Callable[[Path], None]:
 def _report(args) -> int:
     from analysis.report import build_report
 
-    path = build_report(args.root / args.tag)  # the caller holds the folder's lock
+    folder = args.root / args.tag  # the caller holds the folder's lock
+    path = build_report(folder, recorded_grid(folder))
     print(f"report written to {path}")
     return 0
 

@@ -81,6 +81,7 @@ def test_pipeline_command_writes_everything(tmp_path, capsys):
     risk = pd.read_csv(folder / "risk_checks.csv").set_index("check")["status"]
     assert risk["seed_determinism"] == "PASS" and risk["nonfinite_guard"] == "PASS"
     assert "## Risk checks" in (folder / "report.md").read_text()
+    assert "Unfinished" not in (folder / "report.md").read_text()
     assert cli.main(["report", "--root", str(tmp_path), "--tag", "p"]) == 0
 
 
@@ -92,6 +93,20 @@ def in_folder(root, tag: str) -> list[str]:
 # One seed of reference at k 1, two outer steps of meta-batch 2: a grid for the CPU.
 SMALL = ["--backends", "reference", "--k", "1", "--seeds", "0"]
 SMALL += ["--outer-steps", "2", "--meta-batch", "2"]
+
+
+def test_the_report_of_a_sweep_stopped_part_way_says_so(tmp_path, capsys):
+    sweep = ["sweep", *in_folder(tmp_path, "t"), *SMALL, "--modes", "FULL,FO", "--seq-lens", "8"]
+    assert cli.main(sweep) == 0
+    runs_csv = tmp_path / "t" / "runs.csv"
+    header, first, _ = runs_csv.read_text().splitlines(keepends=True)
+    runs_csv.write_text(header + first)  # as if stopped after the first run
+    assert cli.main(["report", "--root", str(tmp_path), "--tag", "t"]) == 0
+    text = (tmp_path / "t" / "report.md").read_text()
+    assert "**Unfinished: 1 of the 2 grid points that sweep.json records" in text
+    assert cli.main(sweep) == 0  # runs the missing one
+    assert cli.main(["report", "--root", str(tmp_path), "--tag", "t"]) == 0
+    assert "Unfinished" not in (tmp_path / "t" / "report.md").read_text()
 
 
 def test_risk_checks_at_another_setting_stop_the_report_until_written_again(tmp_path, capsys):
