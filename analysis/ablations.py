@@ -5,7 +5,8 @@ Every sentence is computed from runs.csv (the OK runs; `mode` holds the policy, 
 analysis.summary.load_runs); its verdict words follow the numbers. Gains are
 seed-paired differences of final query accuracy against FO; "beyond 2 SE" means the mean
 paired difference is more than two standard errors (std / sqrt(seeds)) from zero, which
-needs at least two seeds (with 3 seeds that is a loose bar: about p < 0.2 two-sided).
+needs at least two seeds (with 3 seeds that is a loose bar: about p < 0.2 two-sided); a
+difference the same in every seed (a standard error of zero) is called that instead.
 """
 
 from __future__ import annotations
@@ -56,31 +57,43 @@ def _fmt(row) -> str:
 def _beyond(row) -> str:
     if row["n"] < 2:  # one seed has no standard error to compare with
         return "no SE from one seed"
+    if row["std"] == 0:  # a standard error of zero: say what the seeds show instead
+        return f"{'zero' if row['mean'] == 0 else 'the same'} in each of {int(row['n'])} seeds"
     return "beyond 2 SE" if row["clear"] else "within 2 SE"
 
 
 def phase12_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """The seed's Phase 12 summary table, completed: per policy and k (first backend),
-    the measured attention-curvature share, the gain over FO and whether it is clear."""
+    """The seed's Phase 12 summary table, completed: per backend, policy and k, the
+    measured attention-curvature share, the gain over FO and whether it is clear."""
     ok = runs[runs["status"] == "OK"]
-    backend = sorted(ok["backend"].unique())[0]
     rows = []
     for policy in [m for m in ok["mode"].unique() if m not in ("FO", "FO_STRICT")]:
-        gains = paired(runs, policy, "FO")
-        for g in gains[gains["backend"] == backend].itertuples():
-            cell = ok[(ok["mode"] == policy) & (ok["inner_steps"] == g.inner_steps)]
-            cell = cell[cell["backend"] == backend]
+        for g in paired(runs, policy, "FO").itertuples():
+            cell = ok[
+                (ok["mode"] == policy)
+                & (ok["inner_steps"] == g.inner_steps)
+                & (ok["backend"] == g.backend)
+            ]
             rows.append(
                 {
+                    "backend": g.backend,
                     "policy": policy,
                     "attention curvature trained with": ATTENTION_CURVATURE_KEPT.get(policy, ""),
                     "k": g.inner_steps,
                     "FULL's attention share at its parameters": cell["attn_curvature_share"].mean(),
                     "gain over FO": _fmt(g._asdict()),
-                    "beyond 2 SE?": "yes" if g.clear else "no",
+                    "beyond 2 SE?": _yes_no(g._asdict()),
                 }
             )
-    return pd.DataFrame(rows).sort_values(["policy", "k"]) if rows else pd.DataFrame()
+    return pd.DataFrame(rows).sort_values(["backend", "policy", "k"]) if rows else pd.DataFrame()
+
+
+def _yes_no(row) -> str:
+    """Whether a paired difference is beyond 2 SE: yes or no, or what the seeds show
+    where there is no standard error (one seed) or it is zero."""
+    if row["n"] < 2 or row["std"] == 0:
+        return _beyond(row)
+    return "yes" if row["clear"] else "no"
 
 
 def share_vs_gain(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -149,24 +162,38 @@ def summary(runs: pd.DataFrame) -> list[str]:
         return None if d.empty else d.iloc[0]
 
     full, without, once = at("FULL"), at(ATTENTION_TERM), at("once_differentiable_attention")
-    needs = at("FULL", ATTENTION_TERM)
-    if any(r is None for r in (full, without, once, needs)):
+    needs, keeps = at("FULL", ATTENTION_TERM), at("FULL", "once_differentiable_attention")
+    if any(r is None for r in (full, without, once, needs, keeps)):
         return []
+    gain = full["clear"] and full["mean"] > 0
+    needed = needs["clear"] and needs["mean"] > 0  # does FULL's gain need attention's own?
+    if needs["clear"]:
+        attribution = (
+            "so part of this gain needs attention's own curvature."
+            if needs["mean"] > 0
+            else "so attention's own curvature costs accuracy here."
+        )
+    elif gain:
+        attribution = (
+            "not distinguishable from zero: these seeds show no part of FULL's gain that "
+            "needs attention's own curvature."
+        )
+    else:
+        attribution = (
+            "and FULL's own gain over FO is not beyond 2 SE: there is no gain to attribute."
+        )
     out = [
         f"At k = {k}, FULL − FO = {_fmt(full)} accuracy ({_beyond(full)}). Without "
         f"attention's own second derivative (no_attention_curvature) the gain over FO is "
         f"{_fmt(without)}; FULL − no_attention_curvature = {_fmt(needs)} ({_beyond(needs)}), "
-        + (
-            "so this gain does not need attention's own curvature."
-            if not (needs["clear"] and needs["mean"] > 0)
-            else "so part of this gain needs attention's own curvature."
-        )
+        + attribution
         + f" With attention's backward not differentiated at all (the seed's accident) the "
         f"gain over FO is {_fmt(once)} ({_beyond(once)})"
         + (
-            ": what carries the gain is the curvature of the rest of the model reaching "
-            "Wq, Wk, Wv through attention's first derivative."
-            if full["clear"] and full["mean"] > 0 and not (once["clear"] and once["mean"] > 0)
+            f", and FULL keeps a gain this policy loses (FULL − once_differentiable_attention "
+            f"= {_fmt(keeps)}, {_beyond(keeps)}): that points at the curvature of the rest of "
+            "the model reaching Wq, Wk, Wv through attention's first derivative."
+            if gain and keeps["clear"] and keeps["mean"] > 0 and not needed
             else "."
         )
     ]

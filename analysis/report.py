@@ -281,19 +281,25 @@ def _gap_sentence(g) -> str:
         )
     if g.gap_mean == 0 and g.gap_std == 0:
         return cell + f"FULL and FO tie exactly in each of {g.n_seeds} seeds."
-    two_se = 2 * g.gap_std / g.n_seeds**0.5
-    paired = f"(mean of {g.n_seeds} seed-paired differences, std {g.gap_std:.4f})"
+    winner = "FULL" if g.gap_mean > 0 else "FO"
     spread = (
         f"{'exceeds' if g.exceeds_spread else 'is within'} the seed-to-seed spread of the "
         f"paired seeds' accuracies ({g.spread:.4f})"
     )
+    if g.gap_std == 0:  # a standard error of zero: say what the seeds show instead
+        return (
+            cell + f"{winner} is ahead by {abs(g.gap_mean):.4f} accuracy in each of the "
+            f"{g.n_seeds} seeds (the seed-paired differences are all equal, so their standard "
+            f"error is zero), and it {spread}."
+        )
+    two_se = 2 * g.gap_std / g.n_seeds**0.5
+    paired = f"(mean of {g.n_seeds} seed-paired differences, std {g.gap_std:.4f})"
     if abs(g.gap_mean) <= two_se:
         return (
             cell + f"FULL − FO = {g.gap_mean:+.4f} accuracy {paired}, within two standard "
             f"errors of that mean ({two_se:.4f}): not distinguishable from zero with these "
             f"seeds; it {spread}."
         )
-    winner = "FULL" if g.gap_mean > 0 else "FO"
     return (
         cell + f"{winner} is ahead by {abs(g.gap_mean):.4f} accuracy {paired}, beyond two "
         f"standard errors of that mean ({two_se:.4f}), and it {spread}."

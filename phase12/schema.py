@@ -61,6 +61,7 @@ SEED_SETTING = {
     "inner_lr": 0.4,
     "signal_positions": 4,
     "noise_std": 0.5,
+    "metric_window": 20,  # the final accuracy's window of outer steps
 }
 
 RUNS_CSV = "runs.csv"  # one row per run, in a run's --out folder or a sweep folder
