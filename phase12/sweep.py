@@ -178,14 +178,12 @@ def _with_metadata(results: list[RunResult], configs: list[RunConfig]):
     ]
 
 
-def _serve(
-    runner: int, device: str, device_runners: int, tasks, results, keep_going=lambda: True
-) -> None:
+def _serve(runner: int, device: str, device_runners: int, tasks, results) -> None:
     """Run groups from `tasks` on `device`, which `device_runners` runners share, until a
     None; report ("start"/"done", index, ...)."""
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(device)  # allocations and graph captures default to it
-    while keep_going():
+    while True:
         item = tasks.get()
         if item is None:
             return
@@ -218,18 +216,21 @@ def _runners_per_device(devices: Sequence[str]) -> list[int]:
     return [keys.count(k) for k in keys]
 
 
+def _exit_with(parent: int) -> None:
+    """Exit this process as soon as `parent` is gone (checked every second): a parent
+    that exits without ending its workers (Ctrl-C while a group runs, SIGKILL) leaves
+    nobody to read their results."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
 def _worker(runner: int, device: str, device_runners: int, parent: int, tasks, results) -> None:
-    """A worker process: serves until the queue ends or its parent is gone. Ctrl-C
-    reaches it with the parent; the parent says so, the worker just stops."""
+    """A worker process: serves until the queue ends or its parent is gone, mid-group
+    too. Ctrl-C reaches it with the parent; the parent says so, the worker just stops."""
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     try:
-        _serve(
-            runner,
-            device,
-            device_runners,
-            tasks,
-            results,
-            keep_going=lambda: os.getppid() == parent,
-        )
+        _serve(runner, device, device_runners, tasks, results)
     except KeyboardInterrupt:
         pass
 

@@ -2,6 +2,7 @@
 ERROR cells retried, torn CSVs repaired, reports for any grid, folders checked before
 work, Ctrl-C, and the defaults of a CPU machine."""
 
+import contextlib
 import json
 import os
 import signal
@@ -400,15 +401,54 @@ def test_ctrl_c_during_a_sweep_with_a_runner_thread_and_a_worker_exits_130(tmp_p
     sweep = subprocess.Popen(
         [*command, "--no-progress"],
         start_new_session=True,
+        # Ctrl-C's disposition in a terminal: a shell that started these tests in the
+        # background without job control left SIGINT ignored, and Python keeps it so.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    time.sleep(10)  # both runners inside their first group
-    os.killpg(sweep.pid, signal.SIGINT)
-    out, _ = sweep.communicate(timeout=60)
+    try:
+        announced = sweep.stdout.readline()  # said just before the runners start
+        time.sleep(5)  # the runner thread inside its first group
+        os.killpg(sweep.pid, signal.SIGINT)
+        out, _ = sweep.communicate(timeout=60)
+    finally:  # never leave the sweep running
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.wait()
+    assert "4 to run on cpu, cpu" in announced, announced
     assert sweep.returncode == 130, out
     assert "interrupted: finished runs are saved" in out and "terminate called" not in out
+
+
+def test_a_worker_mid_group_exits_when_its_sweep_is_killed(tmp_path):
+    """SIGKILL (or a parent that exits without ending them) must not leave a worker
+    process training for nobody: it notices within seconds and exits."""
+    grid = ["--modes", "FULL", "--k", "1,2", "--seeds", "0", "--outer-steps", "100000"]
+    command = [sys.executable, "-m", "phase12", "sweep", "--root", str(tmp_path), "--tag", "t"]
+    command += [*grid, "--meta-batch", "2", "--seq-len", "8", "--devices", "cpu,cpu"]
+    sweep = subprocess.Popen(
+        [*command, "--no-progress"], start_new_session=True, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert "2 to run on cpu, cpu" in sweep.stdout.readline()
+        time.sleep(8)  # the worker inside its group (or still starting: it exits either way)
+        os.kill(sweep.pid, signal.SIGKILL)
+        sweep.wait()  # reaped: what is left of its group is the worker and the tracker
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(sweep.pid, 0)  # any process of the sweep's group left?
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("a worker of the killed sweep is still running")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait()
 
 
 def test_sweep_and_pipeline_default_to_what_runs_on_a_cpu(tmp_path, capsys, monkeypatch):

@@ -134,12 +134,19 @@ def test_sweep_on_two_gpus_uses_both_with_graphs_and_matches_one_gpu(tmp_path, m
 
     serve = sweep_module._serve
 
-    def serve_one_group(runner, device, device_runners, tasks, results, keep_going=None):
+    class OneGroup:  # the queue as this process's thread sees it: one group, then the end
+        def __init__(self, tasks):
+            self.tasks, self.taken = tasks, False
+
+        def get(self):
+            taken, self.taken = self.taken, True
+            return None if taken else self.tasks.get()
+
+    def serve_one_group(runner, device, device_runners, tasks, results):
         # This process's thread takes one group and stops, so the worker process must run
         # the rest (with tiny cells the thread could finish everything before the worker
         # has imported torch). The worker, a fresh process, runs the unpatched function.
-        calls = iter((True, False))
-        serve(runner, device, device_runners, tasks, results, keep_going=lambda: next(calls))
+        serve(runner, device, device_runners, OneGroup(tasks), results)
 
     monkeypatch.setattr(sweep_module, "_serve", serve_one_group)
     spec = sweep_module.SweepSpec(

@@ -168,7 +168,7 @@ def test_groups_are_recorded_as_failed_when_every_runner_is_gone(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_group_whose_runner_dies_is_failed_with_the_runners_of_its_device(monkeypatch):
-    def dies_mid_group(runner, device, device_runners, tasks, results, keep_going=None):
+    def dies_mid_group(runner, device, device_runners, tasks, results):
         index, _ = tasks.get()
         results.put(("start", index, runner))
         raise RuntimeError("device lost")  # the serving thread; the worker process serves on
