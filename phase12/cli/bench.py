@@ -43,8 +43,18 @@ def _step_parser() -> ArgumentParser:
     from phase12.benchmarks import step
 
     p = ArgumentParser(prog="run.py bench step", description=step.__doc__)
-    p.add_argument("--modes", type=csv_list(str, MODES), default=MODES, help="comma-separated")
-    p.add_argument("--k", type=csv_list(int), default=(1, 5, 10, 20), help="comma-separated")
+    p.add_argument(
+        "--modes",
+        type=csv_list(str, MODES),
+        default=MODES,
+        help=f"comma-separated (default {','.join(MODES)})",
+    )
+    p.add_argument(
+        "--k",
+        type=csv_list(int),
+        default=(1, 5, 10, 20),
+        help="comma-separated (default 1,5,10,20)",
+    )
     p.add_argument(
         "--backends",
         type=csv_list(str, NAMES),
@@ -401,7 +411,7 @@ def main(argv: list[str]) -> int:
     # No -h of its own: `run.py bench attention --help` is the attention benchmark's.
     p = ArgumentParser(prog="run.py bench", add_help=False)
     p.add_argument(
-        "what",
+        "benchmark",
         choices=BENCHMARKS,
         help="which benchmark (--help after it for its options)",
     )
@@ -414,5 +424,5 @@ def main(argv: list[str]) -> int:
         "attention": bench_attention,
         "tiles": bench_tiles,
         "distributed": bench_distributed,
-    }[args.what]
+    }[args.benchmark]
     return run(rest)

@@ -241,7 +241,13 @@ def main(name: str, argv: list[str]) -> int:
             if name == "report":
                 check_folder(args.root, args.tag)
                 if not (folder / RUNS_CSV).exists():
-                    raise ConfigError(f"no runs.csv in {folder}: run the sweep first")
+                    if folder.is_dir():  # a writer at work there is refused as such
+                        with FolderLock(folder):
+                            pass
+                    raise ConfigError(
+                        f"no runs.csv in {folder}: no run has finished there (run the sweep "
+                        "first; a run killed before its end saves nothing)"
+                    )
             else:
                 if name == "risk":
                     source, recorded = recorded_flags(check_folder(args.root, args.tag))

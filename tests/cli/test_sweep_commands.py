@@ -9,6 +9,7 @@ import pandas as pd
 from support import exit_code
 
 from phase12 import cli
+from phase12.io import FolderLock
 
 
 def sweep_cli(root, *grid: str) -> int:
@@ -44,6 +45,10 @@ def test_sweep_cli_rejects_bad_grid(tmp_path, capsys):
 def test_report_cli_needs_a_sweep(tmp_path, capsys):
     assert cli.main(["report", "--root", str(tmp_path), "--tag", "none"]) == 2
     assert "run the sweep first" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    with FolderLock(tmp_path / "busy"):  # a run still writing its first row
+        assert cli.main(["report", "--root", str(tmp_path), "--tag", "busy"]) == 2
+    assert "being written by pid" in capsys.readouterr().err
 
 
 def test_pipeline_command_writes_everything(tmp_path, capsys):
