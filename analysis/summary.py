@@ -73,9 +73,20 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
     # stands where a mode stands (runs.csv of older versions have no ablation column).
     if "ablation" not in runs:
         runs["ablation"] = "none"
-    runs["ablation"] = runs["ablation"].astype(object).where(runs["ablation"].notna(), "none")
     if runs["run_id"].isna().any():  # named before any meta JSON is looked up by run_id
         _check_values(runs, path)
+    # A blank ablation is "none" (older versions), but not where the run_id names an
+    # ablation as the run's policy: such a row would count as a seed of FULL.
+    blank = runs["ablation"].isna()
+    ablations = [a for a in ABLATION_NAMES if a != "none"]
+    names_one = [any(f"_{a}_k" in str(r) for a in ablations) for r in runs["run_id"]]
+    wrong = blank.to_numpy() & np.array(names_one, dtype=bool)
+    if wrong.any():
+        raise ValueError(
+            f"{path}, line {wrong.nonzero()[0][0] + 2}: the run has no ablation but its run_id "
+            "names one; fill in its ablation or drop that row"
+        )
+    runs["ablation"] = runs["ablation"].astype(object).where(~blank, "none")
     if "dim" not in runs and len(runs):  # older versions kept D in the meta JSON alone
         runs["dim"] = [_meta_dim(folder, run_id) for run_id in runs["run_id"]]
     _check_values(runs, path)

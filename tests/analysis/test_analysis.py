@@ -128,6 +128,12 @@ def test_runs_of_older_versions_have_no_runner_count_and_keep_their_speed_up(tmp
         (lambda r: edit_first(r, num_signal_positions=8), "several num_signal_positions"),
         (lambda r: edit_first(r, status="DONE"), "has a status not one of OK, NONFINITE"),
         (
+            lambda r: edit_first(
+                r, run_id="reference_no_attention_curvature_k1_seed0", ablation=float("nan")
+            ),
+            "line 2: the run has no ablation but its run_id names one",
+        ),
+        (
             lambda r: edit_first(r, final_acc=float("nan")),
             "line 2: the run is OK but has no final_acc",
         ),
