@@ -555,7 +555,9 @@ def _risk_lines(folder: Path, runs: pd.DataFrame, setting: dict) -> list[str]:
             said.append(f"They ran on {checked_at['device']}; the runs on {', '.join(ran_on)}.")
     guard = table[table["check"] == "nonfinite_guard"]
     if len(guard):
-        then = "no runs" if guard["status"].iloc[0] == "SKIP" else str(guard["details"].iloc[0])
+        details = guard["details"].iloc[0]
+        skipped = guard["status"].iloc[0] == "SKIP" or not isinstance(details, str)
+        then = "no runs" if skipped else details
         now = ", ".join(f"{k}={v}" for k, v in sorted(runs["status"].value_counts().items()))
         if then != now:
             said.append(

@@ -235,6 +235,8 @@ def nonfinite_guard(sweep_folder: Path | None) -> dict:
     if path is None or not path.exists():
         return _row("nonfinite_guard", "SKIP", details="no sweep runs.csv to summarise")
     counts = pd.read_csv(path)["status"].value_counts().to_dict()
+    if not counts:
+        return _row("nonfinite_guard", "SKIP", details="no runs in the sweep's runs.csv yet")
     bad = counts.get("NONFINITE", 0) + counts.get("ERROR", 0)
     return _row(
         "nonfinite_guard",

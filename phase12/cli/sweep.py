@@ -254,13 +254,18 @@ def main(name: str, argv: list[str]) -> int:
                     if recorded:  # flags not given: what the folder's results were made with
                         p.set_defaults(**recorded)
                         args = p.parse_args(argv)
-                        print(f"risk: the settings of {source} where no flag is given")
+                    settings_from = (
+                        f"risk: the settings of {source} where no flag is given"
+                        if recorded
+                        else f"risk: {folder} holds no runs or sweep record; the flags' settings"
+                    )
                 spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
             held.enter_context(FolderLock(folder))
             if name == "report":
                 return _report(args)  # a CSV it cannot read: ValueError, nothing written
             if name == "risk":
                 check_risk_folder(folder, spec.base)
+                print(settings_from)
                 return _risk(args, spec)
             start = time.perf_counter()
             status = _sweep(args, spec, _report_can_read(spec) if name == "pipeline" else None)

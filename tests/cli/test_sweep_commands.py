@@ -120,6 +120,7 @@ def test_risk_checks_at_another_setting_stop_the_report_until_written_again(tmp_
     folder, small = in_folder(tmp_path, "t"), [*SMALL, "--seq-lens", "8"]
     risk = ["risk", *folder, *small, "--no-gradgradcheck"]
     assert cli.main([*risk, "--noise-std", "0.1"]) == 0
+    assert "holds no runs or sweep record; the flags' settings" in capsys.readouterr().out
     assert cli.main(["sweep", *folder, *small]) == 0
     capsys.readouterr()
     assert cli.main(["report", "--root", str(tmp_path), "--tag", "t"]) == 2

@@ -64,3 +64,11 @@ def test_a_gradgradcheck_not_run_says_why(tmp_path):
 
     assert why(backends=("reference",)) == "triton_fused not among the requested backends"
     assert why(gradgradcheck=False) == "switched off (--no-gradgradcheck)"
+
+
+def test_the_nonfinite_guard_of_a_runs_csv_without_rows_is_skipped(tmp_path):
+    from phase12.risk import nonfinite_guard
+
+    pd.DataFrame(columns=["run_id", "status"]).to_csv(tmp_path / "runs.csv", index=False)
+    row = nonfinite_guard(tmp_path)
+    assert row["status"] == "SKIP" and "no runs" in row["details"]
