@@ -90,7 +90,7 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
     if "dim" not in runs and len(runs):  # older versions kept D in the meta JSON alone
         runs["dim"] = [_meta_dim(folder, run_id) for run_id in runs["run_id"]]
     _check_values(runs, path)
-    recorded_settings(folder, runs["run_id"])
+    recorded_settings(folder, runs["run_id"], runs)
     runs["mode"] = runs["mode"].where(runs["ablation"] == "none", runs["ablation"])
     if "device_runners" not in runs:  # older versions did not record it
         runs["device_runners"] = float("nan")
@@ -113,13 +113,16 @@ def _meta_dim(folder: Path, run_id) -> int:
         ) from e
 
 
-def recorded_settings(folder: Path, run_ids: Iterable) -> dict:
+def recorded_settings(folder: Path, run_ids: Iterable, rows: pd.DataFrame | None = None) -> dict:
     """The settings the runs' meta JSONs record (every field of the config each
     meta/RUN.json holds but the grid axes and the device), one value each. ValueError,
     naming two of the files, for runs whose recorded settings differ: the rest of a run's
     settings (noise, shots, classes, ...) are in no column, and the analysis would
-    average such runs together. Runs without a meta JSON (older versions wrote none for
-    some) and settings a JSON lacks (older versions) are let pass."""
+    average such runs together. With `rows` (runs.csv as read, by run_id), ValueError too,
+    naming the file, for a meta JSON whose grid point is not its row's (a hand edit). Runs
+    without a meta JSON (older versions wrote none for some) and settings a JSON lacks
+    (older versions) are let pass."""
+    by_id = {} if rows is None else rows.set_index("run_id").to_dict("index")
     seen: dict[str, tuple] = {}  # setting -> (its JSON value, the file it was read from)
     for run_id in run_ids:
         path = folder / "meta" / f"{run_id}.json"
@@ -132,7 +135,13 @@ def recorded_settings(folder: Path, run_ids: Iterable) -> dict:
                 f"{path} cannot be read ({type(e).__name__}), so its run's settings are "
                 "unknown; fix it, or drop the run's row from runs.csv"
             ) from e
+        row = by_id.get(run_id, {})
         for name, value in config.items():
+            if name in GRID_FIELDS and not _same(row.get(name), value):
+                raise ValueError(
+                    f"{path} records {name} {json.dumps(value)} but its row in "
+                    f"{folder / RUNS_CSV} {row[name]}; fix the one that is wrong"
+                )
             if name in GRID_FIELDS or name == "device":
                 continue
             first = seen.setdefault(name, (json.dumps(value), path))
@@ -143,6 +152,17 @@ def recorded_settings(folder: Path, run_ids: Iterable) -> dict:
                     "meta JSONs and histories to a folder of their own"
                 )
     return {name: json.loads(value) for name, (value, _) in seen.items()}
+
+
+def _same(cell, value) -> bool:
+    """Whether a runs.csv cell (None or NaN where absent: not compared) holds a meta
+    JSON's value (64.0 is 64: pandas reads a column with blanks as floats)."""
+    if cell is None or cell != cell:
+        return True
+    try:
+        return float(cell) == float(value)
+    except (TypeError, ValueError):
+        return str(cell) == str(value)
 
 
 def run_setting(folder: Path, runs: pd.DataFrame) -> dict:

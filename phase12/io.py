@@ -242,16 +242,24 @@ def run_config(row: Mapping, folder: str | Path) -> dict:
     meta JSON's config ({} where it has none), the row's SETTING_COLUMNS, T, D and
     precision over it. ConfigError for a meta JSON that cannot be read or a setting that
     is not a number."""
-    config = _meta_config(Path(folder) / "meta" / f"{row['run_id']}.json")
+    meta = Path(folder) / "meta" / f"{row['run_id']}.json"
+    config = _meta_config(meta)
     shape = {"dtype": row["dtype"]} if row["dtype"] else {}
     try:
         numbers = (*SETTING_COLUMNS, "seq_len", "dim")
-        return config | shape | {c: json.loads(row[c]) for c in numbers if row[c] != ""}
+        recorded = config | shape | {c: json.loads(row[c]) for c in numbers if row[c] != ""}
     except ValueError as e:
         raise ConfigError(
             f"{Path(folder) / RUNS_CSV}: run {row['run_id']} has a setting that is not a "
             "number; fix or drop that row"
         ) from e
+    for name in ("seq_len", "dim", "dtype"):  # the row's shape is the run's: so must the JSON's
+        if name in config and config[name] != recorded[name]:
+            raise ConfigError(
+                f"{meta} records {name} {json.dumps(config[name])} but the run's row in "
+                f"{Path(folder) / RUNS_CSV} {recorded[name]}; fix the one that is wrong"
+            )
+    return recorded
 
 
 def _meta_config(path: Path) -> dict:

@@ -222,7 +222,14 @@ def test_runs_whose_meta_jsons_record_other_settings_are_refused(tmp_path):
         config = {"mode": r.mode, "seed": r.seed, "device": f"cuda:{r.seed}", "noise_std": 0.5}
         meta(r.run_id).write_text(json.dumps({"config": config}))
     meta(runs.run_id[5]).unlink()  # older versions wrote none for some runs
-    meta(runs.run_id[6]).write_text(json.dumps({"config": {"mode": "FO"}}))  # nor every key
+    meta(runs.run_id[6]).write_text(
+        json.dumps({"config": {"mode": runs["mode"][6]}})
+    )  # nor every key
+    assert len(load_runs(tmp_path)) == len(runs)
+    meta(runs.run_id[6]).write_text(json.dumps({"config": {"inner_steps": 20}}))  # its row: 5
+    with pytest.raises(ValueError, match="records inner_steps 20 but its row in .* 5; fix"):
+        build_report(tmp_path)
+    meta(runs.run_id[6]).write_text(json.dumps({"config": {"inner_steps": 5.0}}))  # the same
     assert len(load_runs(tmp_path)) == len(runs)
     meta(runs.run_id[7]).write_text(json.dumps({"config": {"noise_std": 0.3}}))
     first, seventh = meta(runs.run_id[0]), meta(runs.run_id[7])

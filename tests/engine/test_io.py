@@ -137,6 +137,20 @@ def test_records_from_before_a_setting_read_it_as_what_their_runs_did(tmp_path):
     assert changed_settings(lone, config.replace(probe_every=5), absent_differs=False) is None
 
 
+def test_a_meta_json_of_another_shape_than_its_row_is_refused(tmp_path):
+    from phase12.config import ConfigError
+    from phase12.io import run_config
+
+    (tmp_path / "meta").mkdir()
+    meta = tmp_path / "meta" / "r.json"
+    row = dict.fromkeys(RUN_COLUMNS, "") | {"run_id": "r", "seq_len": "32", "dim": "64"}
+    meta.write_text(json.dumps({"config": {"seq_len": 99, "dim": 64}}))
+    with pytest.raises(ConfigError, match=r"records seq_len 99 but the run's row in .* 32; fix"):
+        run_config(row, tmp_path)
+    meta.write_text(json.dumps({"config": {"seq_len": 32, "dim": 64}}))
+    assert run_config(row, tmp_path) == {"seq_len": 32, "dim": 64, "probe_every": 0}
+
+
 def test_the_names_a_run_row_takes_are_the_configs():
     """The analysis checks a row's backend, mode, ablation and dtype against the schema's names:
     they are the ones the engine runs."""
