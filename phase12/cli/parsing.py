@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -15,6 +16,8 @@ from phase12.config import ConfigError, RunConfig, option_help, resolve_device
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NONFINITE = 2, 1, 3
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+# A results folder's name, as the report and risk commands take it (--tag).
+TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Choices the config cannot list itself (the backends are registered above it).
 CHOICES = {"backend": NAMES}
 # Flags that are not --field-name (the seed project's name for k).

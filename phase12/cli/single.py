@@ -20,6 +20,7 @@ from phase12.cli.parsing import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_NONFINITE,
+    TAG,
     ArgumentParser,
     add_config_flags,
     config_from_args,
@@ -149,6 +150,12 @@ def _output_folder(args, config) -> Path | None:
     if args.no_save:
         return None
     out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}_{config.run_id}"
+    if not TAG.fullmatch(out.resolve().name):  # what `report --root R --tag NAME` takes
+        raise ConfigError(
+            f"--out {out}: its last part {out.resolve().name!r} is not a plain name (letters, "
+            "digits, '.', '_' and '-', not starting with '.'), which the report and risk "
+            "commands take as --tag"
+        )
     if out.exists():
         if not out.is_dir():
             raise ConfigError(f"--out {out} exists and is not a folder")

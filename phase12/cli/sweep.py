@@ -6,7 +6,6 @@ All of them work in one folder per sweep, ROOT/TAG (default runs/<timestamp>).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from phase12.cli.parsing import (
     EXIT_FAILED,
     FIELDS,
     GRID_FLAGS,
+    TAG,
     ArgumentParser,
     add_config_flags,
     add_grid_flags,
@@ -60,7 +60,6 @@ GRID_DEFAULTS = {
     "dim": (RunConfig.dim,),
     "dtype": (RunConfig.dtype,),
 }
-TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def parser(name: str) -> ArgumentParser:

@@ -299,6 +299,13 @@ def test_sweep_folders_are_checked_before_any_work(tmp_path, capsys, flags, mess
     assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())
 
 
+def test_a_single_runs_folder_must_be_one_the_report_can_name(tmp_path, capsys):
+    out = tmp_path / "x y"
+    assert exit_code("--k", "1", "--outer-steps", "2", *SIZES, "--out", str(out)) == 2
+    assert "its last part 'x y' is not a plain name" in one_error_line(capsys)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "command,flags,message",
     [
