@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 
 ATTENTION_TERM = "no_attention_curvature"
+# A seed-paired std below this is float rounding of equal differences: no spread.
+NO_SPREAD = 1e-12
 # What of attention's own second derivative each policy trains with.
 ATTENTION_CURVATURE_KEPT = {
     "FULL": "all",
@@ -57,8 +59,9 @@ def _fmt(row) -> str:
 def _beyond(row) -> str:
     if row["n"] < 2:  # one seed has no standard error to compare with
         return "no SE from one seed"
-    if row["std"] == 0:  # a standard error of zero: say what the seeds show instead
-        return f"{'zero' if row['mean'] == 0 else 'the same'} in each of {int(row['n'])} seeds"
+    if row["std"] <= NO_SPREAD:  # a standard error of zero: say what the seeds show instead
+        zero = abs(row["mean"]) <= NO_SPREAD
+        return f"{'zero' if zero else 'the same'} in each of {int(row['n'])} seeds"
     return "beyond 2 SE" if row["clear"] else "within 2 SE"
 
 
@@ -91,7 +94,7 @@ def phase12_table(runs: pd.DataFrame) -> pd.DataFrame:
 def _yes_no(row) -> str:
     """Whether a paired difference is beyond 2 SE: yes or no, or what the seeds show
     where there is no standard error (one seed) or it is zero."""
-    if row["n"] < 2 or row["std"] == 0:
+    if row["n"] < 2 or row["std"] <= NO_SPREAD:
         return _beyond(row)
     return "yes" if row["clear"] else "no"
 
@@ -167,20 +170,20 @@ def summary(runs: pd.DataFrame) -> list[str]:
         return []
     gain = full["clear"] and full["mean"] > 0
     needed = needs["clear"] and needs["mean"] > 0  # does FULL's gain need attention's own?
-    if needs["clear"]:
+    if needs["clear"] and needs["mean"] < 0:
+        attribution = "so attention's own curvature costs accuracy here."
+    elif not gain:
         attribution = (
-            "so part of this gain needs attention's own curvature."
-            if needs["mean"] > 0
-            else "so attention's own curvature costs accuracy here."
+            "and FULL is behind FO beyond 2 SE: there is no gain to attribute."
+            if full["clear"]
+            else "and FULL's own gain over FO is not beyond 2 SE: there is no gain to attribute."
         )
-    elif gain:
+    elif needed:
+        attribution = "so part of this gain needs attention's own curvature."
+    else:
         attribution = (
             "not distinguishable from zero: these seeds show no part of FULL's gain that "
             "needs attention's own curvature."
-        )
-    else:
-        attribution = (
-            "and FULL's own gain over FO is not beyond 2 SE: there is no gain to attribute."
         )
     out = [
         f"At k = {k}, FULL − FO = {_fmt(full)} accuracy ({_beyond(full)}). Without "

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.ablations import (
+    NO_SPREAD,
     findings,
     one_backend,
     phase12_table,
@@ -279,14 +280,14 @@ def _gap_sentence(g) -> str:
             cell + f"FULL − FO = {g.gap_mean:+.4f} accuracy from one seed; one seed has no "
             "seed-to-seed spread to judge it against."
         )
-    if g.gap_mean == 0 and g.gap_std == 0:
+    if abs(g.gap_mean) <= NO_SPREAD and g.gap_std <= NO_SPREAD:
         return cell + f"FULL and FO tie exactly in each of {g.n_seeds} seeds."
     winner = "FULL" if g.gap_mean > 0 else "FO"
     spread = (
         f"{'exceeds' if g.exceeds_spread else 'is within'} the seed-to-seed spread of the "
         f"paired seeds' accuracies ({g.spread:.4f})"
     )
-    if g.gap_std == 0:  # a standard error of zero: say what the seeds show instead
+    if g.gap_std <= NO_SPREAD:  # a standard error of zero: say what the seeds show instead
         return (
             cell + f"{winner} is ahead by {abs(g.gap_mean):.4f} accuracy in each of the "
             f"{g.n_seeds} seeds (the seed-paired differences are all equal, so their standard "
@@ -589,7 +590,7 @@ def _map_report(
     seeds = int(
         runs.groupby([*REGIME_FIELDS, "backend", "mode", "inner_steps"])["seed"].nunique().min()
     )
-    shown = table.drop(columns=["gain"]) if len(table) else table
+    shown = table.drop(columns=["gain", "gain beyond 2 SE"]) if len(table) else table
     lines = [
         *_title_lines(f"Phase 12 robustness map: {folder.name}", grid_points),
         "## Configuration",

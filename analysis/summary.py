@@ -17,6 +17,7 @@ from phase12.schema import (
     MODES,
     PROBES,
     REGIME_FIELDS,
+    RUN_COLUMNS,
     RUNS_CSV,
     SEED_COLUMNS,
     SEED_SETTING,
@@ -63,8 +64,8 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
             f"{path} ends in a partial line (a write cut short); the next sweep or run into "
             "this folder moves it aside, or delete the last line"
         )
-    try:
-        runs = pd.read_csv(path)
+    try:  # an empty file (created, then killed before its header): no runs, like a header
+        runs = pd.read_csv(path) if path.stat().st_size else pd.DataFrame(columns=RUN_COLUMNS)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise ValueError(f"{path} is not a runs.csv this program wrote ({type(e).__name__})") from e
     if "status" not in runs or "run_id" not in runs:

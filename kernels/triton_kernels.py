@@ -74,14 +74,19 @@ def _program_tile(n, BLOCK: tl.constexpr):
 @triton.jit
 def _load(ptr, bh, offs_r, offs_c, n_r, n_c):
     """Tile [offs_r, offs_c] of slice bh of a contiguous (BH, n_r, n_c) array; zeros outside."""
-    return _load_strided(ptr, bh, offs_r, offs_c, n_r, n_c, n_r * n_c, n_c)
+    return _load_rows(ptr + bh.to(tl.int64) * n_r * n_c, offs_r, offs_c, n_r, n_c, n_c)
 
 
 @triton.jit
 def _load_strided(ptr, bh, offs_r, offs_c, n_r, n_c, stride_bh, stride_r):
     """Tile [offs_r, offs_c] of slice bh of a (BH, n_r, n_c) array whose columns are
     adjacent, with the given slice and row strides (in elements); zeros outside."""
-    base = ptr + bh.to(tl.int64) * stride_bh
+    return _load_rows(ptr + bh.to(tl.int64) * stride_bh, offs_r, offs_c, n_r, n_c, stride_r)
+
+
+@triton.jit
+def _load_rows(base, offs_r, offs_c, n_r, n_c, stride_r):
+    """Tile [offs_r, offs_c] of the (n_r, n_c) slice at `base`, rows `stride_r` apart."""
     mask = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
     return tl.load(base + offs_r[:, None] * stride_r + offs_c[None, :], mask=mask, other=0.0)
 

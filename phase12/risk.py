@@ -234,7 +234,8 @@ def nonfinite_guard(sweep_folder: Path | None) -> dict:
     path = None if sweep_folder is None else sweep_folder / RUNS_CSV
     if path is None or not path.exists():
         return _row("nonfinite_guard", "SKIP", details="no sweep runs.csv to summarise")
-    counts = pd.read_csv(path)["status"].value_counts().to_dict()
+    # An empty file (created, then killed before its header) holds no runs either.
+    counts = pd.read_csv(path)["status"].value_counts().to_dict() if path.stat().st_size else {}
     if not counts:
         return _row("nonfinite_guard", "SKIP", details="no runs in the sweep's runs.csv yet")
     bad = counts.get("NONFINITE", 0) + counts.get("ERROR", 0)

@@ -386,9 +386,10 @@ def recorded_grid(folder: Path) -> set[str] | None:
     record = _record(folder)
     if record is None or not record["grid"]:
         return None
-    shape = {n: record["settings"][n] for n in REGIME_FIELDS if n in record["settings"]}
+    fields = RunConfig.__dataclass_fields__
+    recorded = {n: v for n, v in record["settings"].items() if n in fields}
     try:
-        base = RunConfig().replace(**shape)
+        base = RunConfig().replace(**recorded)  # as the sweep ran: its checks hold together
         spec = SweepSpec(base, **{axis: tuple(v) for axis, v in record["grid"].items()})
         return {c.run_id for c in spec.configs()}
     except (ConfigError, TypeError) as e:
@@ -510,6 +511,7 @@ def _open_folder(
         )
     runs_csv = folder / RUNS_CSV
     try:  # a damaged runs.csv or errors.csv: before any work, like other bad input
+        check_columns(runs_csv)  # another program's CSV is refused, not repaired
         repair_torn_tail(runs_csv)
         rows = read_rows(runs_csv)
         check_columns(folder / "errors.csv")

@@ -30,6 +30,7 @@ from phase12.distributed import World, init_world, local_device, torchrun_world_
 from phase12.io import (
     FolderBusy,
     FolderLock,
+    check_columns,
     other_settings,
     read_rows,
     repair_torn_tail,
@@ -178,6 +179,7 @@ def _remove_if_unused(out: Path) -> None:
 def _check_new_run(out: Path, config) -> None:
     """With the folder locked: its runs.csv made whole (a torn last line moved aside)
     and without this run yet. Raises ConfigError."""
+    check_columns(out / RUNS_CSV)  # another program's CSV is refused, not repaired
     repair_torn_tail(out / RUNS_CSV)
     rows = read_rows(out / RUNS_CSV)
     if config.run_id in {r["run_id"] for r in rows}:

@@ -240,7 +240,7 @@ def main(name: str, argv: list[str]) -> int:
             if name == "report":
                 check_folder(args.root, args.tag)
                 if not (folder / RUNS_CSV).exists():
-                    if folder.is_dir():  # a writer at work there is refused as such
+                    if (folder / ".writer.lock").exists():  # a writer at work there is named
                         with FolderLock(folder):
                             pass
                     raise ConfigError(

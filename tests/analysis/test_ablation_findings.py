@@ -74,6 +74,10 @@ def test_the_summary_attributes_only_a_gain_the_seeds_show():
     none = short(FULL=(0.68, 0.0), FO=(0.68, 0.0), no_attention_curvature=(0.68, 0.0))
     assert "FULL's own gain over FO is not beyond 2 SE: there is no gain to attribute" in none
     assert "FULL keeps a gain" not in none and "points at" not in none
+    # FULL behind FO and ahead of no_attention_curvature, both beyond 2 SE: no "gain"
+    behind = short(FULL=(0.60, 0.002), no_attention_curvature=(0.50, 0.001))
+    assert "and FULL is behind FO beyond 2 SE: there is no gain to attribute" in behind
+    assert "part of this gain" not in behind
 
 
 def test_the_frozen_statistics_verdict_follows_the_sign_and_the_spread():

@@ -81,6 +81,16 @@ def test_step_times_from_a_shared_device_are_not_compared_with_float32():
     assert table.loc["bfloat16", "step ms"] == "3.00 (1.50x fp32)"
 
 
+def test_a_gain_the_same_in_every_seed_counts_as_holding():
+    same = runs()
+    full = same["mode"] == "FULL"
+    same.loc[full, "final_acc"] = same.loc[full, "final_acc"] - 0.001 * same.loc[full, "seed"]
+    table = robustness_table(same).set_index("precision")
+    assert table.loc["float32", "FULL − FO"].endswith("(the same in each of 3 seeds)")
+    assert "holds (positive, beyond 2 SE) in" in " ".join(findings(robustness_table(same)))
+    assert table.loc["float32", "gain beyond 2 SE"]
+
+
 def test_times_of_runs_on_several_devices_are_not_averaged():
     mixed = runs()
     mixed.loc[mixed["seed"] == 1, "device_name"] = "another device"

@@ -299,6 +299,16 @@ def test_sweep_folders_are_checked_before_any_work(tmp_path, capsys, flags, mess
     assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())
 
 
+def test_another_programs_csv_in_out_is_refused_untouched(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    foreign = b"name,age,city\nbob,3"  # and no line end: not ours to repair
+    (tmp_path / "o" / "runs.csv").write_bytes(foreign)
+    assert exit_code("--k", "1", "--outer-steps", "2", *SIZES, "--out", str(tmp_path / "o")) == 2
+    assert "has other columns" in one_error_line(capsys)
+    assert (tmp_path / "o" / "runs.csv").read_bytes() == foreign
+    assert not list((tmp_path / "o").glob("runs.csv.torn-*"))
+
+
 def test_a_single_runs_folder_must_be_one_the_report_can_name(tmp_path, capsys):
     out = tmp_path / "x y"
     assert exit_code("--k", "1", "--outer-steps", "2", *SIZES, "--out", str(out)) == 2

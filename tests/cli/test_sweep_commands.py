@@ -114,6 +114,27 @@ def test_the_report_of_a_sweep_stopped_part_way_says_so(tmp_path, capsys):
     assert "Unfinished" not in (tmp_path / "t" / "report.md").read_text()
 
 
+def test_a_sweep_at_settings_that_hold_only_together_is_reported(tmp_path):
+    """The grid check rebuilds the sweep's configs from all its settings: two signal
+    positions in sequences of 4 are fine; the default 4 positions in them are not."""
+    small = ["--backends", "reference", "--modes", "FO", "--k", "1", "--seeds", "0"]
+    small += ["--outer-steps", "2", "--meta-batch", "2", "--metric-window", "1"]
+    shape = ["--seq-lens", "4", "--dims", "8", "--signal-positions", "2"]
+    assert cli.main(["sweep", *in_folder(tmp_path, "t"), *small, *shape]) == 0
+    assert cli.main(["report", "--root", str(tmp_path), "--tag", "t"]) == 0
+
+
+def test_an_empty_runs_csv_is_no_runs_to_risk_and_report(tmp_path, capsys):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "runs.csv").write_bytes(b"")  # created, then killed before its header
+    risk = ["risk", *in_folder(tmp_path, "t"), *SMALL, "--seq-lens", "8", "--no-gradgradcheck"]
+    assert cli.main(risk) == 0
+    checks = pd.read_csv(tmp_path / "t" / "risk_checks.csv").set_index("check")
+    assert checks.loc["nonfinite_guard", "status"] == "SKIP"
+    assert cli.main(["report", "--root", str(tmp_path), "--tag", "t"]) == 2
+    assert "holds no runs yet" in capsys.readouterr().err
+
+
 def test_risk_checks_at_another_setting_stop_the_report_until_written_again(tmp_path, capsys):
     # The risk command first, into a new folder, at a noise the sweep then does not use:
     # the report would have shown those checks beside the sweep's runs.

@@ -194,11 +194,13 @@ def test_non_contiguous_inputs():
 
 def _key_layouts(m, d, lead=(3, 2)):
     """(name, leaves, k, v, read in place) for layouts of K and V: the two halves of one
-    K|V projection and a batch broadcast from one example are read in place; a
-    transposed batch (no single batch stride) and keys whose columns are not adjacent
-    are copied."""
+    K|V projection, K and V of different strides and a batch broadcast from one example
+    are read in place; a transposed batch (no single batch stride) and keys whose columns
+    are not adjacent are copied."""
     kv = torch.randn(*lead, m, 2 * d, dtype=F64, requires_grad=True)
     yield "kv halves", [kv], *kv.chunk(2, dim=-1), True
+    kq, v = (torch.randn(*lead, m, w, dtype=F64, requires_grad=True) for w in (3 * d, d))
+    yield "k a third, v its own", [kq, v], kq[..., d : 2 * d], v, True  # strides apart
     kt, vt = (torch.randn(lead[1], lead[0], m, d, dtype=F64, requires_grad=True) for _ in "kv")
     yield "transposed batch", [kt, vt], kt.transpose(0, 1), vt.transpose(0, 1), False
     k1, v1 = (torch.randn(1, 1, m, d, dtype=F64, requires_grad=True) for _ in "kv")
