@@ -47,7 +47,7 @@ def paired(runs: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
     d = (wide[a] - wide[b]).dropna().rename("d").reset_index()
     out = d.groupby(["backend", "inner_steps"])["d"].agg(mean="mean", std="std", n="count")
     se = out["std"] / np.sqrt(out["n"])
-    out["clear"] = (out["mean"].abs() > 2 * se) & (out["n"] >= 2)
+    out["clear"] = (out["mean"].abs() > np.maximum(2 * se, NO_SPREAD)) & (out["n"] >= 2)
     return out.reset_index()
 
 

@@ -590,7 +590,7 @@ def _map_report(
     seeds = int(
         runs.groupby([*REGIME_FIELDS, "backend", "mode", "inner_steps"])["seed"].nunique().min()
     )
-    shown = table.drop(columns=["gain", "gain beyond 2 SE"]) if len(table) else table
+    shown = table.drop(columns=["gain", "FULL − FO beyond 2 SE"]) if len(table) else table
     lines = [
         *_title_lines(f"Phase 12 robustness map: {folder.name}", grid_points),
         "## Configuration",

@@ -109,7 +109,7 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
         gain = paired(cell, "FULL", "FO")
         row["FULL − FO"] = _difference(cell, gain, "FO")
         row["gain"] = gain.iloc[0]["mean"] if len(gain) else float("nan")
-        row["gain beyond 2 SE"] = bool(gain.iloc[0]["clear"]) if len(gain) else False
+        row["FULL − FO beyond 2 SE"] = bool(gain.iloc[0]["clear"]) if len(gain) else False
         needs = paired(cell, "FULL", ATTENTION_TERM)
         row["needs attention's curvature"] = _difference(cell, needs, ATTENTION_TERM)
         if works == NOT_SUPPORTED:  # nothing ran: no differences to speak of
@@ -120,7 +120,7 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _gain_holds(table: pd.DataFrame) -> pd.Series:
     """Per row: FULL − FO is positive and beyond 2 SE."""
-    return table["gain beyond 2 SE"] & (table["gain"] > 0)
+    return table["FULL − FO beyond 2 SE"] & (table["gain"] > 0)
 
 
 def findings(table: pd.DataFrame) -> list[str]:

@@ -388,9 +388,11 @@ def recorded_grid(folder: Path) -> set[str] | None:
         return None
     fields = RunConfig.__dataclass_fields__
     recorded = {n: v for n, v in record["settings"].items() if n in fields}
+    grid = record["grid"]  # the settings at the grid's first shape, as the sweep checked them
+    first = {n: grid[AXES[n]][0] for n in REGIME_FIELDS if grid.get(AXES[n])}
     try:
-        base = RunConfig().replace(**recorded)  # as the sweep ran: its checks hold together
-        spec = SweepSpec(base, **{axis: tuple(v) for axis, v in record["grid"].items()})
+        base = RunConfig().replace(**recorded | first)
+        spec = SweepSpec(base, **{axis: tuple(v) for axis, v in grid.items()})
         return {c.run_id for c in spec.configs()}
     except (ConfigError, TypeError) as e:
         raise ConfigError(
@@ -512,9 +514,9 @@ def _open_folder(
     runs_csv = folder / RUNS_CSV
     try:  # a damaged runs.csv or errors.csv: before any work, like other bad input
         check_columns(runs_csv)  # another program's CSV is refused, not repaired
+        check_columns(folder / "errors.csv")
         repair_torn_tail(runs_csv)
         rows = read_rows(runs_csv)
-        check_columns(folder / "errors.csv")
     except ValueError as e:
         raise ConfigError(str(e)) from e
     changed = other_settings(rows, spec.base, folder)  # also where no sweep.json says what they are

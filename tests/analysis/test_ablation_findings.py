@@ -80,6 +80,16 @@ def test_the_summary_attributes_only_a_gain_the_seeds_show():
     assert "part of this gain" not in behind
 
 
+def test_float_rounding_of_equal_accuracies_is_no_difference():
+    table = runs()
+    table.loc[table["mode"] == "FULL", "final_acc"] = 0.1 + 0.2  # 0.30000000000000004
+    table.loc[table["mode"] == "no_attention_curvature", "final_acc"] = 0.3
+    table.loc[table["mode"] == "FO", "final_acc"] = 0.2
+    d = paired(table, "FULL", "no_attention_curvature")
+    assert not d["clear"].any()
+    assert "(zero in each of 3 seeds), not distinguishable from zero" in " ".join(summary(table))
+
+
 def test_the_frozen_statistics_verdict_follows_the_sign_and_the_spread():
     def verdict(acc):
         table = runs()

@@ -88,7 +88,7 @@ def test_a_gain_the_same_in_every_seed_counts_as_holding():
     table = robustness_table(same).set_index("precision")
     assert table.loc["float32", "FULL − FO"].endswith("(the same in each of 3 seeds)")
     assert "holds (positive, beyond 2 SE) in" in " ".join(findings(robustness_table(same)))
-    assert table.loc["float32", "gain beyond 2 SE"]
+    assert table.loc["float32", "FULL − FO beyond 2 SE"]
 
 
 def test_times_of_runs_on_several_devices_are_not_averaged():

@@ -115,13 +115,15 @@ def test_the_report_of_a_sweep_stopped_part_way_says_so(tmp_path, capsys):
 
 
 def test_a_sweep_at_settings_that_hold_only_together_is_reported(tmp_path):
-    """The grid check rebuilds the sweep's configs from all its settings: two signal
-    positions in sequences of 4 are fine; the default 4 positions in them are not."""
+    """The grid check rebuilds the sweep's configs from all its settings at the grid's
+    shape, as the sweep checked them: 2 signal positions in sequences of 4 (the default 4
+    do not fit), 35 in sequences of 40 (not in the default 32)."""
     small = ["--backends", "reference", "--modes", "FO", "--k", "1", "--seeds", "0"]
     small += ["--outer-steps", "2", "--meta-batch", "2", "--metric-window", "1"]
-    shape = ["--seq-lens", "4", "--dims", "8", "--signal-positions", "2"]
-    assert cli.main(["sweep", *in_folder(tmp_path, "t"), *small, *shape]) == 0
-    assert cli.main(["report", "--root", str(tmp_path), "--tag", "t"]) == 0
+    for tag, (t, positions) in {"short": ("4", "2"), "long": ("40", "35")}.items():
+        shape = ["--seq-lens", t, "--dims", "8", "--signal-positions", positions]
+        assert cli.main(["sweep", *in_folder(tmp_path, tag), *small, *shape]) == 0
+        assert cli.main(["report", "--root", str(tmp_path), "--tag", tag]) == 0
 
 
 def test_an_empty_runs_csv_is_no_runs_to_risk_and_report(tmp_path, capsys):
