@@ -203,7 +203,7 @@ def read_rows(path: str | Path) -> list[dict]:
             f"{path} is not a CSV this program wrote ({type(e).__name__} past its header); "
             "move it away or write to a new folder or tag"
         ) from e
-    for number, row in enumerate(rows, start=1):
+    for line, row in enumerate(rows, start=2):  # the header is line 1, as the report counts
         # A short row reads None in its missing fields, a long one gets a None key.
         if (
             None in row
@@ -212,8 +212,8 @@ def read_rows(path: str | Path) -> list[dict]:
             or row["status"] not in STATUSES
         ):
             raise ValueError(
-                f"row {number} of {path} is not a row this program wrote (fields missing or "
-                "extra, no run_id, or an unknown status); delete it to run that cell again"
+                f"{path}, line {line}: not a row this program wrote (fields missing or extra, "
+                "no run_id, or an unknown status); delete it to run that cell again"
             )
     ids = [r["run_id"] for r in rows]
     if len(set(ids)) != len(ids):
@@ -308,6 +308,8 @@ def _check_kinds(folder: Path) -> None:
         if os.path.lexists(path) and not path.is_dir():
             raise ConfigError(f"{path} is a file where this program keeps a folder; move it away")
     for path in (folder / name for name in RESULT_FILES):
+        if os.path.lexists(path) and not path.exists():
+            raise ConfigError(f"{path} is a broken symbolic link; remove it")
         if os.path.lexists(path) and not path.is_file():
             raise ConfigError(f"{path} is a folder where this program keeps a file; move it away")
 

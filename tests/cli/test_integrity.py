@@ -562,8 +562,8 @@ def test_a_damaged_runs_csv_stops_a_resumed_sweep_before_any_work(tmp_path, caps
     header, first, second = runs_csv.read_text().splitlines(keepends=True)
     damaged = {
         "holds runs more than once": header + first + first + second,
-        "row 2 of": header + first + "reference,FO,1\n",  # fields missing
-        "row 1 of": header + first.replace(",OK,", ",,", 1) + second,  # no status
+        "runs.csv, line 3: not a row": header + first + "reference,FO,1\n",  # fields missing
+        "runs.csv, line 2: not a row": header + first.replace(",OK,", ",,", 1) + second,
     }
     for message, text in damaged.items():
         runs_csv.write_text(text)

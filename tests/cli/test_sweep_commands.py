@@ -226,3 +226,10 @@ def test_risk_on_a_runs_csv_that_is_a_folder_is_one_line(tmp_path, capsys):
     assert cli.main(["risk", *in_folder(tmp_path, "t"), "--no-gradgradcheck"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a folder where this program keeps a file" in err[0]
+
+
+def test_a_broken_link_where_a_file_is_kept_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "risk_checks.csv").symlink_to(tmp_path / "gone")
+    assert cli.main(["risk", *in_folder(tmp_path, "t"), "--no-gradgradcheck"]) == 2
+    assert "risk_checks.csv is a broken symbolic link; remove it" in capsys.readouterr().err
