@@ -743,7 +743,7 @@ def _configuration_lines(
 
 def _ablation_lines(runs: pd.DataFrame, histories: pd.DataFrame) -> list[str]:
     """The report's section on the curvature ablations (a sweep with some)."""
-    during = share_during_training(histories)
+    during, short = share_during_training(histories), ablation_summary(runs)
     lines = [
         "## Curvature ablations",
         "",
@@ -754,8 +754,8 @@ def _ablation_lines(runs: pd.DataFrame, histories: pd.DataFrame) -> list[str]:
         "",
         markdown_table(ablation_table(runs)),
         "",
-        *(["### In short", ""] if ablation_summary(runs) else []),
-        *[f"{s}\n" for s in ablation_summary(runs)],
+        *(["### In short", ""] if short else []),
+        *[f"{s}\n" for s in short],
         "### What the ablations show",
         "",
         *[f"* {s}" for s in findings(runs)],
