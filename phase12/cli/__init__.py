@@ -13,15 +13,43 @@ Run flags are generated from RunConfig's fields (phase12.config). Bad input ends
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
 import sys
+import threading
 from types import ModuleType
 
 SUBCOMMANDS = ("sweep", "risk", "report", "pipeline", "bench")
 
 
-EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (SIGINT)
+EXIT_TERMINATED = 143  # and by SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's or a timeout's), raised where Ctrl-C raises
+    KeyboardInterrupt, so that it ends a command as Ctrl-C does: locks released, a
+    folder made for an unsaved run removed, a sweep's finished runs kept."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises Terminated inside the block (the main thread only: Python runs
+    signal handlers there), and has its former handler back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def lacks_bytecode(module: ModuleType) -> bool:
@@ -47,6 +75,11 @@ def bytecode_note(module: ModuleType) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    with sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     try:
         import torch  # every command imports it; without bytecode that takes several times longer
 
@@ -63,20 +96,23 @@ def main(argv: list[str] | None = None) -> int:
         from phase12.cli import single
 
         return single.main(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # Rows are appended whole and runs.csv parses at any moment: what finished is kept.
+        stopped, code = "interrupted", EXIT_INTERRUPTED
+        if isinstance(e, Terminated):
+            stopped, code = "terminated", EXIT_TERMINATED
         if argv and argv[0] in ("sweep", "pipeline"):
             said = "finished runs are saved; the sweep resumes when run again with its --tag"
         elif argv and argv[0] in SUBCOMMANDS:
             said = "nothing more is written"
         else:
             said = "the run is not saved"
-        print(f"interrupted: {said}", file=sys.stderr)
+        print(f"{stopped}: {said}", file=sys.stderr)
         sweep = sys.modules.get("phase12.sweep")
         if sweep is not None and sweep.runner_thread_alive():
             # Its group is lost either way; finalizing the interpreter while that thread
             # is inside torch aborts the process (SIGABRT instead of this exit code).
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(EXIT_INTERRUPTED)
-        return EXIT_INTERRUPTED
+            os._exit(code)
+        return code

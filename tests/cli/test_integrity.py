@@ -409,9 +409,15 @@ def test_ctrl_c_keeps_a_sweeps_finished_rows_and_the_csv_valid(tmp_path, monkeyp
     assert sweep(tmp_path) == 0 and len(rows(tmp_path)) == 2  # resumes
 
 
-def test_ctrl_c_during_a_sweep_with_a_runner_thread_and_a_worker_exits_130(tmp_path):
-    """A real SIGINT to the process group, as Ctrl-C sends, while the runner thread of
-    this process is inside torch (finalizing under it used to abort: SIGABRT)."""
+@pytest.mark.parametrize(
+    "sent, code, said",
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["ctrl_c", "sigterm"],
+)
+def test_a_signal_during_a_sweep_with_a_runner_thread_and_a_worker(tmp_path, sent, code, said):
+    """A real SIGINT to the process group, as Ctrl-C sends it, or SIGTERM to the sweep, as
+    `kill` or a scheduler does, while the runner thread of this process is inside torch
+    (finalizing under it used to abort: SIGABRT)."""
     grid = ["--modes", "FULL", "--k", "1,2", "--seeds", "0,1", "--outer-steps", "100000"]
     command = [sys.executable, "-m", "phase12", "sweep", "--root", str(tmp_path), "--tag", "t"]
     command += [*grid, "--meta-batch", "2", "--seq-len", "8", "--devices", "cpu,cpu"]
@@ -428,15 +434,50 @@ def test_ctrl_c_during_a_sweep_with_a_runner_thread_and_a_worker_exits_130(tmp_p
     try:
         announced = sweep.stdout.readline()  # said just before the runners start
         time.sleep(5)  # the runner thread inside its first group
-        os.killpg(sweep.pid, signal.SIGINT)
+        if sent == signal.SIGINT:
+            os.killpg(sweep.pid, sent)
+        else:
+            os.kill(sweep.pid, sent)
         out, _ = sweep.communicate(timeout=60)
     finally:  # never leave the sweep running
         if sweep.poll() is None:
             os.killpg(sweep.pid, signal.SIGKILL)
             sweep.wait()
     assert "4 to run on cpu, cpu" in announced, announced
-    assert sweep.returncode == 130, out
-    assert "interrupted: finished runs are saved" in out and "terminate called" not in out
+    assert sweep.returncode == code, out
+    assert f"{said}: finished runs are saved" in out and "terminate called" not in out
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
+    """Default SIGTERM would skip every `finally`: the run's folder kept its lock files
+    and nothing else, and no line said why."""
+    out = tmp_path / "o"
+    command = [sys.executable, "-m", "phase12", "--k", "1", "--outer-steps", "100000"]
+    run = subprocess.Popen([*command, *SIZES, "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / ".writer.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)  # into the run
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated: the run is not saved"
+    assert not out.exists()  # the folder it made for the run is gone
+
+
+def test_sigterm_handler_is_the_commands_only():
+    from phase12.cli import Terminated, sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at the next bytecode
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_worker_mid_group_exits_when_its_sweep_is_killed(tmp_path):
