@@ -32,7 +32,8 @@ def regimes(runs: pd.DataFrame) -> int:
 def _works(full: pd.DataFrame, dtype: str) -> tuple[str, float]:
     """("yes" or why not, the largest float64 error of the FULL seeds)."""
     bad = full[full["status"] != "OK"]
-    error = pd.to_numeric(full.get("float64_meta_grad_error"), errors="coerce").max()
+    errors = pd.to_numeric(full.get("float64_meta_grad_error"), errors="coerce")
+    error = errors.max()
     if (full["status"] == STATUS_UNSUPPORTED).all():
         return NOT_SUPPORTED, error
     if (bad["status"] == "ERROR").any():  # the run failed, not FULL: no verdict
@@ -42,6 +43,8 @@ def _works(full: pd.DataFrame, dtype: str) -> tuple[str, float]:
         step = first.get("nonfinite_step")
         at = f" at step {int(step)}" if pd.notna(step) else ""
         return f"no: {len(bad)} of {len(full)} seeds {first['status']}{at}", error
+    if errors.isna().any():  # an OK run has one; a blank is not a pass
+        return f"no: float64 error missing in {errors.isna().sum()} of {len(full)} seeds", error
     tolerance = FLOAT64_TOLERANCE[dtype]
     if not error <= tolerance:
         return f"no: float64 error {error:.1e} > {tolerance:.1e}", error

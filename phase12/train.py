@@ -285,6 +285,11 @@ def _result(
         row.update(status=STATUS_OK, error="", **probed[len(history) - 1])
     else:
         error = f"loss or meta-gradient became non-finite at outer step {nonfinite}"
+        if nonfinite == config.outer_steps:  # found after the loop (run_experiments)
+            error = (
+                f"the parameters after the last update (outer step {nonfinite - 1}) are "
+                "non-finite or give a non-finite meta-gradient on the held-out task"
+            )
         row.update(status=STATUS_NONFINITE, rel_diff_probe=None, error=error)
     columns = {name: history[:, j].tolist() for j, name in enumerate(METRICS)}
     steps = range(len(history))
@@ -346,7 +351,11 @@ def run_experiments(
         params = [state.seed_params(i) for i in finished]
         ends = probe(params, [configs[i] for i in finished], device)
         for i, values in zip(finished, ends, strict=True):
-            probes.values[i][configs[i].outer_steps - 1] = values
+            if all(math.isfinite(v) for v in values.values()):
+                probes.values[i][configs[i].outer_steps - 1] = values
+            else:  # the last update's doing (non-finite parameters, or ones that overflow
+                # the model), which no step's metrics saw; the next step's loss would say
+                loop.nonfinite[i] = configs[i].outer_steps
     results = []
     for i, (cfg, bad) in enumerate(zip(configs, loop.nonfinite, strict=True)):
         history = state.history[i, : cfg.outer_steps if bad is None else bad].cpu().numpy()

@@ -60,6 +60,15 @@ def test_each_regime_says_whether_full_works_and_what_it_gains():
     assert table.loc["float16", "non-finite runs"] == "9 of 9"
 
 
+def test_a_seed_without_its_float64_error_is_not_a_pass():
+    """max() over seeds skips a blank: one seed's error alone must not pass the regime."""
+    blank = runs()
+    first_full = blank.index[(blank["dtype"] == "float32") & (blank["mode"] == "FULL")][0]
+    blank.loc[first_full, "float64_meta_grad_error"] = None
+    table = robustness_table(blank).set_index("precision")
+    assert table.loc["float32", "FULL works?"] == "no: float64 error missing in 1 of 3 seeds"
+
+
 def test_step_times_from_a_shared_device_are_not_compared_with_float32():
     shared = runs()
     shared.loc[shared["dtype"] == "bfloat16", "device_runners"] = 2

@@ -161,6 +161,27 @@ def test_nonfinite_seed_batch_stops_with_every_seed_marked():
     assert all(r.row["nonfinite_step"] == 0 and r.history["step"] == [] for r in results)
 
 
+@pytest.mark.parametrize(
+    "broken",
+    [
+        dict(dtype="float16"),  # Adam's eps underflows: its first update divides by zero
+        dict(dtype="float32", outer_lr=3e37),  # finite parameters that overflow the model
+    ],
+    ids=["nonfinite_parameters", "overflowing_parameters"],
+)
+def test_a_last_update_that_breaks_the_parameters_is_nonfinite(broken):
+    """No step's metrics see the last update: its result is checked after the loop."""
+    from phase12.train import run_experiment
+
+    r = run_experiment(SMALL.replace(outer_steps=1, **broken))  # one update: the last
+    assert r.status == "NONFINITE" and r.row["nonfinite_step"] == 1, r.row["error"]
+    assert "after the last update (outer step 0)" in r.row["error"]
+    assert r.history["step"] == [0] and r.row["rel_diff_probe"] is None
+    # One more step shows it in its loss, as the first non-finite step
+    r = run_experiment(SMALL.replace(outer_steps=2, **broken))
+    assert r.row["nonfinite_step"] == 1 and "at outer step 1" in r.row["error"]
+
+
 def test_cross_entropy_equals_torch_and_its_gradients():
     from phase12.model import cross_entropy
 
