@@ -105,8 +105,10 @@ def share_vs_gain(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     the same backend, k and seed; and the least-squares slope of gain on share with k as
     a fixed effect (shares and gains centred within each k, so the large gains of small k
     do not make the slope), with its standard error (keys slope, se, n). A policy whose
-    runs equal another's exactly counts once."""
-    ok = runs[runs["status"] == "OK"]
+    runs equal another's exactly counts once; runs of k = 0 (no inner step: every policy
+    is the same computation, share and gain 0 by construction) are no evidence and are
+    left out."""
+    ok = runs[(runs["status"] == "OK") & (runs["inner_steps"] > 0)]
     fo = ok[ok["mode"] == "FO"].set_index(["backend", "inner_steps", "seed"])["final_acc"]
     full = ok[~ok["mode"].isin(["FO", "FO_STRICT"])].copy()
     key = pd.MultiIndex.from_frame(full[["backend", "inner_steps", "seed"]])
@@ -155,9 +157,10 @@ def summary(runs: pd.DataFrame) -> list[str]:
     runs, _ = one_backend(runs)
     ok = runs[runs["status"] == "OK"]
     need = {"FULL", "FO", ATTENTION_TERM, "once_differentiable_attention"}
-    if not need <= set(ok["mode"]):
+    adapted = ok[ok["inner_steps"] > 0]  # at k = 0 every policy is the same computation
+    if not need <= set(adapted["mode"]):
         return []
-    k = int(ok["inner_steps"].min())
+    k = int(adapted["inner_steps"].min())
 
     def at(a: str, b: str = "FO"):
         d = paired(runs, a, b)
@@ -220,6 +223,11 @@ def summary(runs: pd.DataFrame) -> list[str]:
         f"no_attention_curvature ranges from {d['mean'].min():+.4f} to {d['mean'].max():+.4f}, "
         f"against FULL − FO from {gains['mean'].min():+.4f} to {gains['mean'].max():+.4f}."
     )
+    if (ok["inner_steps"] == 0).any():
+        out.append(
+            "At k = 0 no inner step is taken, so every policy is the same computation: its "
+            "differences are zero by construction and are no evidence either way."
+        )
     lengths = (
         ", ".join(map(str, sorted(ok["outer_steps"].unique()))) if "outer_steps" in ok else "?"
     )

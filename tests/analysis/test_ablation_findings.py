@@ -127,6 +127,24 @@ def test_share_against_gain_and_the_completed_table():
     assert table.loc[without, "beyond 2 SE?"] == "the same in each of 3 seeds"
 
 
+def test_runs_of_k0_are_no_evidence_for_the_slope_or_the_summary():
+    """At k = 0 every policy is the same run: share and gain 0 in every seed, which would
+    add degrees of freedom without spread and shrink the slope's standard error."""
+    base = runs(backends=("reference",))
+    rng = np.random.default_rng(0)
+    base["attn_curvature_share"] = rng.uniform(0.3, 0.6, len(base))
+    k0 = base.assign(inner_steps=0, final_acc=0.5, attn_curvature_share=0.0)
+    points, fit = share_vs_gain(pd.concat([base, k0]))
+    assert set(points["inner_steps"]) == {1}
+    assert (fit["slope"], fit["se"], fit["n"]) == tuple(
+        share_vs_gain(base)[1][c] for c in ("slope", "se", "n")
+    )
+    short = summary(pd.concat([k0, base]))
+    assert short[0].startswith("At k = 1, FULL − FO = +0.1210")
+    assert any("At k = 0 no inner step is taken" in s for s in short)
+    assert not any("At k = 0 no inner step" in s for s in summary(base))
+
+
 def test_a_cell_without_every_policy_is_left_out_not_a_crash():
     more = runs()[lambda r: r["mode"].isin(["FULL", "FO"])].assign(inner_steps=5)
     text = "\n".join(findings(pd.concat([runs(), more])))
