@@ -12,6 +12,7 @@ import pandas as pd
 from phase12.schema import (
     ABLATION_NAMES,
     BACKEND_NAMES,
+    CONFIG_COLUMNS,
     FLOAT64_TOLERANCE,
     GRID_FIELDS,
     MODES,
@@ -120,7 +121,8 @@ def recorded_settings(folder: Path, run_ids: Iterable, rows: pd.DataFrame | None
     naming two of the files, for runs whose recorded settings differ: the rest of a run's
     settings (noise, shots, classes, ...) are in no column, and the analysis would
     average such runs together. With `rows` (runs.csv as read, by run_id), ValueError too,
-    naming the file, for a meta JSON whose grid point is not its row's (a hand edit). Runs
+    naming the file, for a meta JSON whose grid point or other settings are not its row's
+    (phase12.schema.CONFIG_COLUMNS: a hand edit). Runs
     without a meta JSON (older versions wrote none for some) and settings a JSON lacks
     (older versions) are let pass."""
     by_id = {} if rows is None else rows.set_index("run_id").to_dict("index")
@@ -138,10 +140,11 @@ def recorded_settings(folder: Path, run_ids: Iterable, rows: pd.DataFrame | None
             ) from e
         row = by_id.get(run_id, {})
         for name, value in config.items():
-            if name in GRID_FIELDS and not _same(row.get(name), value):
+            column = CONFIG_COLUMNS.get(name)
+            if column is not None and not _same(row.get(column), value):
                 raise ValueError(
                     f"{path} records {name} {json.dumps(value)} but its row in "
-                    f"{folder / RUNS_CSV} {row[name]}; fix the one that is wrong"
+                    f"{folder / RUNS_CSV} {row[column]}; fix the one that is wrong"
                 )
             if name in GRID_FIELDS or name == "device":
                 continue

@@ -34,6 +34,7 @@ import filelock
 
 from phase12.config import LATER_SETTINGS, ConfigError, changed_settings
 from phase12.schema import (
+    CONFIG_COLUMNS,
     HISTORY_COLUMNS,
     HISTORY_DIR,
     HISTORY_SUFFIX,
@@ -253,13 +254,22 @@ def run_config(row: Mapping, folder: str | Path) -> dict:
             f"{Path(folder) / RUNS_CSV}: run {row['run_id']} has a setting that is not a "
             "number; fix or drop that row"
         ) from e
-    for name in ("seq_len", "dim", "dtype"):  # the row's shape is the run's: so must the JSON's
-        if name in config and config[name] != recorded[name]:
+    for name, column in CONFIG_COLUMNS.items():  # a hand edit of either is refused
+        cell = row.get(column, "")
+        if name in config and cell != "" and config[name] != _value(cell):
             raise ConfigError(
                 f"{meta} records {name} {json.dumps(config[name])} but the run's row in "
-                f"{Path(folder) / RUNS_CSV} {recorded[name]}; fix the one that is wrong"
+                f"{Path(folder) / RUNS_CSV} {cell}; fix the one that is wrong"
             )
     return recorded
+
+
+def _value(cell: str):
+    """A runs.csv cell as its meta JSON would hold it: a number, or the text."""
+    try:
+        return json.loads(cell)
+    except ValueError:
+        return cell
 
 
 def _meta_config(path: Path) -> dict:

@@ -141,6 +141,12 @@ REGIME_FIELDS = GRID_FIELDS[-3:]
 # Settings every run of one folder shares (the grid axes aside): rows that differ in one
 # would be averaged together by the analysis as if they were seeds of one cell.
 SETTING_COLUMNS = ("meta_batch", "outer_lr", "outer_steps", "inner_lr")
+# The RunConfig fields a run's row repeats from its meta JSON, by column name: where the
+# two differ, one was edited by hand.
+CONFIG_COLUMNS = {
+    **{f: f for f in (*GRID_FIELDS, *SETTING_COLUMNS, "loss_scale")},
+    "signal_positions": "num_signal_positions",
+}
 RUN_COLUMNS = SEED_COLUMNS + [
     "run_id",
     "dim",

@@ -231,6 +231,12 @@ def test_runs_whose_meta_jsons_record_other_settings_are_refused(tmp_path):
         build_report(tmp_path)
     meta(runs.run_id[6]).write_text(json.dumps({"config": {"inner_steps": 5.0}}))  # the same
     assert len(load_runs(tmp_path)) == len(runs)
+    outer_lr = runs["outer_lr"][6]  # a setting column, not a grid axis: compared too
+    meta(runs.run_id[6]).write_text(json.dumps({"config": {"outer_lr": outer_lr * 10}}))
+    with pytest.raises(ValueError, match=f"records outer_lr {outer_lr * 10} but its row in"):
+        build_report(tmp_path)
+    meta(runs.run_id[6]).write_text(json.dumps({"config": {"outer_lr": outer_lr}}))
+    assert len(load_runs(tmp_path)) == len(runs)
     meta(runs.run_id[7]).write_text(json.dumps({"config": {"noise_std": 0.3}}))
     first, seventh = meta(runs.run_id[0]), meta(runs.run_id[7])
     with pytest.raises(ValueError, match=f"{first} and {seventh} record runs of several noise_std"):

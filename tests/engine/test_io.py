@@ -151,6 +151,30 @@ def test_a_meta_json_of_another_shape_than_its_row_is_refused(tmp_path):
     assert run_config(row, tmp_path) == {"seq_len": 32, "dim": 64, "probe_every": 0}
 
 
+@pytest.mark.parametrize(
+    "column, cell, field, recorded",
+    [
+        ("meta_batch", "8", "meta_batch", 2),
+        ("outer_lr", "0.01", "outer_lr", 0.001),
+        ("num_signal_positions", "3", "signal_positions", 4),
+        ("mode", "FO", "mode", "FULL"),
+        ("ablation", "none", "ablation", "no_attention_curvature"),
+    ],
+)
+def test_a_row_edited_against_its_meta_json_is_refused(tmp_path, column, cell, field, recorded):
+    """A hand-edited setting of a row would be the setting risk and the report use."""
+    from phase12.config import ConfigError
+    from phase12.io import run_config
+
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "r.json").write_text(json.dumps({"config": {field: recorded}}))
+    row = dict.fromkeys(RUN_COLUMNS, "") | {"run_id": "r", column: cell}
+    with pytest.raises(ConfigError, match=rf"records {field} .* but the run's row in .* {cell}"):
+        run_config(row, tmp_path)
+    row[column] = str(recorded)  # as the CSV writes it
+    assert run_config(row, tmp_path)[field] == recorded
+
+
 def test_the_names_a_run_row_takes_are_the_configs():
     """The analysis checks a row's backend, mode, ablation and dtype against the schema's names:
     they are the ones the engine runs."""
