@@ -160,9 +160,11 @@ def add_config_flags(
 
 
 def add_grid_flags(parser: ArgumentParser, defaults: dict[str, tuple | str]) -> None:
-    """The sweep's axes as comma lists (--modes, --backends, --k, --seeds); a default
-    that is a string describes a default the command picks itself."""
+    """The sweep's axes in `defaults` as comma lists (--modes, --backends, --k, --seeds,
+    ...); a default that is a string describes a default the command picks itself."""
     for name, flag in GRID_FLAGS.items():
+        if name not in defaults:
+            continue
         f = FIELDS[name]
         help, choices = option_help(f)
         choices = choices or CHOICES.get(name)

@@ -43,13 +43,15 @@ from phase12.sweep import (
 DESCRIPTIONS = {
     "sweep": "Run a resumable grid of modes x backends x k x seeds (x T x D x precisions) "
     "into ROOT/TAG.",
-    "risk": "Write ROOT/TAG/risk_checks.csv: the checks at the model setting of the results in "
-    "ROOT/TAG (its sweep.json, or where single runs wrote it its first OK run's row and meta "
-    "JSON; flags given must agree with it), or of the flags.",
+    "risk": "Write ROOT/TAG/risk_checks.csv: the checks (at k 5) at the model setting of the "
+    "results in ROOT/TAG (its sweep.json, or where single runs wrote it its first OK run's "
+    "row and meta JSON; flags given must agree with it), or of the flags.",
     "report": "Rebuild summary.csv, full_minus_fo.csv (robustness.csv for a map over shapes "
     "and precisions), figures/ and report.md of a sweep from its CSVs.",
     "pipeline": "sweep, then risk checks, then the report, into ROOT/TAG.",
 }
+# The axes a risk command takes: the backends it checks and the shape it checks at.
+RISK_AXES = ("backend", "seq_len", "dim", "dtype")
 GRID_DEFAULTS = {
     "mode": MODES,
     "backend": "every backend that can run on CUDA, reference on the CPU",  # default_backends
@@ -76,8 +78,11 @@ def parser(name: str) -> ArgumentParser:
     )
     if name == "report":
         return p
-    add_grid_flags(p, GRID_DEFAULTS)
-    if name in ("sweep", "pipeline"):
+    # The risk checks run at k 5 and one seed, on the grid's first shape, in this process:
+    # of the grid they take the backends and the shape, and no workers.
+    risk = name == "risk"
+    add_grid_flags(p, {n: d for n, d in GRID_DEFAULTS.items() if n in RISK_AXES or not risk})
+    if not risk:
         p.add_argument(
             "--restart",
             action="store_true",
@@ -85,21 +90,27 @@ def parser(name: str) -> ArgumentParser:
             "(nothing is deleted); needed to run other settings into a tag",
         )
     add_config_flags(p, [n for n in FIELDS if n not in GRID_FLAGS], defaults={"outer_steps": 500})
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--devices",
-        type=csv_list(str, repeats=True),
-        default=None,
-        help="comma-separated devices, one sweep worker each (default: every visible GPU, "
-        "else the --device); e.g. cuda:0,cuda:1, or cuda:0,cuda:0 for two workers on one GPU "
-        "(sooner done; their step times then include each other's, as device_runners says)",
-    )
-    p.add_argument(
-        "--no-batch-seeds",
-        action="store_true",
-        help="run every seed on its own instead of the seeds of a cell as one batch",
-    )
-    if name in ("risk", "pipeline"):
+    if risk:
+        p.set_defaults(
+            devices=None, **{n: GRID_DEFAULTS[n] for n in GRID_DEFAULTS if n not in RISK_AXES}
+        )
+    else:
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument(
+            "--devices",
+            type=csv_list(str, repeats=True),
+            default=None,
+            help="comma-separated devices, one sweep worker each (default: every visible GPU, "
+            "else the --device); e.g. cuda:0,cuda:1, or cuda:0,cuda:0 for two workers on one "
+            "GPU (sooner done; their step times then include each other's, as device_runners "
+            "says)",
+        )
+        p.add_argument(
+            "--no-batch-seeds",
+            action="store_true",
+            help="run every seed on its own instead of the seeds of a cell as one batch",
+        )
+    if name != "sweep":
         p.add_argument(
             "--no-gradgradcheck",
             action="store_true",
@@ -257,6 +268,9 @@ def main(name: str, argv: list[str]) -> int:
                         f"risk: the settings of {source} where no flag is given"
                         if recorded
                         else f"risk: {folder} holds no runs or sweep record; the flags' settings"
+                        if folder.exists()
+                        else f"risk: {folder} is a new folder (is --tag a sweep's?); the flags' "
+                        "settings"
                     )
                 spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
             held.enter_context(FolderLock(folder))

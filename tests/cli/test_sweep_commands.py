@@ -6,6 +6,7 @@ import re
 import shutil
 
 import pandas as pd
+import pytest
 from support import exit_code
 
 from phase12 import cli
@@ -95,9 +96,15 @@ def in_folder(root, tag: str) -> list[str]:
     return ["--root", str(root), "--tag", tag, "--device", "cpu", "--no-progress"]
 
 
+def risk_in(root, tag: str) -> list[str]:
+    """The risk command on ROOT/TAG on the CPU (no progress bars, no grid to take)."""
+    return ["risk", "--root", str(root), "--tag", tag, "--device", "cpu", "--no-gradgradcheck"]
+
+
 # One seed of reference at k 1, two outer steps of meta-batch 2: a grid for the CPU.
 SMALL = ["--backends", "reference", "--k", "1", "--seeds", "0"]
 SMALL += ["--outer-steps", "2", "--meta-batch", "2"]
+RISK_SMALL = ["--backends", "reference", "--outer-steps", "2", "--meta-batch", "2"]
 
 
 def test_the_report_of_a_sweep_stopped_part_way_says_so(tmp_path, capsys):
@@ -129,21 +136,32 @@ def test_a_sweep_at_settings_that_hold_only_together_is_reported(tmp_path):
 def test_an_empty_runs_csv_is_no_runs_to_risk_and_report(tmp_path, capsys):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "runs.csv").write_bytes(b"")  # created, then killed before its header
-    risk = ["risk", *in_folder(tmp_path, "t"), *SMALL, "--seq-lens", "8", "--no-gradgradcheck"]
-    assert cli.main(risk) == 0
+    assert cli.main([*risk_in(tmp_path, "t"), *RISK_SMALL, "--seq-lens", "8"]) == 0
     checks = pd.read_csv(tmp_path / "t" / "risk_checks.csv").set_index("check")
     assert checks.loc["nonfinite_guard", "status"] == "SKIP"
     assert cli.main(["report", "--root", str(tmp_path), "--tag", "t"]) == 2
     assert "holds no runs yet" in capsys.readouterr().err
 
 
+def test_risk_takes_no_flags_it_would_ignore(tmp_path, capsys):
+    """Its checks run at k 5 and one seed in this process: --k, --seeds, --modes,
+    --ablations and the workers' flags were accepted and ignored."""
+    base = risk_in(tmp_path, "t")
+    for flag, value in [("--k", "20"), ("--seeds", "7"), ("--modes", "FO"), ("--devices", "cpu")]:
+        with pytest.raises(SystemExit) as stop:
+            cli.main([*base, flag, value])
+        assert stop.value.code == 2
+        assert f"unrecognized arguments: {flag} {value}" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
 def test_risk_checks_at_another_setting_stop_the_report_until_written_again(tmp_path, capsys):
     # The risk command first, into a new folder, at a noise the sweep then does not use:
     # the report would have shown those checks beside the sweep's runs.
     folder, small = in_folder(tmp_path, "t"), [*SMALL, "--seq-lens", "8"]
-    risk = ["risk", *folder, *small, "--no-gradgradcheck"]
+    risk = [*risk_in(tmp_path, "t"), *RISK_SMALL, "--seq-lens", "8"]
     assert cli.main([*risk, "--noise-std", "0.1"]) == 0
-    assert "holds no runs or sweep record; the flags' settings" in capsys.readouterr().out
+    assert "is a new folder (is --tag a sweep's?); the flags' settings" in capsys.readouterr().out
     assert cli.main(["sweep", *folder, *small]) == 0
     capsys.readouterr()
     assert cli.main(["report", "--root", str(tmp_path), "--tag", "t"]) == 2
@@ -161,7 +179,7 @@ def test_a_map_report_compares_risk_checks_with_its_runs_rows_too(tmp_path, caps
     # Runs without meta JSONs (older versions wrote none for some): their rows still
     # record the outer learning rate, which the risk checks must share.
     folder, small = in_folder(tmp_path, "m"), [*SMALL, "--dims", "8", "--modes", "FULL,FO"]
-    risk = ["risk", *folder, *small, "--seq-lens", "8", "--no-gradgradcheck"]
+    risk = [*risk_in(tmp_path, "m"), *RISK_SMALL, "--dims", "8", "--seq-lens", "8"]
     assert cli.main([*risk, "--outer-lr", "0.002"]) == 0
     assert cli.main(["sweep", *folder, *small, "--seq-lens", "8,16"]) == 0
     shutil.rmtree(tmp_path / "m" / "meta")
@@ -180,12 +198,12 @@ def test_risk_on_a_sweeps_folder_takes_its_recorded_settings_and_shape(tmp_path,
     assert (
         cli.main(["sweep", *folder, *SMALL, "--modes", "FULL", *shape, "--noise-std", "0.25"]) == 0
     )
-    assert cli.main(["risk", *folder, "--no-gradgradcheck"]) == 0
+    assert cli.main(risk_in(tmp_path, "t")) == 0
     setting = json.loads(pd.read_csv(tmp_path / "t" / "risk_checks.csv")["setting"][0])
     assert setting["noise_std"] == 0.25 and setting["outer_steps"] == 2
     assert (setting["seq_len"], setting["dim"]) == (8, 8)  # the grid's first shape
     capsys.readouterr()
-    assert cli.main(["risk", *folder, "--no-gradgradcheck", "--noise-std", "0.5"]) == 2
+    assert cli.main([*risk_in(tmp_path, "t"), "--noise-std", "0.5"]) == 2
     assert "other settings (noise_std 0.25 there, 0.5 now)" in capsys.readouterr().err
 
 
@@ -194,7 +212,7 @@ def test_risk_on_a_folder_of_single_runs_takes_their_settings_and_shape(tmp_path
     run += ["--noise-std", "0.25", "--device", "cpu", "--no-progress", "--out"]
     assert cli.main([*run, str(tmp_path / "runs")]) == 0
     capsys.readouterr()
-    risk = ["risk", *in_folder(tmp_path, "runs"), "--no-gradgradcheck"]
+    risk = risk_in(tmp_path, "runs")
     assert cli.main(risk) == 0
     runs_csv, run_id = tmp_path / "runs" / "runs.csv", "reference_FULL_k1_seed0_T8_D8"
     source = f"{runs_csv} (run {run_id}, with its meta JSON)"
@@ -223,7 +241,7 @@ def test_risk_on_a_folder_of_single_runs_takes_their_settings_and_shape(tmp_path
 
 def test_risk_on_a_runs_csv_that_is_a_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "t" / "runs.csv").mkdir(parents=True)
-    assert cli.main(["risk", *in_folder(tmp_path, "t"), "--no-gradgradcheck"]) == 2
+    assert cli.main(risk_in(tmp_path, "t")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a folder where this program keeps a file" in err[0]
 
@@ -231,5 +249,5 @@ def test_risk_on_a_runs_csv_that_is_a_folder_is_one_line(tmp_path, capsys):
 def test_a_broken_link_where_a_file_is_kept_is_named_as_such(tmp_path, capsys):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "risk_checks.csv").symlink_to(tmp_path / "gone")
-    assert cli.main(["risk", *in_folder(tmp_path, "t"), "--no-gradgradcheck"]) == 2
+    assert cli.main(risk_in(tmp_path, "t")) == 2
     assert "risk_checks.csv is a broken symbolic link; remove it" in capsys.readouterr().err
