@@ -178,47 +178,54 @@ def get(name: str) -> Backend:
         ) from None
 
 
-def device_for(config: RunConfig) -> torch.device:
-    """The device `config` runs on here. Raises ConfigError when it cannot run here: no
-    CUDA, a CUDA graph asked for without CUDA, a backend that cannot run on the device or
-    hold the sizes."""
+def device_for(config: RunConfig, seeds: int = 1) -> torch.device:
+    """The device `config` runs on here, as one of `seeds` runs batched together (phase12.
+    train.run_experiments). Raises ConfigError when it cannot run here: no CUDA, a CUDA
+    graph asked for without CUDA, a backend that cannot run on the device or hold the
+    sizes."""
     device = resolve_device(config.device)
     if config.cuda_graph == "on" and device.type != "cuda":
         raise ConfigError("cuda_graph 'on' needs a CUDA device; use off or auto", "cuda_graph")
     reason = get(config.backend).cannot_run(config, device)
     if reason is not None:
         raise ConfigError(f"backend {config.backend} cannot run here: {reason}", "backend")
-    _check_memory(config, device)
+    _check_memory(config, device, seeds)
     return device
 
 
-def _check_memory(config: RunConfig, device: torch.device) -> None:
-    """Refuse sizes whose inputs alone cannot fit (a lower bound, not an estimate): on the
-    device, one meta-batch of task tensors and the parameters' copies every run holds
-    (the meta-parameters, their gradient and Adam's two moments; each task's adapted
-    parameters, which FULL keeps for every inner step); the per-step history on the host."""
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"  # whole GiB would print a need beyond a size as equal
+
+
+def _check_memory(config: RunConfig, device: torch.device, seeds: int = 1) -> None:
+    """Refuse sizes whose inputs alone cannot fit (a lower bound, not an estimate), for
+    `seeds` runs batched together: on the device, one meta-batch of task tensors and the
+    parameters' copies every run holds (the meta-parameters, their gradient and Adam's two
+    moments; each task's adapted parameters, which FULL keeps for every inner step); the
+    per-step history on the host."""
     itemsize = config.torch_dtype.itemsize
     examples = config.meta_batch * (config.shots + config.queries)
-    tasks = examples * config.seq_len * config.dim * itemsize
+    tasks = seeds * examples * config.seq_len * config.dim * itemsize
     d, c = config.dim, config.num_classes
     copies = 4 + config.meta_batch * (config.inner_steps if config.mode == Mode.FULL else 1)
-    params = copies * (3 * d * d + c * d + c) * itemsize
+    params = seeds * copies * (3 * d * d + c * d + c) * itemsize
+    who = "this run needs" if seeds == 1 else f"these {seeds} runs, one seed batch, need"
+    alone = "" if seeds == 1 else " (or --no-batch-seeds)"
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if tasks + params > memory:
         raise ConfigError(
-            f"this run needs at least {(tasks + params) / 2**30:.0f} GiB on the {device.type} "
-            f"({tasks / 2**30:.0f} GiB of task tensors, {params / 2**30:.0f} GiB for {copies} "
-            f"copies of the parameters), which has {memory / 2**30:.0f} GiB: make meta_batch, "
-            "dim, num_classes, seq_len or k smaller"
+            f"{who} at least {_gib(tasks + params)} on the {device.type} ({_gib(tasks)} of "
+            f"task tensors, {_gib(params)} for {copies} copies of the parameters), which has "
+            f"{_gib(memory)}: make meta_batch, dim, num_classes, seq_len or k smaller{alone}"
         )
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    history = config.outer_steps * 5 * 8 * 2  # device history and its float64 host copy
+    history = seeds * config.outer_steps * 5 * 8 * 2  # device history and its float64 copy
     if history > host:
         raise ConfigError(
-            f"outer_steps {config.outer_steps} needs {history / 2**30:.0f} GiB of per-step "
-            f"history; the host has {host / 2**30:.0f} GiB",
+            f"outer_steps {config.outer_steps} needs {_gib(history)} of per-step history "
+            f"for {seeds} seed(s); the host has {_gib(host)}{alone}",
             "outer_steps",
         )

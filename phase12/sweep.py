@@ -137,16 +137,17 @@ class SweepSpec:
         ]
 
 
-def unsupported_cells(spec: SweepSpec) -> dict[str, str]:
+def unsupported_cells(spec: SweepSpec, batch_seeds: bool = True) -> dict[str, str]:
     """{run_id: "backend: its limit"} for the cells of `spec` beyond their backend's limits.
-    Every other cell is checked to run here (ConfigError), and ConfigError too when no
-    cell is within the limits: nothing would run."""
+    Every other cell is checked to run here (ConfigError), its seeds batched together with
+    `batch_seeds`, and ConfigError too when no cell is within the limits: nothing would run."""
     beyond = {}
+    seeds = len(spec.seeds) if batch_seeds else 1
     for config in spec.configs():
         backend, device = get(config.backend), resolve_device(config.device)
         reason = None if backend.unavailable(device) else backend.limit(config, device)
         if reason is None:
-            device_for(config)  # ConfigError where it cannot run here
+            device_for(config, seeds)  # ConfigError where it cannot run here
         else:
             beyond[config.run_id] = f"{config.backend}: {reason}"
     if beyond and len(beyond) == len(spec.configs()):
@@ -567,7 +568,7 @@ def run_sweep(
     across its steps). `announce` gets one line saying what will run.
     """
     configs = spec.configs()
-    beyond = unsupported_cells(spec)
+    beyond = unsupported_cells(spec, batch_seeds)
     for device in devices or ():
         device_for(spec.base.replace(device=device))
     devices = [_device_name(d) for d in devices] if devices else devices

@@ -306,7 +306,7 @@ def _check_seed_group(configs: Sequence[RunConfig], world: World) -> torch.devic
     if len({c.seed for c in configs}) != len(configs):
         raise ValueError("runs batched together need distinct seeds")
     world.check_divides(configs[0].meta_batch)
-    return device_for(configs[0])
+    return device_for(configs[0], len(configs))
 
 
 def run_experiments(

@@ -154,7 +154,7 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
     if not spec.configs():
         raise ConfigError("the grid is empty: give at least one mode, backend, k and seed")
     if check_cells:
-        unsupported_cells(spec)
+        unsupported_cells(spec, batch_seeds=not args.no_batch_seeds)
     else:  # risk checks: a backend asked for by name must run here; a default one may SKIP
         for backend in args.backend or (spec.base.backend,):
             device_for(spec.base.replace(backend=backend))

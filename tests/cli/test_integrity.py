@@ -15,6 +15,7 @@ import pytest
 from support import exit_code
 
 import phase12.sweep as sweep_module
+from phase12.config import ConfigError, RunConfig
 from phase12.io import FolderLock
 from phase12.schema import RUN_COLUMNS
 
@@ -370,6 +371,24 @@ def test_sizes_that_cannot_run_are_refused_in_one_line(tmp_path, capsys, flags, 
     assert exit_code(*SIZES, *flags, "--out", str(tmp_path / "o")) == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_seed_batch_is_checked_for_memory_as_a_whole(tmp_path, capsys, monkeypatch):
+    """Its history is (seeds, steps, metrics): each seed's fits, the batch's does not."""
+    monkeypatch.setattr(sweep_module, "run_experiments", lambda *a, **k: pytest.fail("trained"))
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    steps = str(host // (5 * 8 * 2) * 2 // 3)
+    grid = ["--modes", "FO", "--k", "1", "--seeds", "0,1", "--outer-steps", steps, *SIZES]
+    assert exit_code("sweep", "--root", str(tmp_path), "--tag", "t", *grid) == 2
+    line = one_error_line(capsys)
+    assert "per-step history for 2 seed(s)" in line and "(or --no-batch-seeds)" in line
+    assert not (tmp_path / "t").exists()
+    spec = sweep_module.SweepSpec(
+        base=RunConfig(device="cpu", outer_steps=int(steps)), modes=("FO",), seeds=(0, 1)
+    )
+    assert sweep_module.unsupported_cells(spec, batch_seeds=False) == {}
+    with pytest.raises(ConfigError, match="for 2 seed"):
+        sweep_module.unsupported_cells(spec)
 
 
 def test_a_single_run_saves_to_a_predictable_folder_unless_told_not_to(
