@@ -220,12 +220,14 @@ def timing_table(summary: pd.DataFrame, seed_device: str | None) -> pd.DataFrame
             "mean_outer_step_time_s_mean",
             "peak_cuda_mem_bytes_mean",
             "device_runners",
+            "seeds_batched",
         ]
     ].copy()
     t["step ms"] = t.pop("mean_outer_step_time_s_mean") * 1e3
     t["peak MiB"] = t.pop("peak_cuda_mem_bytes_mean") / 2**20
     runners = t.pop("device_runners")  # NaN in runs.csv of older versions
     t["runners on device"] = runners.map(lambda n: "" if n != n else str(int(n)))
+    t["seeds a batch"] = t.pop("seeds_batched").map(lambda n: "" if n != n else str(int(n)))
     t["seed step ms (k=20)"] = [
         SEED_STEP_S.get((seed_device, b, m), float("nan")) * 1e3 if k == 20 else float("nan")
         for b, m, k in zip(t["backend"], t["mode"], t["inner_steps"], strict=True)
@@ -252,6 +254,22 @@ def _speed_lines(runs: pd.DataFrame, summary: pd.DataFrame, seed_device: str | N
         "peak CUDA allocation above what was allocated when it started (the first runs of a "
         "process also pay for cuBLAS workspaces); blank for runs on the CPU, where it is not "
         "measured.",
+        *batched_seed_lines(summary),
+    ]
+
+
+def batched_seed_lines(summary: pd.DataFrame) -> list[str]:
+    """What the times of cells whose seeds trained as one batch are."""
+    batched = summary[summary["seeds_batched"] > 1]
+    if batched.empty:
+        return []
+    return [
+        "",
+        f"In {len(batched)} of {len(summary)} cells the seeds trained as one batch (`seeds a "
+        "batch`): a run's step time is its share, the batch's step time divided by its seeds, "
+        "and its peak memory is the batch's. Their speed-up over the seed, which timed one "
+        "seed a step, is a throughput per seed, not one step's latency (`sweep "
+        "--no-batch-seeds` times every seed alone).",
     ]
 
 

@@ -94,8 +94,9 @@ def load_runs(folder: str | Path) -> pd.DataFrame:
     _check_values(runs, path)
     recorded_settings(folder, runs["run_id"], runs)
     runs["mode"] = runs["mode"].where(runs["ablation"] == "none", runs["ablation"])
-    if "device_runners" not in runs:  # older versions did not record it
-        runs["device_runners"] = float("nan")
+    for column in ("device_runners", "seeds_batched"):  # older versions did not record them
+        if column not in runs:
+            runs[column] = float("nan")
     if "attn_grad_norm" not in runs:
         runs["attn_grad_norm"] = (
             runs[["attn_grad_norm_q", "attn_grad_norm_k", "attn_grad_norm_v"]] ** 2
@@ -288,7 +289,9 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds per (backend, mode, inner_steps) of the OK runs.
 
     Columns: backend, mode, inner_steps, n_seeds, device_runners (the most sweep runners
-    a seed's device had: above 1, its times include the others'), then METRIC_mean and
+    a seed's device had: above 1, its times include the others'), seeds_batched (the most
+    seeds trained as one batch: above 1, a run's times are its share of the batch's), then
+    METRIC_mean and
     METRIC_std for every metric in SUMMARY_METRICS (std is the sample std, NaN for one
     seed).
     """
@@ -296,6 +299,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     grouped = ok.groupby(CELL)
     out = grouped[SUMMARY_METRICS].agg(["mean", "std"])
     out.columns = [f"{metric}_{stat}" for metric, stat in out.columns]
+    out.insert(0, "seeds_batched", grouped["seeds_batched"].max())
     out.insert(0, "device_runners", grouped["device_runners"].max())
     out.insert(0, "n_seeds", grouped["seed"].nunique())
     return out.reset_index()

@@ -12,7 +12,13 @@ import pytest
 
 import analysis.report as report_module
 from analysis.figures import mean_curves
-from analysis.report import build_report, load_histories, shared_device_lines, timing_table
+from analysis.report import (
+    batched_seed_lines,
+    build_report,
+    load_histories,
+    shared_device_lines,
+    timing_table,
+)
 from analysis.summary import full_minus_fo, load_runs, summarize
 from phase12.schema import METRICS, RUN_COLUMNS
 
@@ -101,6 +107,19 @@ def test_step_times_of_a_shared_device_are_flagged_and_not_compared_with_the_see
     assert t.loc[("triton_fused", "FULL", 20), "speed-up vs seed"] > 0
     (line, _) = shared_device_lines(summary)
     assert line.startswith("6 of 12 cells were timed on a device that up to 2 sweep runners")
+
+
+def test_times_of_seeds_trained_as_one_batch_are_named_as_their_share():
+    runs = hand_made_runs()
+    assert batched_seed_lines(summarize(runs)) == []
+    runs.loc[runs["backend"] == "reference", "seeds_batched"] = 2
+    summary = summarize(runs)
+    t = timing_table(summary, "cuda").set_index(["backend", "mode", "k"])
+    assert t.loc[("reference", "FULL", 1), "seeds a batch"] == "2"
+    assert t.loc[("triton_fused", "FULL", 1), "seeds a batch"] == ""  # not recorded
+    (_, line) = batched_seed_lines(summary)
+    assert line.startswith("In 6 of 12 cells the seeds trained as one batch")
+    assert "a throughput per seed, not one step's latency" in line
 
 
 def test_runs_of_older_versions_have_no_runner_count_and_keep_their_speed_up(tmp_path):
