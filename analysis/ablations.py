@@ -105,7 +105,8 @@ def share_vs_gain(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     the same backend, k and seed; and the least-squares slope of gain on share with k as
     a fixed effect (shares and gains centred within each k, so the large gains of small k
     do not make the slope), with its standard error (keys slope, se, n). A policy whose
-    runs equal another's exactly counts once; runs of k = 0 (no inner step: every policy
+    runs equal another's exactly counts once (key same_as: {left out: the policy kept});
+    runs of k = 0 (no inner step: every policy
     is the same computation, share and gain 0 by construction) are no evidence and are
     left out."""
     ok = runs[(runs["status"] == "OK") & (runs["inner_steps"] > 0)]
@@ -119,8 +120,15 @@ def share_vs_gain(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
         .groupby("mode")[["final_acc", "attn_curvature_share"]]
         .apply(lambda g: tuple(map(tuple, g.to_numpy())))
     )
-    full = full[full["mode"].isin(signature.drop_duplicates().index)]
-    fit = {"n": len(full), "slope": float("nan"), "se": float("nan")}
+    kept = signature.drop_duplicates()
+    same_as = {m: kept[kept == runs_of].index[0] for m, runs_of in signature.items()}
+    full = full[full["mode"].isin(kept.index)]
+    fit = {
+        "n": len(full),
+        "slope": float("nan"),
+        "se": float("nan"),
+        "same_as": {m: k for m, k in same_as.items() if m != k},
+    }
     by_k = full.groupby("inner_steps")
     x = full["attn_curvature_share"] - by_k["attn_curvature_share"].transform("mean")
     y = full["gain"] - by_k["gain"].transform("mean")
@@ -307,7 +315,12 @@ def findings(runs: pd.DataFrame) -> list[str]:
             f"Across {fit['n']} runs of FULL and its ablations, within each k, the gain over "
             f"FO against FULL's attention share at the run's parameters has slope "
             f"{fit['slope']:+.3f} ± {fit['se']:.3f} (least squares with k as a fixed effect; "
-            "one standard error): "
+            "one standard error"
+            + "".join(
+                f"; {m} counted once with {k}, whose runs it equals exactly"
+                for m, k in sorted(fit["same_as"].items())
+            )
+            + "): "
             + (
                 "beyond 2 SE."
                 if beyond

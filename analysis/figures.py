@@ -9,6 +9,7 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -317,9 +318,23 @@ def attention_plot(df: pd.DataFrame, path: Path) -> Path:
     return _save(grid, path, "Attention, B*H = 32 (D = 64 and 128 pooled per line)")
 
 
+def fit_segments(points: pd.DataFrame, slope: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The within-k fit as a segment per k: `slope` through that k's mean (share, gain),
+    across its shares (none for a NaN slope)."""
+    if slope != slope:
+        return []
+    segments = []
+    for _, at_k in points.groupby("inner_steps"):
+        share, gain = at_k["attn_curvature_share"], at_k["gain"]
+        xs = share.agg(["min", "max"]).to_numpy()
+        segments.append((xs, gain.mean() + slope * (xs - share.mean())))
+    return segments
+
+
 def gain_vs_share(points: pd.DataFrame, fit: dict, path: Path) -> Path:
     """Per run: gain over FO against the attention-curvature share, one colour per
-    policy, one marker per k; the least-squares line over all runs."""
+    policy, one marker per k; the fit of analysis.ablations.share_vs_gain as a line per k
+    (one slope, through each k's mean point, across that k's shares)."""
     order, _ = _order(points["mode"])
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     sns.scatterplot(
@@ -331,10 +346,16 @@ def gain_vs_share(points: pd.DataFrame, fit: dict, path: Path) -> Path:
         style="inner_steps",
         ax=ax,
     )
-    if fit["slope"] == fit["slope"]:
-        xs = points["attn_curvature_share"].agg(["min", "max"]).to_numpy()
-        intercept = (points["gain"] - fit["slope"] * points["attn_curvature_share"]).mean()
-        ax.plot(xs, intercept + fit["slope"] * xs, color="grey", lw=1)
+    for xs, ys in fit_segments(points, fit["slope"]):
+        ax.plot(xs, ys, color="grey", lw=1)
+    if fit["same_as"]:
+        ax.text(
+            0.0,
+            -0.2,
+            "; ".join(f"{m}: drawn as {k} (equal runs)" for m, k in sorted(fit["same_as"].items())),
+            transform=ax.transAxes,
+            fontsize=7,
+        )
     ax.axhline(0, color="grey", lw=0.5)
     ax.set(
         xlabel="attention-curvature share ‖g_FULL − g_no_attention_curvature‖ / ‖g_FULL‖",

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from analysis.ablations import findings, paired, phase12_table, share_vs_gain, summary
 
@@ -117,6 +118,14 @@ def test_share_against_gain_and_the_completed_table():
     # once_differentiable_attention's runs, no_attention_value_curvature
     # no_attention_curvature's.
     assert len(points) == 3 * (len(ACC) - 3) and fit["n"] == len(points)
+    assert fit["same_as"] == {
+        "once_differentiable_attention": "no_attention_param_curvature",
+        "no_attention_value_curvature": "no_attention_curvature",
+    }
+    spread = runs()
+    spread["attn_curvature_share"] += 0.01 * spread["seed"]  # a slope to fit; equal runs stay so
+    (slope,) = [line for line in findings(spread) if "has slope" in line]
+    assert "no_attention_value_curvature counted once with no_attention_curvature" in slope
     table = phase12_table(runs()).set_index(["backend", "policy"])
     assert set(table.index.get_level_values("backend")) == {"reference", "triton_fused"}
     full, without = ("reference", "FULL"), ("triton_fused", "no_attention_curvature")
@@ -176,3 +185,24 @@ def test_one_seed_claims_no_standard_error():
     assert f"{_fmt(one)} ({_beyond(one)})" == "+0.0000 (one seed) (no SE from one seed)"
     two = {"mean": 0.1, "std": 0.01, "n": 2, "clear": True}
     assert _beyond(two) == "beyond 2 SE"
+
+
+def test_the_figure_draws_the_fit_through_each_ks_mean():
+    """One slope within each k: a single pooled line would pass through none of them."""
+    from analysis.figures import fit_segments
+
+    rng = np.random.default_rng(1)
+    points = pd.DataFrame(
+        {
+            "inner_steps": np.repeat([1, 5], 6),
+            "attn_curvature_share": rng.uniform(0.2, 0.6, 12),
+            "gain": np.repeat([0.12, 0.0], 6) + rng.normal(0, 0.002, 12),
+        }
+    )
+    segments = fit_segments(points, slope=0.01)
+    assert len(segments) == 2
+    for (xs, ys), (_, at_k) in zip(segments, points.groupby("inner_steps"), strict=True):
+        mid = at_k["attn_curvature_share"].mean()
+        assert np.interp(mid, xs, ys) == pytest.approx(at_k["gain"].mean())
+        assert (ys[1] - ys[0]) / (xs[1] - xs[0]) == pytest.approx(0.01)
+    assert fit_segments(points, float("nan")) == []
