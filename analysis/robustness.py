@@ -112,7 +112,8 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
         gain = paired(cell, "FULL", "FO")
         row["FULL − FO"] = _difference(cell, gain, "FO")
         row["gain"] = gain.iloc[0]["mean"] if len(gain) else float("nan")
-        row["FULL − FO beyond 2 SE"] = bool(gain.iloc[0]["clear"]) if len(gain) else False
+        # blank where no seed pair was measured: not a verdict of "no"
+        row["FULL − FO beyond 2 SE"] = bool(gain.iloc[0]["clear"]) if len(gain) else None
         needs = paired(cell, "FULL", ATTENTION_TERM)
         row["needs attention's curvature"] = _difference(cell, needs, ATTENTION_TERM)
         if works == NOT_SUPPORTED:  # nothing ran: no differences to speak of
@@ -122,8 +123,8 @@ def robustness_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _gain_holds(table: pd.DataFrame) -> pd.Series:
-    """Per row: FULL − FO is positive and beyond 2 SE."""
-    return table["FULL − FO beyond 2 SE"] & (table["gain"] > 0)
+    """Per row: FULL − FO is positive and beyond 2 SE (measured)."""
+    return table["FULL − FO beyond 2 SE"].eq(True) & (table["gain"] > 0)
 
 
 def findings(table: pd.DataFrame) -> list[str]:

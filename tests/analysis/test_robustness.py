@@ -54,6 +54,7 @@ def test_each_regime_says_whether_full_works_and_what_it_gains():
     assert table.loc["bfloat16", "FULL works?"].startswith("no: float64 error 5.0e-01 >")
     assert table.loc["float16", "FULL works?"] == "no: 3 of 3 seeds NONFINITE at step 1"
     assert table.loc["float16", "FULL − FO"] == "no finished seed pairs"
+    assert table.loc["float16", "FULL − FO beyond 2 SE"] is None  # not measured, not "no"
     assert table.loc["float32", "FULL − FO"] == "+0.1010 ± 0.0010 (beyond 2 SE)"
     assert table.loc["float32", "needs attention's curvature"].startswith("+0.0210")
     assert table.loc["bfloat16", "step ms"] == "3.00 (1.50x fp32)"
