@@ -337,8 +337,9 @@ def _mean_std(values: pd.Series) -> str:
 
 def share_during_training(histories: pd.DataFrame) -> pd.DataFrame:
     """attn_curvature_share at the first and the last probe of each run (the history's
-    sparse probe columns), mean ± std over seeds per (backend, k, policy); empty when the
-    histories hold no probes."""
+    sparse probe columns), after how many outer steps each came, mean ± std over seeds per
+    (backend, k, policy); empty when the histories hold no probes, or only the end's
+    (probe_every 0: the first probe is the last)."""
     if "attn_curvature_share" not in histories:
         return pd.DataFrame()
     probed = histories.dropna(subset=["attn_curvature_share"]).sort_values("step")
@@ -356,4 +357,7 @@ def share_during_training(histories: pd.DataFrame) -> pd.DataFrame:
                 "share at the end": _mean_std(last["attn_curvature_share"]),
             }
         )
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if table.empty or (table["first probe"] == table["last probe"]).all():
+        return pd.DataFrame()
+    return table

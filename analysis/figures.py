@@ -114,13 +114,16 @@ def training_curves(histories: pd.DataFrame, path: Path, window: int = 20) -> Pa
 
 
 def share_curves(histories: pd.DataFrame, path: Path) -> Path:
-    """attn_curvature_share at the probed steps (the history's sparse probe columns) vs
-    outer step: one panel per k, one line per mode or ablation, mean ± std over seeds."""
+    """attn_curvature_share at the probes (the history's sparse probe columns) against the
+    outer steps done before each (as analysis.ablations.share_during_training counts): one
+    panel per k, one line per mode or ablation, mean ± std over seeds."""
     h = histories.dropna(subset=["attn_curvature_share"])
+    # A probe follows its step's update: step s is probed after s + 1 outer steps.
+    h = h.assign(steps_done=h["step"] + 1)
     order, dashes = _order(h["mode"])
     grid = sns.relplot(
         data=h,
-        x="step",
+        x="steps_done",
         y="attn_curvature_share",
         hue="mode",
         hue_order=order,
@@ -135,7 +138,7 @@ def share_curves(histories: pd.DataFrame, path: Path) -> Path:
         aspect=1.1,
     )
     grid.set_titles("k = {col_name}")
-    grid.set(xlabel="outer step", ylabel="attention-curvature share")
+    grid.set(xlabel="outer steps done", ylabel="attention-curvature share")
     sns.move_legend(grid, "upper left", bbox_to_anchor=(1.0, 0.9))
     return _save(
         grid,

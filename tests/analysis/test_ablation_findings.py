@@ -176,6 +176,30 @@ def test_the_share_during_training_reads_the_first_and_last_probe_of_each_run():
     assert table["share there"] == "0.6000 ± 0.1414"
     assert table["share at the end"] == "0.2000 ± 0.1414"
     assert share_during_training(pd.DataFrame(rows).drop(columns="attn_curvature_share")).empty
+    end_only = pd.DataFrame(rows).assign(
+        attn_curvature_share=lambda d: d["attn_curvature_share"].where(d["step"] == 3)
+    )
+    assert share_during_training(end_only).empty  # probe_every 0: first = last, no table
+
+
+def test_the_share_figure_counts_steps_as_the_table_does(tmp_path, monkeypatch):
+    """The table's "first probe" 2 is the history's step 1 (probed after its update)."""
+    import analysis.figures as figures
+
+    drawn = {}
+    real = figures.sns.relplot
+
+    def relplot(data, x, **kw):
+        drawn["x"] = sorted(data[x].unique())
+        return real(data=data, x=x, **kw)
+
+    monkeypatch.setattr(figures.sns, "relplot", relplot)
+    h = pd.DataFrame(
+        dict(backend="b", mode="FULL", inner_steps=5, seed=0, step=[0, 1, 2, 3])
+        | dict(attn_curvature_share=[np.nan, 0.5, np.nan, 0.1])
+    )
+    figures.share_curves(h, tmp_path / "f.png")
+    assert drawn["x"] == [2, 4]
 
 
 def test_one_seed_claims_no_standard_error():
