@@ -72,3 +72,35 @@ def test_the_nonfinite_guard_of_a_runs_csv_without_rows_is_skipped(tmp_path):
     pd.DataFrame(columns=["run_id", "status"]).to_csv(tmp_path / "runs.csv", index=False)
     row = nonfinite_guard(tmp_path)
     assert row["status"] == "SKIP" and "no runs" in row["details"]
+
+
+def test_seed_determinism_of_runs_that_go_nonfinite_alike_is_a_pass(monkeypatch):
+    """NaN is never equal to NaN: two runs non-finite at the same steps are deterministic."""
+    import torch
+
+    import phase12.risk as risk
+
+    broken = TINY.replace(inner_lr=1e30)  # non-finite from the first step
+    row = risk.seed_determinism(broken, torch.device("cpu"), steps=3)
+    assert row["status"] == "PASS", row
+    assert "non-finite from step 0 in both runs alike" in row["details"]
+    assert "reference, eager" in row["details"]
+
+    class FiniteHistory:  # a run whose non-finite metrics read 0
+        def __init__(self, state):
+            self.state, self.history = state, state.history
+
+        def __call__(self):
+            self.state()
+            self.history.nan_to_num_(0.0)
+
+    real, calls = risk.build_step, []
+
+    def one_run_breaks(configs, device):
+        calls.append(None)
+        state = real(configs, device)
+        return FiniteHistory(state) if len(calls) == 2 else state
+
+    monkeypatch.setattr(risk, "build_step", one_run_breaks)
+    row = risk.seed_determinism(broken, torch.device("cpu"), steps=3)
+    assert row["status"] == "FAIL" and "non-finite in one run where" in row["details"]
