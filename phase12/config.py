@@ -300,6 +300,12 @@ def _check_fields(c: RunConfig) -> None:
             )
     if not (c.noise_std >= 0 and math.isfinite(c.noise_std)):
         raise ConfigError(f"noise_std must be a finite number >= 0; got {c.noise_std}", "noise_std")
+    if c.dtype in DTYPES and c.noise_std * 10 > torch.finfo(c.torch_dtype).max:
+        raise ConfigError(
+            f"noise_std {c.noise_std} times a normal draw (up to about 10) is beyond the largest "
+            f"{c.dtype} number, which the tasks are drawn in; use a smaller std",
+            "noise_std",
+        )
     if c.num_classes < 2:
         raise ConfigError(
             f"num_classes must be >= 2 (one class leaves nothing to learn); got {c.num_classes}",

@@ -226,7 +226,9 @@ def _window_mean(values: np.ndarray, window: int, first: bool = False) -> float:
 
 
 def summarize(config: RunConfig, history: np.ndarray) -> dict:
-    """Final metrics from the (steps, 5) history of a run (last `metric_window` steps)."""
+    """Final metrics from the (steps, 5) history of a run (last `metric_window` steps);
+    convergence_delta, the first window's mean loss minus the last's, only where the two
+    windows do not overlap (None otherwise: a shorter run has no earlier loss to compare)."""
     w = config.metric_window
     loss, acc, gq, gk, gv = history.T
     norms = {"q": _window_mean(gq, w), "k": _window_mean(gk, w), "v": _window_mean(gv, w)}
@@ -238,7 +240,11 @@ def summarize(config: RunConfig, history: np.ndarray) -> dict:
         "attn_grad_norm_v": norms["v"],
         "attn_grad_norm": math.sqrt(sum(x * x for x in norms.values())),
         "attn_grad_present": bool(len(history) and all(x > 0 for x in norms.values())),
-        "convergence_delta": _window_mean(loss, w, first=True) - _window_mean(loss, w),
+        "convergence_delta": (
+            _window_mean(loss, w, first=True) - _window_mean(loss, w)
+            if len(history) >= 2 * w
+            else None
+        ),
     }
 
 

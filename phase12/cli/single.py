@@ -72,13 +72,13 @@ def summary_text(result: RunResult, window: int) -> str:
     steps = len(result.history.get("step", ()))
     window = min(window, steps) or window  # a run cut short
     lines = [f"{r['run_id']}: status {r['status']}" + (f" ({r['error']})" if r["error"] else "")]
-    if r.get("final_acc") is not None:
+    if steps and r.get("final_acc") is not None:  # no step of a run non-finite at 0
         delta = r["convergence_delta"]  # the first window's mean loss minus the last's
         change = (
             f"the loss {'fell' if delta >= 0 else 'rose'} by {abs(delta):.4f} from the first "
             f"{window}"
-            if steps > window
-            else "the run is no longer than that, so there is no earlier loss to compare"
+            if delta is not None and steps >= 2 * window
+            else "the run is shorter than two such windows, so there is no earlier loss to compare"
         )
         lines.append(
             f"  query accuracy {r['final_acc']:.4f}, loss {r['final_loss']:.4f} (means over "

@@ -35,6 +35,8 @@ FAST = ["--outer-steps", "3", "--meta-batch", "2", "--no-progress", "--device", 
         (["--outer-lr", "1e39", "--dtype", "bfloat16"], "beyond the largest bfloat16 number"),
         # Adam's first step is 10x the rate: 1e38 trained into an overflow traceback
         (["--outer-lr", "1e38"], "--outer-lr 1e+38 times 10 (Adam's first step) is beyond"),
+        (["--noise-std", "1e39"], "--noise-std 1e+39 times a normal draw"),  # was NONFINITE
+        (["--noise-std", "7e3", "--dtype", "float16"], "largest float16 number"),
         (["--device", "cuda"], "no CUDA device is available"),
         (["--device", "tpu"], "not a device name"),
         (["--device", "cpu:1"], "the CPU is one device"),
@@ -200,6 +202,10 @@ def test_the_run_summary_says_whether_the_loss_fell_or_rose():
     for delta, words in ((0.25, "the loss fell by 0.2500 from the first 4"), (-0.25, "rose by")):
         result = RunResult(row | {"convergence_delta": delta}, history)
         assert words in summary_text(result, window=4)
+    short = RunResult(row | {"convergence_delta": None}, {"step": list(range(7))})
+    assert "shorter than two such windows" in summary_text(short, window=4)
+    nothing = RunResult(row | {"status": "NONFINITE", "final_acc": float("nan")}, {"step": []})
+    assert "query accuracy" not in summary_text(nothing, window=4)  # no step finished
 
 
 def test_default_backends_leave_out_those_that_cannot_run_and_say_so(monkeypatch, capsys):

@@ -182,6 +182,19 @@ def test_a_last_update_that_breaks_the_parameters_is_nonfinite(broken):
     assert r.row["nonfinite_step"] == 1 and "at outer step 1" in r.row["error"]
 
 
+def test_convergence_delta_needs_two_windows_that_do_not_overlap():
+    import numpy as np
+
+    from phase12.train import summarize
+
+    cfg = SMALL.replace(metric_window=3)
+    loss = np.arange(6.0)[::-1]  # 5, 4, ..., 0
+    history = np.stack([loss, *([np.ones(6)] * 4)], axis=1)
+    assert summarize(cfg, history)["convergence_delta"] == 3.0  # mean(5, 4, 3) - mean(2, 1, 0)
+    assert summarize(cfg, history[:5])["convergence_delta"] is None  # windows would share a step
+    assert summarize(cfg, history[:3])["convergence_delta"] is None
+
+
 def test_cross_entropy_equals_torch_and_its_gradients():
     from phase12.model import cross_entropy
 
