@@ -14,7 +14,8 @@
 |              | (phase12.fused_step)                        |                        |
 
 All three compute the same numbers (exact to the rounding of their dtype; under
-torch.autocast triton_step keeps its products in float32, README "Precision").
+torch.autocast triton_step keeps its products in float32: README, "Shapes and precision:
+the robustness map").
 """
 
 from __future__ import annotations

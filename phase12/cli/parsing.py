@@ -111,10 +111,15 @@ def csv_list(
         items = text.split(",")
         if "" in items:
             raise argparse.ArgumentTypeError(f"{text!r} has an empty item; give a,b,c")
-        try:
-            values = tuple(kind(x) for x in items)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from e
+        values = []
+        for item in items:
+            try:
+                values.append(kind(item))
+            except ValueError as e:  # int's and float's own words are Python's, not ours
+                plain = {int: "a whole number", float: "a number"}.get(kind)
+                why = f"{item!r} is not {plain}" if plain else str(e)
+                raise argparse.ArgumentTypeError(f"{text!r}: {why}") from e
+        values = tuple(values)
         twice = sorted({str(v) for v in values if values.count(v) > 1})
         if twice and not repeats:
             raise argparse.ArgumentTypeError(f"{', '.join(twice)} given twice; give each once")

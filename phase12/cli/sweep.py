@@ -122,9 +122,15 @@ def parser(name: str) -> ArgumentParser:
 def check_folder(root: Path, tag: str) -> Path:
     """ROOT/TAG, with TAG a plain name and ROOT a folder (or absent). Raises ConfigError."""
     if not TAG.fullmatch(tag):
+        path = Path(tag)
+        hint = (
+            f"; for the folder {tag}, give --root {path.parent} --tag {path.name}"
+            if "/" in tag and TAG.fullmatch(path.name)
+            else ""
+        )
         raise ConfigError(
             f"--tag {tag!r} is not a plain name: use letters, digits, '.', '_' and '-' "
-            "(no '/', not starting with '.')"
+            f"(no '/', not starting with '.'){hint}"
         )
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--root {root} exists and is not a folder")

@@ -7,6 +7,7 @@ import os
 import py_compile
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from kernels import BackendUnavailable
 from phase12 import cli
 from phase12.cli import bytecode_note, lacks_bytecode  # before conftest's patch
+from phase12.config import ConfigError
 
 FAST = ["--outer-steps", "3", "--meta-batch", "2", "--no-progress", "--device", "cpu"]
 
@@ -97,7 +99,8 @@ def test_single_run_json_and_outputs(tmp_path, capsys):
     assert "query accuracy" in "\n".join(stdout[:-1])
     assert "means over the last 3 outer steps" in "\n".join(stdout[:-1])  # 3 ran, not 20
     assert "no earlier loss to compare" in "\n".join(stdout[:-1])  # not "fell by 0.0000"
-    assert cli.main(["--k", "1", *FAST, "--no-save", "--metric-window", "2"]) == 0
+    window = ["--metric-window", "2", "--outer-steps", "4"]  # two windows apart
+    assert cli.main(["--k", "1", *FAST, "--no-save", *window]) == 0
     assert "last 2 outer steps; the loss fell by " in capsys.readouterr().out
 
     runs = pd.read_csv(out / "runs.csv")
@@ -225,3 +228,20 @@ def test_default_backends_leave_out_those_that_cannot_run_and_say_so(monkeypatch
     monkeypatch.setattr("phase12.backends.check_backend", lambda name, device: None)
     assert default_backends("cuda") == ("reference", "triton_fused", "triton_step")
     assert capsys.readouterr().err == ""
+
+
+def test_list_items_and_tags_are_refused_in_our_words(capsys):
+    import argparse
+
+    from phase12.cli.parsing import csv_list
+    from phase12.cli.sweep import check_folder
+
+    for kind, text, said in [
+        (int, "0-2", "'0-2': '0-2' is not a whole number"),
+        (int, "1,x", "'1,x': 'x' is not a whole number"),
+        (float, "0.1,a", "'0.1,a': 'a' is not a number"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=said):
+            csv_list(kind)(text)
+    with pytest.raises(ConfigError, match="give --root runs --tag abc$"):
+        check_folder(Path("x"), "runs/abc")
