@@ -176,7 +176,11 @@ class RunConfig:
     shots: int = _option(16, "support examples per task")
     queries: int = _option(16, "query examples per task")
     noise_std: float = _option(0.5, "std of the noise added to prototypes at signal positions")
-    metric_window: int = _option(20, "final metrics average the last this-many outer steps")
+    metric_window: int = _option(
+        20,
+        "final metrics average the last this-many outer steps (convergence_delta: the first "
+        "this-many against the last, in runs of at least twice as many)",
+    )
     probe_every: int = _option(
         0,
         "also measure the held-out probes (rel_diff_probe, the curvature shares, the float64 "

@@ -39,6 +39,14 @@ def _show(table) -> None:
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
 
+# The scaling table's axes: their default values, and what they are.
+SCALING_AXES = {
+    "k": ((1, 5, 10, 20, 40), "inner steps"),
+    "meta_batch": ((16, 64, 256, 1024), "meta-batches"),
+    "seq_len": ((32, 128, 512, 1024, 4096), "sequence lengths"),
+}
+
+
 def _step_parser() -> ArgumentParser:
     from phase12.benchmarks import step
 
@@ -79,7 +87,7 @@ def _step_parser() -> ArgumentParser:
         default=("float32",),
         help="comma-separated precisions (phase12.config.DTYPES; default float32)",
     )
-    add_config_flags(p, ["device", "meta_batch", "seq_len", "dim"])
+    add_config_flags(p, ["device", "meta_batch", "seq_len", "dim", "signal_positions"])
     p.flags.update(mode="--modes", inner_steps="--k", backend="--backends")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per cell (default 3)")
     p.add_argument("--reps", type=int, default=20, help="timed steps per cell (default 20)")
@@ -96,16 +104,11 @@ def _step_parser() -> ArgumentParser:
         "varied at a time (the others at the largest --k and at --meta-batch, --seq-len; "
         "float32)",
     )
-    scaling_axes = {
-        "k": ((1, 5, 10, 20, 40), "inner steps"),
-        "meta-batch": ((16, 64, 256, 1024), "meta-batches"),
-        "seq-len": ((32, 128, 512, 1024, 4096), "sequence lengths"),
-    }
-    for axis, (default, what) in scaling_axes.items():
+    for axis, (default, what) in SCALING_AXES.items():
         p.add_argument(
-            f"--scaling-{axis}",
+            f"--scaling-{axis.replace('_', '-')}",
             type=csv_list(int),
-            default=default,
+            default=None,  # given without --scaling: refused, not ignored
             help=f"{what} of the scaling table (default {','.join(map(str, default))})",
         )
     _out(p, "step")
@@ -152,9 +155,12 @@ def bench_step(argv: list[str]) -> int:
             raise ConfigError("--breakdown times every cell eager and in a graph; drop --execution")
         scaling = []
         anchor = base.replace(inner_steps=max(args.k))  # where the scaling axes cross
+        given = [a for a in SCALING_AXES if getattr(args, f"scaling_{a}") is not None]
+        if given and not args.scaling:
+            flag = f"--scaling-{given[0].replace('_', '-')}"
+            raise ConfigError(f"{flag} sets an axis of the scaling table; add --scaling")
         if args.scaling:  # checked here, not after the main table has run
-            axes = {"k": args.scaling_k, "meta_batch": args.scaling_meta_batch}
-            axes["seq_len"] = args.scaling_seq_len
+            axes = {a: getattr(args, f"scaling_{a}") or d for a, (d, _) in SCALING_AXES.items()}
             for axis, values in axes.items():
                 for v in values:
                     try:

@@ -109,7 +109,15 @@ def test_bench_step_refuses_bad_grids_before_any_work(tmp_path, capsys):
     assert "--scaling-k -1: inner_steps must be >= 0" in capsys.readouterr().err
     assert exit_code("bench", "step", "--modes", "FULL", "--k", str(10**17), *out) == 2
     assert f"--k {10**17}, FULL, float32: this run needs at least" in capsys.readouterr().err
+    assert exit_code("bench", "step", "--scaling-seq-len", "64", *out) == 2  # was ignored
+    assert "--scaling-seq-len sets an axis of the scaling table; add --scaling" in (
+        capsys.readouterr().err
+    )
+    assert exit_code("bench", "step", "--seq-len", "3", *out) == 2  # a flag to fix it with
+    assert "--signal-positions must be in 1..seq_len-1" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    short = ["--seq-len", "3", "--signal-positions", "2", "--k", "1", "--modes", "FO"]
+    assert exit_code("bench", "step", *short, "--reps", "1", "--warmup", "0", *out) == 0
 
 
 def test_bench_help_reaches_the_named_benchmark(capsys):
