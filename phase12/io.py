@@ -324,6 +324,15 @@ def _check_kinds(folder: Path) -> None:
             raise ConfigError(f"{path} is a folder where this program keeps a file; move it away")
 
 
+def remove_if_unused(folder: Path) -> None:
+    """Remove `folder` if it holds nothing but its writer's lock file: one a command made
+    for its results and then ended without any (refused, interrupted)."""
+    lock = folder / ".writer.lock"
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {lock.name}:
+        lock.unlink(missing_ok=True)
+        folder.rmdir()
+
+
 class FolderLock:
     """The one writer of a results folder, for a `with` block: an OS-level lock on
     DIR/.writer.lock, the holder (pid, host, start, command) in DIR/.writer.json.

@@ -137,17 +137,16 @@ class SweepSpec:
         ]
 
 
-def unsupported_cells(spec: SweepSpec, batch_seeds: bool = True) -> dict[str, str]:
+def unsupported_cells(spec: SweepSpec) -> dict[str, str]:
     """{run_id: "backend: its limit"} for the cells of `spec` beyond their backend's limits.
-    Every other cell is checked to run here (ConfigError), its seeds batched together with
-    `batch_seeds`, and ConfigError too when no cell is within the limits: nothing would run."""
+    Every other cell is checked to run here (ConfigError), and ConfigError too when no
+    cell is within the limits: nothing would run. (Seed batches: seed_groups.)"""
     beyond = {}
-    seeds = len(spec.seeds) if batch_seeds else 1
     for config in spec.configs():
         backend, device = get(config.backend), resolve_device(config.device)
         reason = None if backend.unavailable(device) else backend.limit(config, device)
         if reason is None:
-            device_for(config, seeds)  # ConfigError where it cannot run here
+            device_for(config)  # ConfigError where it cannot run here
         else:
             beyond[config.run_id] = f"{config.backend}: {reason}"
     if beyond and len(beyond) == len(spec.configs()):
@@ -563,20 +562,24 @@ def run_sweep(
     checked (ConfigError; the cells beyond a backend's limits are recorded as UNSUPPORTED
     instead of run), the folder is locked (FolderBusy if another process writes it), and
     its settings must be `spec`'s unless `restart` (ConfigError), and `check_folder`
-    (if given) may refuse the runs it keeps (ConfigError), before anything in it changes.
+    (if given) may refuse the runs it keeps (ConfigError), before anything in it changes;
+    each seed batch left to run is checked to fit too (seed_groups; ConfigError).
     With `holding_lock`, the caller holds the folder's FolderLock already (a pipeline,
     across its steps). `announce` gets one line saying what will run.
     """
     configs = spec.configs()
-    beyond = unsupported_cells(spec, batch_seeds)
+    beyond = unsupported_cells(spec)
     for device in devices or ():
         device_for(spec.base.replace(device=device))
     devices = [_device_name(d) for d in devices] if devices else devices
+    kept = set() if restart else _kept_runs(folder)  # read only: nothing changes yet
+    seed_groups([c for c in configs if c.run_id not in kept | beyond.keys()], batch_seeds)
     with contextlib.nullcontext() if holding_lock else FolderLock(folder):
         done, retried = _open_folder(folder, spec, restart, check_folder)
         finished = [c for c in configs if c.run_id in done]
         todo = [c for c in configs if c.run_id not in done and c.run_id not in beyond]
         unsupported = [c for c in configs if c.run_id in beyond]
+        groups = seed_groups(todo, batch_seeds)
         where = ", ".join(devices) if devices else str(resolve_device(spec.base.device))
         default = RunConfig()
         axes = (
@@ -608,15 +611,33 @@ def run_sweep(
         for config in unsupported:
             result = unsupported_result(config, beyond[config.run_id])
             save_run(folder, result, run_metadata(config, resolve_device(config.device)))
-        counts = _run_todo(todo, folder, progress, batch_seeds, devices, len(finished))
+        counts = _run_todo(groups, folder, progress, devices, len(finished))
         return counts | ({STATUS_UNSUPPORTED: len(unsupported)} if unsupported else {})
 
 
-def _run_todo(todo, folder, progress, batch_seeds, devices, skipped: int) -> dict[str, int]:
-    """Run the groups of `todo` and write each run's files as its group finishes."""
+def _kept_runs(folder: Path) -> set[str]:
+    """The run_ids a resume of `folder` keeps (rows but ERROR ones), read without a change;
+    none where runs.csv cannot be read (_open_folder then says why)."""
+    try:
+        return {r["run_id"] for r in read_rows(folder / RUNS_CSV) if r["status"] != STATUS_ERROR}
+    except (OSError, ValueError):
+        return set()
+
+
+def seed_groups(todo: list[RunConfig], batch_seeds: bool) -> dict[RunConfig, list[RunConfig]]:
+    """The runs of `todo` as they will train: with `batch_seeds` the seeds of a cell as one
+    group (one seed-batched computation), else one run a group; each group checked to fit
+    as a whole (ConfigError naming --no-batch-seeds), before any of them trains."""
     groups: dict[RunConfig, list[RunConfig]] = {}
     for c in todo:
         groups.setdefault(c.replace(seed=0) if batch_seeds else c, []).append(c)
+    for group in groups.values():
+        device_for(group[0], len(group))
+    return groups
+
+
+def _run_todo(groups, folder, progress, devices, skipped: int) -> dict[str, int]:
+    """Run `groups` (seed_groups) and write each run's files as its group finishes."""
     if devices and len(devices) > 1:
         # Longest first, so no worker is left with a long cell while the others idle.
         ordered = sorted(groups.values(), key=_estimated_cost, reverse=True)
@@ -627,7 +648,10 @@ def _run_todo(todo, folder, progress, batch_seeds, devices, skipped: int) -> dic
         finished = ((g, _run_group(g)) for g in groups.values())
     counts = {"skipped": skipped}
     with tqdm(
-        total=len(todo), desc=f"sweep {folder.name}", unit="run", disable=not progress
+        total=sum(map(len, groups.values())),
+        desc=f"sweep {folder.name}",
+        unit="run",
+        disable=not progress,
     ) as bar:
         for group, results in finished:
             for result, metadata in results:

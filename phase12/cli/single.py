@@ -33,6 +33,7 @@ from phase12.io import (
     check_columns,
     other_settings,
     read_rows,
+    remove_if_unused,
     repair_torn_tail,
     save_run,
 )
@@ -117,7 +118,7 @@ def main(argv: list[str]) -> int:
         out = _output_folder(args, config) if main_rank else None
         if out is not None:  # creates the folder: an unwritable one fails here, not after
             if not out.exists():  # a run that ends unsaved leaves no folder behind
-                folder.callback(_remove_if_unused, out)
+                folder.callback(remove_if_unused, out)
             folder.enter_context(FolderLock(out))
             _check_new_run(out, config)
     except (ValueError, FolderBusy) as e:  # ConfigError is a ValueError
@@ -166,14 +167,6 @@ def _output_folder(args, config) -> Path | None:
                 "this run elsewhere"
             )
     return out
-
-
-def _remove_if_unused(out: Path) -> None:
-    """Remove the folder `out` if it holds nothing but its writer's lock file."""
-    lock = out / ".writer.lock"
-    if out.is_dir() and [p.name for p in out.iterdir()] == [lock.name]:
-        lock.unlink()
-        out.rmdir()
 
 
 def _check_new_run(out: Path, config) -> None:

@@ -29,7 +29,7 @@ from phase12.cli.parsing import (
     default_backends,
 )
 from phase12.config import MODES, ConfigError, RunConfig, resolve_device
-from phase12.io import FolderBusy, FolderLock, check_columns, write_atomic
+from phase12.io import FolderBusy, FolderLock, check_columns, remove_if_unused, write_atomic
 from phase12.schema import RISK_CSV, RUNS_CSV, STATUS_ERROR
 from phase12.sweep import (
     SweepSpec,
@@ -160,7 +160,7 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
     if not spec.configs():
         raise ConfigError("the grid is empty: give at least one mode, backend, k and seed")
     if check_cells:
-        unsupported_cells(spec, batch_seeds=not args.no_batch_seeds)
+        unsupported_cells(spec)
     else:  # risk checks: a backend asked for by name must run here; a default one may SKIP
         for backend in args.backend or (spec.base.backend,):
             device_for(spec.base.replace(backend=backend))
@@ -253,6 +253,8 @@ def main(name: str, argv: list[str]) -> int:
     # The folder's lock for the whole command: a pipeline's sweep, risk checks and report
     # with no other writer between them, and no report of a sweep half done.
     with ExitStack() as held:
+        if not folder.exists():  # a command that ends without results leaves no folder
+            held.callback(remove_if_unused, folder)
         try:
             if name == "report":
                 check_folder(args.root, args.tag)

@@ -383,12 +383,14 @@ def test_a_seed_batch_is_checked_for_memory_as_a_whole(tmp_path, capsys, monkeyp
     line = one_error_line(capsys)
     assert "per-step history for 2 seed(s)" in line and "(or --no-batch-seeds)" in line
     assert not (tmp_path / "t").exists()
-    spec = sweep_module.SweepSpec(
-        base=RunConfig(device="cpu", outer_steps=int(steps)), modes=("FO",), seeds=(0, 1)
-    )
-    assert sweep_module.unsupported_cells(spec, batch_seeds=False) == {}
+    # The groups that will train count, not the grid: a resumed sweep left with one seed
+    # of a cell, or one without batching, runs each seed alone.
+    seed = RunConfig(device="cpu", mode="FO", outer_steps=int(steps))
+    todo = [seed.replace(seed=s) for s in (0, 1)]
+    assert len(sweep_module.seed_groups(todo[1:], batch_seeds=True)) == 1
+    assert len(sweep_module.seed_groups(todo, batch_seeds=False)) == 2
     with pytest.raises(ConfigError, match="for 2 seed"):
-        sweep_module.unsupported_cells(spec)
+        sweep_module.seed_groups(todo, batch_seeds=True)
 
 
 def test_a_single_run_saves_to_a_predictable_folder_unless_told_not_to(
