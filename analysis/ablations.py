@@ -106,28 +106,28 @@ def share_vs_gain(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     a fixed effect (shares and gains centred within each k, so the large gains of small k
     do not make the slope), with its standard error (keys slope, se, n). A policy whose
     runs equal another's exactly counts once (key same_as: {left out: the policy kept});
-    runs of k = 0 (no inner step: every policy
-    is the same computation, share and gain 0 by construction) are no evidence and are
-    left out."""
+    runs of k = 0 (no inner step: every policy is the same computation, share and gain 0
+    by construction) are no evidence and are left out."""
     ok = runs[(runs["status"] == "OK") & (runs["inner_steps"] > 0)]
     fo = ok[ok["mode"] == "FO"].set_index(["backend", "inner_steps", "seed"])["final_acc"]
     full = ok[~ok["mode"].isin(["FO", "FO_STRICT"])].copy()
     key = pd.MultiIndex.from_frame(full[["backend", "inner_steps", "seed"]])
     full["gain"] = full["final_acc"].to_numpy() - fo.reindex(key).to_numpy()
     full = full.dropna(subset=["gain", "attn_curvature_share"])
-    signature = (
-        full.sort_values(["backend", "inner_steps", "seed"])
-        .groupby("mode")[["final_acc", "attn_curvature_share"]]
-        .apply(lambda g: tuple(map(tuple, g.to_numpy())))
-    )
-    kept = signature.drop_duplicates()
-    same_as = {m: kept[kept == runs_of].index[0] for m, runs_of in signature.items()}
-    full = full[full["mode"].isin(kept.index)]
+    ordered = full.sort_values(["backend", "inner_steps", "seed"])
+    signature = {  # policy -> its runs' (accuracy, share), to find policies that are one
+        mode: tuple(map(tuple, g[["final_acc", "attn_curvature_share"]].to_numpy()))
+        for mode, g in ordered.groupby("mode")
+    }
+    first = {}  # signature -> the first policy with it
+    same_as = {mode: first.setdefault(runs_of, mode) for mode, runs_of in signature.items()}
+    kept = set(first.values())
+    full = full[full["mode"].isin(kept)]
     fit = {
         "n": len(full),
         "slope": float("nan"),
         "se": float("nan"),
-        "same_as": {m: k for m, k in same_as.items() if m != k},
+        "same_as": {m: policy for m, policy in same_as.items() if m != policy},
     }
     by_k = full.groupby("inner_steps")
     x = full["attn_curvature_share"] - by_k["attn_curvature_share"].transform("mean")
@@ -317,8 +317,8 @@ def findings(runs: pd.DataFrame) -> list[str]:
             f"{fit['slope']:+.3f} ± {fit['se']:.3f} (least squares with k as a fixed effect; "
             "one standard error"
             + "".join(
-                f"; {m} counted once with {k}, whose runs it equals exactly"
-                for m, k in sorted(fit["same_as"].items())
+                f"; {m} counted once with {kept}, whose runs it equals exactly"
+                for m, kept in sorted(fit["same_as"].items())
             )
             + "): "
             + (

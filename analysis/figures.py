@@ -355,7 +355,9 @@ def gain_vs_share(points: pd.DataFrame, fit: dict, path: Path) -> Path:
         ax.text(
             0.0,
             -0.2,
-            "; ".join(f"{m}: drawn as {k} (equal runs)" for m, k in sorted(fit["same_as"].items())),
+            "; ".join(
+                f"{m}: drawn as {kept} (equal runs)" for m, kept in sorted(fit["same_as"].items())
+            ),
             transform=ax.transAxes,
             fontsize=7,
         )

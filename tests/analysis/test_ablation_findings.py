@@ -136,6 +136,17 @@ def test_share_against_gain_and_the_completed_table():
     assert table.loc[without, "beyond 2 SE?"] == "the same in each of 3 seeds"
 
 
+def test_a_fit_without_points_is_empty_not_a_crash():
+    """k = 0 alone, or no FO run: no (share, gain) point; the report still builds."""
+    k0 = runs(backends=("reference",)).assign(inner_steps=0)
+    no_fo = runs(backends=("reference",))[lambda r: r["mode"] != "FO"]
+    for table in (k0, no_fo):
+        points, fit = share_vs_gain(table)
+        assert points.empty and fit["n"] == 0 and fit["same_as"] == {}
+        assert fit["slope"] != fit["slope"]
+        findings(table)
+
+
 def test_runs_of_k0_are_no_evidence_for_the_slope_or_the_summary():
     """At k = 0 every policy is the same run: share and gain 0 in every seed, which would
     add degrees of freedom without spread and shrink the slope's standard error."""
