@@ -144,7 +144,7 @@ SETTING_COLUMNS = ("meta_batch", "outer_lr", "outer_steps", "inner_lr")
 # The RunConfig fields a run's row repeats from its meta JSON, by column name: where the
 # two differ, one was edited by hand.
 CONFIG_COLUMNS = {
-    **{f: f for f in (*GRID_FIELDS, *SETTING_COLUMNS, "loss_scale")},
+    **{f: f for f in (*GRID_FIELDS, *SETTING_COLUMNS)},
     "signal_positions": "num_signal_positions",
 }
 RUN_COLUMNS = SEED_COLUMNS + [
