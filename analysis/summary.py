@@ -15,6 +15,7 @@ from phase12.schema import (
     CONFIG_COLUMNS,
     FLOAT64_TOLERANCE,
     GRID_FIELDS,
+    LOSS_SCALES,
     MODES,
     PROBES,
     REGIME_FIELDS,
@@ -255,8 +256,14 @@ def _check_values(runs: pd.DataFrame, path: Path) -> None:
         refuse(
             (values < least) | (values % 1 != 0), f"has a {column} not a whole number >= {least}"
         )
-    for column in [c for c in ["device_runners", "loss_scale"] if c in runs]:
-        refuse(runs[column] <= 0, f"has a {column} not > 0")
+    if "device_runners" in runs:
+        refuse(runs["device_runners"] <= 0, "has a device_runners not > 0")
+    if "loss_scale" in runs:  # blank in rows of older versions
+        expected = runs["dtype"].map(LOSS_SCALES)
+        refuse(
+            runs["loss_scale"].notna() & (runs["loss_scale"] != expected),
+            "has a loss_scale other than its precision's (phase12.schema.LOSS_SCALES)",
+        )
     # blank: not measured; infinite: overflowed in the run's precision (a value of its own)
     for column in [c for c in PROBES if c in runs]:
         refuse(runs[column] < 0, f"has a negative {column}")

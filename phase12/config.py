@@ -22,7 +22,7 @@ from enum import Enum
 
 import torch
 
-from phase12.schema import GRID_FIELDS, MODES
+from phase12.schema import GRID_FIELDS, LOSS_SCALES, MODES
 
 __all__ = [
     "ABLATIONS",
@@ -225,10 +225,9 @@ class RunConfig:
 
     @property
     def loss_scale(self) -> float:
-        """The static scale of the losses whose gradients are taken: 2**10 when the model
-        computes in float16 (its subnormals start at 6e-5; docs/benchmarks.md measures
-        2**8 to 2**12 equally good and 2**16 overflowing), 1 otherwise."""
-        return 2.0**10 if self.compute_dtype == torch.float16 else 1.0
+        """The static scale of the losses whose gradients are taken (phase12.schema.
+        LOSS_SCALES: 2**10 when the model computes in float16, 1 otherwise)."""
+        return LOSS_SCALES[self.dtype]
 
     def autocast(self, device: torch.device):
         """The context the model's forward runs in: torch.autocast for autocast_* runs,

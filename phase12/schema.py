@@ -99,6 +99,17 @@ FLOAT64_TOLERANCE = {
     "autocast_bfloat16": 16 * 2.0**-8,
     "autocast_float16": 16 * 2.0**-11,
 }
+# The static scale of the losses whose gradients a run takes, by precision: 2**10 where the
+# model computes in float16 (its subnormals start at 6e-5; docs/benchmarks.md measures 2**8
+# to 2**12 equally good and 2**16 overflowing), 1 otherwise (RunConfig.loss_scale).
+LOSS_SCALES = {
+    "float64": 1.0,
+    "float32": 1.0,
+    "bfloat16": 1.0,
+    "float16": 2.0**10,
+    "autocast_bfloat16": 1.0,
+    "autocast_float16": 2.0**10,
+}
 # Measured on the held-out task (phase12.probes.probe) every `probe_every` outer steps and
 # at the end of a run: sparse columns of the history (blank between probes); the run row
 # holds the final values.

@@ -194,3 +194,14 @@ def test_the_seeds_setting_is_the_configs_defaults():
     from phase12.schema import SEED_SETTING
 
     assert {k: getattr(RunConfig(), k) for k in SEED_SETTING} == SEED_SETTING
+
+
+def test_the_loss_scale_of_each_precision_is_its_compute_dtypes():
+    """2**10 exactly where the model computes in float16 (its subnormals), 1 elsewhere."""
+    import torch
+
+    from phase12.config import DTYPES, RunConfig
+
+    for dtype in DTYPES:
+        config = RunConfig(dtype=dtype)
+        assert config.loss_scale == (1024.0 if config.compute_dtype == torch.float16 else 1.0)
