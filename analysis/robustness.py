@@ -142,6 +142,8 @@ def findings(table: pd.DataFrame) -> list[str]:
         )
         broken = t["FULL works?"] != "yes"
         holds = _gain_holds(t) & ~broken
+        unmeasured = t["FULL − FO beyond 2 SE"].isna() & ~broken  # no FO seed to pair
+        shown_not = ~holds & ~broken & ~unmeasured
         out.append(
             f"{backend}, k={k}: FULL works in {int((~broken).sum())} of {len(t)} regimes"
             + (f"; not in {where(broken)}" if broken.any() else "")
@@ -149,8 +151,14 @@ def findings(table: pd.DataFrame) -> list[str]:
             + (f" ({int(errors.sum())} more ended in ERROR: no verdict)" if errors.any() else "")
             + f". Its gain over FO holds (positive, beyond 2 SE) in {int(holds.sum())}"
             + (f" ({where(holds)})" if holds.any() else "")
-            + f" and is not shown in {int((~holds & ~broken).sum())}"
-            + (f" ({where(~holds & ~broken)})" if (~holds & ~broken).any() else "")
+            + f" and is not shown in {int(shown_not.sum())}"
+            + (f" ({where(shown_not)})" if shown_not.any() else "")
+            + (
+                f"; it is not measured in {int(unmeasured.sum())} ({where(unmeasured)}: no "
+                "FO run finished beside FULL)"
+                if unmeasured.any()
+                else ""
+            )
             + "."
         )
         out += _against_float32(t.assign(holds=holds), backend, k)
@@ -179,7 +187,7 @@ def _across_backends(table: pd.DataFrame) -> list[str]:
 def _against_float32(t: pd.DataFrame, backend: str, k) -> list[str]:
     """Per precision: how far FULL − FO moves from float32's at the same (T, D), and in
     how many regimes the verdict (gain holds or not) differs."""
-    works = t[t["FULL works?"] == "yes"].set_index(["T", "D"])
+    works = t[(t["FULL works?"] == "yes") & t["gain"].notna()].set_index(["T", "D"])  # FO too
     base = works[works["precision"] == "float32"]
     out = []
     for precision, p in works[works["precision"] != "float32"].groupby("precision"):

@@ -118,6 +118,18 @@ def test_findings_name_where_full_works_and_where_its_gain_holds():
     )
 
 
+def test_a_regime_without_fo_runs_is_not_measured_not_a_verdict():
+    no_fo = runs()
+    lost = (no_fo["dtype"] == "autocast_bfloat16") & (no_fo["mode"] == "FO")
+    no_fo.loc[lost, "status"] = "NONFINITE"  # FULL works there; its gain cannot be paired
+    sentence, *against = findings(robustness_table(no_fo))
+    assert "holds (positive, beyond 2 SE) in 1 (T=32 D=64 float32) and is not shown in 0" in (
+        sentence
+    )
+    assert "it is not measured in 1 (T=32 D=64 autocast_bfloat16: no FO run finished" in sentence
+    assert against == []  # no "moves by +nan to +nan"
+
+
 def test_cells_beyond_a_backends_limits_are_shown_as_not_supported(tmp_path):
     from analysis.figures import gain_heatmap
 
