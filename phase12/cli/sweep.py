@@ -137,6 +137,18 @@ def check_folder(root: Path, tag: str) -> Path:
     return root / tag
 
 
+def _one_shape(args: argparse.Namespace) -> None:
+    """ConfigError unless the risk command's shape and precision are one each: its checks
+    run at one (T, D, precision), and more values were taken and ignored."""
+    for name in ("seq_len", "dim", "dtype"):
+        if len(getattr(args, name)) > 1:
+            flag = GRID_FLAGS[name]
+            raise ConfigError(
+                f"{flag}: the risk checks run at one {flag[2:-1]} at a time; give one value "
+                "(run risk once per value)"
+            )
+
+
 def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpec:
     """The sweep of `args`, checked before any work (with `writes`, also the folder it
     writes runs into). Raises ConfigError."""
@@ -280,6 +292,8 @@ def main(name: str, argv: list[str]) -> int:
                         else f"risk: {folder} is a new folder (is --tag a sweep's?); the flags' "
                         "settings"
                     )
+                if name == "risk":
+                    _one_shape(args)
                 spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
             held.enter_context(FolderLock(folder))
             if name == "report":

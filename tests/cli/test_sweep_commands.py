@@ -153,6 +153,9 @@ def test_risk_takes_no_flags_it_would_ignore(tmp_path, capsys):
         assert stop.value.code == 2
         assert f"unrecognized arguments: {flag} {value}" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+    assert cli.main([*base, "--dtypes", "float64,float32"]) == 2  # only the first was checked
+    assert "--dtypes: the risk checks run at one dtype at a time" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
 
 
 def test_risk_checks_at_another_setting_stop_the_report_until_written_again(tmp_path, capsys):
