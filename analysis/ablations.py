@@ -224,10 +224,10 @@ def summary(runs: pd.DataFrame) -> list[str]:
             f"Holding the softmax statistics constant in the second-order path (the seed's "
             f"frozen-stats contract) {verdict} at k = {k}: {_fmt(frozen)} ({_beyond(frozen)})."
         )
-    d = paired(runs, "FULL", ATTENTION_TERM)
-    gains = paired(runs, "FULL", "FO")
+    d = paired(runs, "FULL", ATTENTION_TERM).query("inner_steps > 0")
+    gains = paired(runs, "FULL", "FO").query("inner_steps > 0")
     out.append(
-        f"Over k = {', '.join(map(str, sorted(ok['inner_steps'].unique())))}, FULL − "
+        f"Over k = {', '.join(map(str, sorted(adapted['inner_steps'].unique())))}, FULL − "
         f"no_attention_curvature ranges from {d['mean'].min():+.4f} to {d['mean'].max():+.4f}, "
         f"against FULL − FO from {gains['mean'].min():+.4f} to {gains['mean'].max():+.4f}."
     )

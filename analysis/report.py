@@ -702,10 +702,11 @@ def _plain_figures(
         points, fit = share_vs_gain(one_backend(runs)[0])
         if len(points):
             figures.append(gain_vs_share(points, fit, figdir / "gain_vs_attention_share.png"))
-        if "attn_curvature_share" in histories and histories["attn_curvature_share"].notna().any():
+        if len(share_during_training(histories)):  # probes during training, not the end's alone
             figures.append(share_curves(histories, figdir / "attention_share_during_training.png"))
-        if len(histories):  # at the smallest k
-            k = histories["inner_steps"].min()
+        adapted = histories[histories["inner_steps"] > 0] if len(histories) else histories
+        if len(adapted):  # at the smallest k with an inner step (at 0 every policy is one)
+            k = adapted["inner_steps"].min()
             smallest = histories[
                 (histories["inner_steps"] == k)
                 & histories["mode"].isin(["FULL", "no_attention_curvature", "FO"])

@@ -2,6 +2,7 @@
 writes everything."""
 
 import json
+import os
 import re
 import shutil
 
@@ -254,3 +255,20 @@ def test_a_broken_link_where_a_file_is_kept_is_named_as_such(tmp_path, capsys):
     (tmp_path / "t" / "risk_checks.csv").symlink_to(tmp_path / "gone")
     assert cli.main(risk_in(tmp_path, "t")) == 2
     assert "risk_checks.csv is a broken symbolic link; remove it" in capsys.readouterr().err
+
+
+def test_an_ablation_report_with_k0_and_end_probes_only(tmp_path):
+    """At k = 0 every policy is one computation, and with probes at the end alone there
+    is no course of training to draw: neither makes a figure or a sentence of evidence."""
+    grid = ["--modes", "FULL,FO", "--k", "0,1", "--seeds", "0,1", "--seq-lens", "8"]
+    grid += ["--ablations", "no_attention_curvature,once_differentiable_attention"]
+    assert cli.main(["sweep", *in_folder(tmp_path, "t"), *SMALL, *grid]) == 0
+    assert cli.main(["report", "--root", str(tmp_path), "--tag", "t"]) == 0
+    figures = set(os.listdir(tmp_path / "t" / "figures"))
+    assert "training_curves_k1_ablation.png" in figures
+    assert "training_curves_k0_ablation.png" not in figures
+    assert "attention_share_during_training.png" not in figures
+    text = (tmp_path / "t" / "report.md").read_text()
+    assert "Over k = 1, FULL − no_attention_curvature" in text
+    assert "At k = 0 no inner step is taken" in text
+    assert "The attention share during training" not in text
