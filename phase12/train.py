@@ -357,10 +357,12 @@ def run_experiments(
         params = [state.seed_params(i) for i in finished]
         ends = probe(params, [configs[i] for i in finished], device)
         for i, values in zip(finished, ends, strict=True):
-            if all(math.isfinite(v) for v in values.values()):
+            # rel_diff_probe holds the run's own FULL and FO meta-gradients, in its precision:
+            # non-finite, the last update broke the parameters (non-finite, or overflowing the
+            # model), which no step's metrics saw and the next step's loss would say.
+            if math.isfinite(values["rel_diff_probe"]):
                 probes.values[i][configs[i].outer_steps - 1] = values
-            else:  # the last update's doing (non-finite parameters, or ones that overflow
-                # the model), which no step's metrics saw; the next step's loss would say
+            else:
                 loop.nonfinite[i] = configs[i].outer_steps
     results = []
     for i, (cfg, bad) in enumerate(zip(configs, loop.nonfinite, strict=True)):

@@ -182,6 +182,22 @@ def test_a_last_update_that_breaks_the_parameters_is_nonfinite(broken):
     assert r.row["nonfinite_step"] == 1 and "at outer step 1" in r.row["error"]
 
 
+def test_a_nonfinite_probe_of_another_gradient_leaves_the_run_ok(monkeypatch):
+    """Only the run's own meta-gradient (rel_diff_probe) judges its parameters: a share
+    whose ablated gradient underflows to 0/0 is a failed measurement, not a failed run."""
+    import phase12.train as train
+
+    real = train.probe
+
+    def nan_share(params, configs, device):
+        return [v | {"attn_curvature_share": float("nan")} for v in real(params, configs, device)]
+
+    monkeypatch.setattr(train, "probe", nan_share)
+    r = train.run_experiment(SMALL.replace(outer_steps=1))
+    assert r.status == "OK" and r.row["rel_diff_probe"] > 0
+    assert r.row["attn_curvature_share"] != r.row["attn_curvature_share"]  # NaN: written blank
+
+
 def test_convergence_delta_needs_two_windows_that_do_not_overlap():
     import numpy as np
 
