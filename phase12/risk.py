@@ -74,7 +74,9 @@ def seed_determinism(base: RunConfig, device: torch.device, steps: int = 10) -> 
     tol = 0.0 if device.type == "cpu" else 1e-6
     details = f"{device.type}, reference, eager, FULL k=5, {steps} steps twice; tolerance {tol}"
     if not same_nonfinite:
-        return _row("seed_determinism", "FAIL", diff, details + "; non-finite in one run only")
+        return _row(
+            "seed_determinism", "FAIL", diff, details + "; the runs went non-finite differently"
+        )
     if not finite.any():
         return _row(
             "seed_determinism",
