@@ -26,6 +26,7 @@ from phase12.schema import (
     SETTING_COLUMNS,
     STATUS_OK,
     STATUSES,
+    cell_holds,
 )
 
 CELL = ["backend", "mode", "inner_steps"]
@@ -143,7 +144,7 @@ def recorded_settings(folder: Path, run_ids: Iterable, rows: pd.DataFrame | None
         row = by_id.get(run_id, {})
         for name, value in config.items():
             column = CONFIG_COLUMNS.get(name)
-            if column is not None and not _same(row.get(column), value):
+            if column is not None and not cell_holds(row.get(column), value):
                 raise ValueError(
                     f"{path} records {name} {json.dumps(value)} but its row in "
                     f"{folder / RUNS_CSV} {row[column]}; fix the one that is wrong"
@@ -158,17 +159,6 @@ def recorded_settings(folder: Path, run_ids: Iterable, rows: pd.DataFrame | None
                     "meta JSONs and histories to a folder of their own"
                 )
     return {name: json.loads(value) for name, (value, _) in seen.items()}
-
-
-def _same(cell, value) -> bool:
-    """Whether a runs.csv cell (None or NaN where absent: not compared) holds a meta
-    JSON's value (64.0 is 64: pandas reads a column with blanks as floats)."""
-    if cell is None or cell != cell:
-        return True
-    try:
-        return float(cell) == float(value)
-    except (TypeError, ValueError):
-        return str(cell) == str(value)
 
 
 def run_setting(folder: Path, runs: pd.DataFrame) -> dict:

@@ -44,6 +44,7 @@ from phase12.schema import (
     SETTING_COLUMNS,
     STATUSES,
     RunResult,
+    cell_holds,
 )
 
 
@@ -256,20 +257,12 @@ def run_config(row: Mapping, folder: str | Path) -> dict:
         ) from e
     for name, column in CONFIG_COLUMNS.items():  # a hand edit of either is refused
         cell = row.get(column, "")
-        if name in config and cell != "" and config[name] != _value(cell):
+        if name in config and not cell_holds(cell, config[name]):
             raise ConfigError(
                 f"{meta} records {name} {json.dumps(config[name])} but the run's row in "
                 f"{Path(folder) / RUNS_CSV} {cell}; fix the one that is wrong"
             )
     return recorded
-
-
-def _value(cell: str):
-    """A runs.csv cell as its meta JSON would hold it: a number, or the text."""
-    try:
-        return json.loads(cell)
-    except ValueError:
-        return cell
 
 
 def _meta_config(path: Path) -> dict:

@@ -153,7 +153,7 @@ REGIME_FIELDS = GRID_FIELDS[-3:]
 # would be averaged together by the analysis as if they were seeds of one cell.
 SETTING_COLUMNS = ("meta_batch", "outer_lr", "outer_steps", "inner_lr")
 # The RunConfig fields a run's row repeats from its meta JSON, by column name: where the
-# two differ, one was edited by hand.
+# two differ (cell_holds), one was edited by hand.
 CONFIG_COLUMNS = {
     **{f: f for f in (*GRID_FIELDS, *SETTING_COLUMNS)},
     "signal_positions": "num_signal_positions",
@@ -195,3 +195,14 @@ class RunResult:
     @property
     def status(self) -> str:
         return self.row["status"]
+
+
+def cell_holds(cell, value) -> bool:
+    """Whether a runs.csv cell (text as read, or a pandas value; blank, None or NaN where
+    absent: not compared) holds a meta JSON's `value` (64.0 and "64" are 64)."""
+    if cell is None or cell == "" or cell != cell:
+        return True
+    try:
+        return float(cell) == float(value)
+    except (TypeError, ValueError):
+        return str(cell) == str(value)

@@ -78,7 +78,7 @@ def summary_text(result: RunResult, window: int) -> str:
         change = (
             f"the loss {'fell' if delta >= 0 else 'rose'} by {abs(delta):.4f} from the first "
             f"{window}"
-            if delta is not None and steps >= 2 * window
+            if delta is not None  # None where the two windows would overlap
             else "the run is shorter than two such windows, so there is no earlier loss to compare"
         )
         lines.append(
