@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import gzip
@@ -317,15 +318,6 @@ def _check_kinds(folder: Path) -> None:
             raise ConfigError(f"{path} is a folder where this program keeps a file; move it away")
 
 
-def remove_if_unused(folder: Path) -> None:
-    """Remove `folder` if it holds nothing but its writer's lock file: one a command made
-    for its results and then ended without any (refused, interrupted)."""
-    lock = folder / ".writer.lock"
-    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {lock.name}:
-        lock.unlink(missing_ok=True)
-        folder.rmdir()
-
-
 class FolderLock:
     """The one writer of a results folder, for a `with` block: an OS-level lock on
     DIR/.writer.lock, the holder (pid, host, start, command) in DIR/.writer.json.
@@ -334,11 +326,14 @@ class FolderLock:
     and checks that what it holds is of the right kind (RESULT_FOLDERS, RESULT_FILES;
     ConfigError).
     A second writer raises FolderBusy at once instead of waiting. The OS drops the lock
-    when the holder dies, so a killed sweep never leaves the folder locked.
+    when the holder dies, so a killed sweep never leaves the folder locked. With
+    `remove_if_unused` (a folder the command made for its results), the folder is removed
+    on leaving if it holds nothing but the lock file, while the lock is still held: no
+    writer that took the folder after this one can lose it.
     """
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+    def __init__(self, folder: str | Path, remove_if_unused: bool = False):
+        self.folder, self.remove_if_unused = Path(folder), remove_if_unused
         self._lock = filelock.FileLock(self.folder / ".writer.lock")
 
     def __enter__(self) -> FolderLock:
@@ -372,4 +367,11 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         (self.folder / ".writer.json").unlink(missing_ok=True)
+        lock = self.folder / ".writer.lock"
+        if self.remove_if_unused and [p.name for p in self.folder.iterdir()] == [lock.name]:
+            # Another process that opens the path from now on makes a new lock file, in a
+            # folder rmdir then leaves alone; one that opened this one fails to take it.
+            lock.unlink()
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
         self._lock.release()

@@ -40,6 +40,8 @@ otherwise the sweep is refused before any work.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import itertools
 import json
 import multiprocessing as mp
@@ -572,8 +574,7 @@ def run_sweep(
     for device in devices or ():
         device_for(spec.base.replace(device=device))
     devices = [_device_name(d) for d in devices] if devices else devices
-    kept = set() if restart else _kept_runs(folder)  # read only: nothing changes yet
-    seed_groups([c for c in configs if c.run_id not in kept | beyond.keys()], batch_seeds)
+    check_seed_batches(spec, folder, beyond, batch_seeds, restart)
     with contextlib.nullcontext() if holding_lock else FolderLock(folder):
         done, retried = _open_folder(folder, spec, restart, check_folder)
         finished = [c for c in configs if c.run_id in done]
@@ -615,12 +616,26 @@ def run_sweep(
         return counts | ({STATUS_UNSUPPORTED: len(unsupported)} if unsupported else {})
 
 
+def check_seed_batches(
+    spec: SweepSpec, folder: Path, beyond: dict, batch_seeds: bool, restart: bool
+) -> None:
+    """ConfigError where a seed batch that a sweep of `spec` into `folder` would train
+    cannot fit (seed_groups): the seeds left to run as a resume would find them (`beyond`:
+    unsupported_cells), read without changing anything."""
+    kept = set() if restart else _kept_runs(folder)
+    seed_groups([c for c in spec.configs() if c.run_id not in kept | beyond.keys()], batch_seeds)
+
+
 def _kept_runs(folder: Path) -> set[str]:
-    """The run_ids a resume of `folder` keeps (rows but ERROR ones), read without a change;
-    none where runs.csv cannot be read (_open_folder then says why)."""
+    """The run_ids whose rows a resume of `folder` keeps: all but ERROR and UNSUPPORTED
+    rows (run again) and a torn last line (moved aside). Read only; none where runs.csv
+    cannot be read (_open_folder then says why)."""
     try:
-        return {r["run_id"] for r in read_rows(folder / RUNS_CSV) if r["status"] != STATUS_ERROR}
-    except (OSError, ValueError):
+        text = (folder / RUNS_CSV).read_text()
+        whole = text[: text.rfind("\n") + 1]
+        rows = list(csv.DictReader(io.StringIO(whole)))
+        return {r["run_id"] for r in rows if r["status"] not in (STATUS_ERROR, STATUS_UNSUPPORTED)}
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError):
         return set()
 
 

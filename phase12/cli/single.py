@@ -33,7 +33,6 @@ from phase12.io import (
     check_columns,
     other_settings,
     read_rows,
-    remove_if_unused,
     repair_torn_tail,
     save_run,
 )
@@ -117,9 +116,8 @@ def main(argv: list[str]) -> int:
         World(size=torchrun_world_size()).check_divides(config.meta_batch)
         out = _output_folder(args, config) if main_rank else None
         if out is not None:  # creates the folder: an unwritable one fails here, not after
-            if not out.exists():  # a run that ends unsaved leaves no folder behind
-                folder.callback(remove_if_unused, out)
-            folder.enter_context(FolderLock(out))
+            # a run that ends unsaved leaves no folder behind
+            folder.enter_context(FolderLock(out, remove_if_unused=not out.exists()))
             _check_new_run(out, config)
     except (ValueError, FolderBusy) as e:  # ConfigError is a ValueError
         folder.close()

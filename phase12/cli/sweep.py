@@ -29,11 +29,12 @@ from phase12.cli.parsing import (
     default_backends,
 )
 from phase12.config import MODES, ConfigError, RunConfig, resolve_device
-from phase12.io import FolderBusy, FolderLock, check_columns, remove_if_unused, write_atomic
+from phase12.io import FolderBusy, FolderLock, check_columns, write_atomic
 from phase12.schema import RISK_CSV, RUNS_CSV, STATUS_ERROR
 from phase12.sweep import (
     SweepSpec,
     check_risk_folder,
+    check_seed_batches,
     recorded_flags,
     recorded_grid,
     run_sweep,
@@ -171,8 +172,9 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
     )
     if not spec.configs():
         raise ConfigError("the grid is empty: give at least one mode, backend, k and seed")
+    beyond = {}
     if check_cells:
-        unsupported_cells(spec)
+        beyond = unsupported_cells(spec)
     else:  # risk checks: a backend asked for by name must run here; a default one may SKIP
         for backend in args.backend or (spec.base.backend,):
             device_for(spec.base.replace(backend=backend))
@@ -186,6 +188,9 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
             check_columns(args.root / args.tag / RUNS_CSV)
         except ValueError as e:
             raise ConfigError(f"{e} (or --restart, which moves it aside)") from e
+    if writes:  # the seed batches left to run, before the folder is made or locked
+        folder = args.root / args.tag
+        check_seed_batches(spec, folder, beyond, not args.no_batch_seeds, args.restart)
     check_writable(args.root / args.tag)
     return spec
 
@@ -264,9 +269,8 @@ def main(name: str, argv: list[str]) -> int:
     folder = args.root / args.tag
     # The folder's lock for the whole command: a pipeline's sweep, risk checks and report
     # with no other writer between them, and no report of a sweep half done.
+    made = not folder.exists()  # then a command that ends without results leaves none
     with ExitStack() as held:
-        if not folder.exists():  # a command that ends without results leaves no folder
-            held.callback(remove_if_unused, folder)
         try:
             if name == "report":
                 check_folder(args.root, args.tag)
@@ -295,7 +299,7 @@ def main(name: str, argv: list[str]) -> int:
                 if name == "risk":
                     _one_shape(args)
                 spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
-            held.enter_context(FolderLock(folder))
+            held.enter_context(FolderLock(folder, remove_if_unused=made))
             if name == "report":
                 return _report(args)  # a CSV it cannot read: ValueError, nothing written
             if name == "risk":

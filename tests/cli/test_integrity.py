@@ -379,10 +379,14 @@ def test_a_seed_batch_is_checked_for_memory_as_a_whole(tmp_path, capsys, monkeyp
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     steps = str(host // (5 * 8 * 2) * 2 // 3)
     grid = ["--modes", "FO", "--k", "1", "--seeds", "0,1", "--outer-steps", steps, *SIZES]
-    assert exit_code("sweep", "--root", str(tmp_path), "--tag", "t", *grid) == 2
+    root = tmp_path / "new" / "root"
+    assert exit_code("sweep", "--root", str(root), "--tag", "t", *grid) == 2
     line = one_error_line(capsys)
     assert "per-step history for 2 seed(s)" in line and "(or --no-batch-seeds)" in line
-    assert not (tmp_path / "t").exists()
+    assert not (tmp_path / "new").exists()  # refused before any folder was made
+    (tmp_path / "t").mkdir()  # a folder of the user's: kept as it was
+    assert exit_code("sweep", "--root", str(tmp_path), "--tag", "t", *grid) == 2
+    assert list((tmp_path / "t").iterdir()) == []
     # The groups that will train count, not the grid: a resumed sweep left with one seed
     # of a cell, or one without batching, runs each seed alone.
     seed = RunConfig(device="cpu", mode="FO", outer_steps=int(steps))
@@ -391,6 +395,32 @@ def test_a_seed_batch_is_checked_for_memory_as_a_whole(tmp_path, capsys, monkeyp
     assert len(sweep_module.seed_groups(todo, batch_seeds=False)) == 2
     with pytest.raises(ConfigError, match="for 2 seed"):
         sweep_module.seed_groups(todo, batch_seeds=True)
+
+
+def test_the_runs_a_resume_keeps_are_read_as_it_would_find_them(tmp_path):
+    """ERROR and UNSUPPORTED rows run again and a torn last line is moved aside: the
+    seed batches left to run are checked with those seeds in them."""
+    header = ",".join(RUN_COLUMNS)
+    row = lambda run_id, status: ",".join(  # noqa: E731
+        {"run_id": run_id, "status": status}.get(c, "") for c in RUN_COLUMNS
+    )
+    lines = [header, row("ok", "OK"), row("nan", "NONFINITE"), row("err", "ERROR")]
+    lines += [row("unsup", "UNSUPPORTED"), row("torn", "OK")[:30]]
+    (tmp_path / "runs.csv").write_text("\n".join(lines))
+    assert sweep_module._kept_runs(tmp_path) == {"ok", "nan"}
+    assert sweep_module._kept_runs(tmp_path / "absent") == set()
+
+
+def test_a_folder_made_for_results_goes_if_none_came_and_stays_otherwise(tmp_path):
+    with FolderLock(tmp_path / "made", remove_if_unused=True):
+        pass
+    assert not (tmp_path / "made").exists()
+    with FolderLock(tmp_path / "used", remove_if_unused=True):
+        (tmp_path / "used" / "runs.csv").write_text("")
+    assert sorted(p.name for p in (tmp_path / "used").iterdir()) == [".writer.lock", "runs.csv"]
+    with FolderLock(tmp_path / "given"):  # the user's folder (or one that existed)
+        pass
+    assert [p.name for p in (tmp_path / "given").iterdir()] == [".writer.lock"]
 
 
 def test_a_single_run_saves_to_a_predictable_folder_unless_told_not_to(
