@@ -6,7 +6,8 @@
 * `curvature_shares`: how much of the FULL meta-gradient each part of attention's own
   second derivative carries (phase12.schema.CURVATURE_SHARES);
 * `float64_error`: how far the run's meta-gradient is from float64's;
-* `probe`: all three, the columns phase12.schema.PROBES.
+* `probe`: all three, the columns phase12.schema.PROBES; `end_probe` also says whether
+  each run's own meta-gradient there is finite (`own_gradient_finite`).
 * `second_order_reaches_attention`: whether second derivatives flow through attention
   on this backend (the seed's `sdpa_input_gradgrad_ok`).
 """
@@ -128,18 +129,40 @@ def curvature_shares(probe: Probe) -> dict[str, list[float]]:
     return shares
 
 
+def own_gradient_finite(probe: Probe) -> list[bool]:
+    """Per run: whether the meta-gradient of its own mode and ablation, in its precision,
+    is finite on the held-out task (FO_STRICT's is FO's)."""
+    c = probe.config
+    mode = Mode.FO if c.mode == Mode.FO_STRICT else c.mode
+    g = probe.meta_gradient(mode, c.ablation)
+    finite = [torch.isfinite(t).flatten(1).all(-1) for t in g.values()]
+    return torch.stack(finite).all(0).tolist()
+
+
 def probe(
     params: Sequence[Params], configs: Sequence[RunConfig], device: torch.device
 ) -> list[dict]:
     """Every probe of phase12.schema.PROBES on the held-out task of each run (runs that
     differ only in their seed, `params` one Params per run), taken together."""
+    return _columns(Probe(params, configs, device))
+
+
+def end_probe(
+    params: Sequence[Params], configs: Sequence[RunConfig], device: torch.device
+) -> tuple[list[dict], list[bool]]:
+    """probe's values and own_gradient_finite of each run, from one Probe (each
+    meta-gradient taken once)."""
     p = Probe(params, configs, device)
+    return _columns(p), own_gradient_finite(p)
+
+
+def _columns(p: Probe) -> list[dict]:
     columns = {
         "rel_diff_probe": rel_diff_probe(p),
         **curvature_shares(p),
         "float64_meta_grad_error": float64_error(p),
     }
-    return [{k: v[i] for k, v in columns.items()} for i in range(len(configs))]
+    return [{k: v[i] for k, v in columns.items()} for i in range(len(p.tasks.support_x))]
 
 
 def second_order_reaches_attention(backend: str, device: torch.device, dtype: torch.dtype) -> bool:

@@ -31,7 +31,7 @@ from phase12.backends import device_for
 from phase12.config import ConfigError, RunConfig, resolve_device
 from phase12.distributed import SINGLE_PROCESS, World
 from phase12.model import Params, init_params
-from phase12.probes import probe, second_order_reaches_attention
+from phase12.probes import end_probe, probe, second_order_reaches_attention
 from phase12.provenance import device_name
 from phase12.schema import (
     METRICS,
@@ -355,12 +355,12 @@ def run_experiments(
     finished = [i for i, bad in enumerate(loop.nonfinite) if bad is None]
     if finished:  # the end of every finished run, probed together
         params = [state.seed_params(i) for i in finished]
-        ends = probe(params, [configs[i] for i in finished], device)
-        for i, values in zip(finished, ends, strict=True):
-            # rel_diff_probe holds the run's own FULL and FO meta-gradients, in its precision:
-            # non-finite, the last update broke the parameters (non-finite, or overflowing the
-            # model), which no step's metrics saw and the next step's loss would say.
-            if math.isfinite(values["rel_diff_probe"]):
+        ends, finite = end_probe(params, [configs[i] for i in finished], device)
+        for i, values, ok in zip(finished, ends, finite, strict=True):
+            # The run's own meta-gradient non-finite there: the last update broke the
+            # parameters (non-finite, or overflowing the model), which no step's metrics
+            # saw and the next step's loss would say.
+            if ok:
                 probes.values[i][configs[i].outer_steps - 1] = values
             else:
                 loop.nonfinite[i] = configs[i].outer_steps

@@ -183,19 +183,36 @@ def test_a_last_update_that_breaks_the_parameters_is_nonfinite(broken):
 
 
 def test_a_nonfinite_probe_of_another_gradient_leaves_the_run_ok(monkeypatch):
-    """Only the run's own meta-gradient (rel_diff_probe) judges its parameters: a share
-    whose ablated gradient underflows to 0/0 is a failed measurement, not a failed run."""
+    """Only the run's own meta-gradient judges its parameters: an FO run whose FULL probe
+    overflows, or a share whose ablated gradient underflows to 0/0, is a failed
+    measurement, not a failed run."""
     import phase12.train as train
 
-    real = train.probe
+    real, nan = train.end_probe, float("nan")
 
-    def nan_share(params, configs, device):
-        return [v | {"attn_curvature_share": float("nan")} for v in real(params, configs, device)]
+    def others_nonfinite(params, configs, device):
+        values, finite = real(params, configs, device)
+        nans = {"rel_diff_probe": nan, "attn_curvature_share": nan}
+        return [v | nans for v in values], finite
 
-    monkeypatch.setattr(train, "probe", nan_share)
-    r = train.run_experiment(SMALL.replace(outer_steps=1))
-    assert r.status == "OK" and r.row["rel_diff_probe"] > 0
-    assert r.row["attn_curvature_share"] != r.row["attn_curvature_share"]  # NaN: written blank
+    monkeypatch.setattr(train, "end_probe", others_nonfinite)
+    r = train.run_experiment(SMALL.replace(outer_steps=1, mode="FO"))
+    assert r.status == "OK", r.row["error"]
+    assert r.row["rel_diff_probe"] != r.row["rel_diff_probe"]  # NaN: written blank
+
+
+def test_the_probe_checks_the_runs_own_meta_gradient():
+    import torch
+
+    from phase12.probes import Probe, own_gradient_finite
+    from phase12.train import initial_params
+
+    configs = [SMALL.replace(mode="FO_STRICT", seed=s) for s in (0, 1)]
+    params = [initial_params(c, torch.device("cpu")) for c in configs]
+    params[1] = {n: p.detach() * (float("inf") if n == "Wq" else 1.0) for n, p in params[1].items()}
+    p = Probe(params, configs, torch.device("cpu"))
+    assert own_gradient_finite(p) == [True, False]
+    assert set(p._cache) == {("FO", "none", "reference")}  # FO_STRICT's numbers are FO's
 
 
 def test_convergence_delta_needs_two_windows_that_do_not_overlap():

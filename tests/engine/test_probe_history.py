@@ -55,8 +55,6 @@ def test_probe_every_zero_probes_the_end_only():
 def test_probes_are_not_step_time(monkeypatch):
     import phase12.train
 
-    real = phase12.train.probe
-
     class Clock:  # each probe takes 100 s on the run's clock: as step time it would show
         offset = 0.0
 
@@ -64,11 +62,15 @@ def test_probes_are_not_step_time(monkeypatch):
         def perf_counter() -> float:
             return time.perf_counter() + Clock.offset
 
-    def slow(*args):
-        Clock.offset += 100.0
-        return real(*args)
+    def slow(real):
+        def probe(*args):
+            Clock.offset += 100.0
+            return real(*args)
 
-    monkeypatch.setattr(phase12.train, "probe", slow)
+        return probe
+
+    for name in ("probe", "end_probe"):  # during training, and at the end
+        monkeypatch.setattr(phase12.train, name, slow(getattr(phase12.train, name)))
     monkeypatch.setattr(phase12.train, "time", Clock)
     result = run_experiment(CONFIG.replace(probe_every=1, dtype="float32"))
     assert probed_steps(result.history) == [0, 1, 2, 3, 4]
