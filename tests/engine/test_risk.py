@@ -81,6 +81,7 @@ def test_the_nonfinite_guard_of_a_runs_csv_without_rows_is_skipped(tmp_path):
         ([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], "PASS", "tolerance 0.0"),
         ([1.0, 2.0, 3.0], [1.0, 2.5, 3.0], "FAIL", "tolerance 0.0"),
         ([1.0, nan, nan], [1.0, nan, nan], "PASS", "non-finite from step 1 in both alike"),
+        ([1.0, nan, nan], [2.0, nan, nan], "FAIL", "non-finite from step 1 in both alike"),
         ([1.0, 2.0, nan], [1.0, 2.0, 3.0], "FAIL", "the runs went non-finite differently"),
         ([1.0, inf, inf], [1.0, -inf, -inf], "FAIL", "the runs went non-finite differently"),
         ([nan, nan, nan], [nan, nan, nan], "SKIP", "nothing finite to compare"),
@@ -107,3 +108,13 @@ def test_seed_determinism_compares_where_finite(monkeypatch, first, second, stat
     row = risk.seed_determinism(TINY, torch.device("cpu"), steps=3)
     assert row["status"] == status and said in row["details"], row
     assert "reference, eager" in row["details"]
+
+
+def test_seed_determinism_of_a_run_nonfinite_from_the_start_is_a_skip():
+    """Its accuracy (an argmax of NaN logits) stays finite: it is not evidence."""
+    import torch
+
+    from phase12.risk import seed_determinism
+
+    row = seed_determinism(TINY.replace(inner_lr=1e30), torch.device("cpu"), steps=3)
+    assert row["status"] == "SKIP" and "nothing finite to compare" in row["details"], row
