@@ -155,7 +155,7 @@ def findings(table: pd.DataFrame) -> list[str]:
             + (f" ({where(shown_not)})" if shown_not.any() else "")
             + (
                 f"; it is not measured in {int(unmeasured.sum())} ({where(unmeasured)}: no "
-                "FO run finished beside FULL)"
+                "finished FO run to pair with FULL's)"
                 if unmeasured.any()
                 else ""
             )

@@ -126,7 +126,10 @@ def test_a_regime_without_fo_runs_is_not_measured_not_a_verdict():
     assert "holds (positive, beyond 2 SE) in 1 (T=32 D=64 float32) and is not shown in 0" in (
         sentence
     )
-    assert "it is not measured in 1 (T=32 D=64 autocast_bfloat16: no FO run finished" in sentence
+    assert (
+        "it is not measured in 1 (T=32 D=64 autocast_bfloat16: no finished FO run to pair"
+        in sentence
+    )
     assert against == []  # no "moves by +nan to +nan"
 
 
