@@ -366,12 +366,16 @@ class FolderLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        (self.folder / ".writer.json").unlink(missing_ok=True)
-        lock = self.folder / ".writer.lock"
-        if self.remove_if_unused and [p.name for p in self.folder.iterdir()] == [lock.name]:
-            # Another process that opens the path from now on makes a new lock file, in a
-            # folder rmdir then leaves alone; one that opened this one fails to take it.
-            lock.unlink()
-            with contextlib.suppress(OSError):
-                self.folder.rmdir()
-        self._lock.release()
+        try:
+            (self.folder / ".writer.json").unlink(missing_ok=True)
+            lock = self.folder / ".writer.lock"
+            unused = self.folder.is_dir() and [p.name for p in self.folder.iterdir()] == [lock.name]
+            if self.remove_if_unused and unused:
+                # A process that opens the path from now on makes a new lock file, which
+                # rmdir then leaves alone; one that opened this one a moment before can take
+                # it only after the release, in a folder gone, where its first write fails.
+                lock.unlink()
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()
+        finally:
+            self._lock.release()

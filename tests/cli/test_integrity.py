@@ -5,6 +5,7 @@ work, Ctrl-C, and the defaults of a CPU machine."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -421,6 +422,11 @@ def test_a_folder_made_for_results_goes_if_none_came_and_stays_otherwise(tmp_pat
     with FolderLock(tmp_path / "given"):  # the user's folder (or one that existed)
         pass
     assert [p.name for p in (tmp_path / "given").iterdir()] == [".writer.lock"]
+    gone = FolderLock(tmp_path / "gone", remove_if_unused=True)
+    with pytest.raises(KeyboardInterrupt), gone:  # Ctrl-C's, not a missing folder's error
+        shutil.rmtree(tmp_path / "gone")
+        raise KeyboardInterrupt
+    assert not gone._lock.is_locked
 
 
 def test_a_single_run_saves_to_a_predictable_folder_unless_told_not_to(
