@@ -125,9 +125,8 @@ def recorded_settings(folder: Path, run_ids: Iterable, rows: pd.DataFrame | None
     settings (noise, shots, classes, ...) are in no column, and the analysis would
     average such runs together. With `rows` (runs.csv as read, by run_id), ValueError too,
     naming the file, for a meta JSON whose grid point or other settings are not its row's
-    (phase12.schema.CONFIG_COLUMNS: a hand edit). Runs
-    without a meta JSON (older versions wrote none for some) and settings a JSON lacks
-    (older versions) are let pass."""
+    (phase12.schema.CONFIG_COLUMNS: a hand edit). Runs without a meta JSON (older versions
+    wrote none for some) and settings a JSON lacks (older versions) are let pass."""
     by_id = {} if rows is None else rows.set_index("run_id").to_dict("index")
     seen: dict[str, tuple] = {}  # setting -> (its JSON value, the file it was read from)
     for run_id in run_ids:
@@ -288,9 +287,8 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     Columns: backend, mode, inner_steps, n_seeds, device_runners (the most sweep runners
     a seed's device had: above 1, its times include the others'), seeds_batched (the most
     seeds trained as one batch: above 1, a run's times are its share of the batch's), then
-    METRIC_mean and
-    METRIC_std for every metric in SUMMARY_METRICS (std is the sample std, NaN for one
-    seed).
+    METRIC_mean and METRIC_std for every metric in SUMMARY_METRICS (std is the sample std,
+    NaN for one seed).
     """
     ok = runs[runs["status"] == "OK"]
     grouped = ok.groupby(CELL)

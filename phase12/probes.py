@@ -162,7 +162,7 @@ def _columns(p: Probe) -> list[dict]:
         **curvature_shares(p),
         "float64_meta_grad_error": float64_error(p),
     }
-    return [{k: v[i] for k, v in columns.items()} for i in range(len(p.tasks.support_x))]
+    return [dict(zip(columns, run, strict=True)) for run in zip(*columns.values(), strict=True)]
 
 
 def second_order_reaches_attention(backend: str, device: torch.device, dtype: torch.dtype) -> bool:

@@ -82,7 +82,8 @@ def parser(name: str) -> ArgumentParser:
     # The risk checks run at k 5 and one seed, on the grid's first shape, in this process:
     # of the grid they take the backends and the shape, and no workers.
     risk = name == "risk"
-    add_grid_flags(p, {n: d for n, d in GRID_DEFAULTS.items() if n in RISK_AXES or not risk})
+    taken = {n: d for n, d in GRID_DEFAULTS.items() if n in RISK_AXES or not risk}
+    add_grid_flags(p, taken)
     if not risk:
         p.add_argument(
             "--restart",
@@ -92,9 +93,8 @@ def parser(name: str) -> ArgumentParser:
         )
     add_config_flags(p, [n for n in FIELDS if n not in GRID_FLAGS], defaults={"outer_steps": 500})
     if risk:
-        p.set_defaults(
-            devices=None, **{n: GRID_DEFAULTS[n] for n in GRID_DEFAULTS if n not in RISK_AXES}
-        )
+        fixed = {n: d for n, d in GRID_DEFAULTS.items() if n not in taken}  # a spec needs them
+        p.set_defaults(devices=None, **fixed)
     else:
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.add_argument(
@@ -138,9 +138,16 @@ def check_folder(root: Path, tag: str) -> Path:
     return root / tag
 
 
-def _one_shape(args: argparse.Namespace) -> None:
-    """ConfigError unless the risk command's shape and precision are one each: its checks
-    run at one (T, D, precision), and more values were taken and ignored."""
+def _risk_flags(
+    p: ArgumentParser, argv: list[str], args: argparse.Namespace, made: bool
+) -> tuple[argparse.Namespace, str]:
+    """The risk command's flags, those not given taken from what the folder's results
+    were made with, and the line that says where its settings come from. ConfigError for
+    more than one T, D or precision: the checks run at one, and more were ignored."""
+    source, recorded = recorded_flags(check_folder(args.root, args.tag))
+    if recorded:
+        p.set_defaults(**recorded)
+        args = p.parse_args(argv)
     for name in ("seq_len", "dim", "dtype"):
         if len(getattr(args, name)) > 1:
             flag = GRID_FLAGS[name]
@@ -148,6 +155,12 @@ def _one_shape(args: argparse.Namespace) -> None:
                 f"{flag}: the risk checks run at one {flag[2:-1]} at a time; give one value "
                 "(run risk once per value)"
             )
+    folder = args.root / args.tag
+    if recorded:
+        return args, f"risk: the settings of {source} where no flag is given"
+    if made:
+        return args, f"risk: {folder} is a new folder (is --tag a sweep's?); the flags' settings"
+    return args, f"risk: {folder} holds no runs or sweep record; the flags' settings"
 
 
 def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpec:
@@ -183,15 +196,15 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
             device_for(spec.base.replace(device=device))
         except ConfigError as e:
             raise ConfigError(f"--devices: {e}") from e
+    folder = args.root / args.tag
     if writes and not args.restart:  # a restart moves an older folder's files aside
         try:
-            check_columns(args.root / args.tag / RUNS_CSV)
+            check_columns(folder / RUNS_CSV)
         except ValueError as e:
             raise ConfigError(f"{e} (or --restart, which moves it aside)") from e
     if writes:  # the seed batches left to run, before the folder is made or locked
-        folder = args.root / args.tag
         check_seed_batches(spec, folder, beyond, not args.no_batch_seeds, args.restart)
-    check_writable(args.root / args.tag)
+    check_writable(folder)
     return spec
 
 
@@ -284,20 +297,7 @@ def main(name: str, argv: list[str]) -> int:
                     )
             else:
                 if name == "risk":
-                    source, recorded = recorded_flags(check_folder(args.root, args.tag))
-                    if recorded:  # flags not given: what the folder's results were made with
-                        p.set_defaults(**recorded)
-                        args = p.parse_args(argv)
-                    settings_from = (
-                        f"risk: the settings of {source} where no flag is given"
-                        if recorded
-                        else f"risk: {folder} holds no runs or sweep record; the flags' settings"
-                        if folder.exists()
-                        else f"risk: {folder} is a new folder (is --tag a sweep's?); the flags' "
-                        "settings"
-                    )
-                if name == "risk":
-                    _one_shape(args)
+                    args, settings_from = _risk_flags(p, argv, args, made)
                 spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
             held.enter_context(FolderLock(folder, remove_if_unused=made))
             if name == "report":
