@@ -47,14 +47,14 @@ def sample_tasks(
     kw = dict(generator=generator, device=device)
     # A random permutation of 1..T-1 per task; its first P entries are the positions.
     positions = torch.rand(b, t - 1, **kw).argsort(dim=1)[:, : config.signal_positions] + 1
-    is_signal = torch.zeros(b, t, dtype=torch.bool, device=device).scatter_(1, positions, True)
     prototypes = torch.randn(b, config.num_classes, dim, dtype=config.torch_dtype, **kw)
     labels = torch.randint(0, config.num_classes, (b, n), **kw)
-    noise = torch.randn(b, n, t, dim, dtype=config.torch_dtype, **kw)
+    x = torch.randn(b, n, t, dim, dtype=config.torch_dtype, **kw)  # the noise
     signal = prototypes.gather(1, labels[..., None].expand(b, n, dim))  # (B, n, D)
-    # Signal and background positions are disjoint, so one noise draw serves both.
-    x = torch.where(
-        is_signal[:, None, :, None], signal[:, :, None, :] + config.noise_std * noise, noise
-    )
+    # Signal and background positions are disjoint, so one noise draw serves both. Only
+    # the signal positions are rewritten: a torch.where over all of x would read and
+    # write the whole meta-batch several times to change a few positions.
+    at_signal = positions[:, None, :, None].expand(b, n, config.signal_positions, dim)
+    x.scatter_(2, at_signal, signal[:, :, None, :] + config.noise_std * x.gather(2, at_signal))
     s = config.shots
     return Tasks(x[:, :s], labels[:, :s], x[:, s:], labels[:, s:])

@@ -115,6 +115,27 @@ def test_task_sampler_structure():
                 assert torch.equal(x[b, y[b] == c, t][0], proto)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_task_sampler_matches_its_definition(dtype):
+    # The module docstring's definition, drawn from the same generator in the same order
+    # and built with a torch.where over every position: the sampler's x, bit for bit.
+    cfg = RunConfig(meta_batch=3, seq_len=9, dim=8, signal_positions=3, dtype=dtype)
+    tasks = sample_tasks(cfg, torch.Generator().manual_seed(5), torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    b, n, t, d = 3, cfg.shots + cfg.queries, 9, 8
+    positions = torch.rand(b, t - 1, generator=g).argsort(dim=1)[:, :3] + 1
+    prototypes = torch.randn(b, cfg.num_classes, d, dtype=cfg.torch_dtype, generator=g)
+    labels = torch.randint(0, cfg.num_classes, (b, n), generator=g)
+    noise = torch.randn(b, n, t, d, dtype=cfg.torch_dtype, generator=g)
+    is_signal = torch.zeros(b, t, dtype=torch.bool).scatter_(1, positions, True)
+    signal = prototypes[torch.arange(b)[:, None], labels]  # (b, n, d)
+    x = torch.where(
+        is_signal[:, None, :, None], signal[:, :, None] + cfg.noise_std * noise, noise
+    )
+    assert torch.equal(torch.cat([tasks.support_x, tasks.query_x], 1), x)
+    assert torch.equal(torch.cat([tasks.support_y, tasks.query_y], 1), labels)
+
+
 def test_param_init_is_linear_style():
     p = init_params(64, 5, torch.Generator().manual_seed(0))
     bound = 1 / 8
