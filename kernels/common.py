@@ -31,9 +31,14 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def vmapped_to_front(info, in_dims: Sequence[int | None], tensors: Sequence[torch.Tensor]):
-    """Vmapped dim of every tensor moved to dim 0 (unbatched ones are expanded)."""
+def vmapped_to_front(
+    info, in_dims: Sequence[int | None], tensors: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor | None]:
+    """Vmapped dim of every tensor moved to dim 0 (unbatched ones are expanded; None, an
+    optional argument left out, stays None)."""
     out = []
     for t, d in zip(tensors, in_dims, strict=True):
-        out.append(t.expand(info.batch_size, *t.shape) if d is None else t.movedim(d, 0))
+        if t is not None:
+            t = t.expand(info.batch_size, *t.shape) if d is None else t.movedim(d, 0)
+        out.append(t)
     return out

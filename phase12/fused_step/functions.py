@@ -20,13 +20,20 @@ vmapped dim to the front, where the launchers fold it into the task axis (a vmap
 call is one call of the launcher):
 
     SGDStep               (x, y, lr, second_order, operand, *W) -> W - lr dL/dW
+                                                                  [, p, dp - delta]
     LossAndGradient       (x, y, operand, *W)                   -> (L, acc, *dL/dW)
-    HessianVectorProduct  (x, y, alpha, beta, operand, *W, *V)  -> alpha V + beta H V
+    HessianVectorProduct  (x, y, alpha, beta, operand, p, dp - delta, *W, *V)
+                                                                -> alpha V + beta H V
 
 SGDStep's and LossAndGradient's backwards are HessianVectorProduct calls, so their
-second derivatives are the fused kernels too; HessianVectorProduct's own backward
-(third order) is exact through the reference model and torch.func. Forward-mode AD
-is not implemented (torch raises a clear error).
+second derivatives are the fused kernels too. Where the task kernels run, a second-order
+SGDStep also returns the step's attention weights p and centred score gradients
+dp - delta (non-differentiable; `sgd_step` drops them) and saves them for its backward,
+whose Hessian-vector product reads them instead of recomputing them (launch.py); other
+HVPs get None for both.
+HessianVectorProduct's own backward (third order) is exact through the reference model
+and torch.func, which recompute p from W. Forward-mode AD is not implemented (torch
+raises a clear error).
 """
 
 from __future__ import annotations
@@ -35,7 +42,12 @@ import torch
 
 from kernels.common import vmapped_to_front
 from phase12.config import PARAMS as PARAM_NAMES  # the kernels' argument order
-from phase12.fused_step.launch import support_hvp, support_loss_and_grad, support_step
+from phase12.fused_step.launch import (
+    support_hvp,
+    support_loss_and_grad,
+    support_step,
+    support_step_and_attention,
+)
 from phase12.model import Params, loss
 
 NUM_PARAMS = len(PARAM_NAMES)
@@ -71,13 +83,14 @@ def _hvp_reference(x, y, alpha: float, beta: float, operand, params, v):
 
 class HessianVectorProduct(torch.autograd.Function):
     @staticmethod
-    def forward(x, y, alpha: float, beta: float, operand, *params_and_v):
+    def forward(x, y, alpha: float, beta: float, operand, p, dp_centred, *params_and_v):
         params, v = params_and_v[:NUM_PARAMS], params_and_v[NUM_PARAMS:]
-        return support_hvp(params, x, y, v, alpha, beta, operand)
+        attention = None if p is None else (p, dp_centred)
+        return support_hvp(params, x, y, v, alpha, beta, operand, attention)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, y, alpha, beta, operand, *params_and_v = inputs
+        x, y, alpha, beta, operand, _, _, *params_and_v = inputs
         ctx.alpha, ctx.beta, ctx.operand = alpha, beta, operand
         ctx.save_for_backward(x, y, *params_and_v)
 
@@ -92,41 +105,48 @@ class HessianVectorProduct(torch.autograd.Function):
             tuple(v),
         )
         g_params, g_v = pullback(tuple(w))
-        return None, None, None, None, None, *g_params, *g_v  # x, y, alpha, beta, operand: none
+        return (None,) * 7 + (*g_params, *g_v)  # x, y, alpha, beta, operand, p, dp: none
 
     @staticmethod
-    def vmap(info, in_dims, x, y, alpha, beta, operand, *params_and_v):
-        x, y, *rest = vmapped_to_front(
-            info, (in_dims[0], in_dims[1], *in_dims[5:]), (x, y, *params_and_v)
-        )
-        return HessianVectorProduct.apply(x, y, alpha, beta, operand, *rest), (0,) * NUM_PARAMS
+    def vmap(info, in_dims, x, y, alpha, beta, operand, *tensors):  # tensors: p, dp, *W, *V
+        x, y, *tensors = vmapped_to_front(info, (*in_dims[:2], *in_dims[5:]), (x, y, *tensors))
+        return HessianVectorProduct.apply(x, y, alpha, beta, operand, *tensors), (0,) * NUM_PARAMS
 
 
 class SGDStep(torch.autograd.Function):
     @staticmethod
     def forward(x, y, lr: float, second_order: bool, operand, *params):
-        return support_step(params, x, y, lr, operand)
+        if not second_order:
+            return support_step(params, x, y, lr, operand)
+        steps, attention = support_step_and_attention(params, x, y, lr, operand)
+        return *steps, *(attention or ())
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, y, lr, second_order, operand, *params = inputs
         ctx.lr, ctx.second_order, ctx.operand = lr, second_order, operand
-        ctx.save_for_backward(x, y, *params)
+        attention = output[NUM_PARAMS:]  # (p, dp - delta) or nothing
+        ctx.mark_non_differentiable(*attention)
+        ctx.save_for_backward(x, y, *params, *attention)
 
     @staticmethod
-    def backward(ctx, *v):
+    def backward(ctx, *grads):
         nones = (None,) * 5  # x, y, lr, second_order, operand: no gradient
+        v = grads[:NUM_PARAMS]  # the attention outputs have none
         if not ctx.second_order:  # FO: the inner gradient is a constant, the step's Jacobian I
             return *nones, *v
-        x, y, *params = ctx.saved_tensors
-        return *nones, *HessianVectorProduct.apply(x, y, 1.0, -ctx.lr, ctx.operand, *params, *v)
+        x, y, *saved = ctx.saved_tensors
+        params, (p, dp_centred) = saved[:NUM_PARAMS], saved[NUM_PARAMS:] or (None, None)
+        hv = HessianVectorProduct.apply(x, y, 1.0, -ctx.lr, ctx.operand, p, dp_centred, *params, *v)
+        return *nones, *hv
 
     @staticmethod
     def vmap(info, in_dims, x, y, lr, second_order, operand, *params):
         x, y, *params = vmapped_to_front(
             info, (in_dims[0], in_dims[1], *in_dims[5:]), (x, y, *params)
         )
-        return SGDStep.apply(x, y, lr, second_order, operand, *params), (0,) * NUM_PARAMS
+        out = SGDStep.apply(x, y, lr, second_order, operand, *params)
+        return out, (0,) * len(out)
 
 
 class LossAndGradient(torch.autograd.Function):
@@ -160,7 +180,9 @@ class LossAndGradient(torch.autograd.Function):
                 torch.zeros_like(p) if d is None else d.to(p.dtype)
                 for d, p in zip(d_grads, params, strict=True)
             ]
-            hv = HessianVectorProduct.apply(x, y, 0.0, 1.0, ctx.operand, *params, *d_grads)
+            hv = HessianVectorProduct.apply(
+                x, y, 0.0, 1.0, ctx.operand, None, None, *params, *d_grads
+            )
             out = [a + b for a, b in zip(out, hv, strict=True)]
         return None, None, None, *out
 
@@ -188,7 +210,7 @@ def sgd_step(
     `second_order`, else with the inner gradient treated as a constant (identity).
     """
     out = SGDStep.apply(x, y, lr, second_order, operand, *(params[n] for n in PARAM_NAMES))
-    return dict(zip(PARAM_NAMES, out, strict=True))
+    return dict(zip(PARAM_NAMES, out[:NUM_PARAMS], strict=True))
 
 
 def query_loss(

@@ -2,9 +2,19 @@
 sizes, allocation, and the choice between two kernel sets.
 
     support_step(params, x, y, lr)            -> (W - lr dL/dW for each W)
+    support_step_and_attention(params, x, y, lr)
+                                              -> (that, (p, dp - delta))
     support_loss_and_grad(params, x, y)       -> (loss, accuracy, dL/dW for each W)
                                                  (dL/dW in float32 for half inputs)
-    support_hvp(params, x, y, v, alpha, beta) -> alpha v + beta (d^2L/dW^2) v
+    support_hvp(params, x, y, v, alpha, beta[, attention])
+                                              -> alpha v + beta (d^2L/dW^2) v
+
+`attention` is what support_step_and_attention saved at the same params, x and y: each
+example's attention weights p and centred score gradients dp - delta, (..., n, T) in
+the accumulator dtype. support_hvp reads them instead of recomputing them, which is
+what second-order MAML's backward does with its forward's (task_kernels.py, "Saved
+attention"). Only the task kernels save and read them; with the example kernels,
+reading was slower than recomputing ("Twenty-third session"), and `attention` is None.
 
 Up to EXAMPLE_KERNELS_MAX examples in all (tasks x n), each call is two launches of
 example_kernels.py (one program per task and example, then one per task and weight);
@@ -223,16 +233,21 @@ def _launch_examples(example_kernel, args, x3, n, rows, meta, outs, *, base=None
     )  # fmt: skip
 
 
-def _grad_launch(params, x, y, lr: float, update: bool, operand):
+def _grad_launch(params, x, y, lr: float, update: bool, operand, save: bool = False):
     lead, (n, t, d, c), x3, y1, (ps,) = _prepare(x, y, operand, params)
-    batch = x3.shape[0]
+    batch, acc = x3.shape[0], accumulator_dtype(x.dtype)
     # Gradients (not steps) stay in the accumulator's float32 for half parameters: their
     # backward multiplies them by the (loss-scaled) incoming gradient, which float16's
     # subnormals would spoil first.
-    outs = _outputs(ps, batch, None if update else accumulator_dtype(x.dtype))
+    outs = _outputs(ps, batch, None if update else acc)
     loss = torch.empty(batch, dtype=x.dtype, device=x.device)
     accuracy = torch.empty(batch, dtype=x.dtype, device=x.device)
     per_example = use_example_kernels(batch, n)
+    save = save and not per_example
+    if save:
+        attention = [torch.empty(batch, n, t, dtype=acc, device=x.device) for _ in range(2)]
+    else:
+        attention = [loss, loss]  # not written: any tensor stands in for the pointers
     meta = _meta(n, t, d, c, x.dtype, operand, per_example)
     strides = (x3.stride(0), y1.stride(0), *(p.stride(0) for p in ps))
     if batch and per_example:
@@ -242,11 +257,12 @@ def _grad_launch(params, x, y, lr: float, update: bool, operand):
                          metrics=(loss, accuracy), **step)  # fmt: skip
     elif batch:
         task_grad_kernel[(batch,)](
-            x3, y1, *ps, *outs, loss, accuracy, *strides, n, t, d, c, *_scalars(n, d), lr,
-            UPDATE=update, **meta,
+            x3, y1, *ps, *outs, loss, accuracy, *attention, *strides, n, t, d, c,
+            *_scalars(n, d), lr, UPDATE=update, SAVE=save, **meta,
         )  # fmt: skip
     outs = tuple(o.view(*lead, *o.shape[1:]) for o in outs)
-    return outs, loss.view(lead), accuracy.view(lead)
+    saved = tuple(a.view(*lead, n, t) for a in attention) if save else None
+    return outs, loss.view(lead), accuracy.view(lead), saved
 
 
 def support_step(
@@ -256,20 +272,56 @@ def support_step(
     return _grad_launch(params, x, y, lr, True, operand)[0]
 
 
+def support_step_and_attention(
+    params, x: torch.Tensor, y: torch.Tensor, lr: float, operand: torch.dtype | None = None
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor] | None]:
+    """support_step's result, and the (p, dp - delta) that support_hvp reads back (None
+    where the example kernels run)."""
+    steps, _, _, attention = _grad_launch(params, x, y, lr, True, operand, save=True)
+    return steps, attention
+
+
 def support_loss_and_grad(params, x: torch.Tensor, y: torch.Tensor, operand=None):
     """(loss (...), accuracy (...), (dL/dW for each W)) of each task."""
-    grads, loss, accuracy = _grad_launch(params, x, y, 0.0, False, operand)
+    grads, loss, accuracy, _ = _grad_launch(params, x, y, 0.0, False, operand)
     return loss, accuracy, grads
 
 
+def _saved_attention(attention, x: torch.Tensor, x3: torch.Tensor):
+    """`attention` checked against x and flattened to two contiguous (B, n, T) arrays."""
+    shape, dtype = tuple(x.shape[:-1]), accumulator_dtype(x.dtype)
+    for a in attention:
+        if tuple(a.shape) != shape or a.dtype != dtype or a.device != x.device:
+            raise ValueError(
+                f"saved attention must be {dtype} of shape {shape} (x's (..., n, T)) on "
+                f"{x.device}; got {a.dtype} of shape {tuple(a.shape)} on {a.device}"
+            )
+    return [a.reshape(x3.shape[:3]).contiguous() for a in attention]
+
+
 def support_hvp(
-    params, x: torch.Tensor, y: torch.Tensor, v, alpha: float, beta: float, operand=None
+    params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    v,
+    alpha: float,
+    beta: float,
+    operand=None,
+    attention: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
-    """alpha v + beta H v for each task, H the Hessian of its support loss at `params`."""
+    """alpha v + beta H v for each task, H the Hessian of its support loss at `params`;
+    with `attention` (support_step_and_attention's at the same params, x, y and operand)
+    read instead of recomputed."""
     lead, (n, t, d, c), x3, y1, (ps, vs) = _prepare(x, y, operand, params, v)
     batch = x3.shape[0]
     outs = _outputs(ps, batch)
     per_example = use_example_kernels(batch, n)
+    saved = attention is not None
+    if saved and per_example:
+        raise ValueError(
+            "saved attention is read only by the task kernels; these sizes run the example "
+            "kernels, for which support_step_and_attention saves none (pass attention=None)"
+        )
     meta = _meta(n, t, d, c, x.dtype, operand, per_example)
     strides = (x3.stride(0), y1.stride(0), *(p.stride(0) for p in ps), *(w.stride(0) for w in vs))
     if batch and per_example:
@@ -277,7 +329,9 @@ def support_hvp(
         _launch_examples(example_hvp_kernel, args, x3, n, 2 * n, meta, outs, base=vs,
                          alpha=alpha, beta=beta)  # fmt: skip
     elif batch:
+        rows = _saved_attention(attention, x, x3) if saved else [x3, x3]  # x3: not read
         task_hvp_kernel[(batch,)](
-            x3, y1, *ps, *vs, *outs, *strides, n, t, d, c, *_scalars(n, d), alpha, beta, **meta
-        )
+            x3, y1, *ps, *vs, *rows, *outs, *strides, n, t, d, c, *_scalars(n, d), alpha, beta,
+            SAVED=saved, **meta,
+        )  # fmt: skip
     return tuple(o.view(*lead, *o.shape[1:]) for o in outs)

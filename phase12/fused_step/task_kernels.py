@@ -54,6 +54,13 @@ matmul's inputs. The SGD update W - lr dL/dW and the alpha V term take W and V a
 are (float32 master weights); intermediate results stay in ACC (autocast would round
 each matmul's output too).
 
+Saved attention: with SAVE, the gradient kernel also writes each example's attention
+weights p_it and centred score gradient dp_it - delta_i (ds_it = p_it (dp_it - delta_i))
+to P and DPC, (B, n, T) in ACC; with SAVED, the HVP kernel at the same parameters reads
+them back instead of recomputing them. Its first pass then accumulates xbar from p (no
+online softmax, no U), its second reads dp - delta (two reductions over D fewer per
+position): second-order MAML's backward reuses what its forward computed.
+
 Layout: X (B, n, T, D) and y (B, n) with a task stride each; every parameter and
 tangent (B, rows, cols) row-major with its own task stride, which is 0 when all tasks share
 it (the meta-parameters at the first inner step), so nothing is copied per task.
@@ -90,6 +97,30 @@ def _load_block(
     ptrs = x_task + row + t[None, :, None] * D + offs_d[None, None, :]
     mask = (offs_n[:, None, None] < N) & (t[None, :, None] < T) & (offs_d[None, None, :] < D)
     return rounded(tl.load(ptrs, mask=mask, other=0.0), OPERAND, ACC), t < T
+
+
+@triton.jit
+def _rows_block(base, offs_n, t, N, T):
+    """base (a pointer or an element offset) plus the offsets of positions t of every
+    example in a task's (n, T) slice, and their mask."""
+    offsets = offs_n[:, None].to(tl.int64) * T + t[None, :]
+    return base + offsets, (offs_n[:, None] < N) & (t[None, :] < T)
+
+
+@triton.jit
+def _saved_pass(x_task, p_task, u_t, offs_n, offs_t, offs_d, N, T, D, BLOCK_N: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, OPERAND: tl.constexpr,
+                ACC: tl.constexpr):  # fmt: skip
+    """_attention_pass's xbar and a from the saved attention weights p (no softmax)."""
+    xbar = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    a = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for t0 in range(0, T, BLOCK_T):
+        x, _ = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND, ACC)
+        ptrs, mask = _rows_block(p_task, offs_n, t0 + offs_t, N, T)
+        p = tl.load(ptrs, mask=mask, other=0.0)
+        xbar += tl.sum(p[:, :, None] * x, 1)
+        a += tl.sum((p * tl.sum(x * u_t[:, None, :], 2))[:, :, None] * x, 1)
+    return xbar, a
 
 
 @triton.jit
@@ -172,7 +203,9 @@ def task_grad_kernel(
     OC,
     OB,
     LOSS,
-    ACCURACY,  # outputs
+    ACCURACY,
+    P,
+    DPC,  # outputs (P and DPC written only with SAVE)
     stride_x,
     stride_y,
     stride_wq,
@@ -188,6 +221,7 @@ def task_grad_kernel(
     inv_n,
     lr,
     UPDATE: tl.constexpr,  # write W - lr dL/dW (an SGD step) instead of dL/dW
+    SAVE: tl.constexpr,  # write the attention weights and centred score gradients
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -254,8 +288,12 @@ def task_grad_kernel(
     for t0 in range(0, T, BLOCK_T):
         x, valid = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND, ACC)
         p = tl.where(valid[None, :], tl.exp(tl.sum(x * u[:, None, :], 2) - lse[:, None]), 0.0)
-        dp = tl.sum(x * dxbar[:, None, :], 2)
-        du += tl.sum((p * (dp - delta[:, None]))[:, :, None] * x, 1)
+        dp_centred = tl.sum(x * dxbar[:, None, :], 2) - delta[:, None]
+        du += tl.sum((p * dp_centred)[:, :, None] * x, 1)
+        if SAVE:
+            ptrs, mask = _rows_block(b * N * T, offs_n, t0 + offs_t, N, T)
+            tl.store(P + ptrs, p.to(P.dtype.element_ty), mask=mask)
+            tl.store(DPC + ptrs, dp_centred.to(DPC.dtype.element_ty), mask=mask)
 
     dq = dot(du, tl.trans(wk_r), PRECISION, ACC) * scale  # dQ = s dU Wk^T
     g_wk = dot(tl.trans(q), du, PRECISION, ACC) * scale  # dWk = s Q^T dU
@@ -281,6 +319,8 @@ def task_hvp_kernel(
     VV,
     VC,
     VB,  # inputs: parameters, direction V
+    P,
+    DPC,  # inputs read only with SAVED: the gradient kernel's P and DPC at these parameters
     OQ,
     OK,
     OV,
@@ -306,6 +346,7 @@ def task_hvp_kernel(
     inv_n,
     alpha,
     beta,
+    SAVED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -333,13 +374,20 @@ def task_hvp_kernel(
     vq_r, vk_r = rounded(vq, OPERAND, ACC), rounded(vk, OPERAND, ACC)
     q = dot(x0, tl.trans(wq), PRECISION, ACC)
     q_t = dot(x0, tl.trans(vq_r), PRECISION, ACC)  # Q' = X0 Vq^T
-    u = dot(q, wk, PRECISION, ACC) * scale
     u_t = (dot(q_t, wk, PRECISION, ACC) + dot(q, vk_r, PRECISION, ACC)) * scale
+    task_rows = b * N * T  # this task's slice of P and DPC
 
-    xbar, lse, a = _attention_pass(
-        x_task, u, u_t, offs_n, offs_t, offs_d, N, T, D, True, BLOCK_N, BLOCK_T, BLOCK_D, OPERAND,
-        ACC,
-    )  # fmt: skip
+    if SAVED:
+        xbar, a = _saved_pass(
+            x_task, P + task_rows, u_t, offs_n, offs_t, offs_d, N, T, D, BLOCK_N, BLOCK_T,
+            BLOCK_D, OPERAND, ACC,
+        )  # fmt: skip
+    else:
+        u = dot(q, wk, PRECISION, ACC) * scale
+        xbar, lse, a = _attention_pass(
+            x_task, u, u_t, offs_n, offs_t, offs_d, N, T, D, True, BLOCK_N, BLOCK_T, BLOCK_D,
+            OPERAND, ACC,
+        )  # fmt: skip
     c = tl.sum(xbar * u_t, 1)  # c_i = sum_t p_it s'_it
     xbar_t = a - c[:, None] * xbar
 
@@ -374,12 +422,18 @@ def task_hvp_kernel(
     du_t = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for t0 in range(0, T, BLOCK_T):
         x, valid = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND, ACC)
-        p = tl.where(valid[None, :], tl.exp(tl.sum(x * u[:, None, :], 2) - lse[:, None]), 0.0)
+        if SAVED:
+            ptrs, mask = _rows_block(task_rows, offs_n, t0 + offs_t, N, T)
+            p = tl.load(P + ptrs, mask=mask, other=0.0).to(ACC)
+            dp_centred = tl.load(DPC + ptrs, mask=mask, other=0.0).to(ACC)
+        else:
+            s = tl.sum(x * u[:, None, :], 2)
+            p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+            dp_centred = tl.sum(x * dxbar[:, None, :], 2) - delta[:, None]
         p_t = p * (tl.sum(x * u_t[:, None, :], 2) - c[:, None])
-        dp_delta = tl.sum(x * dxbar[:, None, :], 2) - delta[:, None]
         dp_t = tl.sum(x * dxbar_t[:, None, :], 2)
-        du += tl.sum((p * dp_delta)[:, :, None] * x, 1)
-        du_t += tl.sum((p_t * dp_delta + p * (dp_t - delta_t[:, None]))[:, :, None] * x, 1)
+        du += tl.sum((p * dp_centred)[:, :, None] * x, 1)
+        du_t += tl.sum((p_t * dp_centred + p * (dp_t - delta_t[:, None]))[:, :, None] * x, 1)
 
     dq_t = (
         dot(du_t, tl.trans(wk), PRECISION, ACC) + dot(du, tl.trans(vk_r), PRECISION, ACC)

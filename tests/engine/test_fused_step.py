@@ -13,7 +13,12 @@ from support import SMALL, TINY, fresh, loop_meta_gradient, rel
 from phase12.backends import device_for
 from phase12.config import ConfigError
 from phase12.fused_step import PARAM_NAMES, query_loss, sgd_step
-from phase12.fused_step.launch import support_hvp, support_loss_and_grad, support_step
+from phase12.fused_step.launch import (
+    support_hvp,
+    support_loss_and_grad,
+    support_step,
+    support_step_and_attention,
+)
 from phase12.maml import meta_batch_metrics, meta_gradient
 from phase12.model import apply, init_params, loss
 
@@ -90,6 +95,64 @@ def test_step_kernels_equal_the_reference_model(n, t, d, c, shared, kernel_set, 
         assert_tuples_close(tuple(h[b] for h in hvps), expected)
 
 
+def attention_of_the_model(params, x, y):
+    """Each example's attention weights p_t = softmax_t(k_t . q s) and the centred score
+    gradient dL/ds_t / p_t = dp_t - delta, written out from the model's definition."""
+    wq, wk, wv, wc, bc = params
+    q = x[:, 0] @ wq.T
+    scores = torch.einsum("ntd,nd->nt", x @ wk.T, q) * x.shape[-1] ** -0.5
+
+    def loss_of_scores(s):
+        h = torch.einsum("nt,ntd->nd", s.softmax(-1), x @ wv.T)
+        return torch.nn.functional.cross_entropy(h @ wc.T + bc, y)
+
+    return scores.softmax(-1), torch.func.grad(loss_of_scores)(scores) / scores.softmax(-1)
+
+
+@pytest.mark.parametrize("kernel_set", ["task"], indirect=True)
+@pytest.mark.parametrize("n,t,d,c,shared", SHAPES)
+def test_saved_attention_is_the_models_and_the_hvp_reads_it(n, t, d, c, shared, kernel_set,
+                                                            nan_empty):  # fmt: skip
+    params, x, y = problem(3, n, t, d, c, shared)
+    lr, alpha, beta = 0.37, 0.6, -1.3
+    steps, (p, dp_centred) = support_step_and_attention(params, x, y, lr)
+    for a, b in zip(steps, support_step(params, x, y, lr), strict=True):
+        assert torch.equal(a, b)
+    v = tuple(torch.randn_like(w) for w in params)
+    recomputed = support_hvp(params, x, y, v, alpha, beta)
+    read = support_hvp(params, x, y, v, alpha, beta, attention=(p, dp_centred))
+    assert_tuples_close(read, recomputed)
+    for b in range(x.shape[0]):
+        want_p, want_dp = attention_of_the_model(tuple(w[b] for w in params), x[b], y[b])
+        torch.testing.assert_close(p[b], want_p, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(dp_centred[b], want_dp, rtol=1e-10, atol=1e-12)
+    # What is read is used: other attention gives another HVP.
+    other = support_hvp(params, x, y, v, alpha, beta, attention=(p * 0.5, dp_centred))
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(other, read, strict=True))
+
+
+@pytest.mark.parametrize("kernel_set", ["task"], indirect=True)
+def test_saved_attention_of_the_wrong_shape_or_dtype_is_refused(kernel_set):
+    params, x, y = problem(2, 3, 4, 8, 3)
+    v = params
+    _, (p, dp) = support_step_and_attention(params, x, y, 0.1)
+    for bad in ((p[:, :, :-1], dp), (p, dp.float())):
+        with pytest.raises(ValueError, match="saved attention must be"):
+            support_hvp(params, x, y, v, 1.0, 1.0, attention=bad)
+
+
+@pytest.mark.parametrize("kernel_set", ["example"], indirect=True)
+def test_the_example_kernels_save_no_attention_and_refuse_it(kernel_set):
+    params, x, y = problem(2, 3, 4, 8, 3)
+    steps, attention = support_step_and_attention(params, x, y, 0.1)
+    assert attention is None
+    for a, b in zip(steps, support_step(params, x, y, 0.1), strict=True):
+        assert torch.equal(a, b)
+    p = torch.ones(x.shape[:-1], dtype=x.dtype)
+    with pytest.raises(ValueError, match="read only by the task kernels"):
+        support_hvp(params, x, y, params, 1.0, 1.0, attention=(p, p))
+
+
 @pytest.mark.parametrize("operand", [torch.bfloat16, torch.float16])
 def test_kernels_compute_with_what_they_read_rounded_to_the_operand_dtype(operand, kernel_set):
     """Under autocast (float32 inputs): the gradient and the HVP are the float64 model's at
@@ -153,8 +216,9 @@ def tiny_problem():
     return tuple(p[0].clone().requires_grad_() for p in params), x[0], y[0]
 
 
-def test_sgd_step_gradcheck_to_third_order():
-    """First order: the HVP kernel; gradgradcheck: its backward (order 3, reference)."""
+def test_sgd_step_gradcheck_to_third_order(kernel_set):
+    """First order: the HVP kernel (reading the step's saved attention with the task
+    kernels); gradgradcheck: its backward (order 3, reference)."""
     params, x, y = tiny_problem()
 
     def step(*p):
@@ -184,7 +248,7 @@ def test_first_order_step_backward_is_the_identity():
         assert torch.equal(b, w)
 
 
-def test_nested_torch_func_grad_through_query_loss_and_vmap():
+def test_nested_torch_func_grad_through_query_loss_and_vmap(kernel_set):
     """grad(grad) of the query loss after a fused step, vmapped over tasks, equals the
     reference model's."""
     params, x, y = problem(2, 4, 5, 8, 3)

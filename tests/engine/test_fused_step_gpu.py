@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from phase12.fused_step import PARAM_NAMES
-from phase12.fused_step.launch import support_hvp, support_loss_and_grad, support_step
+from phase12.fused_step.launch import (
+    support_hvp,
+    support_loss_and_grad,
+    support_step,
+    support_step_and_attention,
+)
 from phase12.model import init_params, loss
 
 pytestmark = pytest.mark.gpu
@@ -45,6 +50,8 @@ def test_step_kernels_float32_match_float64_reference(tasks, n, t, d, c, kernel_
     losses, _, grads = support_loss_and_grad(params, x, y)
     steps = support_step(params, x, y, 0.4)
     hvps = support_hvp(params, x, y, v, 0.0, 1.0)
+    attention = support_step_and_attention(params, x, y, 0.4)[1]  # second-order MAML's
+    saved_hvps = support_hvp(params, x, y, v, 0.0, 1.0, attention=attention)
     grad_fn = torch.func.vmap(torch.func.grad(reference_loss))
     ref_grads = grad_fn(params64, x64, y)
     _, ref_hvps = torch.func.jvp(lambda p: grad_fn(p, x64, y), (params64,), (v64,))
@@ -54,8 +61,8 @@ def test_step_kernels_float32_match_float64_reference(tasks, n, t, d, c, kernel_
         assert rel_err(got, want) < 1e-5, name
     for name, got, p, want in zip(PARAM_NAMES, steps, params64, ref_grads, strict=True):
         assert rel_err(got, p - 0.4 * want) < 1e-5, name
-    for name, got, want in zip(PARAM_NAMES, hvps, ref_hvps, strict=True):
-        assert rel_err(got, want) < 1e-5, name
+    for name, got, saved, want in zip(PARAM_NAMES, hvps, saved_hvps, ref_hvps, strict=True):
+        assert rel_err(got, want) < 1e-5 and rel_err(saved, want) < 1e-5, name
 
 
 @pytest.mark.parametrize("operand", [torch.bfloat16, torch.float16])
@@ -74,13 +81,16 @@ def test_step_kernels_round_what_they_read_as_autocast_would(operand, kernel_set
     grads = support_loss_and_grad(params, x, y, operand)[2]
     steps = support_step(params, x, y, 0.4, operand)
     hvps = support_hvp(params, x, y, v, 0.5, 1.0, operand)
+    attention = support_step_and_attention(params, x, y, 0.4, operand)[1]
+    saved_hvps = support_hvp(params, x, y, v, 0.5, 1.0, operand, attention)
     grad_fn = torch.func.vmap(torch.func.grad(reference_loss))
     (x64,) = rounded([x])
     ref_grads = grad_fn(rounded(params), x64, y)
     _, ref_hvps = torch.func.jvp(lambda p: grad_fn(p, x64, y), (rounded(params),), (rounded(v),))
-    for name, got, want, p, w, hv, want_hv in zip(
-        PARAM_NAMES, grads, ref_grads, params, v, hvps, ref_hvps, strict=True
+    for name, got, want, p, w, hv, saved, want_hv in zip(
+        PARAM_NAMES, grads, ref_grads, params, v, hvps, saved_hvps, ref_hvps, strict=True
     ):
         assert rel_err(got, want) < 1e-5, name
         assert rel_err(steps[PARAM_NAMES.index(name)], p.double() - 0.4 * want) < 1e-5, name
         assert rel_err(hv, 0.5 * w.double() + want_hv) < 1e-5, name
+        assert rel_err(saved, 0.5 * w.double() + want_hv) < 1e-5, name

@@ -129,9 +129,7 @@ def test_task_sampler_matches_its_definition(dtype):
     noise = torch.randn(b, n, t, d, dtype=cfg.torch_dtype, generator=g)
     is_signal = torch.zeros(b, t, dtype=torch.bool).scatter_(1, positions, True)
     signal = prototypes[torch.arange(b)[:, None], labels]  # (b, n, d)
-    x = torch.where(
-        is_signal[:, None, :, None], signal[:, :, None] + cfg.noise_std * noise, noise
-    )
+    x = torch.where(is_signal[:, None, :, None], signal[:, :, None] + cfg.noise_std * noise, noise)
     assert torch.equal(torch.cat([tasks.support_x, tasks.query_x], 1), x)
     assert torch.equal(torch.cat([tasks.support_y, tasks.query_y], 1), labels)
 
