@@ -58,8 +58,9 @@ Saved attention: with SAVE, the gradient kernel also writes each example's atten
 weights p_it and centred score gradient dp_it - delta_i (ds_it = p_it (dp_it - delta_i))
 to P and DPC, (B, n, T) in ACC; with SAVED, the HVP kernel at the same parameters reads
 them back instead of recomputing them. Its first pass then accumulates xbar from p (no
-online softmax, no U), its second reads dp - delta (two reductions over D fewer per
-position): second-order MAML's backward reuses what its forward computed.
+online softmax, no U: one reduction over D a position instead of two), its second reads
+p and dp - delta (two reductions instead of four): second-order MAML's backward reuses
+what its forward computed.
 
 Layout: X (B, n, T, D) and y (B, n) with a task stride each; every parameter and
 tangent (B, rows, cols) row-major with its own task stride, which is 0 when all tasks share
