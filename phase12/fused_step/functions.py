@@ -136,15 +136,14 @@ class SGDStep(torch.autograd.Function):
         if not ctx.second_order:  # FO: the inner gradient is a constant, the step's Jacobian I
             return *nones, *v
         x, y, *saved = ctx.saved_tensors
-        params, (p, dp_centred) = saved[:NUM_PARAMS], saved[NUM_PARAMS:] or (None, None)
+        params, attention = saved[:NUM_PARAMS], saved[NUM_PARAMS:]
+        p, dp_centred = attention if attention else (None, None)
         hv = HessianVectorProduct.apply(x, y, 1.0, -ctx.lr, ctx.operand, p, dp_centred, *params, *v)
         return *nones, *hv
 
     @staticmethod
     def vmap(info, in_dims, x, y, lr, second_order, operand, *params):
-        x, y, *params = vmapped_to_front(
-            info, (in_dims[0], in_dims[1], *in_dims[5:]), (x, y, *params)
-        )
+        x, y, *params = vmapped_to_front(info, (*in_dims[:2], *in_dims[5:]), (x, y, *params))
         out = SGDStep.apply(x, y, lr, second_order, operand, *params)
         return out, (0,) * len(out)
 
@@ -209,6 +208,8 @@ def sgd_step(
     Differentiable w.r.t. params: exactly (second order: v -> v - lr H v) when
     `second_order`, else with the inner gradient treated as a constant (identity).
     """
+    # Unrecorded (FO_STRICT's inner loop), no backward will read the saved attention.
+    second_order = second_order and torch.is_grad_enabled()
     out = SGDStep.apply(x, y, lr, second_order, operand, *(params[n] for n in PARAM_NAMES))
     return dict(zip(PARAM_NAMES, out[:NUM_PARAMS], strict=True))
 

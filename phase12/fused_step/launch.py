@@ -9,12 +9,13 @@ sizes, allocation, and the choice between two kernel sets.
     support_hvp(params, x, y, v, alpha, beta[, attention])
                                               -> alpha v + beta (d^2L/dW^2) v
 
-`attention` is what support_step_and_attention saved at the same params, x and y: each
-example's attention weights p and centred score gradients dp - delta, (..., n, T) in
-the accumulator dtype. support_hvp reads them instead of recomputing them, which is
-what second-order MAML's backward does with its forward's (task_kernels.py, "Saved
-attention"). Only the task kernels save and read them; with the example kernels,
-reading was slower than recomputing ("Twenty-third session"), and `attention` is None.
+`attention` is what support_step_and_attention saved at the same params, x, y and
+operand: each example's attention weights p and centred score gradients dp - delta,
+(..., n, T) in the accumulator dtype. support_hvp reads them instead of recomputing
+them, which is what second-order MAML's backward does with its forward's
+(task_kernels.py, "Saved attention"). Only the task kernels save and read them; with the
+example kernels reading was slower than recomputing (docs/benchmarks.md, "Twenty-third
+session"), and `attention` is None.
 
 Up to EXAMPLE_KERNELS_MAX examples in all (tasks x n), each call is two launches of
 example_kernels.py (one program per task and example, then one per task and weight);

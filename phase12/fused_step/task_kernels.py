@@ -109,16 +109,29 @@ def _rows_block(base, offs_n, t, N, T):
 
 
 @triton.jit
-def _saved_pass(x_task, p_task, u_t, offs_n, offs_t, offs_d, N, T, D, BLOCK_N: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, OPERAND: tl.constexpr,
-                ACC: tl.constexpr):  # fmt: skip
+def _saved_pass(
+    x_task,
+    p_task,
+    u_t,
+    offs_n,
+    offs_t,
+    offs_d,
+    N,
+    T,
+    D,
+    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    OPERAND: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """_attention_pass's xbar and a from the saved attention weights p (no softmax)."""
     xbar = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     a = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for t0 in range(0, T, BLOCK_T):
         x, _ = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND, ACC)
         ptrs, mask = _rows_block(p_task, offs_n, t0 + offs_t, N, T)
-        p = tl.load(ptrs, mask=mask, other=0.0)
+        p = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
         xbar += tl.sum(p[:, :, None] * x, 1)
         a += tl.sum((p * tl.sum(x * u_t[:, None, :], 2))[:, :, None] * x, 1)
     return xbar, a

@@ -141,6 +141,88 @@ def test_saved_attention_of_the_wrong_shape_or_dtype_is_refused(kernel_set):
             support_hvp(params, x, y, v, 1.0, 1.0, attention=bad)
 
 
+def reference_step_vjp(params, x, y, lr, w):
+    """w - lr H w per task, H the reference model's support-loss Hessian at params."""
+    task_grad = torch.func.grad(reference_loss)
+    hw = torch.func.vmap(lambda p, xb, yb, wb: torch.func.jvp(
+        lambda q: task_grad(q, xb, yb), (p,), (wb,))[1])(params, x, y, w)  # fmt: skip
+    return tuple(wi - lr * h for wi, h in zip(w, hw, strict=True))
+
+
+@pytest.mark.parametrize("kernel_set", ["task"], indirect=True)
+def test_the_step_backward_reads_the_attention_its_forward_saved(kernel_set, monkeypatch):
+    from phase12.fused_step import functions, launch
+
+    params, x, y = problem(2, 4, 5, 8, 3)
+    w = tuple(torch.randn_like(p) for p in params)
+
+    def vjp():
+        _, pullback = torch.func.vjp(
+            lambda p: sgd_step(dict(zip(PARAM_NAMES, p, strict=True)), x, y, 0.5,
+                               second_order=True), params)  # fmt: skip
+        return pullback(dict(zip(PARAM_NAMES, w, strict=True)))[0]
+
+    assert_tuples_close(vjp(), reference_step_vjp(params, x, y, 0.5, w))
+
+    def halved(*args):
+        steps, (p, dp_centred) = launch.support_step_and_attention(*args)
+        return steps, (p * 0.5, dp_centred)
+
+    monkeypatch.setattr(functions, "support_step_and_attention", halved)
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(vjp(), reference_step_vjp(
+        params, x, y, 0.5, w), strict=True))  # fmt: skip
+
+
+def test_an_unrecorded_step_saves_no_attention(monkeypatch):
+    """FO_STRICT's inner loop runs without autograd recording: nothing would read it."""
+    from phase12.fused_step import functions
+
+    def refuse(*args):
+        raise AssertionError("saved attention that no backward reads")
+
+    monkeypatch.setattr(functions, "support_step_and_attention", refuse)
+    params, x, y = problem(1, 3, 4, 8, 3)
+    with torch.no_grad():
+        sgd_step(dict(zip(PARAM_NAMES, params, strict=True)), x, y, 0.5, second_order=True)
+
+
+@pytest.mark.parametrize("kernel_set", ["task"], indirect=True)
+def test_vmapped_backwards_through_the_saved_attention(kernel_set):
+    """The backward run under vmap: over tasks (the attention batched), over cotangents
+    (the attention shared by every cotangent), and grad of grad of the query loss (no
+    attention)."""
+    params, x, y = problem(3, 4, 5, 8, 3)
+    w = tuple(torch.randn_like(p) for p in params)
+    expected = reference_step_vjp(params, x, y, 0.5, w)
+
+    def inner(p, xb, yb, wb):  # <phi(p), w> for one task
+        phi = sgd_step(dict(zip(PARAM_NAMES, p, strict=True)), xb, yb, 0.5, second_order=True)
+        return sum((phi[n] * wi).sum() for n, wi in zip(PARAM_NAMES, wb, strict=True))
+
+    assert_tuples_close(torch.func.vmap(torch.func.grad(inner))(params, x, y, w), expected)
+
+    def step(p):
+        return tuple(sgd_step(dict(zip(PARAM_NAMES, p, strict=True)), x, y, 0.5,
+                              second_order=True).values())  # fmt: skip
+
+    _, pullback = torch.func.vjp(step, params)
+    cotangents = tuple(torch.stack([wi, 2 * wi]) for wi in w)
+    both = torch.func.vmap(pullback)(cotangents)[0]
+    assert_tuples_close(tuple(b[0] for b in both), expected)
+    twice = reference_step_vjp(params, x, y, 0.5, tuple(2 * wi for wi in w))
+    assert_tuples_close(tuple(b[1] for b in both), twice)
+
+    def directional(p, xb, yb, d):  # <grad of the query loss, d>: its gradient is H d
+        g = torch.func.grad(lambda q: query_loss(dict(zip(PARAM_NAMES, q, strict=True)), xb,
+                                                 yb)[0])(p)  # fmt: skip
+        return sum((gi * di).sum() for gi, di in zip(g, d, strict=True))
+
+    hd = torch.func.vmap(torch.func.grad(directional))(params, x, y, w)
+    # reference_step_vjp with lr = -1 is w + H w.
+    want = tuple(e - wi for e, wi in zip(reference_step_vjp(params, x, y, -1.0, w), w, strict=True))
+    assert_tuples_close(hd, want)
+
+
 @pytest.mark.parametrize("kernel_set", ["example"], indirect=True)
 def test_the_example_kernels_save_no_attention_and_refuse_it(kernel_set):
     params, x, y = problem(2, 3, 4, 8, 3)

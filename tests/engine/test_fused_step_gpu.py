@@ -51,6 +51,7 @@ def test_step_kernels_float32_match_float64_reference(tasks, n, t, d, c, kernel_
     steps = support_step(params, x, y, 0.4)
     hvps = support_hvp(params, x, y, v, 0.0, 1.0)
     attention = support_step_and_attention(params, x, y, 0.4)[1]  # second-order MAML's
+    assert (attention is None) == (kernel_set == "example")
     saved_hvps = support_hvp(params, x, y, v, 0.0, 1.0, attention=attention)
     grad_fn = torch.func.vmap(torch.func.grad(reference_loss))
     ref_grads = grad_fn(params64, x64, y)
@@ -82,6 +83,7 @@ def test_step_kernels_round_what_they_read_as_autocast_would(operand, kernel_set
     steps = support_step(params, x, y, 0.4, operand)
     hvps = support_hvp(params, x, y, v, 0.5, 1.0, operand)
     attention = support_step_and_attention(params, x, y, 0.4, operand)[1]
+    assert (attention is None) == (kernel_set == "example")
     saved_hvps = support_hvp(params, x, y, v, 0.5, 1.0, operand, attention)
     grad_fn = torch.func.vmap(torch.func.grad(reference_loss))
     (x64,) = rounded([x])
