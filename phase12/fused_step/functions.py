@@ -187,9 +187,7 @@ class LossAndGradient(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, x, y, operand, *params):
-        x, y, *params = vmapped_to_front(
-            info, (in_dims[0], in_dims[1], *in_dims[3:]), (x, y, *params)
-        )
+        x, y, *params = vmapped_to_front(info, (*in_dims[:2], *in_dims[3:]), (x, y, *params))
         return LossAndGradient.apply(x, y, operand, *params), (0,) * (2 + NUM_PARAMS)
 
 
@@ -208,7 +206,8 @@ def sgd_step(
     Differentiable w.r.t. params: exactly (second order: v -> v - lr H v) when
     `second_order`, else with the inner gradient treated as a constant (identity).
     """
-    # Unrecorded (FO_STRICT's inner loop), no backward will read the saved attention.
+    # Unrecorded (FO_STRICT's inner loop): no backward would read saved attention.
+    # (torch.func's grad and vjp enable grad inside themselves.)
     second_order = second_order and torch.is_grad_enabled()
     out = SGDStep.apply(x, y, lr, second_order, operand, *(params[n] for n in PARAM_NAMES))
     return dict(zip(PARAM_NAMES, out[:NUM_PARAMS], strict=True))

@@ -126,9 +126,11 @@ def test_saved_attention_is_the_models_and_the_hvp_reads_it(n, t, d, c, shared, 
         want_p, want_dp = attention_of_the_model(tuple(w[b] for w in params), x[b], y[b])
         torch.testing.assert_close(p[b], want_p, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(dp_centred[b], want_dp, rtol=1e-10, atol=1e-12)
-    # What is read is used: other attention gives another HVP.
-    other = support_hvp(params, x, y, v, alpha, beta, attention=(p * 0.5, dp_centred))
-    assert any((a - b).abs().max() > 1e-6 for a, b in zip(other, read, strict=True))
+    # What is read is used: other attention weights, or other score gradients, give
+    # another HVP (shifted, as dp - delta is 0 at T = 1).
+    for other in ((p * 0.5, dp_centred), (p, dp_centred + 1.0)):
+        changed = support_hvp(params, x, y, v, alpha, beta, attention=other)
+        assert any((a - b).abs().max() > 1e-6 for a, b in zip(changed, read, strict=True))
 
 
 @pytest.mark.parametrize("kernel_set", ["task"], indirect=True)
@@ -173,7 +175,8 @@ def test_the_step_backward_reads_the_attention_its_forward_saved(kernel_set, mon
         params, x, y, 0.5, w), strict=True))  # fmt: skip
 
 
-def test_an_unrecorded_step_saves_no_attention(monkeypatch):
+@pytest.mark.parametrize("kernel_set", ["task"], indirect=True)
+def test_an_unrecorded_step_saves_no_attention(kernel_set, monkeypatch):
     """FO_STRICT's inner loop runs without autograd recording: nothing would read it."""
     from phase12.fused_step import functions
 
@@ -187,10 +190,17 @@ def test_an_unrecorded_step_saves_no_attention(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel_set", ["task"], indirect=True)
-def test_vmapped_backwards_through_the_saved_attention(kernel_set):
+def test_vmapped_backwards_through_the_saved_attention(kernel_set, monkeypatch):
     """The backward run under vmap: over tasks (the attention batched), over cotangents
     (the attention shared by every cotangent), and grad of grad of the query loss (no
     attention)."""
+    from phase12.fused_step import functions
+
+    read = []  # per HVP launch: whether it was given saved attention
+    hvp = functions.support_hvp
+    monkeypatch.setattr(
+        functions, "support_hvp", lambda *a: read.append(a[-1] is not None) or hvp(*a)
+    )
     params, x, y = problem(3, 4, 5, 8, 3)
     w = tuple(torch.randn_like(p) for p in params)
     expected = reference_step_vjp(params, x, y, 0.5, w)
@@ -200,6 +210,7 @@ def test_vmapped_backwards_through_the_saved_attention(kernel_set):
         return sum((phi[n] * wi).sum() for n, wi in zip(PARAM_NAMES, wb, strict=True))
 
     assert_tuples_close(torch.func.vmap(torch.func.grad(inner))(params, x, y, w), expected)
+    assert read == [True]
 
     def step(p):
         return tuple(sgd_step(dict(zip(PARAM_NAMES, p, strict=True)), x, y, 0.5,
@@ -211,6 +222,7 @@ def test_vmapped_backwards_through_the_saved_attention(kernel_set):
     assert_tuples_close(tuple(b[0] for b in both), expected)
     twice = reference_step_vjp(params, x, y, 0.5, tuple(2 * wi for wi in w))
     assert_tuples_close(tuple(b[1] for b in both), twice)
+    assert read == [True, True]
 
     def directional(p, xb, yb, d):  # <grad of the query loss, d>: its gradient is H d
         g = torch.func.grad(lambda q: query_loss(dict(zip(PARAM_NAMES, q, strict=True)), xb,
@@ -221,6 +233,7 @@ def test_vmapped_backwards_through_the_saved_attention(kernel_set):
     # reference_step_vjp with lr = -1 is w + H w.
     want = tuple(e - wi for e, wi in zip(reference_step_vjp(params, x, y, -1.0, w), w, strict=True))
     assert_tuples_close(hd, want)
+    assert read == [True, True, False]
 
 
 @pytest.mark.parametrize("kernel_set", ["example"], indirect=True)
@@ -360,7 +373,7 @@ def test_nested_torch_func_grad_through_query_loss_and_vmap(kernel_set):
 
 
 @pytest.mark.parametrize("mode", ["FULL", "FO", "FO_STRICT"])
-def test_engine_meta_gradient_equals_reference(mode):
+def test_engine_meta_gradient_equals_reference(mode, kernel_set):
     params, tasks = fresh(SMALL)
     kw = dict(steps=SMALL.inner_steps, lr=SMALL.inner_lr)
     fused = meta_gradient(params, tasks, mode=mode, backend="triton_step", **kw)
