@@ -30,10 +30,9 @@ second derivatives are the fused kernels too. Where the task kernels run, a seco
 SGDStep also returns the step's attention weights p and centred score gradients
 dp - delta (non-differentiable; `sgd_step` drops them) and saves them for its backward,
 whose Hessian-vector product reads them instead of recomputing them (launch.py); other
-HVPs get None for both.
-HessianVectorProduct's own backward (third order) is exact through the reference model
-and torch.func, which recompute p from W. Forward-mode AD is not implemented (torch
-raises a clear error).
+HVPs get None for both. HessianVectorProduct's own backward (third order) is exact
+through the reference model and torch.func, which recompute p from W. Forward-mode AD
+is not implemented (torch raises a clear error).
 """
 
 from __future__ import annotations
