@@ -315,7 +315,6 @@ def support_hvp(
     read instead of recomputed."""
     lead, (n, t, d, c), x3, y1, (ps, vs) = _prepare(x, y, operand, params, v)
     batch = x3.shape[0]
-    outs = _outputs(ps, batch)
     per_example = use_example_kernels(batch, n)
     saved = attention is not None
     if saved and per_example:
@@ -323,6 +322,8 @@ def support_hvp(
             "saved attention is read only by the task kernels; these sizes run the example "
             "kernels, for which support_step_and_attention saves none (pass attention=None)"
         )
+    rows = _saved_attention(attention, x, x3) if saved else [x3, x3]  # x3: not read
+    outs = _outputs(ps, batch)
     meta = _meta(n, t, d, c, x.dtype, operand, per_example)
     strides = (x3.stride(0), y1.stride(0), *(p.stride(0) for p in ps), *(w.stride(0) for w in vs))
     if batch and per_example:
@@ -330,7 +331,6 @@ def support_hvp(
         _launch_examples(example_hvp_kernel, args, x3, n, 2 * n, meta, outs, base=vs,
                          alpha=alpha, beta=beta)  # fmt: skip
     elif batch:
-        rows = _saved_attention(attention, x, x3) if saved else [x3, x3]  # x3: not read
         task_hvp_kernel[(batch,)](
             x3, y1, *ps, *vs, *rows, *outs, *strides, n, t, d, c, *_scalars(n, d), alpha, beta,
             SAVED=saved, **meta,

@@ -101,11 +101,10 @@ def _load_block(
 
 
 @triton.jit
-def _rows_block(base, offs_n, t, N, T):
-    """base (a pointer or an element offset) plus the offsets of positions t of every
-    example in a task's (n, T) slice, and their mask."""
+def _position_offsets(offs_n, t, N, T):
+    """Offsets of positions t of every example in a task's (n, T) slice, and their mask."""
     offsets = offs_n[:, None].to(tl.int64) * T + t[None, :]
-    return base + offsets, (offs_n[:, None] < N) & (t[None, :] < T)
+    return offsets, (offs_n[:, None] < N) & (t[None, :] < T)
 
 
 @triton.jit
@@ -130,8 +129,8 @@ def _saved_pass(
     a = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for t0 in range(0, T, BLOCK_T):
         x, _ = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND, ACC)
-        ptrs, mask = _rows_block(p_task, offs_n, t0 + offs_t, N, T)
-        p = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+        at, mask = _position_offsets(offs_n, t0 + offs_t, N, T)
+        p = tl.load(p_task + at, mask=mask, other=0.0).to(ACC)
         xbar += tl.sum(p[:, :, None] * x, 1)
         a += tl.sum((p * tl.sum(x * u_t[:, None, :], 2))[:, :, None] * x, 1)
     return xbar, a
@@ -299,15 +298,16 @@ def task_grad_kernel(
 
     # Second pass: dU_i = sum_t p_it (dp_it - delta_i) x_it.
     du = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    task_offset = b * N * T  # this task's slice of P and DPC
     for t0 in range(0, T, BLOCK_T):
         x, valid = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND, ACC)
         p = tl.where(valid[None, :], tl.exp(tl.sum(x * u[:, None, :], 2) - lse[:, None]), 0.0)
         dp_centred = tl.sum(x * dxbar[:, None, :], 2) - delta[:, None]
         du += tl.sum((p * dp_centred)[:, :, None] * x, 1)
         if SAVE:
-            ptrs, mask = _rows_block(b * N * T, offs_n, t0 + offs_t, N, T)
-            tl.store(P + ptrs, p.to(P.dtype.element_ty), mask=mask)
-            tl.store(DPC + ptrs, dp_centred.to(DPC.dtype.element_ty), mask=mask)
+            at, mask = _position_offsets(offs_n, t0 + offs_t, N, T)
+            tl.store(P + task_offset + at, p.to(P.dtype.element_ty), mask=mask)
+            tl.store(DPC + task_offset + at, dp_centred.to(DPC.dtype.element_ty), mask=mask)
 
     dq = dot(du, tl.trans(wk_r), PRECISION, ACC) * scale  # dQ = s dU Wk^T
     g_wk = dot(tl.trans(q), du, PRECISION, ACC) * scale  # dWk = s Q^T dU
@@ -389,11 +389,11 @@ def task_hvp_kernel(
     q = dot(x0, tl.trans(wq), PRECISION, ACC)
     q_t = dot(x0, tl.trans(vq_r), PRECISION, ACC)  # Q' = X0 Vq^T
     u_t = (dot(q_t, wk, PRECISION, ACC) + dot(q, vk_r, PRECISION, ACC)) * scale
-    task_rows = b * N * T  # this task's slice of P and DPC
+    task_offset = b * N * T  # this task's slice of P and DPC
 
     if SAVED:
         xbar, a = _saved_pass(
-            x_task, P + task_rows, u_t, offs_n, offs_t, offs_d, N, T, D, BLOCK_N, BLOCK_T,
+            x_task, P + task_offset, u_t, offs_n, offs_t, offs_d, N, T, D, BLOCK_N, BLOCK_T,
             BLOCK_D, OPERAND, ACC,
         )  # fmt: skip
     else:
@@ -437,12 +437,11 @@ def task_hvp_kernel(
     for t0 in range(0, T, BLOCK_T):
         x, valid = _load_block(x_task, t0, offs_n, offs_t, offs_d, N, T, D, OPERAND, ACC)
         if SAVED:
-            ptrs, mask = _rows_block(task_rows, offs_n, t0 + offs_t, N, T)
-            p = tl.load(P + ptrs, mask=mask, other=0.0).to(ACC)
-            dp_centred = tl.load(DPC + ptrs, mask=mask, other=0.0).to(ACC)
+            at, mask = _position_offsets(offs_n, t0 + offs_t, N, T)
+            p = tl.load(P + task_offset + at, mask=mask, other=0.0).to(ACC)
+            dp_centred = tl.load(DPC + task_offset + at, mask=mask, other=0.0).to(ACC)
         else:
-            s = tl.sum(x * u[:, None, :], 2)
-            p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+            p = tl.where(valid[None, :], tl.exp(tl.sum(x * u[:, None, :], 2) - lse[:, None]), 0.0)
             dp_centred = tl.sum(x * dxbar[:, None, :], 2) - delta[:, None]
         p_t = p * (tl.sum(x * u_t[:, None, :], 2) - c[:, None])
         dp_t = tl.sum(x * dxbar_t[:, None, :], 2)
