@@ -137,6 +137,14 @@ def _flag(name: str) -> str:
     return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
+@dataclasses.dataclass(frozen=True)
+class PickedDefault:
+    """A flag's default that the command picks itself once it knows the machine: the
+    flag's value is None until then, and `says` describes the choice in --help."""
+
+    says: str
+
+
 def add_config_flags(
     parser: ArgumentParser,
     names: Iterable[str] | None = None,
@@ -144,7 +152,7 @@ def add_config_flags(
     defaults: dict | None = None,
 ) -> None:
     """One flag per RunConfig field in `names` (default: all), with the field's type,
-    default (or `defaults`' value), choices and help."""
+    default (or `defaults`' value, which may be a PickedDefault), choices and help."""
     defaults = defaults or {}
     for name in FIELDS if names is None else names:
         f = FIELDS[name]
@@ -152,14 +160,18 @@ def add_config_flags(
         choices = choices or CHOICES.get(name)
         default = defaults.get(name, f.default)
         kind = str if isinstance(f.default, str) else type(f.default)
+        if isinstance(default, PickedDefault):
+            value, shown = None, f"default: {default.says}"
+        else:
+            value, shown = (str(default) if kind is str else default), f"default {default}"
         parser.add_argument(
             _flag(name),
             dest=name,
             metavar=None if choices else _flag(name)[2:].upper().replace("-", "_"),
             type=kind,
-            default=str(default) if kind is str else default,
+            default=value,
             choices=choices,
-            help=f"{help} (default {default})",
+            help=f"{help} ({shown})",
         )
         parser.flags[name] = _flag(name)
 
@@ -203,6 +215,30 @@ def default_backends(device: str) -> tuple[str, ...]:
     return tuple(name for name, reason in why.items() if not reason)
 
 
+# The backends, fastest first at every measured shape within their limits
+# (docs/benchmarks.md).
+FASTEST_FIRST = ("triton_step", "triton_fused", "reference")
+
+
+def default_backend(config: RunConfig) -> tuple[str, str | None]:
+    """(backend, note) for one run that names no backend: on CUDA the fastest backend
+    that can run `config` there (FASTEST_FIRST; all three compute the same meta-gradient
+    to float32 rounding), on the CPU reference (the Triton backends need CUDA, or their
+    interpreter and a lot of patience). `note` names the faster backends passed over on
+    CUDA and why; None when none was. Raises ConfigError for a device that is not there."""
+    where = resolve_device(config.device)
+    if where.type != "cuda":
+        return "reference", None
+    passed = []
+    for name in FASTEST_FIRST:
+        reason = get(name).cannot_run(config, where)
+        if reason is None:
+            break
+        passed.append(f"{name}: {reason}")
+    note = f"running on {name}, the fastest backend that can run this here ({'; '.join(passed)})"
+    return name, note if passed else None
+
+
 def check_writable(folder: Path) -> None:
     """Make `folder` and write a file in it, or raise ConfigError (before any work)."""
     try:
@@ -224,6 +260,7 @@ def config_from_args(args: argparse.Namespace, exclude: Iterable[str] = ()) -> R
 __all__ = [
     "ArgumentParser",
     "ConfigError",
+    "PickedDefault",
     "EXIT_BAD_INPUT",
     "EXIT_FAILED",
     "EXIT_NONFINITE",
@@ -232,6 +269,7 @@ __all__ = [
     "check_writable",
     "config_from_args",
     "csv_list",
+    "default_backend",
     "default_backends",
     "positive_int",
 ]

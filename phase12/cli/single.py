@@ -2,6 +2,8 @@
 
 The run's files go to runs/TIME_RUNID/ unless --out names a folder (runs.csv appended)
 or --no-save; the folder is locked and checked for writing before any training.
+Without --backend, the run takes the fastest backend that can run it here
+(phase12.cli.parsing.default_backend: reference on a CPU).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,8 +25,10 @@ from phase12.cli.parsing import (
     EXIT_NONFINITE,
     TAG,
     ArgumentParser,
+    PickedDefault,
     add_config_flags,
     config_from_args,
+    default_backend,
 )
 from phase12.config import ConfigError
 from phase12.distributed import World, init_world, local_device, torchrun_world_size
@@ -47,7 +52,15 @@ def parser() -> ArgumentParser:
         description="One Phase 12 MAML run. Subcommands: sweep, risk, report, pipeline, bench "
         "(python run.py SUBCOMMAND --help).",
     )
-    add_config_flags(p)
+    add_config_flags(
+        p,
+        defaults={
+            "backend": PickedDefault(
+                "on CUDA the fastest backend that can run it: triton_step, then triton_fused, "
+                "then reference; reference on a CPU"
+            )
+        },
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--out",
@@ -110,8 +123,14 @@ def main(argv: list[str]) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     folder = ExitStack()  # holds the output folder's lock until the run is saved
     try:
-        config = config_from_args(args)
+        picked = args.backend is None
+        config = config_from_args(args, exclude=["backend"] if picked else [])
         config = config.replace(device=local_device(config.device))
+        if picked:
+            backend, note = default_backend(config)
+            config = config.replace(backend=backend)
+            if note and main_rank:
+                print(f"note: {note}", file=sys.stderr)
         device = device_for(config)
         World(size=torchrun_world_size()).check_divides(config.meta_batch)
         out = _output_folder(args, config) if main_rank else None

@@ -230,6 +230,56 @@ def test_default_backends_leave_out_those_that_cannot_run_and_say_so(monkeypatch
     assert capsys.readouterr().err == ""
 
 
+def test_a_run_that_names_no_backend_takes_the_fastest_that_can_run_it(monkeypatch):
+    from phase12.cli.parsing import default_backend
+    from phase12.config import RunConfig
+
+    assert default_backend(RunConfig(device="cpu")) == ("reference", None)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("phase12.backends.check_backend", lambda name, device: None)
+    assert default_backend(RunConfig()) == ("triton_step", None)  # device auto: CUDA
+    backend, note = default_backend(RunConfig(device="cuda", ablation="frozen_softmax_stats"))
+    assert backend == "triton_fused"
+    assert note.startswith(
+        "running on triton_fused, the fastest backend that can run this here (triton_step: "
+        "its fused Hessian-vector-product kernel has no switch for ablation frozen_softmax_stats"
+    )
+    backend, note = default_backend(RunConfig(device="cuda", dim=256))
+    assert backend == "reference"
+    assert "(triton_step: the fused inner step supports D <= 64; got D = 256" in note
+    assert "; triton_fused: its attention kernels take head dims up to 128; got D = 256" in note
+
+    def check_backend(name, device):
+        if name != "reference":
+            raise BackendUnavailable("no Triton here")
+
+    monkeypatch.setattr("phase12.backends.check_backend", check_backend)
+    assert default_backend(RunConfig(device="cuda")) == (
+        "reference",
+        "running on reference, the fastest backend that can run this here (triton_step: no "
+        "Triton here; triton_fused: no Triton here)",
+    )
+
+
+def test_the_run_command_picks_its_backend_only_when_none_is_named(monkeypatch, capsys):
+    from phase12.cli import single
+
+    asked = []
+
+    def picked(config):
+        asked.append(config)
+        return "reference", "the reason"
+
+    monkeypatch.setattr(single, "default_backend", picked)
+    assert cli.main(["--k", "0", *FAST, "--no-save", "--seed", "7", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.splitlines()[-1])["backend"] == "reference"
+    assert "note: the reason" in err.splitlines()
+    assert len(asked) == 1 and asked[0].seed == 7 and asked[0].device == "cpu"
+    assert cli.main(["--k", "0", *FAST, "--no-save", "--backend", "reference"]) == 0
+    assert len(asked) == 1 and "note: the reason" not in capsys.readouterr().err
+
+
 def test_list_items_and_tags_are_refused_in_our_words(capsys):
     import argparse
 

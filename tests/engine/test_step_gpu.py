@@ -85,6 +85,17 @@ def test_first_run_of_a_fresh_process_on_an_explicit_device():
     assert proc.stdout.split()[-2:] == ["OK", "True"]
 
 
+def test_the_main_command_runs_triton_step_on_a_gpu_when_no_backend_is_named():
+    argv = ["--k", "2", "--outer-steps", "3", "--no-save", "--no-progress", "--json"]
+    proc = subprocess.run(
+        [sys.executable, "run.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout.splitlines()[-1])
+    assert (row["backend"], row["status"], row["device"]) == ("triton_step", "OK", "cuda")
+    assert "note: running on" not in proc.stderr
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_torchrun_on_two_gpus_equals_one_gpu_with_graphs(tmp_path):
     """NCCL all-reduce inside the captured step: 2 ranks give the 1-process run."""
