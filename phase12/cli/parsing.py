@@ -161,9 +161,9 @@ def add_config_flags(
         default = defaults.get(name, f.default)
         kind = str if isinstance(f.default, str) else type(f.default)
         if isinstance(default, PickedDefault):
-            value, shown = None, f"default: {default.says}"
+            value, shown = None, default.says
         else:
-            value, shown = (str(default) if kind is str else default), f"default {default}"
+            value = shown = str(default) if kind is str else default
         parser.add_argument(
             _flag(name),
             dest=name,
@@ -171,14 +171,14 @@ def add_config_flags(
             type=kind,
             default=value,
             choices=choices,
-            help=f"{help} ({shown})",
+            help=f"{help} (default {shown})",
         )
         parser.flags[name] = _flag(name)
 
 
-def add_grid_flags(parser: ArgumentParser, defaults: dict[str, tuple | str]) -> None:
+def add_grid_flags(parser: ArgumentParser, defaults: dict[str, tuple | PickedDefault]) -> None:
     """The sweep's axes in `defaults` as comma lists (--modes, --backends, --k, --seeds,
-    ...); a default that is a string describes a default the command picks itself."""
+    ...), each default a tuple or a PickedDefault."""
     for name, flag in GRID_FLAGS.items():
         if name not in defaults:
             continue
@@ -187,13 +187,14 @@ def add_grid_flags(parser: ArgumentParser, defaults: dict[str, tuple | str]) -> 
         choices = choices or CHOICES.get(name)
         kind = str if isinstance(f.default, str) else type(f.default)
         default = defaults[name]
-        shown = default if isinstance(default, str) else ",".join(map(str, default))
+        picked = isinstance(default, PickedDefault)
+        shown = default.says if picked else ",".join(map(str, default))
         parser.add_argument(
             flag,
             dest=name,
             metavar=flag[2:].upper().replace("-", "_"),
             type=csv_list(kind, choices),
-            default=None if isinstance(default, str) else default,
+            default=None if picked else default,
             help=f"comma-separated; {help} (default {shown})",
         )
         parser.flags[name] = flag
@@ -215,28 +216,37 @@ def default_backends(device: str) -> tuple[str, ...]:
     return tuple(name for name, reason in why.items() if not reason)
 
 
-# The backends, fastest first at every measured shape within their limits
-# (docs/benchmarks.md).
-FASTEST_FIRST = ("triton_step", "triton_fused", "reference")
+def _fastest_first(config: RunConfig) -> tuple[str, ...]:
+    """The backends that compute what `config` asks for, fastest first on CUDA
+    (docs/benchmarks.md, "Twenty-fourth session"). triton_step only in float32: in other
+    dtypes its kernels compute in float32, more precisely than the run asks. triton_fused
+    only replayed from a CUDA graph (eager, Python's launches of its kernels cost more
+    than they save) and not in float64 (never timed there). reference always."""
+    fastest = ["triton_step"] if config.dtype == "float32" else []
+    if config.cuda_graph != "off" and config.dtype != "float64":
+        fastest.append("triton_fused")
+    return (*fastest, "reference")
 
 
-def default_backend(config: RunConfig) -> tuple[str, str | None]:
+def fastest_backend(config: RunConfig) -> tuple[str, str | None]:
     """(backend, note) for one run that names no backend: on CUDA the fastest backend
-    that can run `config` there (FASTEST_FIRST; all three compute the same meta-gradient
-    to float32 rounding), on the CPU reference (the Triton backends need CUDA, or their
-    interpreter and a lot of patience). `note` names the faster backends passed over on
-    CUDA and why; None when none was. Raises ConfigError for a device that is not there."""
+    that computes what `config` asks for and can run it there (`_fastest_first`), on the
+    CPU reference (the Triton backends need CUDA, or their interpreter and a lot of
+    patience). `note` says which faster backends were passed over and why; None when none
+    was. Raises ConfigError for a device that is not there."""
     where = resolve_device(config.device)
     if where.type != "cuda":
         return "reference", None
-    passed = []
-    for name in FASTEST_FIRST:
+    passed: dict[str, list[str]] = {}  # reason -> the backends it rules out
+    for name in _fastest_first(config):
         reason = get(name).cannot_run(config, where)
         if reason is None:
             break
-        passed.append(f"{name}: {reason}")
-    note = f"running on {name}, the fastest backend that can run this here ({'; '.join(passed)})"
-    return name, note if passed else None
+        passed.setdefault(reason, []).append(name)
+    if not passed:
+        return name, None
+    why = "; ".join(f"{' and '.join(names)}: {reason}" for reason, names in passed.items())
+    return name, f"running on {name}, the fastest backend that can run this here ({why})"
 
 
 def check_writable(folder: Path) -> None:
@@ -269,7 +279,7 @@ __all__ = [
     "check_writable",
     "config_from_args",
     "csv_list",
-    "default_backend",
     "default_backends",
+    "fastest_backend",
     "positive_int",
 ]

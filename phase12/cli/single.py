@@ -2,8 +2,8 @@
 
 The run's files go to runs/TIME_RUNID/ unless --out names a folder (runs.csv appended)
 or --no-save; the folder is locked and checked for writing before any training.
-Without --backend, the run takes the fastest backend that can run it here
-(phase12.cli.parsing.default_backend: reference on a CPU).
+Without --backend, the run takes the fastest backend that computes what it asks for and
+can run it here (phase12.cli.parsing.fastest_backend: reference on a CPU).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from phase12.cli.parsing import (
     PickedDefault,
     add_config_flags,
     config_from_args,
-    default_backend,
+    fastest_backend,
 )
 from phase12.config import ConfigError
 from phase12.distributed import World, init_world, local_device, torchrun_world_size
@@ -56,8 +56,9 @@ def parser() -> ArgumentParser:
         p,
         defaults={
             "backend": PickedDefault(
-                "on CUDA the fastest backend that can run it: triton_step, then triton_fused, "
-                "then reference; reference on a CPU"
+                "the fastest that computes what the run asks for and can run it here: on "
+                "CUDA triton_step (float32), then triton_fused (graph replay, not float64), "
+                "then reference; on a CPU reference"
             )
         },
     )
@@ -122,15 +123,14 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     main_rank = int(os.environ.get("RANK", "0")) == 0
     folder = ExitStack()  # holds the output folder's lock until the run is saved
+    note = None  # why faster backends were passed over, said once the input is good
     try:
         picked = args.backend is None
         config = config_from_args(args, exclude=["backend"] if picked else [])
         config = config.replace(device=local_device(config.device))
         if picked:
-            backend, note = default_backend(config)
+            backend, note = fastest_backend(config)
             config = config.replace(backend=backend)
-            if note and main_rank:
-                print(f"note: {note}", file=sys.stderr)
         device = device_for(config)
         World(size=torchrun_world_size()).check_divides(config.meta_batch)
         out = _output_folder(args, config) if main_rank else None
@@ -144,6 +144,8 @@ def main(argv: list[str]) -> int:
     except OSError as e:  # the folder cannot be made or written
         folder.close()
         return p.bad_input(ConfigError(f"--out: cannot write to {e.filename}: {e.strerror}"))
+    if note and main_rank:
+        print(f"note: {note}", file=sys.stderr)
     with folder:
         result = _train(config, device, progress=main_rank and not args.no_progress)
         if out is not None:

@@ -21,6 +21,7 @@ from phase12.cli.parsing import (
     GRID_FLAGS,
     TAG,
     ArgumentParser,
+    PickedDefault,
     add_config_flags,
     add_grid_flags,
     check_writable,
@@ -55,7 +56,7 @@ DESCRIPTIONS = {
 RISK_AXES = ("backend", "seq_len", "dim", "dtype")
 GRID_DEFAULTS = {
     "mode": MODES,
-    "backend": "every backend that can run on CUDA, reference on the CPU",  # default_backends
+    "backend": PickedDefault("every backend that can run on CUDA, reference on the CPU"),
     "inner_steps": (1, 5, 10, 20),
     "seed": (0, 1),
     "ablation": ("none",),

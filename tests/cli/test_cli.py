@@ -230,21 +230,31 @@ def test_default_backends_leave_out_those_that_cannot_run_and_say_so(monkeypatch
     assert capsys.readouterr().err == ""
 
 
-def test_a_run_that_names_no_backend_takes_the_fastest_that_can_run_it(monkeypatch):
-    from phase12.cli.parsing import default_backend
+def test_a_run_that_names_no_backend_takes_the_fastest_that_computes_it(monkeypatch):
+    from phase12.cli.parsing import fastest_backend
     from phase12.config import RunConfig
 
-    assert default_backend(RunConfig(device="cpu")) == ("reference", None)
+    assert fastest_backend(RunConfig(device="cpu")) == ("reference", None)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("phase12.backends.check_backend", lambda name, device: None)
-    assert default_backend(RunConfig()) == ("triton_step", None)  # device auto: CUDA
-    backend, note = default_backend(RunConfig(device="cuda", ablation="frozen_softmax_stats"))
+    for config, backend in [
+        (RunConfig(), "triton_step"),  # device auto: CUDA
+        (RunConfig(cuda_graph="off"), "triton_step"),
+        (RunConfig(dtype="bfloat16"), "triton_fused"),  # triton_step computes in float32
+        (RunConfig(dtype="autocast_float16"), "triton_fused"),
+        (RunConfig(dtype="autocast_float16", cuda_graph="off"), "reference"),
+        (RunConfig(dtype="float64"), "reference"),
+    ]:
+        assert fastest_backend(config) == (backend, None), config
+    backend, note = fastest_backend(RunConfig(ablation="frozen_softmax_stats"))
     assert backend == "triton_fused"
     assert note.startswith(
         "running on triton_fused, the fastest backend that can run this here (triton_step: "
         "its fused Hessian-vector-product kernel has no switch for ablation frozen_softmax_stats"
     )
-    backend, note = default_backend(RunConfig(device="cuda", dim=256))
+    backend, note = fastest_backend(RunConfig(ablation="frozen_softmax_stats", cuda_graph="off"))
+    assert backend == "reference" and note.startswith("running on reference, the fastest")
+    backend, note = fastest_backend(RunConfig(dim=256))
     assert backend == "reference"
     assert "(triton_step: the fused inner step supports D <= 64; got D = 256" in note
     assert "; triton_fused: its attention kernels take head dims up to 128; got D = 256" in note
@@ -254,30 +264,46 @@ def test_a_run_that_names_no_backend_takes_the_fastest_that_can_run_it(monkeypat
             raise BackendUnavailable("no Triton here")
 
     monkeypatch.setattr("phase12.backends.check_backend", check_backend)
-    assert default_backend(RunConfig(device="cuda")) == (
+    assert fastest_backend(RunConfig()) == (
         "reference",
-        "running on reference, the fastest backend that can run this here (triton_step: no "
-        "Triton here; triton_fused: no Triton here)",
+        "running on reference, the fastest backend that can run this here (triton_step and "
+        "triton_fused: no Triton here)",
     )
 
 
 def test_the_run_command_picks_its_backend_only_when_none_is_named(monkeypatch, capsys):
     from phase12.cli import single
 
-    asked = []
+    picks, runs = [], []
+    monkeypatch.setattr(
+        single, "fastest_backend", lambda c: picks.append(c) or ("triton_fused", "why")
+    )
 
-    def picked(config):
-        asked.append(config)
-        return "reference", "the reason"
+    def stop(config):
+        runs.append(config)
+        raise ConfigError("stopped before the run")
 
-    monkeypatch.setattr(single, "default_backend", picked)
-    assert cli.main(["--k", "0", *FAST, "--no-save", "--seed", "7", "--json"]) == 0
+    monkeypatch.setattr(single, "device_for", stop)
+    assert cli.main([*FAST, "--no-save", "--seed", "7"]) == 2
+    assert [(c.seed, c.device) for c in picks] == [(7, "cpu")]
+    assert [c.backend for c in runs] == ["triton_fused"]
+    # bad input is one line: the note comes only once the input is good
+    assert capsys.readouterr().err == "error: stopped before the run\n"
+    assert cli.main([*FAST, "--no-save", "--backend", "reference"]) == 2
+    assert len(picks) == 1 and runs[-1].backend == "reference"
+
+
+def test_the_note_on_the_backend_is_said_once_by_the_main_rank(monkeypatch, capsys):
+    from phase12.cli import single
+
+    monkeypatch.setattr(single, "fastest_backend", lambda config: ("reference", "why"))
+    assert cli.main(["--k", "0", *FAST, "--no-save", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out.splitlines()[-1])["backend"] == "reference"
-    assert "note: the reason" in err.splitlines()
-    assert len(asked) == 1 and asked[0].seed == 7 and asked[0].device == "cpu"
-    assert cli.main(["--k", "0", *FAST, "--no-save", "--backend", "reference"]) == 0
-    assert len(asked) == 1 and "note: the reason" not in capsys.readouterr().err
+    assert err.splitlines().count("note: why") == 1
+    monkeypatch.setenv("RANK", "1")  # another rank of torchrun's says nothing
+    assert cli.main(["--k", "0", *FAST, "--no-save"]) == 0
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_list_items_and_tags_are_refused_in_our_words(capsys):

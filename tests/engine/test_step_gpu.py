@@ -85,15 +85,24 @@ def test_first_run_of_a_fresh_process_on_an_explicit_device():
     assert proc.stdout.split()[-2:] == ["OK", "True"]
 
 
-def test_the_main_command_runs_triton_step_on_a_gpu_when_no_backend_is_named():
-    argv = ["--k", "2", "--outer-steps", "3", "--no-save", "--no-progress", "--json"]
+@pytest.mark.parametrize(
+    "flags,backend,note",
+    [
+        ([], "triton_step", None),
+        (["--ablation", "frozen_softmax_stats"], "triton_fused", "triton_step: its fused"),
+        (["--dtype", "autocast_bfloat16"], "triton_fused", None),
+    ],
+)
+def test_a_run_that_names_no_backend_takes_the_fastest_on_a_gpu(flags, backend, note):
+    argv = ["--k", "2", "--outer-steps", "3", "--no-save", "--no-progress", "--json", *flags]
     proc = subprocess.run(
         [sys.executable, "run.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout.splitlines()[-1])
-    assert (row["backend"], row["status"], row["device"]) == ("triton_step", "OK", "cuda")
-    assert "note: running on" not in proc.stderr
+    assert (row["backend"], row["status"], row["device"]) == (backend, "OK", "cuda")
+    said = [line for line in proc.stderr.splitlines() if line.startswith("note: running on")]
+    assert said == ([] if note is None else [said[0]]) and (note is None or note in said[0])
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
