@@ -13,9 +13,9 @@
 |              | backward one Hessian-vector-product kernel  | plain forward: fused   |
 |              | (phase12.fused_step)                        |                        |
 
-All three compute the same numbers (exact to the rounding of their dtype; under
-torch.autocast triton_step keeps its products in float32: README, "Shapes and precision:
-the robustness map").
+In float32 all three compute the same numbers, to its rounding. triton_step's kernels
+compute in float32 whatever the dtype, so in the half dtypes and under torch.autocast it
+is the more precise (README, "Shapes and precision: the robustness map").
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class FusedStepBackend(Backend):
         if config.ablation != "none":
             return (
                 f"its fused Hessian-vector-product kernel has no switch for ablation "
-                f"{config.ablation}; use reference or triton_fused"
+                f"{config.ablation} (use reference or triton_fused)"
             )
         if config.dtype == "float64" and device.type == "cuda":
             return "float64 runs only in Triton's interpreter on the CPU; use float32 on CUDA"

@@ -216,37 +216,45 @@ def default_backends(device: str) -> tuple[str, ...]:
     return tuple(name for name, reason in why.items() if not reason)
 
 
-def _fastest_first(config: RunConfig) -> tuple[str, ...]:
-    """The backends that compute what `config` asks for, fastest first on CUDA
-    (docs/benchmarks.md, "Twenty-fourth session"). triton_step only in float32: in other
-    dtypes its kernels compute in float32, more precisely than the run asks. triton_fused
-    only replayed from a CUDA graph (eager, Python's launches of its kernels cost more
-    than they save) and not in float64 (never timed there). reference always."""
-    fastest = ["triton_step"] if config.dtype == "float32" else []
-    if config.cuda_graph != "off" and config.dtype != "float64":
-        fastest.append("triton_fused")
-    return (*fastest, "reference")
+def _unsuited(config: RunConfig) -> dict[str, str]:
+    """The backends that do not compute what `config` asks for as fast or as precisely as
+    asked, each with why (docs/benchmarks.md, "Twenty-fourth session")."""
+    why = {}
+    if config.dtype != "float32":
+        why["triton_step"] = f"its kernels compute in float32, not in {config.dtype}"
+    if config.cuda_graph == "off":
+        why["triton_fused"] = (
+            "eager (cuda_graph off), Python's launches of its kernels make it slower than reference"
+        )
+    elif config.dtype == "float64":
+        why["triton_fused"] = "it was never timed against reference in float64"
+    return why
+
+
+# The backends, fastest first on CUDA where each computes what a run asks for.
+FASTEST_FIRST = ("triton_step", "triton_fused", "reference")
 
 
 def fastest_backend(config: RunConfig) -> tuple[str, str | None]:
-    """(backend, note) for one run that names no backend: on CUDA the fastest backend
-    that computes what `config` asks for and can run it there (`_fastest_first`), on the
-    CPU reference (the Triton backends need CUDA, or their interpreter and a lot of
-    patience). `note` says which faster backends were passed over and why; None when none
-    was. Raises ConfigError for a device that is not there."""
+    """(backend, note) for one run that names no backend: on CUDA the first of
+    FASTEST_FIRST that suits `config` (`_unsuited`) and can run it there, on the CPU
+    reference (the Triton backends need CUDA, or their interpreter and a lot of
+    patience). `note` names each faster backend passed over and why; None when none was.
+    Raises ConfigError for a device that is not there."""
     where = resolve_device(config.device)
     if where.type != "cuda":
         return "reference", None
+    unsuited = _unsuited(config)
     passed: dict[str, list[str]] = {}  # reason -> the backends it rules out
-    for name in _fastest_first(config):
-        reason = get(name).cannot_run(config, where)
+    for name in FASTEST_FIRST:
+        reason = unsuited.get(name) or get(name).cannot_run(config, where)
         if reason is None:
             break
         passed.setdefault(reason, []).append(name)
     if not passed:
         return name, None
     why = "; ".join(f"{' and '.join(names)}: {reason}" for reason, names in passed.items())
-    return name, f"running on {name}, the fastest backend that can run this here ({why})"
+    return name, f"running on {name}, the fastest backend for this run here ({why})"
 
 
 def check_writable(folder: Path) -> None:

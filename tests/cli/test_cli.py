@@ -237,23 +237,32 @@ def test_a_run_that_names_no_backend_takes_the_fastest_that_computes_it(monkeypa
     assert fastest_backend(RunConfig(device="cpu")) == ("reference", None)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("phase12.backends.check_backend", lambda name, device: None)
-    for config, backend in [
-        (RunConfig(), "triton_step"),  # device auto: CUDA
-        (RunConfig(cuda_graph="off"), "triton_step"),
-        (RunConfig(dtype="bfloat16"), "triton_fused"),  # triton_step computes in float32
-        (RunConfig(dtype="autocast_float16"), "triton_fused"),
-        (RunConfig(dtype="autocast_float16", cuda_graph="off"), "reference"),
-        (RunConfig(dtype="float64"), "reference"),
+    assert fastest_backend(RunConfig()) == ("triton_step", None)  # device auto: CUDA
+    assert fastest_backend(RunConfig(cuda_graph="off")) == ("triton_step", None)
+    for config, backend, why in [
+        (
+            RunConfig(dtype="bfloat16"),
+            "triton_fused",
+            "triton_step: its kernels compute in float32",
+        ),
+        (RunConfig(dtype="autocast_float16"), "triton_fused", "not in autocast_float16)"),
+        (
+            RunConfig(dtype="autocast_float16", cuda_graph="off"),
+            "reference",
+            "; triton_fused: eager",
+        ),
+        (RunConfig(dtype="float64"), "reference", "triton_fused: it was never timed against"),
     ]:
-        assert fastest_backend(config) == (backend, None), config
+        picked, note = fastest_backend(config)
+        assert picked == backend and why in note, (config, note)
     backend, note = fastest_backend(RunConfig(ablation="frozen_softmax_stats"))
     assert backend == "triton_fused"
     assert note.startswith(
-        "running on triton_fused, the fastest backend that can run this here (triton_step: "
+        "running on triton_fused, the fastest backend for this run here (triton_step: "
         "its fused Hessian-vector-product kernel has no switch for ablation frozen_softmax_stats"
     )
     backend, note = fastest_backend(RunConfig(ablation="frozen_softmax_stats", cuda_graph="off"))
-    assert backend == "reference" and note.startswith("running on reference, the fastest")
+    assert backend == "reference" and "; triton_fused: eager (cuda_graph off)" in note
     backend, note = fastest_backend(RunConfig(dim=256))
     assert backend == "reference"
     assert "(triton_step: the fused inner step supports D <= 64; got D = 256" in note
@@ -266,7 +275,7 @@ def test_a_run_that_names_no_backend_takes_the_fastest_that_computes_it(monkeypa
     monkeypatch.setattr("phase12.backends.check_backend", check_backend)
     assert fastest_backend(RunConfig()) == (
         "reference",
-        "running on reference, the fastest backend that can run this here (triton_step and "
+        "running on reference, the fastest backend for this run here (triton_step and "
         "triton_fused: no Triton here)",
     )
 

@@ -90,7 +90,7 @@ def test_first_run_of_a_fresh_process_on_an_explicit_device():
     [
         ([], "triton_step", None),
         (["--ablation", "frozen_softmax_stats"], "triton_fused", "triton_step: its fused"),
-        (["--dtype", "autocast_bfloat16"], "triton_fused", None),
+        (["--dtype", "autocast_bfloat16"], "triton_fused", "compute in float32, not in"),
     ],
 )
 def test_a_run_that_names_no_backend_takes_the_fastest_on_a_gpu(flags, backend, note):
