@@ -136,9 +136,9 @@ class FusedStepBackend(Backend):
         return sgd_step(params, x, y, lr, second_order=second_order, operand=_autocast_operand(x))
 
     def query_metrics(self, params, x, y):
-        from phase12.fused_step import query_loss
+        from phase12.fused_step import query_metrics
 
-        return query_loss(params, x, y, _autocast_operand(x))
+        return query_metrics(params, x, y, _autocast_operand(x))
 
     def limit(self, config, device):
         if config.ablation != "none":

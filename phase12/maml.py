@@ -96,21 +96,31 @@ def task_query_metrics(
     loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(query loss, query accuracy) of one task after adaptation; both scalars."""
-    kw = dict(mode=mode, steps=steps, lr=lr, backend=backend, ablation=ablation)
-    kw["loss_scale"] = loss_scale
-    phi = adapted_params(meta_params, support_x, support_y, **kw)
+    inner_loop = dict(mode=mode, steps=steps, lr=lr, backend=backend, ablation=ablation)
+    phi = adapted_params(meta_params, support_x, support_y, **inner_loop, loss_scale=loss_scale)
     return get(backend).query_metrics(phi, query_x, query_y)
 
 
 def meta_batch_metrics(
-    meta_params: Params, tasks: Tasks, **policy
+    meta_params: Params, tasks: Tasks, **inner_loop
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task (query loss (B,), query accuracy (B,)): one vmap over the task dim.
-    `policy`: mode, steps, lr, backend (and ablation) of task_query_metrics."""
+    `inner_loop`: mode, steps, lr, backend (and ablation, loss_scale) of
+    task_query_metrics (RunConfig.inner_loop)."""
     per_task = torch.func.vmap(
-        lambda sx, sy, qx, qy: task_query_metrics(meta_params, sx, sy, qx, qy, **policy)
+        lambda sx, sy, qx, qy: task_query_metrics(meta_params, sx, sy, qx, qy, **inner_loop)
     )
     return per_task(*tasks)
+
+
+def seed_batch_metrics(
+    meta_params: Params, tasks: Tasks, *, seed_batched: bool = False, **inner_loop
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """meta_batch_metrics of runs that differ only in their seed: with `seed_batched`
+    every parameter and task tensor has a leading seed dim (S, ...) and both results are
+    (S, B), one vmap over the seeds; (B,) otherwise."""
+    metrics = lambda p, *t: meta_batch_metrics(p, Tasks(*t), **inner_loop)  # noqa: E731
+    return (torch.func.vmap(metrics) if seed_batched else metrics)(meta_params, *tasks)
 
 
 def meta_gradient(
@@ -119,19 +129,18 @@ def meta_gradient(
     *,
     autocast: contextlib.AbstractContextManager | None = None,
     seed_batched: bool = False,
-    **policy,
+    **inner_loop,
 ) -> Params:
     """d(mean query loss)/d(meta_params) for a meta-batch, without touching .grad.
-    `policy`: mode, steps, lr, backend (and ablation, loss_scale) of task_query_metrics;
+    `inner_loop`: mode, steps, lr, backend (and ablation, loss_scale) of task_query_metrics;
     `autocast`: the context of the forward (RunConfig.autocast), as in a training step.
     With `seed_batched`, every parameter and task tensor has a leading seed dim (S, ...)
     and each seed gets the meta-gradient of its own tasks (one vmap over the seeds, as
     phase12.step.OuterStep trains them)."""
     leaves = {n: p.detach().requires_grad_(True) for n, p in meta_params.items()}
-    metrics = lambda p, *t: meta_batch_metrics(p, Tasks(*t), **policy)  # noqa: E731
     with autocast or contextlib.nullcontext():
-        losses, _ = (torch.func.vmap(metrics) if seed_batched else metrics)(leaves, *tasks)
-    scale = policy.get("loss_scale", 1.0)
+        losses, _ = seed_batch_metrics(leaves, tasks, seed_batched=seed_batched, **inner_loop)
+    scale = inner_loop.get("loss_scale", 1.0)
     # A seed's loss depends on its own parameters only: the sum's gradient is each one's.
     grads = torch.autograd.grad(scaled(losses.mean(-1).sum(), scale), list(leaves.values()))
     return {n: g if scale == 1.0 else g / scale for n, g in zip(leaves, grads, strict=True)}

@@ -24,7 +24,7 @@ import torch
 from phase12.backends import scaled
 from phase12.config import RunConfig
 from phase12.distributed import SINGLE_PROCESS, World, all_reduce_mean
-from phase12.maml import meta_batch_metrics
+from phase12.maml import seed_batch_metrics
 from phase12.model import ATTENTION_PARAMS, Params
 from phase12.schema import METRICS
 from phase12.tasks import Tasks, sample_tasks
@@ -62,23 +62,27 @@ class OuterStep:
         self.world = world
         self.optimizer = make_optimizer(params, config, device)
         self.counter = torch.zeros(1, dtype=torch.long, device=device)
-        metrics = lambda p, *t: meta_batch_metrics(p, Tasks(*t), **config.inner_loop)  # noqa: E731
-        self._metrics = torch.func.vmap(metrics) if seed_batched else metrics
 
-    def _sample(self) -> list[torch.Tensor]:
-        """Each seed's global meta-batch, drawn in full on every rank; this rank's slice."""
+    def _sample(self) -> Tasks:
+        """Each seed's global meta-batch, drawn in full on every rank; this rank's slice
+        (seeds stacked along a leading dim when seed-batched)."""
         mine = self.world.task_slice(self.config.meta_batch)
         per_seed = [
             Tasks(*(t[mine] for t in sample_tasks(self.config, g, self.device)))
             for g in self.generators
         ]
         if not self.seed_batched:
-            return list(per_seed[0])
-        return [torch.stack(parts) for parts in zip(*per_seed, strict=True)]
+            return per_seed[0]
+        return Tasks(*(torch.stack(parts) for parts in zip(*per_seed, strict=True)))
 
     def __call__(self) -> None:
         with self.config.autocast(self.device):  # the forward only, as torch.autocast advises
-            losses, accs = self._metrics(self.params, *self._sample())  # (S, B) or (B,)
+            losses, accs = seed_batch_metrics(  # (S, B) or (B,)
+                self.params,
+                self._sample(),
+                seed_batched=self.seed_batched,
+                **self.config.inner_loop,
+            )
         seed_losses = losses.mean(-1)
         self.optimizer.zero_grad(set_to_none=True)
         scale = self.config.loss_scale

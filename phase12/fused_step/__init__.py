@@ -6,12 +6,12 @@ kernels, and its backward as a fused Hessian-vector product.
     example_kernels  the same, one program per example, and the weight-gradient sums
     launch           the launchers: shapes, limits (check_shapes), block sizes, which
                      kernel set runs (by the number of examples)
-    functions        the autograd.Functions and sgd_step / query_loss on parameter dicts
+    functions        the autograd.Functions and sgd_step / query_metrics on parameter dicts
 
 Importing this package imports Triton.
 """
 
-from phase12.fused_step.functions import PARAM_NAMES, query_loss, sgd_step
+from phase12.fused_step.functions import query_metrics, sgd_step
 from phase12.fused_step.launch import check_shapes
 
-__all__ = ["PARAM_NAMES", "check_shapes", "query_loss", "sgd_step"]
+__all__ = ["check_shapes", "query_metrics", "sgd_step"]

@@ -2,7 +2,7 @@
 kernels, and its backward (second-order MAML) as a fused Hessian-vector product.
 
     sgd_step(params, x, y, lr, second_order)   phi = params - lr dL_s/dparams
-    query_loss(params, x, y)                   (L_q, accuracy), differentiable
+    query_metrics(params, x, y)                   (L_q, accuracy), differentiable
 
 Both take `operand`: None, or the dtype (bfloat16, float16) the kernels round float32
 inputs to before computing with them, what torch.autocast does to a matmul's inputs
@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from kernels.common import vmapped_to_front
-from phase12.config import PARAMS as PARAM_NAMES  # the kernels' argument order
+from phase12.config import PARAMS  # the kernels' argument order
 from phase12.fused_step.launch import (
     support_hvp,
     support_loss_and_grad,
@@ -49,7 +49,7 @@ from phase12.fused_step.launch import (
 )
 from phase12.model import Params, loss
 
-NUM_PARAMS = len(PARAM_NAMES)
+NUM_PARAMS = len(PARAMS)
 
 
 def _rounded(t: torch.Tensor, operand: torch.dtype | None) -> torch.Tensor:
@@ -65,11 +65,11 @@ def _hvp_reference(x, y, alpha: float, beta: float, operand, params, v):
         x = _rounded(x, operand)
 
         def grad(p):
-            return torch.func.grad(loss)(dict(zip(PARAM_NAMES, p, strict=True)), x, y)
+            return torch.func.grad(loss)(dict(zip(PARAMS, p, strict=True)), x, y)
 
         params_r, v_r = (tuple(_rounded(t, operand) for t in ts) for ts in (params, v))
         _, hv = torch.func.jvp(grad, (params_r,), (v_r,))
-        return tuple(alpha * vi + beta * hv[n] for vi, n in zip(v, PARAM_NAMES, strict=True))
+        return tuple(alpha * vi + beta * hv[n] for vi, n in zip(v, PARAMS, strict=True))
 
     out = torch.func.vmap(one_task)(
         x.reshape(-1, *x.shape[-3:]),
@@ -208,15 +208,15 @@ def sgd_step(
     # Unrecorded (FO_STRICT's inner loop): no backward would read saved attention.
     # (torch.func's grad and vjp enable grad inside themselves.)
     second_order = second_order and torch.is_grad_enabled()
-    out = SGDStep.apply(x, y, lr, second_order, operand, *(params[n] for n in PARAM_NAMES))
-    return dict(zip(PARAM_NAMES, out[:NUM_PARAMS], strict=True))
+    out = SGDStep.apply(x, y, lr, second_order, operand, *(params[n] for n in PARAMS))
+    return dict(zip(PARAMS, out[:NUM_PARAMS], strict=True))
 
 
-def query_loss(
+def query_metrics(
     params: Params, x: torch.Tensor, y: torch.Tensor, operand: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy, accuracy) of the model on (x (n, T, D), y (n,)), computed with
     x and params rounded to `operand` if given; the loss is differentiable w.r.t. params
     (to second order through the fused kernels)."""
-    loss_, accuracy, *_ = LossAndGradient.apply(x, y, operand, *(params[n] for n in PARAM_NAMES))
+    loss_, accuracy, *_ = LossAndGradient.apply(x, y, operand, *(params[n] for n in PARAMS))
     return loss_, accuracy

@@ -11,8 +11,8 @@ import torch
 from support import SMALL, TINY, fresh, loop_meta_gradient, rel
 
 from phase12.backends import device_for
-from phase12.config import ConfigError
-from phase12.fused_step import PARAM_NAMES, query_loss, sgd_step
+from phase12.config import PARAMS, ConfigError
+from phase12.fused_step import query_metrics, sgd_step
 from phase12.fused_step.launch import (
     support_hvp,
     support_loss_and_grad,
@@ -35,8 +35,7 @@ def problem(tasks, n, t, d, c, shared=False):
     g = torch.Generator().manual_seed(seed)
     sets = [init_params(d, c, g, dtype=F64) for _ in range(1 if shared else tasks)]
     params = tuple(
-        torch.stack([s[name] for s in sets]).expand(tasks, *sets[0][name].shape)
-        for name in PARAM_NAMES
+        torch.stack([s[name] for s in sets]).expand(tasks, *sets[0][name].shape) for name in PARAMS
     )
     x = torch.randn(tasks, n, t, d, generator=g, dtype=F64)
     y = torch.randint(0, c, (tasks, n), generator=g)
@@ -44,11 +43,11 @@ def problem(tasks, n, t, d, c, shared=False):
 
 
 def reference_loss(params, x, y):
-    return loss(dict(zip(PARAM_NAMES, params, strict=True)), x, y)
+    return loss(dict(zip(PARAMS, params, strict=True)), x, y)
 
 
 def assert_tuples_close(actual, expected, rtol=1e-11):
-    for a, e, name in zip(actual, expected, PARAM_NAMES, strict=True):
+    for a, e, name in zip(actual, expected, PARAMS, strict=True):
         torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * e.abs().max().item(), msg=name)
 
 
@@ -84,7 +83,7 @@ def test_step_kernels_equal_the_reference_model(n, t, d, c, shared, kernel_set, 
         ref_grad = torch.func.grad(reference_loss)(p, x[b], y[b])
         task_grad = torch.func.grad(lambda q, xb=x[b], yb=y[b]: reference_loss(q, xb, yb))
         _, ref_hv = torch.func.jvp(task_grad, (p,), (vb,))
-        logits = apply(dict(zip(PARAM_NAMES, p, strict=True)), x[b])
+        logits = apply(dict(zip(PARAMS, p, strict=True)), x[b])
         torch.testing.assert_close(losses[b], reference_loss(p, x[b], y[b]), rtol=1e-12, atol=0)
         torch.testing.assert_close(accuracy[b], (logits.argmax(-1) == y[b]).to(F64).mean())
         assert_tuples_close(tuple(g[b] for g in grads), ref_grad)
@@ -160,9 +159,9 @@ def test_the_step_backward_reads_the_attention_its_forward_saved(kernel_set, mon
 
     def vjp():
         _, pullback = torch.func.vjp(
-            lambda p: sgd_step(dict(zip(PARAM_NAMES, p, strict=True)), x, y, 0.5,
+            lambda p: sgd_step(dict(zip(PARAMS, p, strict=True)), x, y, 0.5,
                                second_order=True), params)  # fmt: skip
-        return pullback(dict(zip(PARAM_NAMES, w, strict=True)))[0]
+        return pullback(dict(zip(PARAMS, w, strict=True)))[0]
 
     expected = reference_step_vjp(params, x, y, 0.5, w)
     assert_tuples_close(vjp(), expected)
@@ -186,7 +185,7 @@ def test_an_unrecorded_step_saves_no_attention(kernel_set, monkeypatch):
     monkeypatch.setattr(functions, "support_step_and_attention", refuse)
     params, x, y = problem(1, 3, 4, 8, 3)
     with torch.no_grad():
-        sgd_step(dict(zip(PARAM_NAMES, params, strict=True)), x, y, 0.5, second_order=True)
+        sgd_step(dict(zip(PARAMS, params, strict=True)), x, y, 0.5, second_order=True)
 
 
 @pytest.mark.parametrize("kernel_set", ["task"], indirect=True)
@@ -206,14 +205,14 @@ def test_vmapped_backwards_through_the_saved_attention(kernel_set, monkeypatch):
     expected = reference_step_vjp(params, x, y, 0.5, w)
 
     def inner(p, xb, yb, wb):  # <phi(p), w> for one task
-        phi = sgd_step(dict(zip(PARAM_NAMES, p, strict=True)), xb, yb, 0.5, second_order=True)
-        return sum((phi[n] * wi).sum() for n, wi in zip(PARAM_NAMES, wb, strict=True))
+        phi = sgd_step(dict(zip(PARAMS, p, strict=True)), xb, yb, 0.5, second_order=True)
+        return sum((phi[n] * wi).sum() for n, wi in zip(PARAMS, wb, strict=True))
 
     assert_tuples_close(torch.func.vmap(torch.func.grad(inner))(params, x, y, w), expected)
     assert read == [True]
 
     def step(p):
-        return tuple(sgd_step(dict(zip(PARAM_NAMES, p, strict=True)), x, y, 0.5,
+        return tuple(sgd_step(dict(zip(PARAMS, p, strict=True)), x, y, 0.5,
                               second_order=True).values())  # fmt: skip
 
     _, pullback = torch.func.vjp(step, params)
@@ -225,7 +224,7 @@ def test_vmapped_backwards_through_the_saved_attention(kernel_set, monkeypatch):
     assert read == [True, True]
 
     def directional(p, xb, yb, d):  # <grad of the query loss, d>: its gradient is H d
-        g = torch.func.grad(lambda q: query_loss(dict(zip(PARAM_NAMES, q, strict=True)), xb,
+        g = torch.func.grad(lambda q: query_metrics(dict(zip(PARAMS, q, strict=True)), xb,
                                                  yb)[0])(p)  # fmt: skip
         return sum((gi * di).sum() for gi, di in zip(g, d, strict=True))
 
@@ -276,12 +275,12 @@ def test_kernels_compute_with_what_they_read_rounded_to_the_operand_dtype(operan
         # The backwards keep the operand dtype: the step's VJP is v - lr H v and the query
         # loss's gradient dL/dW, both at the rounded inputs.
         leaves = tuple(q.clone().requires_grad_() for q in p)
-        named = dict(zip(PARAM_NAMES, leaves, strict=True))
+        named = dict(zip(PARAMS, leaves, strict=True))
         phi = sgd_step(named, x[b], y[b], lr, second_order=True, operand=operand)
         vjp = torch.autograd.grad(list(phi.values()), leaves, list(vb))
         want_vjp = tuple(w - lr * r for w, r in zip(wide(vb), ref_hv, strict=True))
         assert_tuples_close(wide(vjp), want_vjp, rtol=1e-5)
-        query_grad = torch.autograd.grad(query_loss(named, x[b], y[b], operand)[0], leaves)
+        query_grad = torch.autograd.grad(query_metrics(named, x[b], y[b], operand)[0], leaves)
         assert_tuples_close(wide(query_grad), ref_grad, rtol=1e-5)
         unrounded = wide(g[b] for g in support_loss_and_grad(params, x, y)[2])
         pairs = zip(unrounded, ref_grad, strict=True)
@@ -317,7 +316,7 @@ def test_sgd_step_gradcheck_to_third_order(kernel_set):
     params, x, y = tiny_problem()
 
     def step(*p):
-        phi = sgd_step(dict(zip(PARAM_NAMES, p, strict=True)), x, y, 0.7, second_order=True)
+        phi = sgd_step(dict(zip(PARAMS, p, strict=True)), x, y, 0.7, second_order=True)
         return tuple(phi.values())
 
     assert torch.autograd.gradcheck(step, params)
@@ -328,7 +327,7 @@ def test_query_loss_gradcheck_to_second_order():
     params, x, y = tiny_problem()
 
     def query(*p):
-        return query_loss(dict(zip(PARAM_NAMES, p, strict=True)), x, y)[0]
+        return query_metrics(dict(zip(PARAMS, p, strict=True)), x, y)[0]
 
     assert torch.autograd.gradcheck(query, params)
     assert torch.autograd.gradgradcheck(query, params)
@@ -336,7 +335,7 @@ def test_query_loss_gradcheck_to_second_order():
 
 def test_first_order_step_backward_is_the_identity():
     params, x, y = tiny_problem()
-    phi = sgd_step(dict(zip(PARAM_NAMES, params, strict=True)), x, y, 0.7, second_order=False)
+    phi = sgd_step(dict(zip(PARAMS, params, strict=True)), x, y, 0.7, second_order=False)
     v = [torch.randn_like(p) for p in phi.values()]
     back = torch.autograd.grad(list(phi.values()), params, v)
     for b, w in zip(back, v, strict=True):
@@ -352,12 +351,12 @@ def test_nested_torch_func_grad_through_query_loss_and_vmap(kernel_set):
 
     def objective(backend):
         def per_task(p, xb, yb):
-            named = dict(zip(PARAM_NAMES, p, strict=True))
+            named = dict(zip(PARAMS, p, strict=True))
             if backend == "triton_step":
                 phi = sgd_step(named, xb, yb, 0.5, second_order=True)
-                return query_loss(phi, xb, yb)[0]
+                return query_metrics(phi, xb, yb)[0]
             grads = torch.func.grad(loss)(named, xb, yb)
-            phi = {n: named[n] - 0.5 * grads[n] for n in PARAM_NAMES}
+            phi = {n: named[n] - 0.5 * grads[n] for n in PARAMS}
             return loss(phi, xb, yb)
 
         def mean_loss(p):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from phase12.fused_step import PARAM_NAMES
+from phase12.config import PARAMS
 from phase12.fused_step.launch import (
     support_hvp,
     support_loss_and_grad,
@@ -20,7 +20,7 @@ def rel_err(actual, expected):
 
 
 def reference_loss(params, x, y):
-    return loss(dict(zip(PARAM_NAMES, params, strict=True)), x, y)
+    return loss(dict(zip(PARAMS, params, strict=True)), x, y)
 
 
 # (tasks, n, T, D, C): the Phase 12 task, long sequences, tails, and 32- and 64-row blocks
@@ -40,7 +40,7 @@ def test_step_kernels_float32_match_float64_reference(tasks, n, t, d, c, kernel_
     g = torch.Generator().manual_seed(7)
     params64 = tuple(
         torch.stack([init_params(d, c, g, dtype=torch.float64)[k] for _ in range(tasks)]).cuda()
-        for k in PARAM_NAMES
+        for k in PARAMS
     )
     x64 = torch.randn(tasks, n, t, d, generator=g, dtype=torch.float64).cuda()
     y = torch.randint(0, c, (tasks, n), generator=g).cuda()
@@ -58,11 +58,11 @@ def test_step_kernels_float32_match_float64_reference(tasks, n, t, d, c, kernel_
     _, ref_hvps = torch.func.jvp(lambda p: grad_fn(p, x64, y), (params64,), (v64,))
     ref_losses = torch.func.vmap(reference_loss)(params64, x64, y)
     assert rel_err(losses, ref_losses) < 1e-5
-    for name, got, want in zip(PARAM_NAMES, grads, ref_grads, strict=True):
+    for name, got, want in zip(PARAMS, grads, ref_grads, strict=True):
         assert rel_err(got, want) < 1e-5, name
-    for name, got, p, want in zip(PARAM_NAMES, steps, params64, ref_grads, strict=True):
+    for name, got, p, want in zip(PARAMS, steps, params64, ref_grads, strict=True):
         assert rel_err(got, p - 0.4 * want) < 1e-5, name
-    for name, got, saved, want in zip(PARAM_NAMES, hvps, saved_hvps, ref_hvps, strict=True):
+    for name, got, saved, want in zip(PARAMS, hvps, saved_hvps, ref_hvps, strict=True):
         assert rel_err(got, want) < 1e-5 and rel_err(saved, want) < 1e-5, name
 
 
@@ -73,7 +73,7 @@ def test_step_kernels_round_what_they_read_as_autocast_would(operand, kernel_set
     tasks, n, t, d, c = 4, 16, 256, 64, 5
     g = torch.Generator().manual_seed(11)
     params = tuple(
-        torch.stack([init_params(d, c, g)[k] for _ in range(tasks)]).cuda() for k in PARAM_NAMES
+        torch.stack([init_params(d, c, g)[k] for _ in range(tasks)]).cuda() for k in PARAMS
     )
     x = torch.randn(tasks, n, t, d, generator=g).cuda()
     y = torch.randint(0, c, (tasks, n), generator=g).cuda()
@@ -90,9 +90,9 @@ def test_step_kernels_round_what_they_read_as_autocast_would(operand, kernel_set
     ref_grads = grad_fn(rounded(params), x64, y)
     _, ref_hvps = torch.func.jvp(lambda p: grad_fn(p, x64, y), (rounded(params),), (rounded(v),))
     for name, got, want, p, w, hv, saved, want_hv in zip(
-        PARAM_NAMES, grads, ref_grads, params, v, hvps, saved_hvps, ref_hvps, strict=True
+        PARAMS, grads, ref_grads, params, v, hvps, saved_hvps, ref_hvps, strict=True
     ):
         assert rel_err(got, want) < 1e-5, name
-        assert rel_err(steps[PARAM_NAMES.index(name)], p.double() - 0.4 * want) < 1e-5, name
+        assert rel_err(steps[PARAMS.index(name)], p.double() - 0.4 * want) < 1e-5, name
         assert rel_err(hv, 0.5 * w.double() + want_hv) < 1e-5, name
         assert rel_err(saved, 0.5 * w.double() + want_hv) < 1e-5, name
