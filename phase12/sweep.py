@@ -16,8 +16,8 @@ One writer per folder: the sweep holds an OS-level lock on it from start to end
 (phase12.io.FolderLock). Resuming with other settings is refused (a new tag, or
 `restart`, which moves the old results aside to TAG.replaced-TIME; nothing is deleted).
 
-With several devices (`--devices`, default: every visible GPU), one runner per
-device runs cells (a thread of this process for the first device, a worker process
+With several devices (`devices`; the sweep command's default is every visible GPU),
+one runner per device runs cells (a thread of this process for the first device, a worker process
 for each other one) and this process alone writes the CSV. A run's row is appended
 (atomically) only after its history and metadata are on disk, so re-running the same
 sweep resumes: cells with a row are skipped, a run that was interrupted has no row and

@@ -110,7 +110,7 @@ def prepare_step(
 
 
 @dataclass
-class Loop:
+class LoopOutcome:
     """What the outer loop saw: the first non-finite step of each seed (None: none) and
     the mean seconds per step after the first (which pays for warm-up and compilation),
     probes excluded."""
@@ -152,7 +152,7 @@ class PeakMemory:
             self.peak = peak - self._before
 
 
-class Probes:
+class PeriodicProbes:
     """The held-out probes (phase12.probes.probe) of each seed's parameters after every
     `config.probe_every`-th outer step but the last (the run's end is probed apart):
     `values[i][step]`, and the seconds they took."""
@@ -189,8 +189,8 @@ def train_loop(
     steps: int,
     check_every: int,
     bar: tqdm,
-    probes: Probes | None = None,
-) -> Loop:
+    probes: PeriodicProbes | None = None,
+) -> LoopOutcome:
     """Run `steps` outer steps, scanning `history` (S, steps, metrics) every
     `check_every` steps and calling `probes` after each step (their seconds are not step
     time); stop early once every seed has gone non-finite."""
@@ -217,7 +217,7 @@ def train_loop(
         torch.cuda.synchronize(history.device)
     t_end = time.perf_counter()
     loop_s = t_end - t_first - (probes.seconds if probes is not None else 0.0)
-    return Loop(nonfinite, loop_s / step if step else t_end - t_loop)
+    return LoopOutcome(nonfinite, loop_s / step if step else t_end - t_loop)
 
 
 def _window_mean(values: np.ndarray, window: int, first: bool = False) -> float:
@@ -337,7 +337,7 @@ def run_experiments(
     with PeakMemory(device) as memory:
         state, run_step, graphed = prepare_step(configs, device, world)
         t_setup = time.perf_counter() - t_start
-        probes = Probes(state, configs, device, memory)
+        probes = PeriodicProbes(state, configs, device, memory)
         with tqdm(total=config.outer_steps, disable=not progress, desc=label, leave=False) as bar:
             loop = train_loop(run_step, state.history, config.outer_steps, check_every, bar, probes)
     shared = {
