@@ -123,6 +123,14 @@ def _fields(line: bytes) -> int:
         return 0
 
 
+def make_whole(path: str | Path, columns: list[str] = RUN_COLUMNS) -> None:
+    """Make the CSV at `path` whole before it is read or appended to: one with other
+    columns (another program's) is refused with ValueError, not repaired; a torn last
+    line is moved aside (repair_torn_tail)."""
+    check_columns(path, columns)
+    repair_torn_tail(path)
+
+
 def append_row(path: str | Path, row: Mapping, columns: list[str] = RUN_COLUMNS) -> None:
     """Append `row` to the CSV at `path` atomically (header first if the file is new;
     a torn last line is moved aside first, see repair_torn_tail)."""
@@ -131,8 +139,7 @@ def append_row(path: str | Path, row: Mapping, columns: list[str] = RUN_COLUMNS)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            check_columns(path, columns)
-            repair_torn_tail(path)
+            make_whole(path, columns)
             new = not path.exists() or path.stat().st_size == 0
             text = format_row(dict(zip(columns, columns, strict=True)), columns) if new else ""
             text += format_row(row, columns)

@@ -71,9 +71,9 @@ from phase12.io import (
     FolderLock,
     append_row,
     check_columns,
+    make_whole,
     other_settings,
     read_rows,
-    repair_torn_tail,
     rewrite_rows,
     run_config,
     save_run,
@@ -515,9 +515,8 @@ def _open_folder(
         )
     runs_csv = folder / RUNS_CSV
     try:  # a damaged runs.csv or errors.csv: before any work, like other bad input
-        check_columns(runs_csv)  # another program's CSV is refused, not repaired
         check_columns(folder / "errors.csv")
-        repair_torn_tail(runs_csv)
+        make_whole(runs_csv)
         rows = read_rows(runs_csv)
     except ValueError as e:
         raise ConfigError(str(e)) from e

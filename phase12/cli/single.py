@@ -35,10 +35,9 @@ from phase12.distributed import World, init_world, local_device, torchrun_world_
 from phase12.io import (
     FolderBusy,
     FolderLock,
-    check_columns,
+    make_whole,
     other_settings,
     read_rows,
-    repair_torn_tail,
     save_run,
 )
 from phase12.provenance import run_metadata
@@ -191,8 +190,7 @@ def _output_folder(args, config) -> Path | None:
 def _check_new_run(out: Path, config) -> None:
     """With the folder locked: its runs.csv made whole (a torn last line moved aside)
     and without this run yet. Raises ConfigError."""
-    check_columns(out / RUNS_CSV)  # another program's CSV is refused, not repaired
-    repair_torn_tail(out / RUNS_CSV)
+    make_whole(out / RUNS_CSV)
     rows = read_rows(out / RUNS_CSV)
     if config.run_id in {r["run_id"] for r in rows}:
         raise ConfigError(f"--out {out} already holds run {config.run_id}; use another folder")
