@@ -164,9 +164,11 @@ def _risk_flags(
     return args, f"risk: {folder} holds no runs or sweep record; the flags' settings"
 
 
-def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpec:
-    """The sweep of `args`, checked before any work (with `writes`, also the folder it
-    writes runs into). Raises ConfigError."""
+def _spec(args: argparse.Namespace, runs: bool) -> SweepSpec:
+    """The grid of `args`, checked before any work. `runs`: the command runs its cells
+    (sweep, pipeline: the cells beyond a backend's limits are found, and the folder the
+    runs go into is checked); otherwise it checks the grid's backends (risk). Raises
+    ConfigError."""
     check_folder(args.root, args.tag)
     # The base takes the first shape and precision of the grid, so that settings checked
     # against them (signal positions < T) are checked at a shape the grid runs.
@@ -187,7 +189,7 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
     if not spec.configs():
         raise ConfigError("the grid is empty: give at least one mode, backend, k and seed")
     beyond = {}
-    if check_cells:
+    if runs:
         beyond = unsupported_cells(spec)
     else:  # risk checks: a backend asked for by name must run here; a default one may SKIP
         for backend in args.backend or (spec.base.backend,):
@@ -198,12 +200,12 @@ def _spec(args: argparse.Namespace, check_cells: bool, writes: bool) -> SweepSpe
         except ConfigError as e:
             raise ConfigError(f"--devices: {e}") from e
     folder = args.root / args.tag
-    if writes and not args.restart:  # a restart moves an older folder's files aside
+    if runs and not args.restart:  # a restart moves an older folder's files aside
         try:
             check_columns(folder / RUNS_CSV)
         except ValueError as e:
             raise ConfigError(f"{e} (or --restart, which moves it aside)") from e
-    if writes:  # the seed batches left to run, before the folder is made or locked
+    if runs:  # the seed batches left to run, before the folder is made or locked
         check_seed_batches(spec, folder, beyond, not args.no_batch_seeds, args.restart)
     check_writable(folder)
     return spec
@@ -299,7 +301,7 @@ def main(name: str, argv: list[str]) -> int:
             else:
                 if name == "risk":
                     args, settings_from = _risk_flags(p, argv, args, made)
-                spec = _spec(args, check_cells=name != "risk", writes=name != "risk")
+                spec = _spec(args, runs=name != "risk")
             held.enter_context(FolderLock(folder, remove_if_unused=made))
             if name == "report":
                 return _report(args)  # a CSV it cannot read: ValueError, nothing written
