@@ -11,8 +11,10 @@
 
 * `FolderLock`: the one writer of a results folder (an OS-level lock held for a whole
   sweep or run; a second writer is refused at once, told who holds it).
-* A runs.csv that ends in a partial line (a full disk, a copy cut short) is repaired
-  before anything is appended: the fragment moves to a side file (`repair_torn_tail`).
+* `make_whole`: before a runs.csv is read for a resume or appended to, one of other
+  columns (another program's) is refused, and one that ends in a partial line (a full
+  disk, a copy cut short) is repaired: the fragment moves to a side file
+  (`repair_torn_tail`).
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def make_whole(path: str | Path, columns: list[str] = RUN_COLUMNS) -> None:
 
 def append_row(path: str | Path, row: Mapping, columns: list[str] = RUN_COLUMNS) -> None:
     """Append `row` to the CSV at `path` atomically (header first if the file is new;
-    a torn last line is moved aside first, see repair_torn_tail)."""
+    the file made whole first, see make_whole)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:

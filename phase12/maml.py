@@ -96,8 +96,17 @@ def task_query_metrics(
     loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(query loss, query accuracy) of one task after adaptation; both scalars."""
-    inner_loop = dict(mode=mode, steps=steps, lr=lr, backend=backend, ablation=ablation)
-    phi = adapted_params(meta_params, support_x, support_y, **inner_loop, loss_scale=loss_scale)
+    phi = adapted_params(
+        meta_params,
+        support_x,
+        support_y,
+        mode=mode,
+        steps=steps,
+        lr=lr,
+        backend=backend,
+        ablation=ablation,
+        loss_scale=loss_scale,
+    )
     return get(backend).query_metrics(phi, query_x, query_y)
 
 

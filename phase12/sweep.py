@@ -515,6 +515,7 @@ def _open_folder(
         )
     runs_csv = folder / RUNS_CSV
     try:  # a damaged runs.csv or errors.csv: before any work, like other bad input
+        check_columns(runs_csv)  # named first where both are another program's
         check_columns(folder / "errors.csv")
         make_whole(runs_csv)
         rows = read_rows(runs_csv)

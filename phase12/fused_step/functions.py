@@ -2,7 +2,7 @@
 kernels, and its backward (second-order MAML) as a fused Hessian-vector product.
 
     sgd_step(params, x, y, lr, second_order)   phi = params - lr dL_s/dparams
-    query_metrics(params, x, y)                   (L_q, accuracy), differentiable
+    query_metrics(params, x, y)                (L_q, accuracy), differentiable
 
 Both take `operand`: None, or the dtype (bfloat16, float16) the kernels round float32
 inputs to before computing with them, what torch.autocast does to a matmul's inputs

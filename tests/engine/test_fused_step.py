@@ -323,7 +323,7 @@ def test_sgd_step_gradcheck_to_third_order(kernel_set):
     assert torch.autograd.gradgradcheck(step, params)
 
 
-def test_query_loss_gradcheck_to_second_order():
+def test_query_metrics_gradcheck_to_second_order():
     params, x, y = tiny_problem()
 
     def query(*p):
@@ -342,7 +342,7 @@ def test_first_order_step_backward_is_the_identity():
         assert torch.equal(b, w)
 
 
-def test_nested_torch_func_grad_through_query_loss_and_vmap(kernel_set):
+def test_nested_torch_func_grad_through_query_metrics_and_vmap(kernel_set):
     """grad(grad) of the query loss after a fused step, vmapped over tasks, equals the
     reference model's."""
     params, x, y = problem(2, 4, 5, 8, 3)
