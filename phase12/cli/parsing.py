@@ -217,8 +217,10 @@ def default_backends(device: str) -> tuple[str, ...]:
 
 
 def _unsuited(config: RunConfig) -> dict[str, str]:
-    """The backends that do not compute what `config` asks for as fast or as precisely as
-    asked, each with why (docs/benchmarks.md, "Twenty-fourth session")."""
+    """The Triton backends that would not serve `config` best even where they can run it,
+    each with why: triton_step computes in float32 whatever the dtype (more precisely
+    than a half-precision run asks); triton_fused is slower than reference eager, and not
+    known to be faster in float64 (docs/benchmarks.md, "Twenty-fourth session")."""
     why = {}
     if config.dtype != "float32":
         why["triton_step"] = f"its kernels compute in float32, not in {config.dtype}"
