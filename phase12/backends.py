@@ -123,7 +123,7 @@ class FusedStepBackend(Backend):
     `attention` (triton_fused) names the kernels.attention backend of the same model's
     plain forward; `unavailable` reads it, as this backend needs what those kernels need
     (Triton). The fused kernels have no ablation switches: phase12.probes measures this
-    backend's curvature shares on the triton_fused backend, which runs the same model.
+    backend's curvature shares on the reference backend, which runs the same model.
 
     The kernels compute in float32 whatever the parameters' dtype. Under torch.autocast
     they round what they read to autocast's dtype first (phase12.fused_step.launch). The

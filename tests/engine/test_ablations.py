@@ -182,3 +182,16 @@ def test_curvature_shares_are_the_loop_references_on_the_probe_task(backend):
     assert got.keys() == want.keys()
     for column, value in want.items():
         assert 0 < value and math.isclose(got[column][0], value, rel_tol=1e-9), column
+
+
+def test_a_triton_step_runs_curvature_shares_are_measured_on_reference(interpreter):
+    """triton_step has no ablation switches: its shares are reference's at its parameters
+    (the same computation, so the same numbers to the last bit)."""
+    from phase12.probes import Probe, curvature_shares
+
+    config = SMALL.replace(backend="triton_step", seed=torch.randint(0, 2**31, ()).item())
+    params, _ = fresh(config)
+    cpu = torch.device("cpu")
+    got = curvature_shares(Probe([params], [config], cpu))
+    want = curvature_shares(Probe([params], [config.replace(backend="reference")], cpu))
+    assert got == want
