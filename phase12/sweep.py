@@ -17,8 +17,8 @@ One writer per folder: the sweep holds an OS-level lock on it from start to end
 `restart`, which moves the old results aside to TAG.replaced-TIME; nothing is deleted).
 
 With several devices (`devices`; the sweep command's default is every visible GPU),
-one runner per device runs cells (a thread of this process for the first device, a worker process
-for each other one) and this process alone writes the CSV. A run's row is appended
+one runner per device runs cells (a thread of this process for the first device, a
+worker process for each other one) and this process alone writes the CSV. A run's row is appended
 (atomically) only after its history and metadata are on disk, so re-running the same
 sweep resumes: cells with a row are skipped, a run that was interrupted has no row and
 is redone, and runs.csv always parses. A cell that fails records status ERROR and its
