@@ -162,6 +162,19 @@ def test_seed_batched_runs_equal_separate_runs():
         assert result.row["seeds_batched"] == 2 and result.row["run_id"] == config.run_id
 
 
+@pytest.mark.parametrize("mode", ["FULL", "FO"])
+def test_one_task_per_seed_gives_each_seed_its_own_meta_gradient(mode):
+    """The probes' layout (S seeds, one task each: one vmap over both) against each
+    seed's loop reference on its own task."""
+    seeds = [fresh(SMALL.replace(meta_batch=1)) for _ in range(3)]
+    params = {n: torch.stack([p[n] for p, _ in seeds]) for n in seeds[0][0]}
+    tasks = type(seeds[0][1])(*(torch.stack(parts) for parts in zip(*(t for _, t in seeds))))
+    batched = meta_gradient(params, tasks, mode=mode, seed_batched=True, **KW)
+    for i, (p, t) in enumerate(seeds):
+        loop = loop_meta_gradient(p, t, SMALL.inner_steps, SMALL.inner_lr, mode == "FO")
+        assert rel(loop, {n: g[i] for n, g in batched.items()}) < 1e-10
+
+
 def test_seed_batch_must_differ_only_in_seed():
     from phase12.train import run_experiments
 
