@@ -349,7 +349,7 @@ def run_experiments(
         "peak_cuda_mem_bytes": memory.peak,
         "seeds_batched": seeds,
         "world_size": world.size,
-        "device_runners": 1,  # phase12.sweep says so where runners share the device
+        "device_runners": 1,  # phase12.runners says so where runners share the device
     }
     t_end_probes = time.perf_counter()
     finished = [i for i, bad in enumerate(loop.nonfinite) if bad is None]

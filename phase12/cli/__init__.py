@@ -108,8 +108,8 @@ def _main(argv: list[str]) -> int:
         else:
             said = "the run is not saved"
         print(f"{stopped}: {said}", file=sys.stderr)
-        sweep = sys.modules.get("phase12.sweep")
-        if sweep is not None and sweep.runner_thread_alive():
+        runners = sys.modules.get("phase12.runners")
+        if runners is not None and runners.runner_thread_alive():
             # Its group is lost either way; finalizing the interpreter while that thread
             # is inside torch aborts the process (SIGABRT instead of this exit code).
             sys.stdout.flush()

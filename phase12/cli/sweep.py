@@ -30,17 +30,11 @@ from phase12.cli.parsing import (
     default_backends,
 )
 from phase12.config import MODES, ConfigError, RunConfig, resolve_device
+from phase12.grid import SweepSpec, unsupported_cells
 from phase12.io import FolderBusy, FolderLock, check_columns, write_atomic
+from phase12.records import check_risk_folder, recorded_flags, recorded_grid
 from phase12.schema import RISK_CSV, RUNS_CSV, STATUS_ERROR
-from phase12.sweep import (
-    SweepSpec,
-    check_risk_folder,
-    check_seed_batches,
-    recorded_flags,
-    recorded_grid,
-    run_sweep,
-    unsupported_cells,
-)
+from phase12.sweep import check_seed_batches, run_sweep
 
 DESCRIPTIONS = {
     "sweep": "Run a resumable grid of modes x backends x k x seeds (x T x D x precisions) "

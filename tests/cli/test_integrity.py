@@ -15,8 +15,10 @@ import pandas as pd
 import pytest
 from support import exit_code
 
+import phase12.runners as runners
 import phase12.sweep as sweep_module
 from phase12.config import ConfigError, RunConfig
+from phase12.grid import SweepSpec, seed_groups
 from phase12.io import FolderLock
 from phase12.schema import RUN_COLUMNS
 
@@ -112,22 +114,22 @@ def test_a_second_writer_is_refused_at_once_and_told_who_holds_the_folder(tmp_pa
 def test_repeated_grid_values_count_once_in_a_spec():
     from phase12.config import RunConfig
 
-    spec = sweep_module.SweepSpec(RunConfig(), modes=("FULL",), inner_steps=(1, 1), seeds=(0, 0))
+    spec = SweepSpec(RunConfig(), modes=("FULL",), inner_steps=(1, 1), seeds=(0, 0))
     assert [c.run_id for c in spec.configs()] == ["reference_FULL_k1_seed0"]
 
 
 def sweep_with_full_failing(root, monkeypatch) -> None:
     """The sweep of GRID into ROOT/t with its FULL cell raising (an ERROR row)."""
-    real = sweep_module.run_experiments
+    real = runners.run_experiments
 
     def failing(configs, **kw):
         if configs[0].mode == "FULL":
             raise RuntimeError("boom")
         return real(configs, **kw)
 
-    monkeypatch.setattr(sweep_module, "run_experiments", failing)
+    monkeypatch.setattr(runners, "run_experiments", failing)
     assert sweep(root) == 1  # a sweep with a run in ERROR fails
-    monkeypatch.setattr(sweep_module, "run_experiments", real)
+    monkeypatch.setattr(runners, "run_experiments", real)
 
 
 def test_error_cells_are_run_again_and_their_rows_kept_aside(tmp_path, monkeypatch, capsys):
@@ -221,7 +223,7 @@ def test_a_refused_pipeline_leaves_its_folder_as_it_was(tmp_path, capsys, monkey
         raise RuntimeError("boom")
 
     with monkeypatch.context() as m:
-        m.setattr(sweep_module, "run_experiments", failing)
+        m.setattr(runners, "run_experiments", failing)
         assert sweep(tmp_path, "--modes", "FO") == 1  # an ERROR row the next sweep would move
     assert sweep(tmp_path, "--modes", "FULL") == 0
     history = next((tmp_path / "t" / "history").iterdir())
@@ -285,7 +287,7 @@ def test_the_report_of_a_grid_where_every_run_failed(tmp_path, monkeypatch):
     def failing(configs, **kw):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(sweep_module, "run_experiments", failing)
+    monkeypatch.setattr(runners, "run_experiments", failing)
     assert sweep(tmp_path) == 1  # every run in ERROR
     assert exit_code("report", "--root", str(tmp_path), "--tag", "t") == 0
     report = (tmp_path / "t" / "report.md").read_text()
@@ -376,7 +378,7 @@ def test_sizes_that_cannot_run_are_refused_in_one_line(tmp_path, capsys, flags, 
 
 def test_a_seed_batch_is_checked_for_memory_as_a_whole(tmp_path, capsys, monkeypatch):
     """Its history is (seeds, steps, metrics): each seed's fits, the batch's does not."""
-    monkeypatch.setattr(sweep_module, "run_experiments", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(runners, "run_experiments", lambda *a, **k: pytest.fail("trained"))
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     steps = str(host // (5 * 8 * 2) * 2 // 3)
     grid = ["--modes", "FO", "--k", "1", "--seeds", "0,1", "--outer-steps", steps, *SIZES]
@@ -392,10 +394,10 @@ def test_a_seed_batch_is_checked_for_memory_as_a_whole(tmp_path, capsys, monkeyp
     # of a cell, or one without batching, runs each seed alone.
     seed = RunConfig(device="cpu", mode="FO", outer_steps=int(steps))
     todo = [seed.replace(seed=s) for s in (0, 1)]
-    assert len(sweep_module.seed_groups(todo[1:], batch_seeds=True)) == 1
-    assert len(sweep_module.seed_groups(todo, batch_seeds=False)) == 2
+    assert len(seed_groups(todo[1:], batch_seeds=True)) == 1
+    assert len(seed_groups(todo, batch_seeds=False)) == 2
     with pytest.raises(ConfigError, match="for 2 seed"):
-        sweep_module.seed_groups(todo, batch_seeds=True)
+        seed_groups(todo, batch_seeds=True)
 
 
 def test_the_runs_a_resume_keeps_are_read_as_it_would_find_them(tmp_path):
@@ -461,18 +463,18 @@ def test_ctrl_c_stops_a_run_with_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_ctrl_c_keeps_a_sweeps_finished_rows_and_the_csv_valid(tmp_path, monkeypatch, capsys):
-    real = sweep_module.run_experiments
+    real = runners.run_experiments
 
     def second_is_interrupted(configs, **kw):
         if configs[0].mode == "FO":
             raise KeyboardInterrupt
         return real(configs, **kw)
 
-    monkeypatch.setattr(sweep_module, "run_experiments", second_is_interrupted)
+    monkeypatch.setattr(runners, "run_experiments", second_is_interrupted)
     assert sweep(tmp_path) == 130
     assert capsys.readouterr().err.strip().startswith("interrupted: finished runs are saved")
     assert list(rows(tmp_path)["run_id"]) == ["reference_FULL_k1_seed0_T8"]
-    monkeypatch.setattr(sweep_module, "run_experiments", real)
+    monkeypatch.setattr(runners, "run_experiments", real)
     assert sweep(tmp_path) == 0 and len(rows(tmp_path)) == 2  # resumes
 
 

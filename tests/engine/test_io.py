@@ -113,7 +113,7 @@ def test_settings_are_compared_field_by_field_and_absent_ones_as_told():
 
 def test_records_from_before_a_setting_read_it_as_what_their_runs_did(tmp_path):
     # probe_every came later; runs before it probed at the end only (probe_every 0).
-    from phase12 import sweep
+    from phase12 import records
     from phase12.config import RunConfig, changed_settings, settings
     from phase12.io import run_config
 
@@ -124,7 +124,7 @@ def test_records_from_before_a_setting_read_it_as_what_their_runs_did(tmp_path):
     (tmp_path / "meta" / "r.json").write_text(json.dumps({"config": older}))
     row = dict.fromkeys(RUN_COLUMNS, "") | {"run_id": "r", "outer_steps": "2"}
     for before, absent_differs in [
-        (sweep._record(tmp_path)["settings"], True),
+        (records.sweep_record(tmp_path)["settings"], True),
         (run_config(row, tmp_path), False),
     ]:
         assert changed_settings(before, config, absent_differs=absent_differs) is None

@@ -9,7 +9,7 @@ from phase12.config import RunConfig
 from phase12.maml import adapt, meta_batch_metrics, meta_gradient
 from phase12.model import init_params
 from phase12.model import loss as support_loss
-from phase12.tasks import sample_tasks
+from phase12.tasks import Tasks, sample_tasks
 
 KW = dict(steps=SMALL.inner_steps, lr=SMALL.inner_lr, backend="reference")
 
@@ -168,7 +168,7 @@ def test_one_task_per_seed_gives_each_seed_its_own_meta_gradient(mode):
     seed's loop reference on its own task."""
     seeds = [fresh(SMALL.replace(meta_batch=1)) for _ in range(3)]
     params = {n: torch.stack([p[n] for p, _ in seeds]) for n in seeds[0][0]}
-    tasks = type(seeds[0][1])(*(torch.stack(parts) for parts in zip(*(t for _, t in seeds))))
+    tasks = Tasks(*(torch.stack(parts) for parts in zip(*(t for _, t in seeds), strict=True)))
     batched = meta_gradient(params, tasks, mode=mode, seed_batched=True, **KW)
     for i, (p, t) in enumerate(seeds):
         loop = loop_meta_gradient(p, t, SMALL.inner_steps, SMALL.inner_lr, mode == "FO")

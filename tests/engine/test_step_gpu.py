@@ -150,9 +150,11 @@ def test_sweep_on_two_gpus_uses_both_with_graphs_and_matches_one_gpu(tmp_path, m
     """The first device runs in a thread of the sweep's process, the second in a worker."""
     import pandas as pd
 
-    import phase12.sweep as sweep_module
+    import phase12.runners as runners
+    from phase12.grid import SweepSpec
+    from phase12.sweep import run_sweep
 
-    serve = sweep_module._serve
+    serve = runners._serve
 
     class OneGroup:  # the queue as this process's thread sees it: one group, then the end
         def __init__(self, tasks):
@@ -168,8 +170,8 @@ def test_sweep_on_two_gpus_uses_both_with_graphs_and_matches_one_gpu(tmp_path, m
         # has imported torch). The worker, a fresh process, runs the unpatched function.
         serve(runner, device, device_runners, OneGroup(tasks), results)
 
-    monkeypatch.setattr(sweep_module, "_serve", serve_one_group)
-    spec = sweep_module.SweepSpec(
+    monkeypatch.setattr(runners, "_serve", serve_one_group)
+    spec = SweepSpec(
         base=RunConfig(device="cuda", outer_steps=10),
         modes=("FULL", "FO"),
         inner_steps=(1, 2),
@@ -178,7 +180,7 @@ def test_sweep_on_two_gpus_uses_both_with_graphs_and_matches_one_gpu(tmp_path, m
     runs = {}
     for devices in (("cuda:0",), ("cuda:0", "cuda:1")):
         folder = tmp_path / str(len(devices))
-        counts = sweep_module.run_sweep(spec, folder, progress=False, devices=devices)
+        counts = run_sweep(spec, folder, progress=False, devices=devices)
         assert counts == {"skipped": 0, "OK": 8}  # 2 modes x 2 k x 2 seeds
         df = pd.read_csv(folder / "runs.csv").set_index("run_id")
         assert df.cuda_graph.all() and not df.index.duplicated().any()
