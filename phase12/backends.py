@@ -16,12 +16,19 @@
 In float32 all three compute the same numbers, to its rounding. triton_step's kernels
 compute in float32 whatever the dtype, so in the half dtypes and under torch.autocast it
 is the more precise (README, "Shapes and precision: the robustness map").
+
+Each backend (a class per row: Backend, FusedAttentionBackend, FusedStepBackend) says what
+it cannot run here (`cannot_run`: `unavailable` on the device, or beyond its `limit`),
+where it is not the best choice though it can run (`unsuited`, read in FASTEST_FIRST
+order for a run that names no backend), and whether FULL's curvature ablations run on it
+(`ablation_switches`).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -52,6 +59,8 @@ class Backend:
 
     name: str
     attention: str
+    # FULL's curvature ablations (phase12.config.ABLATIONS) run on this backend.
+    ablation_switches: ClassVar[bool] = True
 
     def sgd_step(
         self,
@@ -100,14 +109,37 @@ class Backend:
         """The limit of this backend's kernels that `config` exceeds on a device of
         `device`'s type (a width, a size, an ablation it has no switch for), naming the
         backends that can run it; None if it is within them."""
-        if self.attention == "triton_fused":
-            from kernels.launch import MAX_HEAD_DIM
+        return None
 
-            if config.dim > MAX_HEAD_DIM:
-                return (
-                    f"its attention kernels take head dims up to {MAX_HEAD_DIM}; got D = "
-                    f"{config.dim} (use reference)"
-                )
+    def unsuited(self, config: RunConfig) -> str | None:
+        """Why this backend, even where it can run `config`, would not serve a run that
+        names no backend best (it computes otherwise than the run asks, or is slower
+        than a backend after it in FASTEST_FIRST); None if it would."""
+        return None
+
+
+class FusedAttentionBackend(Backend):
+    """Inner steps by torch.func.grad of the model, attention through the fused Triton
+    kernels (forward, backward and double backward, with the curvature switches)."""
+
+    def limit(self, config, device):
+        from kernels.launch import MAX_HEAD_DIM
+
+        if config.dim > MAX_HEAD_DIM:
+            return (
+                f"its attention kernels take head dims up to {MAX_HEAD_DIM}; got D = "
+                f"{config.dim} (use reference)"
+            )
+        return None
+
+    def unsuited(self, config):
+        if config.cuda_graph == "off":  # docs/benchmarks.md, "Twenty-fourth session"
+            return (
+                "eager (cuda_graph off), Python's launches of its kernels make it slower "
+                "than reference"
+            )
+        if config.dtype == "float64":
+            return "in float64 it is not known to be faster than reference"
         return None
 
 
@@ -145,6 +177,13 @@ class FusedStepBackend(Backend):
 
         return query_metrics(params, x, y, _autocast_operand(x))
 
+    ablation_switches = False
+
+    def unsuited(self, config):
+        if config.dtype != "float32":
+            return f"its kernels compute in float32, not in {config.dtype}"
+        return None
+
     def limit(self, config, device):
         if config.ablation != "none":
             return (
@@ -167,11 +206,13 @@ BACKENDS = {
     b.name: b
     for b in (
         Backend("reference", attention="reference"),
-        Backend("triton_fused", attention="triton_fused"),
+        FusedAttentionBackend("triton_fused", attention="triton_fused"),
         FusedStepBackend("triton_step", attention="triton_fused"),
     )
 }
 NAMES = tuple(BACKENDS)
+# On CUDA, fastest first where each computes what a run asks for (Backend.unsuited).
+FASTEST_FIRST = ("triton_step", "triton_fused", "reference")
 
 
 def get(name: str) -> Backend:

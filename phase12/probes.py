@@ -119,7 +119,7 @@ def curvature_shares(probe: Probe) -> dict[str, list[float]]:
     phase12.schema.CURVATURE_SHARES.
     """
     name = probe.config.backend
-    backend = "reference" if isinstance(get(name), FusedStepBackend) else name
+    backend = name if get(name).ablation_switches else "reference"
     full = probe.meta_gradient(backend=backend)
     shares = {}
     for column, ablation in SHARE_ABLATIONS.items():

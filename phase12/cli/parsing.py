@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from phase12.backends import NAMES, get
+from phase12.backends import FASTEST_FIRST, NAMES, get
 from phase12.config import ConfigError, RunConfig, option_help, resolve_device
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_NONFINITE = 2, 1, 3
@@ -216,40 +216,18 @@ def default_backends(device: str) -> tuple[str, ...]:
     return tuple(name for name, reason in why.items() if not reason)
 
 
-def _unsuited(config: RunConfig) -> dict[str, str]:
-    """The Triton backends that would not serve `config` best even where they can run it,
-    each with why: triton_step computes in float32 whatever the dtype (more precisely
-    than a half-precision run asks); triton_fused is slower than reference eager, and not
-    known to be faster in float64 (docs/benchmarks.md, "Twenty-fourth session")."""
-    why = {}
-    if config.dtype != "float32":
-        why["triton_step"] = f"its kernels compute in float32, not in {config.dtype}"
-    if config.cuda_graph == "off":
-        why["triton_fused"] = (
-            "eager (cuda_graph off), Python's launches of its kernels make it slower than reference"
-        )
-    elif config.dtype == "float64":
-        why["triton_fused"] = "in float64 it is not known to be faster than reference"
-    return why
-
-
-# The backends, fastest first on CUDA where each computes what a run asks for.
-FASTEST_FIRST = ("triton_step", "triton_fused", "reference")
-
-
 def fastest_backend(config: RunConfig) -> tuple[str, str | None]:
     """(backend, note) for one run that names no backend: on CUDA the first of
-    FASTEST_FIRST that suits `config` (`_unsuited`) and can run it there, on the CPU
-    reference (the Triton backends need CUDA, or their interpreter and a lot of
-    patience). `note` names each faster backend passed over and why; None when none was.
+    phase12.backends.FASTEST_FIRST that suits `config` (Backend.unsuited) and can run it
+    there, on the CPU reference (the Triton backends need CUDA, or their interpreter and
+    a lot of patience). `note` names each faster backend passed over and why; None when none was.
     Raises ConfigError for a device that is not there."""
     where = resolve_device(config.device)
     if where.type != "cuda":
         return "reference", None
-    unsuited = _unsuited(config)
     passed: dict[str, list[str]] = {}  # reason -> the backends it rules out
     for name in FASTEST_FIRST:
-        reason = unsuited.get(name) or get(name).cannot_run(config, where)
+        reason = get(name).unsuited(config) or get(name).cannot_run(config, where)
         if reason is None:
             break
         passed.setdefault(reason, []).append(name)
