@@ -17,14 +17,16 @@ from kernels import BackendUnavailable, check_backend
 from phase12.backends import NAMES, device_for
 from phase12.cli.parsing import (
     ArgumentParser,
+    PickedDefault,
     add_config_flags,
+    add_grid_flags,
     check_writable,
     config_from_args,
     csv_list,
     default_backends,
     positive_int,
 )
-from phase12.config import ABLATIONS, DTYPES, MODES, ConfigError, RunConfig, resolve_device
+from phase12.config import MODES, ConfigError, RunConfig, resolve_device
 
 BENCHMARKS = ("step", "attention", "tiles", "distributed")
 
@@ -47,48 +49,29 @@ SCALING_AXES = {
 }
 
 
+# The step table's axes, as the sweep's grid flags (FULL's ablations timed beside the
+# modes).
+STEP_GRID = {
+    "mode": MODES,
+    "inner_steps": (1, 5, 10, 20),
+    "backend": PickedDefault("every backend on CUDA, reference on the CPU"),
+    "ablation": ("none",),
+    "dtype": ("float32",),
+}
+
+
 def _step_parser() -> ArgumentParser:
     from phase12.benchmarks import step
 
     p = ArgumentParser(prog="run.py bench step", description=step.__doc__)
-    p.add_argument(
-        "--modes",
-        type=csv_list(str, MODES),
-        default=MODES,
-        help=f"comma-separated (default {','.join(MODES)})",
-    )
-    p.add_argument(
-        "--k",
-        type=csv_list(int),
-        default=(1, 5, 10, 20),
-        help="comma-separated (default 1,5,10,20)",
-    )
-    p.add_argument(
-        "--backends",
-        type=csv_list(str, NAMES),
-        default=None,
-        help="comma-separated (default: every backend on CUDA, reference on the CPU)",
-    )
-    p.add_argument(
-        "--ablations",
-        type=csv_list(str, ABLATIONS),
-        default=(),
-        help="comma-separated curvature ablations of FULL, timed beside the modes (default none)",
-    )
+    add_grid_flags(p, STEP_GRID)
     p.add_argument(
         "--execution",
         type=csv_list(str, ("eager", "graph")),
         default=None,
         help="eager and/or graph (default: eager,graph on CUDA, eager on CPU)",
     )
-    p.add_argument(
-        "--dtypes",
-        type=csv_list(str, DTYPES),
-        default=("float32",),
-        help="comma-separated precisions (phase12.config.DTYPES; default float32)",
-    )
     add_config_flags(p, ["device", "meta_batch", "seq_len", "dim", "signal_positions"])
-    p.flags.update(mode="--modes", inner_steps="--k", backend="--backends")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per cell (default 3)")
     p.add_argument("--reps", type=int, default=20, help="timed steps per cell (default 20)")
     p.add_argument(
@@ -127,10 +110,10 @@ def bench_step(argv: list[str]) -> int:
     p = _step_parser()
     args = p.parse_args(argv)
     try:
-        base = config_from_args(args)
-        args.backends = args.backends or default_backends(base.device)
-        for backend in args.backends:
-            for dtype in args.dtypes:
+        base = config_from_args(args, exclude=STEP_GRID)
+        args.backend = args.backend or default_backends(base.device)
+        for backend in args.backend:
+            for dtype in args.dtype:
                 device_for(base.replace(backend=backend, dtype=dtype))
         if args.warmup < 0 or args.reps < 1:
             raise ConfigError("--warmup must be >= 0 and --reps >= 1")
@@ -138,10 +121,10 @@ def bench_step(argv: list[str]) -> int:
             device_for(base.replace(outer_steps=args.warmup + 2 * args.reps))
         except ConfigError as e:
             raise ConfigError(f"--warmup and --reps: {e}") from e
-        for k in args.k:
+        for k in args.inner_steps:
             base.replace(inner_steps=k)
         # the sizes of every cell: before any work
-        for k, mode, dtype in itertools.product(args.k, args.modes, args.dtypes):
+        for k, mode, dtype in itertools.product(args.inner_steps, args.mode, args.dtype):
             try:
                 device_for(base.replace(inner_steps=k, mode=mode, dtype=dtype))
             except ConfigError as e:
@@ -154,7 +137,7 @@ def bench_step(argv: list[str]) -> int:
         if args.breakdown and args.execution and set(args.execution) != {"eager", "graph"}:
             raise ConfigError("--breakdown times every cell eager and in a graph; drop --execution")
         scaling = []
-        anchor = base.replace(inner_steps=max(args.k))  # where the scaling axes cross
+        anchor = base.replace(inner_steps=max(args.inner_steps))  # where the scaling axes cross
         given = [a for a in SCALING_AXES if getattr(args, f"scaling_{a}") is not None]
         if given and not args.scaling:
             flag = f"--scaling-{given[0].replace('_', '-')}"
@@ -168,13 +151,13 @@ def bench_step(argv: list[str]) -> int:
                     except ConfigError as e:
                         flag = f"--scaling-{axis.replace('_', '-')}"
                         raise ConfigError(f"{flag} {v}: {e}") from e
-            scaling = scaling_cells(anchor, args.backends, "graph" if cuda else "eager", axes)
+            scaling = scaling_cells(anchor, args.backend, "graph" if cuda else "eager", axes)
         check_writable(args.out)
     except ConfigError as e:
         return p.bad_input(e)
     executions = args.execution or (("eager", "graph") if cuda else ("eager",))
     cells = step_cells(
-        base, args.modes, args.k, args.backends, executions, args.ablations, args.dtypes
+        base, args.mode, args.inner_steps, args.backend, executions, args.ablation, args.dtype
     )
     df = measure(cells, args.warmup, args.reps, profile_gpu=args.breakdown)
     df.to_csv(args.out / "step.csv", index=False)
@@ -309,8 +292,7 @@ def _distributed_parser() -> ArgumentParser:
     p.add_argument("--processes", type=int, default=2, help="processes / devices (default 2)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cuda or cpu")
     p.flags.update(device="--device", backend="--backends")
-    p.add_argument("--mode", default="FULL", choices=MODES)
-    p.add_argument("--k", type=int, default=20)
+    add_config_flags(p, ["mode", "inner_steps", "outer_steps"], defaults={"outer_steps": 300})
     p.add_argument(
         "--backends",
         type=csv_list(str, NAMES),
@@ -318,7 +300,6 @@ def _distributed_parser() -> ArgumentParser:
         help="backends of the sharded runs (default: all three on CUDA, reference on the CPU)",
     )
     p.add_argument("--meta-batch", type=csv_list(int), default=(64, 256))
-    p.add_argument("--outer-steps", type=int, default=300, help="steps of each sharded run")
     p.add_argument("--sweep-modes", type=csv_list(str, MODES), default=MODES)
     p.add_argument(
         "--sweep-backends",
@@ -375,7 +356,7 @@ def bench_distributed(argv: list[str]) -> int:
         # Every run the benchmark launches, checked here rather than in a child process.
         base = RunConfig(device=args.device)
         for meta_batch in args.meta_batch:
-            run = dict(mode=args.mode, inner_steps=args.k, outer_steps=args.outer_steps)
+            run = dict(mode=args.mode, inner_steps=args.inner_steps, outer_steps=args.outer_steps)
             _checked(base, "", meta_batch=meta_batch, **run)
         if not args.no_sweep:
             for k, mode, seed in itertools.product(
@@ -392,7 +373,10 @@ def bench_distributed(argv: list[str]) -> int:
     except ConfigError as e:
         return p.bad_input(e)
     devices = [f"cuda:{i}" for i in range(args.processes)] if cuda else ["cpu"] * args.processes
-    run_flags = ["--mode", args.mode, "--k", str(args.k), "--outer-steps", str(args.outer_steps)]
+    run_flags = [
+        *("--mode", args.mode, "--k", str(args.inner_steps)),
+        *("--outer-steps", str(args.outer_steps)),
+    ]
     rows = sharding_rows(args.processes, backends, args.meta_batch, run_flags, device.type)
     if not args.no_sweep:
         sweep_flags = [
