@@ -185,7 +185,7 @@ class RunConfig:
         0,
         "also measure the held-out probes (rel_diff_probe, the curvature shares, the float64 "
         "error) every this-many outer steps into the history; 0: at the end of the run only "
-        "(each probe is seven eager meta-gradients: on a GPU, 1-2 s at k = 20)",
+        "(each probe is seven eager meta-gradients: on a GPU, about 1 s at k = 20)",
     )
     device: str = _option("auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     dtype: str = _option(
