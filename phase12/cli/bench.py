@@ -98,6 +98,22 @@ def _step_parser() -> ArgumentParser:
     return p
 
 
+def _check_cell(cell: RunConfig) -> None:
+    """ConfigError where a cell of the step table cannot run here, naming the cell (the
+    history's length by --warmup and --reps; a backend or precision that cannot run at
+    all, or a device that is not there, by its own words)."""
+    try:
+        device_for(cell)
+    except ConfigError as e:
+        if e.field in ("backend", "dtype", "device", "cuda_graph"):
+            raise
+        if e.field == "outer_steps":
+            raise ConfigError(f"--warmup and --reps: {e}") from e
+        policy = cell.mode if cell.ablation == "none" else f"FULL-{cell.ablation}"
+        where = f"--k {cell.inner_steps}, {policy}, {cell.backend}, {cell.dtype}"
+        raise ConfigError(f"{where}: {e}") from e
+
+
 def bench_step(argv: list[str]) -> int:
     from phase12.benchmarks.step import (
         SCALING_FIELDS,
@@ -112,24 +128,16 @@ def bench_step(argv: list[str]) -> int:
     try:
         base = config_from_args(args, exclude=STEP_GRID)
         args.backend = args.backend or default_backends(base.device)
-        for backend in args.backend:
-            for dtype in args.dtype:
-                device_for(base.replace(backend=backend, dtype=dtype))
         if args.warmup < 0 or args.reps < 1:
             raise ConfigError("--warmup must be >= 0 and --reps >= 1")
-        try:  # each timed step (twice with --breakdown) writes a row of the run's history
-            device_for(base.replace(outer_steps=args.warmup + 2 * args.reps))
-        except ConfigError as e:
-            raise ConfigError(f"--warmup and --reps: {e}") from e
-        for k in args.inner_steps:
-            base.replace(inner_steps=k)
-        # the sizes of every cell: before any work
-        for k, mode, dtype in itertools.product(args.inner_steps, args.mode, args.dtype):
-            try:
-                device_for(base.replace(inner_steps=k, mode=mode, dtype=dtype))
-            except ConfigError as e:
-                raise ConfigError(f"--k {k}, {mode}, {dtype}: {e}") from e
-        cuda = device_for(base).type == "cuda"
+        # Every cell of the table as it will run, before any work. Each timed step (twice
+        # with --breakdown) writes a row of the run's history.
+        timed = base.replace(outer_steps=args.warmup + 2 * args.reps)
+        for cell, _ in step_cells(
+            timed, args.mode, args.inner_steps, args.backend, ("eager",), args.ablation, args.dtype
+        ):
+            _check_cell(cell)
+        cuda = resolve_device(base.device).type == "cuda"
         if "graph" in (args.execution or ()) and not cuda:
             raise ConfigError("--execution graph replays CUDA graphs; it needs --device cuda")
         if args.breakdown and not cuda:
@@ -145,9 +153,9 @@ def bench_step(argv: list[str]) -> int:
         if args.scaling:  # checked here, not after the main table has run
             axes = {a: getattr(args, f"scaling_{a}") or d for a, (d, _) in SCALING_AXES.items()}
             for axis, values in axes.items():
-                for v in values:
+                for v, backend in itertools.product(values, args.backend):
                     try:
-                        device_for(anchor.replace(**{SCALING_FIELDS[axis]: v}))
+                        device_for(anchor.replace(backend=backend, **{SCALING_FIELDS[axis]: v}))
                     except ConfigError as e:
                         flag = f"--scaling-{axis.replace('_', '-')}"
                         raise ConfigError(f"{flag} {v}: {e}") from e
@@ -291,7 +299,7 @@ def _distributed_parser() -> ArgumentParser:
     p = ArgumentParser(prog="run.py bench distributed", description=distributed.__doc__)
     p.add_argument("--processes", type=int, default=2, help="processes / devices (default 2)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cuda or cpu")
-    p.flags.update(device="--device", backend="--backends")
+    p.flags.update(device="--device", backend="--backends", meta_batch="--meta-batch")
     add_config_flags(p, ["mode", "inner_steps", "outer_steps"], defaults={"outer_steps": 300})
     p.add_argument(
         "--backends",
@@ -316,17 +324,19 @@ def _distributed_parser() -> ArgumentParser:
 
 
 def _checked(base: RunConfig, prefix: str, **fields) -> None:
-    """base.replace(**fields) checked as a run (device_for: its sizes too), its ConfigError
-    named by the benchmark's flag (--k for inner_steps, with `prefix` 'sweep-' the
-    sweep's flags)."""
+    """base.replace(**fields) checked as a run (device_for: its sizes too). With `prefix`
+    'sweep-' its ConfigError is named by the sweep's flag; without, the parser's flags
+    name it (ArgumentParser.bad_input)."""
     try:
         device_for(base.replace(**fields))
     except ConfigError as e:
-        if e.field is None:  # not one field's fault: the message says what is
+        if e.field is None or not prefix:  # not one field's fault, or the parser's to name
             raise
-        lists = {"mode": "modes", "seed": "seeds"} if prefix else {}
-        flag = {"inner_steps": "k", **lists}.get(e.field, e.field)
-        raise ConfigError(f"--{prefix}{flag.replace('_', '-')}: {e}") from e
+        name = {"inner_steps": "k", "mode": "modes", "seed": "seeds"}.get(e.field, e.field)
+        flag, message = f"--{prefix}{name.replace('_', '-')}", str(e)
+        if message.startswith(e.field):  # "inner_steps must be ...": the flag in its place
+            raise ConfigError(flag + message[len(e.field) :]) from e
+        raise ConfigError(f"{flag}: {message}") from e
 
 
 def bench_distributed(argv: list[str]) -> int:

@@ -108,7 +108,15 @@ def test_bench_step_refuses_bad_grids_before_any_work(tmp_path, capsys):
     assert exit_code("bench", "step", "--scaling", "--scaling-k", "-1", *out) == 2
     assert "--scaling-k -1: inner_steps must be >= 0" in capsys.readouterr().err
     assert exit_code("bench", "step", "--modes", "FULL", "--k", str(10**17), *out) == 2
-    assert f"--k {10**17}, FULL, float32: this run needs at least" in capsys.readouterr().err
+    assert f"--k {10**17}, FULL, reference, float32: this run needs at least" in (
+        capsys.readouterr().err
+    )
+    # Each cell is checked as it will run (FO at k 1 keeps one copy a task, not FULL k 20's).
+    huge = ["--modes", "FO", "--k", "1", "--meta-batch", str(10**9)]
+    assert exit_code("bench", "step", *huge, *out) == 2
+    err = capsys.readouterr().err
+    assert "--k 1, FO, reference, float32: this run needs at least" in err
+    assert f"for {4 + 10**9} copies of the parameters" in err
     assert exit_code("bench", "step", "--scaling-seq-len", "64", *out) == 2  # was ignored
     assert "--scaling-seq-len sets an axis of the scaling table; add --scaling" in (
         capsys.readouterr().err
@@ -118,6 +126,14 @@ def test_bench_step_refuses_bad_grids_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
     short = ["--seq-len", "3", "--signal-positions", "2", "--k", "1", "--modes", "FO"]
     assert exit_code("bench", "step", *short, "--reps", "1", "--warmup", "0", *out) == 0
+
+
+def test_bench_step_checks_its_ablation_cells_before_any_work(tmp_path, capsys, interpreter):
+    out = ["--device", "cpu", "--backends", "triton_step", "--out", str(tmp_path / "b")]
+    grid = ["--modes", "FO", "--ablations", "frozen_softmax_stats", "--k", "1"]
+    assert exit_code("bench", "step", *grid, *out) == 2
+    assert "no switch for ablation frozen_softmax_stats" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_bench_help_reaches_the_named_benchmark(capsys):
@@ -151,9 +167,10 @@ def test_distributed_benchmark_refuses_bad_input(capsys):
     assert exit_code("bench", "distributed", "--device", "cpu", "--backends", "flash") == 2
     assert "invalid choice 'flash'" in capsys.readouterr().err
     for flags, message in [
-        (["--k", "-1"], "--k: inner_steps must be >= 0"),
-        (["--sweep-outer-steps", "0"], "--sweep-outer-steps: outer_steps must be positive"),
-        (["--sweep-seeds", "-1"], "--sweep-seeds: seed must be in 0..2**32-1"),
+        (["--k", "-1"], "error: --k must be >= 0"),
+        (["--meta-batch", "0"], "error: --meta-batch must be positive"),
+        (["--sweep-outer-steps", "0"], "error: --sweep-outer-steps must be positive"),
+        (["--sweep-seeds", "-1"], "error: --sweep-seeds must be in 0..2**32-1"),
         (["--k", str(10**14), "--no-sweep"], "this run needs at least"),  # not a child's traceback
     ]:
         assert exit_code("bench", "distributed", "--device", "cpu", *flags) == 2
