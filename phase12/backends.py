@@ -109,6 +109,12 @@ class Backend:
         """The limit of this backend's kernels that `config` exceeds on a device of
         `device`'s type (a width, a size, an ablation it has no switch for), naming the
         backends that can run it; None if it is within them."""
+        if config.ablation != "none" and not self.ablation_switches:
+            have = [b.name for b in BACKENDS.values() if b.ablation_switches]
+            return (
+                f"its kernels have no switch for ablation {config.ablation} "
+                f"(use {' or '.join(have)})"
+            )
         return None
 
     def unsuited(self, config: RunConfig) -> str | None:
@@ -125,6 +131,8 @@ class FusedAttentionBackend(Backend):
     def limit(self, config, device):
         from kernels.launch import MAX_HEAD_DIM
 
+        if reason := super().limit(config, device):
+            return reason
         if config.dim > MAX_HEAD_DIM:
             return (
                 f"its attention kernels take head dims up to {MAX_HEAD_DIM}; got D = "
@@ -164,6 +172,8 @@ class FusedStepBackend(Backend):
     scaling by a power of two and back would change nothing. The outer step's scale
     still reaches the backward kernels through the incoming gradients."""
 
+    ablation_switches = False  # its Hessian-vector-product kernel keeps every term
+
     def sgd_step(self, params, x, y, lr, curvature, loss_scale=1.0):
         from phase12.fused_step import sgd_step  # imports Triton: only when used
 
@@ -177,19 +187,14 @@ class FusedStepBackend(Backend):
 
         return query_metrics(params, x, y, _autocast_operand(x))
 
-    ablation_switches = False
-
     def unsuited(self, config):
         if config.dtype != "float32":
             return f"its kernels compute in float32, not in {config.dtype}"
         return None
 
     def limit(self, config, device):
-        if config.ablation != "none":
-            return (
-                f"its fused Hessian-vector-product kernel has no switch for ablation "
-                f"{config.ablation} (use reference or triton_fused)"
-            )
+        if reason := super().limit(config, device):
+            return reason
         if config.dtype == "float64" and device.type == "cuda":
             return "float64 runs only in Triton's interpreter on the CPU; use float32 on CUDA"
         from phase12.fused_step import check_shapes

@@ -263,7 +263,8 @@ def test_a_run_that_names_no_backend_takes_the_fastest_that_computes_it(monkeypa
     assert backend == "triton_fused"
     assert note.startswith(
         "running on triton_fused, the fastest backend for this run here (triton_step: "
-        "its fused Hessian-vector-product kernel has no switch for ablation frozen_softmax_stats"
+        "its kernels have no switch for ablation frozen_softmax_stats (use reference or "
+        "triton_fused)"
     )
     backend, note = fastest_backend(RunConfig(ablation="frozen_softmax_stats", cuda_graph="off"))
     assert backend == "reference" and "; triton_fused: eager (cuda_graph off)" in note
