@@ -127,11 +127,12 @@ def seed_batch_metrics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """meta_batch_metrics of runs that differ only in their seed: with `seed_batched`
     every parameter and task tensor has a leading seed dim (S, ...) and both results are
-    (S, B), one vmap over the seeds; (B,) otherwise."""
+    (S, B), a vmap over the seeds of the vmap over tasks, or with one task per seed one
+    vmap over both; (B,) otherwise."""
     if seed_batched and tasks.support_x.shape[1] == 1:
-        # One task per seed (the probes): one vmap over seeds and tasks together. An
-        # inner vmap over a task dim of 1 would add its dispatch to every op, a fifth of
-        # the host time of an eager meta-gradient.
+        # One task per seed (the probes; training at meta_batch 1, or one task a rank):
+        # an inner vmap over a task dim of 1 would add its dispatch to every op, a fifth
+        # of the host time of an eager meta-gradient.
         per_seed = lambda p, *t: task_query_metrics(p, *t, **inner_loop)  # noqa: E731
         losses, accs = torch.func.vmap(per_seed)(meta_params, *(t.squeeze(1) for t in tasks))
         return losses[:, None], accs[:, None]

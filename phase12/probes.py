@@ -113,10 +113,10 @@ def curvature_shares(probe: Probe) -> dict[str, list[float]]:
     """||g_FULL - g_A|| / ||g_FULL|| per run for the attention ablations A of
     SHARE_ABLATIONS, on the held-out task (attn_curvature_share_qkv: on Wq, Wk, Wv only).
 
-    triton_step has no ablation switches; its runs are measured on reference, the same
-    model, whose switches are PyTorch ops: faster than triton_fused's kernels eager, as
-    probes run, and with no kernels of their own to compile on a run's first use. Keys:
-    phase12.schema.CURVATURE_SHARES.
+    The runs of a backend without ablation switches (Backend.ablation_switches: triton_step)
+    are measured on reference, the same model, whose switches are PyTorch ops: faster than
+    triton_fused's kernels eager, as probes run, and with no kernels of their own to
+    compile on a run's first use. Keys: phase12.schema.CURVATURE_SHARES.
     """
     name = probe.config.backend
     backend = name if get(name).ablation_switches else "reference"

@@ -91,7 +91,7 @@ def _serve(runner: int, device: str, device_runners: int, tasks, results) -> Non
         results.put(("done", index, _shared_by(done, device_runners)))
 
 
-def _shared_by(outcome: list[tuple[RunResult, dict]], device_runners: int):
+def _shared_by(outcome: Outcome, device_runners: int) -> Outcome:
     """`outcome` with each row's device_runners set."""
     for result, _ in outcome:
         result.row["device_runners"] = device_runners
@@ -150,8 +150,8 @@ def _run_groups_on_workers(groups: list[list[RunConfig]], devices: Sequence[str]
     torch and initialising CUDA); every other device gets a worker process. All take
     groups from one queue, so a late starter simply takes fewer. A device named more than
     once gets a runner for each; their runs' rows say how many (device_runners). The
-    calling thread only writes files: it makes no CUDA calls that could disturb the serving
-    thread's graph captures. Groups of a runner that dies are recorded as failed.
+    calling thread only receives results: it makes no CUDA calls that could disturb the
+    serving thread's graph captures. Groups of a runner that dies are recorded as failed.
     """
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from phase12.config import RunConfig
+from phase12.grid import SweepSpec
 from phase12.maml import relative_difference
 from phase12.model import init_params
 from phase12.tasks import sample_tasks
@@ -38,6 +39,14 @@ SMALL = TINY.replace(
     num_classes=3,
     inner_steps=3,
     dtype="float64",
+)
+# A sweep of 12 small runs (2 modes x k 1, 2 x 3 seeds), 4 steps each.
+SMALL_GRID = SweepSpec(
+    base=TINY.replace(outer_steps=4),
+    modes=("FULL", "FO_STRICT"),
+    backends=("reference",),
+    inner_steps=(1, 2),
+    seeds=(0, 1, 2),
 )
 
 

@@ -33,6 +33,8 @@ GRID_FLAGS = {
     "dim": "--dims",
     "dtype": "--dtypes",
 }
+# What a grid axis means beyond its field's help.
+GRID_NOTES = {"ablation": "each one runs as FULL, beside --modes; "}
 
 
 def _reads_as_number(text: str) -> bool:
@@ -195,7 +197,7 @@ def add_grid_flags(parser: ArgumentParser, defaults: dict[str, tuple | PickedDef
             metavar=flag[2:].upper().replace("-", "_"),
             type=csv_list(kind, choices),
             default=None if picked else default,
-            help=f"comma-separated; {help} (default {shown})",
+            help=f"comma-separated; {GRID_NOTES.get(name, '')}{help} (default {shown})",
         )
         parser.flags[name] = flag
 

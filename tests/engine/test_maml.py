@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from support import SMALL, fresh, loop_meta_gradient, rel
 
 from phase12.config import RunConfig
-from phase12.maml import adapt, meta_batch_metrics, meta_gradient
+from phase12.maml import adapt, meta_batch_metrics, meta_gradient, seed_batch_metrics
 from phase12.model import init_params
 from phase12.model import loss as support_loss
 from phase12.tasks import Tasks, sample_tasks
@@ -162,17 +162,42 @@ def test_seed_batched_runs_equal_separate_runs():
         assert result.row["seeds_batched"] == 2 and result.row["run_id"] == config.run_id
 
 
+def _per_seed_tasks(n_seeds):
+    """(params, tasks) of `n_seeds` fresh runs stacked along a seed dim, one task each."""
+    seeds = [fresh(SMALL.replace(meta_batch=1)) for _ in range(n_seeds)]
+    params = {n: torch.stack([p[n] for p, _ in seeds]) for n in seeds[0][0]}
+    tasks = Tasks(*(torch.stack(parts) for parts in zip(*(t for _, t in seeds), strict=True)))
+    return seeds, params, tasks
+
+
 @pytest.mark.parametrize("mode", ["FULL", "FO"])
 def test_one_task_per_seed_gives_each_seed_its_own_meta_gradient(mode):
     """The probes' layout (S seeds, one task each: one vmap over both) against each
     seed's loop reference on its own task."""
-    seeds = [fresh(SMALL.replace(meta_batch=1)) for _ in range(3)]
-    params = {n: torch.stack([p[n] for p, _ in seeds]) for n in seeds[0][0]}
-    tasks = Tasks(*(torch.stack(parts) for parts in zip(*(t for _, t in seeds), strict=True)))
+    seeds, params, tasks = _per_seed_tasks(3)
     batched = meta_gradient(params, tasks, mode=mode, seed_batched=True, **KW)
     for i, (p, t) in enumerate(seeds):
         loop = loop_meta_gradient(p, t, SMALL.inner_steps, SMALL.inner_lr, mode == "FO")
         assert rel(loop, {n: g[i] for n, g in batched.items()}) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "mode, ablation",
+    [("FULL", "none"), ("FO", "none"), ("FO_STRICT", "none"), ("FULL", "frozen_softmax_stats")],
+)
+def test_one_task_per_seed_equals_the_vmap_over_seeds_of_the_vmap_over_tasks(mode, ablation):
+    """One vmap over seeds and tasks is the nested vmaps' computation, to the bit."""
+    _, params, tasks = _per_seed_tasks(2)
+    kw = dict(KW, mode=mode, ablation=ablation)
+    leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
+    nested = torch.func.vmap(lambda p, *t: meta_batch_metrics(p, Tasks(*t), **kw))
+    losses, accs = nested(leaves, *tasks)
+    grads = torch.autograd.grad(losses.mean(-1).sum(), list(leaves.values()))
+    one = seed_batch_metrics(params, tasks, seed_batched=True, **kw)
+    assert torch.equal(one[0], losses) and torch.equal(one[1], accs)
+    batched = meta_gradient(params, tasks, seed_batched=True, **kw)
+    for name, g in zip(leaves, grads, strict=True):
+        assert torch.equal(batched[name], g), name
 
 
 def test_seed_batch_must_differ_only_in_seed():

@@ -5,19 +5,12 @@ import threading
 
 import pytest
 import torch
-from support import TINY
+from support import SMALL_GRID, TINY
 
 import phase12.runners as runners
-from phase12.grid import SweepSpec
 from phase12.sweep import run_sweep
 
-SPEC = SweepSpec(
-    base=TINY.replace(outer_steps=4),
-    modes=("FULL", "FO_STRICT"),
-    backends=("reference",),
-    inner_steps=(1, 2),
-    seeds=(0, 1, 2),
-)
+SPEC = SMALL_GRID
 
 
 def test_runners_per_device_counts_every_name_of_a_device(monkeypatch):

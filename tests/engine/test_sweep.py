@@ -8,21 +8,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from support import TINY
+from support import SMALL_GRID
 
 import phase12.runners as runners
 from phase12.grid import SweepSpec
 from phase12.schema import RUN_COLUMNS
 from phase12.sweep import run_sweep
 
-BASE = TINY.replace(outer_steps=4)
-SPEC = SweepSpec(
-    base=BASE,
-    modes=("FULL", "FO_STRICT"),
-    backends=("reference",),
-    inner_steps=(1, 2),
-    seeds=(0, 1, 2),
-)
+SPEC = SMALL_GRID
+BASE = SPEC.base
 ROOT = Path(__file__).resolve().parents[2]
 
 
