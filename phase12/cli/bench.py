@@ -7,6 +7,7 @@ analysis package's. Each benchmark's flags are listed by `run.py bench NAME --he
 from __future__ import annotations
 
 import itertools
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from kernels import BackendUnavailable, check_backend
-from phase12.backends import NAMES, device_for
+from phase12.backends import NAMES, device_for, get
 from phase12.cli.parsing import (
     ArgumentParser,
     PickedDefault,
@@ -98,6 +99,12 @@ def _step_parser() -> ArgumentParser:
     return p
 
 
+def _beyond_limit(cell: RunConfig) -> str | None:
+    """ "backend: its limit" where `cell` is beyond its backend's limits here, else None."""
+    why = get(cell.backend).limit(cell, resolve_device(cell.device))
+    return why and f"{cell.backend}: {why}"
+
+
 def _check_cell(cell: RunConfig) -> None:
     """ConfigError where a cell of the step table cannot run here, naming the cell (the
     history's length by --warmup and --reps; a backend or precision that cannot run at
@@ -130,12 +137,17 @@ def bench_step(argv: list[str]) -> int:
         args.backend = args.backend or default_backends(base.device)
         if args.warmup < 0 or args.reps < 1:
             raise ConfigError("--warmup must be >= 0 and --reps >= 1")
-        # Every cell of the table as it will run, before any work. Each timed step (twice
-        # with --breakdown) writes a row of the run's history.
+        # Every cell of the table as it will run, before any work; the cells beyond their
+        # backend's limits are left out (and said so), as a sweep records them UNSUPPORTED.
+        # Each timed step (twice with --breakdown) writes a row of the run's history.
         timed = base.replace(outer_steps=args.warmup + 2 * args.reps)
-        for cell, _ in step_cells(
-            timed, args.mode, args.inner_steps, args.backend, ("eager",), args.ablation, args.dtype
-        ):
+        grid = (args.mode, args.inner_steps, args.backend, ("eager",), args.ablation, args.dtype)
+        cells = step_cells(timed, *grid)
+        beyond = dict.fromkeys(why for cell, _ in cells if (why := _beyond_limit(cell)))
+        cells = [(cell, x) for cell, x in cells if not _beyond_limit(cell)]
+        if not cells:
+            raise ConfigError(f"no cell of the table can run here: {next(iter(beyond))}")
+        for cell, _ in cells:
             _check_cell(cell)
         cuda = resolve_device(base.device).type == "cuda"
         if "graph" in (args.execution or ()) and not cuda:
@@ -155,18 +167,26 @@ def bench_step(argv: list[str]) -> int:
             for axis, values in axes.items():
                 for v, backend in itertools.product(values, args.backend):
                     try:
-                        device_for(anchor.replace(backend=backend, **{SCALING_FIELDS[axis]: v}))
+                        cell = anchor.replace(backend=backend, **{SCALING_FIELDS[axis]: v})
+                        if why := _beyond_limit(cell):
+                            beyond[why] = None
+                            continue
+                        device_for(cell)
                     except ConfigError as e:
                         flag = f"--scaling-{axis.replace('_', '-')}"
                         raise ConfigError(f"{flag} {v}: {e}") from e
             scaling = scaling_cells(anchor, args.backend, "graph" if cuda else "eager", axes)
+            scaling = [(cell, x) for cell, x in scaling if not _beyond_limit(cell)]
         check_writable(args.out)
     except ConfigError as e:
         return p.bad_input(e)
+    for why in beyond:
+        print(f"note: cells left out, beyond their backend's limits: {why}", file=sys.stderr)
     executions = args.execution or (("eager", "graph") if cuda else ("eager",))
     cells = step_cells(
         base, args.mode, args.inner_steps, args.backend, executions, args.ablation, args.dtype
     )
+    cells = [(cell, x) for cell, x in cells if not _beyond_limit(cell)]
     df = measure(cells, args.warmup, args.reps, profile_gpu=args.breakdown)
     df.to_csv(args.out / "step.csv", index=False)
     _show(df)

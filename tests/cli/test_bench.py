@@ -128,12 +128,25 @@ def test_bench_step_refuses_bad_grids_before_any_work(tmp_path, capsys):
     assert exit_code("bench", "step", *short, "--reps", "1", "--warmup", "0", *out) == 0
 
 
-def test_bench_step_checks_its_ablation_cells_before_any_work(tmp_path, capsys, interpreter):
-    out = ["--device", "cpu", "--backends", "triton_step", "--out", str(tmp_path / "b")]
-    grid = ["--modes", "FO", "--ablations", "frozen_softmax_stats", "--k", "1"]
-    assert exit_code("bench", "step", *grid, *out) == 2
-    assert "no switch for ablation frozen_softmax_stats" in capsys.readouterr().err
+def test_bench_step_leaves_out_the_cells_beyond_a_backends_limits(tmp_path, capsys, interpreter):
+    """Said on stderr before any work; a table with no cell left is refused."""
+    out = ["--device", "cpu", "--out", str(tmp_path / "b"), "--reps", "1", "--warmup", "0"]
+    small = ["--meta-batch", "1", "--seq-len", "4", "--dim", "4", "--signal-positions", "1"]
+    grid = ["--modes", "FO", "--ablations", "frozen_softmax_stats", "--k", "1", *small]
+    wide = ["--backends", "triton_step", "--dim", "128"]
+    assert exit_code("bench", "step", *grid, *wide, *out) == 2
+    err = capsys.readouterr().err
+    assert "no cell of the table can run here: triton_step: the fused inner step" in err
     assert not (tmp_path / "b").exists()
+    assert exit_code("bench", "step", *grid, "--backends", "reference,triton_step", *out) == 0
+    err = capsys.readouterr().err
+    assert "note: cells left out, beyond their backend's limits: triton_step: its kernels" in err
+    rows = pd.read_csv(tmp_path / "b" / "step.csv")
+    assert list(zip(rows.backend, rows.ablation, strict=True)) == [
+        ("reference", "none"),
+        ("reference", "frozen_softmax_stats"),
+        ("triton_step", "none"),
+    ]
 
 
 def test_bench_help_reaches_the_named_benchmark(capsys):

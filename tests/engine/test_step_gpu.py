@@ -89,7 +89,7 @@ def test_first_run_of_a_fresh_process_on_an_explicit_device():
     "flags,backend,note",
     [
         ([], "triton_step", None),
-        (["--ablation", "frozen_softmax_stats"], "triton_fused", "triton_step: its fused"),
+        (["--ablation", "frozen_softmax_stats"], "triton_fused", "triton_step: its kernels"),
         (["--dtype", "autocast_bfloat16"], "triton_fused", "compute in float32, not in"),
     ],
 )
