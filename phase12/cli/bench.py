@@ -99,10 +99,19 @@ def _step_parser() -> ArgumentParser:
     return p
 
 
-def _beyond_limit(cell: RunConfig) -> str | None:
-    """ "backend: its limit" where `cell` is beyond its backend's limits here, else None."""
-    why = get(cell.backend).limit(cell, resolve_device(cell.device))
-    return why and f"{cell.backend}: {why}"
+def _within_limits(cells: list) -> tuple[list, dict[str, None]]:
+    """(the (config, execution) cells within their backends' limits here, the others'
+    "backend: its limit" in order). A backend that cannot run here at all is not
+    asked for its limits: that is _check_cell's to refuse."""
+    kept, beyond = [], {}
+    for cell, execution in cells:
+        backend, device = get(cell.backend), resolve_device(cell.device)
+        why = None if backend.unavailable(device) else backend.limit(cell, device)
+        if why:
+            beyond[f"{cell.backend}: {why}"] = None
+        else:
+            kept.append((cell, execution))
+    return kept, beyond
 
 
 def _check_cell(cell: RunConfig) -> None:
@@ -142,9 +151,7 @@ def bench_step(argv: list[str]) -> int:
         # Each timed step (twice with --breakdown) writes a row of the run's history.
         timed = base.replace(outer_steps=args.warmup + 2 * args.reps)
         grid = (args.mode, args.inner_steps, args.backend, ("eager",), args.ablation, args.dtype)
-        cells = step_cells(timed, *grid)
-        beyond = dict.fromkeys(why for cell, _ in cells if (why := _beyond_limit(cell)))
-        cells = [(cell, x) for cell, x in cells if not _beyond_limit(cell)]
+        cells, beyond = _within_limits(step_cells(timed, *grid))
         if not cells:
             raise ConfigError(f"no cell of the table can run here: {next(iter(beyond))}")
         for cell, _ in cells:
@@ -168,25 +175,25 @@ def bench_step(argv: list[str]) -> int:
                 for v, backend in itertools.product(values, args.backend):
                     try:
                         cell = anchor.replace(backend=backend, **{SCALING_FIELDS[axis]: v})
-                        if why := _beyond_limit(cell):
-                            beyond[why] = None
-                            continue
-                        device_for(cell)
+                        if _within_limits([(cell, None)])[0]:
+                            device_for(cell)
                     except ConfigError as e:
                         flag = f"--scaling-{axis.replace('_', '-')}"
                         raise ConfigError(f"{flag} {v}: {e}") from e
             scaling = scaling_cells(anchor, args.backend, "graph" if cuda else "eager", axes)
-            scaling = [(cell, x) for cell, x in scaling if not _beyond_limit(cell)]
+            scaling, left_out = _within_limits(scaling)
+            beyond |= left_out
         check_writable(args.out)
     except ConfigError as e:
         return p.bad_input(e)
     for why in beyond:
         print(f"note: cells left out, beyond their backend's limits: {why}", file=sys.stderr)
     executions = args.execution or (("eager", "graph") if cuda else ("eager",))
-    cells = step_cells(
-        base, args.mode, args.inner_steps, args.backend, executions, args.ablation, args.dtype
+    cells, _ = _within_limits(
+        step_cells(
+            base, args.mode, args.inner_steps, args.backend, executions, args.ablation, args.dtype
+        )
     )
-    cells = [(cell, x) for cell, x in cells if not _beyond_limit(cell)]
     df = measure(cells, args.warmup, args.reps, profile_gpu=args.breakdown)
     df.to_csv(args.out / "step.csv", index=False)
     _show(df)

@@ -183,6 +183,9 @@ def test_without_triton_the_reference_backend_runs_and_the_others_say_why_not(tm
         proc = run("--backend", backend)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert proc.stderr.strip().endswith(f"{why}; install triton or use the reference backend")
+    bench = ["bench", "step", "--device", "cpu", "--k", "1", "--out", str(tmp_path / "b")]
+    proc = python("-m", "phase12", *bench, "--backends", "triton_step")  # its limits need Triton
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and why in proc.stderr
     proc = python("-m", "phase12", "bench", "tiles", "--help")
     assert proc.returncode == 0 and "bench tiles [-h]" in proc.stdout
     proc = python("-m", "kernels.gradcheck")  # documented: exit 2 where the kernels cannot run
